@@ -1,0 +1,124 @@
+//! Redis connections and push routing: who holds a user, and one PUBLISH per gateway node per batch.
+//!
+//! Every process holds long-lived multiplexed connections ([`ConnectionManager`]: pipelines by itself,
+//! reconnects after a failure) instead of checking connections out of a pool per command, which costs
+//! an extra round trip each time (see shared/LIMITS.md).
+//!
+//! Routes: `route(uid)` is a sorted set of gateway node ids scored by expiry (Unix ms). Gateways add
+//! themselves when a user connects, refresh all their users on a heartbeat, and remove themselves when
+//! the user's last local connection closes; a crashed gateway's entries simply expire. Pushes for a
+//! batch resolve all recipients in one pipeline and then send one PUBLISH per node in a second one.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::keys::Keys;
+use crate::record::{encode, Push, PushBatch};
+
+/// Opens a managed connection with short timeouts, so a dead Redis fails calls fast (fail-open needs a
+/// quick "no") instead of hanging them.
+pub async fn connect(url: &str) -> redis::RedisResult<ConnectionManager> {
+    ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config()).await
+}
+
+/// As [`connect`], but returns at once and connects on first use (for processes that must start while
+/// Redis is down, like a fail-open gateway).
+pub fn connect_lazy(url: &str) -> redis::RedisResult<ConnectionManager> {
+    ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, manager_config())
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(1000)))
+        .set_response_timeout(Some(Duration::from_millis(2000)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200))
+}
+
+/// Where a push goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every gateway that holds the push's user (looked up in the route registry).
+    Routed,
+    /// A known node (a receipt going back to the connection a message came in on).
+    Node(u16),
+}
+
+/// Counts of one [`Router::send`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SendStats {
+    /// PUBLISH commands sent (one per node that had anything).
+    pub publishes: usize,
+    /// Routed pushes whose user is on no gateway (offline: resent from MySQL on connect).
+    pub offline: usize,
+}
+
+/// Resolves routes and publishes pushes to node channels.
+#[derive(Clone)]
+pub struct Router {
+    conn: ConnectionManager,
+    keys: Keys,
+}
+
+impl Router {
+    /// A router over an existing connection.
+    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+        Router { conn, keys }
+    }
+
+    /// Live gateway nodes of each user, in one pipelined round trip.
+    pub async fn resolve(&self, users: &[u64]) -> redis::RedisResult<HashMap<u64, Vec<u16>>> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let now = crate::ids::now_ms();
+        let mut pipe = redis::pipe();
+        for &u in users {
+            pipe.zrangebyscore(self.keys.route(u), now, "+inf");
+        }
+        let nodes: Vec<Vec<u16>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(users.iter().copied().zip(nodes).collect())
+    }
+
+    /// Delivers pushes: routed ones to every node holding their user (except `skip_node`, whose
+    /// caller delivers locally), the others to their node. One pipeline to resolve, one to publish.
+    pub async fn send(
+        &self,
+        pushes: Vec<(Target, Push)>,
+        skip_node: Option<u16>,
+    ) -> redis::RedisResult<SendStats> {
+        let mut users: Vec<u64> =
+            pushes.iter().filter(|(t, _)| *t == Target::Routed).map(|(_, p)| p.user).collect();
+        users.sort_unstable();
+        users.dedup();
+        let routes = self.resolve(&users).await?;
+        let mut stats = SendStats::default();
+        let mut by_node: HashMap<u16, Vec<Push>> = HashMap::new();
+        for (target, push) in pushes {
+            match target {
+                Target::Node(node) => by_node.entry(node).or_default().push(push),
+                Target::Routed => {
+                    let nodes = routes.get(&push.user).map(Vec::as_slice).unwrap_or_default();
+                    if nodes.is_empty() {
+                        stats.offline += 1;
+                    }
+                    for &node in nodes.iter().filter(|&&n| Some(n) != skip_node) {
+                        by_node.entry(node).or_default().push(push.clone());
+                    }
+                }
+            }
+        }
+        if by_node.is_empty() {
+            return Ok(stats);
+        }
+        let mut pipe = redis::pipe();
+        for (node, pushes) in by_node {
+            pipe.publish(self.keys.node_channel(node), encode(&PushBatch { pushes })).ignore();
+            stats.publishes += 1;
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        Ok(stats)
+    }
+}

@@ -1,0 +1,447 @@
+//! Configuration: one TOML file plus environment overrides, validated once at start.
+//!
+//! Every key has a default (see `config/im.toml` and docs/OPERATIONS.md), so an empty file is a valid
+//! config for a local cluster. An environment variable `IM__<SECTION>__<KEY>` overrides `section.key`
+//! (for example `IM__TWO_PHASE__ENABLED=false`); its value is read as a TOML literal, or as a string
+//! when it is not one. Unknown keys, wrong types and out-of-range values fail with the key's name.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A config that could not be loaded; the message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+/// The whole configuration; each process reads the sections it needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub redis: RedisConfig,
+    pub mysql: MysqlConfig,
+    pub auth: AuthConfig,
+    pub cluster: ClusterConfig,
+    pub gateway: GatewayConfig,
+    pub two_phase: TwoPhaseConfig,
+    pub idempotency: IdempotencyConfig,
+    pub worker: WorkerConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key and channel.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// `mysql://user:pass@host:port/database`.
+    pub url: String,
+    /// Connections per process.
+    pub pool_max: usize,
+    /// Most rows in one multi-row INSERT.
+    pub insert_batch_max: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret. Never logged.
+    pub jwt_secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Number of shards N; senders map to `shard_of(uid, N)`.
+    pub shards: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address for WebSocket, history API, health and metrics.
+    pub listen: String,
+    /// Node id (0..1024): distinct per gateway; names the node channel and seeds message ids.
+    pub node_id: u16,
+    /// Largest accepted WebSocket message, in bytes (larger: close 1009).
+    pub max_frame_bytes: usize,
+    /// Largest body, in characters.
+    pub max_body_chars: usize,
+    /// Sustained frames per second per connection before `too_many_requests`.
+    pub rate_per_sec: u32,
+    /// Burst allowance on top of the rate.
+    pub rate_burst: u32,
+    /// A connection that sends nothing for this long is closed (4000).
+    pub idle_timeout_ms: u64,
+    /// Time a `?auth=frame` connection has to send `AUTH`.
+    pub auth_timeout_ms: u64,
+    /// Outbound frames queued per connection before it is dropped as a slow consumer (4001).
+    pub outbound_queue: usize,
+    /// Route entries expire unless refreshed within this time (refreshed every third of it).
+    pub route_ttl_ms: u64,
+    /// Most concurrent connections per gateway; more get HTTP 503.
+    pub max_connections: usize,
+    /// Most messages a history page returns.
+    pub history_max_limit: u32,
+    /// Messages per page of the offline resend.
+    pub offline_page_size: u32,
+    /// How often delivered-cursor updates are written (coalesced).
+    pub cursor_flush_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TwoPhaseConfig {
+    /// Two-level receipts on (`ACK(accepted)` after the stream append); off = baseline.
+    pub enabled: bool,
+    /// Push before the save (full mode) or after it (accepted-only).
+    pub deliver_before_saved: bool,
+    /// On a failed append, fall back to the baseline path instead of answering `server_busy`.
+    pub fail_open: bool,
+    /// Stream names, under `<prefix>:{s<k>}:`.
+    pub accepted_stream: String,
+    pub to_save_stream: String,
+    pub dead_letter_stream: String,
+    /// Consumer group of the deliver and save stages.
+    pub group: String,
+    /// Entries read per XREADGROUP (and rows per save batch).
+    pub batch_size: usize,
+    /// XREADGROUP BLOCK when the stream is empty.
+    pub block_ms: u64,
+    /// Longest a partly filled batch waits for more entries.
+    pub max_batch_delay_ms: u64,
+    /// Shard backlog (unsaved entries) past which new messages get `server_busy`.
+    pub max_backlog: u64,
+    /// Shard lease time-to-live; a standby takes over this long after the owner dies.
+    pub lease_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a clientMsgId is remembered in Redis (the DB unique key covers the rest).
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Address for the worker's health and metrics endpoint.
+    pub listen: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { url: "redis://127.0.0.1:6379".into(), key_prefix: "im".into() }
+    }
+}
+
+impl Default for MysqlConfig {
+    fn default() -> Self {
+        MysqlConfig { url: "mysql://root@127.0.0.1:3306/im".into(), pool_max: 8, insert_batch_max: 500 }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { jwt_secret: "change-me-local-dev-secret".into() }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { shards: 4 }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".into(),
+            node_id: 1,
+            max_frame_bytes: 64 * 1024,
+            max_body_chars: 4096,
+            rate_per_sec: 50,
+            rate_burst: 100,
+            idle_timeout_ms: 120_000,
+            auth_timeout_ms: 10_000,
+            outbound_queue: 1024,
+            route_ttl_ms: 30_000,
+            max_connections: 100_000,
+            history_max_limit: 200,
+            offline_page_size: 200,
+            cursor_flush_ms: 500,
+        }
+    }
+}
+
+impl Default for TwoPhaseConfig {
+    fn default() -> Self {
+        TwoPhaseConfig {
+            enabled: true,
+            deliver_before_saved: true,
+            fail_open: true,
+            accepted_stream: "accepted".into(),
+            to_save_stream: "to_save".into(),
+            dead_letter_stream: "dead".into(),
+            group: "workers".into(),
+            batch_size: 500,
+            block_ms: 1000,
+            max_batch_delay_ms: 2,
+            max_backlog: 200_000,
+            lease_ttl_ms: 5000,
+        }
+    }
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig { ttl_secs: 86_400 }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { listen: "127.0.0.1:9100".into() }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            redis: RedisConfig::default(),
+            mysql: MysqlConfig::default(),
+            auth: AuthConfig::default(),
+            cluster: ClusterConfig::default(),
+            gateway: GatewayConfig::default(),
+            two_phase: TwoPhaseConfig::default(),
+            idempotency: IdempotencyConfig::default(),
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+/// The delivery mode a deployment runs in (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Baseline,
+    AcceptedOnly,
+    Full,
+}
+
+impl Mode {
+    /// `baseline`, `accepted-only` or `full`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Baseline => "baseline",
+            Mode::AcceptedOnly => "accepted-only",
+            Mode::Full => "full",
+        }
+    }
+
+    /// Parses `baseline`, `accepted-only` or `full`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        [Mode::Baseline, Mode::AcceptedOnly, Mode::Full].into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+impl Config {
+    /// Loads `path` (or only defaults when `None`), applies `IM__*` environment overrides, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => {
+                let name = p.display().to_string();
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+                (text, name)
+            }
+            None => (String::new(), "<defaults>".to_owned()),
+        };
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax { path: name, message: e.message().to_owned() })?;
+        for (var, value) in env {
+            if let Some(path) = var.strip_prefix("IM__") {
+                apply_override(&mut table, path, &value)?;
+            }
+        }
+        Self::from_table(table)
+    }
+
+    /// Parses a config from TOML text (no environment), validating it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax { path: "<text>".into(), message: e.message().to_owned() })?;
+        Self::from_table(table)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().to_string();
+            ConfigError::Key { key, message }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The mode selected by the `two_phase` switches.
+    pub fn mode(&self) -> Mode {
+        match (self.two_phase.enabled, self.two_phase.deliver_before_saved) {
+            (false, _) => Mode::Baseline,
+            (true, false) => Mode::AcceptedOnly,
+            (true, true) => Mode::Full,
+        }
+    }
+
+    /// Sets the `two_phase` switches for `mode`.
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.two_phase.enabled = mode != Mode::Baseline;
+        self.two_phase.deliver_before_saved = mode == Mode::Full;
+    }
+
+    /// Checks ranges and URL shapes; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &str, message: String) -> Result<(), ConfigError> {
+            Err(ConfigError::Key { key: key.into(), message })
+        }
+        let checks: [(&str, u64, u64, u64); 18] = [
+            ("cluster.shards", self.cluster.shards.into(), 1, 1024),
+            ("gateway.node_id", self.gateway.node_id.into(), 0, u64::from(crate::ids::MAX_NODES) - 1),
+            ("gateway.max_frame_bytes", self.gateway.max_frame_bytes as u64, 256, 16 << 20),
+            ("gateway.max_body_chars", self.gateway.max_body_chars as u64, 1, 1 << 20),
+            ("gateway.rate_per_sec", self.gateway.rate_per_sec.into(), 1, 1_000_000),
+            ("gateway.rate_burst", self.gateway.rate_burst.into(), 1, 1_000_000),
+            ("gateway.idle_timeout_ms", self.gateway.idle_timeout_ms, 1000, 86_400_000),
+            ("gateway.auth_timeout_ms", self.gateway.auth_timeout_ms, 100, 600_000),
+            ("gateway.outbound_queue", self.gateway.outbound_queue as u64, 1, 1 << 20),
+            ("gateway.route_ttl_ms", self.gateway.route_ttl_ms, 1000, 3_600_000),
+            ("gateway.history_max_limit", self.gateway.history_max_limit.into(), 1, 10_000),
+            ("gateway.offline_page_size", self.gateway.offline_page_size.into(), 1, 10_000),
+            ("gateway.cursor_flush_ms", self.gateway.cursor_flush_ms, 10, 60_000),
+            ("mysql.pool_max", self.mysql.pool_max as u64, 1, 1024),
+            ("mysql.insert_batch_max", self.mysql.insert_batch_max as u64, 1, 5000),
+            ("two_phase.batch_size", self.two_phase.batch_size as u64, 1, 10_000),
+            ("two_phase.max_batch_delay_ms", self.two_phase.max_batch_delay_ms, 0, 10_000),
+            ("two_phase.lease_ttl_ms", self.two_phase.lease_ttl_ms, 500, 600_000),
+        ];
+        for (key, value, min, max) in checks {
+            if value < min || value > max {
+                return bad(key, format!("must be between {min} and {max} (got {value})"));
+            }
+        }
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("unix://") {
+            return bad("redis.url", format!("must start with redis:// (got {:?})", self.redis.url));
+        }
+        if let Err(e) = mysql_async::Opts::from_url(&self.mysql.url) {
+            return bad("mysql.url", format!("is not a valid mysql:// URL: {e}"));
+        }
+        if self.auth.jwt_secret.len() < 16 {
+            return bad("auth.jwt_secret", "must be at least 16 bytes".into());
+        }
+        let names = [
+            ("redis.key_prefix", &self.redis.key_prefix),
+            ("two_phase.accepted_stream", &self.two_phase.accepted_stream),
+            ("two_phase.to_save_stream", &self.two_phase.to_save_stream),
+            ("two_phase.dead_letter_stream", &self.two_phase.dead_letter_stream),
+            ("two_phase.group", &self.two_phase.group),
+        ];
+        for (key, value) in names {
+            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || "{}".contains(c)) {
+                return bad(key, format!("must be non-empty without spaces or braces (got {value:?})"));
+            }
+        }
+        for (key, addr) in [("gateway.listen", &self.gateway.listen), ("worker.listen", &self.worker.listen)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad(key, format!("must be an ip:port socket address (got {addr:?})"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets `section.key` (given as `SECTION__KEY`) in `table` from an environment value.
+fn apply_override(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    let key = parts.join(".");
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let (last, sections) = parts.split_last().ok_or_else(|| ConfigError::Key { key: key.clone(), message: "empty".into() })?;
+    let mut cursor = table;
+    for section in sections {
+        let entry = cursor.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cursor = entry.as_table_mut().ok_or_else(|| ConfigError::Key {
+            key: key.clone(),
+            message: format!("`{section}` is not a section"),
+        })?;
+    }
+    cursor.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_error(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(ConfigError::Key { key, .. }) => key,
+            other => panic!("expected a key error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_config_is_valid_and_full_mode() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.mode(), Mode::Full);
+        assert_eq!(cfg.gateway.max_body_chars, 4096);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(key_error("[cluster]\nshards = 0"), "cluster.shards");
+        assert_eq!(key_error("[two_phase]\nenabled = \"yes\""), "two_phase.enabled");
+        assert_eq!(key_error("[gateway]\nnode_id = 5000"), "gateway.node_id");
+        assert_eq!(key_error("[gateway]\nlisten = \"nowhere\""), "gateway.listen");
+        assert_eq!(key_error("[mysql]\nurl = \"http://x\""), "mysql.url");
+        assert_eq!(key_error("[auth]\njwt_secret = \"short\""), "auth.jwt_secret");
+        let unknown = Config::from_toml("[gateway]\nlisten_port = 1").unwrap_err().to_string();
+        assert!(unknown.contains("gateway") && unknown.contains("listen_port"), "{unknown}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = [
+            ("IM__TWO_PHASE__ENABLED".to_owned(), "false".to_owned()),
+            ("IM__REDIS__KEY_PREFIX".to_owned(), "t1".to_owned()),
+            ("IM__CLUSTER__SHARDS".to_owned(), "8".to_owned()),
+            ("PATH".to_owned(), "/bin".to_owned()),
+        ];
+        let cfg = Config::load_with_env(None, env).unwrap();
+        assert_eq!((cfg.mode(), cfg.redis.key_prefix.as_str(), cfg.cluster.shards), (Mode::Baseline, "t1", 8));
+        let bad = Config::load_with_env(None, [("IM__CLUSTER__SHARDS".to_owned(), "many".to_owned())]).unwrap_err();
+        assert!(bad.to_string().contains("cluster.shards"), "{bad}");
+    }
+}

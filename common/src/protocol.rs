@@ -1,0 +1,414 @@
+//! The wire envelope (SPEC §4): one JSON object per WebSocket text frame.
+//!
+//! Inbound frames ([`ClientFrame`]) are parsed leniently — ids may arrive as numbers or strings — and
+//! then validated into a typed [`Request`] with a named [`Reason`] for every way they can be wrong.
+//! Outbound frames ([`ServerFrame`]) always emit ids as decimal strings and omit null fields, so the
+//! envelope stays compatible with the original system's JSON.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Why a request was refused. The wire form is the snake_case name (`bad_json`, `server_busy`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Unauthorized,
+    BadJson,
+    MissingType,
+    NotImplemented,
+    MissingMsgId,
+    InvalidMsgId,
+    MissingTo,
+    InvalidTo,
+    MissingBody,
+    BodyTooLong,
+    CannotSendToSelf,
+    SpoofedFrom,
+    InvalidAck,
+    TooManyRequests,
+    ServerBusy,
+    InternalError,
+    SaveFailed,
+}
+
+impl Reason {
+    /// Every reason, for docs and metrics pre-registration.
+    pub const ALL: [Reason; 17] = [
+        Reason::Unauthorized,
+        Reason::BadJson,
+        Reason::MissingType,
+        Reason::NotImplemented,
+        Reason::MissingMsgId,
+        Reason::InvalidMsgId,
+        Reason::MissingTo,
+        Reason::InvalidTo,
+        Reason::MissingBody,
+        Reason::BodyTooLong,
+        Reason::CannotSendToSelf,
+        Reason::SpoofedFrom,
+        Reason::InvalidAck,
+        Reason::TooManyRequests,
+        Reason::ServerBusy,
+        Reason::InternalError,
+        Reason::SaveFailed,
+    ];
+
+    /// The wire name, also used as the `reason` label of metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unauthorized => "unauthorized",
+            Reason::BadJson => "bad_json",
+            Reason::MissingType => "missing_type",
+            Reason::NotImplemented => "not_implemented",
+            Reason::MissingMsgId => "missing_msg_id",
+            Reason::InvalidMsgId => "invalid_msg_id",
+            Reason::MissingTo => "missing_to",
+            Reason::InvalidTo => "invalid_to",
+            Reason::MissingBody => "missing_body",
+            Reason::BodyTooLong => "body_too_long",
+            Reason::CannotSendToSelf => "cannot_send_to_self",
+            Reason::SpoofedFrom => "spoofed_from",
+            Reason::InvalidAck => "invalid_ack",
+            Reason::TooManyRequests => "too_many_requests",
+            Reason::ServerBusy => "server_busy",
+            Reason::InternalError => "internal_error",
+            Reason::SaveFailed => "save_failed",
+        }
+    }
+}
+
+/// Frame types on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FrameType {
+    SingleChat,
+    Ack,
+    Ping,
+    Pong,
+    Auth,
+    AuthOk,
+    AuthFail,
+    Error,
+}
+
+/// The stage a receipt confirms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckType {
+    /// Appended to the shard stream; will be delivered and saved.
+    Accepted,
+    /// Committed in MySQL; visible in history.
+    Saved,
+    /// Recipient → server: the client has the message (moves the offline-resend cursor).
+    Delivered,
+    /// Recipient → server: the user has read the message.
+    Read,
+}
+
+/// Maximum length of a `clientMsgId`, in bytes (it is part of a UNIQUE key in MySQL).
+pub const MAX_CLIENT_MSG_ID_LEN: usize = 64;
+
+/// A frame as a client sent it, before validation. Unknown fields are ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientFrame {
+    #[serde(rename = "type")]
+    pub kind: Option<Value>,
+    pub client_msg_id: Option<Value>,
+    pub server_msg_id: Option<Value>,
+    pub from: Option<Value>,
+    pub to: Option<Value>,
+    pub ack_type: Option<Value>,
+    pub msg_type: Option<Value>,
+    pub body: Option<Value>,
+    pub token: Option<Value>,
+}
+
+/// A validated client request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Auth { token: String },
+    Ping,
+    Send(SendRequest),
+    Ack { ack_type: AckType, server_msg_id: u64 },
+}
+
+/// A validated `SINGLE_CHAT` from the authenticated user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendRequest {
+    pub to: u64,
+    pub client_msg_id: String,
+    pub msg_type: String,
+    pub body: String,
+}
+
+/// A refused frame: the reason, and the clientMsgId when the frame carried a readable one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub client_msg_id: Option<String>,
+}
+
+/// Limits applied while validating a frame.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameLimits {
+    /// Maximum body length in characters (Unicode scalar values).
+    pub max_body_chars: usize,
+}
+
+/// Parses and validates one text frame from user `uid`.
+pub fn parse_request(text: &[u8], uid: u64, limits: FrameLimits) -> Result<Request, Rejection> {
+    let frame: ClientFrame = serde_json::from_slice(text).map_err(|_| reject(Reason::BadJson, None))?;
+    let client_msg_id = match &frame.client_msg_id {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let kind = match frame.kind.as_ref() {
+        None | Some(Value::Null) => return Err(reject(Reason::MissingType, client_msg_id)),
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => return Err(reject(Reason::NotImplemented, client_msg_id)),
+    };
+    match kind {
+        "PING" => Ok(Request::Ping),
+        "AUTH" => match frame.token {
+            Some(Value::String(token)) => Ok(Request::Auth { token }),
+            _ => Err(reject(Reason::Unauthorized, client_msg_id)),
+        },
+        "ACK" => {
+            let ack_type = match frame.ack_type.as_ref().and_then(Value::as_str) {
+                Some("delivered") => AckType::Delivered,
+                Some("read") => AckType::Read,
+                _ => return Err(reject(Reason::InvalidAck, client_msg_id)),
+            };
+            match frame.server_msg_id.as_ref().and_then(id_value) {
+                Some(server_msg_id) => Ok(Request::Ack { ack_type, server_msg_id }),
+                None => Err(reject(Reason::InvalidAck, client_msg_id)),
+            }
+        }
+        "SINGLE_CHAT" => parse_send(frame, client_msg_id, uid, limits).map(Request::Send),
+        _ => Err(reject(Reason::NotImplemented, client_msg_id)),
+    }
+}
+
+fn parse_send(
+    frame: ClientFrame,
+    client_msg_id: Option<String>,
+    uid: u64,
+    limits: FrameLimits,
+) -> Result<SendRequest, Rejection> {
+    let Some(cmid) = client_msg_id.clone() else {
+        return Err(match frame.client_msg_id {
+            None | Some(Value::Null) => reject(Reason::MissingMsgId, None),
+            Some(_) => reject(Reason::InvalidMsgId, None),
+        });
+    };
+    if cmid.is_empty() || cmid.len() > MAX_CLIENT_MSG_ID_LEN {
+        return Err(reject(Reason::InvalidMsgId, client_msg_id));
+    }
+    let to = match &frame.to {
+        None | Some(Value::Null) => return Err(reject(Reason::MissingTo, client_msg_id)),
+        Some(v) => id_value(v).ok_or_else(|| reject(Reason::InvalidTo, client_msg_id.clone()))?,
+    };
+    if let Some(from) = &frame.from {
+        if !from.is_null() && id_value(from) != Some(uid) {
+            return Err(reject(Reason::SpoofedFrom, client_msg_id));
+        }
+    }
+    if to == uid {
+        return Err(reject(Reason::CannotSendToSelf, client_msg_id));
+    }
+    let body = match frame.body {
+        Some(Value::String(b)) if !b.is_empty() => b,
+        _ => return Err(reject(Reason::MissingBody, client_msg_id)),
+    };
+    if body.chars().count() > limits.max_body_chars {
+        return Err(reject(Reason::BodyTooLong, client_msg_id));
+    }
+    let msg_type = match frame.msg_type {
+        Some(Value::String(t)) if !t.is_empty() && t.len() <= 16 => t,
+        _ => "TEXT".to_owned(),
+    };
+    Ok(SendRequest { to, client_msg_id: cmid, msg_type, body })
+}
+
+fn reject(reason: Reason, client_msg_id: Option<String>) -> Rejection {
+    Rejection { reason, client_msg_id }
+}
+
+/// A positive id given as a JSON number or a decimal string.
+fn id_value(v: &Value) -> Option<u64> {
+    let id = match v {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(s) => s.parse().ok()?,
+        _ => return None,
+    };
+    (id > 0).then_some(id)
+}
+
+/// A frame the server sends. Ids are written as decimal strings; `None` fields are omitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerFrame {
+    #[serde(rename = "type")]
+    pub kind: FrameType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "decimal")]
+    pub server_msg_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "decimal")]
+    pub from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "decimal")]
+    pub to: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_type: Option<AckType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+}
+
+impl ServerFrame {
+    fn bare(kind: FrameType) -> Self {
+        ServerFrame {
+            kind,
+            client_msg_id: None,
+            server_msg_id: None,
+            from: None,
+            to: None,
+            ack_type: None,
+            msg_type: None,
+            body: None,
+            ts: None,
+            reason: None,
+        }
+    }
+
+    /// A frame that carries only its type (`PONG`, `AUTH_OK`, `AUTH_FAIL`).
+    pub fn signal(kind: FrameType) -> Self {
+        Self::bare(kind)
+    }
+
+    /// `ACK {ackType, clientMsgId, serverMsgId, ts}` to the sender.
+    pub fn ack(ack_type: AckType, client_msg_id: &str, server_msg_id: u64) -> Self {
+        ServerFrame {
+            ack_type: Some(ack_type),
+            client_msg_id: Some(client_msg_id.to_owned()),
+            server_msg_id: Some(server_msg_id),
+            ts: Some(crate::ids::timestamp_ms(server_msg_id)),
+            ..Self::bare(FrameType::Ack)
+        }
+    }
+
+    /// `ERROR {reason, clientMsgId?}`.
+    pub fn error(reason: Reason, client_msg_id: Option<String>) -> Self {
+        ServerFrame { reason: Some(reason), client_msg_id, ..Self::bare(FrameType::Error) }
+    }
+
+    /// The `SINGLE_CHAT` push of a message to its recipient.
+    pub fn chat(msg: &crate::record::ChatMessage) -> Self {
+        ServerFrame {
+            client_msg_id: Some(msg.client_msg_id.clone()),
+            server_msg_id: Some(msg.id),
+            from: Some(msg.from),
+            to: Some(msg.to),
+            msg_type: Some(msg.msg_type.clone()),
+            body: Some(msg.body.clone()),
+            ts: Some(crate::ids::timestamp_ms(msg.id)),
+            ..Self::bare(FrameType::SingleChat)
+        }
+    }
+
+    /// The JSON text of this frame.
+    pub fn to_json(&self) -> String {
+        // Serializing a struct of strings, integers and enums into a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Serde helper: `Option<u64>` written as a decimal string, read from a string or a number.
+mod decimal {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.collect_str(n),
+            None => s.serialize_none(),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(u64),
+        Str(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        match Option::<NumOrStr>::deserialize(d)? {
+            None => Ok(None),
+            Some(NumOrStr::Num(n)) => Ok(Some(n)),
+            Some(NumOrStr::Str(s)) => s.parse().map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: FrameLimits = FrameLimits { max_body_chars: 10 };
+
+    fn reason_of(text: &str) -> Reason {
+        parse_request(text.as_bytes(), 7, LIMITS).unwrap_err().reason
+    }
+
+    #[test]
+    fn every_malformed_send_gets_its_reason() {
+        assert_eq!(reason_of("{not json"), Reason::BadJson);
+        assert_eq!(reason_of("[]"), Reason::BadJson);
+        assert_eq!(reason_of(r#"{"to":1}"#), Reason::MissingType);
+        assert_eq!(reason_of(r#"{"type":"GROUP_CHAT"}"#), Reason::NotImplemented);
+        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","to":1,"body":"x"}"#), Reason::MissingMsgId);
+        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","body":"x"}"#), Reason::MissingTo);
+        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":"x1","body":"x"}"#), Reason::InvalidTo);
+        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1}"#), Reason::MissingBody);
+        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1,"body":"12345678901"}"#), Reason::BodyTooLong);
+        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":7,"body":"x"}"#), Reason::CannotSendToSelf);
+        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1,"from":8,"body":"x"}"#), Reason::SpoofedFrom);
+        assert_eq!(reason_of(r#"{"type":"ACK","ackType":"delivered"}"#), Reason::InvalidAck);
+    }
+
+    #[test]
+    fn to_accepts_number_or_string_and_body_counts_characters() {
+        let ok = r#"{"type":"SINGLE_CHAT","clientMsgId":"c1","to":"42","from":7,"body":"ééééééééé"}"#;
+        let Request::Send(send) = parse_request(ok.as_bytes(), 7, LIMITS).unwrap() else { panic!("not a send") };
+        assert_eq!((send.to, send.msg_type.as_str(), send.client_msg_id.as_str()), (42, "TEXT", "c1"));
+        let num = r#"{"type":"SINGLE_CHAT","clientMsgId":5,"to":42,"body":"x"}"#;
+        assert!(matches!(parse_request(num.as_bytes(), 7, LIMITS), Ok(Request::Send(s)) if s.client_msg_id == "5"));
+    }
+
+    #[test]
+    fn rejection_keeps_the_client_msg_id() {
+        let r = parse_request(br#"{"type":"SINGLE_CHAT","clientMsgId":"m9","to":7,"body":"x"}"#, 7, LIMITS).unwrap_err();
+        assert_eq!(r.client_msg_id.as_deref(), Some("m9"));
+    }
+
+    #[test]
+    fn server_frames_emit_ids_as_strings_and_omit_nulls() {
+        let json = ServerFrame::ack(AckType::Saved, "c1", 1234).to_json();
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["type"], "ACK");
+        assert_eq!(v["ackType"], "saved");
+        assert_eq!(v["serverMsgId"], "1234");
+        assert!(v.get("body").is_none());
+        let back: ServerFrame = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.server_msg_id, Some(1234));
+        let err = ServerFrame::error(Reason::ServerBusy, None).to_json();
+        assert_eq!(err, r#"{"type":"ERROR","reason":"server_busy"}"#);
+    }
+}

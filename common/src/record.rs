@@ -1,0 +1,98 @@
+//! What travels inside Redis: stream entries and node-channel pushes, encoded with MessagePack.
+//!
+//! A stream entry has a single field [`MSG_FIELD`] holding a [`ChatMessage`]. A node-channel message is
+//! a [`PushBatch`]: every frame one publisher has for one gateway node in one batch, so a batch of N
+//! messages costs one PUBLISH per node, not N.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::ServerFrame;
+
+/// The field name of the MessagePack payload in stream entries.
+pub const MSG_FIELD: &str = "m";
+
+/// One chat message: what is pushed, stored and returned by history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// serverMsgId.
+    pub id: u64,
+    pub from: u64,
+    pub to: u64,
+    pub client_msg_id: String,
+    pub msg_type: String,
+    pub body: String,
+}
+
+/// A stream entry: the message and where its sender is, so receipts can go back to them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub msg: ChatMessage,
+    pub origin: Origin,
+}
+
+/// The gateway node and connection a message came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub node: u16,
+    pub conn: u64,
+}
+
+/// One frame for one user on the receiving node. With `conn`, it goes to that connection if it is
+/// still there, else to all of the user's connections on the node; without, to all of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Push {
+    pub user: u64,
+    pub conn: Option<u64>,
+    pub frame: ServerFrame,
+}
+
+/// The payload of one PUBLISH to a node channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushBatch {
+    pub pushes: Vec<Push>,
+}
+
+/// A payload that could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable record: {0}")]
+pub struct DecodeError(#[from] rmp_serde::decode::Error);
+
+/// MessagePack-encodes a record, as a map with field names: frames omit their empty fields, which
+/// a positional array encoding cannot express, and named fields let old and new processes mix.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding plain structs into a Vec cannot fail.
+    rmp_serde::to_vec_named(value).unwrap_or_default()
+}
+
+/// Decodes a MessagePack record.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{AckType, ServerFrame};
+
+    #[test]
+    fn records_round_trip_and_garbage_is_an_error() {
+        let m = ChatMessage {
+            id: 99,
+            from: 1,
+            to: 2,
+            client_msg_id: "c".into(),
+            msg_type: "TEXT".into(),
+            body: "héllo".into(),
+        };
+        let entry = Accepted { msg: m.clone(), origin: Origin { node: 3, conn: 4 } };
+        assert_eq!(decode::<Accepted>(&encode(&entry)).unwrap(), entry);
+        let b = PushBatch {
+            pushes: vec![
+                Push { user: 2, conn: None, frame: ServerFrame::chat(&m) },
+                Push { user: 1, conn: Some(4), frame: ServerFrame::ack(AckType::Saved, "c", 99) },
+            ],
+        };
+        assert_eq!(decode::<PushBatch>(&encode(&b)).unwrap(), b);
+        assert!(decode::<Accepted>(b"\xc1garbage").is_err());
+    }
+}

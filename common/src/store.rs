@@ -1,0 +1,315 @@
+//! All SQL lives here: migrations, the batched save, history, offline inbox and delivery cursors.
+//!
+//! The save is one multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id` per batch plus one
+//! conversation upsert, in one transaction. A duplicate (same sender and clientMsgId, or same id)
+//! counts as saved and reports the id already stored. `INSERT IGNORE` is deliberately not used: it
+//! would also turn real rejections (a failed CHECK, bad data) into warnings and lose rows silently.
+//! A batch that hits a permanent row error is split in halves until the offending rows stand alone;
+//! those are returned as rejected (they go to the dead-letter stream), the rest are saved.
+
+use std::collections::{BTreeMap, HashMap};
+
+use mysql_async::prelude::*;
+use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+
+use crate::record::ChatMessage;
+
+/// Embedded migrations: (version, name, SQL). Append only; never edit an applied one.
+pub const MIGRATIONS: &[(u32, &str, &str)] =
+    &[(1, "messages", include_str!("../../migrations/0001_messages.sql"))];
+
+/// A database failure, classified by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The server or network failed; the same statement may succeed later (retry with backoff).
+    #[error("database unavailable: {0}")]
+    Transient(String),
+    /// The statement itself is wrong for these rows; retrying will not help.
+    #[error("database rejected the statement: {0}")]
+    Permanent(String),
+    /// The configured URL is unusable.
+    #[error("bad database URL: {0}")]
+    Url(String),
+}
+
+impl From<mysql_async::Error> for StoreError {
+    fn from(e: mysql_async::Error) -> Self {
+        match &e {
+            mysql_async::Error::Server(s) if is_row_error(s.code) => StoreError::Permanent(e.to_string()),
+            _ => StoreError::Transient(e.to_string()),
+        }
+    }
+}
+
+/// Server error codes caused by the data of a row, not by the server's state.
+fn is_row_error(code: u16) -> bool {
+    matches!(
+        code,
+        1048 // column cannot be null
+            | 1264 // out of range
+            | 1292 // incorrect value
+            | 1366 // incorrect string value
+            | 1406 // data too long
+            | 1452 // foreign key
+            | 1644 // SIGNAL from a trigger
+            | 3819 // check constraint (MySQL)
+            | 4025 // check constraint (MariaDB)
+    )
+}
+
+/// The result of saving one batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SaveOutcome {
+    /// For each saved message (by index in the batch): the id the database holds for it — its own, or
+    /// the id of the earlier row with the same sender and clientMsgId.
+    pub saved: Vec<(usize, u64)>,
+    /// Messages the database refused for good, with the reason.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// A pooled connection to the messages database.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// A pool of at most `pool_max` connections to `url` (which names the database).
+    pub fn connect(url: &str, pool_max: usize) -> Result<Store, StoreError> {
+        let opts = Opts::from_url(url).map_err(|e| StoreError::Url(e.to_string()))?;
+        let constraints = PoolConstraints::new(1, pool_max.max(1)).unwrap_or_default();
+        let opts = OptsBuilder::from_opts(opts)
+            .pool_opts(PoolOpts::default().with_constraints(constraints))
+            .stmt_cache_size(128);
+        Ok(Store { pool: Pool::new(opts) })
+    }
+
+    /// Closes the pool's connections.
+    pub async fn close(self) {
+        let _ = self.pool.disconnect().await;
+    }
+
+    /// Saves a batch; see the module doc for duplicate and rejection handling.
+    pub async fn save_batch(&self, batch: &[ChatMessage]) -> Result<SaveOutcome, StoreError> {
+        let mut outcome = SaveOutcome::default();
+        // Ranges of the batch still to insert; a permanent error splits its range.
+        let mut todo = vec![0..batch.len()];
+        while let Some(range) = todo.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            match self.insert_rows(&batch[range.clone()]).await {
+                Ok(ids) => outcome.saved.extend(ids.into_iter().map(|(i, id)| (range.start + i, id))),
+                Err(StoreError::Permanent(reason)) if range.len() == 1 => outcome.rejected.push((range.start, reason)),
+                Err(StoreError::Permanent(_)) => {
+                    let mid = range.start + range.len() / 2;
+                    todo.push(mid..range.end);
+                    todo.push(range.start..mid);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        outcome.saved.sort_unstable();
+        Ok(outcome)
+    }
+
+    /// One transaction: the rows, then the conversations they touch. Returns (index, stored id).
+    async fn insert_rows(&self, rows: &[ChatMessage]) -> Result<Vec<(usize, u64)>, StoreError> {
+        let mut conn = self.pool.get_conn().await?;
+        let mut tx = conn.start_transaction(TxOpts::default()).await?;
+        let sql = format!(
+            "INSERT INTO messages (id, from_user_id, to_user_id, client_msg_id, msg_type, content) VALUES {} \
+             ON DUPLICATE KEY UPDATE id = id",
+            placeholders(rows.len(), 6)
+        );
+        let mut params = Vec::with_capacity(rows.len() * 6);
+        for m in rows {
+            params.extend([
+                Value::from(m.id),
+                Value::from(m.from),
+                Value::from(m.to),
+                Value::from(m.client_msg_id.as_str()),
+                Value::from(m.msg_type.as_str()),
+                Value::from(m.body.as_str()),
+            ]);
+        }
+        tx.exec_drop(sql, Params::Positional(params)).await?;
+        let inserted = tx.affected_rows() as usize;
+
+        // Rows that were already there keep the id stored first; find it so receipts report it.
+        let mut stored: HashMap<(u64, &str), u64> = HashMap::new();
+        if inserted < rows.len() {
+            let sql = format!(
+                "SELECT from_user_id, client_msg_id, id FROM messages WHERE (from_user_id, client_msg_id) IN ({})",
+                vec!["(?,?)"; rows.len()].join(",")
+            );
+            let params: Vec<Value> =
+                rows.iter().flat_map(|m| [Value::from(m.from), Value::from(m.client_msg_id.as_str())]).collect();
+            let found: Vec<(u64, String, u64)> = tx.exec(sql, Params::Positional(params)).await?;
+            for (from, cmid, id) in found {
+                if let Some(m) = rows.iter().find(|m| m.from == from && m.client_msg_id == cmid) {
+                    stored.insert((from, m.client_msg_id.as_str()), id);
+                }
+            }
+        }
+        let ids: Vec<(usize, u64)> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i, stored.get(&(m.from, m.client_msg_id.as_str())).copied().unwrap_or(m.id)))
+            .collect();
+
+        // Both participants' chat-list rows, one per pair per batch, in key order so concurrent
+        // batches lock them in the same order.
+        let mut latest: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+        for (m, &(_, id)) in rows.iter().zip(&ids) {
+            for pair in [(m.from, m.to), (m.to, m.from)] {
+                let last = latest.entry(pair).or_insert(0);
+                *last = (*last).max(id);
+            }
+        }
+        let sql = format!(
+            "INSERT INTO conversations (owner_id, peer_id, last_msg_id) VALUES {} ON DUPLICATE KEY UPDATE \
+             last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), updated_at = CURRENT_TIMESTAMP(3)",
+            placeholders(latest.len(), 3)
+        );
+        let params: Vec<Value> =
+            latest.iter().flat_map(|(&(owner, peer), &last)| [owner.into(), peer.into(), last.into()]).collect();
+        tx.exec_drop(sql, Params::Positional(params)).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Saved messages between `user` and `peer` with id below `before`, newest first.
+    pub async fn history(&self, user: u64, peer: u64, before: u64, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
+        let sql = "SELECT id, from_user_id, to_user_id, client_msg_id, msg_type, content FROM messages \
+                   WHERE user_lo = ? AND user_hi = ? AND id < ? ORDER BY id DESC LIMIT ?";
+        let rows = self.pool.get_conn().await?.exec(sql, (user.min(peer), user.max(peer), before, limit)).await?;
+        Ok(rows.into_iter().map(to_message).collect())
+    }
+
+    /// Saved messages to `user` with id above `after`, oldest first (one page of offline resend).
+    pub async fn inbox_after(&self, user: u64, after: u64, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
+        let sql = "SELECT id, from_user_id, to_user_id, client_msg_id, msg_type, content FROM messages \
+                   WHERE to_user_id = ? AND id > ? ORDER BY id LIMIT ?";
+        let rows = self.pool.get_conn().await?.exec(sql, (user, after, limit)).await?;
+        Ok(rows.into_iter().map(to_message).collect())
+    }
+
+    /// The id up to which `user` has confirmed delivery (0 if never).
+    pub async fn delivered_cursor(&self, user: u64) -> Result<u64, StoreError> {
+        let sql = "SELECT delivered_msg_id FROM delivery_cursors WHERE user_id = ?";
+        Ok(self.pool.get_conn().await?.exec_first(sql, (user,)).await?.unwrap_or(0))
+    }
+
+    /// Moves delivery cursors forward (never back), all in one statement.
+    pub async fn advance_cursors(&self, cursors: &[(u64, u64)]) -> Result<(), StoreError> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO delivery_cursors (user_id, delivered_msg_id) VALUES {} ON DUPLICATE KEY UPDATE \
+             delivered_msg_id = GREATEST(delivered_msg_id, VALUES(delivered_msg_id))",
+            placeholders(cursors.len(), 2)
+        );
+        let params: Vec<Value> = cursors.iter().flat_map(|&(u, id)| [u.into(), id.into()]).collect();
+        self.pool.get_conn().await?.exec_drop(sql, Params::Positional(params)).await?;
+        Ok(())
+    }
+
+    /// Runs a query that returns nothing (for tests and tools).
+    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.pool.get_conn().await?.query_drop(sql).await?)
+    }
+
+    /// Runs a query returning one unsigned integer (for tests and tools).
+    pub async fn query_u64(&self, sql: &str) -> Result<u64, StoreError> {
+        Ok(self.pool.get_conn().await?.query_first(sql).await?.unwrap_or(0))
+    }
+
+    /// `(from, id)` of every row, ordered by id (for checkers: order and duplicate verdicts).
+    pub async fn all_ids(&self) -> Result<Vec<(u64, u64, String)>, StoreError> {
+        Ok(self.pool.get_conn().await?.query("SELECT from_user_id, id, client_msg_id FROM messages ORDER BY id").await?)
+    }
+}
+
+fn to_message((id, from, to, client_msg_id, msg_type, body): (u64, u64, u64, String, String, String)) -> ChatMessage {
+    ChatMessage { id, from, to, client_msg_id, msg_type, body }
+}
+
+/// `(?,?,?),(?,?,?)` for `rows` rows of `cols` columns.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(","));
+    vec![row; rows].join(",")
+}
+
+/// Creates the database named in `url` if it is missing, then applies pending migrations in order.
+/// Safe to run concurrently (a named lock serialises runners) and repeatedly. Returns the versions
+/// it applied.
+pub async fn migrate(url: &str) -> Result<Vec<u32>, StoreError> {
+    let opts = Opts::from_url(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let db = opts.db_name().ok_or_else(|| StoreError::Url("the URL names no database".into()))?.to_owned();
+    if db.contains('`') {
+        return Err(StoreError::Url(format!("unusable database name {db:?}")));
+    }
+    let server = mysql_async::Conn::new(OptsBuilder::from_opts(opts.clone()).db_name(None::<String>)).await?;
+    let mut server = server;
+    server.query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4")).await?;
+    server.disconnect().await?;
+
+    let mut conn = mysql_async::Conn::new(opts).await?;
+    let locked: Option<i64> = conn.query_first("SELECT GET_LOCK('im_migrate', 60)").await?;
+    if locked != Some(1) {
+        return Err(StoreError::Transient("could not take the migration lock".into()));
+    }
+    conn.query_drop(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INT UNSIGNED PRIMARY KEY, name VARCHAR(255) NOT NULL, \
+         applied_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3))",
+    )
+    .await?;
+    let done: Vec<u32> = conn.query("SELECT version FROM schema_migrations").await?;
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        if done.contains(&version) {
+            continue;
+        }
+        for statement in split_statements(sql) {
+            conn.query_drop(statement).await?;
+        }
+        conn.exec_drop("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", (version, name)).await?;
+        applied.push(version);
+    }
+    conn.query_drop("DO RELEASE_LOCK('im_migrate')").await?;
+    conn.disconnect().await?;
+    Ok(applied)
+}
+
+/// Statements of a migration file: split at `;` ending a line, `--` comment lines dropped.
+fn split_statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in sql.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("--") || trimmed.is_empty() {
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+        if trimmed.ends_with(';') {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.trim().is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Drops the database named in `url` (tests clean up after themselves with it).
+pub async fn drop_database(url: &str) -> Result<(), StoreError> {
+    let opts = Opts::from_url(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let Some(db) = opts.db_name().map(str::to_owned) else { return Ok(()) };
+    let mut conn = mysql_async::Conn::new(OptsBuilder::from_opts(opts).db_name(None::<String>)).await?;
+    conn.query_drop(format!("DROP DATABASE IF EXISTS `{db}`")).await?;
+    conn.disconnect().await?;
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! Process plumbing shared by every binary: logging, the Prometheus recorder, and the small HTTP
+//! endpoints every process serves (`/metrics`, `/healthz`, `/readyz`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Structured logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+/// Installs the process-wide Prometheus recorder (the one global besides logging). Latency histograms
+/// (`*_seconds`) get buckets from 1 ms to 10 s.
+pub fn install_metrics() -> Result<PrometheusHandle, String> {
+    const BUCKETS: [f64; 15] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_size".into()), &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0]))
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())
+}
+
+/// A plain-text or JSON response.
+pub fn text_response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// What `/readyz` asks: `Ok` when the process can do its job, else the reason it cannot.
+pub type ReadinessCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Answers `/metrics`, `/healthz` and `/readyz`; `None` for any other path.
+pub fn admin_response(path: &str, metrics: &PrometheusHandle, ready: &ReadinessCheck) -> Option<Response<Full<Bytes>>> {
+    match path {
+        "/metrics" => Some(text_response(StatusCode::OK, "text/plain; version=0.0.4", metrics.render())),
+        "/healthz" => Some(text_response(StatusCode::OK, "text/plain", "ok\n")),
+        "/readyz" => Some(match ready() {
+            Ok(()) => text_response(StatusCode::OK, "text/plain", "ready\n"),
+            Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
+        }),
+        _ => None,
+    }
+}
+
+/// Serves only the admin endpoints on `listener` until the process exits (for shard workers).
+pub async fn serve_admin(listener: tokio::net::TcpListener, metrics: PrometheusHandle, ready: ReadinessCheck) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let resp = admin_response(req.uri().path(), &metrics, &ready)
+                    .unwrap_or_else(|| text_response(StatusCode::NOT_FOUND, "text/plain", "not found\n"));
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
+
+/// Writes `{"addr": ...}`-style readiness info as JSON to `path` (atomically: write then rename), so a
+/// launcher learns the bound ports of a process started with port 0.
+pub fn write_ready_file(path: &std::path::Path, info: &serde_json::Value) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, info.to_string())?;
+    std::fs::rename(tmp, path)
+}

@@ -1,0 +1,3 @@
+//! The operator toolkit as a library, so tests drive clusters exactly the way `ops` does.
+
+pub mod servers;
