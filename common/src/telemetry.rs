@@ -78,3 +78,24 @@ pub fn write_ready_file(path: &std::path::Path, info: &serde_json::Value) -> std
     std::fs::write(&tmp, info.to_string())?;
     std::fs::rename(tmp, path)
 }
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn terminated() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,1 +1,139 @@
-fn main() {}
+//! `ops`: the operator CLI — local cluster up/down, migrations, tokens, servers for the test suite.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use im_common::config::{Config, Mode};
+use im_ops::cluster::{self, ClusterSpec};
+use im_ops::servers::ensure_servers;
+
+#[derive(Parser)]
+#[command(about = "im operator tool")]
+struct Cli {
+    /// Config file (TOML); IM__SECTION__KEY environment variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the database if needed and apply pending migrations.
+    Migrate,
+    /// Print a signed JWT for a user.
+    Token {
+        #[arg(long)]
+        user: u64,
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+    /// Start a local cluster in the background; returns when every process is ready.
+    Up {
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        gateways: u16,
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+        shards: u16,
+        /// Shard-worker processes (default: one per shard; more become standbys).
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long, default_value = "full", value_parser = parse_mode)]
+        mode: Mode,
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        /// Start private Redis/MariaDB even if the configured ones answer.
+        #[arg(long)]
+        private: bool,
+    },
+    /// Stop everything `ops up` started.
+    Down {
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+    },
+    /// Make sure Redis and MySQL answer (starting private ones under --dir if not) and print
+    /// `IM_TEST_REDIS_URL=...` / `IM_TEST_MYSQL_URL=...` lines for the test suite; `--stop` stops them.
+    Servers {
+        #[arg(long, default_value = ".im-local/test-servers")]
+        dir: PathBuf,
+        #[arg(long)]
+        private: bool,
+        #[arg(long)]
+        stop: bool,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    Mode::parse(s).ok_or_else(|| format!("unknown mode {s:?}: use baseline, accepted-only or full"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Cmd::Migrate => {
+            let applied = im_common::store::migrate(&cfg.mysql.url).await?;
+            println!("migrations applied: {applied:?} (database up to date)");
+        }
+        Cmd::Token { user, ttl_secs } => {
+            if user == 0 {
+                bail!("--user must be a positive user id");
+            }
+            println!("{}", im_common::auth::issue_token(&cfg.auth.jwt_secret, user, ttl_secs));
+        }
+        Cmd::Up { gateways, shards, workers, mode, state, private } => {
+            if cluster::is_running(&state) {
+                bail!(cluster::ClusterError::AlreadyRunning(state));
+            }
+            let dir = state.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            let spec = ClusterSpec {
+                config: cfg,
+                gateways: gateways.into(),
+                shards,
+                workers: workers.unwrap_or(shards.into()),
+                mode,
+                dir,
+                force_private: private,
+            };
+            let cluster = cluster::start(&spec).await?;
+            cluster::save_state(&cluster, &state)?;
+            println!("cluster up in {} mode, {} shards", cluster.mode, cluster.shards);
+            for g in &cluster.gateways {
+                println!("  gateway {}  {}  (http {}, pid {})", g.node_id, g.ws_url, g.http_url, g.pid);
+            }
+            for w in &cluster.workers {
+                let shard = w.shard.map_or_else(|| "standby".to_owned(), |s| format!("shard {s}"));
+                println!("  worker {shard}  {}  (pid {})", w.metrics_url, w.pid);
+            }
+            println!("  redis {}\n  mysql {}", cluster.redis_url, cluster.mysql_url);
+            println!("state: {}", state.display());
+        }
+        Cmd::Down { state } => {
+            let cluster = cluster::load_state(&state).with_context(|| "no cluster to stop")?;
+            cluster::stop(&cluster).await?;
+            std::fs::remove_file(&state).ok();
+            println!("cluster stopped");
+        }
+        Cmd::Servers { dir, private, stop } => {
+            let redis = std::env::var("IM_TEST_REDIS_URL").unwrap_or(cfg.redis.url);
+            let mysql = std::env::var("IM_TEST_MYSQL_URL").unwrap_or(cfg.mysql.url);
+            if stop {
+                for kind in ["redis", "mariadb"] {
+                    if let Some(server) = im_ops::servers::PrivateServer::running_in(&dir.join(kind)) {
+                        server.stop().await?;
+                    }
+                }
+                return Ok(());
+            }
+            let servers = ensure_servers(&redis, &mysql, &dir, private).await?;
+            for s in &servers.private {
+                eprintln!("started private {} on port {} (pid {})", s.kind_name, s.port, s.pid);
+            }
+            println!("IM_TEST_REDIS_URL={}", servers.redis_url);
+            println!("IM_TEST_MYSQL_URL={}", servers.mysql_url);
+        }
+    }
+    Ok(())
+}

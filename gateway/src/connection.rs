@@ -1,0 +1,200 @@
+//! One client connection: authentication, then frames handled strictly in order.
+//!
+//! Each text frame is validated, rate-limited and answered before the next one is read, which is what
+//! keeps one connection's messages in order through the whole pipeline. Errors that concern one frame
+//! are answered with `ERROR {reason}` and the connection stays open; only framing errors (too big,
+//! protocol violations), failed authentication, idleness and slow reading close it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fastwebsockets::WebSocket;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use crate::framing::{close_code, write_loop, Control, Message, ReadError, Reader, Stream};
+use crate::sessions::ConnHandle;
+use crate::Gateway;
+use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame};
+
+/// Token bucket: `rate` frames per second sustained, `burst` at once.
+struct RateLimit {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32, burst: u32) -> Self {
+        RateLimit { tokens: f64::from(burst), rate: f64::from(rate), burst: f64::from(burst), last: Instant::now() }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Serves an upgraded WebSocket; `uid` is set when the handshake carried a valid token.
+pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>, _slot: OwnedSemaphorePermit) {
+    let cfg = &gw.cfg.gateway;
+    ws.set_max_message_size(cfg.max_frame_bytes);
+    ws.set_auto_close(true);
+    ws.set_auto_pong(true);
+    let (read, write) = ws.split(tokio::io::split);
+    let (ctrl_tx, ctrl_rx) = mpsc::channel(16);
+    let (out_tx, out_rx) = mpsc::channel(cfg.outbound_queue);
+    let mut writer = tokio::spawn(write_loop(write, ctrl_rx, out_rx));
+    let mut reader = Reader::new(read, ctrl_tx.clone(), cfg.max_frame_bytes);
+    let conn = ConnHandle { id: gw.sessions.next_conn_id(), out: out_tx, ctrl: ctrl_tx };
+
+    let uid = match uid {
+        Some(uid) => uid,
+        None => match authenticate_by_frame(&gw, &mut reader, &conn).await {
+            Some(uid) => uid,
+            None => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+                return;
+            }
+        },
+    };
+    metrics::counter!("im_gateway_auth_total", "result" => "ok").increment(1);
+    if gw.sessions.add(uid, conn.clone()) {
+        if let Err(e) = gw.routes.register(&[uid]).await {
+            tracing::warn!(uid, error = %e, "route register failed; remote pushes reach this user after the heartbeat");
+        }
+    }
+    let resend = tokio::spawn(crate::offline::resend(gw.store.clone(), uid, cfg.offline_page_size, conn.out.clone()));
+
+    let close = tokio::select! {
+        close = read_loop(&gw, uid, &mut reader, &conn) => close,
+        _ = &mut writer => None,
+    };
+    resend.abort();
+    if gw.sessions.remove(uid, conn.id) {
+        if let Err(e) = gw.routes.unregister(uid).await {
+            tracing::debug!(uid, error = %e, "route unregister failed; the entry expires by itself");
+        }
+    }
+    if let Some((code, reason)) = close {
+        let _ = conn.ctrl.try_send(Control::Close(code, reason));
+    }
+    drop(conn);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// Reads and answers frames until the connection ends; returns the close to send, if any.
+async fn read_loop(
+    gw: &Gateway,
+    uid: u64,
+    reader: &mut Reader,
+    conn: &ConnHandle,
+) -> Option<(u16, &'static str)> {
+    let cfg = &gw.cfg.gateway;
+    let limits = FrameLimits { max_body_chars: cfg.max_body_chars };
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut rate = RateLimit::new(cfg.rate_per_sec, cfg.rate_burst);
+    let mut shutdown = gw.shutdown.clone();
+    loop {
+        let message = tokio::select! {
+            m = tokio::time::timeout(idle, reader.next()) => m,
+            _ = shutdown.wait_for(|&stop| stop) => return Some((close_code::GOING_AWAY, "going_away")),
+        };
+        let text = match message {
+            Err(_) => return Some((close_code::IDLE_TIMEOUT, "idle_timeout")),
+            Ok(Err(ReadError::TooBig)) => {
+                metrics::counter!("im_gateway_errors_total", "reason" => "frame_too_large").increment(1);
+                return Some((close_code::TOO_BIG, "frame_too_large"));
+            }
+            Ok(Err(ReadError::Protocol)) => return Some((close_code::PROTOCOL_ERROR, "protocol_error")),
+            Ok(Err(ReadError::Disconnected)) | Ok(Ok(Message::Close)) => return None,
+            Ok(Ok(Message::Binary)) => {
+                reply(conn, &ServerFrame::error(Reason::NotImplemented, None));
+                continue;
+            }
+            Ok(Ok(Message::Text(text))) => text,
+        };
+        let request = parse_request(&text, uid, limits);
+        let frame_type = match &request {
+            Ok(Request::Send(_)) => "SINGLE_CHAT",
+            Ok(Request::Ack { .. }) => "ACK",
+            Ok(Request::Ping) => "PING",
+            Ok(Request::Auth { .. }) => "AUTH",
+            Err(_) => "invalid",
+        };
+        metrics::counter!("im_gateway_frames_in_total", "type" => frame_type).increment(1);
+        if !rate.allow() {
+            let cmid = match &request {
+                Ok(Request::Send(s)) => Some(s.client_msg_id.clone()),
+                Err(r) => r.client_msg_id.clone(),
+                _ => None,
+            };
+            reply(conn, &ServerFrame::error(Reason::TooManyRequests, cmid));
+            continue;
+        }
+        match request {
+            Err(rejection) => reply(conn, &ServerFrame::error(rejection.reason, rejection.client_msg_id)),
+            Ok(Request::Ping) => reply(conn, &ServerFrame::signal(FrameType::Pong)),
+            Ok(Request::Auth { .. }) => reply(conn, &ServerFrame::signal(FrameType::AuthOk)),
+            Ok(Request::Ack { ack_type: AckType::Delivered | AckType::Read, server_msg_id }) => {
+                gw.cursors.advance(uid, server_msg_id)
+            }
+            Ok(Request::Ack { .. }) => reply(conn, &ServerFrame::error(Reason::InvalidAck, None)),
+            Ok(Request::Send(send)) => {
+                for frame in gw.send(uid, conn.id, send).await {
+                    reply(conn, &frame);
+                }
+            }
+        }
+    }
+}
+
+/// Queues a frame for this connection and counts it.
+fn reply(conn: &ConnHandle, frame: &ServerFrame) {
+    if let Some(reason) = frame.reason {
+        metrics::counter!("im_gateway_errors_total", "reason" => reason.as_str()).increment(1);
+    }
+    conn.offer(Bytes::from(frame.to_json()));
+}
+
+/// The `?auth=frame` variant: the first frame must be `AUTH {token}` within `gateway.auth_timeout_ms`.
+async fn authenticate_by_frame(gw: &Gateway, reader: &mut Reader, conn: &ConnHandle) -> Option<u64> {
+    let timeout = Duration::from_millis(gw.cfg.gateway.auth_timeout_ms);
+    let limits = FrameLimits { max_body_chars: gw.cfg.gateway.max_body_chars };
+    let fail = |frame: ServerFrame, reason: &'static str| {
+        metrics::counter!("im_gateway_auth_total", "result" => "fail").increment(1);
+        reply(conn, &frame);
+        let _ = conn.ctrl.try_send(Control::Close(close_code::POLICY_VIOLATION, reason));
+        None
+    };
+    let text = match tokio::time::timeout(timeout, reader.next()).await {
+        Ok(Ok(Message::Text(text))) => text,
+        Ok(Ok(Message::Binary)) => return fail(ServerFrame::error(Reason::Unauthorized, None), "unauthorized"),
+        Ok(Err(ReadError::TooBig)) => {
+            let _ = conn.ctrl.try_send(Control::Close(close_code::TOO_BIG, "frame_too_large"));
+            return None;
+        }
+        Ok(_) => return None,
+        Err(_) => return fail(ServerFrame::signal(FrameType::AuthFail), "auth_timeout"),
+    };
+    // Any uid will do for parsing AUTH; 0 is no valid user.
+    match parse_request(&text, 0, limits) {
+        Ok(Request::Auth { token }) => match im_common::auth::verify_token(&gw.cfg.auth.jwt_secret, &token) {
+            Ok(uid) => {
+                reply(conn, &ServerFrame::signal(FrameType::AuthOk));
+                Some(uid)
+            }
+            Err(_) => fail(ServerFrame::signal(FrameType::AuthFail), "auth_failed"),
+        },
+        Ok(_) => fail(ServerFrame::error(Reason::Unauthorized, None), "unauthorized"),
+        Err(r) => fail(ServerFrame::error(Reason::Unauthorized, r.client_msg_id), "unauthorized"),
+    }
+}

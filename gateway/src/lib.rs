@@ -1,0 +1,166 @@
+//! The gateway: stateless WebSocket front end of the engine.
+//!
+//! A tour: [`server`] accepts HTTP and upgrades `/ws`; [`connection`] runs one client's frames in
+//! order over [`framing`]; [`send`] (baseline) and [`append`] (two-phase) turn a message into receipts;
+//! [`sessions`] holds this node's connections and [`routes`] tells the rest of the cluster about them;
+//! [`offline`] resends what a user missed; [`history`] serves saved messages over HTTP.
+
+pub mod append;
+pub mod connection;
+pub mod framing;
+pub mod history;
+pub mod offline;
+pub mod routes;
+pub mod send;
+pub mod server;
+pub mod sessions;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use im_common::bus::Router;
+use im_common::config::{Config, Mode};
+use im_common::ids::IdGenerator;
+use im_common::keys::Keys;
+use im_common::protocol::{SendRequest, ServerFrame};
+use im_common::record::{ChatMessage, Origin};
+use im_common::shard::shard_of;
+use im_common::store::Store;
+use im_common::telemetry::ReadinessCheck;
+
+use append::Appender;
+use offline::Cursors;
+use routes::RouteKeeper;
+use send::{receipt, AfterCommit, BaselineSaver, Idempotency, Stage};
+use sessions::Sessions;
+
+/// Everything a gateway's tasks share.
+pub struct Gateway {
+    pub cfg: Config,
+    pub mode: Mode,
+    pub node: u16,
+    pub keys: Keys,
+    pub ids: IdGenerator,
+    pub store: Store,
+    pub sessions: Arc<Sessions>,
+    pub routes: RouteKeeper,
+    pub idempotency: Idempotency,
+    pub saver: BaselineSaver,
+    pub appender: Appender,
+    pub cursors: Arc<Cursors>,
+    pub metrics: PrometheusHandle,
+    pub readiness: ReadinessCheck,
+    pub connection_slots: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A gateway error at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("mysql: {0}")]
+    Store(#[from] im_common::store::StoreError),
+}
+
+impl Gateway {
+    /// Handles one validated `SINGLE_CHAT` from `uid` on connection `conn`: the frames to answer with.
+    pub async fn send(&self, uid: u64, conn: u64, req: SendRequest) -> Vec<ServerFrame> {
+        let shard = shard_of(uid, self.cfg.cluster.shards);
+        let key = self.keys.idempotency(shard, uid, &req.client_msg_id);
+        let mut msg = ChatMessage {
+            id: self.ids.next_id(),
+            from: uid,
+            to: req.to,
+            client_msg_id: req.client_msg_id,
+            msg_type: req.msg_type,
+            body: req.body,
+        };
+        if self.mode != Mode::Baseline {
+            return self.appender.append(shard, &key, msg, Origin { node: self.node, conn }).await;
+        }
+        match self.idempotency.claim(&key, msg.id).await {
+            Ok(None) => {}
+            Ok(Some((Stage::Saved, id))) => return vec![receipt(Stage::Saved, &msg.client_msg_id, id)],
+            // An earlier attempt claimed it but its save did not confirm: finish it under its id.
+            Ok(Some((_, id))) => msg.id = id,
+            Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
+        }
+        self.saver.save_and_answer(msg, Some(key)).await
+    }
+}
+
+/// Builds the gateway and serves `listener` until `shutdown` turns true; then closes every
+/// connection with 1001 and flushes delivery cursors.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    let node = cfg.gateway.node_id;
+    let keys = Keys::from_config(&cfg);
+    // Lazy: a fail-open gateway must come up (and serve baseline) while Redis is down.
+    let redis = im_common::bus::connect_lazy(&cfg.redis.url)?;
+    let store = Store::connect(&cfg.mysql.url, cfg.mysql.pool_max)?;
+    let sessions = Arc::new(Sessions::default());
+    let routes = RouteKeeper::new(redis.clone(), keys.clone(), node, cfg.gateway.route_ttl_ms);
+    let idempotency = Idempotency::new(redis.clone(), cfg.idempotency.ttl_secs);
+    let router = Router::new(redis.clone(), keys.clone());
+    let after = AfterCommit { idempotency: idempotency.clone(), router, sessions: sessions.clone(), node };
+    let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
+    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone());
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let readiness: ReadinessCheck = {
+        let subscribed = subscribed.clone();
+        Arc::new(move || if subscribed.load(Ordering::Relaxed) { Ok(()) } else { Err("node channel not subscribed".into()) })
+    };
+    let gw = Arc::new(Gateway {
+        mode: cfg.mode(),
+        node,
+        ids: IdGenerator::new(node),
+        keys: keys.clone(),
+        store: store.clone(),
+        sessions: sessions.clone(),
+        routes: routes.clone(),
+        idempotency,
+        saver,
+        appender,
+        cursors: Arc::new(Cursors::default()),
+        metrics,
+        readiness,
+        connection_slots: Arc::new(Semaphore::new(cfg.gateway.max_connections)),
+        shutdown: shutdown.clone(),
+        cfg,
+    });
+    metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
+        .set(1.0);
+    let background = [
+        tokio::spawn(routes::subscribe(gw.cfg.redis.url.clone(), keys.node_channel(node), sessions.clone(), subscribed)),
+        tokio::spawn(routes.heartbeat(sessions.clone())),
+        tokio::spawn({
+            let (cursors, store) = (gw.cursors.clone(), store.clone());
+            let period = Duration::from_millis(gw.cfg.gateway.cursor_flush_ms);
+            async move { cursors.flush_every(store, period).await }
+        }),
+        tokio::spawn(gw.appender.clone().refresh_backlog()),
+    ];
+    server::accept_loop(gw.clone(), listener).await;
+
+    // Drain: connections see the shutdown flag and close with 1001; give them a moment to finish.
+    sessions.close_all(framing::close_code::GOING_AWAY, "going_away");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while sessions.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.cursors.flush(&store).await;
+    for task in background {
+        task.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! `gateway`: runs one gateway node.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "im gateway: WebSocket front end, history API, metrics")]
+struct Args {
+    /// Config file (TOML); defaults apply to missing keys, IM__SECTION__KEY env vars override.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides gateway.node_id.
+    #[arg(long)]
+    node_id: Option<u16>,
+    /// Overrides gateway.listen (port 0 picks a free port; see --ready-file).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Written as JSON ({"addr": ...}) once the listener is bound.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    im_common::telemetry::init_tracing();
+    let args = Args::parse();
+    let mut cfg = im_common::config::Config::load(args.config.as_deref())?;
+    if let Some(node) = args.node_id {
+        cfg.gateway.node_id = node;
+    }
+    if let Some(listen) = args.listen {
+        cfg.gateway.listen = listen;
+    }
+    cfg.validate()?;
+    let metrics = im_common::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.gateway.listen)
+        .await
+        .with_context(|| format!("cannot listen on gateway.listen = {}", cfg.gateway.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, node = cfg.gateway.node_id, mode = cfg.mode().as_str(), "gateway listening");
+    if let Some(path) = &args.ready_file {
+        im_common::telemetry::write_ready_file(path, &serde_json::json!({ "addr": addr.to_string() }))?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        im_common::telemetry::terminated().await;
+        tracing::info!("shutdown requested: draining");
+        let _ = stop_tx.send(true);
+    });
+    im_gateway::run(cfg, listener, metrics, stop_rx).await?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The local session registry: which connections on this node belong to which user (multi-device).
+//!
+//! Delivery never waits: a frame is offered to each connection's bounded outbound queue with
+//! `try_send`; a full queue marks the connection a slow consumer, which is asked to close (4001) and
+//! dropped from the registry. The registry also tells the route keeper when a user's first connection
+//! arrives and their last one leaves.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::framing::{close_code, Control};
+use im_common::record::Push;
+
+/// The sending side of one connection.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub id: u64,
+    pub out: mpsc::Sender<Bytes>,
+    pub ctrl: mpsc::Sender<Control>,
+}
+
+impl ConnHandle {
+    /// Queues a frame; on a full queue asks the connection to close as a slow consumer and returns false.
+    pub fn offer(&self, frame: Bytes) -> bool {
+        match self.out.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("im_gateway_slow_consumer_disconnects_total").increment(1);
+                let _ = self.ctrl.try_send(Control::Close(close_code::SLOW_CONSUMER, "slow_consumer"));
+                false
+            }
+        }
+    }
+}
+
+/// User → live connections on this node.
+#[derive(Default)]
+pub struct Sessions {
+    users: Mutex<HashMap<u64, Vec<ConnHandle>>>,
+    next_conn: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Sessions {
+    /// A connection id unique on this node.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds a connection; true when it is the user's first on this node.
+    pub fn add(&self, uid: u64, conn: ConnHandle) -> bool {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = users.entry(uid).or_default();
+        conns.push(conn);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("im_gateway_connections").increment(1.0);
+        conns.len() == 1
+    }
+
+    /// Removes a connection; true when the user has no connection left on this node.
+    pub fn remove(&self, uid: u64, conn_id: u64) -> bool {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(conns) = users.get_mut(&uid) else { return false };
+        let before = conns.len();
+        conns.retain(|c| c.id != conn_id);
+        if conns.len() < before {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            metrics::gauge!("im_gateway_connections").decrement(1.0);
+        }
+        if conns.is_empty() {
+            users.remove(&uid);
+            return true;
+        }
+        false
+    }
+
+    /// Live connections on this node.
+    pub fn connection_count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether `uid` has a connection here.
+    pub fn holds(&self, uid: u64) -> bool {
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&uid)
+    }
+
+    /// Users with a connection here (for the route heartbeat).
+    pub fn users(&self) -> Vec<u64> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
+    /// Hands a push to its connections; returns how many connections took it.
+    pub fn deliver(&self, push: &Push) -> usize {
+        let text = Bytes::from(push.frame.to_json());
+        let targets: Vec<ConnHandle> = {
+            let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(conns) = users.get(&push.user) else { return 0 };
+            match push.conn.and_then(|id| conns.iter().find(|c| c.id == id)) {
+                Some(c) => vec![c.clone()],
+                None => conns.clone(),
+            }
+        };
+        targets.iter().filter(|c| c.offer(text.clone())).count()
+    }
+
+    /// Asks every connection to close with `code` (graceful drain).
+    pub fn close_all(&self, code: u16, reason: &'static str) {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        for c in users.values().flatten() {
+            let _ = c.ctrl.try_send(Control::Close(code, reason));
+        }
+    }
+}
