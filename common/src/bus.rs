@@ -20,7 +20,15 @@ use crate::record::{encode, Push, PushBatch};
 /// Opens a managed connection with short timeouts, so a dead Redis fails calls fast (fail-open needs a
 /// quick "no") instead of hanging them.
 pub async fn connect(url: &str) -> redis::RedisResult<ConnectionManager> {
-    ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config()).await
+    connect_for_blocking(url, Duration::ZERO).await
+}
+
+/// A dedicated connection for blocking reads (`XREADGROUP BLOCK`): a blocked command holds up every
+/// command pipelined behind it, so blocking readers never share the connection other work uses. Its
+/// response timeout allows for the `block` time.
+pub async fn connect_for_blocking(url: &str, block: Duration) -> redis::RedisResult<ConnectionManager> {
+    let config = manager_config().set_response_timeout(Some(Duration::from_millis(2000) + block));
+    ConnectionManager::new_with_config(redis::Client::open(url)?, config).await
 }
 
 /// As [`connect`], but returns at once and connects on first use (for processes that must start while

@@ -343,5 +343,11 @@ impl Drop for TestCluster {
         for server in &self.state.private_servers {
             server.kill();
         }
+        // Keep the logs of a failed test for whoever reads its output.
+        if std::thread::panicking() {
+            eprintln!("cluster logs kept in {}", self.state.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.state.dir);
+        }
     }
 }

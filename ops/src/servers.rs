@@ -49,6 +49,8 @@ pub const PRIVATE_REDIS_APPENDFSYNC: &str = "always";
 
 /// The file in a private server's directory that records its handle.
 const STATE_FILE: &str = "server.json";
+/// How much of a log file goes into an error message.
+const LOG_EXCERPT_BYTES: u64 = 8 * 1024;
 /// Unix socket paths are limited to 108 bytes; beyond this the MariaDB socket moves to the temp dir.
 const MAX_SOCKET_PATH: usize = 100;
 
@@ -304,8 +306,14 @@ impl PrivateServer {
         let dir = prepare_dir(dir, kind, port)?;
         let log = log_path(&dir, kind);
         let datadir = dir.join("data");
+        // A private tmpdir: at startup mariadbd deletes every `#sql*` file in its tmpdir, which in a
+        // shared /tmp would pull temporary tables from under any other MariaDB (including a
+        // concurrent mariadb-install-db and the shared server).
+        let tmpdir = dir.join("tmp");
+        fs::create_dir_all(&tmpdir)
+            .map_err(|source| ServerError::Io { what: format!("creating {}", tmpdir.display()), source })?;
         if !datadir.join("mysql").is_dir() {
-            initialise_mariadb_datadir(&datadir, &log).await?;
+            initialise_mariadb_datadir(&datadir, &tmpdir, &log).await?;
         }
         let socket = mariadb_socket_path(&dir, port);
         let mut args = vec![
@@ -316,6 +324,7 @@ impl PrivateServer {
             "--bind-address=127.0.0.1".into(),
             format!("--socket={}", socket.display()),
             format!("--pid-file={}", dir.join("mariadb.pid").display()),
+            format!("--tmpdir={}", tmpdir.display()),
             // No DNS lookups per connection; TCP clients then match root@'127.0.0.1', which
             // wait_ready makes sure exists.
             "--skip-name-resolve".into(),
@@ -408,24 +417,30 @@ impl PrivateServer {
         let Some(pid) = signalable_pid(self.pid) else {
             return false;
         };
-        if Path::new("/proc/self/stat").exists() {
-            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            let Some((comm, state)) = parse_stat(&stat) else {
-                return false;
-            };
-            if !self.kind().is_none_or(|kind| kind.process_names().iter().any(|name| comm.starts_with(name))) {
-                return false;
-            }
-            // After kill -9 the main thread turns zombie first while other threads are still tearing
-            // down, and the listening socket closes only when the last of them is gone.
-            is_live_state(state) || any_live_thread(pid)
-        } else {
-            // No procfs: all we can ask is whether some process has this pid.
-            // SAFETY: signal 0 only checks for existence; pid is a positive, single process id.
-            unsafe { libc::kill(pid, 0) == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+        // The authoritative test: ESRCH means no process has this pid any more. /proc only refines
+        // a "yes", because reading it races with an exiting process and fails transiently.
+        // SAFETY: signal 0 only checks for existence; pid is a positive, single process id.
+        if unsafe { libc::kill(pid, 0) } != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return false;
         }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return true;
+        };
+        let Some(proc_stat) = parse_stat(&stat) else {
+            return true;
+        };
+        if !self.kind().is_none_or(|kind| kind.process_names().iter().any(|name| proc_stat.comm.starts_with(name))) {
+            return false;
+        }
+        // Our own child is reaped by its reaper thread only once every thread has exited, so until
+        // the pid vanishes it counts as running.
+        if proc_stat.parent_pid == std::process::id() {
+            return true;
+        }
+        // Someone else's: after kill -9 the main thread turns zombie first while other threads are
+        // still tearing down (the listening socket closes only when the last is gone). A zombie with
+        // no live thread is dead and merely waits for its parent to reap it.
+        is_live_state(proc_stat.state) || any_live_thread(pid)
     }
 
     /// Sends `signal` to the server process; a process that is already gone is not an error.
@@ -622,7 +637,7 @@ pub async fn ensure_servers(
 
 /// Runs `mariadb-install-db` into `datadir`, with root allowed in with an empty password (private
 /// servers only listen on 127.0.0.1). Output goes to the server log.
-async fn initialise_mariadb_datadir(datadir: &Path, log: &Path) -> Result<(), ServerError> {
+async fn initialise_mariadb_datadir(datadir: &Path, tmpdir: &Path, log: &Path) -> Result<(), ServerError> {
     let install_db = require_binary(&["mariadb-install-db", "mysql_install_db"])?;
     let mut command = tokio::process::Command::new(&install_db);
     // --no-defaults must come first here too.
@@ -630,10 +645,13 @@ async fn initialise_mariadb_datadir(datadir: &Path, log: &Path) -> Result<(), Se
         .arg("--no-defaults")
         .arg(format!("--datadir={}", datadir.display()))
         .arg("--auth-root-authentication-method=normal")
-        .arg("--skip-test-db");
+        .arg("--skip-test-db")
+        // Passed through to the bootstrap mariadbd; see start_mariadb for why /tmp is avoided.
+        .arg(format!("--tmpdir={}", tmpdir.display()));
     if running_as_root() {
         command.arg("--user=root");
     }
+    let install_output_start = fs::metadata(log).map_or(0, |meta| meta.len());
     let (stdout, stderr) = open_log(log)?;
     let status = command
         .stdin(Stdio::null())
@@ -645,17 +663,15 @@ async fn initialise_mariadb_datadir(datadir: &Path, log: &Path) -> Result<(), Se
     if status.success() {
         return Ok(());
     }
-    let _ = fs::copy(log, format!("/tmp/initfail-{}.log", std::process::id())); // TEMPDEBUG
     // A half-written datadir would look initialised next time and fail in confusing ways; start
     // over from nothing instead. It is a private directory, nothing else lives there.
     if let Err(error) = fs::remove_dir_all(datadir) {
         warn!(%error, datadir = %datadir.display(), "could not remove a half-initialised datadir");
     }
-    Err(ServerError::InitFailed {
-        datadir: datadir.to_path_buf(),
-        status: status.to_string(),
-        log_tail: read_log_tail(log),
-    })
+    // The cause comes first in the installer's output, followed by a page of generic advice.
+    let output = read_log_from(log, install_output_start);
+    let log_tail = output.lines().take(12).collect::<Vec<_>>().join("\n");
+    Err(ServerError::InitFailed { datadir: datadir.to_path_buf(), status: status.to_string(), log_tail })
 }
 
 /// Makes sure `root@'127.0.0.1'` exists with an empty password and all privileges, connecting as
@@ -697,8 +713,9 @@ fn reap_when_exits(mut child: Child) {
         let _ = child.wait();
     });
     if let Err(error) = spawned {
-        // The Child was dropped unreaped (dropping does not kill it); is_running still treats the
-        // zombie as gone, so only a process-table slot is lost until this process exits.
+        // Only when this process is out of threads. The Child is dropped unreaped (dropping does
+        // not kill it): the server runs normally, but once stopped it stays a zombie of ours until
+        // this process exits, so stop() reports StillRunning.
         warn!(pid, %error, "could not start a reaper thread for a private server");
     }
 }
@@ -749,31 +766,42 @@ fn mariadb_socket_path(dir: &Path, port: u16) -> PathBuf {
 
 /// The last 30 lines (at most 8 KiB) of a log file; empty when it cannot be read.
 fn read_log_tail(path: &Path) -> String {
-    const MAX_BYTES: u64 = 8 * 1024;
     const MAX_LINES: usize = 30;
-    let Ok(mut file) = File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|meta| meta.len()).unwrap_or(0);
-    if file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES))).is_err() {
-        return String::new();
-    }
-    let mut bytes = Vec::new();
-    if file.read_to_end(&mut bytes).is_err() {
-        return String::new();
-    }
-    let text = String::from_utf8_lossy(&bytes);
+    let len = fs::metadata(path).map_or(0, |meta| meta.len());
+    let text = read_log_from(path, len.saturating_sub(LOG_EXCERPT_BYTES));
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(MAX_LINES)..].join("\n")
 }
 
+/// Up to 8 KiB of a log file from byte `offset`; empty when it cannot be read.
+fn read_log_from(path: &Path, offset: u64) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(offset)).is_err() || file.take(LOG_EXCERPT_BYTES).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// The command name and state letter from a `/proc/<pid>/stat` line (`pid (comm) state ...`); the
 /// name may itself contain spaces and parentheses.
-fn parse_stat(stat: &str) -> Option<(&str, char)> {
+fn parse_stat(stat: &str) -> Option<ProcStat<'_>> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
-    let state = stat.get(close + 1..)?.trim_start().chars().next()?;
-    Some((stat.get(open + 1..close)?, state))
+    let mut fields = stat.get(close + 1..)?.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent_pid = fields.next()?.parse().ok()?;
+    Some(ProcStat { comm: stat.get(open + 1..close)?, state, parent_pid })
+}
+
+/// The fields of `/proc/<pid>/stat` that `is_running` needs.
+#[derive(Debug, PartialEq, Eq)]
+struct ProcStat<'a> {
+    comm: &'a str,
+    state: char,
+    parent_pid: u32,
 }
 
 /// Anything but zombie (`Z`) and dead (`X`).
@@ -791,7 +819,7 @@ fn any_live_thread(pid: libc::pid_t) -> bool {
             .ok()
             .as_deref()
             .and_then(parse_stat)
-            .is_some_and(|(_, state)| is_live_state(state))
+            .is_some_and(|task| is_live_state(task.state))
     })
 }
 
@@ -869,9 +897,15 @@ mod tests {
     }
 
     #[test]
-    fn proc_stat_lines_yield_command_name_and_state() {
-        assert_eq!(parse_stat("42 (redis-server) S 1 42 42 0"), Some(("redis-server", 'S')));
-        assert_eq!(parse_stat("42 (a (weird) name) Z 1"), Some(("a (weird) name", 'Z')));
+    fn proc_stat_lines_yield_command_name_state_and_parent() {
+        assert_eq!(
+            parse_stat("42 (redis-server) S 1 42 42 0"),
+            Some(ProcStat { comm: "redis-server", state: 'S', parent_pid: 1 })
+        );
+        assert_eq!(
+            parse_stat("42 (a (weird) name) Z 7 42"),
+            Some(ProcStat { comm: "a (weird) name", state: 'Z', parent_pid: 7 })
+        );
         assert_eq!(parse_stat("42 (truncated"), None);
         assert!(is_live_state('S') && is_live_state('D') && !is_live_state('Z') && !is_live_state('X'));
     }

@@ -1,1 +1,215 @@
-//! placeholder
+//! The shard worker: owns one shard at a time and runs its deliver-then-save pipeline.
+//!
+//! A tour: [`lease`] decides who owns a shard; [`streams`] reads a shard's streams and moves entries
+//! between them under the lease; [`pipeline`] is the deliver and save stages; [`stats`] exports the
+//! backlog gauges. [`run`] ties them together: acquire a lease (a fixed shard, or any free one for
+//! `--shard auto`), run the stages until the lease is lost or shutdown is asked, release, repeat.
+
+pub mod lease;
+pub mod pipeline;
+pub mod stats;
+pub mod streams;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use im_common::bus::Router;
+use im_common::config::{Config, Mode};
+use im_common::ids::now_ms;
+use im_common::keys::Keys;
+use im_common::store::Store;
+
+use lease::ShardLease;
+use pipeline::ShardContext;
+use streams::{Mover, StreamReader};
+
+/// Which shard to own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardChoice {
+    Fixed(u16),
+    /// Any free (or orphaned) shard; wait as a standby while all are owned.
+    Auto,
+}
+
+/// What `/readyz` and the lease gauges read.
+#[derive(Default)]
+pub struct WorkerStatus {
+    /// The shard held, or -1.
+    pub shard: AtomicI64,
+    pub token: AtomicU64,
+    /// Unix ms of the last round of any stage.
+    pub progress: Arc<AtomicU64>,
+}
+
+impl WorkerStatus {
+    pub fn new() -> Self {
+        WorkerStatus { shard: AtomicI64::new(-1), ..Default::default() }
+    }
+
+    /// Ready when a lease is held and the stages went round within `stall_ms`.
+    pub fn check(&self, stall_ms: u64) -> Result<(), String> {
+        let shard = self.shard.load(Ordering::Relaxed);
+        if shard < 0 {
+            return Err("no shard lease held (standby)".into());
+        }
+        let idle = now_ms().saturating_sub(self.progress.load(Ordering::Relaxed));
+        if idle > stall_ms {
+            return Err(format!("shard {shard}: consumer loop made no progress for {idle} ms"));
+        }
+        Ok(())
+    }
+}
+
+/// A worker error at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("mysql: {0}")]
+    Store(#[from] im_common::store::StoreError),
+    #[error("--shard {0} is out of range: cluster.shards = {1}")]
+    ShardOutOfRange(u16, u16),
+}
+
+/// Runs until `shutdown` turns true: own a shard, pipeline it, release it on the way out.
+pub async fn run(
+    cfg: Config,
+    choice: ShardChoice,
+    status: Arc<WorkerStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    if let ShardChoice::Fixed(s) = choice {
+        if s >= cfg.cluster.shards {
+            return Err(StartError::ShardOutOfRange(s, cfg.cluster.shards));
+        }
+    }
+    let keys = Keys::from_config(&cfg);
+    let conn = im_common::bus::connect(&cfg.redis.url).await?;
+    let store = Store::connect(&cfg.mysql.url, cfg.mysql.pool_max)?;
+    let owner = format!("{}-{}", hostname(), std::process::id());
+    let ttl = Duration::from_millis(cfg.two_phase.lease_ttl_ms);
+    let mut first = rand::random::<u16>();
+    while !*shutdown.borrow() {
+        let lease = match acquire(&conn, &keys, &cfg, choice, &owner, ttl, first).await {
+            Some(lease) => lease,
+            None => {
+                // Standby: someone owns it (or Redis is away); look again well before a TTL passes.
+                tokio::select! {
+                    _ = tokio::time::sleep(ttl / 4) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+        };
+        first = lease.shard;
+        tracing::info!(shard = lease.shard, token = lease.token, %owner, "shard lease acquired");
+        status.shard.store(i64::from(lease.shard), Ordering::Relaxed);
+        status.token.store(lease.token, Ordering::Relaxed);
+        metrics::gauge!("im_worker_lease_held", "shard" => lease.shard.to_string()).set(1.0);
+        metrics::gauge!("im_worker_fencing_token", "shard" => lease.shard.to_string()).set(lease.token as f64);
+        if let Err(e) = own_shard(&cfg, &keys, &conn, &store, lease.clone(), &status, shutdown.clone()).await {
+            tracing::warn!(shard = lease.shard, error = %e, "shard run failed");
+        }
+        lease.release().await;
+        metrics::gauge!("im_worker_lease_held", "shard" => lease.shard.to_string()).set(0.0);
+        status.shard.store(-1, Ordering::Relaxed);
+        tracing::info!(shard = lease.shard, "shard released");
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}
+
+async fn acquire(
+    conn: &redis::aio::ConnectionManager,
+    keys: &Keys,
+    cfg: &Config,
+    choice: ShardChoice,
+    owner: &str,
+    ttl: Duration,
+    start: u16,
+) -> Option<ShardLease> {
+    let n = cfg.cluster.shards;
+    let candidates: Vec<u16> = match choice {
+        ShardChoice::Fixed(s) => vec![s],
+        ShardChoice::Auto => (0..n).map(|i| (start.wrapping_add(i)) % n).collect(),
+    };
+    for shard in candidates {
+        match ShardLease::acquire(conn, keys, shard, owner, ttl).await {
+            Ok(Some(lease)) => return Some(lease),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "lease acquire failed");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// Runs the stages of one shard until the lease is lost or shutdown is asked.
+async fn own_shard(
+    cfg: &Config,
+    keys: &Keys,
+    conn: &redis::aio::ConnectionManager,
+    store: &Store,
+    lease: ShardLease,
+    status: &WorkerStatus,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), redis::RedisError> {
+    let tp = &cfg.two_phase;
+    let shard = lease.shard;
+    let block = Duration::from_millis(tp.block_ms);
+    let reader = |key: String, conn| StreamReader::new(conn, key, tp.group.clone(), tp.batch_size, tp.block_ms, tp.max_batch_delay_ms);
+    let ctx = ShardContext {
+        shard,
+        keys: keys.clone(),
+        lease: lease.clone(),
+        router: Router::new(conn.clone(), keys.clone()),
+        mover: Mover {
+            conn: conn.clone(),
+            lease_key: keys.lease(shard),
+            lease_value: lease.value.clone(),
+            group: tp.group.clone(),
+            idempotency_ttl: cfg.idempotency.ttl_secs,
+        },
+        store: store.clone(),
+        progress: status.progress.clone(),
+    };
+    let mut accepted = reader(keys.accepted_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
+    accepted.ensure_group().await?;
+    let mut stages = tokio::task::JoinSet::new();
+    match cfg.mode() {
+        Mode::Full => {
+            let mut to_save = reader(keys.to_save_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
+            to_save.ensure_group().await?;
+            stages.spawn(pipeline::deliver_stage(ctx.clone(), accepted));
+            stages.spawn(pipeline::save_stage(ctx.clone(), to_save, false));
+        }
+        // Baseline deployments run no workers; if one is started anyway it drains what is there.
+        Mode::AcceptedOnly | Mode::Baseline => {
+            stages.spawn(pipeline::save_stage(ctx.clone(), accepted, true));
+        }
+    }
+    let keeper = tokio::spawn(lease.clone().keep_alive());
+    let reporter = tokio::spawn(stats::report(conn.clone(), keys.clone(), tp.group.clone(), shard));
+    tokio::select! {
+        // A stage ends on its own only when the lease is gone.
+        _ = stages.join_next() => {}
+        _ = shutdown.wait_for(|&stop| stop) => {}
+    }
+    // Stages stop at their next round; the batch in hand still commits (the lease key is ours
+    // until `run` releases it after this returns).
+    lease.retire();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while stages.join_next().await.is_some() {} }).await;
+    keeper.abort();
+    reporter.abort();
+    stages.abort_all();
+    Ok(())
+}

@@ -136,6 +136,39 @@ impl Client {
     pub fn inner(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
         &mut self.ws
     }
+
+    /// Wraps a WebSocket opened some other way (`?auth=frame`, a socket with custom buffers).
+    pub fn from_stream(uid: u64, ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client { uid, ws }
+    }
+
+    /// `PING` → `PONG`. Also a barrier: once answered, the connection is registered (routes, offline
+    /// resend started) and its frames are being served.
+    pub async fn ping(&mut self) {
+        self.send_json(json!({"type": "PING"})).await;
+        self.expect("PONG", |v| v["type"] == "PONG").await;
+    }
+}
+
+/// `from` sends one message to `to`: asserts the sender's `ACK(saved)` and the recipient's push carry
+/// the same id, and returns it.
+pub async fn exchange(from: &mut Client, to: &mut Client, cmid: &str) -> String {
+    from.chat(to.uid, cmid, &format!("body of {cmid}")).await;
+    let ack = from.ack("saved", cmid).await;
+    let id = ack["serverMsgId"].as_str().expect("serverMsgId as a string").to_owned();
+    let push = to.expect(&format!("push of {cmid}"), |v| v["type"] == "SINGLE_CHAT" && v["clientMsgId"] == cmid).await;
+    assert_eq!(push["serverMsgId"], id.as_str(), "push and receipt disagree: {push}");
+    assert_eq!(push["from"], from.uid.to_string());
+    id
+}
+
+/// The value of a metric on a Prometheus `/metrics` page, summed over its label sets (0 if absent).
+pub async fn metric(metrics_url: &str, name: &str) -> f64 {
+    let (_, text) = im_ops::cluster::http_get(metrics_url).await.expect("metrics answer");
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// GET over HTTP: (status, JSON body).

@@ -1,0 +1,222 @@
+//! Reading a shard stream through its consumer group, and the scripts that move entries on.
+//!
+//! Every stage uses the same consumer name per shard (`owner`), so whoever holds the lease inherits the
+//! previous owner's pending entries (the PEL) and reads them first — from id `0` — before new ones
+//! (`>`). That is crash recovery and per-sender order across a takeover in one rule. Entries leave a
+//! stream only through the scripts below, which first check the lease value (fencing) and XACK + XDEL
+//! an entry in the same atomic step that hands it to the next stage, so an entry is acknowledged only
+//! once the next stage durably has it, and streams stay trimmed to what is in flight.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::streams::StreamReadReply;
+use redis::Script;
+
+use im_common::record::MSG_FIELD;
+
+/// The consumer name every owner of a shard uses.
+pub const CONSUMER: &str = "owner";
+
+/// One stream entry: its id and the MessagePack payload.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: String,
+    pub payload: Vec<u8>,
+}
+
+/// Reads batches from one stream for the shard owner: first the pending entries, then new ones.
+pub struct StreamReader {
+    conn: ConnectionManager,
+    pub key: String,
+    group: String,
+    count: usize,
+    block_ms: u64,
+    max_delay_ms: u64,
+    pending_done: bool,
+}
+
+impl StreamReader {
+    /// A reader on a dedicated connection (blocking reads must not share one).
+    pub fn new(conn: ConnectionManager, key: String, group: String, count: usize, block_ms: u64, max_delay_ms: u64) -> Self {
+        StreamReader { conn, key, group, count, block_ms, max_delay_ms, pending_done: false }
+    }
+
+    /// Creates the consumer group (and the stream) if missing.
+    pub async fn ensure_group(&mut self) -> redis::RedisResult<()> {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn)
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Goes back to reading pending entries first (after an error left a batch unacknowledged).
+    pub fn rewind(&mut self) {
+        self.pending_done = false;
+    }
+
+    /// The next batch: pending entries while there are any, else new entries (blocking up to
+    /// `block_ms`). A partial batch waits up to `max_delay_ms` once for more, so batches grow under
+    /// load while a lone message is never held longer than that.
+    pub async fn next_batch(&mut self) -> redis::RedisResult<Vec<Entry>> {
+        if !self.pending_done {
+            let pending = self.read("0", None, self.count).await?;
+            if !pending.is_empty() {
+                return Ok(pending);
+            }
+            self.pending_done = true;
+        }
+        let mut batch = self.read(">", Some(self.block_ms), self.count).await?;
+        if !batch.is_empty() && batch.len() < self.count && self.max_delay_ms > 0 {
+            let more = self.read(">", Some(self.max_delay_ms), self.count - batch.len()).await?;
+            batch.extend(more);
+        }
+        Ok(batch)
+    }
+
+    async fn read(&mut self, from: &str, block_ms: Option<u64>, count: usize) -> redis::RedisResult<Vec<Entry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(&self.group).arg(CONSUMER).arg("COUNT").arg(count);
+        if let Some(ms) = block_ms {
+            cmd.arg("BLOCK").arg(ms);
+        }
+        cmd.arg("STREAMS").arg(&self.key).arg(from);
+        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await?;
+        let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
+        Ok(entries
+            .map(|e| {
+                let payload = match e.map.get(MSG_FIELD) {
+                    Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+                    _ => Vec::new(),
+                };
+                Entry { id: e.id, payload }
+            })
+            .collect())
+    }
+}
+
+/// Deliver → save: append payloads to `to_save`, XACK + XDEL the entries on `accepted`.
+/// KEYS: lease, accepted, to_save. ARGV: lease value, group, field, n_ack, n_add, ids.., payloads..
+const HANDOFF: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED shard lease lost') end
+local n_ack, n_add = tonumber(ARGV[4]), tonumber(ARGV[5])
+for i = 1, n_add do redis.call('XADD', KEYS[3], '*', ARGV[3], ARGV[5 + n_ack + i]) end
+for i = 1, n_ack do
+  redis.call('XACK', KEYS[2], ARGV[2], ARGV[5 + i])
+  redis.call('XDEL', KEYS[2], ARGV[5 + i])
+end
+return n_ack
+";
+
+/// Save done: dead-letter the rejected, mark the saved in the idempotency window, XACK + XDEL all.
+/// KEYS: lease, stream, dead-letter stream, idempotency keys... ARGV: lease value, group, ttl, field,
+/// n_ack, n_dead, ids.., dead payloads.., dead reasons.., idempotency values (one per key).
+const COMMIT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED shard lease lost') end
+local n_ack, n_dead = tonumber(ARGV[5]), tonumber(ARGV[6])
+local base = 6 + n_ack
+for i = 1, n_dead do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', ARGV[4], ARGV[base + i], 'reason', ARGV[base + n_dead + i])
+end
+base = base + 2 * n_dead
+for i = 4, #KEYS do redis.call('SET', KEYS[i], ARGV[base + i - 3], 'EX', ARGV[3]) end
+for i = 1, n_ack do
+  redis.call('XACK', KEYS[2], ARGV[2], ARGV[6 + i])
+  redis.call('XDEL', KEYS[2], ARGV[6 + i])
+end
+return n_ack
+";
+
+static HANDOFF_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(HANDOFF));
+static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT));
+
+/// The fenced stream operations of one shard owner.
+#[derive(Clone)]
+pub struct Mover {
+    pub conn: ConnectionManager,
+    pub lease_key: String,
+    pub lease_value: String,
+    pub group: String,
+    pub idempotency_ttl: u64,
+}
+
+/// A rejected message bound for the dead-letter stream.
+pub struct DeadLetter<'a> {
+    pub payload: &'a [u8],
+    pub reason: &'a str,
+}
+
+impl Mover {
+    /// Moves entries from `accepted` to `to_save` (payloads to append; ids to acknowledge).
+    pub async fn handoff(&self, accepted: &str, to_save: &str, ids: &[&str], payloads: &[&[u8]]) -> redis::RedisResult<()> {
+        let mut inv = HANDOFF_SCRIPT.prepare_invoke();
+        inv.key(&self.lease_key).key(accepted).key(to_save);
+        inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD).arg(ids.len()).arg(payloads.len());
+        inv.arg(ids).arg(payloads);
+        inv.invoke_async(&mut self.conn.clone()).await
+    }
+
+    /// Finishes a saved batch.
+    pub async fn commit(
+        &self,
+        stream: &str,
+        dead_stream: &str,
+        ids: &[&str],
+        dead: &[DeadLetter<'_>],
+        saved: &[(String, String)],
+    ) -> redis::RedisResult<()> {
+        let mut inv = COMMIT_SCRIPT.prepare_invoke();
+        inv.key(&self.lease_key).key(stream).key(dead_stream);
+        for (key, _) in saved {
+            inv.key(key);
+        }
+        inv.arg(&self.lease_value).arg(&self.group).arg(self.idempotency_ttl).arg(MSG_FIELD);
+        inv.arg(ids.len()).arg(dead.len()).arg(ids);
+        for d in dead {
+            inv.arg(d.payload);
+        }
+        for d in dead {
+            inv.arg(d.reason);
+        }
+        for (_, value) in saved {
+            inv.arg(value);
+        }
+        inv.invoke_async(&mut self.conn.clone()).await
+    }
+}
+
+/// Capped exponential backoff for retrying a stage.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff { next: Duration::from_millis(50) }
+    }
+
+    /// Sleeps, then doubles the next wait up to 5 s.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(50);
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
