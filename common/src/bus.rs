@@ -92,13 +92,27 @@ impl Router {
 
     /// Delivers pushes: routed ones to every node holding their user (except `skip_node`, whose
     /// caller delivers locally), the others to their node. One pipeline to resolve, one to publish.
-    pub async fn send(
+    pub async fn send(&self, pushes: Vec<(Target, Push)>, skip_node: Option<u16>) -> redis::RedisResult<SendStats> {
+        let (publications, stats) = self.prepare(pushes, skip_node).await?;
+        if !publications.is_empty() {
+            let mut pipe = redis::pipe();
+            for p in &publications {
+                pipe.publish(&p.channel, &p.payload).ignore();
+            }
+            pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        }
+        Ok(stats)
+    }
+
+    /// Resolves routes and groups pushes into one [`Publication`] per node, without publishing: shard
+    /// workers publish them inside the script that also acknowledges the batch, so a push and its
+    /// XACK happen atomically.
+    pub async fn prepare(
         &self,
         pushes: Vec<(Target, Push)>,
         skip_node: Option<u16>,
-    ) -> redis::RedisResult<SendStats> {
-        let mut users: Vec<u64> =
-            pushes.iter().filter(|(t, _)| *t == Target::Routed).map(|(_, p)| p.user).collect();
+    ) -> redis::RedisResult<(Vec<Publication>, SendStats)> {
+        let mut users: Vec<u64> = pushes.iter().filter(|(t, _)| *t == Target::Routed).map(|(_, p)| p.user).collect();
         users.sort_unstable();
         users.dedup();
         let routes = self.resolve(&users).await?;
@@ -118,15 +132,18 @@ impl Router {
                 }
             }
         }
-        if by_node.is_empty() {
-            return Ok(stats);
-        }
-        let mut pipe = redis::pipe();
-        for (node, pushes) in by_node {
-            pipe.publish(self.keys.node_channel(node), encode(&PushBatch { pushes })).ignore();
-            stats.publishes += 1;
-        }
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
-        Ok(stats)
+        stats.publishes = by_node.len();
+        let publications = by_node
+            .into_iter()
+            .map(|(node, pushes)| Publication { channel: self.keys.node_channel(node), payload: encode(&PushBatch { pushes }) })
+            .collect();
+        Ok((publications, stats))
     }
+}
+
+/// One PUBLISH: a node channel and an encoded [`PushBatch`].
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub channel: String,
+    pub payload: Vec<u8>,
 }

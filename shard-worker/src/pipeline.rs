@@ -99,8 +99,8 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
         let payloads: Vec<&[u8]> = batch.iter().map(|e| e.payload.as_slice()).collect();
         loop {
             let result = async {
-                ctx.router.send(pushes.clone(), None).await?;
-                ctx.mover.handoff(&reader.key, &to_save, &ids, &payloads).await
+                let (pubs, _) = ctx.router.prepare(pushes.clone(), None).await?;
+                ctx.mover.handoff(&reader.key, &to_save, &ids, &payloads, &pubs).await
             }
             .await;
             match result {
@@ -189,8 +189,8 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         loop {
             let result = async {
-                ctx.router.send(frames.clone(), None).await?;
-                ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &saved_keys).await
+                let (pubs, _) = ctx.router.prepare(frames.clone(), None).await?;
+                ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &saved_keys).await
             }
             .await;
             match result {

@@ -14,6 +14,7 @@ use redis::aio::ConnectionManager;
 use redis::streams::StreamReadReply;
 use redis::Script;
 
+use im_common::bus::Publication;
 use im_common::record::MSG_FIELD;
 
 /// The consumer name every owner of a shard uses.
@@ -104,42 +105,69 @@ impl StreamReader {
     }
 }
 
-/// Deliver → save: append payloads to `to_save`, XACK + XDEL the entries on `accepted`.
-/// KEYS: lease, accepted, to_save. ARGV: lease value, group, field, n_ack, n_add, ids.., payloads..
+/// Shared prologue of the scripts: the fencing check, and `take(n)` to read the next `n` ARGVs.
+const PROLOGUE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED shard lease lost') end
+local at = 1
+local function take(n)
+  local t = {}
+  for k = 1, n do t[k] = ARGV[at + k] end
+  at = at + n
+  return t
+end
+local function publish(channels, messages)
+  for k = 1, #channels do redis.call('PUBLISH', channels[k], messages[k]) end
+end
+local function ack(stream, group, ids)
+  for k = 1, #ids do
+    redis.call('XACK', stream, group, ids[k])
+    redis.call('XDEL', stream, ids[k])
+  end
+end
+";
+
+/// Deliver → save: publish the pushes, append the payloads to `to_save`, XACK + XDEL on `accepted`.
+/// KEYS: lease, accepted, to_save. ARGV: lease value, then group, field, n_ack, n_add, n_pub,
+/// ids.., payloads.., channels.., messages..
 const HANDOFF: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED shard lease lost') end
-local n_ack, n_add = tonumber(ARGV[4]), tonumber(ARGV[5])
-for i = 1, n_add do redis.call('XADD', KEYS[3], '*', ARGV[3], ARGV[5 + n_ack + i]) end
-for i = 1, n_ack do
-  redis.call('XACK', KEYS[2], ARGV[2], ARGV[5 + i])
-  redis.call('XDEL', KEYS[2], ARGV[5 + i])
-end
-return n_ack
+local head = take(5)
+local group, field = head[1], head[2]
+local ids, payloads = take(tonumber(head[3])), take(tonumber(head[4]))
+local n_pub = tonumber(head[5])
+local channels, messages = take(n_pub), take(n_pub)
+for k = 1, #payloads do redis.call('XADD', KEYS[3], '*', field, payloads[k]) end
+publish(channels, messages)
+ack(KEYS[2], group, ids)
+return #ids
 ";
 
-/// Save done: dead-letter the rejected, mark the saved in the idempotency window, XACK + XDEL all.
-/// KEYS: lease, stream, dead-letter stream, idempotency keys... ARGV: lease value, group, ttl, field,
-/// n_ack, n_dead, ids.., dead payloads.., dead reasons.., idempotency values (one per key).
+/// Save done: dead-letter the rejected, mark the saved in the idempotency window, publish receipts
+/// (and, in accepted-only mode, the pushes), XACK + XDEL the batch.
+/// KEYS: lease, stream, dead-letter stream, idempotency keys.. ARGV: lease value, then group, ttl,
+/// field, n_ack, n_dead, n_pub, ids.., dead payloads.., dead reasons.., channels.., messages..,
+/// idempotency values (one per key).
 const COMMIT: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED shard lease lost') end
-local n_ack, n_dead = tonumber(ARGV[5]), tonumber(ARGV[6])
-local base = 6 + n_ack
-for i = 1, n_dead do
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', ARGV[4], ARGV[base + i], 'reason', ARGV[base + n_dead + i])
+local head = take(6)
+local group, ttl, field = head[1], head[2], head[3]
+local ids = take(tonumber(head[4]))
+local n_dead, n_pub = tonumber(head[5]), tonumber(head[6])
+local dead, reasons = take(n_dead), take(n_dead)
+local channels, messages = take(n_pub), take(n_pub)
+local states = take(#KEYS - 3)
+for k = 1, n_dead do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', field, dead[k], 'reason', reasons[k])
 end
-base = base + 2 * n_dead
-for i = 4, #KEYS do redis.call('SET', KEYS[i], ARGV[base + i - 3], 'EX', ARGV[3]) end
-for i = 1, n_ack do
-  redis.call('XACK', KEYS[2], ARGV[2], ARGV[6 + i])
-  redis.call('XDEL', KEYS[2], ARGV[6 + i])
-end
-return n_ack
+for k = 1, #states do redis.call('SET', KEYS[3 + k], states[k], 'EX', ttl) end
+publish(channels, messages)
+ack(KEYS[2], group, ids)
+return #ids
 ";
 
-static HANDOFF_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(HANDOFF));
-static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT));
+static HANDOFF_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PROLOGUE}{HANDOFF}")));
+static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PROLOGUE}{COMMIT}")));
 
-/// The fenced stream operations of one shard owner.
+/// The fenced stream operations of one shard owner. Each is one atomic script, so a batch's pushes,
+/// its hand-over to the next stage and its acknowledgement happen together or not at all.
 #[derive(Clone)]
 pub struct Mover {
     pub conn: ConnectionManager,
@@ -155,23 +183,42 @@ pub struct DeadLetter<'a> {
     pub reason: &'a str,
 }
 
+fn add_publications(inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
+    for p in pubs {
+        inv.arg(&p.channel);
+    }
+    for p in pubs {
+        inv.arg(&p.payload);
+    }
+}
+
 impl Mover {
-    /// Moves entries from `accepted` to `to_save` (payloads to append; ids to acknowledge).
-    pub async fn handoff(&self, accepted: &str, to_save: &str, ids: &[&str], payloads: &[&[u8]]) -> redis::RedisResult<()> {
+    /// Moves entries from `accepted` to `to_save`, publishing `pubs` in the same step.
+    pub async fn handoff(
+        &self,
+        accepted: &str,
+        to_save: &str,
+        ids: &[&str],
+        payloads: &[&[u8]],
+        pubs: &[Publication],
+    ) -> redis::RedisResult<()> {
         let mut inv = HANDOFF_SCRIPT.prepare_invoke();
         inv.key(&self.lease_key).key(accepted).key(to_save);
-        inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD).arg(ids.len()).arg(payloads.len());
+        inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD);
+        inv.arg(ids.len()).arg(payloads.len()).arg(pubs.len());
         inv.arg(ids).arg(payloads);
+        add_publications(&mut inv, pubs);
         inv.invoke_async(&mut self.conn.clone()).await
     }
 
-    /// Finishes a saved batch.
+    /// Finishes a saved batch: `saved` holds (idempotency key, state) of every saved message.
     pub async fn commit(
         &self,
         stream: &str,
         dead_stream: &str,
         ids: &[&str],
         dead: &[DeadLetter<'_>],
+        pubs: &[Publication],
         saved: &[(String, String)],
     ) -> redis::RedisResult<()> {
         let mut inv = COMMIT_SCRIPT.prepare_invoke();
@@ -180,15 +227,16 @@ impl Mover {
             inv.key(key);
         }
         inv.arg(&self.lease_value).arg(&self.group).arg(self.idempotency_ttl).arg(MSG_FIELD);
-        inv.arg(ids.len()).arg(dead.len()).arg(ids);
+        inv.arg(ids.len()).arg(dead.len()).arg(pubs.len()).arg(ids);
         for d in dead {
             inv.arg(d.payload);
         }
         for d in dead {
             inv.arg(d.reason);
         }
-        for (_, value) in saved {
-            inv.arg(value);
+        add_publications(&mut inv, pubs);
+        for (_, state) in saved {
+            inv.arg(state);
         }
         inv.invoke_async(&mut self.conn.clone()).await
     }

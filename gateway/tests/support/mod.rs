@@ -1,6 +1,8 @@
 //! Test support: a real WebSocket client, and clusters started the way `ops up` starts them.
 #![allow(dead_code)]
 
+pub mod traffic;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
