@@ -45,6 +45,17 @@ async fn every_message_is_receipted_delivered_and_saved_once(mode: Mode, name: &
     let (rows, dup_rows, out_of_order) = traffic::check_rows(&store).await;
     assert_eq!((rows, dup_rows, out_of_order), (2000, 0, 0));
     store.close().await;
+    if mode != Mode::Baseline {
+        // Trimming: once drained, nothing is left in any stream.
+        let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+        for shard in 0..2 {
+            for stream in ["accepted", "to_save"] {
+                let key = format!("{}:{{s{shard}}}:{stream}", c.state.key_prefix);
+                let len: u64 = redis::cmd("XLEN").arg(&key).query_async(&mut redis).await.unwrap();
+                assert_eq!(len, 0, "{key} still holds {len} entries");
+            }
+        }
+    }
     drop(c);
     env.cleanup().await;
 }

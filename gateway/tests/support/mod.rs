@@ -29,19 +29,49 @@ pub async fn cluster_with(
     shards: u16,
     tweak: impl FnOnce(&mut im_common::config::Config),
 ) -> TestCluster {
-    let mut config = env.config();
-    tweak(&mut config);
-    let dir = std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-")));
-    let spec = ClusterSpec {
-        config,
+    let mut spec = spec(env, mode, gateways, shards);
+    tweak(&mut spec.config);
+    TestCluster::start(&spec).await.expect("cluster starts")
+}
+
+/// The cluster spec [`cluster`] uses, for tests that change more (workers, private servers).
+pub fn spec(env: &TestEnv, mode: Mode, gateways: usize, shards: u16) -> ClusterSpec {
+    ClusterSpec {
+        config: env.config(),
         gateways,
         shards,
         workers: shards.into(),
         mode,
-        dir,
+        dir: std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-"))),
         force_private: false,
-    };
-    TestCluster::start(&spec).await.expect("cluster starts")
+    }
+}
+
+/// Reads a gauge or counter from a Prometheus text page, summed over series whose labels contain
+/// every `label="value"` given.
+pub fn metric_value(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls a process's `/metrics` until `metric_value` satisfies `ok` (gauges refresh once a second,
+/// counters move right after the step they count); returns the last value seen.
+pub async fn wait_metric(metrics_url: &str, name: &str, labels: &[&str], ok: impl Fn(f64) -> bool) -> f64 {
+    let mut value = f64::NAN;
+    for _ in 0..50 {
+        if let Some((_, page)) = im_ops::cluster::http_get(metrics_url).await {
+            value = metric_value(&page, name, labels);
+            if ok(value) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    value
 }
 
 /// A WebSocket client speaking the JSON protocol.

@@ -1,0 +1,225 @@
+//! Faults under load, with real processes: a shard owner killed with SIGKILL, MariaDB stopped, Redis
+//! stopped, a row the database refuses forever, and a backlog past its bound. Tests that stop a
+//! server start private ones (`force_private`), so shared servers and other tests are never touched.
+
+mod support;
+
+use std::time::Duration;
+
+use im_common::config::Mode;
+use im_common::store::Store;
+use im_common::testkit::TestEnv;
+use im_ops::cluster::TestCluster;
+use support::traffic::{self, TrafficSpec};
+use support::{spec, wait_metric, Client};
+
+fn urls(c: &TestCluster) -> Vec<String> {
+    c.state.gateways.iter().map(|g| g.ws_url.clone()).collect()
+}
+
+fn private_server(c: &TestCluster, kind: &str) -> usize {
+    c.state.private_servers.iter().position(|s| s.kind_name == kind).expect("a private server of that kind")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_messages_survive_worker_kill() {
+    let env = TestEnv::new("kill");
+    let mut s = spec(&env, Mode::Full, 2, 2);
+    s.workers = 3; // one standby
+    s.config.two_phase.lease_ttl_ms = 1500;
+    let c = TestCluster::start(&s).await.unwrap();
+    let load = TrafficSpec {
+        pairs: 40,
+        per_sender: 50,
+        base_uid: 30_000,
+        pace: Duration::from_millis(30),
+        expect_accepted: true,
+        deadline: Duration::from_secs(40),
+    };
+    let (urls, secret) = (urls(&c), c.state.jwt_secret.clone());
+    let traffic = tokio::spawn({
+        let load = load.clone();
+        async move { traffic::run(&urls, &secret, &load).await }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let victim = c.state.workers[0].pid;
+    // SAFETY: killing a worker this test started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let t = traffic.await.unwrap();
+    let v = t.verdict(load.per_sender);
+    println!("worker kill: {v:?}");
+    assert_eq!((v.accepted, v.saved, v.delivered, v.lost, v.reorders, v.errors), (2000, 2000, 2000, 0, 0, 0), "{v:?}");
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    assert_eq!(traffic::check_rows(&store).await, (2000, 0, 0), "rows, duplicate rows, senders out of order");
+    // The standby owns the victim's shard now.
+    let held = wait_metric(&c.state.workers[2].metrics_url, "im_worker_lease_held", &["shard=\"0\""], |v| v == 1.0).await;
+    assert_eq!(held, 1.0, "the standby took shard 0");
+    store.close().await;
+    drop(c);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_outage_keeps_accepting_and_drains_after_restart() {
+    let env = TestEnv::new("dbdown");
+    let mut s = spec(&env, Mode::Full, 1, 2);
+    s.force_private = true;
+    s.config.gateway.rate_burst = 1000;
+    let mut c = TestCluster::start(&s).await.unwrap();
+    let secret = c.state.jwt_secret.clone();
+    let ws = c.state.gateways[0].ws_url.clone();
+    let mut alice = Client::connect(&ws, &secret, 5001).await;
+    let mut bob = Client::connect(&ws, &secret, 5002).await;
+
+    let db = private_server(&c, "mariadb");
+    c.state.private_servers[db].stop().await.unwrap();
+    // Under load while the database is away: every message is still accepted at once.
+    for k in 0..200 {
+        alice.chat(5002, &format!("d{k:03}"), "while the db is down").await;
+    }
+    for k in 0..200 {
+        let ack = tokio::time::timeout(Duration::from_secs(2), alice.ack("accepted", &format!("d{k:03}"))).await;
+        assert!(ack.is_ok(), "ACK(accepted) d{k:03} while MariaDB is down");
+    }
+    // Full mode pushes before saving: Bob already has them.
+    let pushes = bob.drain(Duration::from_millis(500)).await;
+    assert_eq!(pushes.iter().filter(|v| v["type"] == "SINGLE_CHAT").count(), 200);
+    // The backlog is visible in the workers' metrics and nothing is saved.
+    // Sender 5001's shard is owned by one of the two workers.
+    let mut backlog = 0.0;
+    for w in &c.state.workers {
+        backlog += wait_metric(&w.metrics_url, "im_stream_length", &["stream=\"to_save\""], |v| v >= 200.0).await;
+    }
+    assert!(backlog >= 200.0, "to_save backlog {backlog} should hold the 200 unsaved messages");
+    tokio::time::sleep(Duration::from_secs(8)).await; // at least 10 s down in all
+    c.state.private_servers[db] = c.state.private_servers[db].restart().await.unwrap();
+
+    let mut saved = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while saved < 200 && tokio::time::Instant::now() < deadline {
+        if let Some(v) = alice.next_within(Duration::from_secs(1)).await {
+            saved += usize::from(v["type"] == "ACK" && v["ackType"] == "saved");
+        }
+    }
+    assert_eq!(saved, 200, "every sender gets ACK(saved) after the database returns");
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    assert_eq!(traffic::check_rows(&store).await, (200, 0, 0));
+    store.close().await;
+    drop(c);
+}
+
+async fn redis_outage(fail_open: bool, name: &str) {
+    let env = TestEnv::new(name);
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.force_private = true;
+    s.config.two_phase.fail_open = fail_open;
+    let mut c = TestCluster::start(&s).await.unwrap();
+    let secret = c.state.jwt_secret.clone();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &secret, 6001).await;
+    for k in 0..20 {
+        alice.chat(6002, &format!("before{k:02}"), "x").await;
+        alice.ack("accepted", &format!("before{k:02}")).await;
+    }
+    let redis = private_server(&c, "redis");
+    c.state.private_servers[redis].stop().await.unwrap();
+    let mut receipted = 20;
+    for k in 0..10 {
+        let cmid = format!("during{k:02}");
+        alice.chat(6002, &cmid, "x").await;
+        let answer = alice.expect("answer", |v| v["clientMsgId"] == cmid.as_str()).await;
+        if fail_open {
+            assert_eq!((answer["type"].as_str(), answer["ackType"].as_str()), (Some("ACK"), Some("saved")), "{answer}");
+            receipted += 1;
+        } else {
+            assert_eq!((answer["type"].as_str(), answer["reason"].as_str()), (Some("ERROR"), Some("server_busy")), "{answer}");
+        }
+    }
+    c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
+    // Everything that got a receipt is saved once Redis is back (the stream survived in the AOF).
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap() < receipted && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(traffic::check_rows(&store).await, (receipted as usize, 0, 0));
+    store.close().await;
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_with_fail_open_saves_through_the_baseline_path() {
+    redis_outage(true, "redis_open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_without_fail_open_answers_server_busy() {
+    redis_outage(false, "redis_closed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
+    let env = TestEnv::new("poison");
+    let c = support::cluster(&env, Mode::Full, 1, 1).await;
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    store.execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content <> 'POISON')").await.unwrap();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7001).await;
+    for (cmid, body) in [("p1", "fine"), ("p2", "POISON"), ("p3", "also fine")] {
+        alice.chat(7002, cmid, body).await;
+    }
+    // Collect the final answer of each (they may come in any order across batches).
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < 3 {
+        let v = alice.next().await;
+        let kind = match (v["type"].as_str(), v["ackType"].as_str()) {
+            (Some("ACK"), Some("saved")) => "saved".to_owned(),
+            (Some("ERROR"), _) => v["reason"].as_str().unwrap_or("").to_owned(),
+            _ => continue,
+        };
+        answers.insert(v["clientMsgId"].as_str().unwrap().to_owned(), kind);
+    }
+    assert_eq!((answers["p1"].as_str(), answers["p2"].as_str(), answers["p3"].as_str()), ("saved", "save_failed", "saved"));
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap(), 2);
+    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let dead: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg(format!("{}:{{s0}}:dead", c.state.key_prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "one dead letter");
+    assert_eq!(wait_metric(&c.state.workers[0].metrics_url, "im_worker_dead_letters_total", &[], |v| v == 1.0).await, 1.0);
+    store.close().await;
+    drop(c);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_past_its_bound_answers_server_busy() {
+    let env = TestEnv::new("backlog");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.workers = 0; // nothing drains the stream
+    s.config.two_phase.max_backlog = 5;
+    let c = TestCluster::start(&s).await.unwrap();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 8001).await;
+    let (mut accepted, mut busy) = (0, 0);
+    for k in 0..20 {
+        let cmid = format!("b{k:02}");
+        alice.chat(8002, &cmid, "x").await;
+        let answer = alice.expect("answer", |v| v["clientMsgId"] == cmid.as_str()).await;
+        match (answer["type"].as_str(), answer["ackType"].as_str(), answer["reason"].as_str()) {
+            (Some("ACK"), Some("accepted"), _) => accepted += 1,
+            (Some("ERROR"), _, Some("server_busy")) => busy += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The gateway's backlog figure refreshes every 250 ms, so a few may slip past the bound.
+    assert!((5..=8).contains(&accepted), "accepted {accepted}");
+    assert_eq!(accepted + busy, 20);
+    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let len: u64 = redis::cmd("XLEN").arg(format!("{}:{{s0}}:accepted", c.state.key_prefix)).query_async(&mut redis).await.unwrap();
+    assert_eq!(len, accepted);
+    drop(c);
+    env.cleanup().await;
+}
