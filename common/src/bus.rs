@@ -135,7 +135,10 @@ impl Router {
         stats.publishes = by_node.len();
         let publications = by_node
             .into_iter()
-            .map(|(node, pushes)| Publication { channel: self.keys.node_channel(node), payload: encode(&PushBatch { pushes }) })
+            .map(|(node, pushes)| Publication {
+                channel: self.keys.node_channel(node),
+                payload: encode(&PushBatch { pushes }),
+            })
             .collect();
         Ok((publications, stats))
     }

@@ -20,7 +20,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration; each process reads the sections it needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub redis: RedisConfig,
@@ -217,21 +217,6 @@ impl Default for WorkerConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            redis: RedisConfig::default(),
-            mysql: MysqlConfig::default(),
-            auth: AuthConfig::default(),
-            cluster: ClusterConfig::default(),
-            gateway: GatewayConfig::default(),
-            two_phase: TwoPhaseConfig::default(),
-            idempotency: IdempotencyConfig::default(),
-            worker: WorkerConfig::default(),
-        }
-    }
-}
-
 /// The delivery mode a deployment runs in (SPEC §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -276,8 +261,9 @@ impl Config {
             }
             None => (String::new(), "<defaults>".to_owned()),
         };
-        let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax { path: name, message: e.message().to_owned() })?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax { path: name, message: e.message().to_owned() })?;
         for (var, value) in env {
             if let Some(path) = var.strip_prefix("IM__") {
                 apply_override(&mut table, path, &value)?;
@@ -288,9 +274,10 @@ impl Config {
 
     /// Parses a config from TOML text (no environment), validating it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Syntax { path: "<text>".into(), message: e.message().to_owned() })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: "<text>".into(),
+            message: e.message().to_owned(),
+        })?;
         Self::from_table(table)
     }
 
@@ -388,14 +375,14 @@ fn apply_override(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), 
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
-    let (last, sections) = parts.split_last().ok_or_else(|| ConfigError::Key { key: key.clone(), message: "empty".into() })?;
+    let (last, sections) =
+        parts.split_last().ok_or_else(|| ConfigError::Key { key: key.clone(), message: "empty".into() })?;
     let mut cursor = table;
     for section in sections {
         let entry = cursor.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
-        cursor = entry.as_table_mut().ok_or_else(|| ConfigError::Key {
-            key: key.clone(),
-            message: format!("`{section}` is not a section"),
-        })?;
+        cursor = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Key { key: key.clone(), message: format!("`{section}` is not a section") })?;
     }
     cursor.insert(last.clone(), value);
     Ok(())

@@ -19,7 +19,12 @@ pub struct Keys {
 impl Keys {
     /// Keys under `prefix`, with the configured stream names.
     pub fn new(prefix: &str, accepted: &str, to_save: &str, dead_letter: &str) -> Self {
-        Keys { prefix: prefix.into(), accepted: accepted.into(), to_save: to_save.into(), dead_letter: dead_letter.into() }
+        Keys {
+            prefix: prefix.into(),
+            accepted: accepted.into(),
+            to_save: to_save.into(),
+            dead_letter: dead_letter.into(),
+        }
     }
 
     /// From a loaded config.

@@ -377,9 +377,18 @@ mod tests {
         assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","body":"x"}"#), Reason::MissingTo);
         assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":"x1","body":"x"}"#), Reason::InvalidTo);
         assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1}"#), Reason::MissingBody);
-        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1,"body":"12345678901"}"#), Reason::BodyTooLong);
-        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":7,"body":"x"}"#), Reason::CannotSendToSelf);
-        assert_eq!(reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1,"from":8,"body":"x"}"#), Reason::SpoofedFrom);
+        assert_eq!(
+            reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1,"body":"12345678901"}"#),
+            Reason::BodyTooLong
+        );
+        assert_eq!(
+            reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":7,"body":"x"}"#),
+            Reason::CannotSendToSelf
+        );
+        assert_eq!(
+            reason_of(r#"{"type":"SINGLE_CHAT","clientMsgId":"a","to":1,"from":8,"body":"x"}"#),
+            Reason::SpoofedFrom
+        );
         assert_eq!(reason_of(r#"{"type":"ACK","ackType":"delivered"}"#), Reason::InvalidAck);
     }
 
@@ -394,7 +403,8 @@ mod tests {
 
     #[test]
     fn rejection_keeps_the_client_msg_id() {
-        let r = parse_request(br#"{"type":"SINGLE_CHAT","clientMsgId":"m9","to":7,"body":"x"}"#, 7, LIMITS).unwrap_err();
+        let r =
+            parse_request(br#"{"type":"SINGLE_CHAT","clientMsgId":"m9","to":7,"body":"x"}"#, 7, LIMITS).unwrap_err();
         assert_eq!(r.client_msg_id.as_deref(), Some("m9"));
     }
 

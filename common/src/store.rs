@@ -15,8 +15,7 @@ use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Tx
 use crate::record::ChatMessage;
 
 /// Embedded migrations: (version, name, SQL). Append only; never edit an applied one.
-pub const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "messages", include_str!("../../migrations/0001_messages.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[(1, "messages", include_str!("../../migrations/0001_messages.sql"))];
 
 /// A database failure, classified by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +92,8 @@ impl Store {
     pub async fn save_batch(&self, batch: &[ChatMessage]) -> Result<SaveOutcome, StoreError> {
         let mut outcome = SaveOutcome::default();
         // Ranges of the batch still to insert; a permanent error splits its range.
-        let mut todo = vec![0..batch.len()];
+        let mut todo: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
+        todo.push(0..batch.len());
         while let Some(range) = todo.pop() {
             if range.is_empty() {
                 continue;
@@ -228,7 +228,12 @@ impl Store {
 
     /// `(from, id)` of every row, ordered by id (for checkers: order and duplicate verdicts).
     pub async fn all_ids(&self) -> Result<Vec<(u64, u64, String)>, StoreError> {
-        Ok(self.pool.get_conn().await?.query("SELECT from_user_id, id, client_msg_id FROM messages ORDER BY id").await?)
+        Ok(self
+            .pool
+            .get_conn()
+            .await?
+            .query("SELECT from_user_id, id, client_msg_id FROM messages ORDER BY id")
+            .await?)
     }
 }
 

@@ -49,7 +49,10 @@ async fn a_batch_with_duplicates_and_a_poison_row_saves_the_rest() {
     assert_eq!(store.history(1, 2, 11, 10).await.unwrap().len(), 1, "before is exclusive");
     // Chat list: user 2 talked with 1 and 3? Only 1 (3's message was rejected).
     assert_eq!(store.query_u64("SELECT COUNT(*) FROM conversations WHERE owner_id = 2").await.unwrap(), 1);
-    assert_eq!(store.query_u64("SELECT last_msg_id FROM conversations WHERE owner_id = 1 AND peer_id = 2").await.unwrap(), 11);
+    assert_eq!(
+        store.query_u64("SELECT last_msg_id FROM conversations WHERE owner_id = 1 AND peer_id = 2").await.unwrap(),
+        11
+    );
     store.close().await;
     env.cleanup().await;
 }

@@ -80,7 +80,9 @@ impl Appender {
             }
             // A fail-open attempt claimed it but did not confirm: finish it on the baseline path.
             Ok(Some(prev)) => match decode_state(&prev) {
-                Some((Stage::Pending, id)) => self.saver.save_and_answer(ChatMessage { id, ..msg }, Some(key.to_owned())).await,
+                Some((Stage::Pending, id)) => {
+                    self.saver.save_and_answer(ChatMessage { id, ..msg }, Some(key.to_owned())).await
+                }
                 Some((stage, id)) => vec![receipt(stage, &msg.client_msg_id, id)],
                 None => vec![ServerFrame::error(Reason::InternalError, Some(msg.client_msg_id))],
             },

@@ -54,7 +54,8 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
     let (out_tx, out_rx) = mpsc::channel(cfg.outbound_queue);
     let mut writer = tokio::spawn(write_loop(write, ctrl_rx, out_rx));
     let mut reader = Reader::new(read, ctrl_tx.clone(), cfg.max_frame_bytes);
-    let conn = ConnHandle { id: gw.sessions.next_conn_id(), out: out_tx, ctrl: ctrl_tx };
+    let conn =
+        ConnHandle { id: gw.sessions.next_conn_id(), out: out_tx, ctrl: ctrl_tx, overflowed: Default::default() };
 
     let uid = match uid {
         Some(uid) => uid,
@@ -76,6 +77,7 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
 
     let close = tokio::select! {
         close = read_loop(&gw, uid, &mut reader, &conn) => close,
+        _ = conn.overflowed.notified() => Some((close_code::SLOW_CONSUMER, "slow_consumer")),
         _ = &mut writer => None,
     };
     resend.abort();
@@ -88,16 +90,15 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
         let _ = conn.ctrl.try_send(Control::Close(code, reason));
     }
     drop(conn);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // A writer still stuck on a client that does not read after this grace is abandoned: dropping
+    // the socket is the disconnect.
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 /// Reads and answers frames until the connection ends; returns the close to send, if any.
-async fn read_loop(
-    gw: &Gateway,
-    uid: u64,
-    reader: &mut Reader,
-    conn: &ConnHandle,
-) -> Option<(u16, &'static str)> {
+async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandle) -> Option<(u16, &'static str)> {
     let cfg = &gw.cfg.gateway;
     let limits = FrameLimits { max_body_chars: cfg.max_body_chars };
     let idle = Duration::from_millis(cfg.idle_timeout_ms);

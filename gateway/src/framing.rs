@@ -132,6 +132,14 @@ pub async fn write_loop(
                     r
                 }
                 Some(Control::Close(code, reason)) => {
+                    // Frames queued before the close was asked for are answers the client is owed
+                    // (an `ERROR unauthorized`, `AUTH_FAIL`, receipts): they go out first. Only what
+                    // is already queued; a slow consumer's queue is bounded, so this ends.
+                    while let Ok(text) = out.try_recv() {
+                        if ws.write_frame(Frame::text(Payload::Borrowed(&text))).await.is_err() {
+                            return;
+                        }
+                    }
                     let _ = ws.write_frame(Frame::close(code, reason.as_bytes())).await;
                     return;
                 }

@@ -118,7 +118,9 @@ pub async fn run(
     let subscribed = Arc::new(AtomicBool::new(false));
     let readiness: ReadinessCheck = {
         let subscribed = subscribed.clone();
-        Arc::new(move || if subscribed.load(Ordering::Relaxed) { Ok(()) } else { Err("node channel not subscribed".into()) })
+        Arc::new(
+            move || if subscribed.load(Ordering::Relaxed) { Ok(()) } else { Err("node channel not subscribed".into()) },
+        )
     };
     let gw = Arc::new(Gateway {
         mode: cfg.mode(),
@@ -141,7 +143,12 @@ pub async fn run(
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
         .set(1.0);
     let background = [
-        tokio::spawn(routes::subscribe(gw.cfg.redis.url.clone(), keys.node_channel(node), sessions.clone(), subscribed)),
+        tokio::spawn(routes::subscribe(
+            gw.cfg.redis.url.clone(),
+            keys.node_channel(node),
+            sessions.clone(),
+            subscribed,
+        )),
         tokio::spawn(routes.heartbeat(sessions.clone())),
         tokio::spawn({
             let (cursors, store) = (gw.cursors.clone(), store.clone());

@@ -62,9 +62,8 @@ impl Cursors {
 
     /// Writes everything pending; on failure keeps it for the next flush.
     pub async fn flush(&self, store: &Store) {
-        let batch: Vec<(u64, u64)> = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_iter()
-            .collect();
+        let batch: Vec<(u64, u64)> =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
         for chunk in batch.chunks(1000) {
             if let Err(e) = store.advance_cursors(chunk).await {
                 tracing::warn!(error = %e, "cursor flush failed; will retry");

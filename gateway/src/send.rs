@@ -202,7 +202,11 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
         if let Some(key) = &batch[i].idempotency_key {
             saved_keys.push((key.clone(), id));
         }
-        pushes.push(Push { user: msgs[i].to, conn: None, frame: ServerFrame::chat(&ChatMessage { id, ..msgs[i].clone() }) });
+        pushes.push(Push {
+            user: msgs[i].to,
+            conn: None,
+            frame: ServerFrame::chat(&ChatMessage { id, ..msgs[i].clone() }),
+        });
     }
     if !saved_keys.is_empty() {
         if let Err(e) = after.idempotency.mark_saved(&saved_keys).await {

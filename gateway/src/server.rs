@@ -56,25 +56,25 @@ async fn route(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Full<By
     match path.as_str() {
         "/ws" => upgrade(gw, &mut req, &params),
         "/api/messages" if req.method() == hyper::Method::GET => match authenticate(&gw, &req, &params) {
-            Ok(uid) => history(&gw, uid, &params).await,
-            Err(resp) => resp,
+            Some(uid) => history(&gw, uid, &params).await,
+            None => json_error(StatusCode::UNAUTHORIZED, "unauthorized"),
         },
         "/api/messages" => json_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         _ => json_error(StatusCode::NOT_FOUND, "not_found"),
     }
 }
 
-/// The uid of a valid token from `Authorization: Bearer` or `?token=`, or a 401 response.
-fn authenticate(gw: &Gateway, req: &Request<Incoming>, params: &[(String, String)]) -> Result<u64, Response<Full<Bytes>>> {
+/// The uid of a valid token from `Authorization: Bearer` or `?token=` (callers answer 401 on `None`).
+fn authenticate(gw: &Gateway, req: &Request<Incoming>, params: &[(String, String)]) -> Option<u64> {
     let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let token = header
         .and_then(|h| h.strip_prefix("Bearer "))
         .or_else(|| params.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str()));
     let uid = token.and_then(|t| im_common::auth::verify_token(&gw.cfg.auth.jwt_secret, t).ok());
-    uid.ok_or_else(|| {
+    if uid.is_none() {
         metrics::counter!("im_gateway_auth_total", "result" => "fail").increment(1);
-        json_error(StatusCode::UNAUTHORIZED, "unauthorized")
-    })
+    }
+    uid
 }
 
 fn upgrade(gw: Arc<Gateway>, req: &mut Request<Incoming>, params: &[(String, String)]) -> Response<Full<Bytes>> {
@@ -82,13 +82,14 @@ fn upgrade(gw: Arc<Gateway>, req: &mut Request<Incoming>, params: &[(String, Str
         return json_error(StatusCode::BAD_REQUEST, "websocket_upgrade_required");
     }
     let frame_auth = params.iter().any(|(k, v)| k == "auth" && v == "frame");
-    let has_token = req.headers().contains_key(hyper::header::AUTHORIZATION) || params.iter().any(|(k, _)| k == "token");
+    let has_token =
+        req.headers().contains_key(hyper::header::AUTHORIZATION) || params.iter().any(|(k, _)| k == "token");
     let uid = if frame_auth && !has_token {
         None
     } else {
         match authenticate(&gw, req, params) {
-            Ok(uid) => Some(uid),
-            Err(resp) => return resp,
+            Some(uid) => Some(uid),
+            None => return json_error(StatusCode::UNAUTHORIZED, "unauthorized"),
         }
     };
     let Ok(slot) = gw.connection_slots.clone().try_acquire_owned() else {

@@ -7,10 +7,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::framing::{close_code, Control};
 use im_common::record::Push;
@@ -21,6 +21,10 @@ pub struct ConnHandle {
     pub id: u64,
     pub out: mpsc::Sender<Bytes>,
     pub ctrl: mpsc::Sender<Control>,
+    /// Signalled when the outbound queue overflowed. The connection's task then drops the connection
+    /// itself: its write task may be blocked on a socket the client no longer reads, and would never
+    /// get to the close frame.
+    pub overflowed: Arc<Notify>,
 }
 
 impl ConnHandle {
@@ -32,6 +36,7 @@ impl ConnHandle {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("im_gateway_slow_consumer_disconnects_total").increment(1);
                 let _ = self.ctrl.try_send(Control::Close(close_code::SLOW_CONSUMER, "slow_consumer"));
+                self.overflowed.notify_one();
                 false
             }
         }

@@ -52,7 +52,8 @@ async fn accepted_messages_survive_worker_kill() {
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
     assert_eq!(traffic::check_rows(&store).await, (2000, 0, 0), "rows, duplicate rows, senders out of order");
     // The standby owns the victim's shard now.
-    let held = wait_metric(&c.state.workers[2].metrics_url, "im_worker_lease_held", &["shard=\"0\""], |v| v == 1.0).await;
+    let held =
+        wait_metric(&c.state.workers[2].metrics_url, "im_worker_lease_held", &["shard=\"0\""], |v| v == 1.0).await;
     assert_eq!(held, 1.0, "the standby took shard 0");
     store.close().await;
     drop(c);
@@ -131,14 +132,20 @@ async fn redis_outage(fail_open: bool, name: &str) {
             assert_eq!((answer["type"].as_str(), answer["ackType"].as_str()), (Some("ACK"), Some("saved")), "{answer}");
             receipted += 1;
         } else {
-            assert_eq!((answer["type"].as_str(), answer["reason"].as_str()), (Some("ERROR"), Some("server_busy")), "{answer}");
+            assert_eq!(
+                (answer["type"].as_str(), answer["reason"].as_str()),
+                (Some("ERROR"), Some("server_busy")),
+                "{answer}"
+            );
         }
     }
     c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
     // Everything that got a receipt is saved once Redis is back (the stream survived in the AOF).
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap() < receipted && tokio::time::Instant::now() < deadline {
+    while store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap() < receipted
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(traffic::check_rows(&store).await, (receipted as usize, 0, 0));
@@ -177,7 +184,10 @@ async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
         };
         answers.insert(v["clientMsgId"].as_str().unwrap().to_owned(), kind);
     }
-    assert_eq!((answers["p1"].as_str(), answers["p2"].as_str(), answers["p3"].as_str()), ("saved", "save_failed", "saved"));
+    assert_eq!(
+        (answers["p1"].as_str(), answers["p2"].as_str(), answers["p3"].as_str()),
+        ("saved", "save_failed", "saved")
+    );
     assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap(), 2);
     let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
     let dead: Vec<redis::Value> = redis::cmd("XRANGE")
@@ -188,7 +198,10 @@ async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
         .await
         .unwrap();
     assert_eq!(dead.len(), 1, "one dead letter");
-    assert_eq!(wait_metric(&c.state.workers[0].metrics_url, "im_worker_dead_letters_total", &[], |v| v == 1.0).await, 1.0);
+    assert_eq!(
+        wait_metric(&c.state.workers[0].metrics_url, "im_worker_dead_letters_total", &[], |v| v == 1.0).await,
+        1.0
+    );
     store.close().await;
     drop(c);
     env.cleanup().await;
@@ -218,7 +231,11 @@ async fn a_backlog_past_its_bound_answers_server_busy() {
     assert!((5..=8).contains(&accepted), "accepted {accepted}");
     assert_eq!(accepted + busy, 20);
     let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
-    let len: u64 = redis::cmd("XLEN").arg(format!("{}:{{s0}}:accepted", c.state.key_prefix)).query_async(&mut redis).await.unwrap();
+    let len: u64 = redis::cmd("XLEN")
+        .arg(format!("{}:{{s0}}:accepted", c.state.key_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     assert_eq!(len, accepted);
     drop(c);
     env.cleanup().await;

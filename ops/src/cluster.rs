@@ -223,7 +223,10 @@ fn read_ready_addr(ready: &Path, pid: u32, log: &Path) -> Result<String, Cluster
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(text) = std::fs::read_to_string(ready) {
-            if let Some(addr) = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["addr"].as_str().map(str::to_owned)) {
+            if let Some(addr) = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["addr"].as_str().map(str::to_owned))
+            {
                 return Ok(addr);
             }
         }
@@ -238,11 +241,13 @@ fn read_ready_addr(ready: &Path, pid: u32, log: &Path) -> Result<String, Cluster
 /// Polls every process's `/readyz` until all answer 200.
 pub async fn wait_ready(state: &ClusterState) -> Result<(), ClusterError> {
     let limit = Duration::from_secs(30);
-    let urls = state
-        .gateways
-        .iter()
-        .map(|g| (g.metrics_url.replace("/metrics", "/readyz"), &g.log))
-        .chain(state.workers.iter().filter(|w| w.shard.is_some()).map(|w| (w.metrics_url.replace("/metrics", "/readyz"), &w.log)));
+    let urls = state.gateways.iter().map(|g| (g.metrics_url.replace("/metrics", "/readyz"), &g.log)).chain(
+        state
+            .workers
+            .iter()
+            .filter(|w| w.shard.is_some())
+            .map(|w| (w.metrics_url.replace("/metrics", "/readyz"), &w.log)),
+    );
     for (url, log) in urls {
         let start = Instant::now();
         while http_get(&url).await.map(|(status, _)| status) != Some(200) {
@@ -260,7 +265,8 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host)).await.ok()?.ok()?;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host)).await.ok()?.ok()?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
@@ -319,7 +325,8 @@ pub fn load_state(path: &Path) -> Result<ClusterState, ClusterError> {
 
 /// Whether the cluster recorded in `path` still has a live process.
 pub fn is_running(path: &Path) -> bool {
-    load_state(path).is_ok_and(|s| s.gateways.iter().map(|g| g.pid).chain(s.workers.iter().map(|w| w.pid)).any(pid_alive))
+    load_state(path)
+        .is_ok_and(|s| s.gateways.iter().map(|g| g.pid).chain(s.workers.iter().map(|w| w.pid)).any(pid_alive))
 }
 
 /// A cluster owned by a test: stopped (processes killed, private servers stopped) when dropped.

@@ -166,7 +166,9 @@ async fn own_shard(
     let tp = &cfg.two_phase;
     let shard = lease.shard;
     let block = Duration::from_millis(tp.block_ms);
-    let reader = |key: String, conn| StreamReader::new(conn, key, tp.group.clone(), tp.batch_size, tp.block_ms, tp.max_batch_delay_ms);
+    let reader = |key: String, conn| {
+        StreamReader::new(conn, key, tp.group.clone(), tp.batch_size, tp.block_ms, tp.max_batch_delay_ms)
+    };
     let ctx = ShardContext {
         shard,
         keys: keys.clone(),
@@ -182,12 +184,14 @@ async fn own_shard(
         store: store.clone(),
         progress: status.progress.clone(),
     };
-    let mut accepted = reader(keys.accepted_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
+    let mut accepted =
+        reader(keys.accepted_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
     accepted.ensure_group().await?;
     let mut stages = tokio::task::JoinSet::new();
     match cfg.mode() {
         Mode::Full => {
-            let mut to_save = reader(keys.to_save_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
+            let mut to_save =
+                reader(keys.to_save_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
             to_save.ensure_group().await?;
             stages.spawn(pipeline::deliver_stage(ctx.clone(), accepted));
             stages.spawn(pipeline::save_stage(ctx.clone(), to_save, false));

@@ -117,9 +117,11 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
         backoff.reset();
         let shard = ctx.label();
         metrics::counter!("im_worker_delivered_total", "shard" => shard.clone()).increment(decoded.ok.len() as u64);
-        metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "deliver").record(batch.len() as f64);
+        metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "deliver")
+            .record(batch.len() as f64);
         for (_, a) in &decoded.ok {
-            metrics::histogram!("im_worker_accepted_to_pushed_seconds", "shard" => shard.clone()).record(age_seconds(a.msg.id));
+            metrics::histogram!("im_worker_accepted_to_pushed_seconds", "shard" => shard.clone())
+                .record(age_seconds(a.msg.id));
         }
     }
 }
@@ -152,7 +154,8 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
             let started = Instant::now();
             match ctx.store.save_batch(&msgs).await {
                 Ok(outcome) => {
-                    metrics::histogram!("im_worker_insert_seconds", "shard" => shard.clone()).record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("im_worker_insert_seconds", "shard" => shard.clone())
+                        .record(started.elapsed().as_secs_f64());
                     break outcome;
                 }
                 Err(e) => {
@@ -171,20 +174,28 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         let mut saved_keys = Vec::with_capacity(outcome.saved.len());
         for &(i, id) in &outcome.saved {
             let a = &decoded.ok[i].1;
-            let to_sender = Push { user: a.msg.from, conn: Some(a.origin.conn), frame: ServerFrame::ack(AckType::Saved, &a.msg.client_msg_id, id) };
+            let to_sender = Push {
+                user: a.msg.from,
+                conn: Some(a.origin.conn),
+                frame: ServerFrame::ack(AckType::Saved, &a.msg.client_msg_id, id),
+            };
             frames.push((Target::Node(a.origin.node), to_sender));
             if push_after_save {
                 frames.push(chat_push(&ChatMessage { id, ..a.msg.clone() }));
             }
             saved_keys.push((ctx.keys.idempotency(ctx.shard, a.msg.from, &a.msg.client_msg_id), format!("s:{id}")));
         }
-        let mut dead: Vec<DeadLetter> = decoded.bad.iter().map(|e| DeadLetter { payload: &e.payload, reason: "undecodable" }).collect();
+        let mut dead: Vec<DeadLetter> =
+            decoded.bad.iter().map(|e| DeadLetter { payload: &e.payload, reason: "undecodable" }).collect();
         for (i, reason) in &outcome.rejected {
             let (entry, a) = &decoded.ok[*i];
             tracing::error!(shard = ctx.shard, id = a.msg.id, from = a.msg.from, %reason, "save: row rejected for good; dead-lettered");
             dead.push(DeadLetter { payload: &entry.payload, reason });
             let error = ServerFrame::error(Reason::SaveFailed, Some(a.msg.client_msg_id.clone()));
-            frames.push((Target::Node(a.origin.node), Push { user: a.msg.from, conn: Some(a.origin.conn), frame: error }));
+            frames.push((
+                Target::Node(a.origin.node),
+                Push { user: a.msg.from, conn: Some(a.origin.conn), frame: error },
+            ));
         }
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         loop {
@@ -207,9 +218,11 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         backoff.reset();
         metrics::counter!("im_worker_saved_total", "shard" => shard.clone()).increment(outcome.saved.len() as u64);
         metrics::counter!("im_worker_dead_letters_total", "shard" => shard.clone()).increment(dead.len() as u64);
-        metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "save").record(batch.len() as f64);
+        metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "save")
+            .record(batch.len() as f64);
         for m in &msgs {
-            metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone()).record(age_seconds(m.id));
+            metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone())
+                .record(age_seconds(m.id));
         }
     }
 }

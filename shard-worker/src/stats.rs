@@ -28,9 +28,12 @@ pub async fn report(mut conn: ConnectionManager, keys: Keys, group: String, shar
             pipe.xlen(key).xpending(key, &group).xinfo_groups(key);
         }
         pipe.xlen(keys.dead_letter_stream(shard));
-        type Row = (u64, StreamPendingReply, StreamInfoGroupsReply, u64, StreamPendingReply, StreamInfoGroupsReply, u64);
+        type Row =
+            (u64, StreamPendingReply, StreamInfoGroupsReply, u64, StreamPendingReply, StreamInfoGroupsReply, u64);
         if let Ok((len_a, pend_a, info_a, len_s, pend_s, info_s, dead)) = pipe.query_async::<Row>(&mut conn).await {
-            for (stream, len, pending, info) in [("accepted", len_a, pend_a, info_a), ("to_save", len_s, pend_s, info_s)] {
+            for (stream, len, pending, info) in
+                [("accepted", len_a, pend_a, info_a), ("to_save", len_s, pend_s, info_s)]
+            {
                 let labels = [("shard", label.clone()), ("stream", stream.to_owned())];
                 metrics::gauge!("im_stream_length", &labels).set(len as f64);
                 metrics::gauge!("im_stream_pending", &labels).set(pending.count() as f64);

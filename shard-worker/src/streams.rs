@@ -40,7 +40,14 @@ pub struct StreamReader {
 
 impl StreamReader {
     /// A reader on a dedicated connection (blocking reads must not share one).
-    pub fn new(conn: ConnectionManager, key: String, group: String, count: usize, block_ms: u64, max_delay_ms: u64) -> Self {
+    pub fn new(
+        conn: ConnectionManager,
+        key: String,
+        group: String,
+        count: usize,
+        block_ms: u64,
+        max_delay_ms: u64,
+    ) -> Self {
         StreamReader { conn, key, group, count, block_ms, max_delay_ms, pending_done: false }
     }
 

@@ -94,7 +94,9 @@ impl Client {
     }
 
     /// Connects without a token, to `url` as given.
-    pub async fn connect_raw(url: &str) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, tokio_tungstenite::tungstenite::Error> {
+    pub async fn connect_raw(
+        url: &str,
+    ) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, tokio_tungstenite::tungstenite::Error> {
         tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws)
     }
 
@@ -108,7 +110,8 @@ impl Client {
 
     /// Sends a chat message.
     pub async fn chat(&mut self, to: u64, cmid: &str, body: &str) {
-        self.send_json(json!({"type": "SINGLE_CHAT", "to": to, "clientMsgId": cmid, "msgType": "TEXT", "body": body})).await;
+        self.send_json(json!({"type": "SINGLE_CHAT", "to": to, "clientMsgId": cmid, "msgType": "TEXT", "body": body}))
+            .await;
     }
 
     /// The next JSON frame, or None on close/timeout.
@@ -141,7 +144,10 @@ impl Client {
 
     /// Waits for the ACK of `ack_type` for `cmid`.
     pub async fn ack(&mut self, ack_type: &str, cmid: &str) -> Value {
-        self.expect(&format!("ACK {ack_type} {cmid}"), |v| v["type"] == "ACK" && v["ackType"] == ack_type && v["clientMsgId"] == cmid).await
+        self.expect(&format!("ACK {ack_type} {cmid}"), |v| {
+            v["type"] == "ACK" && v["ackType"] == ack_type && v["clientMsgId"] == cmid
+        })
+        .await
     }
 
     /// Collects frames until `wait` passes with nothing new.

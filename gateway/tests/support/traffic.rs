@@ -126,7 +126,8 @@ async fn send(ws: Ws, uid: u64, to: u64, spec: TrafficSpec) -> SenderLog {
     while !done(&log) {
         let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout_at(end, rx.next()).await else { break };
         let v: Value = serde_json::from_str(&text).unwrap();
-        let (c, id) = (v["clientMsgId"].as_str().unwrap_or("").to_owned(), v["serverMsgId"].as_str().unwrap_or("").to_owned());
+        let (c, id) =
+            (v["clientMsgId"].as_str().unwrap_or("").to_owned(), v["serverMsgId"].as_str().unwrap_or("").to_owned());
         match (v["type"].as_str(), v["ackType"].as_str()) {
             (Some("ACK"), Some("accepted")) => {
                 log.accepted.insert(c, id);
@@ -162,7 +163,8 @@ async fn receive(ws: Ws, uid: u64, expect: usize, deadline: Duration) -> Receive
     while let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(Duration::from_millis(200), rx.next()).await {
         let v: Value = serde_json::from_str(&text).unwrap();
         if v["type"] == "SINGLE_CHAT" {
-            log.pushes.push((v["serverMsgId"].as_str().unwrap().to_owned(), v["clientMsgId"].as_str().unwrap().to_owned()));
+            log.pushes
+                .push((v["serverMsgId"].as_str().unwrap().to_owned(), v["clientMsgId"].as_str().unwrap().to_owned()));
         }
     }
     log

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite: make sure Redis and MySQL answer (starting private ones if not), then
+# formatting, lints and every test of the workspace. `.ci/run` calls exactly this.
+#
+# Servers: IM_TEST_REDIS_URL / IM_TEST_MYSQL_URL (default redis://127.0.0.1:6379 and
+# mysql://root@127.0.0.1:3306/) are used when they answer; otherwise `ops servers` starts private
+# redis-server and mariadbd under .im-local/test-servers (installing the Debian packages if needed)
+# and stops them again at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --quiet -p ops
+servers_dir=.im-local/test-servers
+env_lines=$(target/debug/ops servers --dir "$servers_dir")
+export $env_lines
+echo "test servers: $env_lines" | tr '\n' ' '; echo
+if [ -n "$(ls -A "$servers_dir" 2>/dev/null)" ]; then
+  trap 'target/debug/ops servers --dir "$servers_dir" --stop' EXIT
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
