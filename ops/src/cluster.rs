@@ -277,10 +277,16 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// Whether a process exists.
+/// Whether a process exists and has not exited (a zombie waiting for its reaper counts as gone:
+/// detached processes are reaped by init, which may take a moment).
 pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    if pid <= 1 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X'))
 }
 
 /// SIGTERM to `pid`, then SIGKILL if it is still there after `grace`.
@@ -294,6 +300,9 @@ pub async fn terminate(pid: u32, grace: Duration) {
     if pid_alive(pid) {
         // SAFETY: as above.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        while pid_alive(pid) && start.elapsed() < grace + Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
