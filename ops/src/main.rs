@@ -23,6 +23,8 @@ struct Cli {
 enum Cmd {
     /// Create the database if needed and apply pending migrations.
     Migrate,
+    /// Print the effective configuration (file + environment + defaults) as TOML, secret redacted.
+    Config,
     /// Print a signed JWT for a user.
     Token {
         #[arg(long)]
@@ -64,6 +66,13 @@ enum Cmd {
     },
 }
 
+async fn redis_has_aof(url: &str) -> bool {
+    let Ok(mut conn) = im_common::bus::connect(url).await else { return false };
+    let reply: Vec<String> =
+        redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn).await.unwrap_or_default();
+    reply.get(1).is_some_and(|v| v == "yes")
+}
+
 fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::parse(s).ok_or_else(|| format!("unknown mode {s:?}: use baseline, accepted-only or full"))
 }
@@ -76,6 +85,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Migrate => {
             let applied = im_common::store::migrate(&cfg.mysql.url).await?;
             println!("migrations applied: {applied:?} (database up to date)");
+        }
+        Cmd::Config => {
+            let mut shown = cfg.clone();
+            shown.auth.jwt_secret = "<redacted>".into();
+            print!("{}", toml::to_string(&shown)?);
         }
         Cmd::Token { user, ttl_secs } => {
             if user == 0 {
@@ -99,6 +113,13 @@ async fn main() -> anyhow::Result<()> {
             };
             let cluster = cluster::start(&spec).await?;
             cluster::save_state(&cluster, &state)?;
+            if cluster.private_servers.iter().all(|s| s.kind_name != "redis") && !redis_has_aof(&cluster.redis_url).await {
+                eprintln!(
+                    "warning: the Redis at {} runs without appendonly: ACK(accepted) is only as durable as its \
+                     memory (see docs/OPERATIONS.md); `ops up --private` starts one with AOF on",
+                    cluster.redis_url
+                );
+            }
             println!("cluster up in {} mode, {} shards", cluster.mode, cluster.shards);
             for g in &cluster.gateways {
                 println!("  gateway {}  {}  (http {}, pid {})", g.node_id, g.ws_url, g.http_url, g.pid);
