@@ -240,3 +240,39 @@ async fn a_backlog_past_its_bound_answers_server_busy() {
     drop(c);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_db_error_answers_internal_error_and_the_retry_keeps_the_id() {
+    let env = TestEnv::new("base_dberr");
+    let mut s = spec(&env, Mode::Baseline, 1, 1);
+    s.force_private = true;
+    let mut c = TestCluster::start(&s).await.unwrap();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 9001).await;
+    let db = private_server(&c, "mariadb");
+    c.state.private_servers[db].stop().await.unwrap();
+    alice.chat(9002, "r1", "will be retried").await;
+    let err = alice.expect("error", |v| v["clientMsgId"] == "r1").await;
+    assert_eq!((err["type"].as_str(), err["reason"].as_str()), (Some("ERROR"), Some("internal_error")), "{err}");
+    c.state.private_servers[db] = c.state.private_servers[db].restart().await.unwrap();
+    // The retry is saved (the pool reconnects), once, with one id however often it is sent.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            alice.chat(9002, "r1", "will be retried").await;
+            let v = alice.expect("answer", |v| v["clientMsgId"] == "r1").await;
+            if v["ackType"] == "saved" {
+                ids.push(v["serverMsgId"].as_str().unwrap().to_owned());
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "retry never saved: {v}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    assert_eq!(ids[0], ids[1]);
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    assert_eq!(traffic::check_rows(&store).await, (1, 0, 0));
+    assert_eq!(store.query_u64("SELECT id FROM messages").await.unwrap().to_string(), ids[0]);
+    store.close().await;
+    drop(c);
+}
