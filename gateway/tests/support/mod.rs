@@ -200,13 +200,10 @@ pub async fn exchange(from: &mut Client, to: &mut Client, cmid: &str) -> String 
     id
 }
 
-/// The value of a metric on a Prometheus `/metrics` page, summed over its label sets (0 if absent).
+/// The current value of a metric on a process (summed over its series).
 pub async fn metric(metrics_url: &str, name: &str) -> f64 {
-    let (_, text) = im_ops::cluster::http_get(metrics_url).await.expect("metrics answer");
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let (_, page) = im_ops::cluster::http_get(metrics_url).await.expect("metrics answer");
+    metric_value(&page, name, &[])
 }
 
 /// GET over HTTP: (status, JSON body).
