@@ -113,7 +113,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let cluster = cluster::start(&spec).await?;
             cluster::save_state(&cluster, &state)?;
-            if cluster.private_servers.iter().all(|s| s.kind_name != "redis") && !redis_has_aof(&cluster.redis_url).await {
+            if cluster.private_servers.iter().all(|s| s.kind_name != "redis")
+                && !redis_has_aof(&cluster.redis_url).await
+            {
                 eprintln!(
                     "warning: the Redis at {} runs without appendonly: ACK(accepted) is only as durable as its \
                      memory (see docs/OPERATIONS.md); `ops up --private` starts one with AOF on",
