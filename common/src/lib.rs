@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod health;
 pub mod ids;
 pub mod keys;
 pub mod protocol;

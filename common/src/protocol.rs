@@ -91,6 +91,22 @@ pub enum FrameType {
     Error,
 }
 
+impl FrameType {
+    /// The wire name, also the `type` label of frame metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameType::SingleChat => "SINGLE_CHAT",
+            FrameType::Ack => "ACK",
+            FrameType::Ping => "PING",
+            FrameType::Pong => "PONG",
+            FrameType::Auth => "AUTH",
+            FrameType::AuthOk => "AUTH_OK",
+            FrameType::AuthFail => "AUTH_FAIL",
+            FrameType::Error => "ERROR",
+        }
+    }
+}
+
 /// The stage a receipt confirms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -216,6 +216,12 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the database answers `SELECT 1` within 2 s.
+    pub async fn ping(&self) -> bool {
+        let probe = async { self.pool.get_conn().await?.query_drop("SELECT 1").await };
+        matches!(tokio::time::timeout(std::time::Duration::from_secs(2), probe).await, Ok(Ok(())))
+    }
+
     /// Runs a query that returns nothing (for tests and tools).
     pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
         Ok(self.pool.get_conn().await?.query_drop(sql).await?)

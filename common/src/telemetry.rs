@@ -16,11 +16,13 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }
 
-/// Installs the process-wide Prometheus recorder (the one global besides logging). Latency histograms
-/// (`*_seconds`) get buckets from 1 ms to 10 s.
-pub fn install_metrics() -> Result<PrometheusHandle, String> {
+/// Installs the process-wide Prometheus recorder (the one global besides logging), with labels that
+/// every series of this process carries (`process`, `node`). Latency histograms (`*_seconds`) get
+/// buckets from 1 ms to 60 s; batch-size histograms (`*_size`) from 1 to 2000.
+pub fn install_metrics(global_labels: &[(&str, String)]) -> Result<PrometheusHandle, String> {
     const BUCKETS: [f64; 15] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
-    PrometheusBuilder::new()
+    let builder = global_labels.iter().fold(PrometheusBuilder::new(), |b, (k, v)| b.add_global_label(*k, v.clone()));
+    builder
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &BUCKETS)
         .and_then(|b| {
             b.set_buckets_for_metric(

@@ -163,6 +163,7 @@ fn reply(conn: &ConnHandle, frame: &ServerFrame) {
     if let Some(reason) = frame.reason {
         metrics::counter!("im_gateway_errors_total", "reason" => reason.as_str()).increment(1);
     }
+    metrics::counter!("im_gateway_frames_out_total", "type" => frame.kind.as_str()).increment(1);
     conn.offer(Bytes::from(frame.to_json()));
 }
 

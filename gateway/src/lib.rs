@@ -116,11 +116,17 @@ pub async fn run(
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
     let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone());
     let subscribed = Arc::new(AtomicBool::new(false));
+    let deps = im_common::health::Dependencies::watch(redis.clone(), store.clone());
     let readiness: ReadinessCheck = {
         let subscribed = subscribed.clone();
-        Arc::new(
-            move || if subscribed.load(Ordering::Relaxed) { Ok(()) } else { Err("node channel not subscribed".into()) },
-        )
+        Arc::new(move || {
+            deps.check()?;
+            if subscribed.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("node channel not subscribed".into())
+            }
+        })
     };
     let gw = Arc::new(Gateway {
         mode: cfg.mode(),

@@ -34,7 +34,8 @@ async fn main() -> anyhow::Result<()> {
         cfg.gateway.listen = listen;
     }
     cfg.validate()?;
-    let metrics = im_common::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let labels = [("process", "gateway".to_owned()), ("node", cfg.gateway.node_id.to_string())];
+    let metrics = im_common::telemetry::install_metrics(&labels).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(&cfg.gateway.listen)
         .await
         .with_context(|| format!("cannot listen on gateway.listen = {}", cfg.gateway.listen))?;

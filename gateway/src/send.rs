@@ -227,9 +227,10 @@ pub async fn push(after: &AfterCommit, pushes: Vec<Push>) {
         after.sessions.deliver(&p);
         remote.push((Target::Routed, p));
     }
-    if let Err(e) = after.router.send(remote, Some(after.node)).await {
+    match after.router.send(remote, Some(after.node)).await {
+        Ok(stats) => metrics::counter!("im_gateway_pubsub_messages_out_total").increment(stats.publishes as u64),
         // The rows are saved: offline resend delivers them when the recipient reconnects.
-        tracing::warn!(error = %e, "push publish failed");
+        Err(e) => tracing::warn!(error = %e, "push publish failed"),
     }
 }
 

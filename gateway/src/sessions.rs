@@ -110,7 +110,9 @@ impl Sessions {
                 None => conns.clone(),
             }
         };
-        targets.iter().filter(|c| c.offer(text.clone())).count()
+        let taken = targets.iter().filter(|c| c.offer(text.clone())).count();
+        metrics::counter!("im_gateway_frames_out_total", "type" => push.frame.kind.as_str()).increment(taken as u64);
+        taken
     }
 
     /// Asks every connection to close with `code` (graceful drain).

@@ -11,13 +11,14 @@ pub mod stats;
 pub mod streams;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use im_common::bus::Router;
 use im_common::config::{Config, Mode};
+use im_common::health::Dependencies;
 use im_common::ids::now_ms;
 use im_common::keys::Keys;
 use im_common::store::Store;
@@ -34,14 +35,15 @@ pub enum ShardChoice {
     Auto,
 }
 
-/// What `/readyz` and the lease gauges read.
+/// What `/readyz` reads.
 #[derive(Default)]
 pub struct WorkerStatus {
     /// The shard held, or -1.
     pub shard: AtomicI64,
-    pub token: AtomicU64,
-    /// Unix ms of the last round of any stage.
-    pub progress: Arc<AtomicU64>,
+    /// Each running stage and the Unix ms of its last round.
+    stages: Mutex<Vec<(&'static str, Arc<AtomicU64>)>>,
+    /// Redis and MySQL reachability, once the worker has connected.
+    deps: OnceLock<Arc<Dependencies>>,
 }
 
 impl WorkerStatus {
@@ -49,15 +51,30 @@ impl WorkerStatus {
         WorkerStatus { shard: AtomicI64::new(-1), ..Default::default() }
     }
 
-    /// Ready when a lease is held and the stages went round within `stall_ms`.
+    /// A progress clock for a stage that starts now.
+    fn start_stage(&self, name: &'static str) -> Arc<AtomicU64> {
+        let clock = Arc::new(AtomicU64::new(now_ms()));
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).push((name, clock.clone()));
+        clock
+    }
+
+    fn stop_stages(&self) {
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Ready when Redis and MySQL answer, a lease is held, and every stage went round within
+    /// `stall_ms` (a stage stuck in a call that never returns turns this red).
     pub fn check(&self, stall_ms: u64) -> Result<(), String> {
+        self.deps.get().ok_or("not connected yet")?.check()?;
         let shard = self.shard.load(Ordering::Relaxed);
         if shard < 0 {
             return Err("no shard lease held (standby)".into());
         }
-        let idle = now_ms().saturating_sub(self.progress.load(Ordering::Relaxed));
-        if idle > stall_ms {
-            return Err(format!("shard {shard}: consumer loop made no progress for {idle} ms"));
+        for (stage, clock) in self.stages.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let idle = now_ms().saturating_sub(clock.load(Ordering::Relaxed));
+            if idle > stall_ms {
+                return Err(format!("shard {shard}: {stage} stage made no progress for {idle} ms"));
+            }
         }
         Ok(())
     }
@@ -89,7 +106,8 @@ pub async fn run(
     let keys = Keys::from_config(&cfg);
     let conn = im_common::bus::connect(&cfg.redis.url).await?;
     let store = Store::connect(&cfg.mysql.url, cfg.mysql.pool_max)?;
-    let owner = format!("{}-{}", hostname(), std::process::id());
+    let _ = status.deps.set(Dependencies::watch(conn.clone(), store.clone()));
+    let owner = owner_id();
     let ttl = Duration::from_millis(cfg.two_phase.lease_ttl_ms);
     let mut first = rand::random::<u16>();
     while !*shutdown.borrow() {
@@ -107,7 +125,6 @@ pub async fn run(
         first = lease.shard;
         tracing::info!(shard = lease.shard, token = lease.token, %owner, "shard lease acquired");
         status.shard.store(i64::from(lease.shard), Ordering::Relaxed);
-        status.token.store(lease.token, Ordering::Relaxed);
         metrics::gauge!("im_worker_lease_held", "shard" => lease.shard.to_string()).set(1.0);
         metrics::gauge!("im_worker_fencing_token", "shard" => lease.shard.to_string()).set(lease.token as f64);
         if let Err(e) = own_shard(&cfg, &keys, &conn, &store, lease.clone(), &status, shutdown.clone()).await {
@@ -120,6 +137,11 @@ pub async fn run(
     }
     store.close().await;
     Ok(())
+}
+
+/// This process's name as a lease owner and metrics `node` label: `<host>-<pid>`.
+pub fn owner_id() -> String {
+    format!("{}-{}", hostname(), std::process::id())
 }
 
 fn hostname() -> String {
@@ -182,8 +204,9 @@ async fn own_shard(
             idempotency_ttl: cfg.idempotency.ttl_secs,
         },
         store: store.clone(),
-        progress: status.progress.clone(),
+        progress: Arc::default(),
     };
+    let stage = |name| ShardContext { progress: status.start_stage(name), ..ctx.clone() };
     let mut accepted =
         reader(keys.accepted_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
     accepted.ensure_group().await?;
@@ -193,12 +216,12 @@ async fn own_shard(
             let mut to_save =
                 reader(keys.to_save_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
             to_save.ensure_group().await?;
-            stages.spawn(pipeline::deliver_stage(ctx.clone(), accepted));
-            stages.spawn(pipeline::save_stage(ctx.clone(), to_save, false));
+            stages.spawn(pipeline::deliver_stage(stage("deliver"), accepted));
+            stages.spawn(pipeline::save_stage(stage("save"), to_save, false));
         }
         // Baseline deployments run no workers; if one is started anyway it drains what is there.
         Mode::AcceptedOnly | Mode::Baseline => {
-            stages.spawn(pipeline::save_stage(ctx.clone(), accepted, true));
+            stages.spawn(pipeline::save_stage(stage("save"), accepted, true));
         }
     }
     let keeper = tokio::spawn(lease.clone().keep_alive());
@@ -214,6 +237,7 @@ async fn own_shard(
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while stages.join_next().await.is_some() {} }).await;
     keeper.abort();
     reporter.abort();
+    status.stop_stages();
     stages.abort_all();
     Ok(())
 }

@@ -41,7 +41,8 @@ async fn main() -> anyhow::Result<()> {
         cfg.worker.listen = listen;
     }
     cfg.validate()?;
-    let metrics = im_common::telemetry::install_metrics().map_err(anyhow::Error::msg)?;
+    let labels = [("process", "shard-worker".to_owned()), ("node", im_shard_worker::owner_id())];
+    let metrics = im_common::telemetry::install_metrics(&labels).map_err(anyhow::Error::msg)?;
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => cfg.mode().as_str(), "process" => "shard-worker")
         .set(1.0);
     let listener = tokio::net::TcpListener::bind(&cfg.worker.listen)
