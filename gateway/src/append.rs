@@ -39,6 +39,8 @@ pub struct Appender {
     fail_open: bool,
     max_backlog: u64,
     backlog: Arc<Vec<AtomicU64>>,
+    /// `im_gateway_appends_total{shard}`, one handle per shard (no label lookup per message).
+    appends: Arc<Vec<metrics::Counter>>,
     saver: BaselineSaver,
 }
 
@@ -52,6 +54,11 @@ impl Appender {
             fail_open: cfg.two_phase.fail_open,
             max_backlog: cfg.two_phase.max_backlog,
             backlog: Arc::new((0..cfg.cluster.shards).map(|_| AtomicU64::new(0)).collect()),
+            appends: Arc::new(
+                (0..cfg.cluster.shards)
+                    .map(|s| metrics::counter!("im_gateway_appends_total", "shard" => s.to_string()))
+                    .collect(),
+            ),
             saver,
         }
     }
@@ -75,7 +82,7 @@ impl Appender {
             .await;
         match result {
             Ok(None) => {
-                metrics::counter!("im_gateway_appends_total").increment(1);
+                self.appends[usize::from(shard)].increment(1);
                 vec![receipt(Stage::Accepted, &msg.client_msg_id, msg.id)]
             }
             // A fail-open attempt claimed it but did not confirm: finish it on the baseline path.

@@ -155,6 +155,25 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
     Ok(state)
 }
 
+/// Adds `gateways` gateways and `workers` standby workers (`--shard auto`: they take free or orphaned
+/// shards) to a running cluster, and waits until the new gateways are ready.
+pub async fn scale(state: &mut ClusterState, gateways: usize, workers: usize) -> Result<(), ClusterError> {
+    let mut added = state.clone();
+    added.gateways.clear();
+    added.workers.clear();
+    for _ in 0..gateways {
+        let node = state.gateways.iter().map(|g| g.node_id).max().unwrap_or(0) + 1;
+        let g = spawn_gateway(&state.dir, &state.config_path, node)?;
+        state.gateways.push(g.clone());
+        added.gateways.push(g);
+    }
+    for _ in 0..workers {
+        let w = spawn_worker(&state.dir, &state.config_path, state.workers.len(), None)?;
+        state.workers.push(w);
+    }
+    wait_ready(&added).await
+}
+
 /// Starts one more gateway with node id `node` (also used to restart one).
 pub fn spawn_gateway(dir: &Path, config: &Path, node: u16) -> Result<GatewayProc, ClusterError> {
     let ready = dir.join(format!("gateway-{node}.ready"));

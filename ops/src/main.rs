@@ -49,6 +49,40 @@ enum Cmd {
         #[arg(long)]
         private: bool,
     },
+    /// Per-shard and per-gateway state of a running cluster, from the processes' metrics.
+    Status {
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        /// Refresh until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// One JSON object (per refresh with --watch) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Sampling interval for rates.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval_ms: u64,
+    },
+    /// Send one message through every shard and time accepted / saved / delivered.
+    Canary {
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add gateways and standby workers to a running cluster.
+    Scale {
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        /// Gateways to add.
+        #[arg(long, default_value_t = 0)]
+        gateways: usize,
+        /// Workers to add (they claim free or orphaned shards, else stand by).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
     /// Stop everything `ops up` started.
     Down {
         #[arg(long, default_value = ".im-local/cluster.json")]
@@ -132,6 +166,54 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("  redis {}\n  mysql {}", cluster.redis_url, cluster.mysql_url);
             println!("state: {}", state.display());
+        }
+        Cmd::Status { state, watch, json, interval_ms } => {
+            let cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
+            loop {
+                let status = im_ops::status::collect(&cluster, std::time::Duration::from_millis(interval_ms)).await;
+                if json {
+                    println!("{}", serde_json::to_string(&status)?);
+                } else {
+                    if watch {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", im_ops::status::render(&status));
+                }
+                if !watch {
+                    break;
+                }
+            }
+        }
+        Cmd::Canary { state, timeout_ms, json } => {
+            let cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
+            let results = im_ops::canary::run(&cluster, std::time::Duration::from_millis(timeout_ms)).await;
+            let two_phase = cluster.mode != "baseline";
+            if json {
+                println!("{}", serde_json::to_string(&results)?);
+            } else {
+                let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+                println!("{:>5} {:>12} {:>12} {:>12}  result", "shard", "accepted_ms", "saved_ms", "delivered_ms");
+                for r in &results {
+                    let verdict =
+                        if r.ok(two_phase) { "ok".to_owned() } else { r.error.clone().unwrap_or("TIMEOUT".into()) };
+                    println!(
+                        "{:>5} {:>12} {:>12} {:>12}  {verdict}",
+                        r.shard,
+                        ms(r.accepted_ms),
+                        ms(r.saved_ms),
+                        ms(r.delivered_ms)
+                    );
+                }
+            }
+            if !results.iter().all(|r| r.ok(two_phase)) {
+                bail!("canary failed on at least one shard");
+            }
+        }
+        Cmd::Scale { state, gateways, workers } => {
+            let mut cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
+            cluster::scale(&mut cluster, gateways, workers).await?;
+            cluster::save_state(&cluster, &state)?;
+            println!("cluster now has {} gateways and {} workers", cluster.gateways.len(), cluster.workers.len());
         }
         Cmd::Down { state } => {
             let cluster = cluster::load_state(&state).with_context(|| "no cluster to stop")?;

@@ -114,9 +114,10 @@ pub async fn run(
         let lease = match acquire(&conn, &keys, &cfg, choice, &owner, ttl, first).await {
             Some(lease) => lease,
             None => {
-                // Standby: someone owns it (or Redis is away); look again well before a TTL passes.
+                // Standby: someone owns it (or Redis is away). Look again soon: a released lease should
+                // be taken within a fraction of a second, an expired one well before another TTL.
                 tokio::select! {
-                    _ = tokio::time::sleep(ttl / 4) => {}
+                    _ = tokio::time::sleep((ttl / 4).min(Duration::from_millis(250))) => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;

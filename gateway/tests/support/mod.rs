@@ -55,7 +55,7 @@ pub fn metric_value(page: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|lab| l.contains(lab)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |total, v| total + v)
 }
 
 /// Polls a process's `/metrics` until `metric_value` satisfies `ok` (gauges refresh once a second,

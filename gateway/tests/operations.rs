@@ -1,0 +1,149 @@
+//! What operators do: canary and status on a live cluster, scaling out, and graceful drains of a
+//! gateway and of a shard worker under load without losing a message.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use im_common::config::Mode;
+use im_common::store::Store;
+use im_common::testkit::TestEnv;
+use im_ops::cluster::{self, TestCluster};
+use support::traffic::{self, TrafficSpec};
+use support::{spec, wait_metric, Client};
+
+fn sigterm(pid: u32) {
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_status_and_scale_see_every_shard() {
+    let env = TestEnv::new("ops_status");
+    let mut c = TestCluster::start(&spec(&env, Mode::Full, 2, 3)).await.unwrap();
+    let results = im_ops::canary::run(&c.state, Duration::from_secs(10)).await;
+    assert_eq!(results.len(), 3);
+    assert!(results.iter().all(|r| r.ok(true)), "{results:?}");
+    let status = im_ops::status::collect(&c.state, Duration::from_millis(300)).await;
+    assert_eq!(status.shards.len(), 3);
+    assert!(status.shards.iter().all(|s| s.owner.is_some() && s.backlog == 0.0), "{status:?}");
+    assert!(status.gateways.iter().all(|g| g.up));
+
+    cluster::scale(&mut c.state, 1, 1).await.unwrap();
+    assert_eq!((c.state.gateways.len(), c.state.workers.len()), (3, 4));
+    let results = im_ops::canary::run(&c.state, Duration::from_secs(10)).await;
+    assert!(results.iter().all(|r| r.ok(true)), "after scaling: {results:?}");
+    drop(c);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_drain_under_load_hands_over_at_once_and_loses_nothing() {
+    let env = TestEnv::new("drain_worker");
+    let mut s = spec(&env, Mode::Full, 2, 1);
+    s.workers = 2; // the second stands by
+    s.config.two_phase.lease_ttl_ms = 20_000; // a takeover that waited for the TTL would be obvious
+    let c = TestCluster::start(&s).await.unwrap();
+    let load = TrafficSpec {
+        pairs: 20,
+        per_sender: 60,
+        base_uid: 40_000,
+        pace: Duration::from_millis(25),
+        expect_accepted: true,
+        deadline: Duration::from_secs(30),
+    };
+    let (urls, secret) =
+        (c.state.gateways.iter().map(|g| g.ws_url.clone()).collect::<Vec<_>>(), c.state.jwt_secret.clone());
+    let traffic = tokio::spawn({
+        let load = load.clone();
+        async move { traffic::run(&urls, &secret, &load).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = Instant::now();
+    sigterm(c.state.workers[0].pid);
+    let held =
+        wait_metric(&c.state.workers[1].metrics_url, "im_worker_lease_held", &["shard=\"0\""], |v| v == 1.0).await;
+    let takeover = stopped.elapsed();
+    assert_eq!(held, 1.0, "the standby took the shard");
+    assert!(takeover < Duration::from_secs(3), "takeover took {takeover:?} (lease TTL is 20 s)");
+    let t = traffic.await.unwrap();
+    let v = t.verdict(load.per_sender);
+    println!("worker drain: takeover {takeover:?}, {v:?}");
+    assert_eq!((v.accepted, v.saved, v.delivered, v.lost, v.reorders, v.errors), (1200, 1200, 1200, 0, 0, 0), "{v:?}");
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    assert_eq!(traffic::check_rows(&store).await, (1200, 0, 0));
+    store.close().await;
+    assert!(!cluster::pid_alive(c.state.workers[0].pid), "the drained worker exited");
+    drop(c);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_drain_closes_with_going_away_and_retries_elsewhere_lose_nothing() {
+    let env = TestEnv::new("drain_gw");
+    let c = TestCluster::start(&spec(&env, Mode::Full, 2, 2)).await.unwrap();
+    let (g1, g2) = (c.state.gateways[0].clone(), c.state.gateways[1].clone());
+    let secret = c.state.jwt_secret.clone();
+    let mut bob = Client::connect(&g2.ws_url, &secret, 50_002).await;
+    let mut alice = Client::connect(&g1.ws_url, &secret, 50_001).await;
+    // Alice sends 100 messages closed-loop; gateway 1 is drained half way. On the close she moves to
+    // gateway 2 and resends the message she had no ACK(saved) for, with the same clientMsgId.
+    let mut ids: HashMap<String, String> = HashMap::new();
+    let mut close_seen = None;
+    let mut k = 0;
+    while k < 100 {
+        let cmid = format!("g{k:03}");
+        if k == 50 {
+            sigterm(g1.pid);
+        }
+        alice.chat(50_002, &cmid, "drain").await;
+        let saved = loop {
+            match alice.next_within(Duration::from_secs(5)).await {
+                Some(v) if v["type"] == "ACK" && v["ackType"] == "saved" && v["clientMsgId"] == cmid.as_str() => {
+                    break Some(v["serverMsgId"].as_str().unwrap().to_owned())
+                }
+                Some(_) => continue,
+                None => break None,
+            }
+        };
+        match saved {
+            Some(id) => {
+                assert!(ids.insert(cmid, id).is_none());
+                k += 1;
+            }
+            None => {
+                // The connection ended: learn why, then reconnect elsewhere and retry the same k.
+                close_seen = Some(alice.close_frame().await);
+                alice = Client::connect(&g2.ws_url, &secret, 50_001).await;
+            }
+        }
+    }
+    let close = close_seen.expect("gateway 1 closed alice's connection");
+    if let Some((code, reason)) = close {
+        assert_eq!((code, reason.as_str()), (1001, "going_away"));
+    }
+    let mut got: HashMap<String, String> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 100 && Instant::now() < deadline {
+        if let Some(v) = bob.next_within(Duration::from_secs(1)).await {
+            if v["type"] == "SINGLE_CHAT" {
+                got.insert(
+                    v["clientMsgId"].as_str().unwrap().to_owned(),
+                    v["serverMsgId"].as_str().unwrap().to_owned(),
+                );
+            }
+        }
+    }
+    assert_eq!(got, ids, "bob got every message with the id alice was given");
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    assert_eq!(traffic::check_rows(&store).await, (100, 0, 0));
+    store.close().await;
+    let started = Instant::now();
+    while cluster::pid_alive(g1.pid) && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!cluster::pid_alive(g1.pid), "the drained gateway exited");
+    drop(c);
+    env.cleanup().await;
+}
