@@ -92,6 +92,9 @@ pub struct GatewayConfig {
     pub route_ttl_ms: u64,
     /// Most concurrent connections per gateway; more get HTTP 503.
     pub max_connections: usize,
+    /// Browser origins allowed to open a WebSocket (`Origin` header); empty allows any. Requests
+    /// without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
     /// Most messages a history page returns.
     pub history_max_limit: u32,
     /// Messages per page of the offline resend.
@@ -179,6 +182,7 @@ impl Default for GatewayConfig {
             outbound_queue: 1024,
             route_ttl_ms: 30_000,
             max_connections: 100_000,
+            allowed_origins: Vec::new(),
             history_max_limit: 200,
             offline_page_size: 200,
             cursor_flush_ms: 500,

@@ -81,6 +81,12 @@ fn upgrade(gw: Arc<Gateway>, req: &mut Request<Incoming>, params: &[(String, Str
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return json_error(StatusCode::BAD_REQUEST, "websocket_upgrade_required");
     }
+    let allowed = &gw.cfg.gateway.allowed_origins;
+    if let Some(origin) = req.headers().get(hyper::header::ORIGIN) {
+        if !allowed.is_empty() && !allowed.iter().any(|a| origin.as_bytes() == a.as_bytes()) {
+            return json_error(StatusCode::FORBIDDEN, "origin_not_allowed");
+        }
+    }
     let frame_auth = params.iter().any(|(k, v)| k == "auth" && v == "frame");
     let has_token =
         req.headers().contains_key(hyper::header::AUTHORIZATION) || params.iter().any(|(k, _)| k == "token");
