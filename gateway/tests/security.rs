@@ -122,3 +122,24 @@ async fn sql_looking_bodies_are_stored_verbatim_and_secrets_never_logged() {
     drop(c);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_with_4000_and_a_chatty_one_is_not() {
+    let env = TestEnv::new("idle");
+    let c = cluster_with(&env, Mode::Baseline, 1, 1, |cfg| cfg.gateway.idle_timeout_ms = 1000).await;
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let mut idle = Client::connect(&url, &secret, 21).await;
+    let mut chatty = Client::connect(&url, &secret, 22).await;
+    let started = std::time::Instant::now();
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        chatty.send_json(serde_json::json!({"type": "PING"})).await;
+        assert_eq!(chatty.next().await["type"], "PONG");
+    }
+    assert_eq!(idle.close_frame().await, Some((4000, "idle_timeout".to_owned())));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    chatty.send_json(serde_json::json!({"type": "PING"})).await;
+    assert_eq!(chatty.next().await["type"], "PONG", "the chatty connection lives on");
+    drop(c);
+    env.cleanup().await;
+}
