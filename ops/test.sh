@@ -18,6 +18,13 @@ if [ -n "$(ls -A "$servers_dir" 2>/dev/null)" ]; then
   trap 'target/debug/ops servers --dir "$servers_dir" --stop' EXIT
 fi
 
+# The dashboard test loads the backlog page in headless Chromium.
+command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
+# The observability tests validate the dashboard and alert rules with promtool and a real Prometheus
+# (Debian package `prometheus`; its own service is kept from running, the tests start their own).
+command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus && if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; fi)
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

@@ -373,6 +373,14 @@ impl Config {
 /// Sets `section.key` (given as `SECTION__KEY`) in `table` from an environment value.
 fn apply_override(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
     let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    // `IM__`, `IM__GATEWAY__` or `IM__GATEWAY____LISTEN` would set a key named "" that the error
+    // could only call ``; name the variable instead so the operator can find it.
+    if parts.iter().any(String::is_empty) {
+        return Err(ConfigError::Key {
+            key: format!("IM__{path}"),
+            message: "environment variable has an empty section or key name".into(),
+        });
+    }
     let key = parts.join(".");
     let value = format!("v = {raw}")
         .parse::<toml::Table>()
@@ -434,5 +442,14 @@ mod tests {
         assert_eq!((cfg.mode(), cfg.redis.key_prefix.as_str(), cfg.cluster.shards), (Mode::Baseline, "t1", 8));
         let bad = Config::load_with_env(None, [("IM__CLUSTER__SHARDS".to_owned(), "many".to_owned())]).unwrap_err();
         assert!(bad.to_string().contains("cluster.shards"), "{bad}");
+    }
+
+    #[test]
+    fn override_with_an_empty_name_names_the_variable() {
+        // Found by the property tests: these used to fail as "config key ``" or "config key `gateway.`".
+        for var in ["IM__", "IM__GATEWAY__", "IM__GATEWAY____LISTEN", "IM____X"] {
+            let err = Config::load_with_env(None, [(var.to_owned(), "0".to_owned())]).unwrap_err();
+            assert!(matches!(&err, ConfigError::Key { key, .. } if key == var), "{var}: {err:?}");
+        }
     }
 }

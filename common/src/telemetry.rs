@@ -106,3 +106,62 @@ pub async fn terminated() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// Help text of every metric, by name (`/metrics` shows it; `promtool check metrics` wants it).
+const HELP: &[(&str, &str)] = &[
+    ("im_build_info", "Build and mode of this process (always 1)"),
+    ("im_gateway_connections", "Open WebSocket connections"),
+    ("im_gateway_auth_total", "Authentications by result"),
+    ("im_gateway_frames_in_total", "Frames received, by type"),
+    ("im_gateway_frames_out_total", "Frames sent, by type"),
+    ("im_gateway_errors_total", "ERROR frames sent (and fatal closes), by reason"),
+    ("im_gateway_appends_total", "Messages appended to a shard's accepted stream"),
+    ("im_gateway_fail_open_total", "Appends that failed over to the baseline path"),
+    ("im_gateway_server_busy_total", "server_busy answers, by cause"),
+    ("im_gateway_shard_backlog", "Unsaved entries per shard as admission control sees them"),
+    ("im_gateway_slow_consumer_disconnects_total", "Connections dropped because their outbound queue was full"),
+    ("im_gateway_pubsub_messages_in_total", "Node-channel messages received"),
+    ("im_gateway_pubsub_messages_out_total", "Node-channel messages published (baseline pushes)"),
+    ("im_gateway_offline_resent_total", "Messages pushed by offline resend"),
+    ("im_gateway_subscription_up", "1 while the node-channel subscription is live"),
+    ("im_gateway_insert_batch_size", "Rows per baseline group-commit INSERT"),
+    ("im_gateway_insert_seconds", "Baseline INSERT transaction latency"),
+    ("im_worker_lease_held", "1 while this process owns the shard"),
+    ("im_worker_fencing_token", "Fencing token of the shard lease this process holds"),
+    ("im_worker_delivered_total", "Messages pushed by the deliver stage"),
+    ("im_worker_saved_total", "Messages committed by the save stage"),
+    ("im_worker_save_retries_total", "Failed INSERT attempts, retried"),
+    ("im_worker_dead_letters_total", "Messages refused by the database for good"),
+    ("im_worker_batch_size", "Entries per batch, by stage"),
+    ("im_worker_insert_seconds", "INSERT transaction latency of the save stage"),
+    ("im_worker_accepted_to_pushed_seconds", "Time from ACK(accepted) to the push"),
+    ("im_worker_accepted_to_saved_seconds", "Time from ACK(accepted) to the commit"),
+    ("im_stream_length", "Entries in the stream (in flight: trimmed as acknowledged)"),
+    ("im_stream_pending", "Entries read but not acknowledged"),
+    ("im_stream_consumer_lag", "Entries not yet read by the consumer group"),
+    ("im_stream_oldest_pending_age_seconds", "Age of the oldest pending entry"),
+    ("im_stream_dead_letter_length", "Entries in the dead-letter stream"),
+];
+
+/// Registers help text for every metric and creates a process's counters at zero (once per label
+/// value given; an empty label name means an unlabelled counter), so the first event is already
+/// visible to `rate()` and alerts.
+pub fn register_metrics(zero_counters: &[(&'static str, &'static str, Vec<String>)]) {
+    for &(name, help) in HELP {
+        if name.ends_with("_total") {
+            metrics::describe_counter!(name, help);
+        } else if name.ends_with("_seconds") || name.ends_with("_size") {
+            metrics::describe_histogram!(name, help);
+        } else {
+            metrics::describe_gauge!(name, help);
+        }
+    }
+    for (name, label, values) in zero_counters {
+        if label.is_empty() {
+            metrics::counter!(*name).increment(0);
+        }
+        for value in values.iter().filter(|_| !label.is_empty()) {
+            metrics::counter!(*name, *label => value.clone()).increment(0);
+        }
+    }
+}

@@ -146,6 +146,14 @@ pub async fn run(
         shutdown: shutdown.clone(),
         cfg,
     });
+    let reasons = im_common::protocol::Reason::ALL.iter().map(|r| r.as_str().to_owned()).collect();
+    im_common::telemetry::register_metrics(&[
+        ("im_gateway_errors_total", "reason", reasons),
+        ("im_gateway_server_busy_total", "cause", vec!["backlog".into(), "redis_unavailable".into()]),
+        ("im_gateway_auth_total", "result", vec!["ok".into(), "fail".into()]),
+        ("im_gateway_fail_open_total", "", vec![]),
+        ("im_gateway_slow_consumer_disconnects_total", "", vec![]),
+    ]);
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
         .set(1.0);
     let background = [

@@ -67,13 +67,17 @@ impl RouteKeeper {
 }
 
 /// Subscribes to the node channel and hands every push to the local sessions, until the process ends.
-/// `live` is true exactly while the subscription is established.
+/// `live` is true exactly while the subscription is established; `im_gateway_subscription_up` mirrors
+/// it for alerting (a scrape sees what `/readyz` sees).
 pub async fn subscribe(redis_url: String, channel: String, sessions: Arc<Sessions>, live: Arc<AtomicBool>) {
+    let up = metrics::gauge!("im_gateway_subscription_up");
+    up.set(0.0);
     let mut backoff = Duration::from_millis(100);
     loop {
         match open_subscription(&redis_url, &channel).await {
             Ok(mut pubsub) => {
                 live.store(true, Ordering::Relaxed);
+                up.set(1.0);
                 tracing::info!(%channel, "node channel subscribed");
                 backoff = Duration::from_millis(100);
                 let mut messages = pubsub.on_message();
@@ -89,6 +93,7 @@ pub async fn subscribe(redis_url: String, channel: String, sessions: Arc<Session
                     }
                 }
                 live.store(false, Ordering::Relaxed);
+                up.set(0.0);
                 tracing::warn!(%channel, "node channel subscription lost; resubscribing");
             }
             Err(e) => tracing::warn!(error = %e, "node channel subscribe failed"),

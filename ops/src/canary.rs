@@ -85,7 +85,7 @@ async fn one(state: &ClusterState, shard: u16, sender: u64, timeout: Duration) -
     };
     let recipient_side = async {
         loop {
-            let Some(v) = to.next(deadline.saturating_duration_since(Instant::now())).await else { return None };
+            let v = to.next(deadline.saturating_duration_since(Instant::now())).await?;
             if v["type"] == "SINGLE_CHAT" && v["clientMsgId"] == cmid.as_str() {
                 return Some(ms(Instant::now()));
             }

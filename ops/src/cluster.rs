@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dashboard::DashboardProc;
 use crate::servers::{ensure_servers, PrivateServer, ServerError};
 use im_common::config::{Config, Mode};
 
@@ -65,6 +66,9 @@ pub struct ClusterState {
     pub dir: PathBuf,
     /// Servers this cluster started itself (drills may stop and restart only these).
     pub private_servers: Vec<PrivateServer>,
+    /// The live backlog page (`ops dashboard`), when it started.
+    #[serde(default)]
+    pub dashboard: Option<DashboardProc>,
 }
 
 /// Why a cluster could not start or stop.
@@ -137,6 +141,7 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         config_path: config_path.clone(),
         dir: dir.clone(),
         private_servers: servers.private.clone(),
+        dashboard: None,
     };
     for i in 0..spec.gateways {
         state.gateways.push(spawn_gateway(&dir, &config_path, i as u16 + 1)?);
@@ -151,6 +156,11 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
     if let Err(e) = ready {
         stop_processes(&state).await;
         return Err(e);
+    }
+    // The page is a convenience: a cluster without it is still a working cluster.
+    match crate::dashboard::spawn(&dir) {
+        Ok(dashboard) => state.dashboard = Some(dashboard),
+        Err(e) => eprintln!("warning: the dashboard did not start ({e}); `ops dashboard` serves it by hand"),
     }
     Ok(state)
 }
@@ -208,7 +218,7 @@ pub fn spawn_worker(dir: &Path, config: &Path, index: usize, shard: Option<u16>)
     Ok(WorkerProc { shard, metrics_url: format!("http://{addr}/metrics"), pid, log })
 }
 
-fn binary(name: &str) -> Result<PathBuf, ClusterError> {
+pub(crate) fn binary(name: &str) -> Result<PathBuf, ClusterError> {
     let path = bin_dir().join(name);
     if path.is_file() {
         Ok(path)
@@ -219,7 +229,7 @@ fn binary(name: &str) -> Result<PathBuf, ClusterError> {
 
 /// Spawns `cmd` in its own session with output appended to `log`, and reaps it in the background so
 /// a process that exits while we are alive does not linger as a zombie.
-fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32, ClusterError> {
+pub(crate) fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32, ClusterError> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io_err("open log"))?;
     let err = out.try_clone().map_err(io_err("open log"))?;
@@ -237,7 +247,7 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32, ClusterError> {
     Ok(pid)
 }
 
-fn read_ready_addr(ready: &Path, pid: u32, log: &Path) -> Result<String, ClusterError> {
+pub(crate) fn read_ready_addr(ready: &Path, pid: u32, log: &Path) -> Result<String, ClusterError> {
     let limit = Duration::from_secs(30);
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -327,6 +337,7 @@ pub async fn terminate(pid: u32, grace: Duration) {
 
 async fn stop_processes(state: &ClusterState) {
     let pids = state.gateways.iter().map(|g| g.pid).chain(state.workers.iter().map(|w| w.pid));
+    let pids = pids.chain(state.dashboard.iter().map(|d| d.pid));
     futures_util::future::join_all(pids.map(|pid| terminate(pid, Duration::from_secs(10)))).await;
 }
 
@@ -371,7 +382,8 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        for pid in self.state.gateways.iter().map(|g| g.pid).chain(self.state.workers.iter().map(|w| w.pid)) {
+        let pids = self.state.gateways.iter().map(|g| g.pid).chain(self.state.workers.iter().map(|w| w.pid));
+        for pid in pids.chain(self.state.dashboard.iter().map(|d| d.pid)) {
             // SAFETY: killing processes this test started.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }

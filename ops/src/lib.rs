@@ -3,5 +3,7 @@
 pub mod canary;
 pub mod client;
 pub mod cluster;
+pub mod dashboard;
+pub mod observability;
 pub mod servers;
 pub mod status;

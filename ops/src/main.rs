@@ -83,6 +83,16 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
+    /// Serve the live backlog page: per-shard backlog and rates charted from the processes' metrics.
+    Dashboard {
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Written as JSON ({"addr": ...}) once the listener is bound.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
     /// Stop everything `ops up` started.
     Down {
         #[arg(long, default_value = ".im-local/cluster.json")]
@@ -147,6 +157,8 @@ async fn main() -> anyhow::Result<()> {
             };
             let cluster = cluster::start(&spec).await?;
             cluster::save_state(&cluster, &state)?;
+            let targets = im_ops::observability::targets_path(&state);
+            im_ops::observability::write_prometheus_targets(&cluster, &targets)?;
             if cluster.private_servers.iter().all(|s| s.kind_name != "redis")
                 && !redis_has_aof(&cluster.redis_url).await
             {
@@ -165,7 +177,10 @@ async fn main() -> anyhow::Result<()> {
                 println!("  worker {shard}  {}  (pid {})", w.metrics_url, w.pid);
             }
             println!("  redis {}\n  mysql {}", cluster.redis_url, cluster.mysql_url);
-            println!("state: {}", state.display());
+            if let Some(d) = &cluster.dashboard {
+                println!("  dashboard {}  (pid {})", d.url, d.pid);
+            }
+            println!("state: {}\nprometheus targets: {}", state.display(), targets.display());
         }
         Cmd::Status { state, watch, json, interval_ms } => {
             let cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
@@ -213,12 +228,17 @@ async fn main() -> anyhow::Result<()> {
             let mut cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
             cluster::scale(&mut cluster, gateways, workers).await?;
             cluster::save_state(&cluster, &state)?;
+            im_ops::observability::write_prometheus_targets(&cluster, &im_ops::observability::targets_path(&state))?;
             println!("cluster now has {} gateways and {} workers", cluster.gateways.len(), cluster.workers.len());
+        }
+        Cmd::Dashboard { state, listen, ready_file } => {
+            im_ops::dashboard::run(&listen, state, ready_file.as_deref()).await?;
         }
         Cmd::Down { state } => {
             let cluster = cluster::load_state(&state).with_context(|| "no cluster to stop")?;
             cluster::stop(&cluster).await?;
             std::fs::remove_file(&state).ok();
+            std::fs::remove_file(im_ops::observability::targets_path(&state)).ok();
             println!("cluster stopped");
         }
         Cmd::Servers { dir, private, stop } => {

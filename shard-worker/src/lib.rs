@@ -126,6 +126,13 @@ pub async fn run(
         first = lease.shard;
         tracing::info!(shard = lease.shard, token = lease.token, %owner, "shard lease acquired");
         status.shard.store(i64::from(lease.shard), Ordering::Relaxed);
+        let shard = vec![lease.shard.to_string()];
+        im_common::telemetry::register_metrics(&[
+            ("im_worker_delivered_total", "shard", shard.clone()),
+            ("im_worker_saved_total", "shard", shard.clone()),
+            ("im_worker_save_retries_total", "shard", shard.clone()),
+            ("im_worker_dead_letters_total", "shard", shard),
+        ]);
         metrics::gauge!("im_worker_lease_held", "shard" => lease.shard.to_string()).set(1.0);
         metrics::gauge!("im_worker_fencing_token", "shard" => lease.shard.to_string()).set(lease.token as f64);
         if let Err(e) = own_shard(&cfg, &keys, &conn, &store, lease.clone(), &status, shutdown.clone()).await {

@@ -1,0 +1,309 @@
+//! Verdicts from what the clients saw and what the database holds: pure functions over logs.
+//!
+//! Every sender numbers its messages `0, 1, 2, ...` and uses the number as `clientMsgId`; every
+//! receiver logs each push (sender, number, serverMsgId) in arrival order. From these alone:
+//! - **delivered**: distinct (sender, number) pushes;
+//! - **duplicates**: pushes of a (sender, number) the receiver already had (SPEC §3.5 allows them
+//!   after a crash; the bench counts them, never hides them);
+//! - **reorders**: first pushes that arrive after a higher number from the same sender (§3.4);
+//! - **lost**: messages that got `ACK(accepted)` or `ACK(saved)` but were never pushed to a receiver
+//!   that stayed connected until the end (§3.1); messages to a receiver that dropped are counted apart,
+//!   since offline resend, not live push, owes them;
+//! - **id mismatches**: the push, the accepted receipt and the saved receipt of one message must carry
+//!   the same serverMsgId (§3.3).
+//!
+//! The row check compares the receipts with the run's rows in MySQL: receipted but missing, the same
+//! (sender, clientMsgId) twice, rows nobody got a receipt for, and rows under a different id.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+/// One message as its sender saw it. Its number (index in [`SenderLog::messages`]) is its clientMsgId.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentMsg {
+    /// Microseconds from the run's epoch to the write.
+    pub sent_at_us: u64,
+    /// serverMsgId of the `ACK(accepted)`.
+    pub accepted: Option<u64>,
+    /// serverMsgId of the `ACK(saved)`.
+    pub saved: Option<u64>,
+    /// Reason of an `ERROR` for this message.
+    pub error: Option<String>,
+}
+
+impl SentMsg {
+    /// Whether the engine promised this message (accepted or saved).
+    pub fn receipted(&self) -> bool {
+        self.accepted.is_some() || self.saved.is_some()
+    }
+
+    /// The serverMsgId the receipts gave (saved wins; they must agree anyway).
+    pub fn receipted_id(&self) -> Option<u64> {
+        self.saved.or(self.accepted)
+    }
+
+    /// Whether this message has every answer it will get: an error, or `ACK(saved)` plus, in two-phase
+    /// modes, `ACK(accepted)` (the two travel different paths, so either may come first).
+    pub fn settled(&self, two_phase: bool) -> bool {
+        self.error.is_some() || (self.saved.is_some() && (!two_phase || self.accepted.is_some()))
+    }
+}
+
+/// Everything one sender saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderLog {
+    pub uid: u64,
+    /// Its receiver.
+    pub to: u64,
+    /// Indexed by message number (= clientMsgId).
+    pub messages: Vec<SentMsg>,
+}
+
+/// One push as its recipient saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub from: u64,
+    /// The sender's message number (its clientMsgId).
+    pub seq: u64,
+    pub server_msg_id: u64,
+}
+
+/// Everything one receiver saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiverLog {
+    pub uid: u64,
+    /// Pushes in arrival order.
+    pub deliveries: Vec<Delivery>,
+    /// The receiver was not connected from the first send to the end of the drain.
+    pub gone: bool,
+}
+
+/// What the receipts and pushes add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryVerdict {
+    pub sent: u64,
+    pub accepted: u64,
+    pub saved: u64,
+    /// Messages answered with an `ERROR`.
+    pub errored: u64,
+    /// Neither `ACK(saved)` nor `ERROR` by the end of the drain.
+    pub unanswered: u64,
+    /// Distinct messages pushed.
+    pub delivered: u64,
+    /// Receipted, not errored, and never pushed to a receiver that stayed connected.
+    pub lost: u64,
+    /// Receipted but not pushed because the receiver was not connected throughout.
+    pub undelivered_receiver_gone: u64,
+    pub duplicates: u64,
+    pub reorders: u64,
+    /// A push or receipt whose serverMsgId disagrees with another one of the same message.
+    pub id_mismatches: u64,
+    /// Pushes of messages this run never sent (unknown sender or number).
+    pub unexpected: u64,
+}
+
+/// Checks pushes against receipts (see the module doc for each count).
+pub fn check_deliveries(senders: &[SenderLog], receivers: &[ReceiverLog]) -> DeliveryVerdict {
+    let mut v = DeliveryVerdict::default();
+    let by_uid: HashMap<u64, &SenderLog> = senders.iter().map(|s| (s.uid, s)).collect();
+    // Which (sender, number) reached its receiver; and which receivers left early.
+    let mut reached: HashSet<(u64, u64)> = HashSet::new();
+    let gone: HashSet<u64> = receivers.iter().filter(|r| r.gone).map(|r| r.uid).collect();
+
+    for r in receivers {
+        let mut seen: HashSet<(u64, u64)> = HashSet::new();
+        let mut highest: HashMap<u64, u64> = HashMap::new();
+        for d in &r.deliveries {
+            let Some(msg) = by_uid.get(&d.from).and_then(|s| s.messages.get(d.seq as usize)) else {
+                v.unexpected += 1;
+                continue;
+            };
+            if !seen.insert((d.from, d.seq)) {
+                v.duplicates += 1;
+                if msg.receipted_id().is_some_and(|id| id != d.server_msg_id) {
+                    v.id_mismatches += 1;
+                }
+                continue;
+            }
+            v.delivered += 1;
+            if msg.receipted_id().is_some_and(|id| id != d.server_msg_id) {
+                v.id_mismatches += 1;
+            }
+            match highest.get_mut(&d.from) {
+                Some(h) if d.seq < *h => v.reorders += 1,
+                Some(h) => *h = d.seq,
+                None => {
+                    highest.insert(d.from, d.seq);
+                }
+            }
+            reached.insert((d.from, d.seq));
+        }
+    }
+
+    for s in senders {
+        for (seq, m) in s.messages.iter().enumerate() {
+            v.sent += 1;
+            v.accepted += u64::from(m.accepted.is_some());
+            v.saved += u64::from(m.saved.is_some());
+            v.errored += u64::from(m.error.is_some());
+            v.unanswered += u64::from(m.saved.is_none() && m.error.is_none());
+            if let (Some(a), Some(b)) = (m.accepted, m.saved) {
+                v.id_mismatches += u64::from(a != b);
+            }
+            if m.receipted() && m.error.is_none() && !reached.contains(&(s.uid, seq as u64)) {
+                if gone.contains(&s.to) {
+                    v.undelivered_receiver_gone += 1;
+                } else {
+                    v.lost += 1;
+                }
+            }
+        }
+    }
+    v
+}
+
+/// One row of the run in MySQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbRow {
+    pub from: u64,
+    pub client_msg_id: String,
+    pub id: u64,
+}
+
+/// What the run's rows add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowVerdict {
+    /// Rows of the run's senders.
+    pub rows: u64,
+    /// Receipted messages (accepted or saved) with no row.
+    pub missing: u64,
+    /// Extra rows for a (sender, clientMsgId) that already has one.
+    pub duplicated: u64,
+    /// Rows of messages that got no receipt (answered with an error, or still unanswered).
+    pub unreceipted: u64,
+    /// Rows stored under another id than the receipt gave.
+    pub id_mismatches: u64,
+}
+
+/// Checks the run's rows against the receipts.
+pub fn check_rows(senders: &[SenderLog], rows: &[DbRow]) -> RowVerdict {
+    let mut v = RowVerdict { rows: rows.len() as u64, ..Default::default() };
+    let by_uid: HashMap<u64, &SenderLog> = senders.iter().map(|s| (s.uid, s)).collect();
+    let mut stored: HashSet<(u64, &str)> = HashSet::new();
+    for row in rows {
+        if !stored.insert((row.from, row.client_msg_id.as_str())) {
+            v.duplicated += 1;
+            continue;
+        }
+        let msg = row
+            .client_msg_id
+            .parse::<usize>()
+            .ok()
+            .and_then(|seq| by_uid.get(&row.from).and_then(|s| s.messages.get(seq)));
+        match msg.and_then(SentMsg::receipted_id) {
+            Some(id) => v.id_mismatches += u64::from(id != row.id),
+            None => v.unreceipted += 1,
+        }
+    }
+    for s in senders {
+        for (seq, m) in s.messages.iter().enumerate() {
+            if m.receipted() && !stored.contains(&(s.uid, seq.to_string().as_str())) {
+                v.missing += 1;
+            }
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One pair, `n` messages all accepted and saved under id `1000 + seq`.
+    fn pair(n: u64) -> (SenderLog, ReceiverLog) {
+        let messages = (0..n)
+            .map(|seq| SentMsg { sent_at_us: seq, accepted: Some(1000 + seq), saved: Some(1000 + seq), error: None })
+            .collect();
+        let deliveries = (0..n).map(|seq| Delivery { from: 1, seq, server_msg_id: 1000 + seq }).collect();
+        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, gone: false })
+    }
+
+    fn rows(n: u64) -> Vec<DbRow> {
+        (0..n).map(|seq| DbRow { from: 1, client_msg_id: seq.to_string(), id: 1000 + seq }).collect()
+    }
+
+    #[test]
+    fn a_clean_run_adds_up() {
+        let (s, r) = pair(5);
+        let v = check_deliveries(std::slice::from_ref(&s), &[r]);
+        assert_eq!(
+            v,
+            DeliveryVerdict { sent: 5, accepted: 5, saved: 5, delivered: 5, ..Default::default() },
+            "nothing lost, duplicated or reordered"
+        );
+        assert_eq!(check_rows(&[s], &rows(5)), RowVerdict { rows: 5, ..Default::default() });
+    }
+
+    #[test]
+    fn a_duplicate_delivery_is_counted_not_hidden() {
+        let (s, mut r) = pair(5);
+        r.deliveries.insert(3, r.deliveries[1]);
+        let v = check_deliveries(&[s], &[r]);
+        assert_eq!((v.delivered, v.duplicates, v.reorders, v.lost), (5, 1, 0, 0), "{v:?}");
+    }
+
+    #[test]
+    fn a_reordered_delivery_is_detected() {
+        let (s, mut r) = pair(5);
+        r.deliveries.swap(1, 3); // arrival order 0, 3, 2, 1, 4
+        let v = check_deliveries(&[s], &[r]);
+        assert_eq!((v.delivered, v.reorders, v.duplicates), (5, 2, 0), "{v:?}");
+    }
+
+    #[test]
+    fn a_receipted_message_never_pushed_is_lost() {
+        let (s, mut r) = pair(5);
+        r.deliveries.remove(2);
+        let v = check_deliveries(std::slice::from_ref(&s), std::slice::from_ref(&r));
+        assert_eq!((v.delivered, v.lost), (4, 1), "{v:?}");
+        // The same gap to a receiver that disconnected is owed by offline resend, not lost.
+        r.gone = true;
+        let v = check_deliveries(&[s], &[r]);
+        assert_eq!((v.lost, v.undelivered_receiver_gone), (0, 1), "{v:?}");
+    }
+
+    #[test]
+    fn errors_and_silence_are_not_lost_but_counted() {
+        let (mut s, mut r) = pair(3);
+        s.messages[1] = SentMsg { error: Some("server_busy".into()), ..Default::default() };
+        s.messages[2] = SentMsg::default();
+        r.deliveries.truncate(1);
+        let v = check_deliveries(&[s], &[r]);
+        assert_eq!((v.errored, v.unanswered, v.lost, v.delivered), (1, 1, 0, 1), "{v:?}");
+    }
+
+    #[test]
+    fn ids_that_disagree_and_strangers_are_flagged() {
+        let (mut s, mut r) = pair(3);
+        s.messages[0].saved = Some(7);
+        r.deliveries[2].server_msg_id = 9;
+        r.deliveries.push(Delivery { from: 99, seq: 0, server_msg_id: 1 });
+        let v = check_deliveries(&[s], &[r]);
+        // Message 0: accepted 1000 vs saved 7, and push 1000 vs receipt 7; message 2: push 9 vs 1002.
+        assert_eq!((v.id_mismatches, v.unexpected), (3, 1), "{v:?}");
+    }
+
+    #[test]
+    fn missing_duplicated_and_unreceipted_rows_are_found() {
+        let (mut s, _) = pair(5);
+        let mut db = rows(5);
+        db.remove(3);
+        assert_eq!(check_rows(&[s.clone()], &db).missing, 1);
+        db.push(DbRow { from: 1, client_msg_id: "0".into(), id: 5555 });
+        assert_eq!(check_rows(&[s.clone()], &db).duplicated, 1);
+        s.messages[4] = SentMsg { error: Some("internal_error".into()), ..Default::default() };
+        let v = check_rows(&[s], &rows(5));
+        assert_eq!((v.unreceipted, v.missing, v.id_mismatches), (1, 0, 0), "{v:?}");
+    }
+}

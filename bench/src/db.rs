@@ -1,0 +1,36 @@
+//! Reading a run's rows back from MySQL, for [`crate::checker::check_rows`].
+//!
+//! The bench's only SQL. `im_common::store::Store::all_ids` reads the whole table, which is fine in a
+//! test database but not in a cluster database that keeps every earlier run's rows; a run's users are
+//! a contiguous id block, so one indexed range scan on `uk_sender_client_msg (from_user_id, ...)`
+//! fetches exactly this run's rows.
+
+use std::ops::RangeInclusive;
+
+use mysql_async::prelude::Queryable;
+
+use crate::checker::DbRow;
+
+/// The row check could not read the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("bad MySQL URL {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("query failed: {0}")]
+    Query(#[from] mysql_async::Error),
+}
+
+/// Every message row sent by a user in `senders`.
+pub async fn rows_from(mysql_url: &str, senders: RangeInclusive<u64>) -> Result<Vec<DbRow>, DbError> {
+    let opts = mysql_async::Opts::from_url(mysql_url)
+        .map_err(|e| DbError::Url { url: mysql_url.to_owned(), message: e.to_string() })?;
+    let mut conn = mysql_async::Conn::new(opts).await?;
+    let rows: Vec<(u64, String, u64)> = conn
+        .exec(
+            "SELECT from_user_id, client_msg_id, id FROM messages WHERE from_user_id BETWEEN ? AND ? ORDER BY id",
+            (*senders.start(), *senders.end()),
+        )
+        .await?;
+    conn.disconnect().await?;
+    Ok(rows.into_iter().map(|(from, client_msg_id, id)| DbRow { from, client_msg_id, id }).collect())
+}

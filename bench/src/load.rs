@@ -1,0 +1,740 @@
+//! One run: open every connection, send on schedule, record every receipt and push, drain, check.
+//!
+//! Timeline: connect (bounded concurrency; receivers and senders alike must finish their first
+//! `PING`) → warm-up → measured window → drain → shutdown. All timestamps come from one monotonic
+//! clock in this process: the sender writes the send time (µs since the run's epoch) at the front of
+//! the body, so the receiver computes end-to-end latency without any shared map or clock sync.
+//!
+//! Each sender runs two tasks: a writer that follows the schedule (open loop: a fixed interval from a
+//! hashed offset, never waiting for answers; closed loop: also waiting for the previous message's
+//! answer) and a reader that matches receipts to messages by `clientMsgId` (the message number).
+//! Each receiver runs a reader that logs pushes and a keep-alive writer (`PING` every 30 s, under the
+//! gateway's idle timeout). Messages sent during warm-up are checked like all others but kept out
+//! of latency figures and rates; CPU and rates cover exactly the measured window.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use im_common::config::Mode;
+use im_common::protocol::{AckType, FrameType, ServerFrame};
+
+use crate::checker::{self, Delivery, DeliveryVerdict, ReceiverLog, RowVerdict, SenderLog, SentMsg};
+use crate::client::{self, ClientFrame, Incoming, WsReader, WsWriter};
+use crate::cpu::{self, ProcessCpu};
+use crate::plan::{self, Pair};
+use crate::recorder::{CounterSnapshot, Counters, Histograms, Latency, Recorder};
+use crate::report::RunReport;
+use crate::spec::{LoadSpec, Target};
+use crate::{db, BenchError};
+
+/// A receiver (or an idle sender) sends `PING` this often, well under the gateway's idle timeout.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Closed loop: the longest a sender waits for the previous message's answer before sending anyway.
+const CLOSED_LOOP_WAIT: Duration = Duration::from_secs(30);
+/// After everything is answered and delivered, how long to keep listening for late duplicates.
+const LINGER: Duration = Duration::from_millis(300);
+/// How long connection tasks get to finish after shutdown before they are abandoned.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Lifetime of the tokens the bench signs.
+const TOKEN_TTL_SECS: u64 = 86_400;
+
+/// Connection outcomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    pub connect_ok: u64,
+    pub connect_fail: u64,
+    /// Handshakes that got through with valid credentials (auth failures count as connected).
+    pub auth_ok: u64,
+    pub auth_fail: u64,
+}
+
+impl From<CounterSnapshot> for ConnectionCounts {
+    fn from(c: CounterSnapshot) -> Self {
+        ConnectionCounts {
+            connect_ok: c.connect_ok,
+            connect_fail: c.connect_fail,
+            auth_ok: c.auth_ok,
+            auth_fail: c.auth_fail,
+        }
+    }
+}
+
+/// Counts over the measured window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Window {
+    pub secs: f64,
+    /// Messages sent in the window.
+    pub sent: u64,
+    /// `ACK(saved)` receipts and first pushes that arrived during the window (throughput).
+    pub saved: u64,
+    pub delivered: u64,
+}
+
+/// Everything one run observed, before the database check.
+#[derive(Debug, Clone)]
+pub struct LoadResult {
+    pub mode: Mode,
+    pub spec: LoadSpec,
+    pub gateways: usize,
+    pub base_uid: u64,
+    /// Unix ms when the run began (connect phase).
+    pub started_at_ms: u64,
+    pub connections: ConnectionCounts,
+    pub senders: Vec<SenderLog>,
+    pub receivers: Vec<ReceiverLog>,
+    pub verdict: DeliveryVerdict,
+    pub histograms: Histograms,
+    /// Failures by reason: server `ERROR` reasons and client-side ones (`connect_*`, `closed_*`, ...).
+    pub errors: BTreeMap<String, u64>,
+    pub window: Window,
+    /// How much of the drain allowance was used.
+    pub drain_used: Duration,
+    /// CPU of the cluster's processes over the measured window.
+    pub cpu: Vec<ProcessCpu>,
+    /// CPU of the bench itself over the measured window.
+    pub bench_cpu_secs: Option<f64>,
+}
+
+impl LoadResult {
+    /// Every user id of the run (senders and receivers).
+    pub fn user_range(&self) -> RangeInclusive<u64> {
+        self.base_uid..=self.base_uid + (2 * self.spec.pairs() as u64).saturating_sub(1)
+    }
+}
+
+/// Runs the load, checks the rows in MySQL (when the target names a database), and reports.
+pub async fn run(target: &Target, spec: &LoadSpec) -> Result<RunReport, BenchError> {
+    let result = run_load(target, spec).await?;
+    let rows = match &target.mysql_url {
+        Some(url) => Some(check_db(url, &result).await?),
+        None => None,
+    };
+    Ok(RunReport::new(&result, rows))
+}
+
+/// Reads the run's rows from MySQL and checks them against the receipts.
+pub async fn check_db(mysql_url: &str, result: &LoadResult) -> Result<RowVerdict, BenchError> {
+    let rows = db::rows_from(mysql_url, result.user_range()).await?;
+    Ok(checker::check_rows(&result.senders, &rows))
+}
+
+/// When things happen in a run, on the monotonic clock.
+#[derive(Debug)]
+struct Schedule {
+    epoch: Instant,
+    /// Sending starts.
+    start: Instant,
+    window_start: Instant,
+    /// Sending stops; the window ends.
+    stop: Instant,
+    interval: Duration,
+    closed_loop: bool,
+    body_bytes: usize,
+    two_phase: bool,
+}
+
+impl Schedule {
+    fn us(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// Whether a message sent at `sent_at_us` belongs to the measured window.
+    fn measured(&self, sent_at_us: u64) -> bool {
+        (self.us(self.window_start)..self.us(self.stop)).contains(&sent_at_us)
+    }
+
+    /// Time from `sent_at_us` to `now`.
+    fn since(&self, sent_at_us: u64, now: Instant) -> Duration {
+        Duration::from_micros(self.us(now).saturating_sub(sent_at_us))
+    }
+}
+
+/// The body of a message: its send time, then padding to `bytes`.
+fn message_body(sent_at_us: u64, bytes: usize) -> String {
+    let mut body = format!("{sent_at_us}|");
+    if body.len() < bytes {
+        body.extend(std::iter::repeat_n('x', bytes - body.len()));
+    }
+    body
+}
+
+/// The send time carried by a body made by [`message_body`].
+fn body_sent_at(body: &str) -> Option<u64> {
+    body.split_once('|')?.0.parse().ok()
+}
+
+/// What the progress line says the run is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Connecting = 0,
+    Warmup = 1,
+    Measuring = 2,
+    Draining = 3,
+}
+
+/// A connection in both halves.
+type Conn = (WsReader, WsWriter);
+
+/// Runs the load and returns everything observed (the rows are checked separately, see [`run`]).
+pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, BenchError> {
+    spec.validate()?;
+    if target.ws_urls.is_empty() {
+        return Err(BenchError::InvalidSpec("no gateway to connect to".into()));
+    }
+    let base_uid = spec.base_uid.unwrap_or_else(plan::fresh_base_uid);
+    let pairs = plan::pairs(base_uid, spec.connections, target.ws_urls.len(), spec.interval);
+    let rec = Arc::new(Recorder::default());
+    let started_at_ms = im_common::ids::now_ms();
+    let epoch = Instant::now();
+    let phase = Arc::new(AtomicU8::new(Phase::Connecting as u8));
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let progress = spec.progress.map(|every| {
+        tokio::spawn(progress_loop(rec.clone(), phase.clone(), spec.label.clone(), every, spec.pairs() * 2))
+    });
+
+    let conns = connect_all(target, spec, &pairs, &rec).await;
+    let connections = ConnectionCounts::from(rec.counters.snapshot());
+    if conns.iter().all(|(s, r)| s.is_none() || r.is_none()) {
+        if let Some(p) = progress {
+            p.abort();
+        }
+        return Err(BenchError::NothingConnected(connections.connect_fail + connections.auth_fail));
+    }
+
+    let start = Instant::now() + Duration::from_millis(20);
+    let schedule = Arc::new(Schedule {
+        epoch,
+        start,
+        window_start: start + spec.warmup,
+        stop: start + spec.warmup + spec.duration,
+        interval: spec.interval,
+        closed_loop: spec.closed_loop,
+        body_bytes: spec.body_bytes,
+        two_phase: target.mode != Mode::Baseline,
+    });
+    let mut sender_tasks = Vec::new();
+    let mut receiver_tasks = Vec::new();
+    for (pair, (sender, receiver)) in pairs.iter().zip(conns) {
+        let Some((r_read, r_write)) = receiver else { continue };
+        receiver_tasks.push((
+            pair.receiver,
+            tokio::spawn(receive(r_read, pair.receiver, rec.clone(), schedule.clone(), shutdown.clone())),
+            tokio::spawn(keep_alive(r_write, shutdown.clone())),
+        ));
+        // A sender without its receiver stays silent: its pushes could only be counted as lost.
+        if let Some(conn) = sender {
+            sender_tasks.push(spawn_sender(conn, pair, &rec, &schedule, &shutdown));
+        }
+    }
+
+    tokio::time::sleep_until(schedule.start).await;
+    phase.store(Phase::Warmup as u8, Ordering::Relaxed);
+    tokio::time::sleep_until(schedule.window_start).await;
+    phase.store(Phase::Measuring as u8, Ordering::Relaxed);
+    let (cpu_start, counters_start) = (cpu::sample(&target.processes), rec.counters.snapshot());
+    tokio::time::sleep_until(schedule.stop).await;
+    let (cpu_end, counters_end) = (cpu::sample(&target.processes), rec.counters.snapshot());
+    phase.store(Phase::Draining as u8, Ordering::Relaxed);
+    let (cpu, bench_cpu_secs) = cpu::usage(&target.processes, &cpu_start, &cpu_end);
+
+    let drain_used = drain(&rec, schedule.stop, spec.drain).await;
+    let _ = shutdown_tx.send(true);
+    let senders = collect_senders(sender_tasks, &rec).await;
+    let receivers = collect_receivers(receiver_tasks, &rec).await;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let verdict = checker::check_deliveries(&senders, &receivers);
+    // Sends are counted from the logs with the same rule the latency histograms use, so the window's
+    // rate and CPU per message cover exactly the measured messages.
+    let sent_in_window =
+        senders.iter().flat_map(|s| &s.messages).filter(|m| schedule.measured(m.sent_at_us)).count() as u64;
+    Ok(LoadResult {
+        mode: target.mode,
+        spec: spec.clone(),
+        gateways: target.ws_urls.len(),
+        base_uid,
+        started_at_ms,
+        connections,
+        senders,
+        receivers,
+        verdict,
+        histograms: rec.histograms(),
+        errors: rec.errors(),
+        window: Window {
+            secs: spec.duration.as_secs_f64(),
+            sent: sent_in_window,
+            saved: counters_end.saved - counters_start.saved,
+            delivered: counters_end.delivered - counters_start.delivered,
+        },
+        drain_used,
+        cpu,
+        bench_cpu_secs,
+    })
+}
+
+/// Opens every pair's two connections, at most `connect_concurrency` at a time, each on its own task
+/// (the handshakes' CPU work spreads over all cores). Returns (sender, receiver) per pair.
+async fn connect_all(
+    target: &Target,
+    spec: &LoadSpec,
+    pairs: &[Pair],
+    rec: &Arc<Recorder>,
+) -> Vec<(Option<Conn>, Option<Conn>)> {
+    let jobs = pairs
+        .iter()
+        .flat_map(|p| [(p.index, true, p.sender, p.sender_gateway), (p.index, false, p.receiver, p.receiver_gateway)]);
+    let attempts = futures_util::stream::iter(jobs)
+        .map(|(index, is_sender, uid, gateway)| {
+            let url = target.ws_urls[gateway].clone();
+            let token = im_common::auth::issue_token(&target.jwt_secret, uid, TOKEN_TTL_SECS);
+            let (auth, timeout, rec) = (spec.auth, spec.connect_timeout, rec.clone());
+            tokio::spawn(async move {
+                let began = Instant::now();
+                let result = client::connect(&url, &token, auth, timeout).await;
+                match &result {
+                    Ok(_) => {
+                        Counters::bump(&rec.counters.connect_ok);
+                        Counters::bump(&rec.counters.auth_ok);
+                        rec.record(Latency::Connect, began.elapsed());
+                    }
+                    Err(e) if e.is_auth() => {
+                        Counters::bump(&rec.counters.connect_ok);
+                        Counters::bump(&rec.counters.auth_fail);
+                        rec.error(&e.label());
+                    }
+                    Err(e) => {
+                        Counters::bump(&rec.counters.connect_fail);
+                        rec.error(&e.label());
+                    }
+                }
+                (index, is_sender, result.ok())
+            })
+        })
+        .buffer_unordered(spec.connect_concurrency);
+    let mut out: Vec<(Option<Conn>, Option<Conn>)> = (0..pairs.len()).map(|_| (None, None)).collect();
+    let mut attempts = std::pin::pin!(attempts);
+    while let Some(done) = attempts.next().await {
+        match done {
+            Ok((index, true, conn)) => out[index].0 = conn,
+            Ok((index, false, conn)) => out[index].1 = conn,
+            Err(_) => {
+                Counters::bump(&rec.counters.connect_fail);
+                rec.error("connect_task_failed");
+            }
+        }
+    }
+    out
+}
+
+/// What a sender's writer and reader share.
+struct SenderState {
+    uid: u64,
+    to: u64,
+    messages: Mutex<Vec<SentMsg>>,
+    /// Signalled when a message becomes settled (closed loop waits on it).
+    answered: Notify,
+}
+
+impl SenderState {
+    fn messages(&self) -> std::sync::MutexGuard<'_, Vec<SentMsg>> {
+        // A poisoned lock only means the other half panicked; the log itself is still consistent.
+        self.messages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct SenderTasks {
+    state: Arc<SenderState>,
+    writer: JoinHandle<()>,
+    reader: JoinHandle<()>,
+}
+
+fn spawn_sender(
+    (reader, writer): Conn,
+    pair: &Pair,
+    rec: &Arc<Recorder>,
+    schedule: &Arc<Schedule>,
+    shutdown: &watch::Receiver<bool>,
+) -> SenderTasks {
+    let state = Arc::new(SenderState {
+        uid: pair.sender,
+        to: pair.receiver,
+        messages: Mutex::new(Vec::new()),
+        answered: Notify::new(),
+    });
+    SenderTasks {
+        writer: tokio::spawn(send_loop(
+            writer,
+            state.clone(),
+            pair.offset,
+            rec.clone(),
+            schedule.clone(),
+            shutdown.clone(),
+        )),
+        reader: tokio::spawn(receipts(reader, state.clone(), rec.clone(), schedule.clone(), shutdown.clone())),
+        state,
+    }
+}
+
+/// A sender's schedule. Open loop: message `k` goes out at `start + offset + k·interval` whatever
+/// happened to earlier ones (a late generator catches up, and the lag is recorded). Closed loop: also
+/// not before the previous message is settled. The connection stays open until shutdown, so receipts
+/// of the last messages still arrive during the drain.
+async fn send_loop(
+    mut writer: WsWriter,
+    state: Arc<SenderState>,
+    offset: Duration,
+    rec: Arc<Recorder>,
+    schedule: Arc<Schedule>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut next = schedule.start + offset;
+    let mut last_write = Instant::now();
+    while next < schedule.stop {
+        let wake = next.min(last_write + KEEP_ALIVE);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = stopped(&mut shutdown) => return writer.close().await,
+        }
+        if wake < next {
+            if writer.send(&ClientFrame::Ping).await.is_err() {
+                return rec.error("write_failed");
+            }
+            last_write = Instant::now();
+            continue;
+        }
+        let now = Instant::now();
+        let sent_at_us = schedule.us(now);
+        let seq = {
+            let mut messages = state.messages();
+            messages.push(SentMsg { sent_at_us, ..Default::default() });
+            messages.len() - 1
+        };
+        Counters::bump(&rec.counters.sent);
+        if schedule.measured(sent_at_us) {
+            rec.record(Latency::SendLag, now.saturating_duration_since(next));
+        }
+        let body = message_body(sent_at_us, schedule.body_bytes);
+        let client_msg_id = seq.to_string();
+        let frame =
+            ClientFrame::SingleChat { to: state.to, client_msg_id: &client_msg_id, msg_type: "TEXT", body: &body };
+        if writer.send(&frame).await.is_err() {
+            return rec.error("write_failed");
+        }
+        last_write = Instant::now();
+        next += schedule.interval;
+        if schedule.closed_loop {
+            let deadline = Instant::now() + CLOSED_LOOP_WAIT;
+            while !state.messages()[seq].settled(schedule.two_phase) {
+                tokio::select! {
+                    _ = state.answered.notified() => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = stopped(&mut shutdown) => return writer.close().await,
+                }
+            }
+            next = next.max(Instant::now());
+        }
+    }
+    stopped(&mut shutdown).await;
+    writer.close().await;
+}
+
+/// Reads a sender's receipts until shutdown (or until the gateway drops the connection).
+async fn receipts(
+    mut reader: WsReader,
+    state: Arc<SenderState>,
+    rec: Arc<Recorder>,
+    schedule: Arc<Schedule>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => return,
+            r = reader.next() => r,
+        };
+        // Our own close, echoed by the gateway, can arrive as shutdown begins: not a failure.
+        if *shutdown.borrow() {
+            return;
+        }
+        match incoming {
+            Ok(Incoming::Frame(frame)) => match frame.kind {
+                FrameType::Ack | FrameType::Error => on_receipt(&frame, &state, &rec, &schedule),
+                FrameType::SingleChat => rec.error("push_to_sender"),
+                _ => {}
+            },
+            Ok(Incoming::Unparsable) => rec.error("unparsable_frame"),
+            Ok(Incoming::Closed(code, reason)) => return rec.error(&close_label(code, &reason)),
+            Err(_) => return rec.error("disconnected"),
+        }
+    }
+}
+
+fn close_label(code: u16, reason: &str) -> String {
+    if reason.is_empty() {
+        format!("closed_{code}")
+    } else {
+        format!("closed_{reason}")
+    }
+}
+
+/// Applies one `ACK` or `ERROR` to the sender's log and records its latency.
+fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule: &Schedule) {
+    let now = Instant::now();
+    if frame.kind == FrameType::Error {
+        rec.error(frame.reason.map_or("unknown", |r| r.as_str()));
+    }
+    let Some(seq) = frame.client_msg_id.as_deref().and_then(|c| c.parse::<usize>().ok()) else {
+        if frame.kind == FrameType::Ack {
+            rec.error("ack_without_client_msg_id");
+        }
+        return;
+    };
+    let id = frame.server_msg_id.unwrap_or(0);
+    let (latency, became_settled) = {
+        let mut messages = state.messages();
+        let Some(m) = messages.get_mut(seq) else {
+            drop(messages);
+            return rec.error("receipt_for_unknown_message");
+        };
+        let was_settled = m.settled(schedule.two_phase);
+        let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
+        let latency = match (frame.kind, frame.ack_type) {
+            (FrameType::Error, _) if m.error.is_none() => {
+                m.error = Some(frame.reason.map_or("unknown", |r| r.as_str()).to_owned());
+                Counters::bump(&rec.counters.errored);
+                None
+            }
+            (FrameType::Ack, Some(AckType::Accepted)) if m.accepted.is_none() => {
+                m.accepted = Some(id);
+                Counters::bump(&rec.counters.accepted);
+                latency.map(|l| (Latency::Accepted, l))
+            }
+            (FrameType::Ack, Some(AckType::Saved)) if m.saved.is_none() => {
+                m.saved = Some(id);
+                Counters::bump(&rec.counters.saved);
+                latency.map(|l| (Latency::Saved, l))
+            }
+            (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) => {
+                drop(messages);
+                rec.error("duplicate_receipt");
+                return;
+            }
+            (FrameType::Ack, _) => {
+                drop(messages);
+                rec.error("unexpected_ack_type");
+                return;
+            }
+            _ => None,
+        };
+        (latency, !was_settled && m.settled(schedule.two_phase))
+    };
+    if let Some((which, l)) = latency {
+        rec.record(which, l);
+    }
+    if became_settled {
+        Counters::bump(&rec.counters.settled);
+        state.answered.notify_one();
+    }
+}
+
+/// Logs a receiver's pushes until shutdown.
+async fn receive(
+    mut reader: WsReader,
+    uid: u64,
+    rec: Arc<Recorder>,
+    schedule: Arc<Schedule>,
+    mut shutdown: watch::Receiver<bool>,
+) -> ReceiverLog {
+    let mut log = ReceiverLog { uid, ..Default::default() };
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => return log,
+            r = reader.next() => r,
+        };
+        // Our own close, echoed by the gateway, can arrive as shutdown begins: not a failure.
+        if *shutdown.borrow() {
+            return log;
+        }
+        let frame = match incoming {
+            Ok(Incoming::Frame(frame)) => frame,
+            Ok(Incoming::Unparsable) => {
+                rec.error("unparsable_frame");
+                continue;
+            }
+            Ok(Incoming::Closed(code, reason)) => {
+                rec.error(&close_label(code, &reason));
+                log.gone = true;
+                return log;
+            }
+            Err(_) => {
+                rec.error("disconnected");
+                log.gone = true;
+                return log;
+            }
+        };
+        match frame.kind {
+            FrameType::SingleChat => {}
+            FrameType::Error => {
+                rec.error(frame.reason.map_or("unknown", |r| r.as_str()));
+                continue;
+            }
+            _ => continue,
+        }
+        let now = Instant::now();
+        let seq = frame.client_msg_id.as_deref().and_then(|c| c.parse::<u64>().ok());
+        let (Some(from), Some(seq), Some(server_msg_id)) = (frame.from, seq, frame.server_msg_id) else {
+            rec.error("malformed_push");
+            continue;
+        };
+        if seen.insert((from, seq)) {
+            Counters::bump(&rec.counters.delivered);
+            if let Some(sent_at_us) = frame.body.as_deref().and_then(body_sent_at) {
+                if schedule.measured(sent_at_us) {
+                    rec.record(Latency::EndToEnd, schedule.since(sent_at_us, now));
+                }
+            }
+        } else {
+            Counters::bump(&rec.counters.duplicates);
+        }
+        log.deliveries.push(Delivery { from, seq, server_msg_id });
+    }
+}
+
+/// Resolves once shutdown is signalled (or its sender is gone). The watch guard stays inside, so
+/// callers' futures remain `Send`.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&stop| stop).await;
+}
+
+/// A receiver's writer: keeps the connection alive until shutdown, then closes it.
+async fn keep_alive(mut writer: WsWriter, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(KEEP_ALIVE) => {
+                if writer.send(&ClientFrame::Ping).await.is_err() {
+                    return;
+                }
+            }
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+    writer.close().await;
+}
+
+/// Waits after the last send until every message is settled and every answered one delivered, or
+/// `allowance` passes; then lingers briefly for late duplicates. Returns the time used.
+async fn drain(rec: &Recorder, stop: Instant, allowance: Duration) -> Duration {
+    let deadline = stop + allowance;
+    loop {
+        let c = rec.counters.snapshot();
+        let complete = c.settled >= c.sent && c.delivered + c.errored >= c.sent;
+        if complete {
+            tokio::time::sleep(LINGER).await;
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Instant::now().saturating_duration_since(stop)
+}
+
+async fn collect_senders(tasks: Vec<SenderTasks>, rec: &Recorder) -> Vec<SenderLog> {
+    let mut logs = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        finish(t.writer, rec).await;
+        finish(t.reader, rec).await;
+        let messages = std::mem::take(&mut *t.state.messages());
+        logs.push(SenderLog { uid: t.state.uid, to: t.state.to, messages });
+    }
+    logs
+}
+
+async fn collect_receivers(
+    tasks: Vec<(u64, JoinHandle<ReceiverLog>, JoinHandle<()>)>,
+    rec: &Recorder,
+) -> Vec<ReceiverLog> {
+    let mut logs = Vec::with_capacity(tasks.len());
+    for (uid, reader, writer) in tasks {
+        let log = finish(reader, rec).await.unwrap_or(ReceiverLog { uid, deliveries: Vec::new(), gone: true });
+        finish(writer, rec).await;
+        logs.push(log);
+    }
+    logs
+}
+
+/// Awaits a connection task after shutdown; one that does not end within the grace is aborted.
+async fn finish<T>(mut task: JoinHandle<T>, rec: &Recorder) -> Option<T> {
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(_)) => {
+            rec.error("task_panicked");
+            None
+        }
+        Err(_) => {
+            task.abort();
+            rec.error("task_stuck_at_shutdown");
+            None
+        }
+    }
+}
+
+/// Prints a progress line to stderr every `every`.
+async fn progress_loop(rec: Arc<Recorder>, phase: Arc<AtomicU8>, label: String, every: Duration, connections: usize) {
+    let began = Instant::now();
+    let mut last = (began, CounterSnapshot::default());
+    let label = if label.is_empty() { String::new() } else { format!("[{label}] ") };
+    loop {
+        tokio::time::sleep(every).await;
+        let now = Instant::now();
+        let c = rec.counters.snapshot();
+        let rate = (c.sent - last.1.sent) as f64 / now.duration_since(last.0).as_secs_f64();
+        last = (now, c);
+        let phase = match phase.load(Ordering::Relaxed) {
+            0 => "connecting",
+            1 => "warm-up",
+            2 => "measuring",
+            _ => "draining",
+        };
+        let connected = c.connect_ok;
+        eprintln!(
+            "{label}{:>6.1}s {phase:<10} conn {connected}/{connections}  sent {} ({rate:.0}/s)  accepted {}  saved {}  delivered {}  errors {}  dups {}  saved p99 {:.1} ms",
+            now.duration_since(began).as_secs_f64(),
+            c.sent,
+            c.accepted,
+            c.saved,
+            c.delivered,
+            c.errored,
+            c.duplicates,
+            rec.p99_ms(Latency::Saved),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_carry_their_send_time_and_have_the_requested_size() {
+        let body = message_body(123_456, 64);
+        assert_eq!(body.len(), 64);
+        assert_eq!(body_sent_at(&body), Some(123_456));
+        // Too small a size still carries the time.
+        assert_eq!(body_sent_at(&message_body(99, 1)), Some(99));
+        assert_eq!(body_sent_at("hello"), None);
+    }
+}

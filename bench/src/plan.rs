@@ -1,0 +1,118 @@
+//! Who talks to whom, through which gateway, and when: fixed sender → receiver pairs.
+//!
+//! Pair `i` is sender `base + 2i` → receiver `base + 2i + 1`. Each user lands on a gateway by a
+//! salted hash of its id, not `uid % gateways`: with pairs of consecutive ids, a modulo would put every
+//! sender on the even gateways and every receiver on the odd ones. The hash is the splitmix64
+//! finalizer, whose low bits depend on every input bit. FNV-1a (what `shard_of` uses) would not do:
+//! multiplying by an odd prime keeps low bits low, so `fnv1a64(x) mod 2^k` depends only on the low `k`
+//! bits of each byte, a salt merely flips them, and the gateway would follow the shard exactly
+//! (every sender of shard 0 on gateway 0 with 2 gateways and 2 shards).
+//!
+//! Senders do not tick together: each starts at its own hashed offset within one interval, which
+//! spreads the offered load evenly over time (an open-loop schedule, seed §5.1).
+
+use std::time::Duration;
+
+/// One sender → receiver pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    pub index: usize,
+    pub sender: u64,
+    pub receiver: u64,
+    /// Index into the target's gateway list.
+    pub sender_gateway: usize,
+    pub receiver_gateway: usize,
+    /// When the sender's first message goes out, after the start of sending.
+    pub offset: Duration,
+}
+
+/// The pairs of a run of `connections` users starting at `base_uid`.
+pub fn pairs(base_uid: u64, connections: usize, gateways: usize, interval: Duration) -> Vec<Pair> {
+    (0..connections / 2)
+        .map(|i| {
+            let sender = base_uid + 2 * i as u64;
+            let receiver = sender + 1;
+            Pair {
+                index: i,
+                sender,
+                receiver,
+                sender_gateway: gateway_of(sender, gateways),
+                receiver_gateway: gateway_of(receiver, gateways),
+                offset: send_offset(sender, interval),
+            }
+        })
+        .collect()
+}
+
+/// Salts for the two independent choices made per user.
+const GATEWAY_SALT: u64 = 0x6761_7465_7761_7921;
+const OFFSET_SALT: u64 = 0x6f66_6673_6574_2121;
+
+/// The splitmix64 finalizer of `uid ^ salt`: fixed by its constants, so stable in every build.
+fn salted_hash(uid: u64, salt: u64) -> u64 {
+    let mut z = uid ^ salt;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The gateway (`0..gateways`) user `uid` connects to: stable across runs and processes.
+pub fn gateway_of(uid: u64, gateways: usize) -> usize {
+    (salted_hash(uid, GATEWAY_SALT) % gateways.max(1) as u64) as usize
+}
+
+/// The sender's first-send offset within `[0, interval)`, at microsecond resolution.
+pub fn send_offset(uid: u64, interval: Duration) -> Duration {
+    let span = interval.as_micros().max(1) as u64;
+    Duration::from_micros(salted_hash(uid, OFFSET_SALT) % span)
+}
+
+/// A base user id no earlier run has used: current Unix milliseconds × [`crate::spec::MAX_CONNECTIONS`].
+/// Runs started at least a millisecond apart get disjoint id blocks, so idempotency windows and rows
+/// of earlier runs never collide with this one's (about 1.8·10^17 today, well inside `u64`).
+pub fn fresh_base_uid() -> u64 {
+    im_common::ids::now_ms() * crate::spec::MAX_CONNECTIONS as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_consecutive_ids_and_balanced_over_gateways() {
+        let ps = pairs(1_000_000, 20_000, 4, Duration::from_secs(3));
+        assert_eq!(ps.len(), 10_000);
+        assert_eq!((ps[3].sender, ps[3].receiver), (1_000_006, 1_000_007));
+        let mut senders = [0usize; 4];
+        let mut receivers = [0usize; 4];
+        for p in &ps {
+            senders[p.sender_gateway] += 1;
+            receivers[p.receiver_gateway] += 1;
+        }
+        // uid % 4 would put all senders on gateways 0 and 2.
+        for count in senders.iter().chain(&receivers) {
+            assert!((2_300..2_700).contains(count), "unbalanced: senders {senders:?} receivers {receivers:?}");
+        }
+    }
+
+    #[test]
+    fn offsets_spread_over_the_interval_and_are_stable() {
+        let interval = Duration::from_millis(3000);
+        let ps = pairs(42, 10_000, 2, interval);
+        assert!(ps.iter().all(|p| p.offset < interval));
+        let mut buckets = [0usize; 10];
+        for p in &ps {
+            buckets[(p.offset.as_millis() / 300) as usize] += 1;
+        }
+        assert!(buckets.iter().all(|&b| (400..600).contains(&b)), "offsets bunch up: {buckets:?}");
+        assert_eq!(pairs(42, 10_000, 2, interval), ps, "the plan is a pure function of its inputs");
+    }
+
+    #[test]
+    fn gateway_choice_is_independent_of_the_shard() {
+        // With 2 gateways and 2 shards, any FNV-1a-based choice makes gateway == shard for every user.
+        let same =
+            (1..=10_000u64).filter(|&u| gateway_of(u, 2) == usize::from(im_common::shard::shard_of(u, 2))).count();
+        assert!((4_500..5_500).contains(&same), "gateway follows shard for {same} of 10000 users");
+    }
+}

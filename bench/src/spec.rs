@@ -1,0 +1,193 @@
+//! What to run ([`LoadSpec`]) and what to run it against ([`Target`]).
+//!
+//! Both are plain data so the CLI, `compare`, `sweep` and the tests build them the same way. A target
+//! normally comes from the cluster state file that `ops up` (or [`im_ops::cluster::start`]) writes:
+//! it lists every gateway's WebSocket URL, the JWT secret, the MySQL URL for the row check, the
+//! mode, and the pids whose CPU time the report adds up.
+
+use std::time::Duration;
+
+use im_common::config::Mode;
+use im_ops::cluster::ClusterState;
+
+use crate::cpu::ProcessRef;
+use crate::BenchError;
+
+/// How connections authenticate (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// `Authorization: Bearer <jwt>` at the handshake; a bad token is an HTTP 401.
+    Header,
+    /// `?auth=frame`, then an `AUTH {token}` first frame answered by `AUTH_OK` / `AUTH_FAIL`.
+    Frame,
+}
+
+impl AuthMode {
+    /// `header` or `frame`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Header => "header",
+            AuthMode::Frame => "frame",
+        }
+    }
+
+    /// Parses [`AuthMode::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<AuthMode> {
+        [AuthMode::Header, AuthMode::Frame].into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// The load one run offers.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Connections (= users). Half are senders, half receivers, in fixed pairs.
+    pub connections: usize,
+    /// Each sender's fixed interval between messages (open loop), or its minimum spacing (closed loop).
+    pub interval: Duration,
+    /// Closed loop: a sender's next message waits for the previous one's `ACK(saved)` (or error).
+    pub closed_loop: bool,
+    /// Body size in bytes (at least the few bytes that carry the send time).
+    pub body_bytes: usize,
+    /// Sending before the measured window; these messages are checked but not in the latency figures.
+    pub warmup: Duration,
+    /// The measured window.
+    pub duration: Duration,
+    /// After the last send, the longest wait for receipts and deliveries still in flight.
+    pub drain: Duration,
+    /// Most connections being opened at once.
+    pub connect_concurrency: usize,
+    /// Limit on one connection attempt (TCP, handshake, auth and the first PING round trip).
+    pub connect_timeout: Duration,
+    pub auth: AuthMode,
+    /// First user id of the run; `None` takes a fresh one from the clock ([`crate::plan::fresh_base_uid`]).
+    pub base_uid: Option<u64>,
+    /// Progress line to stderr this often; `None` for silence.
+    pub progress: Option<Duration>,
+    /// Prefix of progress lines (the arm in a comparison).
+    pub label: String,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        LoadSpec {
+            connections: 2000,
+            interval: Duration::from_millis(3000),
+            closed_loop: false,
+            body_bytes: 64,
+            warmup: Duration::from_secs(3),
+            duration: Duration::from_secs(20),
+            drain: Duration::from_secs(10),
+            connect_concurrency: 256,
+            connect_timeout: Duration::from_secs(10),
+            auth: AuthMode::Header,
+            base_uid: None,
+            progress: Some(Duration::from_secs(5)),
+            label: String::new(),
+        }
+    }
+}
+
+/// Largest number of connections in one run: fresh user ids are handed out in blocks of this size
+/// per millisecond of start time, so runs never share a user (see [`crate::plan::fresh_base_uid`]).
+pub const MAX_CONNECTIONS: usize = 100_000;
+
+impl LoadSpec {
+    /// Sender/receiver pairs (an odd connection count leaves the last one out).
+    pub fn pairs(&self) -> usize {
+        self.connections / 2
+    }
+
+    /// Offered load in messages per second (open loop; an upper bound in closed loop).
+    pub fn offered_rate(&self) -> f64 {
+        self.pairs() as f64 / self.interval.as_secs_f64()
+    }
+
+    /// The interval that makes `pairs` senders offer `rate` messages per second in total.
+    pub fn interval_for_rate(pairs: usize, rate: f64) -> Duration {
+        Duration::from_secs_f64(pairs as f64 / rate.max(f64::MIN_POSITIVE))
+    }
+
+    /// Checks the values make sense together.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        let bad = |m: &str| Err(BenchError::InvalidSpec(m.to_owned()));
+        if self.pairs() == 0 {
+            return bad("--connections must be at least 2 (one sender, one receiver)");
+        }
+        if self.connections > MAX_CONNECTIONS {
+            return bad(&format!("--connections is at most {MAX_CONNECTIONS} per run"));
+        }
+        if self.interval.is_zero() && !self.closed_loop {
+            return bad("--interval-ms must be positive in open loop");
+        }
+        if self.duration.is_zero() {
+            return bad("--duration-secs must be positive");
+        }
+        if self.body_bytes > 4096 {
+            return bad("--body-bytes above the gateway's default body limit (4096)");
+        }
+        if self.connect_concurrency == 0 {
+            return bad("--connect-concurrency must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// A running cluster as the bench sees it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Every gateway's WebSocket URL (`ws://host:port/ws`).
+    pub ws_urls: Vec<String>,
+    pub jwt_secret: String,
+    /// Where the row check reads; `None` skips it.
+    pub mysql_url: Option<String>,
+    /// Decides whether `ACK(accepted)` is expected.
+    pub mode: Mode,
+    /// Processes whose CPU time is reported.
+    pub processes: Vec<ProcessRef>,
+}
+
+impl Target {
+    /// The target described by a cluster state file: its gateways and workers, plus the Redis and
+    /// MariaDB processes (the cluster's private ones, or else those listening on its URLs' ports).
+    pub fn from_state(state: &ClusterState) -> Result<Target, BenchError> {
+        let mode = Mode::parse(&state.mode)
+            .ok_or_else(|| BenchError::InvalidSpec(format!("state file names unknown mode {:?}", state.mode)))?;
+        if state.gateways.is_empty() {
+            return Err(BenchError::InvalidSpec("the cluster has no gateways".into()));
+        }
+        let mut processes: Vec<ProcessRef> =
+            state.gateways.iter().map(|g| ProcessRef { name: format!("gateway-{}", g.node_id), pid: g.pid }).collect();
+        for (i, w) in state.workers.iter().enumerate() {
+            let name = w.shard.map_or_else(|| format!("worker-standby-{i}"), |s| format!("worker-s{s}"));
+            processes.push(ProcessRef { name, pid: w.pid });
+        }
+        if state.private_servers.is_empty() {
+            for (url, default_port, names) in
+                [(&state.redis_url, 6379, &["redis-server"][..]), (&state.mysql_url, 3306, &["mariadbd", "mysqld"][..])]
+            {
+                match crate::cpu::listener_pid(crate::cpu::url_port(url, default_port)) {
+                    Some(pid) => processes.push(ProcessRef { name: crate::cpu::comm(pid).unwrap_or_default(), pid }),
+                    // Not visible (another user's process): every server of that kind is the best guess.
+                    None => processes.extend(crate::cpu::find_by_comm(names)),
+                }
+            }
+        } else {
+            processes.extend(state.private_servers.iter().map(|s| ProcessRef {
+                name: if s.kind_name == "redis" { "redis-server".into() } else { "mariadbd".into() },
+                pid: s.pid,
+            }));
+        }
+        Ok(Target {
+            ws_urls: state.gateways.iter().map(|g| g.ws_url.clone()).collect(),
+            jwt_secret: state.jwt_secret.clone(),
+            mysql_url: Some(state.mysql_url.clone()),
+            mode,
+            processes,
+        })
+    }
+
+    /// Whether the mode sends `ACK(accepted)` before `ACK(saved)`.
+    pub fn two_phase(&self) -> bool {
+        self.mode != Mode::Baseline
+    }
+}
