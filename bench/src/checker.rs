@@ -45,7 +45,7 @@ impl SentMsg {
 
     /// Whether this message has every answer it will get: an error, or `ACK(saved)` plus, in two-phase
     /// modes, `ACK(accepted)` (the two travel different paths, so either may come first).
-    pub fn settled(&self, two_phase: bool) -> bool {
+    pub fn complete(&self, two_phase: bool) -> bool {
         self.error.is_some() || (self.saved.is_some() && (!two_phase || self.accepted.is_some()))
     }
 }

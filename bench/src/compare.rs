@@ -87,7 +87,9 @@ impl Drop for ManagedCluster {
         if self.stopped {
             return;
         }
-        for pid in self.state.gateways.iter().map(|g| g.pid).chain(self.state.workers.iter().map(|w| w.pid)) {
+        // The same list `TestCluster`'s drop kills; ops has no shared "kill now" to call instead.
+        let pids = self.state.gateways.iter().map(|g| g.pid).chain(self.state.workers.iter().map(|w| w.pid));
+        for pid in pids.chain(self.state.dashboard.iter().map(|d| d.pid)) {
             // SAFETY: signalling processes this module started.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
@@ -195,7 +197,7 @@ fn compare_summary(spec: &CompareSpec, runs: &[FinishedRun]) -> String {
     let l = &spec.load;
     let mut out = format!(
         "# bench compare, {}\n\n`{}`\n\n- machine: {}\n- cluster: {} gateways, {} shards, one worker per shard; Redis {} · MySQL {}\n\
-         - load: {} connections ({} senders), {}, {} B bodies, {:.0} msg/s offered; {} s warm-up, {} s measured, drain ≤ {} s; {} repeat(s)\n\n",
+         - load: {} connections ({} senders), {}, {} B bodies, {:.0} msg/s offered; {:.1} s settle, {} s warm-up, {} s measured, drain ≤ {} s; {} repeat(s)\n\n",
         human_stamp(im_common::ids::now_ms() / 1000),
         spec.command,
         machine_summary(),
@@ -212,6 +214,7 @@ fn compare_summary(spec: &CompareSpec, runs: &[FinishedRun]) -> String {
         },
         l.body_bytes,
         l.offered_rate(),
+        l.settle.as_secs_f64(),
         l.warmup.as_secs(),
         l.duration.as_secs(),
         l.drain.as_secs(),

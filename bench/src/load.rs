@@ -1,7 +1,7 @@
 //! One run: open every connection, send on schedule, record every receipt and push, drain, check.
 //!
 //! Timeline: connect (bounded concurrency; receivers and senders alike must finish their first
-//! `PING`) → warm-up → measured window → drain → shutdown. All timestamps come from one monotonic
+//! `PING`) → settle → warm-up → measured window → drain → shutdown. All timestamps come from one monotonic
 //! clock in this process: the sender writes the send time (µs since the run's epoch) at the front of
 //! the body, so the receiver computes end-to-end latency without any shared map or clock sync.
 //!
@@ -176,9 +176,10 @@ fn body_sent_at(body: &str) -> Option<u64> {
 #[repr(u8)]
 enum Phase {
     Connecting = 0,
-    Warmup = 1,
-    Measuring = 2,
-    Draining = 3,
+    Settling = 1,
+    Warmup = 2,
+    Measuring = 3,
+    Draining = 4,
 }
 
 /// A connection in both halves.
@@ -210,7 +211,8 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         return Err(BenchError::NothingConnected(connections.connect_fail + connections.auth_fail));
     }
 
-    let start = Instant::now() + Duration::from_millis(20);
+    // A little lead even without settling, so every task is spawned before the first send is due.
+    let start = Instant::now() + spec.settle.max(Duration::from_millis(20));
     let schedule = Arc::new(Schedule {
         epoch,
         start,
@@ -221,6 +223,7 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         body_bytes: spec.body_bytes,
         two_phase: target.mode != Mode::Baseline,
     });
+    phase.store(Phase::Settling as u8, Ordering::Relaxed);
     let mut sender_tasks = Vec::new();
     let mut receiver_tasks = Vec::new();
     for (pair, (sender, receiver)) in pairs.iter().zip(conns) {
@@ -341,7 +344,7 @@ struct SenderState {
     uid: u64,
     to: u64,
     messages: Mutex<Vec<SentMsg>>,
-    /// Signalled when a message becomes settled (closed loop waits on it).
+    /// Signalled when a message becomes complete (closed loop waits on it).
     answered: Notify,
 }
 
@@ -387,7 +390,7 @@ fn spawn_sender(
 
 /// A sender's schedule. Open loop: message `k` goes out at `start + offset + k·interval` whatever
 /// happened to earlier ones (a late generator catches up, and the lag is recorded). Closed loop: also
-/// not before the previous message is settled. The connection stays open until shutdown, so receipts
+/// not before the previous message is complete (answered). The connection stays open until shutdown, so receipts
 /// of the last messages still arrive during the drain.
 async fn send_loop(
     mut writer: WsWriter,
@@ -434,7 +437,7 @@ async fn send_loop(
         next += schedule.interval;
         if schedule.closed_loop {
             let deadline = Instant::now() + CLOSED_LOOP_WAIT;
-            while !state.messages()[seq].settled(schedule.two_phase) {
+            while !state.messages()[seq].complete(schedule.two_phase) {
                 tokio::select! {
                     _ = state.answered.notified() => {}
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -500,13 +503,13 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
         return;
     };
     let id = frame.server_msg_id.unwrap_or(0);
-    let (latency, became_settled) = {
+    let (latency, became_complete) = {
         let mut messages = state.messages();
         let Some(m) = messages.get_mut(seq) else {
             drop(messages);
             return rec.error("receipt_for_unknown_message");
         };
-        let was_settled = m.settled(schedule.two_phase);
+        let was_complete = m.complete(schedule.two_phase);
         let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
         let latency = match (frame.kind, frame.ack_type) {
             (FrameType::Error, _) if m.error.is_none() => {
@@ -536,13 +539,13 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
             }
             _ => None,
         };
-        (latency, !was_settled && m.settled(schedule.two_phase))
+        (latency, !was_complete && m.complete(schedule.two_phase))
     };
     if let Some((which, l)) = latency {
         rec.record(which, l);
     }
-    if became_settled {
-        Counters::bump(&rec.counters.settled);
+    if became_complete {
+        Counters::bump(&rec.counters.complete);
         state.answered.notify_one();
     }
 }
@@ -633,13 +636,13 @@ async fn keep_alive(mut writer: WsWriter, mut shutdown: watch::Receiver<bool>) {
     writer.close().await;
 }
 
-/// Waits after the last send until every message is settled and every answered one delivered, or
+/// Waits after the last send until every message is complete and every answered one delivered, or
 /// `allowance` passes; then lingers briefly for late duplicates. Returns the time used.
 async fn drain(rec: &Recorder, stop: Instant, allowance: Duration) -> Duration {
     let deadline = stop + allowance;
     loop {
         let c = rec.counters.snapshot();
-        let complete = c.settled >= c.sent && c.delivered + c.errored >= c.sent;
+        let complete = c.complete >= c.sent && c.delivered + c.errored >= c.sent;
         if complete {
             tokio::time::sleep(LINGER).await;
             break;
@@ -705,8 +708,9 @@ async fn progress_loop(rec: Arc<Recorder>, phase: Arc<AtomicU8>, label: String, 
         last = (now, c);
         let phase = match phase.load(Ordering::Relaxed) {
             0 => "connecting",
-            1 => "warm-up",
-            2 => "measuring",
+            1 => "settling",
+            2 => "warm-up",
+            3 => "measuring",
             _ => "draining",
         };
         let connected = c.connect_ok;

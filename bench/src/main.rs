@@ -110,6 +110,10 @@ struct LoadArgs {
     /// Measured window.
     #[arg(long, default_value_t = 20.0)]
     duration_secs: f64,
+    /// Pause after all connections are up, before the first send (0 exposes the gateway's
+    /// connect-time offline-resend race as duplicate pushes).
+    #[arg(long, default_value_t = 1.0)]
+    settle_secs: f64,
     /// Sending before the measured window (checked, not measured).
     #[arg(long, default_value_t = 3.0)]
     warmup_secs: f64,
@@ -185,6 +189,7 @@ impl LoadArgs {
             interval,
             closed_loop: self.closed_loop,
             body_bytes: self.body_bytes,
+            settle: secs(self.settle_secs, "settle-secs")?,
             warmup: secs(self.warmup_secs, "warmup-secs")?,
             duration: secs(self.duration_secs, "duration-secs")?,
             drain: secs(self.drain_secs, "drain-secs")?,

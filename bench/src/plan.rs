@@ -1,12 +1,11 @@
 //! Who talks to whom, through which gateway, and when: fixed sender → receiver pairs.
 //!
-//! Pair `i` is sender `base + 2i` → receiver `base + 2i + 1`. Each user lands on a gateway by a
-//! salted hash of its id, not `uid % gateways`: with pairs of consecutive ids, a modulo would put every
-//! sender on the even gateways and every receiver on the odd ones. The hash is the splitmix64
-//! finalizer, whose low bits depend on every input bit. FNV-1a (what `shard_of` uses) would not do:
-//! multiplying by an odd prime keeps low bits low, so `fnv1a64(x) mod 2^k` depends only on the low `k`
-//! bits of each byte, a salt merely flips them, and the gateway would follow the shard exactly
-//! (every sender of shard 0 on gateway 0 with 2 gateways and 2 shards).
+//! Pair `i` is sender `base + i` → receiver `base + pairs + i`: the senders are one contiguous id
+//! block, which `shard_of` spreads evenly over any number of shards.
+//!
+//! Each user lands on a gateway by a salted hash of its id (the splitmix64 finalizer), not
+//! `uid % gateways`, which would tie the gateway to the id's low bits; the salt keeps the gateway
+//! independent of the shard.
 //!
 //! Senders do not tick together: each starts at its own hashed offset within one interval, which
 //! spreads the offered load evenly over time (an open-loop schedule, seed §5.1).
@@ -28,10 +27,11 @@ pub struct Pair {
 
 /// The pairs of a run of `connections` users starting at `base_uid`.
 pub fn pairs(base_uid: u64, connections: usize, gateways: usize, interval: Duration) -> Vec<Pair> {
-    (0..connections / 2)
+    let pairs = connections / 2;
+    (0..pairs)
         .map(|i| {
-            let sender = base_uid + 2 * i as u64;
-            let receiver = sender + 1;
+            let sender = base_uid + i as u64;
+            let receiver = base_uid + (pairs + i) as u64;
             Pair {
                 index: i,
                 sender,
@@ -79,19 +79,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pairs_are_consecutive_ids_and_balanced_over_gateways() {
+    fn senders_and_receivers_are_two_id_blocks_balanced_over_gateways() {
         let ps = pairs(1_000_000, 20_000, 4, Duration::from_secs(3));
         assert_eq!(ps.len(), 10_000);
-        assert_eq!((ps[3].sender, ps[3].receiver), (1_000_006, 1_000_007));
+        assert_eq!((ps[3].sender, ps[3].receiver), (1_000_003, 1_010_003));
         let mut senders = [0usize; 4];
         let mut receivers = [0usize; 4];
         for p in &ps {
             senders[p.sender_gateway] += 1;
             receivers[p.receiver_gateway] += 1;
         }
-        // uid % 4 would put all senders on gateways 0 and 2.
         for count in senders.iter().chain(&receivers) {
             assert!((2_300..2_700).contains(count), "unbalanced: senders {senders:?} receivers {receivers:?}");
+        }
+    }
+
+    #[test]
+    fn senders_spread_evenly_over_shards_even_in_small_runs() {
+        for base in [fresh_base_uid(), 10_000, 1 << 40] {
+            for (senders, shards) in [(10usize, 2u16), (10, 4), (100, 2), (100, 8), (1000, 4)] {
+                let mut counts = vec![0usize; usize::from(shards)];
+                for p in pairs(base, 2 * senders, 2, Duration::from_secs(1)) {
+                    counts[usize::from(im_common::shard::shard_of(p.sender, shards))] += 1;
+                }
+                let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+                assert!(
+                    spread <= 2.max(senders / 20),
+                    "base {base}: {senders} senders over {shards} shards: {counts:?}"
+                );
+            }
         }
     }
 

@@ -126,8 +126,8 @@ pub struct Counters {
     pub saved: AtomicU64,
     /// Distinct messages answered with an `ERROR`.
     pub errored: AtomicU64,
-    /// Messages with every answer they will get (see `load::SentMsg::settled`).
-    pub settled: AtomicU64,
+    /// Messages with every answer they will get (see `checker::SentMsg::complete`).
+    pub complete: AtomicU64,
     /// Distinct messages pushed to their recipient.
     pub delivered: AtomicU64,
     /// Pushes of a message the recipient already had.
@@ -145,7 +145,7 @@ pub struct CounterSnapshot {
     pub accepted: u64,
     pub saved: u64,
     pub errored: u64,
-    pub settled: u64,
+    pub complete: u64,
     pub delivered: u64,
     pub duplicates: u64,
 }
@@ -171,7 +171,7 @@ impl Counters {
             accepted: Self::get(&self.accepted),
             saved: Self::get(&self.saved),
             errored: Self::get(&self.errored),
-            settled: Self::get(&self.settled),
+            complete: Self::get(&self.complete),
             delivered: Self::get(&self.delivered),
             duplicates: Self::get(&self.duplicates),
         }

@@ -24,6 +24,8 @@ pub struct LoadSummary {
     pub interval_ms: f64,
     pub closed_loop: bool,
     pub body_bytes: usize,
+    /// Pause between the last connection and the first send.
+    pub settle_secs: f64,
     pub warmup_secs: f64,
     pub duration_secs: f64,
     /// The drain allowance, and how much of it the run needed.
@@ -110,7 +112,7 @@ pub struct RunReport {
     pub mode: String,
     /// Unix ms when the run began.
     pub started_at_ms: u64,
-    /// The run's users are `base_uid ..= base_uid + connections - 1`.
+    /// The run's users are `base_uid ..= base_uid + connections - 1`: senders first, then receivers.
     pub base_uid: u64,
     pub load: LoadSummary,
     pub connections: ConnectionReport,
@@ -166,6 +168,7 @@ impl RunReport {
                 interval_ms: r.spec.interval.as_secs_f64() * 1000.0,
                 closed_loop: r.spec.closed_loop,
                 body_bytes: r.spec.body_bytes,
+                settle_secs: r.spec.settle.as_secs_f64(),
                 warmup_secs: r.spec.warmup.as_secs_f64(),
                 duration_secs: r.spec.duration.as_secs_f64(),
                 drain_secs: r.spec.drain.as_secs_f64(),
@@ -279,8 +282,8 @@ impl fmt::Display for RunReport {
         )?;
         writeln!(
             f,
-            "  window {:.0} s after {:.0} s warm-up; drain used {:.1} of {:.0} s",
-            l.duration_secs, l.warmup_secs, l.drain_used_secs, l.drain_secs
+            "  window {:.0} s after {:.1} s settle and {:.0} s warm-up; drain used {:.1} of {:.0} s",
+            l.duration_secs, l.settle_secs, l.warmup_secs, l.drain_used_secs, l.drain_secs
         )?;
         writeln!(
             f,

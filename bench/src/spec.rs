@@ -48,6 +48,11 @@ pub struct LoadSpec {
     pub closed_loop: bool,
     /// Body size in bytes (at least the few bytes that carry the send time).
     pub body_bytes: usize,
+    /// Pause between the last connection coming up and the first send. The gateway's offline resend
+    /// runs at connect time, concurrently with live pushes; a message saved before a slow resend
+    /// reads the inbox is pushed twice. A second of settling keeps a steady-state measurement free of
+    /// that connect-time race; 0 reproduces it.
+    pub settle: Duration,
     /// Sending before the measured window; these messages are checked but not in the latency figures.
     pub warmup: Duration,
     /// The measured window.
@@ -74,6 +79,7 @@ impl Default for LoadSpec {
             interval: Duration::from_millis(3000),
             closed_loop: false,
             body_bytes: 64,
+            settle: Duration::from_secs(1),
             warmup: Duration::from_secs(3),
             duration: Duration::from_secs(20),
             drain: Duration::from_secs(10),

@@ -187,11 +187,18 @@ impl Store {
         Ok(rows.into_iter().map(to_message).collect())
     }
 
-    /// Saved messages to `user` with id above `after`, oldest first (one page of offline resend).
-    pub async fn inbox_after(&self, user: u64, after: u64, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
+    /// Saved messages to `user` with ids in `after < id < before`, oldest first (one page of offline
+    /// resend).
+    pub async fn inbox_between(
+        &self,
+        user: u64,
+        after: u64,
+        before: u64,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
         let sql = "SELECT id, from_user_id, to_user_id, client_msg_id, msg_type, content FROM messages \
-                   WHERE to_user_id = ? AND id > ? ORDER BY id LIMIT ?";
-        let rows = self.pool.get_conn().await?.exec(sql, (user, after, limit)).await?;
+                   WHERE to_user_id = ? AND id > ? AND id < ? ORDER BY id LIMIT ?";
+        let rows = self.pool.get_conn().await?.exec(sql, (user, after, before, limit)).await?;
         Ok(rows.into_iter().map(to_message).collect())
     }
 

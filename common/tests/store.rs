@@ -64,12 +64,12 @@ async fn inbox_pages_follow_the_delivered_cursor() {
     let store = Store::connect(&env.mysql_url, 2).unwrap();
     store.save_batch(&[msg(20, 1, 5, "x", "1"), msg(21, 2, 5, "y", "2"), msg(22, 1, 6, "z", "3")]).await.unwrap();
     assert_eq!(store.delivered_cursor(5).await.unwrap(), 0);
-    let page: Vec<u64> = store.inbox_after(5, 0, 10).await.unwrap().iter().map(|m| m.id).collect();
+    let page: Vec<u64> = store.inbox_between(5, 0, u64::MAX, 10).await.unwrap().iter().map(|m| m.id).collect();
     assert_eq!(page, vec![20, 21]);
     store.advance_cursors(&[(5, 20), (6, 22)]).await.unwrap();
     store.advance_cursors(&[(5, 3)]).await.unwrap(); // never moves back
     assert_eq!(store.delivered_cursor(5).await.unwrap(), 20);
-    let page: Vec<u64> = store.inbox_after(5, 20, 10).await.unwrap().iter().map(|m| m.id).collect();
+    let page: Vec<u64> = store.inbox_between(5, 20, 22, 10).await.unwrap().iter().map(|m| m.id).collect();
     assert_eq!(page, vec![21]);
     store.close().await;
     env.cleanup().await;

@@ -73,7 +73,9 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
             tracing::warn!(uid, error = %e, "route register failed; remote pushes reach this user after the heartbeat");
         }
     }
-    let resend = tokio::spawn(crate::offline::resend(gw.store.clone(), uid, cfg.offline_page_size, conn.out.clone()));
+    let online_since = im_common::ids::now_ms();
+    let resend = crate::offline::resend(gw.store.clone(), uid, cfg.offline_page_size, conn.out.clone(), online_since);
+    let resend = tokio::spawn(resend);
 
     let close = tokio::select! {
         close = read_loop(&gw, uid, &mut reader, &conn) => close,

@@ -22,6 +22,17 @@ struct Args {
     ready_file: Option<PathBuf>,
 }
 
+/// Binds with a deep accept queue: the OS default of 128 overflows when thousands of clients
+/// reconnect at once (after a gateway restart), and every dropped SYN costs its client a 1 s retry.
+fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr: std::net::SocketAddr =
+        addr.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     im_common::telemetry::init_tracing();
@@ -36,8 +47,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.validate()?;
     let labels = [("process", "gateway".to_owned()), ("node", cfg.gateway.node_id.to_string())];
     let metrics = im_common::telemetry::install_metrics(&labels).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(&cfg.gateway.listen)
-        .await
+    let listener = listen(&cfg.gateway.listen)
         .with_context(|| format!("cannot listen on gateway.listen = {}", cfg.gateway.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node = cfg.gateway.node_id, mode = cfg.mode().as_str(), "gateway listening");

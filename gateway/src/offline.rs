@@ -1,7 +1,7 @@
 //! Offline resend and delivery cursors.
 //!
-//! On connect, a user is sent every saved message addressed to them beyond their delivered cursor, in
-//! pages of `gateway.offline_page_size`, oldest first. Clients confirm with `ACK {ackType:"delivered"}`;
+//! On connect, a user is sent every saved message addressed to them beyond their delivered cursor and
+//! accepted before they came online, in pages of `gateway.offline_page_size`, oldest first. Clients confirm with `ACK {ackType:"delivered"}`;
 //! those confirmations only move an in-memory high-water mark per user, and a flusher writes all of
 //! them in one statement every `gateway.cursor_flush_ms` — never one write per message.
 
@@ -12,36 +12,61 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use im_common::ids;
 use im_common::protocol::ServerFrame;
 use im_common::store::Store;
 
-/// Pushes a user's undelivered saved messages into their connection's queue. Waits for queue space
-/// (the queue is the connection's own), so a long backlog is paced by the client's reading speed.
-pub async fn resend(store: Store, uid: u64, page_size: u32, out: mpsc::Sender<Bytes>) {
-    let mut after = match store.delivered_cursor(uid).await {
+/// Second look at the inbox, for messages that were in flight when the user came online.
+const SECOND_PASS_AFTER: Duration = Duration::from_secs(2);
+
+/// Pushes a user's undelivered saved messages into their connection's queue, oldest first. Waits for
+/// queue space (the queue is the connection's own), so a long backlog is paced by the client.
+///
+/// Only messages accepted before `online_since_ms` (when the user's route was registered) are
+/// resent: later ones find the route when they are pushed and arrive live, and resending them too
+/// would push them twice. A second pass after [`SECOND_PASS_AFTER`] picks up messages that were in
+/// flight at connect time: accepted before, pushed before the route existed, and saved only after
+/// the first pass read the inbox. (Ids carry their gateway's clock, so the boundary is as sharp as
+/// the gateways' clocks agree.)
+pub async fn resend(store: Store, uid: u64, page_size: u32, out: mpsc::Sender<Bytes>, online_since_ms: u64) {
+    let before = ids::min_id_at(online_since_ms);
+    let after = match store.delivered_cursor(uid).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(uid, error = %e, "offline resend: cannot read cursor");
             return;
         }
     };
+    let Some(after) = resend_pass(&store, uid, after, before, page_size, &out).await else { return };
+    tokio::time::sleep(SECOND_PASS_AFTER).await;
+    resend_pass(&store, uid, after, before, page_size, &out).await;
+}
+
+/// Sends the inbox between `after` and `before`; returns the last id sent (or `after`), `None` when
+/// the connection or the database went away.
+async fn resend_pass(
+    store: &Store,
+    uid: u64,
+    mut after: u64,
+    before: u64,
+    page_size: u32,
+    out: &mpsc::Sender<Bytes>,
+) -> Option<u64> {
     loop {
-        let page = match store.inbox_after(uid, after, page_size).await {
+        let page = match store.inbox_between(uid, after, before, page_size).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(uid, error = %e, "offline resend: cannot read inbox");
-                return;
+                return None;
             }
         };
         for msg in &page {
-            if out.send(Bytes::from(ServerFrame::chat(msg).to_json())).await.is_err() {
-                return;
-            }
+            out.send(Bytes::from(ServerFrame::chat(msg).to_json())).await.ok()?;
             metrics::counter!("im_gateway_offline_resent_total").increment(1);
         }
-        match page.last() {
-            Some(last) if page.len() == page_size as usize => after = last.id,
-            _ => return,
+        after = page.last().map_or(after, |m| m.id);
+        if page.len() < page_size as usize {
+            return Some(after);
         }
     }
 }
