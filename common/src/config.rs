@@ -370,11 +370,12 @@ impl Config {
     }
 }
 
-/// Sets `section.key` (given as `SECTION__KEY`) in `table` from an environment value.
+/// Sets `section.key` (given as `SECTION__KEY`) in `table` from an environment value. An error in the
+/// variable's name names the variable (`IM__GATEWAY____LISTEN`), which is what the operator has to find.
 fn apply_override(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
     let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
-    // `IM__`, `IM__GATEWAY__` or `IM__GATEWAY____LISTEN` would set a key named "" that the error
-    // could only call ``; name the variable instead so the operator can find it.
+    // `IM__`, `IM__GATEWAY__` or `IM__GATEWAY____LISTEN` would set a key named "" that a key error
+    // could only call `` or `gateway.`.
     if parts.iter().any(String::is_empty) {
         return Err(ConfigError::Key {
             key: format!("IM__{path}"),
@@ -392,9 +393,10 @@ fn apply_override(table: &mut toml::Table, path: &str, raw: &str) -> Result<(), 
     let mut cursor = table;
     for section in sections {
         let entry = cursor.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
-        cursor = entry
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::Key { key: key.clone(), message: format!("`{section}` is not a section") })?;
+        cursor = entry.as_table_mut().ok_or_else(|| ConfigError::Key {
+            key: format!("IM__{path}"),
+            message: format!("`{section}` in `{key}` is not a section"),
+        })?;
     }
     cursor.insert(last.clone(), value);
     Ok(())
@@ -445,11 +447,21 @@ mod tests {
     }
 
     #[test]
-    fn override_with_an_empty_name_names_the_variable() {
+    fn override_with_a_malformed_name_names_the_variable() {
         // Found by the property tests: these used to fail as "config key ``" or "config key `gateway.`".
         for var in ["IM__", "IM__GATEWAY__", "IM__GATEWAY____LISTEN", "IM____X"] {
             let err = Config::load_with_env(None, [(var.to_owned(), "0".to_owned())]).unwrap_err();
             assert!(matches!(&err, ConfigError::Key { key, .. } if key == var), "{var}: {err:?}");
         }
+        // Also found by them: a variable that digs into a plain value used to be reported as `...jm_`.
+        let env = [("IM__.".to_owned(), "1".to_owned()), ("IM__.__.Jm_".to_owned(), "2".to_owned())];
+        let err = Config::load_with_env(None, env).unwrap_err();
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "IM__.__.Jm_"), "{err:?}");
+        let env = [
+            ("IM__CLUSTER__SHARDS".to_owned(), "8".to_owned()),
+            ("IM__CLUSTER__SHARDS__MAX".to_owned(), "9".to_owned()),
+        ];
+        let err = Config::load_with_env(None, env).unwrap_err().to_string();
+        assert!(err.contains("IM__CLUSTER__SHARDS__MAX") && err.contains("`shards`"), "{err}");
     }
 }
