@@ -147,3 +147,58 @@ async fn gateway_drain_closes_with_going_away_and_retries_elsewhere_lose_nothing
     drop(c);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_with_messages_in_flight_keeps_per_sender_order() {
+    use mysql_async::prelude::Queryable;
+    let env = TestEnv::new("reshard");
+    let mut c = TestCluster::start(&spec(&env, Mode::Full, 1, 2)).await.unwrap();
+    let secret = c.state.jwt_secret.clone();
+    let senders: Vec<u64> = (70_000..70_020).collect();
+    let moved =
+        senders.iter().filter(|&&u| im_common::shard::shard_of(u, 2) != im_common::shard::shard_of(u, 3)).count();
+    assert!(moved > 0, "some senders change shard");
+
+    // Hold the saves (table lock) so phase-1 messages are still in the streams when the switch starts.
+    let mut lock = mysql_async::Conn::from_url(c.state.mysql_url.as_str()).await.unwrap();
+    lock.query_drop("LOCK TABLES messages WRITE, conversations WRITE").await.unwrap();
+    let send_phase = |url: String, phase: u32| {
+        let secret = secret.clone();
+        let senders = senders.clone();
+        async move {
+            let mut accepted = 0;
+            for &uid in &senders {
+                let mut client = Client::connect(&url, &secret, uid).await;
+                for k in 0..15 {
+                    client.chat(uid + 1000, &format!("p{phase}-{k:02}"), "reshard").await;
+                }
+                for k in 0..15 {
+                    client.ack("accepted", &format!("p{phase}-{k:02}")).await;
+                    accepted += 1;
+                }
+            }
+            accepted
+        }
+    };
+    assert_eq!(send_phase(c.state.gateways[0].ws_url.clone(), 1).await, 300);
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        lock.query_drop("UNLOCK TABLES").await.unwrap();
+        lock
+    });
+    cluster::reshard(&mut c.state, 3, Duration::from_secs(60)).await.unwrap();
+    drop(release.await.unwrap());
+    assert_eq!((c.state.shards, c.state.workers.len()), (3, 3));
+    assert_eq!(send_phase(c.state.gateways[0].ws_url.clone(), 2).await, 300);
+
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap() < 600 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every phase-1 row of a sender comes before every phase-2 row, in order (ids are acceptance order).
+    assert_eq!(traffic::check_rows(&store).await, (600, 0, 0), "rows, duplicates, senders out of order");
+    store.close().await;
+    drop(c);
+    env.cleanup().await;
+}

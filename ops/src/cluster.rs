@@ -184,6 +184,54 @@ pub async fn scale(state: &mut ClusterState, gateways: usize, workers: usize) ->
     wait_ready(&added).await
 }
 
+/// Changes the shard count of a running cluster the safe way (docs/OPERATIONS.md, "Changing the shard
+/// count"): stop the gateways so appends pause, wait until every shard's streams are empty, stop the
+/// workers, write the new count into the cluster config, then start one worker per new shard and the
+/// gateways again under their node ids. Every message appended before the switch is saved before any
+/// appended after it, so per-sender order holds even for senders whose shard changes.
+pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Duration) -> Result<(), ClusterError> {
+    let config_err =
+        |e: im_common::config::ConfigError| ClusterError::BadState(state.config_path.clone(), e.to_string());
+    let mut cfg = Config::load(Some(&state.config_path)).map_err(config_err)?;
+    let gateways: Vec<GatewayProc> = std::mem::take(&mut state.gateways);
+    futures_util::future::join_all(gateways.iter().map(|g| terminate(g.pid, Duration::from_secs(10)))).await;
+
+    // Drained: nothing left in any stream of the old shard count.
+    let keys = im_common::keys::Keys::from_config(&cfg);
+    let redis_err =
+        |e: redis::RedisError| ClusterError::Io { what: "drain check".into(), source: std::io::Error::other(e) };
+    let mut redis = im_common::bus::connect(&cfg.redis.url).await.map_err(redis_err)?;
+    let started = Instant::now();
+    loop {
+        let mut pipe = redis::pipe();
+        for shard in 0..cfg.cluster.shards {
+            pipe.xlen(keys.accepted_stream(shard)).xlen(keys.to_save_stream(shard));
+        }
+        let lengths: Vec<u64> = pipe.query_async(&mut redis).await.map_err(redis_err)?;
+        if lengths.iter().all(|&l| l == 0) {
+            break;
+        }
+        if started.elapsed() > drain_timeout {
+            return Err(ClusterError::NotReady("shard drain".into(), drain_timeout, state.dir.clone()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let workers: Vec<WorkerProc> = std::mem::take(&mut state.workers);
+    futures_util::future::join_all(workers.iter().map(|w| terminate(w.pid, Duration::from_secs(15)))).await;
+
+    cfg.cluster.shards = shards;
+    let text = toml::to_string(&cfg).map_err(|e| ClusterError::BadState(state.config_path.clone(), e.to_string()))?;
+    std::fs::write(&state.config_path, text).map_err(io_err("write cluster.toml"))?;
+    state.shards = shards;
+    for shard in 0..shards {
+        state.workers.push(spawn_worker(&state.dir, &state.config_path, usize::from(shard), Some(shard))?);
+    }
+    for g in &gateways {
+        state.gateways.push(spawn_gateway(&state.dir, &state.config_path, g.node_id)?);
+    }
+    wait_ready(state).await
+}
+
 /// Starts one more gateway with node id `node` (also used to restart one).
 pub fn spawn_gateway(dir: &Path, config: &Path, node: u16) -> Result<GatewayProc, ClusterError> {
     let ready = dir.join(format!("gateway-{node}.ready"));

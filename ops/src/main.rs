@@ -93,6 +93,16 @@ enum Cmd {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Change the shard count of a running cluster: stop gateways, drain every shard, switch, restart.
+    Reshard {
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        shards: u16,
+        /// Longest wait for the streams to drain.
+        #[arg(long, default_value_t = 300)]
+        drain_timeout_secs: u64,
+    },
     /// Stop everything `ops up` started.
     Down {
         #[arg(long, default_value = ".im-local/cluster.json")]
@@ -233,6 +243,17 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Dashboard { state, listen, ready_file } => {
             im_ops::dashboard::run(&listen, state, ready_file.as_deref()).await?;
+        }
+        Cmd::Reshard { state, shards, drain_timeout_secs } => {
+            let mut cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
+            let from = cluster.shards;
+            cluster::reshard(&mut cluster, shards, std::time::Duration::from_secs(drain_timeout_secs)).await?;
+            cluster::save_state(&cluster, &state)?;
+            im_ops::observability::write_prometheus_targets(&cluster, &im_ops::observability::targets_path(&state))?;
+            println!("resharded from {from} to {shards} shards; gateways restarted (clients reconnect):");
+            for g in &cluster.gateways {
+                println!("  gateway {}  {}", g.node_id, g.ws_url);
+            }
         }
         Cmd::Down { state } => {
             let cluster = cluster::load_state(&state).with_context(|| "no cluster to stop")?;
