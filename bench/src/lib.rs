@@ -17,6 +17,7 @@ pub mod client;
 pub mod compare;
 pub mod cpu;
 pub mod db;
+pub mod hold;
 pub mod load;
 pub mod plan;
 pub mod recorder;
