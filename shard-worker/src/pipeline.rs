@@ -46,6 +46,49 @@ impl ShardContext {
     fn tick(&self) {
         self.progress.store(now_ms(), Ordering::Relaxed);
     }
+
+    /// The next non-empty batch, retrying failed reads with backoff; `None` once the lease is gone.
+    async fn next_batch(&self, reader: &mut StreamReader, backoff: &mut Backoff) -> Option<Vec<Entry>> {
+        while self.lease.is_valid() {
+            self.tick();
+            match reader.next_batch().await {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => return Some(batch),
+                Err(e) => {
+                    tracing::warn!(shard = self.shard, stream = %reader.key, error = %e, "read failed");
+                    reader.rewind();
+                    backoff.wait().await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs `step` until it succeeds, backing off between tries; `None` if the lease is lost first
+    /// (the batch stays pending, and the next owner redoes it).
+    async fn until_done<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+        &self,
+        backoff: &mut Backoff,
+        what: &str,
+        mut step: impl FnMut() -> F,
+    ) -> Option<T> {
+        loop {
+            match step().await {
+                Ok(value) => {
+                    backoff.reset();
+                    return Some(value);
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.shard, error = %e, "{what} failed; retrying the batch");
+                    self.tick();
+                    if !self.lease.is_valid() {
+                        return None;
+                    }
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
 }
 
 /// Entries decoded; those that do not decode are set aside for the dead-letter stream.
@@ -77,51 +120,27 @@ fn age_seconds(id: u64) -> f64 {
 /// The deliver stage (full mode). Returns when the lease is lost.
 pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
     let to_save = ctx.keys.to_save_stream(ctx.shard);
+    let shard = ctx.label();
+    let pushed_age = metrics::histogram!("im_worker_accepted_to_pushed_seconds", "shard" => shard.clone());
     let mut backoff = Backoff::new();
-    while ctx.lease.is_valid() {
-        ctx.tick();
-        let batch = match reader.next_batch().await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(shard = ctx.shard, error = %e, "deliver: read failed");
-                reader.rewind();
-                backoff.wait().await;
-                continue;
-            }
-        };
-        if batch.is_empty() {
-            continue;
-        }
+    while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
         let decoded = decode_batch(&batch);
         let pushes: Vec<_> = decoded.ok.iter().map(|(_, a)| chat_push(&a.msg)).collect();
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         // Undecodable entries go straight to to_save too: the save stage dead-letters them in one place.
         let payloads: Vec<&[u8]> = batch.iter().map(|e| e.payload.as_slice()).collect();
-        loop {
-            let result = async {
-                let (pubs, _) = ctx.router.prepare(pushes.clone(), None).await?;
-                ctx.mover.handoff(&reader.key, &to_save, &ids, &payloads, &pubs).await
-            }
-            .await;
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(shard = ctx.shard, error = %e, "deliver: push/handoff failed; retrying batch");
-                    if !ctx.lease.is_valid() {
-                        return;
-                    }
-                    backoff.wait().await;
-                }
-            }
+        let handoff = || async {
+            let (pubs, _) = ctx.router.prepare(pushes.clone(), None).await?;
+            ctx.mover.handoff(&reader.key, &to_save, &ids, &payloads, &pubs).await
+        };
+        if ctx.until_done(&mut backoff, "deliver: push/handoff", handoff).await.is_none() {
+            return;
         }
-        backoff.reset();
-        let shard = ctx.label();
         metrics::counter!("im_worker_delivered_total", "shard" => shard.clone()).increment(decoded.ok.len() as u64);
         metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "deliver")
             .record(batch.len() as f64);
         for (_, a) in &decoded.ok {
-            metrics::histogram!("im_worker_accepted_to_pushed_seconds", "shard" => shard.clone())
-                .record(age_seconds(a.msg.id));
+            pushed_age.record(age_seconds(a.msg.id));
         }
     }
 }
@@ -131,44 +150,24 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
 pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_save: bool) {
     let dead_stream = ctx.keys.dead_letter_stream(ctx.shard);
     let shard = ctx.label();
+    let saved_age = metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone());
     let mut backoff = Backoff::new();
-    while ctx.lease.is_valid() {
-        ctx.tick();
-        let batch = match reader.next_batch().await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(shard = ctx.shard, error = %e, "save: read failed");
-                reader.rewind();
-                backoff.wait().await;
-                continue;
-            }
-        };
-        if batch.is_empty() {
-            continue;
-        }
+    while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
         let decoded = decode_batch(&batch);
         let msgs: Vec<ChatMessage> = decoded.ok.iter().map(|(_, a)| a.msg.clone()).collect();
 
         // Save, retrying while the database is away; the entries stay pending meanwhile.
-        let outcome = loop {
+        let insert = || async {
             let started = Instant::now();
-            match ctx.store.save_batch(&msgs).await {
-                Ok(outcome) => {
-                    metrics::histogram!("im_worker_insert_seconds", "shard" => shard.clone())
-                        .record(started.elapsed().as_secs_f64());
-                    break outcome;
-                }
-                Err(e) => {
-                    metrics::counter!("im_worker_save_retries_total", "shard" => shard.clone()).increment(1);
-                    tracing::warn!(shard = ctx.shard, error = %e, rows = msgs.len(), "save: insert failed; retrying");
-                    ctx.tick();
-                    if !ctx.lease.is_valid() {
-                        return;
-                    }
-                    backoff.wait().await;
-                }
+            let result = ctx.store.save_batch(&msgs).await;
+            match &result {
+                Ok(_) => metrics::histogram!("im_worker_insert_seconds", "shard" => shard.clone())
+                    .record(started.elapsed().as_secs_f64()),
+                Err(_) => metrics::counter!("im_worker_save_retries_total", "shard" => shard.clone()).increment(1),
             }
+            result
         };
+        let Some(outcome) = ctx.until_done(&mut backoff, "save: insert", insert).await else { return };
 
         let mut frames = Vec::with_capacity(msgs.len() * 2);
         let mut saved_keys = Vec::with_capacity(outcome.saved.len());
@@ -198,31 +197,19 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
             ));
         }
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
-        loop {
-            let result = async {
-                let (pubs, _) = ctx.router.prepare(frames.clone(), None).await?;
-                ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &saved_keys).await
-            }
-            .await;
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(shard = ctx.shard, error = %e, "save: receipts/commit failed; retrying");
-                    if !ctx.lease.is_valid() {
-                        return;
-                    }
-                    backoff.wait().await;
-                }
-            }
+        let commit = || async {
+            let (pubs, _) = ctx.router.prepare(frames.clone(), None).await?;
+            ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &saved_keys).await
+        };
+        if ctx.until_done(&mut backoff, "save: receipts/commit", commit).await.is_none() {
+            return;
         }
-        backoff.reset();
         metrics::counter!("im_worker_saved_total", "shard" => shard.clone()).increment(outcome.saved.len() as u64);
         metrics::counter!("im_worker_dead_letters_total", "shard" => shard.clone()).increment(dead.len() as u64);
         metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "save")
             .record(batch.len() as f64);
         for m in &msgs {
-            metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone())
-                .record(age_seconds(m.id));
+            saved_age.record(age_seconds(m.id));
         }
     }
 }
