@@ -319,7 +319,8 @@ impl Config {
             ("cluster.shards", self.cluster.shards.into(), 1, 1024),
             ("gateway.node_id", self.gateway.node_id.into(), 0, u64::from(crate::ids::MAX_NODES) - 1),
             ("gateway.max_frame_bytes", self.gateway.max_frame_bytes as u64, 256, 16 << 20),
-            ("gateway.max_body_chars", self.gateway.max_body_chars as u64, 1, 1 << 20),
+            // The content column is TEXT (65,535 bytes): at 4 bytes a character, 16,383 characters fit.
+            ("gateway.max_body_chars", self.gateway.max_body_chars as u64, 1, 16_383),
             ("gateway.rate_per_sec", self.gateway.rate_per_sec.into(), 1, 1_000_000),
             ("gateway.rate_burst", self.gateway.rate_burst.into(), 1, 1_000_000),
             ("gateway.idle_timeout_ms", self.gateway.idle_timeout_ms, 1000, 86_400_000),

@@ -615,3 +615,14 @@ proptest! {
         oracles::check_config(&text);
     }
 }
+
+// ---------------------------------------------------------------- inputs the fuzzers and proptest found
+
+/// config_loader, 2026-11-25: a variable name with a backtick, dots and a NUL made an unknown-field
+/// error whose key the oracle could not find in its message. The loader was right (the message quotes
+/// the whole name); the oracle now tries every split of the key.
+#[test]
+fn config_key_with_backticks_dots_and_nul_is_named() {
+    let input = b"M__OIT_WPH__SAEENABLED=false\nIM__CSTL^^^`listencd..^^^^\x00NS='[\"hMYSQL__URL=\"mauthysql://u:p@h:3306/db?pool_min=1&pool_max=4\"\n";
+    oracles::check_config(std::str::from_utf8(input).expect("the input is UTF-8"));
+}
