@@ -30,6 +30,9 @@ pub struct SentMsg {
     pub saved: Option<u64>,
     /// Reason of an `ERROR` for this message.
     pub error: Option<String>,
+    /// Times it was sent again with the same clientMsgId after a reconnect (its receipts may then
+    /// arrive twice, with the same serverMsgId).
+    pub resends: u32,
 }
 
 impl SentMsg {
@@ -223,7 +226,12 @@ mod tests {
     /// One pair, `n` messages all accepted and saved under id `1000 + seq`.
     fn pair(n: u64) -> (SenderLog, ReceiverLog) {
         let messages = (0..n)
-            .map(|seq| SentMsg { sent_at_us: seq, accepted: Some(1000 + seq), saved: Some(1000 + seq), error: None })
+            .map(|seq| SentMsg {
+                sent_at_us: seq,
+                accepted: Some(1000 + seq),
+                saved: Some(1000 + seq),
+                ..Default::default()
+            })
             .collect();
         let deliveries = (0..n).map(|seq| Delivery { from: 1, seq, server_msg_id: 1000 + seq }).collect();
         (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, gone: false })

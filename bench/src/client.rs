@@ -118,12 +118,42 @@ pub async fn connect(
     auth: AuthMode,
     timeout: Duration,
 ) -> Result<(WsReader, WsWriter), ConnectError> {
-    tokio::time::timeout(timeout, open(ws_url, token, auth)).await.map_err(|_| ConnectError::Timeout)?
+    connect_with(ws_url, token, auth, timeout, None).await
 }
 
-async fn open(ws_url: &str, token: &str, auth: AuthMode) -> Result<(WsReader, WsWriter), ConnectError> {
+/// [`connect`], with the socket's receive buffer set to `recv_buffer` bytes when given (a slow reader
+/// with a small buffer backs up the gateway's outbound queue soon, as a phone on a bad link would).
+pub async fn connect_with(
+    ws_url: &str,
+    token: &str,
+    auth: AuthMode,
+    timeout: Duration,
+    recv_buffer: Option<u32>,
+) -> Result<(WsReader, WsWriter), ConnectError> {
+    tokio::time::timeout(timeout, open(ws_url, token, auth, recv_buffer)).await.map_err(|_| ConnectError::Timeout)?
+}
+
+async fn open(
+    ws_url: &str,
+    token: &str,
+    auth: AuthMode,
+    recv_buffer: Option<u32>,
+) -> Result<(WsReader, WsWriter), ConnectError> {
     let (host, path) = split_ws_url(ws_url).ok_or_else(|| ConnectError::BadUrl(ws_url.to_owned()))?;
-    let tcp = TcpStream::connect(host).await.map_err(ConnectError::Tcp)?;
+    let tcp = match recv_buffer {
+        None => TcpStream::connect(host).await.map_err(ConnectError::Tcp)?,
+        Some(bytes) => {
+            let addr = tokio::net::lookup_host(host)
+                .await
+                .map_err(ConnectError::Tcp)?
+                .next()
+                .ok_or_else(|| ConnectError::BadUrl(ws_url.to_owned()))?;
+            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+            let socket = socket.map_err(ConnectError::Tcp)?;
+            socket.set_recv_buffer_size(bytes).map_err(ConnectError::Tcp)?;
+            socket.connect(addr).await.map_err(ConnectError::Tcp)?
+        }
+    };
     let _ = tcp.set_nodelay(true);
     let mut req = hyper::Request::builder()
         .method("GET")

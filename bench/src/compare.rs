@@ -87,20 +87,25 @@ impl Drop for ManagedCluster {
         if self.stopped {
             return;
         }
-        // The same list `TestCluster`'s drop kills; ops has no shared "kill now" to call instead.
-        let pids = self.state.gateways.iter().map(|g| g.pid).chain(self.state.workers.iter().map(|w| w.pid));
-        for pid in pids.chain(self.state.dashboard.iter().map(|d| d.pid)) {
-            // SAFETY: signalling processes this module started.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        }
-        for server in &self.state.private_servers {
-            server.kill();
-        }
+        kill_now(&self.state);
         eprintln!(
             "cluster in {} killed; its keys ({}:*) and database were left in place",
             self.state.dir.display(),
             self.state.key_prefix
         );
+    }
+}
+
+/// SIGKILLs every process of a cluster this crate started, private servers included: the way out
+/// after an error or Ctrl-C. (The same list `TestCluster`'s drop kills; ops has no shared "kill now".)
+pub fn kill_now(state: &ClusterState) {
+    let pids = state.gateways.iter().map(|g| g.pid).chain(state.workers.iter().map(|w| w.pid));
+    for pid in pids.chain(state.dashboard.iter().map(|d| d.pid)) {
+        // SAFETY: signalling processes this crate started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    for server in &state.private_servers {
+        server.kill();
     }
 }
 

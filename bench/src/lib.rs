@@ -17,6 +17,7 @@ pub mod client;
 pub mod compare;
 pub mod cpu;
 pub mod db;
+pub mod drill;
 pub mod hold;
 pub mod load;
 pub mod plan;

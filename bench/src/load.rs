@@ -32,7 +32,7 @@ use crate::cpu::{self, ProcessCpu};
 use crate::plan::{self, Pair};
 use crate::recorder::{CounterSnapshot, Counters, Histograms, Latency, Recorder};
 use crate::report::RunReport;
-use crate::spec::{LoadSpec, Target};
+use crate::spec::{AuthMode, LoadSpec, Target};
 use crate::{db, BenchError};
 
 /// A receiver (or an idle sender) sends `PING` this often, well under the gateway's idle timeout.
@@ -45,6 +45,80 @@ const LINGER: Duration = Duration::from_millis(300);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Lifetime of the tokens the bench signs.
 const TOKEN_TTL_SECS: u64 = 86_400;
+/// Reconnect backoff: first pause, and the most it grows to (each pause is jittered ±50 %).
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Socket receive buffer of a slow receiver.
+const SLOW_RECV_BUFFER: u32 = 4096;
+
+/// Whether pair `index`'s receiver is one of the slow ones (the first `slow_receivers` share).
+fn is_slow(spec: &LoadSpec, index: usize) -> bool {
+    (index as f64) < (spec.pairs() as f64 * spec.slow_receivers).round()
+}
+
+/// What a client needs to connect again after its connection closed.
+#[derive(Clone)]
+struct Link {
+    uid: u64,
+    urls: Arc<Vec<String>>,
+    token: Arc<str>,
+    auth: AuthMode,
+    timeout: Duration,
+    recv_buffer: Option<u32>,
+    /// The gateway currently connected to (index into `urls`).
+    gateway: usize,
+    /// Whether to reconnect at all.
+    enabled: bool,
+}
+
+impl Link {
+    fn new(target: &Target, spec: &LoadSpec, uid: u64, gateway: usize, recv_buffer: Option<u32>) -> Link {
+        Link {
+            uid,
+            urls: Arc::new(target.ws_urls.clone()),
+            token: im_common::auth::issue_token(&target.jwt_secret, uid, TOKEN_TTL_SECS).into(),
+            auth: spec.auth,
+            timeout: spec.connect_timeout,
+            recv_buffer,
+            gateway,
+            enabled: spec.reconnect,
+        }
+    }
+
+    /// Connects again, to the next gateway in the list each attempt, with exponential backoff and
+    /// jitter (so a gateway's clients do not all come back in the same millisecond). `None` once
+    /// shutdown begins.
+    async fn reconnect(&mut self, rec: &Recorder, shutdown: &mut watch::Receiver<bool>) -> Option<Conn> {
+        let mut pause = RECONNECT_FIRST;
+        for attempt in 0u64.. {
+            let jitter =
+                0.5 + (plan_hash(self.uid ^ attempt.rotate_left(32) ^ im_common::ids::now_ms()) % 1000) as f64 / 1000.0;
+            tokio::select! {
+                _ = tokio::time::sleep(pause.mul_f64(jitter)) => {}
+                _ = stopped(shutdown) => return None,
+            }
+            self.gateway = (self.gateway + 1) % self.urls.len();
+            let url = &self.urls[self.gateway];
+            match client::connect_with(url, &self.token, self.auth, self.timeout, self.recv_buffer).await {
+                Ok(conn) => {
+                    Counters::bump(&rec.counters.reconnects);
+                    return Some(conn);
+                }
+                Err(e) => rec.error(&format!("re{}", e.label())),
+            }
+            pause = (pause * 2).min(RECONNECT_MAX);
+        }
+        None
+    }
+}
+
+/// A cheap, well-mixed hash for jitter (the splitmix64 finalizer).
+fn plan_hash(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// Connection outcomes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,6 +175,10 @@ pub struct LoadResult {
     pub cpu: Vec<ProcessCpu>,
     /// CPU of the bench itself over the measured window.
     pub bench_cpu_secs: Option<f64>,
+    /// Connections opened again after they closed (with [`LoadSpec::reconnect`]).
+    pub reconnects: u64,
+    /// Messages sent again after a reconnect, under the same clientMsgId.
+    pub resent: u64,
 }
 
 impl LoadResult {
@@ -227,15 +305,18 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     let mut sender_tasks = Vec::new();
     let mut receiver_tasks = Vec::new();
     for (pair, (sender, receiver)) in pairs.iter().zip(conns) {
-        let Some((r_read, r_write)) = receiver else { continue };
+        let Some(conn) = receiver else { continue };
+        let slow = is_slow(spec, pair.index);
+        let link = Link::new(target, spec, pair.receiver, pair.receiver_gateway, slow.then_some(SLOW_RECV_BUFFER));
+        let pace = slow.then_some(spec.slow_read_delay);
         receiver_tasks.push((
             pair.receiver,
-            tokio::spawn(receive(r_read, pair.receiver, rec.clone(), schedule.clone(), shutdown.clone())),
-            tokio::spawn(keep_alive(r_write, shutdown.clone())),
+            tokio::spawn(receive(conn, link, pace, rec.clone(), schedule.clone(), shutdown.clone())),
         ));
         // A sender without its receiver stays silent: its pushes could only be counted as lost.
         if let Some(conn) = sender {
-            sender_tasks.push(spawn_sender(conn, pair, &rec, &schedule, &shutdown));
+            let link = Link::new(target, spec, pair.sender, pair.sender_gateway, None);
+            sender_tasks.push(spawn_sender(conn, link, pair, &rec, &schedule, &shutdown));
         }
     }
 
@@ -282,6 +363,8 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         drain_used,
         cpu,
         bench_cpu_secs,
+        reconnects: rec.counters.snapshot().reconnects,
+        resent: rec.counters.snapshot().resent,
     })
 }
 
@@ -293,17 +376,20 @@ async fn connect_all(
     pairs: &[Pair],
     rec: &Arc<Recorder>,
 ) -> Vec<(Option<Conn>, Option<Conn>)> {
-    let jobs = pairs
+    // Collected first: a borrowing iterator inside the stream would keep the future from being spawned.
+    let jobs: Vec<(usize, bool, u64, usize)> = pairs
         .iter()
-        .flat_map(|p| [(p.index, true, p.sender, p.sender_gateway), (p.index, false, p.receiver, p.receiver_gateway)]);
+        .flat_map(|p| [(p.index, true, p.sender, p.sender_gateway), (p.index, false, p.receiver, p.receiver_gateway)])
+        .collect();
     let attempts = futures_util::stream::iter(jobs)
         .map(|(index, is_sender, uid, gateway)| {
             let url = target.ws_urls[gateway].clone();
             let token = im_common::auth::issue_token(&target.jwt_secret, uid, TOKEN_TTL_SECS);
             let (auth, timeout, rec) = (spec.auth, spec.connect_timeout, rec.clone());
+            let buffer = (!is_sender && is_slow(spec, index)).then_some(SLOW_RECV_BUFFER);
             tokio::spawn(async move {
                 let began = Instant::now();
-                let result = client::connect(&url, &token, auth, timeout).await;
+                let result = client::connect_with(&url, &token, auth, timeout, buffer).await;
                 match &result {
                     Ok(_) => {
                         Counters::bump(&rec.counters.connect_ok);
@@ -357,12 +443,13 @@ impl SenderState {
 
 struct SenderTasks {
     state: Arc<SenderState>,
+    /// The writer; it owns the current connection's receipt reader and reconnects when it breaks.
     writer: JoinHandle<()>,
-    reader: JoinHandle<()>,
 }
 
 fn spawn_sender(
-    (reader, writer): Conn,
+    conn: Conn,
+    link: Link,
     pair: &Pair,
     rec: &Arc<Recorder>,
     schedule: &Arc<Schedule>,
@@ -374,47 +461,144 @@ fn spawn_sender(
         messages: Mutex::new(Vec::new()),
         answered: Notify::new(),
     });
-    SenderTasks {
-        writer: tokio::spawn(send_loop(
-            writer,
-            state.clone(),
-            pair.offset,
-            rec.clone(),
-            schedule.clone(),
-            shutdown.clone(),
-        )),
-        reader: tokio::spawn(receipts(reader, state.clone(), rec.clone(), schedule.clone(), shutdown.clone())),
-        state,
-    }
+    let session = SenderSession {
+        state: state.clone(),
+        link,
+        rec: rec.clone(),
+        schedule: schedule.clone(),
+        shutdown: shutdown.clone(),
+    };
+    SenderTasks { writer: tokio::spawn(session.send_loop(conn, pair.offset)), state }
 }
 
-/// A sender's schedule. Open loop: message `k` goes out at `start + offset + k·interval` whatever
-/// happened to earlier ones (a late generator catches up, and the lag is recorded). Closed loop: also
-/// not before the previous message is complete (answered). The connection stays open until shutdown, so receipts
-/// of the last messages still arrive during the drain.
-async fn send_loop(
-    mut writer: WsWriter,
+/// One sender: its log, how to reach the gateways, and the run's clock.
+struct SenderSession {
     state: Arc<SenderState>,
-    offset: Duration,
+    link: Link,
     rec: Arc<Recorder>,
     schedule: Arc<Schedule>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut next = schedule.start + offset;
-    let mut last_write = Instant::now();
-    while next < schedule.stop {
-        let wake = next.min(last_write + KEEP_ALIVE);
-        tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
-            _ = stopped(&mut shutdown) => return writer.close().await,
-        }
-        if wake < next {
-            if writer.send(&ClientFrame::Ping).await.is_err() {
-                return rec.error("write_failed");
+    shutdown: watch::Receiver<bool>,
+}
+
+impl SenderSession {
+    fn spawn_reader(&self, reader: WsReader) -> JoinHandle<()> {
+        let (state, rec, schedule, shutdown) =
+            (self.state.clone(), self.rec.clone(), self.schedule.clone(), self.shutdown.clone());
+        tokio::spawn(receipts(reader, state, rec, schedule, shutdown))
+    }
+
+    /// After a connection broke: connect again and resend every message that has no `ACK(saved)` and
+    /// no error yet, under its own clientMsgId (the engine answers with the original serverMsgId).
+    /// `None` once shutdown begins.
+    async fn reconnect(&mut self) -> Option<(WsWriter, JoinHandle<()>)> {
+        loop {
+            let (reader, mut writer) = self.link.reconnect(&self.rec, &mut self.shutdown).await?;
+            let reader = self.spawn_reader(reader);
+            let unconfirmed: Vec<(usize, u64)> = {
+                let mut messages = self.state.messages();
+                messages
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, m)| m.saved.is_none() && m.error.is_none())
+                    .map(|(seq, m)| {
+                        m.resends += 1;
+                        (seq, m.sent_at_us)
+                    })
+                    .collect()
+            };
+            let mut broken = false;
+            for (seq, sent_at_us) in unconfirmed {
+                Counters::bump(&self.rec.counters.resent);
+                let body = message_body(sent_at_us, self.schedule.body_bytes);
+                let client_msg_id = seq.to_string();
+                let frame = ClientFrame::SingleChat {
+                    to: self.state.to,
+                    client_msg_id: &client_msg_id,
+                    msg_type: "TEXT",
+                    body: &body,
+                };
+                if writer.send(&frame).await.is_err() {
+                    broken = true;
+                    break;
+                }
             }
-            last_write = Instant::now();
-            continue;
+            if !broken {
+                return Some((writer, reader));
+            }
+            self.rec.error("write_failed");
+            reader.abort();
         }
+    }
+
+    /// A sender's schedule. Open loop: message `k` goes out at `start + offset + k·interval` whatever
+    /// happened to earlier ones (a late generator catches up, and the lag is recorded). Closed loop:
+    /// also not before the previous message is complete (answered). The connection stays open until
+    /// shutdown, so receipts of the last messages still arrive during the drain. With reconnect on, a
+    /// broken connection (its reader ended, or a write failed) is replaced at once, also after the
+    /// last send, so unconfirmed messages still get their receipts.
+    async fn send_loop(mut self, (reader, mut writer): Conn, offset: Duration) {
+        let schedule = self.schedule.clone();
+        let mut reader = self.spawn_reader(reader);
+        let mut next = schedule.start + offset;
+        let mut last_write = Instant::now();
+        let reconnect = self.link.enabled;
+        // A JoinHandle must not be polled again once it has completed.
+        let mut reader_done = false;
+        loop {
+            let sending = next < schedule.stop;
+            let wake = if sending { next.min(last_write + KEEP_ALIVE) } else { last_write + KEEP_ALIVE };
+            let mut broken = tokio::select! {
+                _ = tokio::time::sleep_until(wake) => false,
+                _ = stopped(&mut self.shutdown) => break,
+                _ = &mut reader, if reconnect && !reader_done => {
+                    reader_done = true;
+                    true
+                }
+            };
+            if !broken {
+                let frame_ok = if sending && wake >= next {
+                    self.send_next(&mut writer, &mut next).await
+                } else {
+                    writer.send(&ClientFrame::Ping).await.is_ok()
+                };
+                last_write = Instant::now();
+                if !frame_ok {
+                    self.rec.error("write_failed");
+                    if !reconnect {
+                        return;
+                    }
+                    broken = true;
+                }
+            }
+            if broken {
+                reader.abort();
+                match self.reconnect().await {
+                    Some((w, r)) => {
+                        (writer, reader) = (w, r);
+                        reader_done = false;
+                    }
+                    None => {
+                        reader_done = true;
+                        break;
+                    }
+                }
+                last_write = Instant::now();
+                continue;
+            }
+            if sending && schedule.closed_loop && !self.wait_answer().await {
+                break;
+            }
+        }
+        writer.close().await;
+        // The reader returns as soon as shutdown is signalled.
+        if !reader_done {
+            let _ = reader.await;
+        }
+    }
+
+    /// Writes message `next`'s frame and moves the schedule on; false when the write failed.
+    async fn send_next(&mut self, writer: &mut WsWriter, next: &mut Instant) -> bool {
+        let (state, rec, schedule) = (&self.state, &self.rec, &self.schedule);
         let now = Instant::now();
         let sent_at_us = schedule.us(now);
         let seq = {
@@ -424,31 +608,29 @@ async fn send_loop(
         };
         Counters::bump(&rec.counters.sent);
         if schedule.measured(sent_at_us) {
-            rec.record(Latency::SendLag, now.saturating_duration_since(next));
+            rec.record(Latency::SendLag, now.saturating_duration_since(*next));
         }
         let body = message_body(sent_at_us, schedule.body_bytes);
         let client_msg_id = seq.to_string();
         let frame =
             ClientFrame::SingleChat { to: state.to, client_msg_id: &client_msg_id, msg_type: "TEXT", body: &body };
-        if writer.send(&frame).await.is_err() {
-            return rec.error("write_failed");
-        }
-        last_write = Instant::now();
-        next += schedule.interval;
-        if schedule.closed_loop {
-            let deadline = Instant::now() + CLOSED_LOOP_WAIT;
-            while !state.messages()[seq].complete(schedule.two_phase) {
-                tokio::select! {
-                    _ = state.answered.notified() => {}
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = stopped(&mut shutdown) => return writer.close().await,
-                }
-            }
-            next = next.max(Instant::now());
-        }
+        *next += schedule.interval;
+        writer.send(&frame).await.is_ok()
     }
-    stopped(&mut shutdown).await;
-    writer.close().await;
+
+    /// Closed loop: waits until the last message is complete (or the wait times out); false at shutdown.
+    async fn wait_answer(&mut self) -> bool {
+        let seq = self.state.messages().len().saturating_sub(1);
+        let deadline = Instant::now() + CLOSED_LOOP_WAIT;
+        while !self.state.messages()[seq].complete(self.schedule.two_phase) {
+            tokio::select! {
+                _ = self.state.answered.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stopped(&mut self.shutdown) => return false,
+            }
+        }
+        true
+    }
 }
 
 /// Reads a sender's receipts until shutdown (or until the gateway drops the connection).
@@ -493,10 +675,10 @@ fn close_label(code: u16, reason: &str) -> String {
 /// Applies one `ACK` or `ERROR` to the sender's log and records its latency.
 fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule: &Schedule) {
     let now = Instant::now();
-    if frame.kind == FrameType::Error {
-        rec.error(frame.reason.map_or("unknown", |r| r.as_str()));
-    }
     let Some(seq) = frame.client_msg_id.as_deref().and_then(|c| c.parse::<usize>().ok()) else {
+        if frame.kind == FrameType::Error {
+            rec.error(frame.reason.map_or("unknown", |r| r.as_str()));
+        }
         if frame.kind == FrameType::Ack {
             rec.error("ack_without_client_msg_id");
         }
@@ -511,10 +693,22 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
         };
         let was_complete = m.complete(schedule.two_phase);
         let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
+        let reason = frame.reason.map_or("unknown", |r| r.as_str());
         let latency = match (frame.kind, frame.ack_type) {
+            // A resend refused (e.g. server_busy) does not undo the receipt the first send got.
+            (FrameType::Error, _) if m.resends > 0 && m.receipted() => {
+                drop(messages);
+                rec.error(&format!("resend_{reason}"));
+                return;
+            }
             (FrameType::Error, _) if m.error.is_none() => {
-                m.error = Some(frame.reason.map_or("unknown", |r| r.as_str()).to_owned());
+                rec.error(reason);
+                m.error = Some(reason.to_owned());
                 Counters::bump(&rec.counters.errored);
+                None
+            }
+            (FrameType::Error, _) => {
+                rec.error(reason);
                 None
             }
             (FrameType::Ack, Some(AckType::Accepted)) if m.accepted.is_none() => {
@@ -526,6 +720,15 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
                 m.saved = Some(id);
                 Counters::bump(&rec.counters.saved);
                 latency.map(|l| (Latency::Saved, l))
+            }
+            // A resent message is answered again: fine, as long as the id is the original one.
+            (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) if m.resends > 0 => {
+                let same = m.receipted_id() == Some(id);
+                drop(messages);
+                if !same {
+                    rec.error("resend_answered_with_another_id");
+                }
+                return;
             }
             (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) => {
                 drop(messages);
@@ -550,25 +753,37 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
     }
 }
 
-/// Logs a receiver's pushes until shutdown.
+/// Logs a receiver's pushes until shutdown, and keeps its connection alive (`PING` every
+/// [`KEEP_ALIVE`]). A slow receiver (`pace`) pauses after every frame. With reconnect on, a closed
+/// connection is replaced (offline resend then brings what was saved meanwhile); without it, or if
+/// no gateway takes it back before shutdown, the receiver counts as gone.
 async fn receive(
-    mut reader: WsReader,
-    uid: u64,
+    (mut reader, mut writer): Conn,
+    mut link: Link,
+    pace: Option<Duration>,
     rec: Arc<Recorder>,
     schedule: Arc<Schedule>,
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverLog {
-    let mut log = ReceiverLog { uid, ..Default::default() };
+    let mut log = ReceiverLog { uid: link.uid, ..Default::default() };
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let mut ping_at = Instant::now() + KEEP_ALIVE;
     loop {
         let incoming = tokio::select! {
             biased;
-            _ = stopped(&mut shutdown) => return log,
+            _ = stopped(&mut shutdown) => break,
             r = reader.next() => r,
+            _ = tokio::time::sleep_until(ping_at) => {
+                ping_at = Instant::now() + KEEP_ALIVE;
+                if writer.send(&ClientFrame::Ping).await.is_err() {
+                    rec.error("write_failed");
+                }
+                continue;
+            }
         };
         // Our own close, echoed by the gateway, can arrive as shutdown begins: not a failure.
         if *shutdown.borrow() {
-            return log;
+            break;
         }
         let frame = match incoming {
             Ok(Incoming::Frame(frame)) => frame,
@@ -578,15 +793,30 @@ async fn receive(
             }
             Ok(Incoming::Closed(code, reason)) => {
                 rec.error(&close_label(code, &reason));
+                if link.enabled {
+                    if let Some(conn) = link.reconnect(&rec, &mut shutdown).await {
+                        (reader, writer) = conn;
+                        continue;
+                    }
+                }
                 log.gone = true;
                 return log;
             }
             Err(_) => {
                 rec.error("disconnected");
+                if link.enabled {
+                    if let Some(conn) = link.reconnect(&rec, &mut shutdown).await {
+                        (reader, writer) = conn;
+                        continue;
+                    }
+                }
                 log.gone = true;
                 return log;
             }
         };
+        if let Some(pause) = pace {
+            tokio::time::sleep(pause).await;
+        }
         match frame.kind {
             FrameType::SingleChat => {}
             FrameType::Error => {
@@ -603,7 +833,8 @@ async fn receive(
         };
         if seen.insert((from, seq)) {
             Counters::bump(&rec.counters.delivered);
-            if let Some(sent_at_us) = frame.body.as_deref().and_then(body_sent_at) {
+            // Slow receivers' latency is their own doing; the figure is about everyone else.
+            if let (Some(sent_at_us), None) = (frame.body.as_deref().and_then(body_sent_at), pace) {
                 if schedule.measured(sent_at_us) {
                     rec.record(Latency::EndToEnd, schedule.since(sent_at_us, now));
                 }
@@ -613,27 +844,14 @@ async fn receive(
         }
         log.deliveries.push(Delivery { from, seq, server_msg_id });
     }
+    writer.close().await;
+    log
 }
 
 /// Resolves once shutdown is signalled (or its sender is gone). The watch guard stays inside, so
 /// callers' futures remain `Send`.
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|&stop| stop).await;
-}
-
-/// A receiver's writer: keeps the connection alive until shutdown, then closes it.
-async fn keep_alive(mut writer: WsWriter, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(KEEP_ALIVE) => {
-                if writer.send(&ClientFrame::Ping).await.is_err() {
-                    return;
-                }
-            }
-            _ = stopped(&mut shutdown) => break,
-        }
-    }
-    writer.close().await;
 }
 
 /// Waits after the last send until every message is complete and every answered one delivered, or
@@ -659,21 +877,16 @@ async fn collect_senders(tasks: Vec<SenderTasks>, rec: &Recorder) -> Vec<SenderL
     let mut logs = Vec::with_capacity(tasks.len());
     for t in tasks {
         finish(t.writer, rec).await;
-        finish(t.reader, rec).await;
         let messages = std::mem::take(&mut *t.state.messages());
         logs.push(SenderLog { uid: t.state.uid, to: t.state.to, messages });
     }
     logs
 }
 
-async fn collect_receivers(
-    tasks: Vec<(u64, JoinHandle<ReceiverLog>, JoinHandle<()>)>,
-    rec: &Recorder,
-) -> Vec<ReceiverLog> {
+async fn collect_receivers(tasks: Vec<(u64, JoinHandle<ReceiverLog>)>, rec: &Recorder) -> Vec<ReceiverLog> {
     let mut logs = Vec::with_capacity(tasks.len());
-    for (uid, reader, writer) in tasks {
+    for (uid, reader) in tasks {
         let log = finish(reader, rec).await.unwrap_or(ReceiverLog { uid, deliveries: Vec::new(), gone: true });
-        finish(writer, rec).await;
         logs.push(log);
     }
     logs

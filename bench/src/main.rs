@@ -27,6 +27,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Fault drill: start a cluster with private servers, offer load, inject the fault, check that
+    /// nothing receipted is lost, duplicated or reordered. Exit code 0 only if the verdict passes.
+    Drill(DrillArgs),
+    /// Connection scale: hold many idle authenticated connections with pings, measure gateway memory.
+    Hold {
+        /// State file of the cluster (written by `ops up`).
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        #[arg(long, default_value_t = 50_000)]
+        connections: usize,
+        /// Client processes to spread the connections over (each stays under the fd limit).
+        #[arg(long, default_value_t = 4)]
+        procs: usize,
+        #[arg(long, default_value_t = 30)]
+        hold_secs: u64,
+        #[arg(long, default_value_t = 10)]
+        ping_secs: u64,
+        #[arg(long, default_value_t = 256)]
+        connect_concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One share of `hold` (run by `hold` itself).
+    #[command(hide = true)]
+    HoldChild {
+        #[arg(long, value_delimiter = ',')]
+        ws_urls: Vec<String>,
+        #[arg(long)]
+        jwt_secret: String,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        base_uid: u64,
+        #[arg(long)]
+        hold_secs: u64,
+        #[arg(long)]
+        ping_secs: u64,
+        #[arg(long)]
+        connect_concurrency: usize,
+    },
     /// Offer load to a running cluster and report.
     Run {
         #[command(flatten)]
@@ -87,6 +127,134 @@ enum Cmd {
         #[command(flatten)]
         output: OutputArgs,
     },
+}
+
+/// `bench drill <name>`: a drill's own small load (the cluster is started by the drill).
+#[derive(Args)]
+struct DrillArgs {
+    /// db-outage | worker-kill | gateway-restart | redis-restart | redis-outage | slow-consumers | overload
+    #[arg(value_parser = parse_drill)]
+    name: im_bench::drill::Drill,
+    /// Length of the fault: the outage (db-outage, redis-outage), the kill period (worker-kill), the
+    /// gateway's downtime (gateway-restart), the loaded window (slow-consumers, overload).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Connections (users): half senders, half receivers.
+    #[arg(long, default_value_t = 200)]
+    connections: usize,
+    /// Total offered rate, msg/s.
+    #[arg(long, default_value_t = 400.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 64)]
+    body_bytes: usize,
+    #[arg(long, default_value_t = 2)]
+    gateways: usize,
+    #[arg(long, default_value_t = 4)]
+    shards: u16,
+    /// Worker processes (default shards + 1: one standby).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Base config for the drill's cluster (its servers are always private ones).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Drill an existing cluster instead (`ops up --private`); refused if its servers are shared.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// redis-outage: only this fail-open setting (default: both).
+    #[arg(long)]
+    fail_open: Option<bool>,
+    /// worker-kill: seconds between kills.
+    #[arg(long, default_value_t = 4.0)]
+    kill_every: f64,
+    /// gateway-restart: `kill` (SIGKILL) or `term` (SIGTERM).
+    #[arg(long, default_value = "kill", value_parser = parse_signal)]
+    signal: im_bench::drill::StopSignal,
+    /// redis-restart: restart Redis with this appendfsync (always | everysec | no).
+    #[arg(long)]
+    appendfsync: Option<String>,
+    /// overload: the maximum sustainable rate (msg/s); the drill offers twice this.
+    #[arg(long, default_value_t = 2000.0)]
+    max_rate: f64,
+    /// slow-consumers: fraction of slow receivers.
+    #[arg(long, default_value_t = 0.3)]
+    slow_fraction: f64,
+    /// slow-consumers: a slow receiver's pause after each frame, ms.
+    #[arg(long, default_value_t = 200)]
+    slow_read_ms: u64,
+    /// Run directory (default bench-runs/drill-<UTC timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seconds between progress lines on stderr (0: none).
+    #[arg(long, default_value_t = 5.0)]
+    progress_secs: f64,
+    /// Print the verdicts as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_drill(s: &str) -> Result<im_bench::drill::Drill, String> {
+    im_bench::drill::Drill::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = im_bench::drill::Drill::ALL.iter().map(|d| d.name()).collect();
+        format!("unknown drill {s:?}: use one of {}", names.join(", "))
+    })
+}
+
+fn parse_signal(s: &str) -> Result<im_bench::drill::StopSignal, String> {
+    match s {
+        "kill" => Ok(im_bench::drill::StopSignal::Kill),
+        "term" => Ok(im_bench::drill::StopSignal::Term),
+        _ => Err(format!("unknown signal {s:?}: use kill or term")),
+    }
+}
+
+impl DrillArgs {
+    fn spec(&self) -> anyhow::Result<im_bench::drill::DrillSpec> {
+        use im_bench::drill::Drill;
+        if self.rate <= 0.0 {
+            bail!("--rate must be positive");
+        }
+        let default_fault = match self.name {
+            Drill::WorkerKill => 20.0,
+            Drill::GatewayRestart => 2.0,
+            Drill::RedisRestart => 0.0,
+            Drill::SlowConsumers | Drill::Overload => 20.0,
+            Drill::DbOutage | Drill::RedisOutage => 10.0,
+        };
+        let progress = secs(self.progress_secs, "progress-secs")?;
+        let pairs = (self.connections / 2).max(1);
+        let load = LoadSpec {
+            connections: self.connections,
+            interval: LoadSpec::interval_for_rate(pairs, self.rate),
+            body_bytes: self.body_bytes,
+            progress: (!progress.is_zero()).then_some(progress),
+            slow_receivers: if self.name == Drill::SlowConsumers { self.slow_fraction } else { 0.0 },
+            slow_read_delay: Duration::from_millis(self.slow_read_ms),
+            warmup: Duration::from_secs(2),
+            ..LoadSpec::default()
+        };
+        let out = self.out.clone().unwrap_or_else(|| {
+            PathBuf::from("bench-runs").join(format!("drill-{}", compare::run_stamp(im_common::ids::now_ms() / 1000)))
+        });
+        Ok(im_bench::drill::DrillSpec {
+            drill: self.name,
+            fault: secs(self.seconds.unwrap_or(default_fault), "seconds")?,
+            load,
+            config: Config::load(self.config.as_deref())?,
+            gateways: self.gateways,
+            shards: self.shards,
+            workers: self.workers,
+            out,
+            state: self.state.clone(),
+            fail_open: self.fail_open,
+            kill_every: secs(self.kill_every, "kill-every")?,
+            signal: self.signal,
+            appendfsync: self.appendfsync.clone(),
+            max_rate: self.max_rate,
+            slow_p99_factor: 2.0,
+            lead: Duration::from_secs(4),
+            tail: Duration::from_secs(8),
+        })
+    }
 }
 
 /// The load, shared by every subcommand.
@@ -263,6 +431,68 @@ async fn main() -> anyhow::Result<()> {
 
 async fn execute(command: Cmd) -> anyhow::Result<i32> {
     match command {
+        Cmd::Drill(args) => {
+            let verdicts = im_bench::drill::run(&args.spec()?).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&verdicts)?);
+            } else {
+                for v in &verdicts {
+                    print!("{}", v.render());
+                }
+            }
+            Ok(if verdicts.iter().all(|v| v.passed) { 0 } else { 1 })
+        }
+        Cmd::Hold { state, connections, procs, hold_secs, ping_secs, connect_concurrency, json } => {
+            let cluster = im_ops::cluster::load_state(&state)?;
+            let spec = im_bench::hold::HoldSpec {
+                ws_urls: cluster.gateways.iter().map(|g| g.ws_url.clone()).collect(),
+                jwt_secret: cluster.jwt_secret.clone(),
+                connections,
+                base_uid: im_bench::plan::fresh_base_uid(),
+                hold: std::time::Duration::from_secs(hold_secs),
+                ping_every: std::time::Duration::from_secs(ping_secs.max(1)),
+                connect_concurrency,
+            };
+            let pids: Vec<u32> = cluster.gateways.iter().map(|g| g.pid).collect();
+            let report = im_bench::hold::hold(&spec, procs, &pids).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let c = &report.counts;
+                println!(
+                    "held {}/{} connections over {} gateways ({} client processes): connect fail {}, alive at end {}, \
+                     connect phase {:.1} s, pings {} / pongs {}",
+                    c.connect_ok,
+                    report.target,
+                    pids.len(),
+                    report.procs,
+                    c.connect_fail,
+                    c.alive_at_end,
+                    c.connect_secs,
+                    c.pings,
+                    c.pongs
+                );
+                println!(
+                    "gateway RSS {} KiB idle -> {} KiB connected: {:.2} KiB per connection",
+                    report.gateway_rss_before_kib, report.gateway_rss_connected_kib, report.kib_per_connection
+                );
+            }
+            Ok(0)
+        }
+        Cmd::HoldChild { ws_urls, jwt_secret, connections, base_uid, hold_secs, ping_secs, connect_concurrency } => {
+            let spec = im_bench::hold::HoldSpec {
+                ws_urls,
+                jwt_secret,
+                connections,
+                base_uid,
+                hold: std::time::Duration::from_secs(hold_secs),
+                ping_every: std::time::Duration::from_secs(ping_secs.max(1)),
+                connect_concurrency,
+            };
+            let counts = im_bench::hold::hold_here(&spec).await;
+            println!("{}", serde_json::to_string(&counts)?);
+            Ok(0)
+        }
         Cmd::Run { load, state, ws_urls, jwt_secret, mysql_url, mode, output } => {
             let target = if ws_urls.is_empty() {
                 let cluster = im_ops::cluster::load_state(&state)

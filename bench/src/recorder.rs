@@ -132,6 +132,10 @@ pub struct Counters {
     pub delivered: AtomicU64,
     /// Pushes of a message the recipient already had.
     pub duplicates: AtomicU64,
+    /// Connections opened again after they closed.
+    pub reconnects: AtomicU64,
+    /// Messages sent again after a reconnect.
+    pub resent: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -148,6 +152,8 @@ pub struct CounterSnapshot {
     pub complete: u64,
     pub delivered: u64,
     pub duplicates: u64,
+    pub reconnects: u64,
+    pub resent: u64,
 }
 
 impl Counters {
@@ -174,6 +180,8 @@ impl Counters {
             complete: Self::get(&self.complete),
             delivered: Self::get(&self.delivered),
             duplicates: Self::get(&self.duplicates),
+            reconnects: Self::get(&self.reconnects),
+            resent: Self::get(&self.resent),
         }
     }
 }

@@ -70,6 +70,16 @@ pub struct LoadSpec {
     pub progress: Option<Duration>,
     /// Prefix of progress lines (the arm in a comparison).
     pub label: String,
+    /// A client whose connection closes reconnects (to the next gateway in the list, with backoff and
+    /// jitter); a sender then resends every message without `ACK(saved)` under the same clientMsgId.
+    /// Off: a closed connection stays closed, as in a plain benchmark.
+    pub reconnect: bool,
+    /// Fraction (0..=1) of receivers that read slowly: they pause `slow_read_delay` after every frame
+    /// and keep a small socket receive buffer, so the gateway's outbound queue for them fills up.
+    /// Their pushes are kept out of the end-to-end latency figures.
+    pub slow_receivers: f64,
+    /// A slow receiver's pause after each frame it reads.
+    pub slow_read_delay: Duration,
 }
 
 impl Default for LoadSpec {
@@ -89,6 +99,9 @@ impl Default for LoadSpec {
             base_uid: None,
             progress: Some(Duration::from_secs(5)),
             label: String::new(),
+            reconnect: false,
+            slow_receivers: 0.0,
+            slow_read_delay: Duration::from_millis(200),
         }
     }
 }
@@ -130,6 +143,9 @@ impl LoadSpec {
         }
         if self.body_bytes > 4096 {
             return bad("--body-bytes above the gateway's default body limit (4096)");
+        }
+        if !(0.0..=1.0).contains(&self.slow_receivers) {
+            return bad("the slow receiver fraction must be between 0 and 1");
         }
         if self.connect_concurrency == 0 {
             return bad("--connect-concurrency must be positive");

@@ -118,6 +118,31 @@ enum Cmd {
         #[arg(long)]
         stop: bool,
     },
+    /// Fault drill under load with a loss/duplicate/order verdict: runs `bench drill <name> [args]`
+    /// (the `bench` binary next to this one) and exits with its status. `ops drill --help-drill` for
+    /// the drill's own options; see docs/RELIABILITY.md.
+    #[command(disable_help_flag = true)]
+    Drill {
+        /// db-outage | worker-kill | gateway-restart | redis-restart | redis-outage | slow-consumers | overload
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
+}
+
+/// Runs `bench drill` with `args` (ops cannot link bench: bench depends on ops) and returns its status.
+fn forward_drill(config: Option<&std::path::Path>, args: &[String]) -> anyhow::Result<i32> {
+    let bench = cluster::bin_dir().join("bench");
+    if !bench.is_file() {
+        bail!("{} not found: build the workspace first (cargo build --release --workspace)", bench.display());
+    }
+    let mut cmd = std::process::Command::new(&bench);
+    cmd.arg("drill");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let args: Vec<&str> = args.iter().map(|a| if a == "--help-drill" { "--help" } else { a.as_str() }).collect();
+    let status = cmd.args(args).status().with_context(|| format!("run {}", bench.display()))?;
+    Ok(status.code().unwrap_or(1))
 }
 
 async fn redis_has_aof(url: &str) -> bool {
@@ -134,6 +159,9 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Drill { args } = &cli.command {
+        std::process::exit(forward_drill(cli.config.as_deref(), args)?);
+    }
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
         Cmd::Migrate => {
@@ -262,6 +290,8 @@ async fn main() -> anyhow::Result<()> {
             std::fs::remove_file(im_ops::observability::targets_path(&state)).ok();
             println!("cluster stopped");
         }
+        // Forwarded before the config is loaded (see above).
+        Cmd::Drill { .. } => {}
         Cmd::Servers { dir, private, stop } => {
             let redis = std::env::var("IM_TEST_REDIS_URL").unwrap_or(cfg.redis.url);
             let mysql = std::env::var("IM_TEST_MYSQL_URL").unwrap_or(cfg.mysql.url);

@@ -1,0 +1,85 @@
+//! Short forms of the `worker-kill` and `db-outage` drills (docs/RELIABILITY.md), so a change that
+//! loses, duplicates or reorders messages under those faults cannot land. Each starts its own cluster
+//! with private Redis and MariaDB (a drill never touches shared servers), offers a small load, injects
+//! the fault, and asserts the drill's verdict passes.
+//!
+//! The cluster binaries come from the workspace build (`cargo build --workspace`).
+
+use std::time::Duration;
+
+use im_bench::drill::{self, Drill, DrillSpec, DrillVerdict};
+
+/// 40 connections (20 pairs) at 100 msg/s, a 2 s lead and a 3 s tail around the fault.
+fn short(drill: Drill, fault: Duration, name: &str) -> DrillSpec {
+    let out = std::env::temp_dir().join(format!("im-drill-test-{name}-{}", std::process::id()));
+    let mut spec = DrillSpec::new(drill, fault, out);
+    spec.load.connections = 40;
+    spec.load.interval = im_bench::LoadSpec::interval_for_rate(20, 100.0);
+    spec.load.warmup = Duration::from_secs(1);
+    spec.load.progress = None;
+    spec.shards = 2;
+    spec.lead = Duration::from_secs(2);
+    spec.tail = Duration::from_secs(3);
+    spec
+}
+
+async fn run(spec: &DrillSpec) -> DrillVerdict {
+    let mut verdicts = drill::run(spec).await.expect("the drill runs (build the workspace binaries first)");
+    assert_eq!(verdicts.len(), 1);
+    let v = verdicts.remove(0);
+    println!("{}", v.render());
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_is_lost_duplicated_or_reordered_while_shard_owners_are_killed() {
+    let mut spec = short(Drill::WorkerKill, Duration::from_secs(6), "worker-kill");
+    spec.kill_every = Duration::from_secs(2);
+    let v = run(&spec).await;
+    assert!(v.passed, "{}", v.render());
+    assert_eq!((v.lost, v.duplicate_rows, v.reorders, v.unanswered), (0, 0, 0, 0));
+    assert!(v.checks.iter().any(|c| c.name == "owners_killed" && c.passed));
+    assert_eq!(v.saved, v.sent, "every message saved once the standbys took over");
+    let _ = std::fs::remove_dir_all(&spec.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_keeps_accepting_and_every_message_is_saved_after_it() {
+    let spec = short(Drill::DbOutage, Duration::from_secs(4), "db-outage");
+    let v = run(&spec).await;
+    assert!(v.passed, "{}", v.render());
+    assert_eq!((v.lost, v.duplicate_rows, v.reorders, v.errored), (0, 0, 0, 0));
+    assert_eq!((v.accepted, v.saved), (v.sent, v.sent), "accepted throughout, saved after the outage");
+    assert!(v.backlog_peak > v.backlog_before, "the backlog grew while MariaDB was down: {}", v.render());
+    assert!(v.time_to_recover_secs.is_some());
+    let _ = std::fs::remove_dir_all(&spec.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_shared_servers_is_refused() {
+    let dir = std::env::temp_dir().join(format!("im-drill-test-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The state file of a cluster without private servers: the drill must refuse before touching it.
+    let state = im_ops::cluster::ClusterState {
+        gateways: Vec::new(),
+        workers: Vec::new(),
+        redis_url: "redis://127.0.0.1:6379".into(),
+        mysql_url: "mysql://root@127.0.0.1:3306/im".into(),
+        jwt_secret: "x".into(),
+        key_prefix: "im".into(),
+        mode: "full".into(),
+        shards: 1,
+        config_path: dir.join("cluster.toml"),
+        dir: dir.clone(),
+        private_servers: Vec::new(),
+        dashboard: None,
+    };
+    let path = dir.join("cluster.json");
+    im_ops::cluster::save_state(&state, &path).unwrap();
+    let mut spec = short(Drill::DbOutage, Duration::from_secs(1), "shared");
+    spec.state = Some(path);
+    let err = drill::run(&spec).await.expect_err("a shared-server cluster is refused");
+    assert!(err.to_string().contains("shared Redis/MariaDB"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&spec.out);
+}
