@@ -123,6 +123,7 @@ const HELP: &[(&str, &str)] = &[
     ("im_gateway_pubsub_messages_in_total", "Node-channel messages received"),
     ("im_gateway_pubsub_messages_out_total", "Node-channel messages published (baseline pushes)"),
     ("im_gateway_offline_resent_total", "Messages pushed by offline resend"),
+    ("im_gateway_catch_ups_total", "Catch-ups after a gap in the node-channel subscription"),
     ("im_gateway_subscription_up", "1 while the node-channel subscription is live"),
     ("im_gateway_insert_batch_size", "Rows per baseline group-commit INSERT"),
     ("im_gateway_insert_seconds", "Baseline INSERT transaction latency"),

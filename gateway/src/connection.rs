@@ -54,8 +54,7 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
     let (out_tx, out_rx) = mpsc::channel(cfg.outbound_queue);
     let mut writer = tokio::spawn(write_loop(write, ctrl_rx, out_rx));
     let mut reader = Reader::new(read, ctrl_tx.clone(), cfg.max_frame_bytes);
-    let conn =
-        ConnHandle { id: gw.sessions.next_conn_id(), out: out_tx, ctrl: ctrl_tx, overflowed: Default::default() };
+    let conn = ConnHandle::new(gw.sessions.next_conn_id(), out_tx, ctrl_tx);
 
     let uid = match uid {
         Some(uid) => uid,
@@ -152,7 +151,10 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
             }
             Ok(Request::Ack { .. }) => reply(conn, &ServerFrame::error(Reason::InvalidAck, None)),
             Ok(Request::Send(send)) => {
+                let shard = im_common::shard::shard_of(uid, gw.cfg.cluster.shards);
+                let cmid = send.client_msg_id.clone();
                 for frame in gw.send(uid, conn.id, send).await {
+                    conn.track(&frame, || gw.keys.idempotency(shard, uid, &cmid));
                     reply(conn, &frame);
                 }
             }

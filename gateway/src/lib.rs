@@ -156,13 +156,24 @@ pub async fn run(
     ]);
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
         .set(1.0);
+    let resumed = Arc::new(tokio::sync::Notify::new());
     let background = [
         tokio::spawn(routes::subscribe(
             gw.cfg.redis.url.clone(),
             keys.node_channel(node),
             sessions.clone(),
             subscribed,
+            resumed.clone(),
         )),
+        tokio::spawn({
+            let gw = gw.clone();
+            async move {
+                loop {
+                    resumed.notified().await;
+                    offline::catch_up(&gw).await;
+                }
+            }
+        }),
         tokio::spawn(routes.heartbeat(sessions.clone())),
         tokio::spawn({
             let (cursors, store) = (gw.cursors.clone(), store.clone());

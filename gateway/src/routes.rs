@@ -69,7 +69,16 @@ impl RouteKeeper {
 /// Subscribes to the node channel and hands every push to the local sessions, until the process ends.
 /// `live` is true exactly while the subscription is established; `im_gateway_subscription_up` mirrors
 /// it for alerting (a scrape sees what `/readyz` sees).
-pub async fn subscribe(redis_url: String, channel: String, sessions: Arc<Sessions>, live: Arc<AtomicBool>) {
+/// Every subscription after the first signals `resumed`: whatever was published to this node during the
+/// gap is gone, and the gateway catches up from the durable copies (`offline::catch_up`).
+pub async fn subscribe(
+    redis_url: String,
+    channel: String,
+    sessions: Arc<Sessions>,
+    live: Arc<AtomicBool>,
+    resumed: Arc<tokio::sync::Notify>,
+) {
+    let mut first = true;
     let up = metrics::gauge!("im_gateway_subscription_up");
     up.set(0.0);
     let mut backoff = Duration::from_millis(100);
@@ -79,6 +88,9 @@ pub async fn subscribe(redis_url: String, channel: String, sessions: Arc<Session
                 live.store(true, Ordering::Relaxed);
                 up.set(1.0);
                 tracing::info!(%channel, "node channel subscribed");
+                if !std::mem::replace(&mut first, false) {
+                    resumed.notify_one();
+                }
                 backoff = Duration::from_millis(100);
                 let mut messages = pubsub.on_message();
                 while let Some(msg) = messages.next().await {

@@ -59,6 +59,16 @@ impl Idempotency {
         Ok(prev.as_deref().and_then(decode_state))
     }
 
+    /// The recorded stage of many keys, in one pipeline (`None` for missing or unreadable ones).
+    pub async fn stages(&self, keys: &[String]) -> redis::RedisResult<Vec<Option<(Stage, u64)>>> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.get(key);
+        }
+        let values: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(values.iter().map(|v| v.as_deref().and_then(decode_state)).collect())
+    }
+
     /// Marks many keys saved, in one pipeline.
     pub async fn mark_saved(&self, entries: &[(String, u64)]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();

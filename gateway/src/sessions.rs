@@ -13,7 +13,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use crate::framing::{close_code, Control};
+use im_common::protocol::{AckType, FrameType, ServerFrame};
 use im_common::record::Push;
+
+/// Most unconfirmed messages remembered per connection for the catch-up after a node-channel gap.
+const MAX_UNSAVED: usize = 10_000;
 
 /// The sending side of one connection.
 #[derive(Clone)]
@@ -25,9 +29,33 @@ pub struct ConnHandle {
     /// itself: its write task may be blocked on a socket the client no longer reads, and would never
     /// get to the close frame.
     pub overflowed: Arc<Notify>,
+    /// Messages this connection got `ACK(accepted)` for and no `ACK(saved)` yet: clientMsgId →
+    /// idempotency key. After a node-channel gap the gateway looks these up (see `offline::catch_up`).
+    pub unsaved: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl ConnHandle {
+    /// A handle for a new connection.
+    pub fn new(id: u64, out: mpsc::Sender<Bytes>, ctrl: mpsc::Sender<Control>) -> Self {
+        ConnHandle { id, out, ctrl, overflowed: Arc::default(), unsaved: Arc::default() }
+    }
+
+    /// Notes a frame about to be sent to this connection: a receipt settles its message.
+    pub fn track(&self, frame: &ServerFrame, idempotency_key: impl FnOnce() -> String) {
+        let Some(cmid) = &frame.client_msg_id else { return };
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        match (frame.kind, frame.ack_type) {
+            // Bounded: a client with this many unconfirmed messages is far behind anyway.
+            (FrameType::Ack, Some(AckType::Accepted)) if unsaved.len() < MAX_UNSAVED => {
+                unsaved.insert(cmid.clone(), idempotency_key());
+            }
+            (FrameType::Ack, Some(AckType::Saved)) | (FrameType::Error, _) => {
+                unsaved.remove(cmid);
+            }
+            _ => {}
+        }
+    }
+
     /// Queues a frame; on a full queue asks the connection to close as a slow consumer and returns false.
     pub fn offer(&self, frame: Bytes) -> bool {
         match self.out.try_send(frame) {
@@ -110,9 +138,18 @@ impl Sessions {
                 None => conns.clone(),
             }
         };
+        for c in &targets {
+            c.track(&push.frame, String::new);
+        }
         let taken = targets.iter().filter(|c| c.offer(text.clone())).count();
         metrics::counter!("im_gateway_frames_out_total", "type" => push.frame.kind.as_str()).increment(taken as u64);
         taken
+    }
+
+    /// Every connection with its user.
+    pub fn connections(&self) -> Vec<(u64, ConnHandle)> {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        users.iter().flat_map(|(&uid, conns)| conns.iter().map(move |c| (uid, c.clone()))).collect()
     }
 
     /// Asks every connection to close with `code` (graceful drain).
