@@ -27,4 +27,7 @@ command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninte
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# End-to-end tests launch the gateway, shard-worker and ops binaries: build them all first (cargo
+# test alone builds only the binaries of packages whose own integration tests need them).
+cargo build --workspace
 cargo test --workspace
