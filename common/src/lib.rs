@@ -13,3 +13,14 @@ pub mod shard;
 pub mod store;
 pub mod telemetry;
 pub mod testkit;
+
+/// Why a process could not start: a server it needs is unusable, or its options are.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("mysql: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -32,6 +32,7 @@ use im_common::record::{ChatMessage, Origin};
 use im_common::shard::shard_of;
 use im_common::store::Store;
 use im_common::telemetry::ReadinessCheck;
+use im_common::StartError;
 
 use append::Appender;
 use offline::Cursors;
@@ -57,15 +58,6 @@ pub struct Gateway {
     pub readiness: ReadinessCheck,
     pub connection_slots: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
-}
-
-/// A gateway error at start-up.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("mysql: {0}")]
-    Store(#[from] im_common::store::StoreError),
 }
 
 impl Gateway {

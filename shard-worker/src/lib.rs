@@ -22,6 +22,7 @@ use im_common::health::Dependencies;
 use im_common::ids::now_ms;
 use im_common::keys::Keys;
 use im_common::store::Store;
+use im_common::StartError;
 
 use lease::ShardLease;
 use pipeline::ShardContext;
@@ -80,17 +81,6 @@ impl WorkerStatus {
     }
 }
 
-/// A worker error at start-up.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("mysql: {0}")]
-    Store(#[from] im_common::store::StoreError),
-    #[error("--shard {0} is out of range: cluster.shards = {1}")]
-    ShardOutOfRange(u16, u16),
-}
-
 /// Runs until `shutdown` turns true: own a shard, pipeline it, release it on the way out.
 pub async fn run(
     cfg: Config,
@@ -100,7 +90,10 @@ pub async fn run(
 ) -> Result<(), StartError> {
     if let ShardChoice::Fixed(s) = choice {
         if s >= cfg.cluster.shards {
-            return Err(StartError::ShardOutOfRange(s, cfg.cluster.shards));
+            return Err(StartError::Invalid(format!(
+                "--shard {s} is out of range: cluster.shards = {}",
+                cfg.cluster.shards
+            )));
         }
     }
     let keys = Keys::from_config(&cfg);
