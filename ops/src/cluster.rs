@@ -143,17 +143,8 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         private_servers: servers.private.clone(),
         dashboard: None,
     };
-    for i in 0..spec.gateways {
-        state.gateways.push(spawn_gateway(&dir, &config_path, i as u16 + 1)?);
-    }
-    if spec.mode != Mode::Baseline {
-        for i in 0..spec.workers {
-            let shard = (i < usize::from(spec.shards)).then_some(i as u16);
-            state.workers.push(spawn_worker(&dir, &config_path, i, shard)?);
-        }
-    }
-    let ready = wait_ready(&state).await;
-    if let Err(e) = ready {
+    // Whatever was started before a failure is stopped again: a half-started cluster leaks nothing.
+    if let Err(e) = launch(&mut state, spec).await {
         stop_processes(&state).await;
         return Err(e);
     }
@@ -163,6 +154,20 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         Err(e) => eprintln!("warning: the dashboard did not start ({e}); `ops dashboard` serves it by hand"),
     }
     Ok(state)
+}
+
+/// Starts the gateways and (in two-phase modes) the workers of `state`, and waits until all are ready.
+async fn launch(state: &mut ClusterState, spec: &ClusterSpec) -> Result<(), ClusterError> {
+    for i in 0..spec.gateways {
+        state.gateways.push(spawn_gateway(&state.dir, &state.config_path, i as u16 + 1)?);
+    }
+    if spec.mode != Mode::Baseline {
+        for i in 0..spec.workers {
+            let shard = (i < usize::from(spec.shards)).then_some(i as u16);
+            state.workers.push(spawn_worker(&state.dir, &state.config_path, i, shard)?);
+        }
+    }
+    wait_ready(state).await
 }
 
 /// Adds `gateways` gateways and `workers` standby workers (`--shard auto`: they take free or orphaned
