@@ -143,9 +143,10 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         private_servers: servers.private.clone(),
         dashboard: None,
     };
-    // Whatever was started before a failure is stopped again: a half-started cluster leaks nothing.
+    // Whatever was started before a failure is stopped again, private servers included: a
+    // half-started cluster leaks nothing.
     if let Err(e) = launch(&mut state, spec).await {
-        stop_processes(&state).await;
+        let _ = stop(&state).await;
         return Err(e);
     }
     // The page is a convenience: a cluster without it is still a working cluster.
