@@ -791,19 +791,11 @@ async fn receive(
                 rec.error("unparsable_frame");
                 continue;
             }
-            Ok(Incoming::Closed(code, reason)) => {
-                rec.error(&close_label(code, &reason));
-                if link.enabled {
-                    if let Some(conn) = link.reconnect(&rec, &mut shutdown).await {
-                        (reader, writer) = conn;
-                        continue;
-                    }
-                }
-                log.gone = true;
-                return log;
-            }
-            Err(_) => {
-                rec.error("disconnected");
+            Ok(Incoming::Closed(..)) | Err(_) => {
+                rec.error(&match incoming {
+                    Ok(Incoming::Closed(code, reason)) => close_label(code, &reason),
+                    _ => "disconnected".to_owned(),
+                });
                 if link.enabled {
                     if let Some(conn) = link.reconnect(&rec, &mut shutdown).await {
                         (reader, writer) = conn;
