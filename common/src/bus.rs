@@ -8,6 +8,11 @@
 //! themselves when a user connects, refresh all their users on a heartbeat, and remove themselves when
 //! the user's last local connection closes; a crashed gateway's entries simply expire. Pushes for a
 //! batch resolve all recipients in one pipeline and then send one PUBLISH per node in a second one.
+//!
+//! Pub/sub keeps no copy, so a gateway that is between subscriptions (Redis restarted, the subscriber
+//! connection dropped) would miss what is published to it. Every publisher therefore publishes with
+//! [`PARK_LUA`]: when `PUBLISH` reaches nobody, the batch is parked in a list that the gateway drains,
+//! in order, right after it subscribes again and before it reads anything live.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -43,6 +48,36 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_response_timeout(Some(Duration::from_millis(2000)))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(200))
+}
+
+/// Lua: `deliver(channel, message, parked)` publishes, and parks the message when nobody received it.
+/// A parked list keeps the newest 10,000 batches (older ones are trimmed: their rows are saved, and
+/// offline resend delivers them on reconnect) and expires 5 minutes after its last write, so a node
+/// that never comes back leaves nothing behind.
+pub const PARK_LUA: &str = r"
+local function deliver(channel, message, parked)
+  if redis.call('PUBLISH', channel, message) == 0 then
+    redis.call('RPUSH', parked, message)
+    redis.call('LTRIM', parked, -10000, -1)
+    redis.call('PEXPIRE', parked, 300000)
+  end
+end
+";
+
+/// KEYS: parked list. ARGV: channel, message.
+const PUBLISH_SCRIPT: &str = "deliver(ARGV[1], ARGV[2], KEYS[1])";
+
+/// KEYS: parked list. Returns its entries and deletes it, atomically.
+const TAKE_PARKED: &str = "local v = redis.call('LRANGE', KEYS[1], 0, -1) redis.call('DEL', KEYS[1]) return v";
+
+/// Takes everything parked under `keys` (in order, key by key) in one pipeline.
+pub async fn take_parked(conn: &ConnectionManager, keys: &[String]) -> redis::RedisResult<Vec<Vec<u8>>> {
+    let mut pipe = redis::pipe();
+    for key in keys {
+        pipe.cmd("EVAL").arg(TAKE_PARKED).arg(1).arg(key);
+    }
+    let lists: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn.clone()).await?;
+    Ok(lists.into_iter().flatten().collect())
 }
 
 /// Where a push goes.
@@ -92,12 +127,15 @@ impl Router {
 
     /// Delivers pushes: routed ones to every node holding their user (except `skip_node`, whose
     /// caller delivers locally), the others to their node. One pipeline to resolve, one to publish.
-    pub async fn send(&self, pushes: Vec<(Target, Push)>, skip_node: Option<u16>) -> redis::RedisResult<SendStats> {
+    pub async fn send(&self, pushes: &[(Target, Push)], skip_node: Option<u16>) -> redis::RedisResult<SendStats> {
         let (publications, stats) = self.prepare(pushes, skip_node).await?;
         if !publications.is_empty() {
+            // EVAL, not EVALSHA: a pipeline cannot load a missing script; Redis caches it by hash anyway.
+            let script = format!("{PARK_LUA}{PUBLISH_SCRIPT}");
             let mut pipe = redis::pipe();
             for p in &publications {
-                pipe.publish(&p.channel, &p.payload).ignore();
+                let parked = self.keys.parked_by_gateways(p.node);
+                pipe.cmd("EVAL").arg(&script).arg(1).arg(parked).arg(&p.channel).arg(&p.payload).ignore();
             }
             pipe.query_async::<()>(&mut self.conn.clone()).await?;
         }
@@ -109,7 +147,7 @@ impl Router {
     /// XACK happen atomically.
     pub async fn prepare(
         &self,
-        pushes: Vec<(Target, Push)>,
+        pushes: &[(Target, Push)],
         skip_node: Option<u16>,
     ) -> redis::RedisResult<(Vec<Publication>, SendStats)> {
         let mut users: Vec<u64> = pushes.iter().filter(|(t, _)| *t == Target::Routed).map(|(_, p)| p.user).collect();
@@ -119,8 +157,8 @@ impl Router {
         let mut stats = SendStats::default();
         let mut by_node: HashMap<u16, Vec<Push>> = HashMap::new();
         for (target, push) in pushes {
-            match target {
-                Target::Node(node) => by_node.entry(node).or_default().push(push),
+            match *target {
+                Target::Node(node) => by_node.entry(node).or_default().push(push.clone()),
                 Target::Routed => {
                     let nodes = routes.get(&push.user).map(Vec::as_slice).unwrap_or_default();
                     if nodes.is_empty() {
@@ -136,6 +174,7 @@ impl Router {
         let publications = by_node
             .into_iter()
             .map(|(node, pushes)| Publication {
+                node,
                 channel: self.keys.node_channel(node),
                 payload: encode(&PushBatch { pushes }),
             })
@@ -147,6 +186,7 @@ impl Router {
 /// One PUBLISH: a node channel and an encoded [`PushBatch`].
 #[derive(Debug, Clone)]
 pub struct Publication {
+    pub node: u16,
     pub channel: String,
     pub payload: Vec<u8>,
 }

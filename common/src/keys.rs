@@ -81,6 +81,17 @@ impl Keys {
     pub fn node_channel(&self, node: u16) -> String {
         format!("{}:node:{node}", self.prefix)
     }
+
+    /// Where a shard owner parks what it published to `node` while nobody was subscribed (a list of
+    /// encoded push batches; see `bus::PARK_LUA`). In the shard's slot, next to its streams.
+    pub fn parked_by_shard(&self, shard: u16, node: u16) -> String {
+        self.shard_key(shard, &format!("parked:{node}"))
+    }
+
+    /// As [`Keys::parked_by_shard`], for pushes that gateways publish (baseline and fail-open saves).
+    pub fn parked_by_gateways(&self, node: u16) -> String {
+        format!("{}:parked:{node}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -97,5 +108,7 @@ mod tests {
         assert_eq!(k.lease(3), "im:{s3}:lease");
         assert_eq!(k.route(9), "im:route:9");
         assert_eq!(k.node_channel(2), "im:node:2");
+        assert_eq!(k.parked_by_shard(3, 2), "im:{s3}:parked:2");
+        assert_eq!(k.parked_by_gateways(2), "im:parked:2");
     }
 }

@@ -64,7 +64,19 @@ impl Appender {
     }
 
     /// Appends `msg` to `shard`'s accepted stream (or finds the earlier attempt under `key`).
-    pub async fn append(&self, shard: u16, key: &str, msg: ChatMessage, origin: Origin) -> Vec<ServerFrame> {
+    /// `in_flight`: the sending connection has accepted messages without `ACK(saved)` yet.
+    pub async fn append(
+        &self,
+        shard: u16,
+        key: &str,
+        msg: ChatMessage,
+        origin: Origin,
+        in_flight: bool,
+    ) -> Vec<ServerFrame> {
+        if self.fail_open && !self.saver.outbox.is_empty() {
+            // Pushes of earlier fail-open saves still wait for Redis: stay behind them.
+            return self.fall_open(msg, in_flight).await;
+        }
         if self.backlog[usize::from(shard)].load(Ordering::Relaxed) >= self.max_backlog {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "backlog").increment(1);
             return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
@@ -95,8 +107,7 @@ impl Appender {
             },
             Err(e) if self.fail_open => {
                 tracing::debug!(error = %e, "append failed; fail-open to the baseline path");
-                metrics::counter!("im_gateway_fail_open_total").increment(1);
-                self.saver.save_and_answer(msg, None).await
+                self.fall_open(msg, in_flight).await
             }
             Err(e) => {
                 tracing::debug!(error = %e, "append failed; fail-open is off");
@@ -104,6 +115,18 @@ impl Appender {
                 vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
             }
         }
+    }
+
+    /// Saves `msg` on the baseline path instead of the stream — unless earlier messages of the same
+    /// connection still wait in the stream: saved and pushed now, it would overtake them (SPEC §3.4),
+    /// so the sender gets `server_busy` and retries.
+    async fn fall_open(&self, msg: ChatMessage, in_flight: bool) -> Vec<ServerFrame> {
+        if in_flight {
+            metrics::counter!("im_gateway_server_busy_total", "cause" => "in_flight").increment(1);
+            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+        }
+        metrics::counter!("im_gateway_fail_open_total").increment(1);
+        self.saver.save_and_answer(msg, None).await
     }
 
     /// Keeps the per-shard backlog figure current: unsaved entries = accepted + to_save stream

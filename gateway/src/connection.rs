@@ -151,10 +151,8 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
             }
             Ok(Request::Ack { .. }) => reply(conn, &ServerFrame::error(Reason::InvalidAck, None)),
             Ok(Request::Send(send)) => {
-                let shard = im_common::shard::shard_of(uid, gw.cfg.cluster.shards);
-                let cmid = send.client_msg_id.clone();
-                for frame in gw.send(uid, conn.id, send).await {
-                    conn.track(&frame, || gw.keys.idempotency(shard, uid, &cmid));
+                for frame in gw.send(uid, conn, send).await {
+                    conn.track(&frame);
                     reply(conn, &frame);
                 }
             }

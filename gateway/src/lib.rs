@@ -37,8 +37,8 @@ use im_common::StartError;
 use append::Appender;
 use offline::Cursors;
 use routes::RouteKeeper;
-use send::{receipt, AfterCommit, BaselineSaver, Idempotency, Stage};
-use sessions::Sessions;
+use send::{receipt, AfterCommit, BaselineSaver, Idempotency, Outbox, Stage};
+use sessions::{ConnHandle, Sessions};
 
 /// Everything a gateway's tasks share.
 pub struct Gateway {
@@ -62,7 +62,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Handles one validated `SINGLE_CHAT` from `uid` on connection `conn`: the frames to answer with.
-    pub async fn send(&self, uid: u64, conn: u64, req: SendRequest) -> Vec<ServerFrame> {
+    pub async fn send(&self, uid: u64, conn: &ConnHandle, req: SendRequest) -> Vec<ServerFrame> {
         let shard = shard_of(uid, self.cfg.cluster.shards);
         let key = self.keys.idempotency(shard, uid, &req.client_msg_id);
         let mut msg = ChatMessage {
@@ -74,7 +74,8 @@ impl Gateway {
             body: req.body,
         };
         if self.mode != Mode::Baseline {
-            return self.appender.append(shard, &key, msg, Origin { node: self.node, conn }).await;
+            let origin = Origin { node: self.node, conn: conn.id };
+            return self.appender.append(shard, &key, msg, origin, conn.has_unsaved()).await;
         }
         match self.idempotency.claim(&key, msg.id).await {
             Ok(None) => {}
@@ -104,7 +105,14 @@ pub async fn run(
     let routes = RouteKeeper::new(redis.clone(), keys.clone(), node, cfg.gateway.route_ttl_ms);
     let idempotency = Idempotency::new(redis.clone(), cfg.idempotency.ttl_secs);
     let router = Router::new(redis.clone(), keys.clone());
-    let after = AfterCommit { idempotency: idempotency.clone(), router, sessions: sessions.clone(), node };
+    let outbox = Arc::new(Outbox::default());
+    let after = AfterCommit {
+        idempotency: idempotency.clone(),
+        router: router.clone(),
+        outbox,
+        sessions: sessions.clone(),
+        node,
+    };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
     let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone());
     let subscribed = Arc::new(AtomicBool::new(false));
@@ -141,31 +149,27 @@ pub async fn run(
     let reasons = im_common::protocol::Reason::ALL.iter().map(|r| r.as_str().to_owned()).collect();
     im_common::telemetry::register_metrics(&[
         ("im_gateway_errors_total", "reason", reasons),
-        ("im_gateway_server_busy_total", "cause", vec!["backlog".into(), "redis_unavailable".into()]),
+        (
+            "im_gateway_server_busy_total",
+            "cause",
+            vec!["backlog".into(), "redis_unavailable".into(), "in_flight".into()],
+        ),
         ("im_gateway_auth_total", "result", vec!["ok".into(), "fail".into()]),
         ("im_gateway_fail_open_total", "", vec![]),
         ("im_gateway_slow_consumer_disconnects_total", "", vec![]),
+        ("im_gateway_parked_taken_total", "", vec![]),
+        ("im_gateway_pushes_dropped_total", "", vec![]),
     ]);
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
         .set(1.0);
-    let resumed = Arc::new(tokio::sync::Notify::new());
     let background = [
-        tokio::spawn(routes::subscribe(
+        tokio::spawn(routes.clone().subscribe(
             gw.cfg.redis.url.clone(),
-            keys.node_channel(node),
+            gw.cfg.cluster.shards,
             sessions.clone(),
             subscribed,
-            resumed.clone(),
         )),
-        tokio::spawn({
-            let gw = gw.clone();
-            async move {
-                loop {
-                    resumed.notified().await;
-                    offline::catch_up(&gw).await;
-                }
-            }
-        }),
+        tokio::spawn(gw.saver.outbox.clone().republish(router, node)),
         tokio::spawn(routes.heartbeat(sessions.clone())),
         tokio::spawn({
             let (cursors, store) = (gw.cursors.clone(), store.clone());

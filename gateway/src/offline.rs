@@ -12,10 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::send::Stage;
-use crate::sessions::ConnHandle;
 use im_common::ids;
-use im_common::protocol::{AckType, ServerFrame};
+use im_common::protocol::ServerFrame;
 use im_common::store::Store;
 
 /// Second look at the inbox, for messages that were in flight when the user came online.
@@ -71,42 +69,6 @@ async fn resend_pass(
             return Some(after);
         }
     }
-}
-
-/// Recovers what a gap in the node-channel subscription lost. Pub/sub keeps no copy, so pushes and
-/// receipts published to this node while it was not subscribed (Redis restarted, or dropped the
-/// subscriber) are gone; the durable copies are not. For every message a connection still waits on,
-/// an idempotency entry that says saved becomes an `ACK(saved)`; and every connected user gets an
-/// offline-resend pass up to now (with its second pass for saves still in flight). A message that
-/// was pushed before the gap may arrive again (same serverMsgId).
-pub async fn catch_up(gw: &crate::Gateway) {
-    let connections = gw.sessions.connections();
-    let waiting: Vec<(ConnHandle, String, String)> = connections
-        .iter()
-        .flat_map(|(_, conn)| {
-            let unsaved = conn.unsaved.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            unsaved.into_iter().map(move |(cmid, key)| (conn.clone(), cmid, key))
-        })
-        .collect();
-    let mut receipts = 0;
-    for chunk in waiting.chunks(1000) {
-        let keys: Vec<String> = chunk.iter().map(|(_, _, key)| key.clone()).collect();
-        let Ok(stages) = gw.idempotency.stages(&keys).await else { break };
-        for ((conn, cmid, _), stage) in chunk.iter().zip(stages) {
-            if let Some((Stage::Saved, id)) = stage {
-                let frame = ServerFrame::ack(AckType::Saved, cmid, id);
-                conn.track(&frame, String::new);
-                conn.offer(Bytes::from(frame.to_json()));
-                receipts += 1;
-            }
-        }
-    }
-    let now = ids::now_ms();
-    for (uid, conn) in &connections {
-        tokio::spawn(resend(gw.store.clone(), *uid, gw.cfg.gateway.offline_page_size, conn.out.clone(), now));
-    }
-    tracing::info!(connections = connections.len(), receipts, "caught up after a node-channel gap");
-    metrics::counter!("im_gateway_catch_ups_total").increment(1);
 }
 
 /// Coalesces delivered-cursor updates and writes them in batches.

@@ -10,7 +10,10 @@
 //! When Redis cannot be reached, the claim is skipped and the UNIQUE key in MySQL is the only dedupe;
 //! the save reports the id stored first, so a retry still gets the original id.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -129,12 +132,15 @@ struct Job {
 #[derive(Clone)]
 pub struct BaselineSaver {
     jobs: mpsc::Sender<Job>,
+    /// The pushes of saved batches that wait for Redis.
+    pub outbox: Arc<Outbox>,
 }
 
 /// What a baseline batch needs after its commit.
 pub struct AfterCommit {
     pub idempotency: Idempotency,
     pub router: Router,
+    pub outbox: Arc<Outbox>,
     pub sessions: Arc<Sessions>,
     pub node: u16,
 }
@@ -144,6 +150,7 @@ impl BaselineSaver {
     pub fn start(store: Store, after: AfterCommit, workers: usize, batch_max: usize) -> Self {
         let (jobs, rx) = mpsc::channel::<Job>(batch_max * workers * 4);
         let rx = Arc::new(Mutex::new(rx));
+        let outbox = after.outbox.clone();
         let after = Arc::new(after);
         for _ in 0..workers.max(1) {
             let (rx, store, after) = (rx.clone(), store.clone(), after.clone());
@@ -167,7 +174,7 @@ impl BaselineSaver {
                 }
             });
         }
-        BaselineSaver { jobs }
+        BaselineSaver { jobs, outbox }
     }
 
     /// Saves one message (waiting for its batch to commit).
@@ -230,17 +237,88 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
 }
 
 /// Pushes frames to their users: to local connections directly, to other gateways by one PUBLISH
-/// per node.
+/// per node; what cannot be published waits in the [`Outbox`].
 pub async fn push(after: &AfterCommit, pushes: Vec<Push>) {
     let mut remote = Vec::with_capacity(pushes.len());
     for p in pushes {
         after.sessions.deliver(&p);
         remote.push((Target::Routed, p));
     }
-    match after.router.send(remote, Some(after.node)).await {
+    if !after.outbox.is_empty() {
+        // Behind what is already waiting, so a sender's pushes keep their order.
+        after.outbox.enqueue(remote);
+        return;
+    }
+    match after.router.send(&remote, Some(after.node)).await {
         Ok(stats) => metrics::counter!("im_gateway_pubsub_messages_out_total").increment(stats.publishes as u64),
-        // The rows are saved: offline resend delivers them when the recipient reconnects.
-        Err(e) => tracing::warn!(error = %e, "push publish failed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "push publish failed; queued until Redis answers");
+            after.outbox.enqueue(remote);
+        }
+    }
+}
+
+/// Most pushes the outbox holds; beyond that the oldest are dropped (their rows are saved, and
+/// offline resend delivers them on reconnect).
+const OUTBOX_MAX_PUSHES: usize = 100_000;
+
+/// Remote pushes of saved messages that could not be published (Redis unreachable), oldest first.
+/// [`Outbox::republish`] sends them in order once Redis answers. While anything waits here, new
+/// remote pushes queue behind it and the appender keeps messages on the baseline path, so nothing
+/// a sender sends later can overtake a waiting push.
+#[derive(Default)]
+pub struct Outbox {
+    queue: std::sync::Mutex<VecDeque<Vec<(Target, Push)>>>,
+    /// Pushes queued or being republished.
+    pushes: AtomicUsize,
+}
+
+impl Outbox {
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.pushes.load(Ordering::Acquire) == 0
+    }
+
+    fn enqueue(&self, batch: Vec<(Target, Push)>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.pushes.fetch_add(batch.len(), Ordering::AcqRel);
+        queue.push_back(batch);
+        self.trim(&mut queue);
+    }
+
+    fn trim(&self, queue: &mut VecDeque<Vec<(Target, Push)>>) {
+        while self.pushes.load(Ordering::Acquire) > OUTBOX_MAX_PUSHES {
+            let Some(oldest) = queue.pop_front() else { break };
+            self.pushes.fetch_sub(oldest.len(), Ordering::AcqRel);
+            metrics::counter!("im_gateway_pushes_dropped_total").increment(oldest.len() as u64);
+        }
+        metrics::gauge!("im_gateway_outbox_pushes").set(self.pushes.load(Ordering::Acquire) as f64);
+    }
+
+    /// Republishes waiting pushes, oldest first, until the process ends.
+    pub async fn republish(self: Arc<Self>, router: Router, node: u16) {
+        loop {
+            let next = self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+            let Some(batch) = next else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            match router.send(&batch, Some(node)).await {
+                Ok(stats) => {
+                    metrics::counter!("im_gateway_pubsub_messages_out_total").increment(stats.publishes as u64);
+                    self.pushes.fetch_sub(batch.len(), Ordering::AcqRel);
+                    metrics::gauge!("im_gateway_outbox_pushes").set(self.pushes.load(Ordering::Acquire) as f64);
+                }
+                Err(_) => {
+                    {
+                        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        queue.push_front(batch);
+                        self.trim(&mut queue);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
     }
 }
 

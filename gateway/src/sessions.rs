@@ -5,7 +5,7 @@
 //! dropped from the registry. The registry also tells the route keeper when a user's first connection
 //! arrives and their last one leaves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +16,7 @@ use crate::framing::{close_code, Control};
 use im_common::protocol::{AckType, FrameType, ServerFrame};
 use im_common::record::Push;
 
-/// Most unconfirmed messages remembered per connection for the catch-up after a node-channel gap.
+/// Most unconfirmed messages remembered per connection.
 const MAX_UNSAVED: usize = 10_000;
 
 /// The sending side of one connection.
@@ -29,9 +29,9 @@ pub struct ConnHandle {
     /// itself: its write task may be blocked on a socket the client no longer reads, and would never
     /// get to the close frame.
     pub overflowed: Arc<Notify>,
-    /// Messages this connection got `ACK(accepted)` for and no `ACK(saved)` yet: clientMsgId →
-    /// idempotency key. After a node-channel gap the gateway looks these up (see `offline::catch_up`).
-    pub unsaved: Arc<Mutex<HashMap<String, String>>>,
+    /// clientMsgIds this connection got `ACK(accepted)` for and no `ACK(saved)` yet: while there are
+    /// any, fail-open must not save a newer message past them (see `Appender::fall_open`).
+    unsaved: Arc<Mutex<HashSet<String>>>,
 }
 
 impl ConnHandle {
@@ -41,19 +41,24 @@ impl ConnHandle {
     }
 
     /// Notes a frame about to be sent to this connection: a receipt settles its message.
-    pub fn track(&self, frame: &ServerFrame, idempotency_key: impl FnOnce() -> String) {
+    pub fn track(&self, frame: &ServerFrame) {
         let Some(cmid) = &frame.client_msg_id else { return };
         let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
         match (frame.kind, frame.ack_type) {
             // Bounded: a client with this many unconfirmed messages is far behind anyway.
             (FrameType::Ack, Some(AckType::Accepted)) if unsaved.len() < MAX_UNSAVED => {
-                unsaved.insert(cmid.clone(), idempotency_key());
+                unsaved.insert(cmid.clone());
             }
             (FrameType::Ack, Some(AckType::Saved)) | (FrameType::Error, _) => {
                 unsaved.remove(cmid);
             }
             _ => {}
         }
+    }
+
+    /// Whether messages of this connection wait for their `ACK(saved)`.
+    pub fn has_unsaved(&self) -> bool {
+        !self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
     /// Queues a frame; on a full queue asks the connection to close as a slow consumer and returns false.
@@ -139,7 +144,7 @@ impl Sessions {
             }
         };
         for c in &targets {
-            c.track(&push.frame, String::new);
+            c.track(&push.frame);
         }
         let taken = targets.iter().filter(|c| c.offer(text.clone())).count();
         metrics::counter!("im_gateway_frames_out_total", "type" => push.frame.kind.as_str()).increment(taken as u64);

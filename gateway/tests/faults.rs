@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use im_common::config::Mode;
+use im_common::keys::Keys;
 use im_common::store::Store;
 use im_common::testkit::TestEnv;
 use im_ops::cluster::TestCluster;
@@ -117,13 +118,23 @@ async fn redis_outage(fail_open: bool, name: &str) {
     let mut c = TestCluster::start(&s).await.unwrap();
     let secret = c.state.jwt_secret.clone();
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &secret, 6001).await;
+    let mut carol = Client::connect(&c.state.gateways[0].ws_url, &secret, 6003).await;
     for k in 0..20 {
         alice.chat(6002, &format!("before{k:02}"), "x").await;
-        alice.ack("accepted", &format!("before{k:02}")).await;
     }
+    let mut saved = 0;
+    while saved < 20 {
+        saved += usize::from(alice.next().await["ackType"] == "saved");
+    }
+    // Carol's message is stuck in the stream: the only worker is paused.
+    let worker = c.state.workers[0].pid as i32;
+    // SAFETY: pausing and resuming a worker this test started.
+    unsafe { libc::kill(worker, libc::SIGSTOP) };
+    carol.chat(6002, "stuck", "x").await;
+    carol.ack("accepted", "stuck").await;
     let redis = private_server(&c, "redis");
     c.state.private_servers[redis].stop().await.unwrap();
-    let mut receipted = 20;
+    let mut receipted = 21;
     for k in 0..10 {
         let cmid = format!("during{k:02}");
         alice.chat(6002, &cmid, "x").await;
@@ -139,7 +150,13 @@ async fn redis_outage(fail_open: bool, name: &str) {
             );
         }
     }
+    // Fail-open or not, Carol's next message would overtake the one in the stream (SPEC §3.4).
+    carol.chat(6002, "after-stuck", "x").await;
+    let answer = carol.expect("answer", |v| v["clientMsgId"] == "after-stuck").await;
+    assert_eq!((answer["type"].as_str(), answer["reason"].as_str()), (Some("ERROR"), Some("server_busy")), "{answer}");
     c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
+    unsafe { libc::kill(worker, libc::SIGCONT) };
+    carol.ack("saved", "stuck").await;
     // Everything that got a receipt is saved once Redis is back (the stream survived in the AOF).
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -274,5 +291,62 @@ async fn baseline_db_error_answers_internal_error_and_the_retry_keeps_the_id() {
     assert_eq!(traffic::check_rows(&store).await, (1, 0, 0));
     assert_eq!(store.query_u64("SELECT id FROM messages").await.unwrap().to_string(), ids[0]);
     store.close().await;
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_for_an_unsubscribed_gateway_are_parked_and_delivered_in_order() {
+    let env = TestEnv::new("parked");
+    let mut s = spec(&env, Mode::Full, 2, 1);
+    // Killing pub/sub clients must not touch other tests' gateways: a Redis of our own.
+    s.force_private = true;
+    let c = TestCluster::start(&s).await.unwrap();
+    let secret = c.state.jwt_secret.clone();
+    let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 6102).await;
+    let mut alice = Client::connect(&c.state.gateways[1].ws_url, &secret, 6101).await;
+    let keys = Keys::from_config(&s.config);
+    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let route_of_bob = || async {
+        let nodes: Vec<u16> =
+            redis::cmd("ZRANGE").arg(keys.route(6102)).arg(0).arg(-1).query_async(&mut redis.clone()).await.unwrap();
+        nodes
+    };
+    while route_of_bob().await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Bob's gateway loses its subscription and cannot resubscribe (paused) while Alice sends.
+    let gw0 = c.state.gateways[0].pid as i32;
+    // SAFETY: pausing and resuming a gateway this test started.
+    unsafe { libc::kill(gw0, libc::SIGSTOP) };
+    let killed: u64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut redis).await.unwrap();
+    assert!(killed >= 2, "both gateways' subscriptions killed ({killed})");
+    for k in 0..50 {
+        alice.chat(6102, &format!("m{k:02}"), "x").await;
+    }
+    let mut saved = 0;
+    while saved < 50 {
+        saved += usize::from(alice.next().await["ackType"] == "saved");
+    }
+    let parked = keys.parked_by_shard(0, c.state.gateways[0].node_id);
+    let waiting: u64 = redis::cmd("LLEN").arg(&parked).query_async(&mut redis).await.unwrap();
+    assert!(waiting > 0, "the pushes for the unsubscribed gateway were parked");
+
+    // Resumed, it resubscribes, takes the parked pushes first, then live ones; all in order, once.
+    unsafe { libc::kill(gw0, libc::SIGCONT) };
+    for k in 50..60 {
+        alice.chat(6102, &format!("m{k:02}"), "x").await;
+    }
+    let got: Vec<String> = bob
+        .drain(Duration::from_secs(2))
+        .await
+        .iter()
+        .filter(|v| v["type"] == "SINGLE_CHAT")
+        .map(|v| v["clientMsgId"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let want: Vec<String> = (0..60).map(|k| format!("m{k:02}")).collect();
+    assert_eq!(got, want, "every push once, in order");
+    let left: u64 = redis::cmd("LLEN").arg(&parked).query_async(&mut redis).await.unwrap();
+    assert_eq!(left, 0, "the parked list was taken");
     drop(c);
 }

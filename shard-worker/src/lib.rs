@@ -199,6 +199,8 @@ async fn own_shard(
         router: Router::new(conn.clone(), keys.clone()),
         mover: Mover {
             conn: conn.clone(),
+            keys: keys.clone(),
+            shard,
             lease_key: keys.lease(shard),
             lease_value: lease.value.clone(),
             group: tp.group.clone(),

@@ -130,7 +130,7 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
         // Undecodable entries go straight to to_save too: the save stage dead-letters them in one place.
         let payloads: Vec<&[u8]> = batch.iter().map(|e| e.payload.as_slice()).collect();
         let handoff = || async {
-            let (pubs, _) = ctx.router.prepare(pushes.clone(), None).await?;
+            let (pubs, _) = ctx.router.prepare(&pushes, None).await?;
             ctx.mover.handoff(&reader.key, &to_save, &ids, &payloads, &pubs).await
         };
         if ctx.until_done(&mut backoff, "deliver: push/handoff", handoff).await.is_none() {
@@ -198,7 +198,7 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         }
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         let commit = || async {
-            let (pubs, _) = ctx.router.prepare(frames.clone(), None).await?;
+            let (pubs, _) = ctx.router.prepare(&frames, None).await?;
             ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &saved_keys).await
         };
         if ctx.until_done(&mut backoff, "save: receipts/commit", commit).await.is_none() {

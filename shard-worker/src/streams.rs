@@ -14,7 +14,8 @@ use redis::aio::ConnectionManager;
 use redis::streams::StreamReadReply;
 use redis::Script;
 
-use im_common::bus::Publication;
+use im_common::bus::{Publication, PARK_LUA};
+use im_common::keys::Keys;
 use im_common::record::MSG_FIELD;
 
 /// The consumer name every owner of a shard uses.
@@ -122,8 +123,9 @@ local function take(n)
   at = at + n
   return t
 end
-local function publish(channels, messages)
-  for k = 1, #channels do redis.call('PUBLISH', channels[k], messages[k]) end
+-- Publication k goes to channels[k]; when nobody hears it, it is parked under KEYS[first + k - 1].
+local function publish(channels, messages, first)
+  for k = 1, #channels do deliver(channels[k], messages[k], KEYS[first + k - 1]) end
 end
 local function ack(stream, group, ids)
   for k = 1, #ids do
@@ -134,7 +136,7 @@ end
 ";
 
 /// Deliver → save: publish the pushes, append the payloads to `to_save`, XACK + XDEL on `accepted`.
-/// KEYS: lease, accepted, to_save. ARGV: lease value, then group, field, n_ack, n_add, n_pub,
+/// KEYS: lease, accepted, to_save, parked lists (one per publication). ARGV: lease value, then group, field, n_ack, n_add, n_pub,
 /// ids.., payloads.., channels.., messages..
 const HANDOFF: &str = r"
 local head = take(5)
@@ -143,14 +145,15 @@ local ids, payloads = take(tonumber(head[3])), take(tonumber(head[4]))
 local n_pub = tonumber(head[5])
 local channels, messages = take(n_pub), take(n_pub)
 for k = 1, #payloads do redis.call('XADD', KEYS[3], '*', field, payloads[k]) end
-publish(channels, messages)
+publish(channels, messages, 4)
 ack(KEYS[2], group, ids)
 return #ids
 ";
 
 /// Save done: dead-letter the rejected, mark the saved in the idempotency window, publish receipts
 /// (and, in accepted-only mode, the pushes), XACK + XDEL the batch.
-/// KEYS: lease, stream, dead-letter stream, idempotency keys.. ARGV: lease value, then group, ttl,
+/// KEYS: lease, stream, dead-letter stream, parked lists (one per publication), idempotency keys..
+/// ARGV: lease value, then group, ttl,
 /// field, n_ack, n_dead, n_pub, ids.., dead payloads.., dead reasons.., channels.., messages..,
 /// idempotency values (one per key).
 const COMMIT: &str = r"
@@ -160,24 +163,26 @@ local ids = take(tonumber(head[4]))
 local n_dead, n_pub = tonumber(head[5]), tonumber(head[6])
 local dead, reasons = take(n_dead), take(n_dead)
 local channels, messages = take(n_pub), take(n_pub)
-local states = take(#KEYS - 3)
+local states = take(#KEYS - 3 - n_pub)
 for k = 1, n_dead do
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', field, dead[k], 'reason', reasons[k])
 end
-for k = 1, #states do redis.call('SET', KEYS[3 + k], states[k], 'EX', ttl) end
-publish(channels, messages)
+for k = 1, #states do redis.call('SET', KEYS[3 + n_pub + k], states[k], 'EX', ttl) end
+publish(channels, messages, 4)
 ack(KEYS[2], group, ids)
 return #ids
 ";
 
-static HANDOFF_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PROLOGUE}{HANDOFF}")));
-static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PROLOGUE}{COMMIT}")));
+static HANDOFF_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PARK_LUA}{PROLOGUE}{HANDOFF}")));
+static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PARK_LUA}{PROLOGUE}{COMMIT}")));
 
 /// The fenced stream operations of one shard owner. Each is one atomic script, so a batch's pushes,
 /// its hand-over to the next stage and its acknowledgement happen together or not at all.
 #[derive(Clone)]
 pub struct Mover {
     pub conn: ConnectionManager,
+    pub keys: Keys,
+    pub shard: u16,
     pub lease_key: String,
     pub lease_value: String,
     pub group: String,
@@ -200,6 +205,13 @@ fn add_publications(inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication])
 }
 
 impl Mover {
+    /// The parked list of each publication, as KEYS.
+    fn add_parked_keys(&self, inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
+        for p in pubs {
+            inv.key(self.keys.parked_by_shard(self.shard, p.node));
+        }
+    }
+
     /// Moves entries from `accepted` to `to_save`, publishing `pubs` in the same step.
     pub async fn handoff(
         &self,
@@ -211,6 +223,7 @@ impl Mover {
     ) -> redis::RedisResult<()> {
         let mut inv = HANDOFF_SCRIPT.prepare_invoke();
         inv.key(&self.lease_key).key(accepted).key(to_save);
+        self.add_parked_keys(&mut inv, pubs);
         inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD);
         inv.arg(ids.len()).arg(payloads.len()).arg(pubs.len());
         inv.arg(ids).arg(payloads);
@@ -230,6 +243,7 @@ impl Mover {
     ) -> redis::RedisResult<()> {
         let mut inv = COMMIT_SCRIPT.prepare_invoke();
         inv.key(&self.lease_key).key(stream).key(dead_stream);
+        self.add_parked_keys(&mut inv, pubs);
         for (key, _) in saved {
             inv.key(key);
         }
