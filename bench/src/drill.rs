@@ -667,12 +667,30 @@ impl<'a> DrillRun<'a> {
                     fast <= bound,
                     format!("fast receivers' E2E p99 {fast:.1} ms, bound {bound:.1} ms"),
                 ));
-                let dropped: u64 =
-                    errors.iter().filter(|(k, _)| k.contains("4001") || k.contains("slow")).map(|(_, n)| n).sum();
+                let disconnects = |slow: bool| -> u64 {
+                    errors
+                        .iter()
+                        .filter(|(k, _)| k.starts_with(crate::load::SLOW_RECEIVER_PREFIX) == slow)
+                        .filter(|(k, _)| k.contains("closed_") || k.contains("disconnected"))
+                        .map(|(_, n)| n)
+                        .sum()
+                };
+                let (dropped, fast_dropped) = (disconnects(true), disconnects(false));
+                let with_reason = errors.get(&format!("{}closed_slow_consumer", crate::load::SLOW_RECEIVER_PREFIX));
                 checks.push(Check::new(
                     "slow_receivers_disconnected",
                     dropped > 0,
-                    format!("{dropped} slow-consumer disconnects; {} reconnects", result.reconnects),
+                    format!(
+                        "{dropped} slow receiver disconnects ({} with the close frame `slow_consumer`; a writer \
+                         stuck on a full socket cannot send it); {} reconnects",
+                        with_reason.copied().unwrap_or(0),
+                        result.reconnects
+                    ),
+                ));
+                checks.push(Check::new(
+                    "fast_receivers_kept",
+                    fast_dropped == 0,
+                    format!("{fast_dropped} disconnects of fast receivers"),
                 ));
                 checks.push(Check::new(
                     "slow_receivers_recovered",

@@ -48,6 +48,9 @@ const TOKEN_TTL_SECS: u64 = 86_400;
 /// Reconnect backoff: first pause, and the most it grows to (each pause is jittered ±50 %).
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Prefix of the error label a slow receiver records for its disconnects.
+pub const SLOW_RECEIVER_PREFIX: &str = "slow_receiver_";
+
 /// Socket receive buffer of a slow receiver.
 const SLOW_RECV_BUFFER: u32 = 4096;
 
@@ -754,18 +757,21 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
 }
 
 /// Logs a receiver's pushes until shutdown, and keeps its connection alive (`PING` every
-/// [`KEEP_ALIVE`]). A slow receiver (`pace`) pauses after every frame. With reconnect on, a closed
-/// connection is replaced (offline resend then brings what was saved meanwhile); without it, or if
-/// no gateway takes it back before shutdown, the receiver counts as gone.
+/// [`KEEP_ALIVE`]). A slow receiver (`pace`) pauses after every frame until its first disconnect,
+/// which it records as `slow_receiver_<close label>`; then it reads at full speed, like a client whose
+/// network recovered. With reconnect on, a closed connection is replaced (offline resend then brings
+/// what was saved meanwhile); without it, or if no gateway takes it back before shutdown, the
+/// receiver counts as gone.
 async fn receive(
     (mut reader, mut writer): Conn,
     mut link: Link,
-    pace: Option<Duration>,
+    mut pace: Option<Duration>,
     rec: Arc<Recorder>,
     schedule: Arc<Schedule>,
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverLog {
     let mut log = ReceiverLog { uid: link.uid, ..Default::default() };
+    let slow = pace.is_some();
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut ping_at = Instant::now() + KEEP_ALIVE;
     loop {
@@ -792,10 +798,14 @@ async fn receive(
                 continue;
             }
             Ok(Incoming::Closed(..)) | Err(_) => {
-                rec.error(&match incoming {
+                let label = match incoming {
                     Ok(Incoming::Closed(code, reason)) => close_label(code, &reason),
                     _ => "disconnected".to_owned(),
-                });
+                };
+                // A gateway that drops a slow consumer whose writer is stuck on a full socket cannot
+                // send it a close frame: for a slow receiver every disconnect is its own doing.
+                rec.error(&if slow { format!("{SLOW_RECEIVER_PREFIX}{label}") } else { label });
+                pace = None;
                 if link.enabled {
                     if let Some(conn) = link.reconnect(&rec, &mut shutdown).await {
                         (reader, writer) = conn;
@@ -826,7 +836,7 @@ async fn receive(
         if seen.insert((from, seq)) {
             Counters::bump(&rec.counters.delivered);
             // Slow receivers' latency is their own doing; the figure is about everyone else.
-            if let (Some(sent_at_us), None) = (frame.body.as_deref().and_then(body_sent_at), pace) {
+            if let (Some(sent_at_us), false) = (frame.body.as_deref().and_then(body_sent_at), slow) {
                 if schedule.measured(sent_at_us) {
                     rec.record(Latency::EndToEnd, schedule.since(sent_at_us, now));
                 }

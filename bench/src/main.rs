@@ -139,14 +139,16 @@ struct DrillArgs {
     /// gateway's downtime (gateway-restart), the loaded window (slow-consumers, overload).
     #[arg(long)]
     seconds: Option<f64>,
-    /// Connections (users): half senders, half receivers.
-    #[arg(long, default_value_t = 200)]
-    connections: usize,
-    /// Total offered rate, msg/s.
-    #[arg(long, default_value_t = 400.0)]
-    rate: f64,
-    #[arg(long, default_value_t = 64)]
-    body_bytes: usize,
+    /// Connections (users): half senders, half receivers [default: 200; slow-consumers 100].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Total offered rate, msg/s [default: 400; slow-consumers 2000].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Message body size [default: 64; slow-consumers 4000, so that a slow reader's socket buffers
+    /// fill and the gateway's outbound queue overflows within the window].
+    #[arg(long)]
+    body_bytes: Option<usize>,
     #[arg(long, default_value_t = 2)]
     gateways: usize,
     #[arg(long, default_value_t = 4)]
@@ -178,8 +180,9 @@ struct DrillArgs {
     /// slow-consumers: fraction of slow receivers.
     #[arg(long, default_value_t = 0.3)]
     slow_fraction: f64,
-    /// slow-consumers: a slow receiver's pause after each frame, ms.
-    #[arg(long, default_value_t = 200)]
+    /// slow-consumers: a slow receiver's pause after each frame, ms (until it is disconnected; after
+    /// its reconnect it reads at full speed, like a client whose network recovered).
+    #[arg(long, default_value_t = 1000)]
     slow_read_ms: u64,
     /// Run directory (default bench-runs/drill-<UTC timestamp>).
     #[arg(long)]
@@ -210,7 +213,10 @@ fn parse_signal(s: &str) -> Result<im_bench::drill::StopSignal, String> {
 impl DrillArgs {
     fn spec(&self) -> anyhow::Result<im_bench::drill::DrillSpec> {
         use im_bench::drill::Drill;
-        if self.rate <= 0.0 {
+        let slow = self.name == Drill::SlowConsumers;
+        let connections = self.connections.unwrap_or(if slow { 100 } else { 200 });
+        let rate = self.rate.unwrap_or(if slow { 2000.0 } else { 400.0 });
+        if rate <= 0.0 {
             bail!("--rate must be positive");
         }
         let default_fault = match self.name {
@@ -221,13 +227,13 @@ impl DrillArgs {
             Drill::DbOutage | Drill::RedisOutage => 10.0,
         };
         let progress = secs(self.progress_secs, "progress-secs")?;
-        let pairs = (self.connections / 2).max(1);
+        let pairs = (connections / 2).max(1);
         let load = LoadSpec {
-            connections: self.connections,
-            interval: LoadSpec::interval_for_rate(pairs, self.rate),
-            body_bytes: self.body_bytes,
+            connections,
+            interval: LoadSpec::interval_for_rate(pairs, rate),
+            body_bytes: self.body_bytes.unwrap_or(if slow { 4000 } else { 64 }),
             progress: (!progress.is_zero()).then_some(progress),
-            slow_receivers: if self.name == Drill::SlowConsumers { self.slow_fraction } else { 0.0 },
+            slow_receivers: if slow { self.slow_fraction } else { 0.0 },
             slow_read_delay: Duration::from_millis(self.slow_read_ms),
             warmup: Duration::from_secs(2),
             ..LoadSpec::default()

@@ -10,14 +10,17 @@
 //! batch resolve all recipients in one pipeline and then send one PUBLISH per node in a second one.
 //!
 //! Pub/sub keeps no copy, so a gateway that is between subscriptions (Redis restarted, the subscriber
-//! connection dropped) would miss what is published to it. Every publisher therefore publishes with
-//! [`PARK_LUA`]: when `PUBLISH` reaches nobody, the batch is parked in a list that the gateway drains,
-//! in order, right after it subscribes again and before it reads anything live.
+//! connection dropped) or whose connection died with messages in flight would miss them. Every
+//! publisher therefore publishes with [`JOURNAL_LUA`]: the batch also goes to a short journal (a
+//! stream per publisher key and node), and the published message carries its journal position, so a
+//! gateway that resubscribes replays exactly what it has not seen, in order, before anything live.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::StreamRangeReply;
 
 use crate::keys::Keys;
 use crate::record::{encode, Push, PushBatch};
@@ -50,34 +53,96 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(200))
 }
 
-/// Lua: `deliver(channel, message, parked)` publishes, and parks the message when nobody received it.
-/// A parked list keeps the newest 10,000 batches (older ones are trimmed: their rows are saved, and
-/// offline resend delivers them on reconnect) and expires 5 minutes after its last write, so a node
-/// that never comes back leaves nothing behind.
-pub const PARK_LUA: &str = r"
-local function deliver(channel, message, parked)
-  if redis.call('PUBLISH', channel, message) == 0 then
-    redis.call('RPUSH', parked, message)
-    redis.call('LTRIM', parked, -10000, -1)
-    redis.call('PEXPIRE', parked, 300000)
-  end
+/// How long a node's journal keeps what was published to it. A gateway that was away longer cannot
+/// replay its gap and asks its clients to reconnect instead (offline resend covers them).
+pub const JOURNAL_RETENTION_MS: u64 = 30_000;
+
+/// Lua: `deliver(channel, message, journal)` appends the message to the node's journal (a stream
+/// trimmed to [`JOURNAL_RETENTION_MS`], expiring when nothing is written to it), then publishes it
+/// prefixed with where it is journaled: `<journal key>\n<entry id>\n<message>`.
+pub static JOURNAL_LUA: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r"
+local function deliver(channel, message, journal)
+  local now = redis.call('TIME')
+  local cutoff = string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - {JOURNAL_RETENTION_MS})
+  local id = redis.call('XADD', journal, 'MINID', '~', cutoff, '*', 'm', message)
+  redis.call('PEXPIRE', journal, {})
+  redis.call('PUBLISH', channel, journal .. '\n' .. id .. '\n' .. message)
 end
-";
+",
+        2 * JOURNAL_RETENTION_MS
+    )
+});
 
-/// KEYS: parked list. ARGV: channel, message.
-const PUBLISH_SCRIPT: &str = "deliver(ARGV[1], ARGV[2], KEYS[1])";
+/// KEYS: journal. ARGV: channel, message.
+static PUBLISH_SCRIPT: LazyLock<String> =
+    LazyLock::new(|| format!("{}deliver(ARGV[1], ARGV[2], KEYS[1])", *JOURNAL_LUA));
 
-/// KEYS: parked list. Returns its entries and deletes it, atomically.
-const TAKE_PARKED: &str = "local v = redis.call('LRANGE', KEYS[1], 0, -1) redis.call('DEL', KEYS[1]) return v";
+/// A stream entry id, `<ms>-<seq>`, comparable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EntryId(pub u64, pub u64);
 
-/// Takes everything parked under `keys` (in order, key by key) in one pipeline.
-pub async fn take_parked(conn: &ConnectionManager, keys: &[String]) -> redis::RedisResult<Vec<Vec<u8>>> {
-    let mut pipe = redis::pipe();
-    for key in keys {
-        pipe.cmd("EVAL").arg(TAKE_PARKED).arg(1).arg(key);
+impl EntryId {
+    pub fn parse(s: &str) -> Option<EntryId> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(EntryId(ms.parse().ok()?, seq.parse().ok()?))
     }
-    let lists: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn.clone()).await?;
-    Ok(lists.into_iter().flatten().collect())
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// Splits a node-channel message into (journal key, entry id, encoded [`PushBatch`]).
+pub fn split_journaled(msg: &[u8]) -> Option<(&str, EntryId, &[u8])> {
+    let mut parts = msg.splitn(3, |&b| b == b'\n');
+    let journal = std::str::from_utf8(parts.next()?).ok()?;
+    let id = EntryId::parse(std::str::from_utf8(parts.next()?).ok()?)?;
+    Some((journal, id, parts.next()?))
+}
+
+/// The newest entry id of each journal (`EntryId::default()` for an empty one), in one pipeline.
+pub async fn journal_tails(conn: &ConnectionManager, journals: &[String]) -> redis::RedisResult<Vec<EntryId>> {
+    let mut pipe = redis::pipe();
+    for key in journals {
+        pipe.cmd("XREVRANGE").arg(key).arg("+").arg("-").arg("COUNT").arg(1);
+    }
+    let tails: Vec<StreamRangeReply> = pipe.query_async(&mut conn.clone()).await?;
+    Ok(tails.iter().map(|r| r.ids.first().and_then(|e| EntryId::parse(&e.id)).unwrap_or_default()).collect())
+}
+
+/// The entries of `journal` after `after`, oldest first: (id, encoded [`PushBatch`]).
+pub async fn read_journal(
+    conn: &ConnectionManager,
+    journal: &str,
+    mut after: EntryId,
+) -> redis::RedisResult<Vec<(EntryId, Vec<u8>)>> {
+    const PAGE: usize = 1000;
+    let mut out = Vec::new();
+    loop {
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(journal)
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(&mut conn.clone())
+            .await?;
+        let n = page.ids.len();
+        for entry in page.ids {
+            let Some(id) = EntryId::parse(&entry.id) else { continue };
+            if let Some(redis::Value::BulkString(bytes)) = entry.map.get("m") {
+                out.push((id, bytes.clone()));
+            }
+            after = id;
+        }
+        if n < PAGE {
+            return Ok(out);
+        }
+    }
 }
 
 /// Where a push goes.
@@ -131,11 +196,10 @@ impl Router {
         let (publications, stats) = self.prepare(pushes, skip_node).await?;
         if !publications.is_empty() {
             // EVAL, not EVALSHA: a pipeline cannot load a missing script; Redis caches it by hash anyway.
-            let script = format!("{PARK_LUA}{PUBLISH_SCRIPT}");
             let mut pipe = redis::pipe();
             for p in &publications {
-                let parked = self.keys.parked_by_gateways(p.node);
-                pipe.cmd("EVAL").arg(&script).arg(1).arg(parked).arg(&p.channel).arg(&p.payload).ignore();
+                let journal = self.keys.journal_of_gateways(p.node);
+                pipe.cmd("EVAL").arg(&*PUBLISH_SCRIPT).arg(1).arg(journal).arg(&p.channel).arg(&p.payload).ignore();
             }
             pipe.query_async::<()>(&mut self.conn.clone()).await?;
         }

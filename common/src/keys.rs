@@ -82,15 +82,15 @@ impl Keys {
         format!("{}:node:{node}", self.prefix)
     }
 
-    /// Where a shard owner parks what it published to `node` while nobody was subscribed (a list of
-    /// encoded push batches; see `bus::PARK_LUA`). In the shard's slot, next to its streams.
-    pub fn parked_by_shard(&self, shard: u16, node: u16) -> String {
-        self.shard_key(shard, &format!("parked:{node}"))
+    /// The journal of what a shard's owner published to `node` (see `bus::JOURNAL_LUA`). In the
+    /// shard's slot, next to its streams, so the owner's scripts can write it.
+    pub fn journal_of_shard(&self, shard: u16, node: u16) -> String {
+        self.shard_key(shard, &format!("journal:{node}"))
     }
 
-    /// As [`Keys::parked_by_shard`], for pushes that gateways publish (baseline and fail-open saves).
-    pub fn parked_by_gateways(&self, node: u16) -> String {
-        format!("{}:parked:{node}", self.prefix)
+    /// The journal of what gateways published to `node` (baseline and fail-open pushes).
+    pub fn journal_of_gateways(&self, node: u16) -> String {
+        format!("{}:journal:{node}", self.prefix)
     }
 }
 
@@ -108,7 +108,7 @@ mod tests {
         assert_eq!(k.lease(3), "im:{s3}:lease");
         assert_eq!(k.route(9), "im:route:9");
         assert_eq!(k.node_channel(2), "im:node:2");
-        assert_eq!(k.parked_by_shard(3, 2), "im:{s3}:parked:2");
-        assert_eq!(k.parked_by_gateways(2), "im:parked:2");
+        assert_eq!(k.journal_of_shard(3, 2), "im:{s3}:journal:2");
+        assert_eq!(k.journal_of_gateways(2), "im:journal:2");
     }
 }

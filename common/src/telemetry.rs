@@ -123,7 +123,7 @@ const HELP: &[(&str, &str)] = &[
     ("im_gateway_pubsub_messages_in_total", "Node-channel messages received"),
     ("im_gateway_pubsub_messages_out_total", "Node-channel messages published (baseline pushes)"),
     ("im_gateway_offline_resent_total", "Messages pushed by offline resend"),
-    ("im_gateway_parked_taken_total", "Parked node-channel batches delivered after (re)subscribing"),
+    ("im_gateway_replayed_pushes_total", "Pushes replayed from the node's journals after (re)subscribing"),
     ("im_gateway_outbox_pushes", "Pushes of saved messages waiting for Redis to be republished"),
     ("im_gateway_pushes_dropped_total", "Waiting pushes dropped because the outbox was full"),
     ("im_gateway_subscription_up", "1 while the node-channel subscription is live"),

@@ -4,18 +4,20 @@
 //! Route entries are written when a user's first connection arrives and removed when the last one
 //! leaves; a heartbeat refreshes all of them every third of `gateway.route_ttl_ms`, so the entries of
 //! a gateway that died expire by themselves. The subscriber reconnects with backoff; while it is down
-//! `/readyz` is red, and what is published to this node meanwhile is parked in Redis and delivered,
-//! in order, when the subscription is back (see [`RouteKeeper::subscribe`]).
+//! `/readyz` is red, and what is published to this node meanwhile is replayed from the node's
+//! journals, in order, when the subscription is back (see [`RouteKeeper::subscribe`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 
 use crate::framing::close_code;
 use crate::sessions::Sessions;
+use im_common::bus::{self, split_journaled, EntryId, JOURNAL_RETENTION_MS};
 use im_common::keys::Keys;
 use im_common::record::{decode, PushBatch};
 
@@ -26,13 +28,11 @@ pub struct RouteKeeper {
     keys: Keys,
     node: u16,
     ttl_ms: u64,
-    /// When every local route was last refreshed (Unix ms).
-    refreshed_at: Arc<AtomicU64>,
 }
 
 impl RouteKeeper {
     pub fn new(conn: ConnectionManager, keys: Keys, node: u16, ttl_ms: u64) -> Self {
-        RouteKeeper { conn, keys, node, ttl_ms, refreshed_at: Arc::new(AtomicU64::new(im_common::ids::now_ms())) }
+        RouteKeeper { conn, keys, node, ttl_ms }
     }
 
     /// Adds this node to the routes of `users` (one pipeline).
@@ -65,13 +65,11 @@ impl RouteKeeper {
         }
     }
 
-    /// Refreshes every local user's route, and notes when that last succeeded.
+    /// Refreshes every local user's route.
     async fn refresh(&self, sessions: &Sessions) -> redis::RedisResult<()> {
-        let started = im_common::ids::now_ms();
         for chunk in sessions.users().chunks(1000) {
             self.register(chunk).await?;
         }
-        self.refreshed_at.store(started, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -81,21 +79,26 @@ impl RouteKeeper {
     /// ends. `live` is true exactly while the subscription is established; `im_gateway_subscription_up`
     /// mirrors it for alerting (a scrape sees what `/readyz` sees).
     ///
-    /// After each SUBSCRIBE, and before reading anything live, the gateway takes what publishers
-    /// parked for it while nobody was subscribed (`bus::PARK_LUA`) and delivers it in order: every
-    /// batch was published either before the subscription (parked) or after it (live), so nothing
-    /// of the gap is lost and nothing overtakes. When the gap outlived the route entries
-    /// (`gateway.route_ttl_ms`), publishers meanwhile took its users for offline and parked nothing;
-    /// those connections are closed with 1012 so their clients reconnect and get offline resend.
+    /// Every message names its place in a journal (`bus::JOURNAL_LUA`), and the gateway remembers the
+    /// last place it delivered from each of its journals. After each SUBSCRIBE, before anything live,
+    /// it replays what its journals hold beyond those places (in serverMsgId order, which is each
+    /// sender's order), and afterwards skips live messages it has already replayed. So a gap in the
+    /// subscription — Redis restarted, the connection dropped, messages lost in flight with it —
+    /// loses nothing and reorders nothing. A gap longer than the journals keep
+    /// ([`JOURNAL_RETENTION_MS`]) or the route entries live (`gateway.route_ttl_ms`) cannot be
+    /// replayed: the gateway then closes its connections with 1012 and the clients reconnect into
+    /// offline resend.
     pub async fn subscribe(self, redis_url: String, shards: u16, sessions: Arc<Sessions>, live: Arc<AtomicBool>) {
         let channel = self.keys.node_channel(self.node);
-        let mut parked: Vec<String> = (0..shards).map(|s| self.keys.parked_by_shard(s, self.node)).collect();
-        parked.push(self.keys.parked_by_gateways(self.node));
+        let mut journals: Vec<String> = (0..shards).map(|s| self.keys.journal_of_shard(s, self.node)).collect();
+        journals.push(self.keys.journal_of_gateways(self.node));
+        let mut seen: HashMap<String, EntryId> = HashMap::new();
+        let mut lost_at = None;
         let up = metrics::gauge!("im_gateway_subscription_up");
         up.set(0.0);
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.open_subscription(&redis_url, &channel, &parked, &sessions).await {
+            match self.resume(&redis_url, &channel, &journals, &mut seen, lost_at, &sessions).await {
                 Ok(mut pubsub) => {
                     live.store(true, Ordering::Relaxed);
                     up.set(1.0);
@@ -103,10 +106,21 @@ impl RouteKeeper {
                     backoff = Duration::from_millis(100);
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
-                        deliver_batch(&sessions, msg.get_payload_bytes());
+                        metrics::counter!("im_gateway_pubsub_messages_in_total").increment(1);
+                        let Some((journal, id, batch)) = split_journaled(msg.get_payload_bytes()) else {
+                            tracing::warn!("node-channel message without its journal position");
+                            continue;
+                        };
+                        match seen.get_mut(journal) {
+                            Some(last) if id <= *last => continue, // replayed already
+                            Some(last) => *last = id,
+                            None => {}
+                        }
+                        deliver_batch(&sessions, batch);
                     }
                     live.store(false, Ordering::Relaxed);
                     up.set(0.0);
+                    lost_at = Some(Instant::now());
                     tracing::warn!(%channel, "node channel subscription lost; resubscribing");
                 }
                 Err(e) => tracing::warn!(error = %e, "node channel subscribe failed"),
@@ -116,38 +130,64 @@ impl RouteKeeper {
         }
     }
 
-    /// SUBSCRIBE, then refresh the routes and deliver the parked batches; live messages wait in the
-    /// subscription's buffer meanwhile.
-    async fn open_subscription(
+    /// SUBSCRIBE, then refresh the routes and replay the journals from `seen`; live messages wait in
+    /// the subscription's buffer meanwhile. The first time, `seen` starts at the journals' ends (read
+    /// before subscribing, so nothing published in between is skipped).
+    async fn resume(
         &self,
         url: &str,
         channel: &str,
-        parked: &[String],
+        journals: &[String],
+        seen: &mut HashMap<String, EntryId>,
+        lost_at: Option<Instant>,
         sessions: &Sessions,
     ) -> redis::RedisResult<redis::aio::PubSub> {
+        if seen.is_empty() {
+            let tails = bus::journal_tails(&self.conn, journals).await?;
+            seen.extend(journals.iter().cloned().zip(tails));
+        }
         let client = redis::Client::open(url)?;
         let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
             .await
             .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "pubsub connect timed out")))??;
         pubsub.subscribe(channel).await?;
-        let routes_lapsed =
-            im_common::ids::now_ms().saturating_sub(self.refreshed_at.load(Ordering::Relaxed)) > self.ttl_ms;
         self.refresh(sessions).await?;
-        let batches = im_common::bus::take_parked(&self.conn, parked).await?;
-        metrics::counter!("im_gateway_parked_taken_total").increment(batches.len() as u64);
-        for batch in &batches {
-            deliver_batch(sessions, batch);
-        }
-        if routes_lapsed && sessions.connection_count() > 0 {
-            tracing::warn!("route entries lapsed while unsubscribed; asking clients to reconnect");
+        let limit = Duration::from_millis(JOURNAL_RETENTION_MS.min(self.ttl_ms));
+        if lost_at.is_some_and(|t| t.elapsed() > limit) {
+            tracing::warn!("node channel gap longer than the journal or the routes; asking clients to reconnect");
+            let tails = bus::journal_tails(&self.conn, journals).await?;
+            seen.extend(journals.iter().cloned().zip(tails));
             sessions.close_all(close_code::SERVICE_RESTART, "reconnect");
+            return Ok(pubsub);
         }
+        let mut pushes = Vec::new();
+        let mut ends = Vec::new();
+        for journal in journals {
+            let from = seen.get(journal).copied().unwrap_or_default();
+            let entries = bus::read_journal(&self.conn, journal, from).await?;
+            if let Some((last, _)) = entries.last() {
+                ends.push((journal.clone(), *last));
+            }
+            for (_, payload) in &entries {
+                match decode::<PushBatch>(payload) {
+                    Ok(batch) => pushes.extend(batch.pushes),
+                    Err(e) => tracing::warn!(error = %e, "undecodable journal entry"),
+                }
+            }
+        }
+        // Journals interleave only where one sender's messages took two paths (fail-open); ids are
+        // each sender's order. The sort is stable, so each journal's own order stands.
+        pushes.sort_by_key(|p| p.frame.server_msg_id);
+        metrics::counter!("im_gateway_replayed_pushes_total").increment(pushes.len() as u64);
+        for push in &pushes {
+            sessions.deliver(push);
+        }
+        seen.extend(ends);
         Ok(pubsub)
     }
 }
 
 fn deliver_batch(sessions: &Sessions, payload: &[u8]) {
-    metrics::counter!("im_gateway_pubsub_messages_in_total").increment(1);
     match decode::<PushBatch>(payload) {
         Ok(batch) => {
             for push in &batch.pushes {

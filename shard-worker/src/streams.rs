@@ -14,7 +14,7 @@ use redis::aio::ConnectionManager;
 use redis::streams::StreamReadReply;
 use redis::Script;
 
-use im_common::bus::{Publication, PARK_LUA};
+use im_common::bus::{Publication, JOURNAL_LUA};
 use im_common::keys::Keys;
 use im_common::record::MSG_FIELD;
 
@@ -123,7 +123,7 @@ local function take(n)
   at = at + n
   return t
 end
--- Publication k goes to channels[k]; when nobody hears it, it is parked under KEYS[first + k - 1].
+-- Publication k goes to channels[k], journaled under KEYS[first + k - 1].
 local function publish(channels, messages, first)
   for k = 1, #channels do deliver(channels[k], messages[k], KEYS[first + k - 1]) end
 end
@@ -136,7 +136,7 @@ end
 ";
 
 /// Deliver → save: publish the pushes, append the payloads to `to_save`, XACK + XDEL on `accepted`.
-/// KEYS: lease, accepted, to_save, parked lists (one per publication). ARGV: lease value, then group, field, n_ack, n_add, n_pub,
+/// KEYS: lease, accepted, to_save, journals (one per publication). ARGV: lease value, then group, field, n_ack, n_add, n_pub,
 /// ids.., payloads.., channels.., messages..
 const HANDOFF: &str = r"
 local head = take(5)
@@ -152,7 +152,7 @@ return #ids
 
 /// Save done: dead-letter the rejected, mark the saved in the idempotency window, publish receipts
 /// (and, in accepted-only mode, the pushes), XACK + XDEL the batch.
-/// KEYS: lease, stream, dead-letter stream, parked lists (one per publication), idempotency keys..
+/// KEYS: lease, stream, dead-letter stream, journals (one per publication), idempotency keys..
 /// ARGV: lease value, then group, ttl,
 /// field, n_ack, n_dead, n_pub, ids.., dead payloads.., dead reasons.., channels.., messages..,
 /// idempotency values (one per key).
@@ -173,8 +173,9 @@ ack(KEYS[2], group, ids)
 return #ids
 ";
 
-static HANDOFF_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PARK_LUA}{PROLOGUE}{HANDOFF}")));
-static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PARK_LUA}{PROLOGUE}{COMMIT}")));
+static HANDOFF_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{}{PROLOGUE}{HANDOFF}", *JOURNAL_LUA)));
+static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{}{PROLOGUE}{COMMIT}", *JOURNAL_LUA)));
 
 /// The fenced stream operations of one shard owner. Each is one atomic script, so a batch's pushes,
 /// its hand-over to the next stage and its acknowledgement happen together or not at all.
@@ -205,10 +206,10 @@ fn add_publications(inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication])
 }
 
 impl Mover {
-    /// The parked list of each publication, as KEYS.
-    fn add_parked_keys(&self, inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
+    /// The journal of each publication, as KEYS.
+    fn add_journal_keys(&self, inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
         for p in pubs {
-            inv.key(self.keys.parked_by_shard(self.shard, p.node));
+            inv.key(self.keys.journal_of_shard(self.shard, p.node));
         }
     }
 
@@ -223,7 +224,7 @@ impl Mover {
     ) -> redis::RedisResult<()> {
         let mut inv = HANDOFF_SCRIPT.prepare_invoke();
         inv.key(&self.lease_key).key(accepted).key(to_save);
-        self.add_parked_keys(&mut inv, pubs);
+        self.add_journal_keys(&mut inv, pubs);
         inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD);
         inv.arg(ids.len()).arg(payloads.len()).arg(pubs.len());
         inv.arg(ids).arg(payloads);
@@ -243,7 +244,7 @@ impl Mover {
     ) -> redis::RedisResult<()> {
         let mut inv = COMMIT_SCRIPT.prepare_invoke();
         inv.key(&self.lease_key).key(stream).key(dead_stream);
-        self.add_parked_keys(&mut inv, pubs);
+        self.add_journal_keys(&mut inv, pubs);
         for (key, _) in saved {
             inv.key(key);
         }
