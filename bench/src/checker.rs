@@ -46,10 +46,11 @@ impl SentMsg {
         self.saved.or(self.accepted)
     }
 
-    /// Whether this message has every answer it will get: an error, or `ACK(saved)` plus, in two-phase
-    /// modes, `ACK(accepted)` (the two travel different paths, so either may come first).
-    pub fn complete(&self, two_phase: bool) -> bool {
-        self.error.is_some() || (self.saved.is_some() && (!two_phase || self.accepted.is_some()))
+    /// Whether this message has its final answer: an error or `ACK(saved)`. (In two-phase modes its
+    /// `ACK(accepted)` travels another path and may come after; a fail-open save never gets one. The
+    /// drain lingers a moment after the last final answer for such stragglers.)
+    pub fn complete(&self) -> bool {
+        self.error.is_some() || self.saved.is_some()
     }
 }
 

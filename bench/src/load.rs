@@ -219,7 +219,6 @@ struct Schedule {
     interval: Duration,
     closed_loop: bool,
     body_bytes: usize,
-    two_phase: bool,
 }
 
 impl Schedule {
@@ -302,7 +301,6 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         interval: spec.interval,
         closed_loop: spec.closed_loop,
         body_bytes: spec.body_bytes,
-        two_phase: target.mode != Mode::Baseline,
     });
     phase.store(Phase::Settling as u8, Ordering::Relaxed);
     let mut sender_tasks = Vec::new();
@@ -625,7 +623,7 @@ impl SenderSession {
     async fn wait_answer(&mut self) -> bool {
         let seq = self.state.messages().len().saturating_sub(1);
         let deadline = Instant::now() + CLOSED_LOOP_WAIT;
-        while !self.state.messages()[seq].complete(self.schedule.two_phase) {
+        while !self.state.messages()[seq].complete() {
             tokio::select! {
                 _ = self.state.answered.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -694,7 +692,7 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
             drop(messages);
             return rec.error("receipt_for_unknown_message");
         };
-        let was_complete = m.complete(schedule.two_phase);
+        let was_complete = m.complete();
         let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
         let reason = frame.reason.map_or("unknown", |r| r.as_str());
         let latency = match (frame.kind, frame.ack_type) {
@@ -745,7 +743,7 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
             }
             _ => None,
         };
-        (latency, !was_complete && m.complete(schedule.two_phase))
+        (latency, !was_complete && m.complete())
     };
     if let Some((which, l)) = latency {
         rec.record(which, l);

@@ -139,7 +139,8 @@ struct DrillArgs {
     /// gateway's downtime (gateway-restart), the loaded window (slow-consumers, overload).
     #[arg(long)]
     seconds: Option<f64>,
-    /// Connections (users): half senders, half receivers [default: 200; slow-consumers 100].
+    /// Connections (users): half senders, half receivers [default: 200; slow-consumers 100; overload
+    /// 1000, so that twice the maximum rate stays within the gateways' per-connection rate limit].
     #[arg(long)]
     connections: Option<usize>,
     /// Total offered rate, msg/s [default: 400; slow-consumers 2000].
@@ -174,8 +175,9 @@ struct DrillArgs {
     /// redis-restart: restart Redis with this appendfsync (always | everysec | no).
     #[arg(long)]
     appendfsync: Option<String>,
-    /// overload: the maximum sustainable rate (msg/s); the drill offers twice this.
-    #[arg(long, default_value_t = 2000.0)]
+    /// overload: the maximum sustainable rate (msg/s); the drill offers twice this. The default is
+    /// what `bench sweep` measured for full mode on the 2-vCPU reference machine (docs/BENCHMARKS.md).
+    #[arg(long, default_value_t = 10_000.0)]
     max_rate: f64,
     /// slow-consumers: fraction of slow receivers.
     #[arg(long, default_value_t = 0.3)]
@@ -214,7 +216,11 @@ impl DrillArgs {
     fn spec(&self) -> anyhow::Result<im_bench::drill::DrillSpec> {
         use im_bench::drill::Drill;
         let slow = self.name == Drill::SlowConsumers;
-        let connections = self.connections.unwrap_or(if slow { 100 } else { 200 });
+        let connections = self.connections.unwrap_or(match self.name {
+            Drill::SlowConsumers => 100,
+            Drill::Overload => 1000,
+            _ => 200,
+        });
         let rate = self.rate.unwrap_or(if slow { 2000.0 } else { 400.0 });
         if rate <= 0.0 {
             bail!("--rate must be positive");
