@@ -370,6 +370,9 @@ impl<'a> DrillRun<'a> {
         if spec.drill == Drill::SlowConsumers {
             // A small outbound queue, so a slow reader is found out within seconds, not minutes.
             config.gateway.outbound_queue = config.gateway.outbound_queue.min(64);
+            // A bounded kernel buffer, as an operator with many connections would set: a stalled
+            // reader is then noticed within the window instead of after megabytes.
+            config.gateway.socket_send_buffer = 65_536;
         }
         if spec.drill == Drill::Overload {
             // Admission control must bite before memory does.

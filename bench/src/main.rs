@@ -143,10 +143,10 @@ struct DrillArgs {
     /// 1000, so that twice the maximum rate stays within the gateways' per-connection rate limit].
     #[arg(long)]
     connections: Option<usize>,
-    /// Total offered rate, msg/s [default: 400; slow-consumers 2000].
+    /// Total offered rate, msg/s [default: 400; slow-consumers 1000].
     #[arg(long)]
     rate: Option<f64>,
-    /// Message body size [default: 64; slow-consumers 4000, so that a slow reader's socket buffers
+    /// Message body size [default: 64; slow-consumers 2000, so that a slow reader's socket buffers
     /// fill and the gateway's outbound queue overflows within the window].
     #[arg(long)]
     body_bytes: Option<usize>,
@@ -221,7 +221,7 @@ impl DrillArgs {
             Drill::Overload => 1000,
             _ => 200,
         });
-        let rate = self.rate.unwrap_or(if slow { 2000.0 } else { 400.0 });
+        let rate = self.rate.unwrap_or(if slow { 1000.0 } else { 400.0 });
         if rate <= 0.0 {
             bail!("--rate must be positive");
         }
@@ -237,7 +237,7 @@ impl DrillArgs {
         let load = LoadSpec {
             connections,
             interval: LoadSpec::interval_for_rate(pairs, rate),
-            body_bytes: self.body_bytes.unwrap_or(if slow { 4000 } else { 64 }),
+            body_bytes: self.body_bytes.unwrap_or(if slow { 2000 } else { 64 }),
             progress: (!progress.is_zero()).then_some(progress),
             slow_receivers: if slow { self.slow_fraction } else { 0.0 },
             slow_read_delay: Duration::from_millis(self.slow_read_ms),

@@ -88,6 +88,10 @@ pub struct GatewayConfig {
     pub auth_timeout_ms: u64,
     /// Outbound frames queued per connection before it is dropped as a slow consumer (4001).
     pub outbound_queue: usize,
+    /// Kernel send buffer per WebSocket connection (`SO_SNDBUF`), bytes; 0 keeps the OS default,
+    /// which auto-tunes up to `net.ipv4.tcp_wmem` (4 MiB on Linux): a client that stops reading can
+    /// then hide thousands of frames in the kernel before its outbound queue fills.
+    pub socket_send_buffer: usize,
     /// Route entries expire unless refreshed within this time (refreshed every third of it).
     pub route_ttl_ms: u64,
     /// Most concurrent connections per gateway; more get HTTP 503.
@@ -101,6 +105,10 @@ pub struct GatewayConfig {
     pub offline_page_size: u32,
     /// How often delivered-cursor updates are written (coalesced).
     pub cursor_flush_ms: u64,
+    /// Load shedding: while the gateway's scheduling lag (how late a 10 ms timer fires) is at least
+    /// this, new messages get `server_busy` instead of being appended, so the CPU goes to the
+    /// messages already admitted. 0 turns shedding off.
+    pub shed_lag_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,12 +188,14 @@ impl Default for GatewayConfig {
             idle_timeout_ms: 120_000,
             auth_timeout_ms: 10_000,
             outbound_queue: 1024,
+            socket_send_buffer: 0,
             route_ttl_ms: 30_000,
             max_connections: 100_000,
             allowed_origins: Vec::new(),
             history_max_limit: 200,
             offline_page_size: 200,
             cursor_flush_ms: 500,
+            shed_lag_ms: 200,
         }
     }
 }
@@ -315,7 +325,7 @@ impl Config {
         fn bad(key: &str, message: String) -> Result<(), ConfigError> {
             Err(ConfigError::Key { key: key.into(), message })
         }
-        let checks: [(&str, u64, u64, u64); 18] = [
+        let checks: [(&str, u64, u64, u64); 20] = [
             ("cluster.shards", self.cluster.shards.into(), 1, 1024),
             ("gateway.node_id", self.gateway.node_id.into(), 0, u64::from(crate::ids::MAX_NODES) - 1),
             ("gateway.max_frame_bytes", self.gateway.max_frame_bytes as u64, 256, 16 << 20),
@@ -326,10 +336,12 @@ impl Config {
             ("gateway.idle_timeout_ms", self.gateway.idle_timeout_ms, 1000, 86_400_000),
             ("gateway.auth_timeout_ms", self.gateway.auth_timeout_ms, 100, 600_000),
             ("gateway.outbound_queue", self.gateway.outbound_queue as u64, 1, 1 << 20),
+            ("gateway.socket_send_buffer", self.gateway.socket_send_buffer as u64, 0, 64 << 20),
             ("gateway.route_ttl_ms", self.gateway.route_ttl_ms, 1000, 3_600_000),
             ("gateway.history_max_limit", self.gateway.history_max_limit.into(), 1, 10_000),
             ("gateway.offline_page_size", self.gateway.offline_page_size.into(), 1, 10_000),
             ("gateway.cursor_flush_ms", self.gateway.cursor_flush_ms, 10, 60_000),
+            ("gateway.shed_lag_ms", self.gateway.shed_lag_ms, 0, 60_000),
             ("mysql.pool_max", self.mysql.pool_max as u64, 1, 1024),
             ("mysql.insert_batch_max", self.mysql.insert_batch_max as u64, 1, 5000),
             ("two_phase.batch_size", self.two_phase.batch_size as u64, 1, 10_000),

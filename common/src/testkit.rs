@@ -34,6 +34,8 @@ impl TestEnv {
         cfg.redis.key_prefix = self.key_prefix.clone();
         cfg.mysql.url = self.mysql_url.clone();
         cfg.auth.jwt_secret = "test-secret-0123456789".into();
+        // Tests count answers exactly on a shared, busy machine: no load shedding.
+        cfg.gateway.shed_lag_ms = 0;
         cfg
     }
 

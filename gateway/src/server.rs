@@ -33,6 +33,9 @@ pub async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener) {
             _ = shutdown.wait_for(|&stop| stop) => return,
         };
         let _ = stream.set_nodelay(true);
+        if gw.cfg.gateway.socket_send_buffer > 0 {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(gw.cfg.gateway.socket_send_buffer);
+        }
         let gw = gw.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
