@@ -5,7 +5,7 @@ mod support;
 
 use im_common::config::Mode;
 use im_common::testkit::TestEnv;
-use support::{cluster_with, get_json, Client};
+use support::{cluster_with, get_json, wait_metric, Client};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -67,7 +67,10 @@ async fn forged_tokens_caps_and_origins_are_refused() {
     assert_eq!(handshake_status(&format!("{url}?token={good}"), &origin("https://evil.example")).await, 403);
     assert_eq!(handshake_status(&format!("{url}?token={good}"), &origin("https://chat.example")).await, 101);
 
-    // Connection cap: with 3 open, the 4th gets 503; closing one makes room.
+    // Connection cap: with 3 open, the 4th gets 503; closing one makes room. (First the probes above
+    // must have left: their slots are freed when the gateway sees them close.)
+    let gone = wait_metric(&c.state.gateways[0].metrics_url, "im_gateway_connections", &[], |v| v == 0.0).await;
+    assert_eq!(gone, 0.0, "the probe connections closed");
     let mut open = Vec::new();
     for uid in 1..=3 {
         open.push(Client::connect(&url, &secret, uid).await);
