@@ -29,8 +29,8 @@ pub mod close_code {
     pub const POLICY_VIOLATION: u16 = 1008;
     /// A message was larger than `gateway.max_frame_bytes`.
     pub const TOO_BIG: u16 = 1009;
-    /// The gateway lost its presence in Redis for longer than the route TTL: reconnect (offline resend
-    /// then delivers what was missed).
+    /// The gateway was cut off from Redis longer than it can replay (its journal or its route
+    /// entries lapsed): reconnect, and offline resend delivers what was missed.
     pub const SERVICE_RESTART: u16 = 1012;
     /// Nothing received for `gateway.idle_timeout_ms`.
     pub const IDLE_TIMEOUT: u16 = 4000;
