@@ -787,25 +787,32 @@ struct Sample {
 async fn monitor(state: SharedState, mut stop: watch::Receiver<bool>) -> Vec<Sample> {
     let mut samples = Vec::new();
     while !*stop.borrow() {
-        let current = snapshot(&state);
-        let status = tokio::select! {
-            s = status::collect(&current, SAMPLE_INTERVAL) => s,
+        tokio::select! {
+            s = sample(&state) => samples.push(s),
             _ = stop.wait_for(|&s| s) => break,
-        };
-        let gateway_backlog = gateway_backlogs(&current).await;
-        let backlog =
-            status.shards.iter().map(|s| s.backlog.max(gateway_backlog.get(&s.shard).copied().unwrap_or(0.0))).sum();
-        let saved_per_sec = status.shards.iter().map(|s| s.saved_per_sec).sum();
-        let rss_mib = current
-            .gateways
-            .iter()
-            .map(|g| (format!("gateway-{}", g.node_id), g.pid))
-            .chain(current.workers.iter().enumerate().map(|(i, w)| (format!("worker-{i}"), w.pid)))
-            .filter_map(|(name, pid)| rss_mib(pid).map(|m| (name, m)))
-            .collect();
-        samples.push(Sample { at: Instant::now(), backlog, saved_per_sec, rss_mib });
+        }
     }
+    // One more after the load: a load that drains quickly may end before the next regular sample,
+    // and the recovery check needs to see the state after the fault.
+    samples.push(sample(&state).await);
     samples
+}
+
+async fn sample(state: &SharedState) -> Sample {
+    let current = snapshot(state);
+    let status = status::collect(&current, SAMPLE_INTERVAL).await;
+    let gateway_backlog = gateway_backlogs(&current).await;
+    let backlog =
+        status.shards.iter().map(|s| s.backlog.max(gateway_backlog.get(&s.shard).copied().unwrap_or(0.0))).sum();
+    let saved_per_sec = status.shards.iter().map(|s| s.saved_per_sec).sum();
+    let rss_mib = current
+        .gateways
+        .iter()
+        .map(|g| (format!("gateway-{}", g.node_id), g.pid))
+        .chain(current.workers.iter().enumerate().map(|(i, w)| (format!("worker-{i}"), w.pid)))
+        .filter_map(|(name, pid)| rss_mib(pid).map(|m| (name, m)))
+        .collect();
+    Sample { at: Instant::now(), backlog, saved_per_sec, rss_mib }
 }
 
 /// Each shard's backlog as the gateways see it (`im_gateway_shard_backlog`, refreshed from Redis every

@@ -21,7 +21,7 @@ fn short(drill: Drill, fault: Duration, name: &str) -> DrillSpec {
     spec.lead = Duration::from_secs(2);
     spec.tail = Duration::from_secs(3);
     // Exact verdicts on a shared, busy test machine: no load shedding.
-    spec.config.gateway.shed_lag_ms = 0;
+    spec.config.gateway.shed_append_ms = 0;
     spec
 }
 

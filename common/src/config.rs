@@ -105,10 +105,10 @@ pub struct GatewayConfig {
     pub offline_page_size: u32,
     /// How often delivered-cursor updates are written (coalesced).
     pub cursor_flush_ms: u64,
-    /// Load shedding: while the gateway's scheduling lag (how late a 10 ms timer fires) is at least
-    /// this, new messages get `server_busy` instead of being appended, so the CPU goes to the
-    /// messages already admitted. 0 turns shedding off.
-    pub shed_lag_ms: u64,
+    /// Load shedding (two-phase modes): while the append round trip stays at least this long — its
+    /// lowest value over each 100 ms — new messages get `server_busy` instead of being appended, so
+    /// the capacity goes to the messages already admitted. 0 turns shedding off.
+    pub shed_append_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -195,7 +195,7 @@ impl Default for GatewayConfig {
             history_max_limit: 200,
             offline_page_size: 200,
             cursor_flush_ms: 500,
-            shed_lag_ms: 200,
+            shed_append_ms: 50,
         }
     }
 }
@@ -341,7 +341,7 @@ impl Config {
             ("gateway.history_max_limit", self.gateway.history_max_limit.into(), 1, 10_000),
             ("gateway.offline_page_size", self.gateway.offline_page_size.into(), 1, 10_000),
             ("gateway.cursor_flush_ms", self.gateway.cursor_flush_ms, 10, 60_000),
-            ("gateway.shed_lag_ms", self.gateway.shed_lag_ms, 0, 60_000),
+            ("gateway.shed_append_ms", self.gateway.shed_append_ms, 0, 60_000),
             ("mysql.pool_max", self.mysql.pool_max as u64, 1, 1024),
             ("mysql.insert_batch_max", self.mysql.insert_batch_max as u64, 1, 5000),
             ("two_phase.batch_size", self.two_phase.batch_size as u64, 1, 10_000),

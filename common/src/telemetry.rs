@@ -127,8 +127,8 @@ const HELP: &[(&str, &str)] = &[
     ("im_gateway_outbox_pushes", "Pushes of saved messages waiting for Redis to be republished"),
     ("im_gateway_pushes_dropped_total", "Waiting pushes dropped because the outbox was full"),
     (
-        "im_gateway_scheduling_lag_seconds",
-        "How late a 10 ms timer fires (CPU pressure; sheds load past gateway.shed_lag_ms)",
+        "im_gateway_append_standing_seconds",
+        "Lowest append round trip of the last 100 ms window (sheds load past gateway.shed_append_ms)",
     ),
     ("im_gateway_subscription_up", "1 while the node-channel subscription is live"),
     ("im_gateway_insert_batch_size", "Rows per baseline group-commit INSERT"),

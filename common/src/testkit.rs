@@ -35,7 +35,7 @@ impl TestEnv {
         cfg.mysql.url = self.mysql_url.clone();
         cfg.auth.jwt_secret = "test-secret-0123456789".into();
         // Tests count answers exactly on a shared, busy machine: no load shedding.
-        cfg.gateway.shed_lag_ms = 0;
+        cfg.gateway.shed_append_ms = 0;
         cfg
     }
 

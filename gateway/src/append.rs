@@ -29,6 +29,45 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
 ";
 
+/// How long one admission window lasts.
+const WINDOW_MS: u64 = 100;
+
+/// The append round trip's standing level: the lowest round trip of each [`WINDOW_MS`] window. A
+/// standing queue (Redis, the network or this process cannot keep up) raises the minimum; a burst,
+/// which also makes some appends slow, does not. A window without appends reads as 0.
+#[derive(Default)]
+struct Pressure {
+    window_start_ms: AtomicU64,
+    window_min_us: AtomicU64,
+    standing_us: AtomicU64,
+}
+
+impl Pressure {
+    fn record(&self, round_trip: Duration) {
+        self.roll();
+        self.window_min_us.fetch_min(round_trip.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn standing(&self) -> Duration {
+        self.roll();
+        Duration::from_micros(self.standing_us.load(Ordering::Relaxed))
+    }
+
+    fn roll(&self) {
+        let now = im_common::ids::now_ms();
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(start) < WINDOW_MS
+            || self.window_start_ms.compare_exchange(start, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        let min = self.window_min_us.swap(u64::MAX, Ordering::Relaxed);
+        let standing = if min == u64::MAX { 0 } else { min };
+        self.standing_us.store(standing, Ordering::Relaxed);
+        metrics::gauge!("im_gateway_append_standing_seconds").set(standing as f64 / 1e6);
+    }
+}
+
 /// Appends accepted messages to shard streams.
 #[derive(Clone)]
 pub struct Appender {
@@ -38,6 +77,9 @@ pub struct Appender {
     ttl_secs: u64,
     fail_open: bool,
     max_backlog: u64,
+    /// Load shedding bound on the standing append round trip (`gateway.shed_append_ms`; zero: off).
+    shed_at: Duration,
+    pressure: Arc<Pressure>,
     backlog: Arc<Vec<AtomicU64>>,
     /// `im_gateway_appends_total{shard}`, one handle per shard (no label lookup per message).
     appends: Arc<Vec<metrics::Counter>>,
@@ -53,6 +95,8 @@ impl Appender {
             ttl_secs: cfg.idempotency.ttl_secs,
             fail_open: cfg.two_phase.fail_open,
             max_backlog: cfg.two_phase.max_backlog,
+            shed_at: Duration::from_millis(cfg.gateway.shed_append_ms),
+            pressure: Arc::default(),
             backlog: Arc::new((0..cfg.cluster.shards).map(|_| AtomicU64::new(0)).collect()),
             appends: Arc::new(
                 (0..cfg.cluster.shards)
@@ -81,7 +125,14 @@ impl Appender {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "backlog").increment(1);
             return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
         }
+        // Overload: appends queue up somewhere (client sockets, this process, Redis). Refusing at
+        // once costs almost nothing and leaves the capacity to the messages already admitted.
+        if !self.shed_at.is_zero() && self.pressure.standing() >= self.shed_at {
+            metrics::counter!("im_gateway_server_busy_total", "cause" => "overload").increment(1);
+            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+        }
         let payload = encode(&Accepted { msg: msg.clone(), origin });
+        let started = std::time::Instant::now();
         let result: redis::RedisResult<Option<String>> = self
             .script
             .key(key)
@@ -92,6 +143,10 @@ impl Appender {
             .arg(MSG_FIELD)
             .invoke_async(&mut self.conn.clone())
             .await;
+        if result.is_ok() {
+            // Failures say nothing about queueing (and a dead Redis is fail-open's business).
+            self.pressure.record(started.elapsed());
+        }
         match result {
             Ok(None) => {
                 self.appends[usize::from(shard)].increment(1);

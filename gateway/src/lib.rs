@@ -15,7 +15,7 @@ pub mod send;
 pub mod server;
 pub mod sessions;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use im_common::bus::Router;
 use im_common::config::{Config, Mode};
 use im_common::ids::IdGenerator;
 use im_common::keys::Keys;
-use im_common::protocol::{Reason, SendRequest, ServerFrame};
+use im_common::protocol::{SendRequest, ServerFrame};
 use im_common::record::{ChatMessage, Origin};
 use im_common::shard::shard_of;
 use im_common::store::Store;
@@ -43,8 +43,6 @@ use sessions::{ConnHandle, Sessions};
 /// Everything a gateway's tasks share.
 pub struct Gateway {
     pub cfg: Config,
-    /// Scheduling lag in ms, as [`measure_lag`] last saw it.
-    pub lag_ms: Arc<AtomicU64>,
     pub mode: Mode,
     pub node: u16,
     pub keys: Keys,
@@ -65,11 +63,6 @@ pub struct Gateway {
 impl Gateway {
     /// Handles one validated `SINGLE_CHAT` from `uid` on connection `conn`: the frames to answer with.
     pub async fn send(&self, uid: u64, conn: &ConnHandle, req: SendRequest) -> Vec<ServerFrame> {
-        let shed_at = self.cfg.gateway.shed_lag_ms;
-        if shed_at > 0 && self.lag_ms.load(Ordering::Relaxed) >= shed_at {
-            metrics::counter!("im_gateway_server_busy_total", "cause" => "overload").increment(1);
-            return vec![ServerFrame::error(Reason::ServerBusy, Some(req.client_msg_id))];
-        }
         let shard = shard_of(uid, self.cfg.cluster.shards);
         let key = self.keys.idempotency(shard, uid, &req.client_msg_id);
         let mut msg = ChatMessage {
@@ -92,21 +85,6 @@ impl Gateway {
             Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
         }
         self.saver.save_and_answer(msg, Some(key)).await
-    }
-}
-
-/// Measures how late a 10 ms timer fires — the time runnable tasks wait for a CPU — every 10 ms,
-/// until the process ends. The figure decays by half per tick once the pressure is gone.
-async fn measure_lag(lag_ms: Arc<AtomicU64>) {
-    const TICK: Duration = Duration::from_millis(10);
-    let gauge = metrics::gauge!("im_gateway_scheduling_lag_seconds");
-    loop {
-        let started = tokio::time::Instant::now();
-        tokio::time::sleep(TICK).await;
-        let late = started.elapsed().saturating_sub(TICK).as_millis() as u64;
-        let smoothed = late.max(lag_ms.load(Ordering::Relaxed) / 2);
-        lag_ms.store(smoothed, Ordering::Relaxed);
-        gauge.set(smoothed as f64 / 1000.0);
     }
 }
 
@@ -151,7 +129,6 @@ pub async fn run(
         })
     };
     let gw = Arc::new(Gateway {
-        lag_ms: Arc::default(),
         mode: cfg.mode(),
         node,
         ids: IdGenerator::new(node),
@@ -194,7 +171,6 @@ pub async fn run(
         )),
         tokio::spawn(gw.saver.outbox.clone().republish(router, node)),
         tokio::spawn(routes.heartbeat(sessions.clone())),
-        tokio::spawn(measure_lag(gw.lag_ms.clone())),
         tokio::spawn({
             let (cursors, store) = (gw.cursors.clone(), store.clone());
             let period = Duration::from_millis(gw.cfg.gateway.cursor_flush_ms);
