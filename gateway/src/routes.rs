@@ -72,9 +72,7 @@ impl RouteKeeper {
         }
         Ok(())
     }
-}
 
-impl RouteKeeper {
     /// Subscribes to the node channel and hands every push to the local sessions, until the process
     /// ends. `live` is true exactly while the subscription is established; `im_gateway_subscription_up`
     /// mirrors it for alerting (a scrape sees what `/readyz` sees).
