@@ -87,7 +87,9 @@ pub struct ReceiverLog {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryVerdict {
     pub sent: u64,
+    #[serde(rename = "ack_accepted")]
     pub accepted: u64,
+    #[serde(rename = "ack_saved")]
     pub saved: u64,
     /// Messages answered with an `ERROR`.
     pub errored: u64,

@@ -252,8 +252,8 @@ fn problems_section(runs: &[FinishedRun]) -> String {
         out.push_str(&format!(
             "- **{}** (`{file}`): sent {}, delivered {}, DB: {db}; connect ok {} / failed {}; send-lag p99 {:.1} ms; bench CPU {} s — {verdict}\n",
             run.label,
-            r.messages.sent,
-            r.messages.delivered,
+            r.messages.counts.sent,
+            r.messages.counts.delivered,
             r.connections.connect_ok,
             r.connections.connect_fail,
             r.latency_ms.send_lag.p99,
@@ -289,7 +289,7 @@ pub struct SweepStep {
 
 /// Why a step at `offered` msg/s is not sustainable, if it is not.
 pub fn step_failure(report: &RunReport, max_saved_p99_ms: f64) -> Option<String> {
-    let m = &report.messages;
+    let m = &report.messages.counts;
     if report.latency_ms.saved.p99 > max_saved_p99_ms {
         return Some(format!("saved p99 {:.1} ms > {max_saved_p99_ms} ms", report.latency_ms.saved.p99));
     }

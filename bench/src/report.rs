@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checker::RowVerdict;
+use crate::checker::{DeliveryVerdict, RowVerdict};
 use crate::cpu::ProcessCpu;
 use crate::load::LoadResult;
 use crate::recorder::Percentiles;
@@ -49,19 +49,9 @@ pub struct ConnectionReport {
 /// Message counts (see [`crate::checker`] for the definitions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageCounts {
-    pub sent: u64,
-    pub ack_accepted: u64,
-    pub ack_saved: u64,
-    pub errored: u64,
-    /// Neither `ACK(saved)` nor `ERROR` by the end of the drain.
-    pub unanswered: u64,
-    pub delivered: u64,
-    pub lost: u64,
-    pub undelivered_receiver_gone: u64,
-    pub duplicates: u64,
-    pub reorders: u64,
-    pub id_mismatches: u64,
-    pub unexpected: u64,
+    /// The checker's counts (`accepted` and `saved` appear as `ack_accepted`, `ack_saved`).
+    #[serde(flatten)]
+    pub counts: DeliveryVerdict,
     /// `ack_accepted / sent`, `ack_saved / sent`, in percent.
     pub ack_accepted_pct: f64,
     pub ack_saved_pct: f64,
@@ -183,18 +173,7 @@ impl RunReport {
                 connect_ms: Percentiles::of(&r.histograms.connect),
             },
             messages: MessageCounts {
-                sent: v.sent,
-                ack_accepted: v.accepted,
-                ack_saved: v.saved,
-                errored: v.errored,
-                unanswered: v.unanswered,
-                delivered: v.delivered,
-                lost: v.lost,
-                undelivered_receiver_gone: v.undelivered_receiver_gone,
-                duplicates: v.duplicates,
-                reorders: v.reorders,
-                id_mismatches: v.id_mismatches,
-                unexpected: v.unexpected,
+                counts: v.clone(),
                 ack_accepted_pct: pct(v.accepted, v.sent),
                 ack_saved_pct: pct(v.saved, v.sent),
                 error_pct: pct(v.errored + v.unanswered, v.sent),
@@ -232,7 +211,7 @@ impl RunReport {
     /// What the checker found wrong: empty for a run where every message was answered, delivered
     /// once, in order, and saved once.
     pub fn problems(&self) -> Vec<String> {
-        let m = &self.messages;
+        let m = &self.messages.counts;
         let mut out = Vec::new();
         let mut check = |n: u64, what: &str| {
             if n > 0 {
@@ -268,7 +247,8 @@ fn ms(p: &Percentiles) -> String {
 
 impl fmt::Display for RunReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (l, c, m) = (&self.load, &self.connections, &self.messages);
+        let (l, conn, m) = (&self.load, &self.connections, &self.messages);
+        let c = &m.counts;
         writeln!(
             f,
             "mode {}: {} connections ({} senders) over {} gateways, {} every {:.0} ms, {} B bodies",
@@ -288,21 +268,21 @@ impl fmt::Display for RunReport {
         writeln!(
             f,
             "connections  ok {}  failed {}  auth ok {}  auth failed {}  connect p50/p99 {} ms",
-            c.connect_ok,
-            c.connect_fail,
-            c.auth_ok,
-            c.auth_fail,
-            ms(&c.connect_ms)
+            conn.connect_ok,
+            conn.connect_fail,
+            conn.auth_ok,
+            conn.auth_fail,
+            ms(&conn.connect_ms)
         )?;
         writeln!(
             f,
             "messages     sent {}  ackAccepted {} ({:.1} %)  ackSaved {} ({:.1} %)  delivered {}  errors {}  unanswered {}",
-            m.sent, m.ack_accepted, m.ack_accepted_pct, m.ack_saved, m.ack_saved_pct, m.delivered, m.errored, m.unanswered
+            c.sent, c.accepted, m.ack_accepted_pct, c.saved, m.ack_saved_pct, c.delivered, c.errored, c.unanswered
         )?;
         writeln!(
             f,
             "checker      lost {}  duplicates {}  reorders {}  id mismatches {}  unexpected {}  undelivered (receiver gone) {}",
-            m.lost, m.duplicates, m.reorders, m.id_mismatches, m.unexpected, m.undelivered_receiver_gone
+            c.lost, c.duplicates, c.reorders, c.id_mismatches, c.unexpected, c.undelivered_receiver_gone
         )?;
         match &self.db {
             Some(db) => writeln!(
@@ -377,9 +357,9 @@ pub fn markdown_table(rows: &[(String, &RunReport)]) -> String {
             ms(&r.latency_ms.saved),
             ms(&r.latency_ms.e2e),
             m.ack_saved_pct,
-            m.lost,
-            m.duplicates,
-            m.reorders,
+            m.counts.lost,
+            m.counts.duplicates,
+            m.counts.reorders,
             r.errors_total(),
             r.rates.sent,
             r.rates.delivered,
@@ -387,4 +367,25 @@ pub fn markdown_table(rows: &[(String, &RunReport)]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_counts_keep_their_json_field_names() {
+        let m = MessageCounts {
+            counts: DeliveryVerdict { sent: 4, accepted: 3, saved: 2, ..Default::default() },
+            ack_accepted_pct: 75.0,
+            ack_saved_pct: 50.0,
+            error_pct: 0.0,
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            json,
+            r#"{"sent":4,"ack_accepted":3,"ack_saved":2,"errored":0,"unanswered":0,"delivered":0,"lost":0,"undelivered_receiver_gone":0,"duplicates":0,"reorders":0,"id_mismatches":0,"unexpected":0,"ack_accepted_pct":75.0,"ack_saved_pct":50.0,"error_pct":0.0}"#
+        );
+        assert_eq!(serde_json::from_str::<MessageCounts>(&json).unwrap(), m);
+    }
 }
