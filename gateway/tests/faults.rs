@@ -348,3 +348,43 @@ async fn a_gateway_back_from_a_subscription_gap_replays_it_in_order_from_its_jou
     assert!(replayed >= 50.0, "the gap came from the journal ({replayed} replayed)");
     drop(c);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_that_stay_slow_make_the_gateway_shed_load_until_they_are_fast_again() {
+    let env = TestEnv::new("shed");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    // Pausing Redis must not touch other tests: a Redis of our own.
+    s.force_private = true;
+    s.config.gateway.shed_append_ms = 50;
+    let c = TestCluster::start(&s).await.unwrap();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7001).await;
+    let answer = |cmid: &'static str| move |v: &serde_json::Value| v["clientMsgId"] == cmid && v["ackType"] != "saved";
+    alice.chat(7002, "fast", "x").await;
+    assert_eq!(alice.expect("fast", answer("fast")).await["ackType"], "accepted");
+
+    // One append that waits 300 ms on a paused Redis: a window whose fastest append took 300 ms.
+    let redis = c.state.private_servers[private_server(&c, "redis")].pid as i32;
+    // SAFETY: pausing and resuming a Redis this test started.
+    unsafe { libc::kill(redis, libc::SIGSTOP) };
+    alice.chat(7002, "slow", "x").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unsafe { libc::kill(redis, libc::SIGCONT) };
+    assert_eq!(alice.expect("slow", answer("slow")).await["ackType"], "accepted");
+
+    // The next window refuses at once, without touching Redis ...
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    alice.chat(7002, "shed", "x").await;
+    let shed = alice.expect("shed", answer("shed")).await;
+    assert_eq!((shed["type"].as_str(), shed["reason"].as_str()), (Some("ERROR"), Some("server_busy")), "{shed}");
+    let overload =
+        wait_metric(&c.state.gateways[0].metrics_url, "im_gateway_server_busy_total", &["cause=\"overload\""], |v| {
+            v >= 1.0
+        })
+        .await;
+    assert!(overload >= 1.0, "counted as overload");
+    // ... and admits again once a window passes without slow appends.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    alice.chat(7002, "again", "x").await;
+    assert_eq!(alice.expect("again", answer("again")).await["ackType"], "accepted");
+    drop(c);
+}
