@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use im_common::backoff::Backoff;
 use im_common::config::Mode;
 use im_common::protocol::{AckType, FrameType, ServerFrame};
 
@@ -92,12 +93,10 @@ impl Link {
     /// jitter (so a gateway's clients do not all come back in the same millisecond). `None` once
     /// shutdown begins.
     async fn reconnect(&mut self, rec: &Recorder, shutdown: &mut watch::Receiver<bool>) -> Option<Conn> {
-        let mut pause = RECONNECT_FIRST;
-        for attempt in 0u64.. {
-            let jitter =
-                0.5 + (plan_hash(self.uid ^ attempt.rotate_left(32) ^ im_common::ids::now_ms()) % 1000) as f64 / 1000.0;
+        let mut backoff = Backoff::jittered(RECONNECT_FIRST, RECONNECT_MAX);
+        loop {
             tokio::select! {
-                _ = tokio::time::sleep(pause.mul_f64(jitter)) => {}
+                _ = backoff.wait() => {}
                 _ = stopped(shutdown) => return None,
             }
             self.gateway = (self.gateway + 1) % self.urls.len();
@@ -109,18 +108,8 @@ impl Link {
                 }
                 Err(e) => rec.error(&format!("re{}", e.label())),
             }
-            pause = (pause * 2).min(RECONNECT_MAX);
         }
-        None
     }
-}
-
-/// A cheap, well-mixed hash for jitter (the splitmix64 finalizer).
-fn plan_hash(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Connection outcomes.

@@ -2,6 +2,7 @@
 //! key layout, the records stored in Redis, the SQL, routing of pushes, and process plumbing.
 
 pub mod auth;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod health;

@@ -17,9 +17,14 @@ use redis::aio::ConnectionManager;
 
 use crate::framing::close_code;
 use crate::sessions::Sessions;
+use im_common::backoff::Backoff;
 use im_common::bus::{self, split_journaled, EntryId, JOURNAL_RETENTION_MS};
 use im_common::keys::Keys;
 use im_common::record::{decode, PushBatch};
+
+/// Resubscribing to the node channel after a failure: first pause and cap.
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
 
 /// Writes and refreshes this node's route entries.
 #[derive(Clone)]
@@ -94,14 +99,14 @@ impl RouteKeeper {
         let mut lost_at = None;
         let up = metrics::gauge!("im_gateway_subscription_up");
         up.set(0.0);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(RESUBSCRIBE_FIRST, RESUBSCRIBE_MAX);
         loop {
             match self.resume(&redis_url, &channel, &journals, &mut seen, lost_at, &sessions).await {
                 Ok(mut pubsub) => {
                     live.store(true, Ordering::Relaxed);
                     up.set(1.0);
                     tracing::info!(%channel, "node channel subscribed");
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
                         metrics::counter!("im_gateway_pubsub_messages_in_total").increment(1);
@@ -123,8 +128,7 @@ impl RouteKeeper {
                 }
                 Err(e) => tracing::warn!(error = %e, "node channel subscribe failed"),
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff.wait().await;
         }
     }
 

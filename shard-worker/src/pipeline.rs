@@ -23,7 +23,8 @@ use im_common::record::{decode, Accepted, ChatMessage, Push};
 use im_common::store::Store;
 
 use crate::lease::ShardLease;
-use crate::streams::{Backoff, DeadLetter, Entry, Mover, StreamReader};
+use crate::streams::{DeadLetter, Entry, Mover, StreamReader};
+use im_common::backoff::Backoff;
 
 /// What every stage of one shard shares.
 #[derive(Clone)]
@@ -122,7 +123,7 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
     let to_save = ctx.keys.to_save_stream(ctx.shard);
     let shard = ctx.label();
     let pushed_age = metrics::histogram!("im_worker_accepted_to_pushed_seconds", "shard" => shard.clone());
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::default();
     while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
         let decoded = decode_batch(&batch);
         let pushes: Vec<_> = decoded.ok.iter().map(|(_, a)| chat_push(&a.msg)).collect();
@@ -151,7 +152,7 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
     let dead_stream = ctx.keys.dead_letter_stream(ctx.shard);
     let shard = ctx.label();
     let saved_age = metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone());
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::default();
     while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
         let decoded = decode_batch(&batch);
         let msgs: Vec<ChatMessage> = decoded.ok.iter().map(|(_, a)| a.msg.clone()).collect();

@@ -8,7 +8,6 @@
 //! once the next stage durably has it, and streams stay trimmed to what is in flight.
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::streams::StreamReadReply;
@@ -261,32 +260,5 @@ impl Mover {
             inv.arg(state);
         }
         inv.invoke_async(&mut self.conn.clone()).await
-    }
-}
-
-/// Capped exponential backoff for retrying a stage.
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new() -> Self {
-        Backoff { next: Duration::from_millis(50) }
-    }
-
-    /// Sleeps, then doubles the next wait up to 5 s.
-    pub async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
-    }
-
-    pub fn reset(&mut self) {
-        self.next = Duration::from_millis(50);
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
     }
 }
