@@ -1,0 +1,144 @@
+//! The state of a running cluster, per shard and per gateway, from the processes' own `/metrics`
+//! (the same numbers Prometheus sees): stream lengths, pending entries, lag, lease owners and fencing
+//! tokens, dead letters, and rates from two scrapes a sampling interval apart.
+//!
+//! `ops status` renders it as a table, `ops dashboard` serves it as JSON, the drills' monitor watches
+//! the backlog with it, and the end-to-end tests read it — one collector for all of them.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cluster::ClusterState;
+use crate::metrics::{self, sum, Sample};
+
+/// One shard.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ShardStatus {
+    pub shard: u16,
+    /// The owning worker's `node` label, when some worker holds the lease.
+    pub owner: Option<String>,
+    pub fencing_token: Option<u64>,
+    pub accepted_len: f64,
+    pub to_save_len: f64,
+    /// Unsaved entries: what admission control compares with `two_phase.max_backlog`.
+    pub backlog: f64,
+    pub pending: f64,
+    pub lag: f64,
+    pub oldest_pending_secs: f64,
+    pub dead_letters: f64,
+    pub accepted_per_sec: f64,
+    pub delivered_per_sec: f64,
+    pub saved_per_sec: f64,
+}
+
+/// One gateway.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GatewayStatus {
+    pub node_id: u16,
+    pub ws_url: String,
+    pub up: bool,
+    pub connections: f64,
+    pub frames_in_per_sec: f64,
+    pub accepted_per_sec: f64,
+    pub errors_per_sec: f64,
+}
+
+/// The whole cluster.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClusterStatus {
+    pub mode: String,
+    /// Unix ms of the second scrape.
+    pub at_ms: u64,
+    pub shards: Vec<ShardStatus>,
+    pub gateways: Vec<GatewayStatus>,
+    pub workers_up: usize,
+    pub workers: usize,
+}
+
+/// Every page of `urls`, scraped concurrently (`None` for a process that did not answer).
+async fn scrape_all(urls: &[String]) -> Vec<Option<Vec<Sample>>> {
+    let pages = futures_util::future::join_all(urls.iter().map(|u| metrics::scrape(u))).await;
+    pages.into_iter().map(Result::ok).collect()
+}
+
+/// Scrapes every process twice, `interval` apart, and summarises.
+pub async fn collect(state: &ClusterState, interval: Duration) -> ClusterStatus {
+    let gw_urls: Vec<String> = state.gateways.iter().map(|g| g.metrics_url.clone()).collect();
+    let wk_urls: Vec<String> = state.workers.iter().map(|w| w.metrics_url.clone()).collect();
+    let (g0, w0) = (scrape_all(&gw_urls).await, scrape_all(&wk_urls).await);
+    let started = Instant::now();
+    tokio::time::sleep(interval).await;
+    let (g1, w1) = (scrape_all(&gw_urls).await, scrape_all(&wk_urls).await);
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    summarise(state, (&g0, &g1), (&w0, &w1), secs)
+}
+
+type Scrapes<'a> = (&'a [Option<Vec<Sample>>], &'a [Option<Vec<Sample>>]);
+
+fn summarise(state: &ClusterState, gateways: Scrapes<'_>, workers: Scrapes<'_>, secs: f64) -> ClusterStatus {
+    let all = |pages: &[Option<Vec<Sample>>]| pages.iter().flatten().flatten().cloned().collect::<Vec<Sample>>();
+    let (g_before, g_now) = (all(gateways.0), all(gateways.1));
+    let (w_before, w_now) = (all(workers.0), all(workers.1));
+    let rate = |before: &[Sample], now: &[Sample], name: &str, want: &[(&str, &str)]| {
+        ((sum(now, name, want) - sum(before, name, want)) / secs).max(0.0)
+    };
+    let shards = (0..state.shards)
+        .map(|shard| {
+            let s = shard.to_string();
+            let by_shard = [("shard", s.as_str())];
+            let stream = |name: &str, stream: &str| sum(&w_now, name, &[("shard", s.as_str()), ("stream", stream)]);
+            let owner = w_now
+                .iter()
+                .find(|x| x.name == "im_worker_lease_held" && x.value == 1.0 && x.labels.get("shard") == Some(&s));
+            let token = w_now.iter().find(|x| {
+                x.name == "im_worker_fencing_token"
+                    && x.labels.get("shard") == Some(&s)
+                    && owner.is_some_and(|o| o.labels.get("node") == x.labels.get("node"))
+            });
+            let (accepted_len, to_save_len) =
+                (stream("im_stream_length", "accepted"), stream("im_stream_length", "to_save"));
+            ShardStatus {
+                shard,
+                owner: owner.and_then(|o| o.labels.get("node").cloned()),
+                fencing_token: token.map(|t| t.value as u64),
+                accepted_len,
+                to_save_len,
+                backlog: accepted_len + to_save_len,
+                pending: stream("im_stream_pending", "accepted") + stream("im_stream_pending", "to_save"),
+                lag: stream("im_stream_consumer_lag", "accepted") + stream("im_stream_consumer_lag", "to_save"),
+                oldest_pending_secs: stream("im_stream_oldest_pending_age_seconds", "accepted")
+                    .max(stream("im_stream_oldest_pending_age_seconds", "to_save")),
+                dead_letters: sum(&w_now, "im_stream_dead_letter_length", &by_shard),
+                accepted_per_sec: rate(&g_before, &g_now, "im_gateway_appends_total", &by_shard),
+                delivered_per_sec: rate(&w_before, &w_now, "im_worker_delivered_total", &by_shard),
+                saved_per_sec: rate(&w_before, &w_now, "im_worker_saved_total", &by_shard),
+            }
+        })
+        .collect();
+    let gateways = state
+        .gateways
+        .iter()
+        .zip(gateways.0.iter().zip(gateways.1))
+        .map(|(g, (before, now))| {
+            let (before, now) = (before.clone().unwrap_or_default(), now.clone().unwrap_or_default());
+            GatewayStatus {
+                node_id: g.node_id,
+                ws_url: g.ws_url.clone(),
+                up: !now.is_empty(),
+                connections: sum(&now, "im_gateway_connections", &[]),
+                frames_in_per_sec: rate(&before, &now, "im_gateway_frames_in_total", &[]),
+                accepted_per_sec: rate(&before, &now, "im_gateway_appends_total", &[]),
+                errors_per_sec: rate(&before, &now, "im_gateway_errors_total", &[]),
+            }
+        })
+        .collect();
+    ClusterStatus {
+        mode: state.mode.clone(),
+        at_ms: im_common::ids::now_ms(),
+        shards,
+        gateways,
+        workers_up: workers.1.iter().filter(|p| p.is_some()).count(),
+        workers: state.workers.len(),
+    }
+}
