@@ -1,10 +1,11 @@
 //! Runs that start their own clusters: the three-arm comparison (seed §4.2, §5.1) and the load sweep.
 //!
-//! Each arm gets a fresh cluster started the way `ops up` starts one ([`im_ops::cluster::start`]),
+//! Each arm gets a fresh cluster started the way `ops up` starts one ([`im_harness::cluster::start`]),
 //! with its own Redis key prefix and its own database, so arms never see each other's streams, routes
 //! or rows, nor those of a cluster someone else is running. After the arm the cluster is stopped and
 //! its keys and database are dropped (unless asked to keep them). A cluster still running when its
-//! [`ManagedCluster`] is dropped (an error or Ctrl-C halfway) is killed, never left behind.
+//! [`ManagedCluster`] is dropped (an error or Ctrl-C halfway) is killed by its guard, never left
+//! behind (its keys and database are then left in place).
 //!
 //! Everything lands in one run directory: a JSON [`RunReport`] per run, `summary.md` (compare) or
 //! `sweep-<mode>.md` (sweep), and each arm's cluster directory with its processes' logs.
@@ -13,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use im_common::config::{Config, Mode};
-use im_common::testkit::TestEnv;
-use im_ops::cluster::{self, ClusterSpec, ClusterState};
+use im_harness::cluster::{ClusterSpec, ClusterState};
+use im_harness::env::remove_data;
+use im_harness::guard::ClusterGuard;
 
 use crate::report::{markdown_table, RunReport};
 use crate::spec::{LoadSpec, Target};
@@ -37,10 +39,10 @@ pub struct ClusterOptions {
     pub keep_data: bool,
 }
 
-/// A cluster this module started; killed on drop unless stopped.
+/// A cluster this module started, with its own key prefix and database: a [`ClusterGuard`] (killed
+/// on drop unless stopped) that also knows how to remove the arm's data.
 pub struct ManagedCluster {
-    pub state: ClusterState,
-    stopped: bool,
+    guard: ClusterGuard,
 }
 
 impl ManagedCluster {
@@ -50,62 +52,24 @@ impl ManagedCluster {
         let mut config = opts.config.clone();
         config.redis.key_prefix = format!("{}:bench:{tag}", config.redis.key_prefix);
         config.mysql.url = with_database(&config.mysql.url, &format!("imbench_{}", tag.replace(['-', ':'], "_")));
-        let spec = ClusterSpec {
-            config,
-            gateways: opts.gateways,
-            shards: opts.shards,
-            workers: opts.workers.unwrap_or(usize::from(opts.shards)),
-            mode,
-            dir: dir.to_path_buf(),
-            force_private: false,
-        };
-        let state = cluster::start(&spec).await?;
-        let managed = ManagedCluster { state, stopped: false };
-        cluster::save_state(&managed.state, &dir.join("cluster.json"))?;
-        Ok(managed)
+        let mut spec = ClusterSpec::new(config, mode, opts.gateways, opts.shards, dir.to_path_buf());
+        spec.workers = opts.workers.unwrap_or(usize::from(opts.shards));
+        Ok(ManagedCluster { guard: ClusterGuard::start(&spec).await? })
+    }
+
+    /// The running cluster.
+    pub fn state(&self) -> &ClusterState {
+        &self.guard.state
     }
 
     /// Stops the processes (gracefully) and, unless `keep_data`, drops the cluster's keys and database.
-    pub async fn stop(mut self, keep_data: bool) -> Result<(), BenchError> {
-        self.stopped = true;
-        cluster::stop(&self.state).await?;
+    pub async fn stop(self, keep_data: bool) -> Result<(), BenchError> {
+        let state = self.guard.stop().await?;
         // Private servers went down with the cluster; their data lives in its directory.
-        if !keep_data && self.state.private_servers.is_empty() {
-            let data = TestEnv {
-                redis_url: self.state.redis_url.clone(),
-                mysql_url: self.state.mysql_url.clone(),
-                key_prefix: self.state.key_prefix.clone(),
-            };
-            data.cleanup().await;
+        if !keep_data && state.private_servers.is_empty() {
+            remove_data(&state.redis_url, &state.mysql_url, &state.key_prefix).await;
         }
         Ok(())
-    }
-}
-
-impl Drop for ManagedCluster {
-    fn drop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        kill_now(&self.state);
-        eprintln!(
-            "cluster in {} killed; its keys ({}:*) and database were left in place",
-            self.state.dir.display(),
-            self.state.key_prefix
-        );
-    }
-}
-
-/// SIGKILLs every process of a cluster this crate started, private servers included: the way out
-/// after an error or Ctrl-C. (The same list `TestCluster`'s drop kills; ops has no shared "kill now".)
-pub fn kill_now(state: &ClusterState) {
-    let pids = state.gateways.iter().map(|g| g.pid).chain(state.workers.iter().map(|w| w.pid));
-    for pid in pids.chain(state.dashboard.iter().map(|d| d.pid)) {
-        // SAFETY: signalling processes this crate started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
-    for server in &state.private_servers {
-        server.kill();
     }
 }
 
@@ -177,7 +141,7 @@ pub async fn compare(spec: &CompareSpec) -> Result<Vec<FinishedRun>, BenchError>
             dir.display()
         );
         let cluster = ManagedCluster::start(&spec.cluster, mode, &dir, &format!("{tag}_{}", mode.as_str())).await?;
-        let target = Target::from_state(&cluster.state)?;
+        let target = Target::from_state(cluster.state())?;
         for repeat in 1..=spec.repeats {
             let label = format!("{} #{repeat}", mode.as_str());
             let mut load = spec.load.clone();
@@ -321,7 +285,7 @@ pub async fn sweep(spec: &SweepSpec) -> Result<Vec<SweepStep>, BenchError> {
     let tag = format!("{}_sweep_{}", compact_stamp(im_common::ids::now_ms() / 1000), spec.mode.as_str());
     let dir = spec.out.join("clusters").join(format!("sweep-{}", spec.mode.as_str()));
     let cluster = ManagedCluster::start(&spec.cluster, spec.mode, &dir, &tag).await?;
-    let target = Target::from_state(&cluster.state)?;
+    let target = Target::from_state(cluster.state())?;
     let rate_limit = f64::from(spec.cluster.config.gateway.rate_per_sec);
     let mut steps = Vec::new();
     for &rate in &spec.rates {

@@ -17,9 +17,20 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use im_harness::process;
+
 use crate::client::{self, ClientFrame, Incoming};
 use crate::spec::AuthMode;
 use crate::BenchError;
+
+/// Beyond the hold itself, the longest a connection task lives (connect phase included).
+const CONNECT_PHASE_ALLOWANCE: Duration = Duration::from_secs(600);
+/// Lifetime of the tokens the connections present.
+const TOKEN_TTL_SECS: u64 = 86_400;
+/// Limit on one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between "everyone connected" and the memory reading, so allocators settle.
+const SETTLE_BEFORE_RSS: Duration = Duration::from_secs(2);
 
 /// What to hold.
 #[derive(Debug, Clone)]
@@ -64,19 +75,19 @@ pub async fn hold_here(spec: &HoldSpec) -> HoldCounts {
     let pongs = Arc::new(AtomicU64::new(0));
     let pings = Arc::new(AtomicU64::new(0));
     let gate = Arc::new(tokio::sync::Semaphore::new(spec.connect_concurrency.max(1)));
-    let deadline = tokio::time::Instant::now() + spec.hold + Duration::from_secs(600);
+    let deadline = tokio::time::Instant::now() + spec.hold + CONNECT_PHASE_ALLOWANCE;
     let (ok_tx, mut ok_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let (hold_tx, hold_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::with_capacity(spec.connections);
     for i in 0..spec.connections {
         let url = spec.ws_urls[i % spec.ws_urls.len()].clone();
-        let token = im_common::auth::issue_token(&spec.jwt_secret, spec.base_uid + i as u64, 86_400);
+        let token = im_common::auth::issue_token(&spec.jwt_secret, spec.base_uid + i as u64, TOKEN_TTL_SECS);
         let (gate, ok_tx, pings, pongs, ping_every) =
             (gate.clone(), ok_tx.clone(), pings.clone(), pongs.clone(), spec.ping_every);
         let mut done = hold_rx.clone();
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
-            let conn = client::connect(&url, &token, AuthMode::Header, Duration::from_secs(30)).await;
+            let conn = client::connect(&url, &token, AuthMode::Header, CONNECT_TIMEOUT).await;
             drop(permit);
             let Ok((mut reader, mut writer)) = conn else {
                 let _ = ok_tx.send(false);
@@ -134,19 +145,9 @@ pub async fn hold_here(spec: &HoldSpec) -> HoldCounts {
     }
 }
 
-/// Resident set size of `pid` in KiB.
-pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Runs the scale tier over `procs` child processes and measures the gateways (`gateway_pids`).
 pub async fn hold(spec: &HoldSpec, procs: usize, gateway_pids: &[u32]) -> Result<HoldReport, BenchError> {
-    let rss = || gateway_pids.iter().map(|&p| rss_kib(p)).sum::<u64>();
+    let rss = || gateway_pids.iter().filter_map(|&p| process::rss_kib(p)).sum::<u64>();
     let before = rss();
     let exe = std::env::current_exe().map_err(|source| BenchError::Io { what: "current exe".into(), source })?;
     let share = spec.connections.div_ceil(procs.max(1));
@@ -183,7 +184,7 @@ pub async fn hold(spec: &HoldSpec, procs: usize, gateway_pids: &[u32]) -> Result
             }
         }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await; // let allocators settle
+    tokio::time::sleep(SETTLE_BEFORE_RSS).await;
     let connected_rss = rss();
     let mut counts = HoldCounts::default();
     for (mut child, mut lines) in children {

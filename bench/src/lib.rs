@@ -5,13 +5,16 @@
 //! one authenticated WebSocket; [`load`] drives every connection on its schedule and records what
 //! comes back into a [`recorder::Recorder`]; [`checker`] turns the logs into verdicts (lost,
 //! duplicated, reordered, missing rows) with pure functions; [`db`] reads the run's rows back from
-//! MySQL; [`cpu`] reads per-process CPU time from `/proc`; [`report`] assembles the [`RunReport`];
-//! [`compare`] starts clusters and runs the three-arm comparison and the load sweep.
+//! MySQL; [`cpu`] reads per-process CPU time; [`run`] puts load, row check and [`report`] together;
+//! [`compare`] starts clusters and runs the three-arm comparison and the load sweep; [`drill`] runs
+//! fault drills; [`hold`] holds many idle connections; [`args`] is the command line that `bench` and
+//! `ops` share. Processes are started, watched and stopped through `im_harness`.
 //!
 //! The numbers this crate prints are how the project proves itself, so the rule throughout is: count
 //! everything, hide nothing. A message is either answered, delivered and saved, or it shows up in one
 //! of the failure counts.
 
+pub mod args;
 pub mod checker;
 pub mod client;
 pub mod compare;
@@ -23,10 +26,12 @@ pub mod load;
 pub mod plan;
 pub mod recorder;
 pub mod report;
+pub mod run;
 pub mod spec;
 
-pub use load::{run, run_load, LoadResult};
+pub use load::{run_load, LoadResult};
 pub use report::RunReport;
+pub use run::{check_db, run};
 pub use spec::{AuthMode, LoadSpec, Target};
 
 /// Why a bench command could not complete (as opposed to what it measured, which is in the report).
@@ -37,7 +42,7 @@ pub enum BenchError {
     InvalidSpec(String),
     /// Starting, reading or stopping a cluster failed.
     #[error("cluster: {0}")]
-    Cluster(#[from] im_ops::cluster::ClusterError),
+    Cluster(#[from] im_harness::cluster::ClusterError),
     /// Reading the run's rows back from MySQL failed.
     #[error("database check: {0}")]
     Db(#[from] db::DbError),

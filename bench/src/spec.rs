@@ -1,20 +1,21 @@
 //! What to run ([`LoadSpec`]) and what to run it against ([`Target`]).
 //!
 //! Both are plain data so the CLI, `compare`, `sweep` and the tests build them the same way. A target
-//! normally comes from the cluster state file that `ops up` (or [`im_ops::cluster::start`]) writes:
+//! normally comes from the cluster state file that `ops up` (or [`im_harness::cluster::start`]) writes:
 //! it lists every gateway's WebSocket URL, the JWT secret, the MySQL URL for the row check, the
 //! mode, and the pids whose CPU time the report adds up.
 
 use std::time::Duration;
 
 use im_common::config::Mode;
-use im_ops::cluster::ClusterState;
+use im_harness::cluster::ClusterState;
+use im_harness::process;
 
 use crate::cpu::ProcessRef;
 use crate::BenchError;
 
 /// How connections authenticate (SPEC §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMode {
     /// `Authorization: Bearer <jwt>` at the handshake; a bad token is an HTTP 401.
     Header,
@@ -29,11 +30,6 @@ impl AuthMode {
             AuthMode::Header => "header",
             AuthMode::Frame => "frame",
         }
-    }
-
-    /// Parses [`AuthMode::as_str`]'s output.
-    pub fn parse(s: &str) -> Option<AuthMode> {
-        [AuthMode::Header, AuthMode::Frame].into_iter().find(|m| m.as_str() == s)
     }
 }
 
@@ -80,6 +76,9 @@ pub struct LoadSpec {
     pub slow_receivers: f64,
     /// A slow receiver's pause after each frame it reads.
     pub slow_read_delay: Duration,
+    /// Each sender stops after this many messages, even before the window ends (`None`: it sends
+    /// until the window ends). A test that wants an exact count sets it with a window long enough.
+    pub messages_per_sender: Option<usize>,
 }
 
 impl Default for LoadSpec {
@@ -102,6 +101,7 @@ impl Default for LoadSpec {
             reconnect: false,
             slow_receivers: 0.0,
             slow_read_delay: Duration::from_millis(200),
+            messages_per_sender: None,
         }
     }
 }
@@ -147,6 +147,9 @@ impl LoadSpec {
         if !(0.0..=1.0).contains(&self.slow_receivers) {
             return bad("the slow receiver fraction must be between 0 and 1");
         }
+        if self.messages_per_sender == Some(0) {
+            return bad("a sender must send at least one message");
+        }
         if self.connect_concurrency == 0 {
             return bad("--connect-concurrency must be positive");
         }
@@ -187,8 +190,8 @@ impl Target {
             for (url, default_port, names) in
                 [(&state.redis_url, 6379, &["redis-server"][..]), (&state.mysql_url, 3306, &["mariadbd", "mysqld"][..])]
             {
-                match crate::cpu::listener_pid(crate::cpu::url_port(url, default_port)) {
-                    Some(pid) => processes.push(ProcessRef { name: crate::cpu::comm(pid).unwrap_or_default(), pid }),
+                match process::listener_pid(crate::cpu::url_port(url, default_port)) {
+                    Some(pid) => processes.push(ProcessRef { name: process::comm(pid).unwrap_or_default(), pid }),
                     // Not visible (another user's process): every server of that kind is the best guess.
                     None => processes.extend(crate::cpu::find_by_comm(names)),
                 }

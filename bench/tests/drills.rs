@@ -62,7 +62,7 @@ async fn a_cluster_on_shared_servers_is_refused() {
     let dir = std::env::temp_dir().join(format!("im-drill-test-shared-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // The state file of a cluster without private servers: the drill must refuse before touching it.
-    let state = im_ops::cluster::ClusterState {
+    let state = im_harness::cluster::ClusterState {
         gateways: Vec::new(),
         workers: Vec::new(),
         redis_url: "redis://127.0.0.1:6379".into(),
@@ -77,7 +77,7 @@ async fn a_cluster_on_shared_servers_is_refused() {
         dashboard: None,
     };
     let path = dir.join("cluster.json");
-    im_ops::cluster::save_state(&state, &path).unwrap();
+    im_harness::cluster::save_state(&state, &path).unwrap();
     let mut spec = short(Drill::DbOutage, Duration::from_secs(1), "shared");
     spec.state = Some(path);
     let err = drill::run(&spec).await.expect_err("a shared-server cluster is refused");

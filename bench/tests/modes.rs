@@ -3,28 +3,22 @@
 //! injected on purpose must show up in the checker's verdict.
 //!
 //! The cluster binaries come from the workspace build (`cargo build --workspace`); the servers are the
-//! shared test Redis and MariaDB, isolated per test by [`TestEnv`].
+//! shared test Redis and MariaDB, isolated per test by [`TestEnv`] (cleaned up when dropped).
 
 use std::time::Duration;
 
-use im_bench::load::{check_db, run_load};
-use im_bench::{AuthMode, BenchError, LoadSpec, RunReport, Target};
+use im_bench::{check_db, run_load, AuthMode, BenchError, LoadSpec, RunReport, Target};
 use im_common::config::Mode;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use im_ops::cluster::{ClusterSpec, TestCluster};
+use im_harness::cluster::ClusterSpec;
+use im_harness::env::TestEnv;
+use im_harness::guard::ClusterGuard;
 
-async fn cluster(env: &TestEnv, mode: Mode) -> TestCluster {
-    let spec = ClusterSpec {
-        config: env.config(),
-        gateways: 2,
-        shards: 2,
-        workers: 2,
-        mode,
-        dir: std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-"))),
-        force_private: false,
-    };
-    TestCluster::start(&spec).await.expect("cluster starts (build the workspace binaries first)")
+async fn cluster(env: &TestEnv, mode: Mode) -> ClusterGuard {
+    let dir = std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-")));
+    let spec = ClusterSpec::new(env.config(), mode, 2, 2, dir);
+    let guard = ClusterGuard::start(&spec).await.expect("cluster starts (build the workspace binaries first)");
+    guard.removing_dir()
 }
 
 /// About 3 s of traffic from 10 senders to 10 receivers, one message per 200 ms each.
@@ -104,7 +98,6 @@ async fn counts_add_up_and_a_deleted_row_is_found(mode: Mode, name: &str, auth: 
     assert_eq!(report.problems(), vec!["1 receipted messages missing from the DB".to_owned()]);
 
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,5 +128,4 @@ async fn refused_credentials_are_counted_as_auth_failures() {
         other => panic!("expected 6 refused connections, got {other:?}"),
     }
     drop(c);
-    env.cleanup().await;
 }

@@ -67,7 +67,7 @@ impl TestEnv {
     /// Drops the database and deletes every key under the prefix (once; dropping does it otherwise).
     pub async fn cleanup(&self) {
         if !self.cleaned.swap(true, Ordering::SeqCst) {
-            remove_data(&self.redis_url, &self.mysql_url, &self.keys()).await;
+            remove_data(&self.redis_url, &self.mysql_url, self.keys().prefix()).await;
         }
     }
 }
@@ -79,31 +79,32 @@ impl Drop for TestEnv {
         }
         // Drop may run inside a runtime (a test's own), which cannot be blocked on; a thread with a
         // runtime of its own can, and the test waits for it so nothing outlives the test.
-        let (redis_url, mysql_url, keys) = (self.redis_url.clone(), self.mysql_url.clone(), self.keys());
+        let (redis_url, mysql_url, prefix) = (self.redis_url.clone(), self.mysql_url.clone(), self.key_prefix.clone());
         let cleanup =
             std::thread::spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime.block_on(remove_data(&redis_url, &mysql_url, &keys)),
-                Err(error) => eprintln!("test data under {} left behind: {error}", keys.prefix()),
+                Ok(runtime) => runtime.block_on(remove_data(&redis_url, &mysql_url, &prefix)),
+                Err(error) => eprintln!("test data under {prefix} left behind: {error}"),
             });
         let _ = cleanup.join();
     }
 }
 
-/// Drops the database of `mysql_url` and deletes every Redis key under `keys`' prefix. Best effort
-/// and bounded in time: a server that is gone (a test stopped it) leaves nothing to clean.
-pub async fn remove_data(redis_url: &str, mysql_url: &str, keys: &Keys) {
+/// Drops the database of `mysql_url` and deletes every Redis key under `key_prefix` (the prefix of a
+/// [`Keys`] layout). Best effort and bounded in time: a server that is gone (a test stopped it)
+/// leaves nothing to clean.
+pub async fn remove_data(redis_url: &str, mysql_url: &str, key_prefix: &str) {
     let work = async {
         let _ = im_common::store::drop_database(mysql_url).await;
         let Ok(client) = redis::Client::open(redis_url) else { return };
         let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
-        let pattern = format!("{}:*", keys.prefix());
+        let pattern = format!("{key_prefix}:*");
         let found: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap_or_default();
         for chunk in found.chunks(DELETE_BATCH) {
             let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
         }
     };
     if tokio::time::timeout(CLEANUP_TIMEOUT, work).await.is_err() {
-        eprintln!("cleanup of {} did not finish within {CLEANUP_TIMEOUT:?}", keys.prefix());
+        eprintln!("cleanup of {key_prefix} did not finish within {CLEANUP_TIMEOUT:?}");
     }
 }
 

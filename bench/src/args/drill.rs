@@ -1,0 +1,160 @@
+//! `bench drill <name>` and `ops drill <name>`: which drill, how long the fault lasts, and the drill's
+//! own small load (the cluster is started by the drill unless `--state` names one).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use im_common::config::Config;
+
+use super::secs;
+use crate::compare::run_stamp;
+use crate::drill::{self, Drill, DrillSpec, StopSignal};
+use crate::spec::LoadSpec;
+use crate::BenchError;
+
+/// Connections of a drill's load, unless `--connections` says otherwise.
+const DRILL_CONNECTIONS: usize = 200;
+const SLOW_CONSUMERS_CONNECTIONS: usize = 100;
+/// Overload offers twice the maximum rate; this many connections keep each sender within the
+/// gateways' per-connection rate limit.
+const OVERLOAD_CONNECTIONS: usize = 1000;
+/// Offered rate, msg/s, unless `--rate` says otherwise.
+const DRILL_RATE: f64 = 400.0;
+const SLOW_CONSUMERS_RATE: f64 = 1000.0;
+/// Body size, unless `--body-bytes` says otherwise: slow consumers get bodies large enough that a
+/// slow reader's socket buffers fill and the gateway's outbound queue overflows within the window.
+const DRILL_BODY_BYTES: usize = 64;
+const SLOW_CONSUMERS_BODY_BYTES: usize = 2000;
+/// Sending before the drill's measured window.
+const DRILL_WARMUP: Duration = Duration::from_secs(2);
+
+/// Which drill to run, and its knobs.
+#[derive(Args, Debug)]
+pub struct DrillArgs {
+    /// The drill.
+    #[arg(value_enum)]
+    name: Drill,
+    /// Length of the fault: the outage (db-outage, redis-outage), the kill period (worker-kill), the
+    /// gateway's downtime (gateway-restart), the loaded window (slow-consumers, overload).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Connections (users): half senders, half receivers [default: 200; slow-consumers 100; overload
+    /// 1000, so that twice the maximum rate stays within the gateways' per-connection rate limit].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Total offered rate, msg/s [default: 400; slow-consumers 1000].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Message body size [default: 64; slow-consumers 2000, so that a slow reader's socket buffers
+    /// fill and the gateway's outbound queue overflows within the window].
+    #[arg(long)]
+    body_bytes: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    gateways: usize,
+    #[arg(long, default_value_t = 4)]
+    shards: u16,
+    /// Worker processes (default shards + 1: one standby).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Drill an existing cluster instead (`ops up --private`); refused if its servers are shared.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// redis-outage: only this fail-open setting (default: both).
+    #[arg(long)]
+    fail_open: Option<bool>,
+    /// worker-kill: seconds between kills.
+    #[arg(long, default_value_t = 4.0)]
+    kill_every: f64,
+    /// gateway-restart: `kill` (SIGKILL) or `term` (SIGTERM).
+    #[arg(long, value_enum, default_value_t = StopSignal::Kill)]
+    signal: StopSignal,
+    /// redis-restart: restart Redis with this appendfsync (always | everysec | no).
+    #[arg(long)]
+    appendfsync: Option<String>,
+    /// overload: the maximum sustainable rate (msg/s); the drill offers twice this. The default is
+    /// what `bench sweep` measured for full mode on the 2-vCPU reference machine (docs/BENCHMARKS.md).
+    #[arg(long, default_value_t = 10_000.0)]
+    max_rate: f64,
+    /// slow-consumers: fraction of slow receivers.
+    #[arg(long, default_value_t = 0.3)]
+    slow_fraction: f64,
+    /// slow-consumers: a slow receiver's pause after each frame, ms (until it is disconnected; after
+    /// its reconnect it reads at full speed, like a client whose network recovered).
+    #[arg(long, default_value_t = 1000)]
+    slow_read_ms: u64,
+    /// Run directory (default bench-runs/drill-<UTC timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seconds between progress lines on stderr (0: none).
+    #[arg(long, default_value_t = 5.0)]
+    progress_secs: f64,
+    /// Print the verdicts as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl DrillArgs {
+    /// The drill these flags describe, on a cluster started from `config`.
+    pub fn spec(&self, config: Config) -> Result<DrillSpec, BenchError> {
+        let slow = self.name == Drill::SlowConsumers;
+        let connections = self.connections.unwrap_or(match self.name {
+            Drill::SlowConsumers => SLOW_CONSUMERS_CONNECTIONS,
+            Drill::Overload => OVERLOAD_CONNECTIONS,
+            _ => DRILL_CONNECTIONS,
+        });
+        let rate = self.rate.unwrap_or(if slow { SLOW_CONSUMERS_RATE } else { DRILL_RATE });
+        if rate <= 0.0 {
+            return Err(BenchError::InvalidSpec("--rate must be positive".into()));
+        }
+        let default_fault = match self.name {
+            Drill::WorkerKill => 20.0,
+            Drill::GatewayRestart => 2.0,
+            Drill::RedisRestart => 0.0,
+            Drill::SlowConsumers | Drill::Overload => 20.0,
+            Drill::DbOutage | Drill::RedisOutage => 10.0,
+        };
+        let progress = secs(self.progress_secs, "progress-secs")?;
+        let pairs = (connections / 2).max(1);
+        let out = self.out.clone().unwrap_or_else(|| {
+            PathBuf::from("bench-runs").join(format!("drill-{}", run_stamp(im_common::ids::now_ms() / 1000)))
+        });
+        let mut spec = DrillSpec::new(self.name, secs(self.seconds.unwrap_or(default_fault), "seconds")?, out);
+        spec.load = LoadSpec {
+            connections,
+            interval: LoadSpec::interval_for_rate(pairs, rate),
+            body_bytes: self.body_bytes.unwrap_or(if slow { SLOW_CONSUMERS_BODY_BYTES } else { DRILL_BODY_BYTES }),
+            progress: (!progress.is_zero()).then_some(progress),
+            slow_receivers: if slow { self.slow_fraction } else { 0.0 },
+            slow_read_delay: Duration::from_millis(self.slow_read_ms),
+            warmup: DRILL_WARMUP,
+            ..LoadSpec::default()
+        };
+        spec.config = config;
+        spec.gateways = self.gateways;
+        spec.shards = self.shards;
+        spec.workers = self.workers;
+        spec.state = self.state.clone();
+        spec.fail_open = self.fail_open;
+        spec.kill_every = secs(self.kill_every, "kill-every")?;
+        spec.signal = self.signal;
+        spec.appendfsync = self.appendfsync.clone();
+        spec.max_rate = self.max_rate;
+        Ok(spec)
+    }
+
+    /// Runs the drill on a cluster started from `config`, prints the verdicts (a summary, or JSON
+    /// with `--json`) and returns the exit status: 0 only if every verdict passed.
+    pub async fn run(&self, config: Config) -> Result<i32, BenchError> {
+        let verdicts = drill::run(&self.spec(config)?).await?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&verdicts).unwrap_or_default());
+        } else {
+            for v in &verdicts {
+                print!("{}", v.render());
+            }
+        }
+        Ok(if verdicts.iter().all(|v| v.passed) { 0 } else { 1 })
+    }
+}

@@ -1,0 +1,164 @@
+//! Command-line arguments shared by the `bench` subcommands and by `ops` (which runs the drills and
+//! starts clusters in a mode): one definition per group, flattened where it is used, so the flags,
+//! their defaults and their help read the same everywhere.
+
+mod drill;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use im_common::config::{Config, Mode};
+
+use crate::compare::ClusterOptions;
+use crate::spec::{AuthMode, LoadSpec};
+use crate::BenchError;
+
+pub use drill::DrillArgs;
+
+/// The delivery mode, as the command line names it (see [`Mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Synchronous insert, then `ACK(saved)` (the comparison arm).
+    Baseline,
+    /// `ACK(accepted)` after the stream append; the worker saves, then pushes.
+    AcceptedOnly,
+    /// `ACK(accepted)` after the append; the worker pushes, then saves.
+    Full,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Mode {
+        match mode {
+            ModeArg::Baseline => Mode::Baseline,
+            ModeArg::AcceptedOnly => Mode::AcceptedOnly,
+            ModeArg::Full => Mode::Full,
+        }
+    }
+}
+
+/// `value` seconds as a duration; `name` is the flag, for the error.
+pub fn secs(value: f64, name: &str) -> Result<Duration, BenchError> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| BenchError::InvalidSpec(format!("--{name} must be a non-negative number of seconds")))
+}
+
+/// The load, shared by every subcommand that offers one.
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// Connections (users): half senders, half receivers, in fixed pairs.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Each sender's interval between messages, in ms (open loop).
+    #[arg(long, default_value_t = 3000.0)]
+    interval_ms: f64,
+    /// Total offered rate in msg/s instead of --interval-ms (sets the interval from the sender count).
+    #[arg(long, conflicts_with = "interval_ms")]
+    rate: Option<f64>,
+    /// Closed loop: each sender waits for ACK(saved) before its next message (--interval-ms is then a
+    /// minimum spacing; 0 for none).
+    #[arg(long)]
+    closed_loop: bool,
+    #[arg(long, default_value_t = 64)]
+    body_bytes: usize,
+    /// Measured window.
+    #[arg(long, default_value_t = 20.0)]
+    duration_secs: f64,
+    /// Pause after all connections are up, before the first send (0 exposes the gateway's
+    /// connect-time offline-resend race as duplicate pushes).
+    #[arg(long, default_value_t = 1.0)]
+    settle_secs: f64,
+    /// Sending before the measured window (checked, not measured).
+    #[arg(long, default_value_t = 3.0)]
+    warmup_secs: f64,
+    /// Longest wait for outstanding receipts and pushes after the last send.
+    #[arg(long, default_value_t = 10.0)]
+    drain_secs: f64,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// `header` (Authorization: Bearer) or `frame` (AUTH first frame).
+    #[arg(long, value_enum, default_value_t = AuthMode::Header)]
+    auth: AuthMode,
+    /// First user id (default: fresh ids from the clock).
+    #[arg(long)]
+    base_uid: Option<u64>,
+    /// Seconds between progress lines on stderr (0: none).
+    #[arg(long, default_value_t = 5.0)]
+    progress_secs: f64,
+}
+
+impl LoadArgs {
+    /// The load these flags describe.
+    pub fn spec(&self) -> Result<LoadSpec, BenchError> {
+        let pairs = self.connections / 2;
+        let interval = match self.rate {
+            Some(rate) if rate > 0.0 => LoadSpec::interval_for_rate(pairs.max(1), rate),
+            Some(_) => return Err(BenchError::InvalidSpec("--rate must be positive".into())),
+            None => secs(self.interval_ms / 1000.0, "interval-ms")?,
+        };
+        let progress = secs(self.progress_secs, "progress-secs")?;
+        Ok(LoadSpec {
+            connections: self.connections,
+            interval,
+            closed_loop: self.closed_loop,
+            body_bytes: self.body_bytes,
+            settle: secs(self.settle_secs, "settle-secs")?,
+            warmup: secs(self.warmup_secs, "warmup-secs")?,
+            duration: secs(self.duration_secs, "duration-secs")?,
+            drain: secs(self.drain_secs, "drain-secs")?,
+            connect_concurrency: self.connect_concurrency,
+            auth: self.auth,
+            base_uid: self.base_uid,
+            progress: (!progress.is_zero()).then_some(progress),
+            ..LoadSpec::default()
+        })
+    }
+}
+
+/// How each comparison/sweep cluster is started.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Base config (TOML; IM__SECTION__KEY variables override it). Mode, shards, key prefix and
+    /// database are set per arm.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    gateways: usize,
+    #[arg(long, default_value_t = 4)]
+    shards: u16,
+    /// Worker processes (default one per shard; more become standbys).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Keep each arm's Redis keys and database afterwards.
+    #[arg(long)]
+    keep_data: bool,
+}
+
+impl ClusterArgs {
+    /// The clusters these flags describe.
+    pub fn options(&self) -> Result<ClusterOptions, BenchError> {
+        if self.gateways == 0 || self.shards == 0 {
+            return Err(BenchError::InvalidSpec("--gateways and --shards must be positive".into()));
+        }
+        Ok(ClusterOptions {
+            config: Config::load(self.config.as_deref()).map_err(|e| BenchError::InvalidSpec(e.to_string()))?,
+            gateways: self.gateways,
+            shards: self.shards,
+            workers: self.workers,
+            keep_data: self.keep_data,
+        })
+    }
+}
+
+/// What a run prints, and whether problems fail it.
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    /// Print JSON (one RunReport, or an array of them) on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit with status 2 when the checker finds a problem (loss, duplicates, reorders, errors, DB).
+    #[arg(long)]
+    pub check: bool,
+}

@@ -1,0 +1,179 @@
+//! Injecting a drill's fault into its cluster: stop or kill a private server and start it again,
+//! kill shard owners and replace them, stop and restart a gateway — always only what the drill's own
+//! cluster started, and every replacement recorded in the run's state file.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use im_harness::cluster;
+use im_harness::process::{self, Signal};
+use im_harness::servers::PrivateServer;
+use im_harness::{metrics, poll};
+
+use super::session::DrillRun;
+use super::{Check, Drill, DrillCluster, StopSignal};
+use crate::BenchError;
+
+/// worker-kill: pause before looking for a shard owner again when none holds a lease right now.
+const OWNER_RETRY: Duration = Duration::from_millis(200);
+/// How long a stopped or killed process gets to be gone before it is started again.
+const GONE_WAIT: Duration = Duration::from_secs(10);
+
+/// When the fault began and ended.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FaultWindow {
+    pub began: Instant,
+    pub ended: Instant,
+}
+
+impl DrillRun<'_> {
+    /// Injects the drill's fault; returns when it is over (the instant the fault ended).
+    pub async fn inject(&mut self, checks: &mut Vec<Check>) -> Result<FaultWindow, BenchError> {
+        let spec = self.spec;
+        let state = &self.cluster;
+        let began = Instant::now();
+        match spec.drill {
+            Drill::DbOutage => {
+                let db = stop_server(state, "mariadb", false).await?;
+                eprintln!("[{}] MariaDB stopped for {:?}", self.load.label, spec.fault);
+                tokio::time::sleep(spec.fault).await;
+                restart_server(state, db, None).await?;
+                eprintln!("[{}] MariaDB back", self.load.label);
+            }
+            Drill::RedisOutage => {
+                let redis = stop_server(state, "redis", false).await?;
+                eprintln!("[{}] Redis stopped for {:?}", self.load.label, spec.fault);
+                tokio::time::sleep(spec.fault).await;
+                restart_server(state, redis, None).await?;
+                eprintln!("[{}] Redis back", self.load.label);
+            }
+            Drill::RedisRestart => {
+                // A crash, not a shutdown: what the AOF fsync policy promises is about exactly this.
+                let redis = stop_server(state, "redis", true).await?;
+                let old = state.snapshot().private_servers[redis].appendfsync.clone();
+                eprintln!("[{}] Redis killed (SIGKILL), restarting", self.load.label);
+                restart_server(state, redis, spec.appendfsync.as_deref()).await?;
+                let policy = spec.appendfsync.clone().or(old).unwrap_or_else(|| "unknown".into());
+                self.notes.push(match policy.as_str() {
+                    "always" => "appendfsync always: every write is fsynced before Redis answers, so nothing \
+                                 that got ACK(accepted) may be lost by a Redis crash (checked: lost = 0)"
+                        .to_owned(),
+                    "everysec" => "appendfsync everysec: up to about one second of accepted writes may be lost by a \
+                                   Redis crash (SPEC §3.1); lost > 0 here is the policy's documented cost"
+                        .to_owned(),
+                    other => format!("appendfsync {other}: the OS decides when to flush; no durability promise"),
+                });
+            }
+            Drill::WorkerKill => {
+                let until = began + spec.fault;
+                let mut kills = 0;
+                while Instant::now() < until {
+                    let Some(victim) = shard_owner(state, kills).await else {
+                        tokio::time::sleep(OWNER_RETRY).await;
+                        continue;
+                    };
+                    kill_worker_and_replace(state, victim).await?;
+                    kills += 1;
+                    eprintln!("[{}] killed a shard owner (kill {kills})", self.load.label);
+                    tokio::time::sleep(spec.kill_every.min(until.saturating_duration_since(Instant::now()))).await;
+                }
+                checks.push(Check::new(
+                    "owners_killed",
+                    kills > 0,
+                    format!("{kills} shard owners killed with SIGKILL"),
+                ));
+            }
+            Drill::GatewayRestart => {
+                let gw = state.snapshot().gateways[0].clone();
+                match spec.signal {
+                    StopSignal::Kill => {
+                        process::send(gw.pid, Signal::SIGKILL).map_err(|e| BenchError::InvalidSpec(e.to_string()))?;
+                        process::wait_gone(gw.pid, GONE_WAIT).await;
+                    }
+                    StopSignal::Term => process::terminate(gw.pid, cluster::STOP_GRACE).await,
+                }
+                eprintln!("[{}] gateway {} stopped ({:?})", self.load.label, gw.node_id, spec.signal);
+                tokio::time::sleep(spec.fault).await;
+                let (dir, config) = {
+                    let s = state.snapshot();
+                    (s.dir.clone(), s.config_path.clone())
+                };
+                let node = gw.node_id;
+                let fresh = cluster::spawn_gateway(&dir, &config, node).await?;
+                state.update(|s| s.gateways[0] = fresh)?;
+                eprintln!("[{}] gateway {node} started again", self.load.label);
+            }
+            Drill::SlowConsumers | Drill::Overload => {
+                // The load is the fault: watch it for its window.
+                tokio::time::sleep(self.load.duration).await;
+            }
+        }
+        Ok(FaultWindow { began, ended: Instant::now() })
+    }
+}
+
+/// Index of the cluster's private server of `kind`.
+fn server_index(state: &DrillCluster, kind: &str) -> Result<usize, BenchError> {
+    state.snapshot().private_servers.iter().position(|s| s.kind_name == kind).ok_or_else(|| {
+        BenchError::InvalidSpec(format!("the cluster has no private {kind} server: a drill never touches shared ones"))
+    })
+}
+
+/// Stops (`kill`: SIGKILL, else a graceful stop) the cluster's private server of `kind`; returns its index.
+async fn stop_server(state: &DrillCluster, kind: &str, kill: bool) -> Result<usize, BenchError> {
+    let index = server_index(state, kind)?;
+    let server = state.snapshot().private_servers[index].clone();
+    if kill {
+        server.kill();
+    } else {
+        server.stop().await.map_err(cluster::ClusterError::from)?;
+    }
+    Ok(index)
+}
+
+/// Starts the stopped server `index` again (Redis with `appendfsync` if given) and records its new pid.
+async fn restart_server(state: &DrillCluster, index: usize, appendfsync: Option<&str>) -> Result<(), BenchError> {
+    let server = state.snapshot().private_servers[index].clone();
+    let fresh = match appendfsync {
+        Some(policy) if server.kind_name == "redis" => {
+            let old = server.clone();
+            poll::until_true(GONE_WAIT, || !old.is_running()).await;
+            PrivateServer::start_redis(&server.dir, server.port, policy).await
+        }
+        _ => server.restart().await,
+    }
+    .map_err(cluster::ClusterError::from)?;
+    state.update(|s| s.private_servers[index] = fresh)
+}
+
+/// The index (in the state's worker list) of a worker that holds a shard lease now; the `turn`-th
+/// such worker in round robin, so kills spread over shards.
+async fn shard_owner(state: &DrillCluster, turn: usize) -> Option<usize> {
+    let workers = state.snapshot().workers;
+    let mut owners = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        let Ok(samples) = metrics::scrape(&w.metrics_url).await else { continue };
+        if samples.iter().any(|s| s.name == "im_worker_lease_held" && s.value == 1.0) {
+            owners.push(i);
+        }
+    }
+    (!owners.is_empty()).then(|| owners[turn % owners.len()])
+}
+
+/// `kill -9` worker `index` and start a standby in its place, so the pool never runs dry.
+async fn kill_worker_and_replace(state: &DrillCluster, index: usize) -> Result<(), BenchError> {
+    let (victim, dir, config, serial) = {
+        let s = state.snapshot();
+        (s.workers[index].pid, s.dir.clone(), s.config_path.clone(), next_worker_serial(&s.dir))
+    };
+    process::send(victim, Signal::SIGKILL).map_err(|e| BenchError::InvalidSpec(e.to_string()))?;
+    let fresh = cluster::spawn_worker(&dir, &config, serial, None).await?;
+    state.update(|s| s.workers[index] = fresh)
+}
+
+/// A worker index no earlier worker of this cluster used (its log and ready file names).
+fn next_worker_serial(dir: &Path) -> usize {
+    (0..).find(|i| !dir.join(format!("worker-{i}.log")).exists()).unwrap_or(0)
+}

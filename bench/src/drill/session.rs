@@ -1,0 +1,187 @@
+//! One drill run on one cluster: [`DrillRun::prepare`] sets the config the drill needs and starts
+//! (or adopts) the cluster; [`DrillRun::execute`] runs the load with the fault, then checks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use im_common::config::Mode;
+use im_harness::cluster::{ClusterSpec, ClusterState};
+use im_harness::guard::ClusterGuard;
+
+use super::monitor::{monitor, wait_for_traffic};
+use super::{Drill, DrillCluster, DrillSpec, DrillVerdict, STATE_FILE};
+use crate::load::run_load;
+use crate::recorder::Percentiles;
+use crate::run::check_db;
+use crate::spec::{LoadSpec, Target};
+use crate::BenchError;
+
+/// A lease this short moves a killed owner's shard within a couple of seconds.
+const DRILL_LEASE_TTL_MS: u64 = 1500;
+/// The bench's senders must not hit the per-connection rate limit by accident.
+const DRILL_RATE_PER_SEC: u32 = 1000;
+const DRILL_RATE_BURST: u32 = 2000;
+/// slow-consumers: a small outbound queue finds a slow reader within seconds, not minutes.
+const SLOW_CONSUMER_QUEUE: usize = 64;
+/// slow-consumers: a bounded kernel send buffer, as an operator with many connections would set.
+const SLOW_CONSUMER_SEND_BUFFER: usize = 65_536;
+/// overload: admission control must bite before memory does.
+const OVERLOAD_MAX_BACKLOG: u64 = 20_000;
+/// slow-consumers and overload: the shortest loaded window.
+const MIN_LOADED_WINDOW: Duration = Duration::from_secs(10);
+/// The drain allowance beyond the fault.
+const DRAIN_BEYOND_FAULT: Duration = Duration::from_secs(30);
+
+/// One drill run on one cluster.
+pub(super) struct DrillRun<'a> {
+    pub spec: &'a DrillSpec,
+    pub variant: String,
+    pub dir: PathBuf,
+    pub cluster: DrillCluster,
+    /// Owns the cluster when the drill started it (`None` for a cluster given with `--state`).
+    pub guard: Option<ClusterGuard>,
+    pub load: LoadSpec,
+    pub notes: Vec<String>,
+}
+
+impl<'a> DrillRun<'a> {
+    pub async fn prepare(
+        spec: &'a DrillSpec,
+        existing: Option<ClusterState>,
+        fail_open: Option<bool>,
+    ) -> Result<DrillRun<'a>, BenchError> {
+        let mut variant = Vec::new();
+        let mut config = spec.config.clone();
+        // A short lease, so a killed owner's shard moves within a couple of seconds.
+        config.two_phase.lease_ttl_ms = config.two_phase.lease_ttl_ms.min(DRILL_LEASE_TTL_MS);
+        // The bench's senders must not hit the per-connection rate limit by accident.
+        config.gateway.rate_per_sec = config.gateway.rate_per_sec.max(DRILL_RATE_PER_SEC);
+        config.gateway.rate_burst = config.gateway.rate_burst.max(DRILL_RATE_BURST);
+        if let Some(open) = fail_open {
+            config.two_phase.fail_open = open;
+            variant.push(format!("fail_open={open}"));
+        }
+        if spec.drill == Drill::SlowConsumers {
+            // A small outbound queue, so a slow reader is found out within seconds, not minutes.
+            config.gateway.outbound_queue = config.gateway.outbound_queue.min(SLOW_CONSUMER_QUEUE);
+            // A bounded kernel buffer, as an operator with many connections would set: a stalled
+            // reader is then noticed within the window instead of after megabytes.
+            config.gateway.socket_send_buffer = SLOW_CONSUMER_SEND_BUFFER;
+        }
+        if spec.drill == Drill::Overload {
+            // Admission control must bite before memory does.
+            config.two_phase.max_backlog = config.two_phase.max_backlog.min(OVERLOAD_MAX_BACKLOG);
+        }
+        let name = if variant.is_empty() {
+            spec.drill.name().to_owned()
+        } else {
+            format!("{}-{}", spec.drill.name(), variant.join("-").replace('=', "-"))
+        };
+        let dir = spec.out.join(&name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| BenchError::Io { what: format!("create {}", dir.display()), source })?;
+        let state_file = dir.join(STATE_FILE);
+        let (state, guard): (ClusterState, Option<ClusterGuard>) = match existing {
+            Some(state) => (state, None),
+            None => {
+                let mut cluster_spec =
+                    ClusterSpec::new(config, Mode::Full, spec.gateways, spec.shards, dir.join("cluster"));
+                cluster_spec.workers = spec.workers.unwrap_or(usize::from(spec.shards) + 1);
+                cluster_spec.state_file = state_file.clone();
+                cluster_spec.force_private = true;
+                eprintln!("[{name}] starting a cluster with private servers in {}", cluster_spec.dir.display());
+                let guard = ClusterGuard::start(&cluster_spec).await?;
+                (guard.state.clone(), Some(guard))
+            }
+        };
+        let cluster = DrillCluster::new(state, state_file)?;
+        let mut load = spec.load.clone();
+        load.label = name.clone();
+        if spec.drill == Drill::RedisRestart {
+            let policy = spec.appendfsync.clone().or_else(|| {
+                cluster.snapshot().private_servers.iter().find(|s| s.kind_name == "redis")?.appendfsync.clone()
+            });
+            variant.push(format!("appendfsync={}", policy.unwrap_or_else(|| "unknown".into())));
+        }
+        Ok(DrillRun { spec, variant: variant.join(", "), dir, cluster, guard, load, notes: Vec::new() })
+    }
+
+    /// Runs the load with the fault, then checks.
+    pub async fn execute(mut self) -> Result<DrillVerdict, BenchError> {
+        let spec = self.spec;
+        let mut checks = Vec::new();
+        let mut control_e2e_p99 = None;
+        match spec.drill {
+            Drill::GatewayRestart | Drill::SlowConsumers => self.load.reconnect = true,
+            Drill::Overload => {
+                self.load.interval = LoadSpec::interval_for_rate(self.load.pairs(), 2.0 * spec.max_rate);
+            }
+            _ => {}
+        }
+        // How long the load sends: the lead, the fault, and a tail to watch the recovery under load.
+        let window = match spec.drill {
+            Drill::SlowConsumers | Drill::Overload => spec.fault.max(MIN_LOADED_WINDOW),
+            _ => spec.lead + spec.fault + spec.tail,
+        };
+        self.load.duration = window;
+        self.load.drain = self.load.drain.max(spec.fault + DRAIN_BEYOND_FAULT);
+
+        if spec.drill == Drill::SlowConsumers {
+            // Same load, everyone reading at full speed: the p99 the fast receivers are held to.
+            let mut control = self.load.clone();
+            control.slow_receivers = 0.0;
+            control.label = format!("{}-control", self.load.label);
+            let target = Target::from_state(&self.cluster.snapshot())?;
+            let result = run_load(&target, &control).await?;
+            let p99 = Percentiles::of(&result.histograms.end_to_end).p99;
+            self.notes.push(format!("control run (no slow receivers): E2E p99 {p99:.1} ms"));
+            control_e2e_p99 = Some(p99);
+        }
+
+        let target = Target::from_state(&self.cluster.snapshot())?;
+        let stop_monitor = CancellationToken::new();
+        let monitor = tokio::spawn(monitor(self.cluster.clone(), stop_monitor.clone()));
+        let load_spec = self.load.clone();
+        let mut load_task = tokio::spawn(async move { run_load(&target, &load_spec).await });
+
+        let fault = match wait_for_traffic(&self.cluster, &mut load_task).await {
+            Ok(()) => {
+                tokio::time::sleep(spec.lead).await;
+                self.inject(&mut checks).await
+            }
+            Err(e) => Err(e),
+        };
+        let load_result = load_task.await;
+        stop_monitor.cancel();
+        let samples = monitor.await.unwrap_or_default();
+        let fault = fault?;
+        let result = match load_result {
+            Ok(r) => r?,
+            Err(e) => return Err(BenchError::InvalidSpec(format!("load task failed: {e}"))),
+        };
+        let state = self.cluster.snapshot();
+        let rows = check_db(&state.mysql_url, &result).await?;
+
+        let verdict = self.verdict(&result, &rows, &samples, fault, checks, control_e2e_p99);
+        let json = serde_json::to_string_pretty(&verdict).unwrap_or_default();
+        let _ = std::fs::write(self.dir.join("verdict.json"), json);
+        let _ = std::fs::write(
+            self.dir.join("report.json"),
+            serde_json::to_string_pretty(&crate::RunReport::new(&result, Some(rows))).unwrap_or_default(),
+        );
+        if let Some(mut guard) = self.guard.take() {
+            // The state file holds every replacement the fault made.
+            guard.reload()?;
+            let state = guard.stop().await?;
+            if verdict.passed {
+                // The logs stay; the private servers' data (hundreds of MB of InnoDB files) goes.
+                for server in &state.private_servers {
+                    let _ = std::fs::remove_dir_all(server.dir.join("data"));
+                }
+            }
+        }
+        Ok(verdict)
+    }
+}

@@ -1,0 +1,331 @@
+//! The verdict of one drill run: the common checks (nothing receipted lost, no duplicate rows, no
+//! reorders, every message answered, recovered after the fault) and each drill's own, with what was
+//! measured, and its terminal rendering.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::faults::FaultWindow;
+use super::monitor::Sample;
+use super::session::DrillRun;
+use super::Drill;
+use crate::checker::RowVerdict;
+use crate::load::{LoadResult, SLOW_RECEIVER_PREFIX};
+use crate::recorder::Percentiles;
+
+/// overload: the bound on the admitted messages' saved p99, ms.
+const OVERLOAD_SAVED_P99_BOUND_MS: f64 = 5_000.0;
+/// overload: the bound on any gateway's or worker's resident memory, MiB.
+const OVERLOAD_RSS_BOUND_MIB: f64 = 1024.0;
+/// slow-consumers: the fast receivers' E2E p99 bound without a control run, ms.
+const SLOW_CONSUMERS_DEFAULT_BOUND_MS: f64 = 250.0;
+/// slow-consumers: the bound is never tighter than the control's p99 plus this, ms.
+const SLOW_CONSUMERS_MIN_HEADROOM_MS: f64 = 50.0;
+
+/// One named check beyond the common ones.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    /// What was measured.
+    pub detail: String,
+}
+
+impl Check {
+    pub(super) fn new(name: &str, passed: bool, detail: impl Into<String>) -> Check {
+        Check { name: name.to_owned(), passed, detail: detail.into() }
+    }
+}
+
+/// What one drill run found.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillVerdict {
+    pub drill: Drill,
+    /// `fail_open=true`, `appendfsync=always`, ...
+    pub variant: String,
+    pub fault_secs: f64,
+    pub connections: usize,
+    pub offered_rate: f64,
+    pub sent: u64,
+    pub accepted: u64,
+    pub saved: u64,
+    /// Messages answered with an `ERROR` (see `errors_by_reason`).
+    pub errored: u64,
+    /// Neither `ACK(saved)` nor `ERROR` by the end of the drain.
+    pub unanswered: u64,
+    pub delivered: u64,
+    /// Receipted messages never pushed to their receiver plus receipted messages without a row.
+    pub lost: u64,
+    pub lost_pushes: u64,
+    pub missing_rows: u64,
+    /// Receipted, not pushed, to a receiver that could not stay or get connected.
+    pub undelivered_receiver_gone: u64,
+    pub duplicate_rows: u64,
+    pub duplicate_deliveries: u64,
+    pub reorders: u64,
+    pub id_mismatches: u64,
+    /// Client reconnects (load with reconnect on).
+    pub reconnects: u64,
+    /// Highest total backlog seen (unsaved stream entries, all shards).
+    pub backlog_peak: f64,
+    /// Backlog before the fault (highest sample), the level "recovered" returns to.
+    pub backlog_before: f64,
+    /// From the end of the fault until the backlog is back to its pre-fault level and saves flow.
+    pub time_to_recover_secs: Option<f64>,
+    pub saved_ms: Percentiles,
+    pub end_to_end_ms: Percentiles,
+    /// Peak resident memory per process, MiB.
+    pub rss_peak_mib: BTreeMap<String, f64>,
+    pub errors_by_reason: BTreeMap<String, u64>,
+    pub checks: Vec<Check>,
+    pub notes: Vec<String>,
+    pub passed: bool,
+    /// The run directory of this drill (cluster logs, verdict JSON).
+    pub dir: PathBuf,
+}
+
+impl DrillVerdict {
+    /// A terminal summary.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "drill {}{}: {}\n",
+            self.drill.name(),
+            if self.variant.is_empty() { String::new() } else { format!(" ({})", self.variant) },
+            if self.passed { "PASSED" } else { "FAILED" }
+        );
+        out += &format!(
+            "  load {} connections at {:.0} msg/s; fault {:.0} s\n",
+            self.connections, self.offered_rate, self.fault_secs
+        );
+        out += &format!(
+            "  sent {}  accepted {}  saved {}  errored {}  unanswered {}  delivered {}\n",
+            self.sent, self.accepted, self.saved, self.errored, self.unanswered, self.delivered
+        );
+        out += &format!(
+            "  lost {} (pushes {}, rows {})  duplicate rows {}  duplicate deliveries {}  reorders {}  id mismatches {}  reconnects {}\n",
+            self.lost,
+            self.lost_pushes,
+            self.missing_rows,
+            self.duplicate_rows,
+            self.duplicate_deliveries,
+            self.reorders,
+            self.id_mismatches,
+            self.reconnects
+        );
+        let recover = self.time_to_recover_secs.map_or_else(|| "not seen".to_owned(), |s| format!("{s:.1} s"));
+        out += &format!(
+            "  backlog peak {:.0} (before {:.0})  time to recover {recover}  saved p99 {:.0} ms  E2E p99 {:.0} ms\n",
+            self.backlog_peak, self.backlog_before, self.saved_ms.p99, self.end_to_end_ms.p99
+        );
+        if !self.rss_peak_mib.is_empty() {
+            let rss: Vec<String> = self.rss_peak_mib.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+            out += &format!("  RSS peak MiB: {}\n", rss.join(", "));
+        }
+        if !self.errors_by_reason.is_empty() {
+            let errors: Vec<String> = self.errors_by_reason.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out += &format!("  errors: {}\n", errors.join(", "));
+        }
+        for c in &self.checks {
+            out += &format!("  [{}] {}: {}\n", if c.passed { "ok" } else { "FAIL" }, c.name, c.detail);
+        }
+        for n in &self.notes {
+            out += &format!("  note: {n}\n");
+        }
+        out += &format!("  logs: {}\n", self.dir.display());
+        out
+    }
+}
+
+impl DrillRun<'_> {
+    pub fn verdict(
+        &mut self,
+        result: &LoadResult,
+        rows: &RowVerdict,
+        samples: &[Sample],
+        fault: FaultWindow,
+        mut checks: Vec<Check>,
+        control_e2e_p99: Option<f64>,
+    ) -> DrillVerdict {
+        let spec = self.spec;
+        let v = &result.verdict;
+        let before: f64 = samples.iter().filter(|s| s.at < fault.began).map(|s| s.backlog).fold(0.0, f64::max);
+        let peak = samples.iter().map(|s| s.backlog).fold(0.0, f64::max);
+        let recovered = samples
+            .iter()
+            .find(|s| s.at >= fault.ended && s.backlog <= before && (s.saved_per_sec > 0.0 || s.backlog == 0.0));
+        let time_to_recover = recovered.map(|s| s.at.saturating_duration_since(fault.ended).as_secs_f64());
+        let mut rss: BTreeMap<String, f64> = BTreeMap::new();
+        for s in samples {
+            for (name, mib) in &s.rss_mib {
+                let e = rss.entry(name.clone()).or_default();
+                *e = e.max(*mib);
+            }
+        }
+        let errors = result.errors.clone();
+        let saved_ms = Percentiles::of(&result.histograms.saved);
+        let e2e = Percentiles::of(&result.histograms.end_to_end);
+        checks.push(Check::new(
+            "every_message_answered",
+            v.unanswered == 0,
+            format!("{} messages without ACK(saved) or ERROR after the drain", v.unanswered),
+        ));
+        checks.push(Check::new(
+            "recovered",
+            time_to_recover.is_some(),
+            time_to_recover.map_or_else(
+                || "the backlog never returned to its pre-fault level with saves flowing".to_owned(),
+                |t| format!("{t:.1} s after the fault ended"),
+            ),
+        ));
+        let busy_like = |reason: &str| matches!(reason, "server_busy" | "too_many_requests");
+        match spec.drill {
+            Drill::DbOutage => {
+                checks.push(Check::new(
+                    "accepted_during_outage",
+                    v.errored == 0 && v.accepted == v.sent,
+                    format!("{} of {} sent got ACK(accepted); {} errors", v.accepted, v.sent, v.errored),
+                ));
+                checks.push(Check::new(
+                    "backlog_grew_and_drained",
+                    peak > before,
+                    format!("backlog {before:.0} before, peak {peak:.0}"),
+                ));
+            }
+            Drill::RedisOutage => {
+                let open = self.variant.contains("fail_open=true");
+                let busy = errors.get("server_busy").copied().unwrap_or(0);
+                if open {
+                    // Saved without ACK(accepted): taken by the baseline path. A connection whose earlier
+                    // messages were still in the stream gets server_busy instead (order, SPEC §3.4).
+                    let other: u64 = errors.iter().filter(|(k, _)| k.as_str() != "server_busy").map(|(_, n)| n).sum();
+                    let baseline = v.saved.saturating_sub(v.accepted);
+                    checks.push(Check::new(
+                        "saved_through_baseline_path",
+                        baseline > 0 && other == 0,
+                        format!(
+                            "{baseline} saved through the baseline path; {busy} server_busy (connections with \
+                             messages still in the stream); {other} other errors"
+                        ),
+                    ));
+                } else {
+                    let other: u64 = errors.iter().filter(|(k, _)| !busy_like(k)).map(|(_, n)| n).sum();
+                    checks.push(Check::new(
+                        "server_busy_while_down",
+                        busy > 0,
+                        format!("{busy} server_busy answers; {other} other errors"),
+                    ));
+                }
+            }
+            Drill::RedisRestart => {}
+            Drill::WorkerKill => {}
+            Drill::GatewayRestart => {
+                checks.push(Check::new(
+                    "clients_reconnected",
+                    result.reconnects > 0,
+                    format!("{} reconnects", result.reconnects),
+                ));
+            }
+            Drill::SlowConsumers => {
+                let fast = Percentiles::of(&result.histograms.end_to_end).p99;
+                let bound = control_e2e_p99
+                    .map(|c| (c * spec.slow_p99_factor).max(c + SLOW_CONSUMERS_MIN_HEADROOM_MS))
+                    .unwrap_or(SLOW_CONSUMERS_DEFAULT_BOUND_MS);
+                checks.push(Check::new(
+                    "fast_receivers_unaffected",
+                    fast <= bound,
+                    format!("fast receivers' E2E p99 {fast:.1} ms, bound {bound:.1} ms"),
+                ));
+                let disconnects = |slow: bool| -> u64 {
+                    errors
+                        .iter()
+                        .filter(|(k, _)| k.starts_with(SLOW_RECEIVER_PREFIX) == slow)
+                        .filter(|(k, _)| k.contains("closed_") || k.contains("disconnected"))
+                        .map(|(_, n)| n)
+                        .sum()
+                };
+                let (dropped, fast_dropped) = (disconnects(true), disconnects(false));
+                let with_reason = errors.get(&format!("{}closed_slow_consumer", SLOW_RECEIVER_PREFIX));
+                checks.push(Check::new(
+                    "slow_receivers_disconnected",
+                    dropped > 0,
+                    format!(
+                        "{dropped} slow receiver disconnects ({} with the close frame `slow_consumer`; a writer \
+                         stuck on a full socket cannot send it); {} reconnects",
+                        with_reason.copied().unwrap_or(0),
+                        result.reconnects
+                    ),
+                ));
+                checks.push(Check::new(
+                    "fast_receivers_kept",
+                    fast_dropped == 0,
+                    format!("{fast_dropped} disconnects of fast receivers"),
+                ));
+                checks.push(Check::new(
+                    "slow_receivers_recovered",
+                    v.undelivered_receiver_gone == 0 && v.lost == 0,
+                    format!("{} undelivered, {} lost", v.undelivered_receiver_gone, v.lost),
+                ));
+            }
+            Drill::Overload => {
+                let rejected: u64 = errors.iter().filter(|(k, _)| busy_like(k)).map(|(_, n)| n).sum();
+                let other: u64 = errors.iter().filter(|(k, _)| !busy_like(k)).map(|(_, n)| n).sum();
+                checks.push(Check::new(
+                    "rest_refused_clearly",
+                    other == 0,
+                    format!("{rejected} server_busy/too_many_requests, {other} other errors"),
+                ));
+                checks.push(Check::new(
+                    "admitted_p99_bounded",
+                    saved_ms.p99 <= OVERLOAD_SAVED_P99_BOUND_MS,
+                    format!(
+                        "admitted messages' saved p99 {:.0} ms (bound {OVERLOAD_SAVED_P99_BOUND_MS:.0} ms)",
+                        saved_ms.p99
+                    ),
+                ));
+                let max_rss = rss.values().copied().fold(0.0, f64::max);
+                checks.push(Check::new(
+                    "memory_bounded",
+                    max_rss <= OVERLOAD_RSS_BOUND_MIB,
+                    format!("largest gateway/worker RSS {max_rss:.0} MiB (bound {OVERLOAD_RSS_BOUND_MIB:.0} MiB)"),
+                ));
+            }
+        }
+        let lost = v.lost + rows.missing;
+        let passed = lost == 0 && rows.duplicated == 0 && v.reorders == 0 && checks.iter().all(|c| c.passed);
+        DrillVerdict {
+            drill: spec.drill,
+            variant: self.variant.clone(),
+            fault_secs: fault.ended.saturating_duration_since(fault.began).as_secs_f64(),
+            connections: self.load.connections,
+            offered_rate: self.load.offered_rate(),
+            sent: v.sent,
+            accepted: v.accepted,
+            saved: v.saved,
+            errored: v.errored,
+            unanswered: v.unanswered,
+            delivered: v.delivered,
+            lost,
+            lost_pushes: v.lost,
+            missing_rows: rows.missing,
+            undelivered_receiver_gone: v.undelivered_receiver_gone,
+            duplicate_rows: rows.duplicated,
+            duplicate_deliveries: v.duplicates,
+            reorders: v.reorders,
+            id_mismatches: v.id_mismatches + rows.id_mismatches,
+            reconnects: result.reconnects,
+            backlog_peak: peak,
+            backlog_before: before,
+            time_to_recover_secs: time_to_recover,
+            saved_ms,
+            end_to_end_ms: e2e,
+            rss_peak_mib: rss,
+            errors_by_reason: errors,
+            checks,
+            notes: std::mem::take(&mut self.notes),
+            passed,
+            dir: self.dir.clone(),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! One run: open every connection, send on schedule, record every receipt and push, drain, stop.
+//!
+//! Timeline: connect (bounded concurrency; receivers and senders alike must finish their first
+//! `PING`) → settle → warm-up → measured window → drain → shutdown. All timestamps come from one
+//! monotonic clock in this process ([`schedule`]). Messages sent during warm-up are checked like all
+//! others but kept out of latency figures and rates; CPU and rates cover exactly the measured window.
+//!
+//! The parts: [`link`] opens connections (and reopens them), [`sender`] and [`receiver`] are the
+//! connection tasks, [`progress`] prints the progress line. Shutdown is one `CancellationToken` that
+//! every task selects on, and one `TaskTracker` that the run waits on for at most a grace period;
+//! each task's log is its return value, so a task still running after the grace is aborted and
+//! counted (`task_stuck_at_shutdown`) rather than waited for.
+//!
+//! The drain (after the last send, until every message is answered and delivered) polls the
+//! recorder's counters every [`DRAIN_POLL`] instead of being notified: the counters are bumped on the
+//! hot path by every connection task, and a wake-up per bump would cost more than a 20 ms poll.
+//! Checking rows against the database is [`crate::run`]'s job, not this module's.
+
+mod link;
+mod progress;
+mod receiver;
+mod schedule;
+mod sender;
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use im_common::config::Mode;
+
+use crate::checker::{self, DeliveryVerdict, ReceiverLog, SenderLog};
+use crate::cpu::{self, ProcessCpu};
+use crate::plan;
+use crate::recorder::{CounterSnapshot, Histograms, Recorder};
+use crate::spec::{LoadSpec, Target};
+use crate::BenchError;
+
+use link::{connect_all, is_slow, Link, SLOW_RECV_BUFFER};
+use progress::{progress_loop, Phase};
+use schedule::Schedule;
+use sender::{spawn_sender, SenderTasks};
+
+/// A receiver (or an idle sender) sends `PING` this often, well under the gateway's idle timeout.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// After everything is answered and delivered, how long to keep listening for late duplicates.
+const LINGER: Duration = Duration::from_millis(300);
+/// How long connection tasks get to finish after shutdown before they are abandoned.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the drain looks at the counters.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// The least lead between spawning the connection tasks and the first send, even without settling.
+const MIN_LEAD: Duration = Duration::from_millis(20);
+/// Prefix of the error label a slow receiver records for its disconnects.
+pub const SLOW_RECEIVER_PREFIX: &str = "slow_receiver_";
+
+/// Connection outcomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    pub connect_ok: u64,
+    pub connect_fail: u64,
+    /// Handshakes that got through with valid credentials (auth failures count as connected).
+    pub auth_ok: u64,
+    pub auth_fail: u64,
+}
+
+impl From<CounterSnapshot> for ConnectionCounts {
+    fn from(c: CounterSnapshot) -> Self {
+        ConnectionCounts {
+            connect_ok: c.connect_ok,
+            connect_fail: c.connect_fail,
+            auth_ok: c.auth_ok,
+            auth_fail: c.auth_fail,
+        }
+    }
+}
+
+/// Counts over the measured window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Window {
+    pub secs: f64,
+    /// Messages sent in the window.
+    pub sent: u64,
+    /// `ACK(saved)` receipts and first pushes that arrived during the window (throughput).
+    pub saved: u64,
+    pub delivered: u64,
+}
+
+/// Everything one run observed, before the database check.
+#[derive(Debug, Clone)]
+pub struct LoadResult {
+    pub mode: Mode,
+    pub spec: LoadSpec,
+    pub gateways: usize,
+    pub base_uid: u64,
+    /// Unix ms when the run began (connect phase).
+    pub started_at_ms: u64,
+    pub connections: ConnectionCounts,
+    pub senders: Vec<SenderLog>,
+    pub receivers: Vec<ReceiverLog>,
+    pub verdict: DeliveryVerdict,
+    pub histograms: Histograms,
+    /// Failures by reason: server `ERROR` reasons and client-side ones (`connect_*`, `closed_*`, ...).
+    pub errors: BTreeMap<String, u64>,
+    pub window: Window,
+    /// How much of the drain allowance was used.
+    pub drain_used: Duration,
+    /// CPU of the cluster's processes over the measured window.
+    pub cpu: Vec<ProcessCpu>,
+    /// CPU of the bench itself over the measured window.
+    pub bench_cpu_secs: Option<f64>,
+    /// Connections opened again after they closed (with [`LoadSpec::reconnect`]).
+    pub reconnects: u64,
+    /// Messages sent again after a reconnect, under the same clientMsgId.
+    pub resent: u64,
+}
+
+impl LoadResult {
+    /// Every user id of the run (senders and receivers).
+    pub fn user_range(&self) -> RangeInclusive<u64> {
+        self.base_uid..=self.base_uid + (2 * self.spec.pairs() as u64).saturating_sub(1)
+    }
+}
+
+/// Runs the load and returns everything observed (the rows are checked separately, see [`crate::run`]).
+pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, BenchError> {
+    spec.validate()?;
+    if target.ws_urls.is_empty() {
+        return Err(BenchError::InvalidSpec("no gateway to connect to".into()));
+    }
+    let base_uid = spec.base_uid.unwrap_or_else(plan::fresh_base_uid);
+    let pairs = plan::pairs(base_uid, spec.connections, target.ws_urls.len(), spec.interval);
+    let rec = Arc::new(Recorder::default());
+    let started_at_ms = im_common::ids::now_ms();
+    let epoch = Instant::now();
+    let phase = Arc::new(AtomicU8::new(Phase::Connecting as u8));
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let progress_done = CancellationToken::new();
+    let progress = spec.progress.map(|every| {
+        let (rec, phase, label, done) = (rec.clone(), phase.clone(), spec.label.clone(), progress_done.clone());
+        tokio::spawn(progress_loop(rec, phase, label, every, spec.pairs() * 2, done))
+    });
+
+    let conns = connect_all(target, spec, &pairs, &rec).await;
+    let connections = ConnectionCounts::from(rec.counters.snapshot());
+    if conns.iter().all(|(s, r)| s.is_none() || r.is_none()) {
+        progress_done.cancel();
+        return Err(BenchError::NothingConnected(connections.connect_fail + connections.auth_fail));
+    }
+
+    // A little lead even without settling, so every task is spawned before the first send is due.
+    let start = Instant::now() + spec.settle.max(MIN_LEAD);
+    let schedule = Arc::new(Schedule {
+        epoch,
+        start,
+        window_start: start + spec.warmup,
+        stop: start + spec.warmup + spec.duration,
+        interval: spec.interval,
+        closed_loop: spec.closed_loop,
+        body_bytes: spec.body_bytes,
+        messages_per_sender: spec.messages_per_sender,
+    });
+    phase.store(Phase::Settling as u8, Ordering::Relaxed);
+    let mut sender_tasks = Vec::new();
+    let mut receiver_tasks = Vec::new();
+    for (pair, (sender, receiver)) in pairs.iter().zip(conns) {
+        let Some(conn) = receiver else { continue };
+        let slow = is_slow(spec, pair.index);
+        let link = Link::new(target, spec, pair.receiver, pair.receiver_gateway, slow.then_some(SLOW_RECV_BUFFER));
+        let pace = slow.then_some(spec.slow_read_delay);
+        receiver_tasks.push((
+            pair.receiver,
+            tasks.spawn(receiver::receive(conn, link, pace, rec.clone(), schedule.clone(), shutdown.clone())),
+        ));
+        // A sender without its receiver stays silent: its pushes could only be counted as lost.
+        if let Some(conn) = sender {
+            let link = Link::new(target, spec, pair.sender, pair.sender_gateway, None);
+            sender_tasks.push(spawn_sender(conn, link, pair, &rec, &schedule, &shutdown, &tasks));
+        }
+    }
+
+    tokio::time::sleep_until(schedule.start).await;
+    phase.store(Phase::Warmup as u8, Ordering::Relaxed);
+    tokio::time::sleep_until(schedule.window_start).await;
+    phase.store(Phase::Measuring as u8, Ordering::Relaxed);
+    let (cpu_start, counters_start) = (cpu::sample(&target.processes), rec.counters.snapshot());
+    tokio::time::sleep_until(schedule.stop).await;
+    let (cpu_end, counters_end) = (cpu::sample(&target.processes), rec.counters.snapshot());
+    phase.store(Phase::Draining as u8, Ordering::Relaxed);
+    let (cpu, bench_cpu_secs) = cpu::usage(&target.processes, &cpu_start, &cpu_end);
+
+    let drain_used = drain(&rec, schedule.stop, spec.drain).await;
+    shutdown.cancel();
+    tasks.close();
+    // Whatever has not ended by then is abandoned (and counted) in `finish`.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await;
+    let senders = collect_senders(sender_tasks, &rec).await;
+    let receivers = collect_receivers(receiver_tasks, &rec).await;
+    progress_done.cancel();
+    if let Some(progress) = progress {
+        let _ = progress.await;
+    }
+    let verdict = checker::check_deliveries(&senders, &receivers);
+    // Sends are counted from the logs with the same rule the latency histograms use, so the window's
+    // rate and CPU per message cover exactly the measured messages.
+    let sent_in_window =
+        senders.iter().flat_map(|s| &s.messages).filter(|m| schedule.measured(m.sent_at_us)).count() as u64;
+    Ok(LoadResult {
+        mode: target.mode,
+        spec: spec.clone(),
+        gateways: target.ws_urls.len(),
+        base_uid,
+        started_at_ms,
+        connections,
+        senders,
+        receivers,
+        verdict,
+        histograms: rec.histograms(),
+        errors: rec.errors(),
+        window: Window {
+            secs: spec.duration.as_secs_f64(),
+            sent: sent_in_window,
+            saved: counters_end.saved - counters_start.saved,
+            delivered: counters_end.delivered - counters_start.delivered,
+        },
+        drain_used,
+        cpu,
+        bench_cpu_secs,
+        reconnects: rec.counters.snapshot().reconnects,
+        resent: rec.counters.snapshot().resent,
+    })
+}
+
+/// Waits after the last send until every message is complete and every answered one delivered, or
+/// `allowance` passes; then lingers briefly for late duplicates. Returns the time used.
+async fn drain(rec: &Recorder, stop: Instant, allowance: Duration) -> Duration {
+    let deadline = stop + allowance;
+    loop {
+        let c = rec.counters.snapshot();
+        let complete = c.complete >= c.sent && c.delivered + c.errored >= c.sent;
+        if complete {
+            tokio::time::sleep(LINGER).await;
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    Instant::now().saturating_duration_since(stop)
+}
+
+async fn collect_senders(tasks: Vec<SenderTasks>, rec: &Recorder) -> Vec<SenderLog> {
+    let mut logs = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        finish(t.writer, rec).await;
+        let messages = std::mem::take(&mut *t.state.messages());
+        logs.push(SenderLog { uid: t.state.uid, to: t.state.to, messages });
+    }
+    logs
+}
+
+async fn collect_receivers(tasks: Vec<(u64, JoinHandle<ReceiverLog>)>, rec: &Recorder) -> Vec<ReceiverLog> {
+    let mut logs = Vec::with_capacity(tasks.len());
+    for (uid, reader) in tasks {
+        let log = finish(reader, rec).await.unwrap_or(ReceiverLog { uid, deliveries: Vec::new(), gone: true });
+        logs.push(log);
+    }
+    logs
+}
+
+/// A connection task's result after the shutdown grace: one still running then is aborted.
+async fn finish<T>(task: JoinHandle<T>, rec: &Recorder) -> Option<T> {
+    if !task.is_finished() {
+        task.abort();
+        rec.error("task_stuck_at_shutdown");
+        return None;
+    }
+    match task.await {
+        Ok(value) => Some(value),
+        Err(_) => {
+            rec.error("task_panicked");
+            None
+        }
+    }
+}

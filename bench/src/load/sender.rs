@@ -1,0 +1,351 @@
+//! A sender: a writer task that follows the schedule and a reader task that matches receipts to
+//! messages by `clientMsgId` (the message number).
+//!
+//! Open loop: message `k` goes out at `start + offset + k·interval` whatever happened to earlier ones;
+//! closed loop: also not before the previous message is complete. With reconnect on, a broken
+//! connection is replaced and every unconfirmed message is sent again under its own clientMsgId.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use im_common::protocol::{AckType, FrameType, ServerFrame};
+
+use super::link::{close_label, Conn, Link};
+use super::schedule::{message_body, Schedule};
+use super::KEEP_ALIVE;
+use crate::checker::SentMsg;
+use crate::client::{ClientFrame, Incoming, WsReader, WsWriter};
+use crate::plan::Pair;
+use crate::recorder::{Counters, Latency, Recorder};
+
+/// Closed loop: the longest a sender waits for the previous message's answer before sending anyway.
+const CLOSED_LOOP_WAIT: Duration = Duration::from_secs(30);
+
+/// What a sender's writer and reader share.
+pub(super) struct SenderState {
+    pub uid: u64,
+    pub to: u64,
+    messages: Mutex<Vec<SentMsg>>,
+    /// Signalled when a message becomes complete (closed loop waits on it).
+    answered: Notify,
+}
+
+impl SenderState {
+    pub fn messages(&self) -> std::sync::MutexGuard<'_, Vec<SentMsg>> {
+        // A poisoned lock only means the other half panicked; the log itself is still consistent.
+        self.messages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub(super) struct SenderTasks {
+    pub state: Arc<SenderState>,
+    /// The writer; it owns the current connection's receipt reader and reconnects when it breaks.
+    pub writer: JoinHandle<()>,
+}
+
+pub(super) fn spawn_sender(
+    conn: Conn,
+    link: Link,
+    pair: &Pair,
+    rec: &Arc<Recorder>,
+    schedule: &Arc<Schedule>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> SenderTasks {
+    let state = Arc::new(SenderState {
+        uid: pair.sender,
+        to: pair.receiver,
+        messages: Mutex::new(Vec::new()),
+        answered: Notify::new(),
+    });
+    let session = SenderSession {
+        state: state.clone(),
+        link,
+        rec: rec.clone(),
+        schedule: schedule.clone(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    };
+    SenderTasks { writer: tracker.spawn(session.send_loop(conn, pair.offset)), state }
+}
+
+/// One sender: its log, how to reach the gateways, and the run's clock.
+struct SenderSession {
+    state: Arc<SenderState>,
+    link: Link,
+    rec: Arc<Recorder>,
+    schedule: Arc<Schedule>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl SenderSession {
+    fn spawn_reader(&self, reader: WsReader) -> JoinHandle<()> {
+        let (state, rec, schedule, shutdown) =
+            (self.state.clone(), self.rec.clone(), self.schedule.clone(), self.shutdown.clone());
+        self.tracker.spawn(receipts(reader, state, rec, schedule, shutdown))
+    }
+
+    /// After a connection broke: connect again and resend every message that has no `ACK(saved)` and
+    /// no error yet, under its own clientMsgId (the engine answers with the original serverMsgId).
+    /// `None` once shutdown begins.
+    async fn reconnect(&mut self) -> Option<(WsWriter, JoinHandle<()>)> {
+        loop {
+            let (reader, mut writer) = self.link.reconnect(&self.rec, &self.shutdown).await?;
+            let reader = self.spawn_reader(reader);
+            let unconfirmed: Vec<(usize, u64)> = {
+                let mut messages = self.state.messages();
+                messages
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, m)| m.saved.is_none() && m.error.is_none())
+                    .map(|(seq, m)| {
+                        m.resends += 1;
+                        (seq, m.sent_at_us)
+                    })
+                    .collect()
+            };
+            let mut broken = false;
+            for (seq, sent_at_us) in unconfirmed {
+                Counters::bump(&self.rec.counters.resent);
+                let body = message_body(sent_at_us, self.schedule.body_bytes);
+                let client_msg_id = seq.to_string();
+                let frame = ClientFrame::SingleChat {
+                    to: self.state.to,
+                    client_msg_id: &client_msg_id,
+                    msg_type: "TEXT",
+                    body: &body,
+                };
+                if writer.send(&frame).await.is_err() {
+                    broken = true;
+                    break;
+                }
+            }
+            if !broken {
+                return Some((writer, reader));
+            }
+            self.rec.error("write_failed");
+            reader.abort();
+        }
+    }
+
+    /// A sender's schedule. Open loop: message `k` goes out at `start + offset + k·interval` whatever
+    /// happened to earlier ones (a late generator catches up, and the lag is recorded). Closed loop:
+    /// also not before the previous message is complete (answered). The connection stays open until
+    /// shutdown, so receipts of the last messages still arrive during the drain. With reconnect on, a
+    /// broken connection (its reader ended, or a write failed) is replaced at once, also after the
+    /// last send, so unconfirmed messages still get their receipts.
+    async fn send_loop(mut self, (reader, mut writer): Conn, offset: Duration) {
+        let schedule = self.schedule.clone();
+        let mut reader = self.spawn_reader(reader);
+        let mut next = schedule.start + offset;
+        let mut last_write = Instant::now();
+        let reconnect = self.link.enabled;
+        // A JoinHandle must not be polled again once it has completed.
+        let mut reader_done = false;
+        loop {
+            let sending = schedule.sends_at(next, self.state.messages().len());
+            let wake = if sending { next.min(last_write + KEEP_ALIVE) } else { last_write + KEEP_ALIVE };
+            let mut broken = tokio::select! {
+                _ = tokio::time::sleep_until(wake) => false,
+                _ = self.shutdown.cancelled() => break,
+                _ = &mut reader, if reconnect && !reader_done => {
+                    reader_done = true;
+                    true
+                }
+            };
+            if !broken {
+                let frame_ok = if sending && wake >= next {
+                    self.send_next(&mut writer, &mut next).await
+                } else {
+                    writer.send(&ClientFrame::Ping).await.is_ok()
+                };
+                last_write = Instant::now();
+                if !frame_ok {
+                    self.rec.error("write_failed");
+                    if !reconnect {
+                        return;
+                    }
+                    broken = true;
+                }
+            }
+            if broken {
+                reader.abort();
+                match self.reconnect().await {
+                    Some((w, r)) => {
+                        (writer, reader) = (w, r);
+                        reader_done = false;
+                    }
+                    None => {
+                        reader_done = true;
+                        break;
+                    }
+                }
+                last_write = Instant::now();
+                continue;
+            }
+            if sending && schedule.closed_loop && !self.wait_answer().await {
+                break;
+            }
+        }
+        writer.close().await;
+        // The reader returns as soon as shutdown is signalled.
+        if !reader_done {
+            let _ = reader.await;
+        }
+    }
+
+    /// Writes message `next`'s frame and moves the schedule on; false when the write failed.
+    async fn send_next(&mut self, writer: &mut WsWriter, next: &mut Instant) -> bool {
+        let (state, rec, schedule) = (&self.state, &self.rec, &self.schedule);
+        let now = Instant::now();
+        let sent_at_us = schedule.us(now);
+        let seq = {
+            let mut messages = state.messages();
+            messages.push(SentMsg { sent_at_us, ..Default::default() });
+            messages.len() - 1
+        };
+        Counters::bump(&rec.counters.sent);
+        if schedule.measured(sent_at_us) {
+            rec.record(Latency::SendLag, now.saturating_duration_since(*next));
+        }
+        let body = message_body(sent_at_us, schedule.body_bytes);
+        let client_msg_id = seq.to_string();
+        let frame =
+            ClientFrame::SingleChat { to: state.to, client_msg_id: &client_msg_id, msg_type: "TEXT", body: &body };
+        *next += schedule.interval;
+        writer.send(&frame).await.is_ok()
+    }
+
+    /// Closed loop: waits until the last message is complete (or the wait times out); false at shutdown.
+    async fn wait_answer(&mut self) -> bool {
+        let seq = self.state.messages().len().saturating_sub(1);
+        let deadline = Instant::now() + CLOSED_LOOP_WAIT;
+        while !self.state.messages()[seq].complete() {
+            tokio::select! {
+                _ = self.state.answered.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.shutdown.cancelled() => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Reads a sender's receipts until shutdown (or until the gateway drops the connection).
+async fn receipts(
+    mut reader: WsReader,
+    state: Arc<SenderState>,
+    rec: Arc<Recorder>,
+    schedule: Arc<Schedule>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = reader.next() => r,
+        };
+        // Our own close, echoed by the gateway, can arrive as shutdown begins: not a failure.
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match incoming {
+            Ok(Incoming::Frame(frame)) => match frame.kind {
+                FrameType::Ack | FrameType::Error => on_receipt(&frame, &state, &rec, &schedule),
+                FrameType::SingleChat => rec.error("push_to_sender"),
+                _ => {}
+            },
+            Ok(Incoming::Unparsable) => rec.error("unparsable_frame"),
+            Ok(Incoming::Closed(code, reason)) => return rec.error(&close_label(code, &reason)),
+            Err(_) => return rec.error("disconnected"),
+        }
+    }
+}
+
+/// Applies one `ACK` or `ERROR` to the sender's log and records its latency.
+fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule: &Schedule) {
+    let now = Instant::now();
+    let Some(seq) = frame.client_msg_id.as_deref().and_then(|c| c.parse::<usize>().ok()) else {
+        if frame.kind == FrameType::Error {
+            rec.error(frame.reason.map_or("unknown", |r| r.as_str()));
+        }
+        if frame.kind == FrameType::Ack {
+            rec.error("ack_without_client_msg_id");
+        }
+        return;
+    };
+    let id = frame.server_msg_id.unwrap_or(0);
+    let (latency, became_complete) = {
+        let mut messages = state.messages();
+        let Some(m) = messages.get_mut(seq) else {
+            drop(messages);
+            return rec.error("receipt_for_unknown_message");
+        };
+        let was_complete = m.complete();
+        let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
+        let reason = frame.reason.map_or("unknown", |r| r.as_str());
+        let latency = match (frame.kind, frame.ack_type) {
+            // A resend refused (e.g. server_busy) does not undo the receipt the first send got.
+            (FrameType::Error, _) if m.resends > 0 && m.receipted() => {
+                drop(messages);
+                rec.error(&format!("resend_{reason}"));
+                return;
+            }
+            (FrameType::Error, _) if m.error.is_none() => {
+                rec.error(reason);
+                m.error = Some(reason.to_owned());
+                Counters::bump(&rec.counters.errored);
+                None
+            }
+            (FrameType::Error, _) => {
+                rec.error(reason);
+                None
+            }
+            (FrameType::Ack, Some(AckType::Accepted)) if m.accepted.is_none() => {
+                m.accepted = Some(id);
+                Counters::bump(&rec.counters.accepted);
+                latency.map(|l| (Latency::Accepted, l))
+            }
+            (FrameType::Ack, Some(AckType::Saved)) if m.saved.is_none() => {
+                m.saved = Some(id);
+                Counters::bump(&rec.counters.saved);
+                latency.map(|l| (Latency::Saved, l))
+            }
+            // A resent message is answered again: fine, as long as the id is the original one.
+            (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) if m.resends > 0 => {
+                let same = m.receipted_id() == Some(id);
+                drop(messages);
+                if !same {
+                    rec.error("resend_answered_with_another_id");
+                }
+                return;
+            }
+            (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) => {
+                drop(messages);
+                rec.error("duplicate_receipt");
+                return;
+            }
+            (FrameType::Ack, _) => {
+                drop(messages);
+                rec.error("unexpected_ack_type");
+                return;
+            }
+            _ => None,
+        };
+        (latency, !was_complete && m.complete())
+    };
+    if let Some((which, l)) = latency {
+        rec.record(which, l);
+    }
+    if became_complete {
+        Counters::bump(&rec.counters.complete);
+        state.answered.notify_one();
+    }
+}

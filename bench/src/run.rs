@@ -1,0 +1,27 @@
+//! A whole `bench run`: offer the load ([`crate::load`]), read the run's rows back from MySQL and
+//! check them against the receipts ([`crate::checker`]), and assemble the [`RunReport`].
+//!
+//! Kept apart from the load itself so the report depends on the load's result and nothing depends
+//! back: the load knows nothing of reports or databases.
+
+use crate::checker::{self, RowVerdict};
+use crate::load::{run_load, LoadResult};
+use crate::report::RunReport;
+use crate::spec::{LoadSpec, Target};
+use crate::{db, BenchError};
+
+/// Runs the load, checks the rows in MySQL (when the target names a database), and reports.
+pub async fn run(target: &Target, spec: &LoadSpec) -> Result<RunReport, BenchError> {
+    let result = run_load(target, spec).await?;
+    let rows = match &target.mysql_url {
+        Some(url) => Some(check_db(url, &result).await?),
+        None => None,
+    };
+    Ok(RunReport::new(&result, rows))
+}
+
+/// Reads the run's rows from MySQL and checks them against the receipts.
+pub async fn check_db(mysql_url: &str, result: &LoadResult) -> Result<RowVerdict, BenchError> {
+    let rows = db::rows_from(mysql_url, result.user_range()).await?;
+    Ok(checker::check_rows(&result.senders, &rows))
+}
