@@ -8,9 +8,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::client::Client;
-use crate::cluster::ClusterState;
 use im_common::shard::shard_of;
+use im_harness::cluster::ClusterState;
+use im_harness::ws::Client;
+
+/// Canary users are taken from this id on, clear of ordinary ones.
+const CANARY_USERS_FROM: u64 = 9_000_000_000;
+/// How many distinct canary runs (one per millisecond) get disjoint users before ids repeat.
+const CANARY_USER_SPAN: u64 = 1_000_000_000;
 
 /// What one shard's canary saw (milliseconds from send; `None` = never within the timeout).
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -36,7 +41,7 @@ impl CanaryResult {
 /// Runs a canary through every shard, one after the other.
 pub async fn run(state: &ClusterState, timeout: Duration) -> Vec<CanaryResult> {
     // Fresh users per run: idempotency windows of earlier runs never match.
-    let base = 9_000_000_000 + im_common::ids::now_ms() % 1_000_000_000 * 4;
+    let base = CANARY_USERS_FROM + im_common::ids::now_ms() % CANARY_USER_SPAN * 4;
     let mut results = Vec::new();
     for shard in 0..state.shards {
         let sender = (base..).step_by(2).find(|&u| shard_of(u, state.shards) == shard).unwrap_or(base);
@@ -71,7 +76,7 @@ async fn one(state: &ClusterState, shard: u16, sender: u64, timeout: Duration) -
     let deadline = start + timeout;
     let sender_side = async {
         while result.saved_ms.is_none() {
-            let Some(v) = from.next(deadline.saturating_duration_since(Instant::now())).await else { break };
+            let Some(v) = from.next_within(deadline.saturating_duration_since(Instant::now())).await else { break };
             match (v["type"].as_str(), v["ackType"].as_str()) {
                 (Some("ACK"), Some("accepted")) => result.accepted_ms = Some(ms(Instant::now())),
                 (Some("ACK"), Some("saved")) => result.saved_ms = Some(ms(Instant::now())),
@@ -85,7 +90,7 @@ async fn one(state: &ClusterState, shard: u16, sender: u64, timeout: Duration) -
     };
     let recipient_side = async {
         loop {
-            let v = to.next(deadline.saturating_duration_since(Instant::now())).await?;
+            let v = to.next_within(deadline.saturating_duration_since(Instant::now())).await?;
             if v["type"] == "SINGLE_CHAT" && v["clientMsgId"] == cmid.as_str() {
                 return Some(ms(Instant::now()));
             }
@@ -94,4 +99,44 @@ async fn one(state: &ClusterState, shard: u16, sender: u64, timeout: Duration) -
     let ((), delivered) = tokio::join!(sender_side, recipient_side);
     result.delivered_ms = delivered;
     result
+}
+
+/// The terminal table of a canary run: one line per shard with its timings, `ok` or what failed.
+pub fn render(results: &[CanaryResult], two_phase: bool) -> String {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+    let mut out = format!("{:>5} {:>12} {:>12} {:>12}  result\n", "shard", "accepted_ms", "saved_ms", "delivered_ms");
+    for r in results {
+        let verdict = if r.ok(two_phase) { "ok".to_owned() } else { r.error.clone().unwrap_or("TIMEOUT".into()) };
+        out.push_str(&format!(
+            "{:>5} {:>12} {:>12} {:>12}  {verdict}\n",
+            r.shard,
+            ms(r.accepted_ms),
+            ms(r.saved_ms),
+            ms(r.delivered_ms)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_each_shard_and_what_failed() {
+        let ok = CanaryResult {
+            shard: 0,
+            sender: 1,
+            accepted_ms: Some(1.25),
+            saved_ms: Some(3.0),
+            delivered_ms: Some(2.0),
+            error: None,
+        };
+        let lost = CanaryResult { shard: 1, saved_ms: None, ..ok.clone() };
+        let table = render(&[ok, lost], true);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].ends_with("1.2          3.0          2.0  ok"), "{table}");
+        assert!(lines[2].trim_start().starts_with('1') && lines[2].ends_with("TIMEOUT"), "{table}");
+    }
 }

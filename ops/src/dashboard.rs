@@ -8,12 +8,12 @@
 //! Refreshes that arrive while a scrape is under way wait and share the next one, so several open
 //! pages cost the cluster about as much as one, and no page gets a status older than its request.
 //!
-//! `ops up` starts one in the background through [`spawn`], like the gateways and workers.
+//! `ops up` starts one in the background (`im_harness::cluster::spawn_dashboard`), like the gateways
+//! and workers, following the state file `ops up` was given.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,35 +22,23 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::cluster::{self, ClusterError};
-use crate::status::{self, ClusterStatus};
 use im_common::telemetry::text_response;
+use im_harness::cluster::{self, ClusterError};
+use im_harness::status::{self, ClusterStatus};
 
 /// The page, embedded so the binary is all an operator needs.
 pub const PAGE: &str = include_str!("dashboard.html");
-
-/// The state file, inside the state directory, that the dashboard [`spawn`] starts follows: the name
-/// `ops up`, `ops scale` and `ops down` use by default.
-pub const STATE_FILE: &str = "cluster.json";
 
 /// How far apart the two scrapes behind the rates are.
 const RATE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
-
-/// A dashboard process started with the cluster; recorded in the state file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DashboardProc {
-    /// The page, e.g. `http://127.0.0.1:41234/`.
-    pub url: String,
-    pub pid: u32,
-    pub log: PathBuf,
-}
+/// After a failed accept (out of descriptors and the like), pause this long instead of spinning.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Why `ops dashboard` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +93,7 @@ pub async fn serve(listener: TcpListener, state_file: PathBuf, shutdown: impl Fu
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "dashboard accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_RETRY).await;
                     continue;
                 }
             },
@@ -147,7 +135,7 @@ fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
 }
 
 /// `ops dashboard`: binds `listen`, prints the page's URL, writes `{"addr": ...}` to `ready_file`
-/// (how [`spawn`] learns the port), and serves until SIGTERM or Ctrl-C.
+/// (how `ops up` learns the port), and serves until SIGTERM or Ctrl-C.
 pub async fn run(listen: &str, state_file: PathBuf, ready_file: Option<&Path>) -> Result<(), DashboardError> {
     let listener =
         TcpListener::bind(listen).await.map_err(|source| DashboardError::Listen { addr: listen.to_owned(), source })?;
@@ -166,29 +154,10 @@ fn page_url(addr: impl std::fmt::Display) -> String {
     format!("http://{addr}/")
 }
 
-/// Starts `ops dashboard` in the background for the cluster whose state directory is `dir` (it
-/// follows [`STATE_FILE`] there), on a port the OS picks; returns once it listens.
-pub fn spawn(dir: &Path) -> Result<DashboardProc, ClusterError> {
-    let ready = dir.join("dashboard.ready");
-    let log = dir.join("dashboard.log");
-    let _ = std::fs::remove_file(&ready);
-    let mut cmd = Command::new(cluster::binary("ops")?);
-    cmd.arg("dashboard").arg("--state").arg(dir.join(STATE_FILE));
-    cmd.arg("--listen").arg("127.0.0.1:0").arg("--ready-file").arg(&ready);
-    let pid = cluster::spawn_detached(cmd, &log)?;
-    match cluster::read_ready_addr(&ready, pid, &log) {
-        Ok(addr) => Ok(DashboardProc { url: page_url(addr), pid, log }),
-        Err(e) => {
-            // SAFETY: killing the process started just above, which never became ready.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            Err(e)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use im_harness::http;
 
     #[test]
     fn the_page_loads_nothing_from_elsewhere() {
@@ -207,12 +176,12 @@ mod tests {
         let server = tokio::spawn(serve(listener, missing, async move {
             let _ = stopped.await;
         }));
-        let (status, body) = cluster::http_get(&base).await.unwrap();
+        let (status, body) = http::get(&base).await.unwrap();
         assert_eq!((status, body.as_str()), (200, PAGE));
-        let (status, body) = cluster::http_get(&format!("{base}api/status")).await.unwrap();
+        let (status, body) = http::get(&format!("{base}api/status")).await.unwrap();
         assert_eq!(status, 503);
         assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string(), "{body}");
-        assert_eq!(cluster::http_get(&format!("{base}nothing-here")).await.unwrap().0, 404);
+        assert_eq!(http::get(&format!("{base}nothing-here")).await.unwrap().0, 404);
         let _ = stop.send(());
         server.await.unwrap();
     }

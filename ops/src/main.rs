@@ -1,13 +1,37 @@
-//! `ops`: the operator CLI — local cluster up/down, migrations, tokens, servers for the test suite.
+//! `ops`: the operator CLI — local cluster up/down, status, canary, dashboard, scale, reshard, fault
+//! drills, a chat client, migrations, tokens, servers for the test suite.
+//!
+//! A thin layer: starting, watching and stopping processes is `im_harness`'s job, drills and load are
+//! `im_bench`'s; what is here is what only an operator asks for by name (the status table, the
+//! canary, the dashboard page, scaling and resharding, the Prometheus targets file) and the command
+//! line itself. Progress and warnings go to stderr, results to stdout.
 
-use std::path::PathBuf;
+mod canary;
+mod chat;
+mod dashboard;
+mod observability;
+mod reshard;
+mod scale;
+mod status;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
 
+use im_bench::args::{DrillArgs, ModeArg};
 use im_common::config::{Config, Mode};
-use im_ops::cluster::{self, ClusterSpec};
-use im_ops::servers::ensure_servers;
+use im_harness::cluster::{self, ClusterSpec, ClusterState};
+use im_harness::guard::ClusterGuard;
+use im_harness::servers::{ensure_servers, PrivateServer};
+
+/// What `ops` logs to stderr unless `RUST_LOG` says otherwise: its own steps (servers found, started,
+/// installed), and warnings from everything else.
+const DEFAULT_LOG_FILTER: &str = "warn,im_harness=info,ops=info";
+/// Where every cluster command looks for the cluster unless `--state` says otherwise.
+const DEFAULT_STATE: &str = ".im-local/cluster.json";
 
 #[derive(Parser)]
 #[command(about = "im operator tool")]
@@ -32,18 +56,27 @@ enum Cmd {
         #[arg(long, default_value_t = 86_400)]
         ttl_secs: u64,
     },
-    /// Start a local cluster in the background; returns when every process is ready.
+    /// Start a local cluster in the background; returns when every process is ready. Uses Redis and
+    /// MySQL at the configured URLs when they answer, else starts private ones (installing the
+    /// Debian packages if needed). Every process listens on a random loopback port: `ops status`
+    /// shows them.
     Up {
+        /// Gateway processes (WebSocket, history API and metrics), node ids 1..N.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
         gateways: u16,
+        /// Shards: each sender's messages go to one shard's stream, owned by one worker. Overrides
+        /// cluster.shards of the config.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
         shards: u16,
         /// Shard-worker processes (default: one per shard; more become standbys).
         #[arg(long)]
         workers: Option<usize>,
-        #[arg(long, default_value = "full", value_parser = parse_mode)]
-        mode: Mode,
-        #[arg(long, default_value = ".im-local/cluster.json")]
+        /// Delivery mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Full)]
+        mode: ModeArg,
+        /// State file recording every process, port and pid, for the other commands; the generated
+        /// config, the logs and private servers go in its directory.
+        #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         /// Start private Redis/MariaDB even if the configured ones answer.
         #[arg(long)]
@@ -51,7 +84,7 @@ enum Cmd {
     },
     /// Per-shard and per-gateway state of a running cluster, from the processes' metrics.
     Status {
-        #[arg(long, default_value = ".im-local/cluster.json")]
+        #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         /// Refresh until interrupted.
         #[arg(long)]
@@ -65,16 +98,40 @@ enum Cmd {
     },
     /// Send one message through every shard and time accepted / saved / delivered.
     Canary {
-        #[arg(long, default_value = ".im-local/cluster.json")]
+        #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
         #[arg(long)]
         json: bool,
     },
+    /// Chat by hand: connect as --user, send TEXT to --to (if given) and print every frame that comes
+    /// back as a JSON line — ACK(accepted), ACK(saved), pushes. Without --to, listen until Ctrl-C.
+    Chat {
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// The user to connect as.
+        #[arg(long)]
+        user: u64,
+        /// The recipient of TEXT.
+        #[arg(long, requires = "text")]
+        to: Option<u64>,
+        /// The message.
+        #[arg(requires = "to")]
+        text: Option<String>,
+        /// Which gateway to connect to (1 = the first `ops up` lists).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        gateway: u16,
+        /// Longest wait for ACK(saved) (or ERROR) after sending.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Keep printing incoming frames this long (after the receipts when sending).
+        #[arg(long)]
+        listen_secs: Option<f64>,
+    },
     /// Add gateways and standby workers to a running cluster.
     Scale {
-        #[arg(long, default_value = ".im-local/cluster.json")]
+        #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         /// Gateways to add.
         #[arg(long, default_value_t = 0)]
@@ -85,7 +142,7 @@ enum Cmd {
     },
     /// Serve the live backlog page: per-shard backlog and rates charted from the processes' metrics.
     Dashboard {
-        #[arg(long, default_value = ".im-local/cluster.json")]
+        #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
@@ -95,7 +152,7 @@ enum Cmd {
     },
     /// Change the shard count of a running cluster: stop gateways, drain every shard, switch, restart.
     Reshard {
-        #[arg(long, default_value = ".im-local/cluster.json")]
+        #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
         shards: u16,
@@ -105,7 +162,7 @@ enum Cmd {
     },
     /// Stop everything `ops up` started.
     Down {
-        #[arg(long, default_value = ".im-local/cluster.json")]
+        #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
     },
     /// Make sure Redis and MySQL answer (starting private ones under --dir if not) and print
@@ -118,50 +175,54 @@ enum Cmd {
         #[arg(long)]
         stop: bool,
     },
-    /// Fault drill under load with a loss/duplicate/order verdict: runs `bench drill <name> [args]`
-    /// (the `bench` binary next to this one) and exits with its status. `ops drill --help-drill` for
-    /// the drill's own options; see docs/RELIABILITY.md.
-    #[command(disable_help_flag = true)]
+    /// Fault drill under load with a loss/duplicate/order verdict (the same as `bench drill`); exits
+    /// 0 only if the verdict passes. See docs/RELIABILITY.md.
     Drill {
-        /// db-outage | worker-kill | gateway-restart | redis-restart | redis-outage | slow-consumers | overload
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
-        args: Vec<String>,
+        #[command(flatten)]
+        drill: DrillArgs,
+        /// The drill's options (the same as --help; kept for scripts written against older versions).
+        #[arg(long = "help-drill", action = ArgAction::Help, hide = true)]
+        help_drill: Option<bool>,
     },
 }
 
-/// Runs `bench drill` with `args` (ops cannot link bench: bench depends on ops) and returns its status.
-fn forward_drill(config: Option<&std::path::Path>, args: &[String]) -> anyhow::Result<i32> {
-    let bench = cluster::bin_dir().join("bench");
-    if !bench.is_file() {
-        bail!("{} not found: build the workspace first (cargo build --release --workspace)", bench.display());
-    }
-    let mut cmd = std::process::Command::new(&bench);
-    cmd.arg("drill");
-    if let Some(config) = config {
-        cmd.arg("--config").arg(config);
-    }
-    let args: Vec<&str> = args.iter().map(|a| if a == "--help-drill" { "--help" } else { a.as_str() }).collect();
-    let status = cmd.args(args).status().with_context(|| format!("run {}", bench.display()))?;
-    Ok(status.code().unwrap_or(1))
+/// Logs to stderr, so stdout carries only results (`ops token`, `ops servers` are read by scripts).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .try_init();
 }
 
+/// Whether the Redis at `url` writes an append-only file.
 async fn redis_has_aof(url: &str) -> bool {
-    let Ok(mut conn) = im_common::bus::connect(url).await else { return false };
+    let Ok(client) = redis::Client::open(url) else { return false };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
     let reply: Vec<String> =
         redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn).await.unwrap_or_default();
     reply.get(1).is_some_and(|v| v == "yes")
 }
 
-fn parse_mode(s: &str) -> Result<Mode, String> {
-    Mode::parse(s).ok_or_else(|| format!("unknown mode {s:?}: use baseline, accepted-only or full"))
+fn load_cluster(state: &Path) -> anyhow::Result<ClusterState> {
+    cluster::load_state(state).with_context(|| "no running cluster")
+}
+
+/// Rewrites the state file and the Prometheus targets next to it after the cluster changed.
+fn record(cluster: &ClusterState, state: &Path) -> anyhow::Result<()> {
+    cluster::save_state(cluster, state)?;
+    observability::write_prometheus_targets(cluster, &observability::targets_path(state))?;
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Cmd::Drill { args } = &cli.command {
-        std::process::exit(forward_drill(cli.config.as_deref(), args)?);
-    }
+    init_logging();
     let cfg = Config::load(cli.config.as_deref())?;
     match cli.command {
         Cmd::Migrate => {
@@ -180,57 +241,19 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", im_common::auth::issue_token(&cfg.auth.jwt_secret, user, ttl_secs));
         }
         Cmd::Up { gateways, shards, workers, mode, state, private } => {
-            if cluster::is_running(&state) {
-                bail!(cluster::ClusterError::AlreadyRunning(state));
-            }
-            let dir = state.parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-            let spec = ClusterSpec {
-                config: cfg,
-                gateways: gateways.into(),
-                shards,
-                workers: workers.unwrap_or(shards.into()),
-                mode,
-                dir,
-                force_private: private,
-            };
-            let cluster = cluster::start(&spec).await?;
-            cluster::save_state(&cluster, &state)?;
-            let targets = im_ops::observability::targets_path(&state);
-            im_ops::observability::write_prometheus_targets(&cluster, &targets)?;
-            if cluster.private_servers.iter().all(|s| s.kind_name != "redis")
-                && !redis_has_aof(&cluster.redis_url).await
-            {
-                eprintln!(
-                    "warning: the Redis at {} runs without appendonly: ACK(accepted) is only as durable as its \
-                     memory (see docs/OPERATIONS.md); `ops up --private` starts one with AOF on",
-                    cluster.redis_url
-                );
-            }
-            println!("cluster up in {} mode, {} shards", cluster.mode, cluster.shards);
-            for g in &cluster.gateways {
-                println!("  gateway {}  {}  (http {}, pid {})", g.node_id, g.ws_url, g.http_url, g.pid);
-            }
-            for w in &cluster.workers {
-                let shard = w.shard.map_or_else(|| "standby".to_owned(), |s| format!("shard {s}"));
-                println!("  worker {shard}  {}  (pid {})", w.metrics_url, w.pid);
-            }
-            println!("  redis {}\n  mysql {}", cluster.redis_url, cluster.mysql_url);
-            if let Some(d) = &cluster.dashboard {
-                println!("  dashboard {}  (pid {})", d.url, d.pid);
-            }
-            println!("state: {}\nprometheus targets: {}", state.display(), targets.display());
+            up(cfg, gateways, shards, workers, mode, state, private).await?
         }
         Cmd::Status { state, watch, json, interval_ms } => {
-            let cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
+            let cluster = load_cluster(&state)?;
             loop {
-                let status = im_ops::status::collect(&cluster, std::time::Duration::from_millis(interval_ms)).await;
+                let status = im_harness::status::collect(&cluster, Duration::from_millis(interval_ms)).await;
                 if json {
                     println!("{}", serde_json::to_string(&status)?);
                 } else {
                     if watch {
                         print!("\x1b[2J\x1b[H");
                     }
-                    print!("{}", im_ops::status::render(&status));
+                    print!("{}", status::render(&status));
                 }
                 if !watch {
                     break;
@@ -238,46 +261,44 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Canary { state, timeout_ms, json } => {
-            let cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
-            let results = im_ops::canary::run(&cluster, std::time::Duration::from_millis(timeout_ms)).await;
-            let two_phase = cluster.mode != "baseline";
+            let cluster = load_cluster(&state)?;
+            let results = canary::run(&cluster, Duration::from_millis(timeout_ms)).await;
+            let two_phase = cluster.mode != Mode::Baseline.as_str();
             if json {
                 println!("{}", serde_json::to_string(&results)?);
             } else {
-                let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
-                println!("{:>5} {:>12} {:>12} {:>12}  result", "shard", "accepted_ms", "saved_ms", "delivered_ms");
-                for r in &results {
-                    let verdict =
-                        if r.ok(two_phase) { "ok".to_owned() } else { r.error.clone().unwrap_or("TIMEOUT".into()) };
-                    println!(
-                        "{:>5} {:>12} {:>12} {:>12}  {verdict}",
-                        r.shard,
-                        ms(r.accepted_ms),
-                        ms(r.saved_ms),
-                        ms(r.delivered_ms)
-                    );
-                }
+                print!("{}", canary::render(&results, two_phase));
             }
             if !results.iter().all(|r| r.ok(two_phase)) {
                 bail!("canary failed on at least one shard");
             }
         }
-        Cmd::Scale { state, gateways, workers } => {
-            let mut cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
-            cluster::scale(&mut cluster, gateways, workers).await?;
-            cluster::save_state(&cluster, &state)?;
-            im_ops::observability::write_prometheus_targets(&cluster, &im_ops::observability::targets_path(&state))?;
+        Cmd::Chat { state, user, to, text, gateway, timeout_ms, listen_secs } => {
+            let cluster = load_cluster(&state)?;
+            let listen = listen_secs.map(Duration::try_from_secs_f64).transpose().context("--listen-secs")?;
+            let chat = chat::Chat {
+                user,
+                gateway: usize::from(gateway) - 1,
+                message: to.zip(text),
+                timeout: Duration::from_millis(timeout_ms),
+                listen,
+            };
+            chat.run(&cluster).await?;
+        }
+        Cmd::Scale { state: path, gateways, workers } => {
+            let mut cluster = load_cluster(&path)?;
+            scale::scale(&mut cluster, gateways, workers).await?;
+            record(&cluster, &path)?;
             println!("cluster now has {} gateways and {} workers", cluster.gateways.len(), cluster.workers.len());
         }
         Cmd::Dashboard { state, listen, ready_file } => {
-            im_ops::dashboard::run(&listen, state, ready_file.as_deref()).await?;
+            dashboard::run(&listen, state, ready_file.as_deref()).await?;
         }
-        Cmd::Reshard { state, shards, drain_timeout_secs } => {
-            let mut cluster = cluster::load_state(&state).with_context(|| "no running cluster")?;
+        Cmd::Reshard { state: path, shards, drain_timeout_secs } => {
+            let mut cluster = load_cluster(&path)?;
             let from = cluster.shards;
-            cluster::reshard(&mut cluster, shards, std::time::Duration::from_secs(drain_timeout_secs)).await?;
-            cluster::save_state(&cluster, &state)?;
-            im_ops::observability::write_prometheus_targets(&cluster, &im_ops::observability::targets_path(&state))?;
+            reshard::reshard(&mut cluster, shards, Duration::from_secs(drain_timeout_secs)).await?;
+            record(&cluster, &path)?;
             println!("resharded from {from} to {shards} shards; gateways restarted (clients reconnect):");
             for g in &cluster.gateways {
                 println!("  gateway {}  {}", g.node_id, g.ws_url);
@@ -287,17 +308,16 @@ async fn main() -> anyhow::Result<()> {
             let cluster = cluster::load_state(&state).with_context(|| "no cluster to stop")?;
             cluster::stop(&cluster).await?;
             std::fs::remove_file(&state).ok();
-            std::fs::remove_file(im_ops::observability::targets_path(&state)).ok();
+            std::fs::remove_file(observability::targets_path(&state)).ok();
             println!("cluster stopped");
         }
-        // Forwarded before the config is loaded (see above).
-        Cmd::Drill { .. } => {}
+        Cmd::Drill { drill, .. } => std::process::exit(drill.run(cfg).await?),
         Cmd::Servers { dir, private, stop } => {
             let redis = std::env::var("IM_TEST_REDIS_URL").unwrap_or(cfg.redis.url);
             let mysql = std::env::var("IM_TEST_MYSQL_URL").unwrap_or(cfg.mysql.url);
             if stop {
                 for kind in ["redis", "mariadb"] {
-                    if let Some(server) = im_ops::servers::PrivateServer::running_in(&dir.join(kind)) {
+                    if let Some(server) = PrivateServer::running_in(&dir.join(kind)) {
                         server.stop().await?;
                     }
                 }
@@ -311,5 +331,51 @@ async fn main() -> anyhow::Result<()> {
             println!("IM_TEST_MYSQL_URL={}", servers.mysql_url);
         }
     }
+    Ok(())
+}
+
+/// `ops up`: starts the cluster (its guard kills it again if anything below fails), writes the state
+/// and targets files, and prints where everything is.
+async fn up(
+    cfg: Config,
+    gateways: u16,
+    shards: u16,
+    workers: Option<usize>,
+    mode: ModeArg,
+    state: PathBuf,
+    private: bool,
+) -> anyhow::Result<()> {
+    if cluster::is_running(&state) {
+        bail!(cluster::ClusterError::AlreadyRunning(state));
+    }
+    let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), PathBuf::from);
+    let mut spec = ClusterSpec::new(cfg, mode.into(), gateways.into(), shards, dir);
+    spec.workers = workers.unwrap_or(shards.into());
+    spec.state_file = state.clone();
+    spec.force_private = private;
+    let guard = ClusterGuard::start(&spec).await?;
+    let targets = observability::targets_path(&state);
+    observability::write_prometheus_targets(&guard.state, &targets)?;
+    let cluster = guard.release();
+    if cluster.private_servers.iter().all(|s| s.kind_name != "redis") && !redis_has_aof(&cluster.redis_url).await {
+        eprintln!(
+            "warning: the Redis at {} runs without appendonly: ACK(accepted) is only as durable as its \
+             memory (see docs/OPERATIONS.md); `ops up --private` starts one with AOF on",
+            cluster.redis_url
+        );
+    }
+    println!("cluster up in {} mode, {} shards", cluster.mode, cluster.shards);
+    for g in &cluster.gateways {
+        println!("  gateway {}  {}  (http {}, pid {})", g.node_id, g.ws_url, g.http_url, g.pid);
+    }
+    for w in &cluster.workers {
+        let shard = w.shard.map_or_else(|| "standby".to_owned(), |s| format!("shard {s}"));
+        println!("  worker {shard}  {}  (pid {})", w.metrics_url, w.pid);
+    }
+    println!("  redis {}\n  mysql {}", cluster.redis_url, cluster.mysql_url);
+    if let Some(d) = &cluster.dashboard {
+        println!("  dashboard {}  (pid {})", d.url, d.pid);
+    }
+    println!("state: {}\nprometheus targets: {}", state.display(), targets.display());
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::cluster::{ClusterError, ClusterState, GatewayProc, WorkerProc};
+use im_harness::cluster::{ClusterError, ClusterState, GatewayProc, WorkerProc};
 
 /// The targets file that belongs to the state file `state_file` (same directory).
 pub fn targets_path(state_file: &Path) -> PathBuf {

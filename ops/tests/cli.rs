@@ -1,45 +1,102 @@
 //! The `ops` binary as an operator uses it: `up` on a machine where nothing answers on the configured
-//! ports (private Redis and MariaDB get started), a refused second `up`, `token`, `migrate`, `down`.
+//! ports — even with `IM__*` variables pointing at them — starts private Redis and MariaDB, says so,
+//! and gives its processes the servers and shard count it chose; a refused second `up`; the dashboard
+//! following a non-default state file; `chat`, `token`, `down`; `up --help`; a bad config.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use im_ops::cluster::{http_get, load_state, pid_alive};
-use im_ops::servers::free_port;
+use im_harness::cluster::load_state;
+use im_harness::servers::free_port;
+use im_harness::{http, metrics, process};
+
+/// The secret the test's config gives the cluster.
+const SECRET: &str = "cli-test-secret-0123456789";
+/// How long the gateway's per-shard backlog gauges take to appear (refreshed every 250 ms).
+const GAUGE_WAIT: Duration = Duration::from_secs(5);
 
 fn ops(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ops")).arg("--config").arg(config).args(args).output().expect("ops runs")
+    ops_command(config, args).output().expect("ops runs")
+}
+
+fn ops_command(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ops"));
+    cmd.arg("--config").arg(config).args(args);
+    cmd
 }
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// A scratch directory removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("im-ops-{name}-{}-{:x}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_starts_private_servers_when_none_answer_and_down_stops_everything() {
-    let dir = std::env::temp_dir().join(format!("im-ops-cli-{}-{:x}", std::process::id(), rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("im.toml");
-    let (redis_port, mysql_port) = (free_port(), free_port());
-    std::fs::write(
-        &config,
-        format!(
-            "[redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\nkey_prefix = \"opscli\"\n\
-             [mysql]\nurl = \"mysql://root@127.0.0.1:{mysql_port}/im\"\n\
-             [auth]\njwt_secret = \"cli-test-secret-0123456789\"\n"
-        ),
-    )
-    .unwrap();
-    let state_path = dir.join("cluster.json");
+async fn up_with_dead_server_variables_starts_private_servers_that_every_process_uses() {
+    let scratch = Scratch::new("cli");
+    let config = scratch.0.join("im.toml");
+    std::fs::write(&config, format!("[redis]\nkey_prefix = \"opscli\"\n[auth]\njwt_secret = \"{SECRET}\"\n")).unwrap();
+    // Nothing answers there; the variables override the file, and would override the cluster's own
+    // config file in its children too if they inherited them.
+    let (dead_redis, dead_mysql) = (free_port(), free_port());
+    let state_path = scratch.0.join("elsewhere").join("other.json");
+    std::fs::create_dir_all(state_path.parent().unwrap()).unwrap();
     let state_arg = state_path.to_str().unwrap();
 
-    let up = ops(&config, &["up", "--gateways", "1", "--shards", "1", "--mode", "full", "--state", state_arg]);
+    let up = ops_command(&config, &["up", "--gateways", "1", "--shards", "1", "--mode", "full", "--state", state_arg])
+        .env("IM__REDIS__URL", format!("redis://127.0.0.1:{dead_redis}"))
+        .env("IM__MYSQL__URL", format!("mysql://root@127.0.0.1:{dead_mysql}/im"))
+        .env("IM__CLUSTER__SHARDS", "3")
+        .output()
+        .expect("ops runs");
     assert!(up.status.success(), "ops up failed: {}", text(&up));
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(stderr.contains("private redis ready") && stderr.contains("private mariadb ready"), "{stderr}");
     let state = load_state(&state_path).unwrap();
     assert_eq!(state.private_servers.len(), 2, "both servers were started privately");
-    assert!(state.redis_url.contains("127.0.0.1") && !state.redis_url.ends_with(&format!(":{redis_port}")));
-    let readyz = state.gateways[0].metrics_url.replace("/metrics", "/readyz");
-    assert_eq!(http_get(&readyz).await.map(|(s, _)| s), Some(200));
+    assert!(state.redis_url.contains("127.0.0.1") && !state.redis_url.ends_with(&format!(":{dead_redis}")));
+    let gateway = &state.gateways[0];
+    let readyz = gateway.metrics_url.replace("/metrics", "/readyz");
+    assert_eq!(http::get(&readyz).await.map(|(s, _)| s).ok(), Some(200), "the gateway reached the servers");
+
+    // The gateway runs with the one shard `--shards` asked for, not the variable's three.
+    let gauges = || async {
+        let samples = metrics::scrape(&gateway.metrics_url).await.unwrap_or_default();
+        let shards: Vec<String> = samples
+            .into_iter()
+            .filter(|s| s.name == "im_gateway_shard_backlog")
+            .filter_map(|s| s.labels.get("shard").cloned())
+            .collect();
+        (!shards.is_empty()).then_some(shards)
+    };
+    let shards = im_harness::poll::until(GAUGE_WAIT, gauges).await;
+    assert_eq!(shards, Some(vec!["0".to_owned()]), "per-shard backlog gauges of the gateway");
+
+    // The dashboard `up` started follows the state file it was given.
+    let dashboard = state.dashboard.as_ref().expect("the dashboard started");
+    let (status, body) = http::get(&format!("{}api/status", dashboard.url)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["shards"].as_array().map(Vec::len), Some(1), "{body}");
 
     let again = ops(&config, &["up", "--state", state_arg]);
     assert!(!again.status.success());
@@ -47,26 +104,52 @@ async fn up_starts_private_servers_when_none_answer_and_down_stops_everything() 
 
     let token = ops(&config, &["token", "--user", "42"]);
     let token = String::from_utf8(token.stdout).unwrap();
-    assert_eq!(im_common::auth::verify_token("cli-test-secret-0123456789", token.trim()), Ok(42));
+    assert_eq!(im_common::auth::verify_token(SECRET, token.trim()), Ok(42));
+
+    // `ops chat` sends and prints the receipts; the recipient connecting later gets the message.
+    let chat = ops(&config, &["chat", "--state", state_arg, "--user", "1001", "--to", "1002", "hello"]);
+    assert!(chat.status.success(), "ops chat failed: {}", text(&chat));
+    let said = String::from_utf8_lossy(&chat.stdout);
+    assert!(said.contains(r#""ackType":"accepted""#) && said.contains(r#""ackType":"saved""#), "{said}");
+    let heard = ops(&config, &["chat", "--state", state_arg, "--user", "1002", "--listen-secs", "2"]);
+    let heard = String::from_utf8_lossy(&heard.stdout);
+    assert!(heard.contains(r#""body":"hello""#) && heard.contains(r#""from":"1001""#), "{heard}");
 
     let down = ops(&config, &["down", "--state", state_arg]);
     assert!(down.status.success(), "ops down failed: {}", text(&down));
-    let pids = state.gateways.iter().map(|g| g.pid).chain(state.workers.iter().map(|w| w.pid));
-    let pids: Vec<u32> = pids.chain(state.private_servers.iter().map(|s| s.pid)).collect();
-    assert!(pids.iter().all(|&p| !pid_alive(p)), "every process stopped");
-    std::fs::remove_dir_all(&dir).ok();
+    let pids: Vec<u32> = state.process_pids().into_iter().chain(state.private_servers.iter().map(|s| s.pid)).collect();
+    assert!(pids.iter().all(|&p| !process::is_alive(p)), "every process stopped");
+}
+
+#[test]
+fn up_help_describes_every_flag() {
+    let help = Command::new(env!("CARGO_BIN_EXE_ops")).args(["up", "--help"]).output().expect("ops runs");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for (flag, description) in [
+        ("--gateways", "Gateway processes"),
+        ("--shards", "Shards:"),
+        ("--workers", "Shard-worker processes"),
+        ("--mode", "Delivery mode"),
+        ("--state", "State file"),
+        ("--private", "private Redis/MariaDB"),
+        ("--config", "Config file"),
+    ] {
+        assert!(help.contains(flag) && help.contains(description), "{flag}: {description}\n{help}");
+    }
+    for mode in ["baseline", "accepted-only", "full"] {
+        assert!(help.contains(mode), "mode {mode}\n{help}");
+    }
+    assert!(help.contains("random loopback port") && help.contains("ops status"), "{help}");
 }
 
 #[test]
 fn bad_config_is_refused_with_the_key_named() {
-    let dir = std::env::temp_dir().join(format!("im-ops-badcfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bad.toml");
+    let scratch = Scratch::new("badcfg");
+    let config = scratch.0.join("bad.toml");
     std::fs::write(&config, "[cluster]\nshards = 0\n").unwrap();
     let out = ops(&config, &["token", "--user", "1"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("cluster.shards"), "{}", text(&out));
     let out = ops(&config, &["token", "--user", "abc"]);
     assert!(!out.status.success());
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,11 +1,13 @@
 //! The private-server launcher against real `redis-server` and `mariadbd` processes: they start when
 //! nothing answers on the configured ports, keep their data across kill -9 and restart, stop for good,
-//! and are not started at all when the shared servers answer.
+//! and are not started at all when the shared servers answer (a machine without shared servers plays
+//! them with a private pair of its own).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use im_ops::servers::{self, PrivateServer};
+use im_harness::poll;
+use im_harness::servers::{self, PrivateServer};
 use mysql_async::prelude::Queryable;
 
 /// A per-test directory that kills whatever servers the test registered and removes itself on drop,
@@ -27,14 +29,17 @@ impl Scratch {
     }
 }
 
+/// How long killed servers get to go before their directory is removed.
+const KILLED_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         for server in &self.servers {
             server.kill();
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + KILLED_WAIT;
         while self.servers.iter().any(PrivateServer::is_running) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(poll::FIRST_PAUSE);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -186,20 +191,34 @@ async fn a_second_start_in_a_running_servers_directory_is_refused() {
     assert_eq!(PrivateServer::running_in(&dir), None);
 }
 
+/// The shared test servers (Redis URL, MySQL server URL) when they answer; otherwise a private pair
+/// started under `scratch` to play them, so a machine without shared servers still runs the test.
+async fn shared_or_stand_in(scratch: &mut Scratch) -> (String, String) {
+    let redis_url = std::env::var("IM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mysql_url = std::env::var("IM_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/".into());
+    if servers::redis_reachable(&redis_url).await && servers::mysql_reachable(&mysql_url).await {
+        return (redis_url, mysql_url);
+    }
+    eprintln!("no shared servers answer at {redis_url} / {mysql_url}: starting a private pair to play them");
+    let stand_in = servers::ensure_servers(&redis_url, &mysql_url, &scratch.dir.join("stand-in"), true).await.unwrap();
+    for server in &stand_in.private {
+        scratch.track(server);
+    }
+    (stand_in.redis_url, stand_in.mysql_url)
+}
+
 #[tokio::test]
 async fn shared_servers_are_used_when_they_answer() {
-    let redis_url = "redis://127.0.0.1:6379";
-    let mysql_url = "mysql://root@127.0.0.1:3306/whatever";
-    assert!(
-        servers::redis_reachable(redis_url).await && servers::mysql_reachable(mysql_url).await,
-        "this test needs the shared Redis on 6379 and MariaDB on 3306"
-    );
-    let scratch = Scratch::new("shared");
+    let mut scratch = Scratch::new("shared");
+    let (redis_url, mysql_server) = shared_or_stand_in(&mut scratch).await;
+    let mysql_server = servers::mysql_server_url(&mysql_server);
+    let mysql_url = format!("{mysql_server}whatever");
+    let dir = scratch.dir.join("cluster");
 
-    let ensured = servers::ensure_servers(redis_url, mysql_url, &scratch.dir, false).await.unwrap();
+    let ensured = servers::ensure_servers(&redis_url, &mysql_url, &dir, false).await.unwrap();
 
     assert!(ensured.private.is_empty(), "no private server expected: {ensured:?}");
     assert_eq!(ensured.redis_url, redis_url);
-    assert_eq!(ensured.mysql_url, "mysql://root@127.0.0.1:3306/");
-    assert!(!scratch.dir.join("redis").exists() && !scratch.dir.join("mariadb").exists());
+    assert_eq!(ensured.mysql_url, mysql_server);
+    assert!(!dir.join("redis").exists() && !dir.join("mariadb").exists());
 }
