@@ -52,6 +52,16 @@ pub fn kill_now(pid: u32) {
     }
 }
 
+/// SIGKILL to every process of the group `pgid` (a program started as a group leader together with
+/// the helpers it forked, e.g. a browser); a group that is gone is not an error.
+pub fn kill_group_now(pgid: u32) {
+    let Some(target) = target(pgid) else { return };
+    match nix::sys::signal::killpg(target, Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(error) => tracing::warn!(pgid, %error, "could not kill the process group"),
+    }
+}
+
 /// SIGTERM, then SIGKILL if the process is still there after `grace`; returns once it is gone (or
 /// [`AFTER_KILL`] after the SIGKILL).
 pub async fn terminate(pid: u32, grace: Duration) {

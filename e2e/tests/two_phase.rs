@@ -2,62 +2,43 @@
 //! 2,000 messages among 200 users over 2 gateways and 2 shards, and the checker looks at every
 //! receipt, every push and every row.
 
-mod support;
-
 use std::time::Duration;
 
+use e2e::{check_rows, cluster, Client, TestEnv, Traffic};
 use im_common::config::Mode;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use support::traffic::{self, TrafficSpec};
-use support::{cluster, Client};
 
-fn spec(mode: Mode) -> TrafficSpec {
-    TrafficSpec {
-        pairs: 100,
-        per_sender: 20,
-        base_uid: 10_000,
-        pace: Duration::from_millis(5),
-        expect_accepted: mode != Mode::Baseline,
-        deadline: Duration::from_secs(30),
-    }
-}
+const TRAFFIC: Traffic =
+    Traffic { pairs: 100, per_sender: 20, pace: Duration::from_millis(5), deadline: Duration::from_secs(30) };
 
 async fn every_message_is_receipted_delivered_and_saved_once(mode: Mode, name: &str) {
     let env = TestEnv::new(name);
     let c = cluster(&env, mode, 2, 2).await;
-    let urls: Vec<String> = c.state.gateways.iter().map(|g| g.ws_url.clone()).collect();
-    let spec = spec(mode);
-    let t = traffic::run(&urls, &c.state.jwt_secret, &spec).await;
-    let v = t.verdict(spec.per_sender);
+    let result = TRAFFIC.run(&c.state).await;
+    let v = &result.verdict;
     println!("{mode:?}: {v:?}");
-    assert_eq!(v.errors, 0, "{v:?}");
+    assert_eq!(v.errored, 0, "{v:?}");
     assert_eq!(v.saved, 2000, "every message gets ACK(saved): {v:?}");
     assert_eq!(v.accepted, if mode == Mode::Baseline { 0 } else { 2000 }, "{v:?}");
     assert_eq!(v.delivered, 2000, "{v:?}");
     assert_eq!((v.lost, v.reorders), (0, 0), "{v:?}");
-    for s in &t.senders {
-        for (cmid, id) in &s.accepted {
-            assert_eq!(s.saved.get(cmid), Some(id), "accepted and saved carry the same serverMsgId");
-        }
-    }
+    assert_eq!(v.id_mismatches, 0, "accepted, saved and the push carry the same serverMsgId: {v:?}");
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    let (rows, dup_rows, out_of_order) = traffic::check_rows(&store).await;
+    let (rows, dup_rows, out_of_order) = check_rows(&store).await;
     assert_eq!((rows, dup_rows, out_of_order), (2000, 0, 0));
     store.close().await;
     if mode != Mode::Baseline {
         // Trimming: once drained, nothing is left in any stream.
-        let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+        let mut redis = e2e::redis(&c.state.redis_url).await;
+        let keys = env.keys();
         for shard in 0..2 {
-            for stream in ["accepted", "to_save"] {
-                let key = format!("{}:{{s{shard}}}:{stream}", c.state.key_prefix);
+            for key in [keys.accepted_stream(shard), keys.to_save_stream(shard)] {
                 let len: u64 = redis::cmd("XLEN").arg(&key).query_async(&mut redis).await.unwrap();
                 assert_eq!(len, 0, "{key} still holds {len} entries");
             }
         }
     }
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,5 +71,4 @@ async fn a_retry_gets_the_original_id_as_accepted_or_saved() {
     assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap(), 1);
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }

@@ -13,8 +13,6 @@
 //! `promtool`/`prometheus` come from the Debian package `prometheus`; `ops/test.sh` installs it, and
 //! these tests install it too when run directly as root.
 
-mod support;
-
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,21 +20,23 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
+use e2e::{spec, Client, ClusterGuard, TestEnv};
 use im_common::config::Mode;
 use im_common::keys::Keys;
 use im_common::shard::shard_of;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use im_ops::cluster::TestCluster;
-use im_ops::observability::{targets_path, write_prometheus_targets};
-use support::{spec, Client};
+use im_harness::{http, metrics, poll, process};
 
 const SHARDS: u16 = 3;
 /// The shard no worker is started for.
 const ORPHAN_SHARD: u16 = 2;
+/// How long a test waits for Prometheus to show what it expects (it scrapes and evaluates every second).
+const PROMETHEUS_WAIT: Duration = Duration::from_secs(15);
+/// The Prometheus `file_sd` targets file `ops up` writes next to its state file.
+const TARGETS_FILE: &str = "prometheus-targets.json";
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -61,8 +61,7 @@ fn ensure_prometheus_installed() {
     if present("promtool") && present("prometheus") {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "promtool is missing: apt-get install prometheus (ops/test.sh does)");
+    assert!(process::running_as_root(), "promtool is missing: apt-get install prometheus (ops/test.sh does)");
     let script = "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
                   prometheus && if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; fi";
     let status = std::process::Command::new("sh").arg("-c").arg(script).status().expect("run apt-get");
@@ -192,8 +191,8 @@ fn metric_names_in(expr: &str) -> BTreeSet<String> {
     names
 }
 
-/// What a Prometheus text page declares: every metric family, and which of them are histograms or
-/// summaries (whose samples are `_bucket`, `_sum`, `_count`).
+/// What the live pages declare: every metric family, and which of them are histograms or summaries
+/// (whose samples are `_bucket`, `_sum`, `_count`).
 #[derive(Default)]
 struct Families {
     names: HashSet<String>,
@@ -202,16 +201,11 @@ struct Families {
 
 impl Families {
     fn add_page(&mut self, page: &str) {
-        for line in page.lines() {
-            let mut words = line.split_whitespace();
-            if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
-                (words.next(), words.next(), words.next(), words.next())
-            {
-                self.names.insert(name.to_owned());
-                if kind == "histogram" || kind == "summary" {
-                    self.composite.insert(name.to_owned());
-                }
+        for (name, kind) in metrics::families(page) {
+            if kind == "histogram" || kind == "summary" {
+                self.composite.insert(name.clone());
             }
+            self.names.insert(name);
         }
     }
 
@@ -249,7 +243,7 @@ impl Prometheus {
             let mut prom = Prometheus { child, url: format!("http://127.0.0.1:{port}") };
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
-                if http10_get(&format!("{}/-/ready", prom.url)).await.is_some_and(|(status, _)| status == 200) {
+                if http_get(&format!("{}/-/ready", prom.url)).await.is_some_and(|(status, _)| status == 200) {
                     return prom;
                 }
                 if prom.child.try_wait().ok().flatten().is_some() {
@@ -267,7 +261,7 @@ impl Prometheus {
 
     /// `GET /api/v1/<path>`: the `data` of a successful answer.
     async fn api(&self, path: &str) -> Value {
-        let (status, body) = http10_get(&format!("{}/api/v1/{path}", self.url)).await.expect("prometheus answers");
+        let (status, body) = http_get(&format!("{}/api/v1/{path}", self.url)).await.expect("prometheus answers");
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         assert!(status == 200 && v["status"] == "success", "GET {path}: {status} {body}");
         v["data"].clone()
@@ -281,13 +275,15 @@ impl Prometheus {
 
     /// Polls `query` until `ok` holds (scrapes and rule evaluations happen every second).
     async fn wait_query(&self, promql: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        let ok = &ok;
+        let found = poll::until(PROMETHEUS_WAIT, || async move {
             let result = self.query(promql).await;
-            if ok(&result) || Instant::now() > deadline {
-                return result;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            ok(&result).then_some(result)
+        })
+        .await;
+        match found {
+            Some(result) => result,
+            None => self.query(promql).await,
         }
     }
 
@@ -314,6 +310,11 @@ impl Drop for Prometheus {
     }
 }
 
+/// `GET url` as (status, body); `None` when nothing answered.
+async fn http_get(url: &str) -> Option<(u16, String)> {
+    http::get(url).await.ok()
+}
+
 fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -323,28 +324,13 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
-/// GET over HTTP/1.0, so the answer is never chunked (Prometheus's API answers are large).
-async fn http10_get(url: &str) -> Option<(u16, String)> {
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host)).await.ok()?.ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await.ok()?.ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Some((status, body))
-}
-
 /// The first uid at or above `from` whose messages go to `shard`.
 fn uid_on_shard(shard: u16, from: u64) -> u64 {
     (from..).find(|&uid| shard_of(uid, SHARDS) == shard).expect("a uid")
 }
 
 /// Every process's metrics URL.
-fn metrics_urls(c: &TestCluster) -> Vec<String> {
+fn metrics_urls(c: &ClusterGuard) -> Vec<String> {
     c.state
         .gateways
         .iter()
@@ -353,15 +339,16 @@ fn metrics_urls(c: &TestCluster) -> Vec<String> {
         .collect()
 }
 
-/// A cluster in full mode with an unowned shard and a tiny backlog bound, its targets file written.
-async fn start_observed_cluster(env: &TestEnv) -> (TestCluster, Keys, PathBuf) {
+/// A cluster in full mode with an unowned shard and a tiny backlog bound, started by `ops up`, which
+/// writes the Prometheus targets file next to its state file.
+async fn start_observed_cluster(env: &TestEnv) -> (ClusterGuard, Keys, PathBuf) {
     let mut s = spec(env, Mode::Full, 2, SHARDS);
     s.workers = usize::from(ORPHAN_SHARD); // workers for shards 0..ORPHAN_SHARD only
     s.config.two_phase.max_backlog = 3;
     let keys = Keys::from_config(&s.config);
-    let c = TestCluster::start(&s).await.expect("cluster starts");
-    let targets = targets_path(&c.state.dir.join("cluster.json"));
-    write_prometheus_targets(&c.state, &targets).expect("write targets file");
+    let c = e2e::ops_up(&s).await;
+    let targets = c.state_file().with_file_name(TARGETS_FILE);
+    assert!(targets.is_file(), "ops up wrote {}", targets.display());
     (c, keys, targets)
 }
 
@@ -370,7 +357,7 @@ async fn start_observed_cluster(env: &TestEnv) -> (TestCluster, Keys, PathBuf) {
 /// `server_busy` from the unowned shard. `before_dead_letter` runs after the first saves (a
 /// Prometheus test waits there until it has scraped the dead-letter counter at 0).
 async fn generate_traffic<F: std::future::Future<Output = ()>>(
-    c: &TestCluster,
+    c: &ClusterGuard,
     keys: &Keys,
     before_dead_letter: impl FnOnce() -> F,
 ) {
@@ -383,7 +370,7 @@ async fn generate_traffic<F: std::future::Future<Output = ()>>(
     bob.ping().await;
     // One at a time, so shard 0's backlog never reaches the tiny bound.
     for k in 0..5 {
-        support::exchange(&mut alice, &mut bob, &format!("ok{k}")).await;
+        e2e::exchange(&mut alice, &mut bob, &format!("ok{k}")).await;
     }
     before_dead_letter().await;
 
@@ -399,7 +386,7 @@ async fn generate_traffic<F: std::future::Future<Output = ()>>(
 
     // Fail-open and server_busy happen twice, a scrape apart: their counters are created by the
     // first event, and rate() needs a second one to see a sustained condition (what the alerts are for).
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.expect("redis");
+    let mut redis = e2e::redis(&c.state.redis_url).await;
     for round in 0..2 {
         // An idempotency key of the wrong type makes the append script fail: fail-open saves it anyway.
         let cmid = format!("failopen{round}");
@@ -509,7 +496,7 @@ async fn promtool_accepts_the_config_and_every_live_metrics_page_which_has_every
 
     let mut families = Families::default();
     for url in metrics_urls(&c) {
-        let (status, page) = im_ops::cluster::http_get(&url).await.expect("metrics answer");
+        let (status, page) = http::get(&url).await.expect("metrics answer");
         assert_eq!(status, 200, "{url}");
         families.add_page(&page);
         let (code, text) = promtool(&["check", "metrics"], &page).await;
@@ -536,7 +523,6 @@ async fn promtool_accepts_the_config_and_every_live_metrics_page_which_has_every
     let missing: Vec<&String> = used.iter().filter(|name| !families.has(name)).collect();
     assert!(missing.is_empty(), "metrics used by panels or rules but absent from the live scrape: {missing:?}");
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,16 +583,20 @@ async fn a_real_prometheus_scrapes_the_cluster_and_reports_alerts_on_real_condit
         ("ImGatewayFailingOpen", String::new()),
         ("ImServerErrorRatioHigh", String::new()),
     ];
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let alerts = loop {
-        let alerts = prom.alerts().await;
-        let all_fire = expected.iter().all(|(name, shard)| {
+    let fires = |alerts: &[(String, String, String)]| {
+        expected.iter().all(|(name, shard)| {
             alerts.iter().any(|(n, s, state)| n == name && (shard.is_empty() || s == shard) && state == "firing")
-        });
-        if all_fire || Instant::now() > deadline {
-            break alerts;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        })
+    };
+    let prom_ref = &prom;
+    let fired = poll::until(PROMETHEUS_WAIT, || async move {
+        let alerts = prom_ref.alerts().await;
+        fires(&alerts).then_some(alerts)
+    })
+    .await;
+    let alerts = match fired {
+        Some(alerts) => alerts,
+        None => prom.alerts().await,
     };
     for (name, shard) in &expected {
         assert!(
@@ -642,7 +632,6 @@ async fn a_real_prometheus_scrapes_the_cluster_and_reports_alerts_on_real_condit
     }
     drop(prom);
     drop(c);
-    env.cleanup().await;
 }
 
 #[test]

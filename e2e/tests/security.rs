@@ -1,11 +1,9 @@
 //! Security checks as tests: forged and malformed tokens at the handshake, a connection cap, an
 //! Origin allow-list, SQL-looking bodies stored verbatim, and secrets kept out of the logs.
 
-mod support;
-
+use e2e::TestEnv;
+use e2e::{cluster_with, get_json, wait_metric, Client};
 use im_common::config::Mode;
-use im_common::testkit::TestEnv;
-use support::{cluster_with, get_json, wait_metric, Client};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -77,18 +75,13 @@ async fn forged_tokens_caps_and_origins_are_refused() {
     }
     assert_eq!(handshake_status(&format!("{url}?token={good}"), &[]).await, 503);
     drop(open.pop());
-    let mut room = false;
-    for _ in 0..50 {
-        if handshake_status(&format!("{url}?token={good}"), &[]).await == 101 {
-            room = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let room = im_harness::poll::until_true_async(e2e::METRIC_WAIT, || async {
+        handshake_status(&format!("{url}?token={good}"), &[]).await == 101
+    })
+    .await;
     assert!(room, "a closed connection frees its slot");
     drop(open);
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +116,6 @@ async fn sql_looking_bodies_are_stored_verbatim_and_secrets_never_logged() {
         assert!(!text.contains(&token), "token in {}", log.display());
     }
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,5 +136,4 @@ async fn an_idle_connection_is_closed_with_4000_and_a_chatty_one_is_not() {
     chatty.send_json(serde_json::json!({"type": "PING"})).await;
     assert_eq!(chatty.next().await["type"], "PONG", "the chatty connection lives on");
     drop(c);
-    env.cleanup().await;
 }

@@ -2,24 +2,32 @@
 //! stopped, a row the database refuses forever, and a backlog past its bound. Tests that stop a
 //! server start private ones (`force_private`), so shared servers and other tests are never touched.
 
-mod support;
-
 use std::time::Duration;
 
+use e2e::{check_rows, private_server, spec, wait_metric, Client, TestEnv, Traffic};
+use im_common::backoff::Backoff;
 use im_common::config::Mode;
-use im_common::keys::Keys;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use im_ops::cluster::TestCluster;
-use support::traffic::{self, TrafficSpec};
-use support::{spec, wait_metric, Client};
+use im_harness::process::{self, Signal};
+use im_harness::{metrics, poll};
 
-fn urls(c: &TestCluster) -> Vec<String> {
-    c.state.gateways.iter().map(|g| g.ws_url.clone()).collect()
+/// A client's retries of a refused message: first pause, and the most it grows to.
+const RETRY_FIRST: Duration = Duration::from_millis(300);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How long a test waits for a condition the cluster should reach by itself.
+const SETTLES_WITHIN: Duration = Duration::from_secs(30);
+
+/// Sends `signal` to a process this test started.
+fn signal(pid: u32, signal: Signal) {
+    process::send(pid, signal).expect("signal delivered");
 }
 
-fn private_server(c: &TestCluster, kind: &str) -> usize {
-    c.state.private_servers.iter().position(|s| s.kind_name == kind).expect("a private server of that kind")
+/// Waits until the store holds at least `rows` messages (or [`SETTLES_WITHIN`] passes).
+async fn wait_rows(store: &Store, rows: u64) {
+    poll::until_true_async(SETTLES_WITHIN, || async {
+        store.query_u64("SELECT COUNT(*) FROM messages").await.is_ok_and(|n| n >= rows)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,37 +36,31 @@ async fn accepted_messages_survive_worker_kill() {
     let mut s = spec(&env, Mode::Full, 2, 2);
     s.workers = 3; // one standby
     s.config.two_phase.lease_ttl_ms = 1500;
-    let c = TestCluster::start(&s).await.unwrap();
-    let load = TrafficSpec {
-        pairs: 40,
-        per_sender: 50,
-        base_uid: 30_000,
-        pace: Duration::from_millis(30),
-        expect_accepted: true,
-        deadline: Duration::from_secs(40),
-    };
-    let (urls, secret) = (urls(&c), c.state.jwt_secret.clone());
-    let traffic = tokio::spawn({
-        let load = load.clone();
-        async move { traffic::run(&urls, &secret, &load).await }
-    });
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let victim = c.state.workers[0].pid;
-    // SAFETY: killing a worker this test started.
-    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
-    let t = traffic.await.unwrap();
-    let v = t.verdict(load.per_sender);
+    let c = e2e::start(&s).await;
+    let load =
+        Traffic { pairs: 40, per_sender: 50, pace: Duration::from_millis(30), deadline: Duration::from_secs(40) };
+    let state = c.state.clone();
+    let traffic = tokio::spawn(async move { load.run(&state).await });
+    // The kill lands while messages flow: once the first gateway has appended some.
+    let appended =
+        metrics::wait_for(&c.state.gateways[0].metrics_url, "im_gateway_appends_total", &[], SETTLES_WITHIN, |n| {
+            n >= 100.0
+        })
+        .await;
+    assert!(appended >= 100.0, "traffic is flowing ({appended} appends)");
+    signal(c.state.workers[0].pid, Signal::SIGKILL);
+    let result = traffic.await.unwrap();
+    let v = &result.verdict;
     println!("worker kill: {v:?}");
-    assert_eq!((v.accepted, v.saved, v.delivered, v.lost, v.reorders, v.errors), (2000, 2000, 2000, 0, 0, 0), "{v:?}");
+    assert_eq!((v.accepted, v.saved, v.delivered, v.lost, v.reorders, v.errored), (2000, 2000, 2000, 0, 0, 0), "{v:?}");
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    assert_eq!(traffic::check_rows(&store).await, (2000, 0, 0), "rows, duplicate rows, senders out of order");
+    assert_eq!(check_rows(&store).await, (2000, 0, 0), "rows, duplicate rows, senders out of order");
     // The standby owns the victim's shard now.
     let held =
-        wait_metric(&c.state.workers[2].metrics_url, "im_worker_lease_held", &["shard=\"0\""], |v| v == 1.0).await;
+        wait_metric(&c.state.workers[2].metrics_url, "im_worker_lease_held", &[("shard", "0")], |v| v == 1.0).await;
     assert_eq!(held, 1.0, "the standby took shard 0");
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,13 +69,13 @@ async fn mariadb_outage_keeps_accepting_and_drains_after_restart() {
     let mut s = spec(&env, Mode::Full, 1, 2);
     s.force_private = true;
     s.config.gateway.rate_burst = 1000;
-    let mut c = TestCluster::start(&s).await.unwrap();
+    let mut c = e2e::start(&s).await;
     let secret = c.state.jwt_secret.clone();
     let ws = c.state.gateways[0].ws_url.clone();
     let mut alice = Client::connect(&ws, &secret, 5001).await;
     let mut bob = Client::connect(&ws, &secret, 5002).await;
 
-    let db = private_server(&c, "mariadb");
+    let db = private_server(&c.state, "mariadb");
     c.state.private_servers[db].stop().await.unwrap();
     // Under load while the database is away: every message is still accepted at once.
     for k in 0..200 {
@@ -90,7 +92,7 @@ async fn mariadb_outage_keeps_accepting_and_drains_after_restart() {
     // Sender 5001's shard is owned by one of the two workers.
     let mut backlog = 0.0;
     for w in &c.state.workers {
-        backlog += wait_metric(&w.metrics_url, "im_stream_length", &["stream=\"to_save\""], |v| v >= 200.0).await;
+        backlog += wait_metric(&w.metrics_url, "im_stream_length", &[("stream", "to_save")], |v| v >= 200.0).await;
     }
     assert!(backlog >= 200.0, "to_save backlog {backlog} should hold the 200 unsaved messages");
     tokio::time::sleep(Duration::from_secs(8)).await; // at least 10 s down in all
@@ -105,7 +107,7 @@ async fn mariadb_outage_keeps_accepting_and_drains_after_restart() {
     }
     assert_eq!(saved, 200, "every sender gets ACK(saved) after the database returns");
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    assert_eq!(traffic::check_rows(&store).await, (200, 0, 0));
+    assert_eq!(check_rows(&store).await, (200, 0, 0));
     store.close().await;
     drop(c);
 }
@@ -115,7 +117,7 @@ async fn redis_outage(fail_open: bool, name: &str) {
     let mut s = spec(&env, Mode::Full, 1, 1);
     s.force_private = true;
     s.config.two_phase.fail_open = fail_open;
-    let mut c = TestCluster::start(&s).await.unwrap();
+    let mut c = e2e::start(&s).await;
     let secret = c.state.jwt_secret.clone();
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &secret, 6001).await;
     let mut carol = Client::connect(&c.state.gateways[0].ws_url, &secret, 6003).await;
@@ -127,12 +129,11 @@ async fn redis_outage(fail_open: bool, name: &str) {
         saved += usize::from(alice.next().await["ackType"] == "saved");
     }
     // Carol's message is stuck in the stream: the only worker is paused.
-    let worker = c.state.workers[0].pid as i32;
-    // SAFETY: pausing and resuming a worker this test started.
-    unsafe { libc::kill(worker, libc::SIGSTOP) };
+    let worker = c.state.workers[0].pid;
+    signal(worker, Signal::SIGSTOP);
     carol.chat(6002, "stuck", "x").await;
     carol.ack("accepted", "stuck").await;
-    let redis = private_server(&c, "redis");
+    let redis = private_server(&c.state, "redis");
     c.state.private_servers[redis].stop().await.unwrap();
     let mut receipted = 21;
     for k in 0..10 {
@@ -155,17 +156,12 @@ async fn redis_outage(fail_open: bool, name: &str) {
     let answer = carol.expect("answer", |v| v["clientMsgId"] == "after-stuck").await;
     assert_eq!((answer["type"].as_str(), answer["reason"].as_str()), (Some("ERROR"), Some("server_busy")), "{answer}");
     c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
-    unsafe { libc::kill(worker, libc::SIGCONT) };
+    signal(worker, Signal::SIGCONT);
     carol.ack("saved", "stuck").await;
     // Everything that got a receipt is saved once Redis is back (the stream survived in the AOF).
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap() < receipted
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(traffic::check_rows(&store).await, (receipted as usize, 0, 0));
+    wait_rows(&store, receipted).await;
+    assert_eq!(check_rows(&store).await, (receipted as usize, 0, 0));
     store.close().await;
     drop(c);
 }
@@ -183,7 +179,7 @@ async fn redis_outage_without_fail_open_answers_server_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
     let env = TestEnv::new("poison");
-    let c = support::cluster(&env, Mode::Full, 1, 1).await;
+    let c = e2e::cluster(&env, Mode::Full, 1, 1).await;
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
     store.execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content <> 'POISON')").await.unwrap();
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7001).await;
@@ -206,9 +202,9 @@ async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
         ("saved", "save_failed", "saved")
     );
     assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap(), 2);
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let mut redis = e2e::redis(&c.state.redis_url).await;
     let dead: Vec<redis::Value> = redis::cmd("XRANGE")
-        .arg(format!("{}:{{s0}}:dead", c.state.key_prefix))
+        .arg(env.keys().dead_letter_stream(0))
         .arg("-")
         .arg("+")
         .query_async(&mut redis)
@@ -221,7 +217,6 @@ async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
     );
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +225,7 @@ async fn a_backlog_past_its_bound_answers_server_busy() {
     let mut s = spec(&env, Mode::Full, 1, 1);
     s.workers = 0; // nothing drains the stream
     s.config.two_phase.max_backlog = 5;
-    let c = TestCluster::start(&s).await.unwrap();
+    let c = e2e::start(&s).await;
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 8001).await;
     let (mut accepted, mut busy) = (0, 0);
     for k in 0..20 {
@@ -247,15 +242,10 @@ async fn a_backlog_past_its_bound_answers_server_busy() {
     // The gateway's backlog figure refreshes every 250 ms, so a few may slip past the bound.
     assert!((5..=8).contains(&accepted), "accepted {accepted}");
     assert_eq!(accepted + busy, 20);
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
-    let len: u64 = redis::cmd("XLEN")
-        .arg(format!("{}:{{s0}}:accepted", c.state.key_prefix))
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let mut redis = e2e::redis(&c.state.redis_url).await;
+    let len: u64 = redis::cmd("XLEN").arg(env.keys().accepted_stream(0)).query_async(&mut redis).await.unwrap();
     assert_eq!(len, accepted);
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,9 +253,9 @@ async fn baseline_db_error_answers_internal_error_and_the_retry_keeps_the_id() {
     let env = TestEnv::new("base_dberr");
     let mut s = spec(&env, Mode::Baseline, 1, 1);
     s.force_private = true;
-    let mut c = TestCluster::start(&s).await.unwrap();
+    let mut c = e2e::start(&s).await;
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 9001).await;
-    let db = private_server(&c, "mariadb");
+    let db = private_server(&c.state, "mariadb");
     c.state.private_servers[db].stop().await.unwrap();
     alice.chat(9002, "r1", "will be retried").await;
     let err = alice.expect("error", |v| v["clientMsgId"] == "r1").await;
@@ -275,6 +265,7 @@ async fn baseline_db_error_answers_internal_error_and_the_retry_keeps_the_id() {
     let mut ids = Vec::new();
     for _ in 0..2 {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         loop {
             alice.chat(9002, "r1", "will be retried").await;
             let v = alice.expect("answer", |v| v["clientMsgId"] == "r1").await;
@@ -283,12 +274,12 @@ async fn baseline_db_error_answers_internal_error_and_the_retry_keeps_the_id() {
                 break;
             }
             assert!(tokio::time::Instant::now() < deadline, "retry never saved: {v}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            backoff.wait().await;
         }
     }
     assert_eq!(ids[0], ids[1]);
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    assert_eq!(traffic::check_rows(&store).await, (1, 0, 0));
+    assert_eq!(check_rows(&store).await, (1, 0, 0));
     assert_eq!(store.query_u64("SELECT id FROM messages").await.unwrap().to_string(), ids[0]);
     store.close().await;
     drop(c);
@@ -300,25 +291,23 @@ async fn a_gateway_back_from_a_subscription_gap_replays_it_in_order_from_its_jou
     let mut s = spec(&env, Mode::Full, 2, 1);
     // Killing pub/sub clients must not touch other tests' gateways: a Redis of our own.
     s.force_private = true;
-    let c = TestCluster::start(&s).await.unwrap();
+    let c = e2e::start(&s).await;
     let secret = c.state.jwt_secret.clone();
     let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 6102).await;
     let mut alice = Client::connect(&c.state.gateways[1].ws_url, &secret, 6101).await;
-    let keys = Keys::from_config(&s.config);
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
-    let route_of_bob = || async {
+    let keys = env.keys();
+    let mut redis = e2e::redis(&c.state.redis_url).await;
+    let routed = poll::until_true_async(SETTLES_WITHIN, || async {
         let nodes: Vec<u16> =
             redis::cmd("ZRANGE").arg(keys.route(6102)).arg(0).arg(-1).query_async(&mut redis.clone()).await.unwrap();
-        nodes
-    };
-    while route_of_bob().await.is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        !nodes.is_empty()
+    })
+    .await;
+    assert!(routed, "bob's route is registered");
 
     // Bob's gateway loses its subscription and cannot resubscribe (paused) while Alice sends.
-    let gw0 = c.state.gateways[0].pid as i32;
-    // SAFETY: pausing and resuming a gateway this test started.
-    unsafe { libc::kill(gw0, libc::SIGSTOP) };
+    let gw0 = c.state.gateways[0].pid;
+    signal(gw0, Signal::SIGSTOP);
     let killed: u64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut redis).await.unwrap();
     assert!(killed >= 2, "both gateways' subscriptions killed ({killed})");
     for k in 0..50 {
@@ -330,7 +319,7 @@ async fn a_gateway_back_from_a_subscription_gap_replays_it_in_order_from_its_jou
     }
 
     // Resumed, it resubscribes, replays its journal first, then live messages; all in order, once.
-    unsafe { libc::kill(gw0, libc::SIGCONT) };
+    signal(gw0, Signal::SIGCONT);
     for k in 50..60 {
         alice.chat(6102, &format!("m{k:02}"), "x").await;
     }
@@ -356,19 +345,18 @@ async fn appends_that_stay_slow_make_the_gateway_shed_load_until_they_are_fast_a
     // Pausing Redis must not touch other tests: a Redis of our own.
     s.force_private = true;
     s.config.gateway.shed_append_ms = 50;
-    let c = TestCluster::start(&s).await.unwrap();
+    let c = e2e::start(&s).await;
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7001).await;
     let answer = |cmid: &'static str| move |v: &serde_json::Value| v["clientMsgId"] == cmid && v["ackType"] != "saved";
     alice.chat(7002, "fast", "x").await;
     assert_eq!(alice.expect("fast", answer("fast")).await["ackType"], "accepted");
 
     // One append that waits 300 ms on a paused Redis: a window whose fastest append took 300 ms.
-    let redis = c.state.private_servers[private_server(&c, "redis")].pid as i32;
-    // SAFETY: pausing and resuming a Redis this test started.
-    unsafe { libc::kill(redis, libc::SIGSTOP) };
+    let redis = c.state.private_servers[private_server(&c.state, "redis")].pid;
+    signal(redis, Signal::SIGSTOP);
     alice.chat(7002, "slow", "x").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    unsafe { libc::kill(redis, libc::SIGCONT) };
+    signal(redis, Signal::SIGCONT);
     assert_eq!(alice.expect("slow", answer("slow")).await["ackType"], "accepted");
 
     // The next window refuses at once, without touching Redis ...
@@ -377,7 +365,7 @@ async fn appends_that_stay_slow_make_the_gateway_shed_load_until_they_are_fast_a
     let shed = alice.expect("shed", answer("shed")).await;
     assert_eq!((shed["type"].as_str(), shed["reason"].as_str()), (Some("ERROR"), Some("server_busy")), "{shed}");
     let overload =
-        wait_metric(&c.state.gateways[0].metrics_url, "im_gateway_server_busy_total", &["cause=\"overload\""], |v| {
+        wait_metric(&c.state.gateways[0].metrics_url, "im_gateway_server_busy_total", &[("cause", "overload")], |v| {
             v >= 1.0
         })
         .await;

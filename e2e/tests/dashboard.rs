@@ -5,19 +5,16 @@
 //! private servers, so the test can stop MariaDB and watch the backlog grow, then restart it and watch
 //! the backlog drain.
 
-mod support;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use e2e::{ops_on, spec, Client, TestEnv};
 use im_common::config::Mode;
 use im_common::shard::shard_of;
-use im_common::testkit::TestEnv;
-use im_ops::cluster::{self, ClusterState, TestCluster};
-use im_ops::dashboard;
-use support::{spec, Client};
+use im_harness::cluster::ClusterState;
+use im_harness::{poll, process};
 
 /// The same guarded install as `ops/test.sh`, plus waiting for the dpkg lock (a parallel test may be
 /// installing its own packages).
@@ -72,12 +69,12 @@ impl Page {
                 break status;
             }
             if Instant::now() > deadline {
-                // SAFETY: the process group of the browser this test started, not yet reaped.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                // The browser and every helper it forked (their group; the browser is not reaped yet).
+                process::kill_group_now(child.id());
                 let _ = child.wait();
                 panic!("chromium did not finish loading {url} within 120 s; log:\n{}", tail(&log_path));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(poll::MAX_PAUSE);
         };
         let dom = std::fs::read_to_string(&dom_path).unwrap_or_default();
         assert!(status.success() && dom.contains("</html>"), "chromium failed ({status}); log:\n{}", tail(&log_path));
@@ -130,7 +127,7 @@ async fn load(url: String) -> Page {
 
 /// The cluster's total backlog as `ops status` sees it.
 async fn total_backlog(state: &ClusterState) -> f64 {
-    im_ops::status::collect(state, Duration::from_millis(100)).await.shards.iter().map(|s| s.backlog).sum()
+    im_harness::status::collect(state, Duration::from_millis(100)).await.shards.iter().map(|s| s.backlog).sum()
 }
 
 /// Reads `client`'s frames until it has `n` ACKs of `ack_type` (other frames skipped); returns how
@@ -164,15 +161,12 @@ async fn backlog_page_charts_a_backlog_that_grows_while_mariadb_is_down_and_drai
     let mut s = spec(&env, Mode::Full, 1, 2);
     s.force_private = true;
     s.config.gateway.rate_burst = 1000;
-    let mut c = TestCluster::start(&s).await.unwrap();
-    // `ops up` writes the state file its dashboard follows; a test cluster has to write it itself.
-    let state_file: PathBuf = c.state.dir.join(dashboard::STATE_FILE);
-    cluster::save_state(&c.state, &state_file).unwrap();
+    let mut c = e2e::start(&s).await;
     let url =
         c.state.dashboard.as_ref().expect("the cluster started its dashboard (build target/debug/ops)").url.clone();
 
     // Healthy and idle: every chart drawn from several polls, owners and tokens in the table, no backlog.
-    let status = im_ops::status::collect(&c.state, Duration::from_millis(100)).await;
+    let status = im_harness::status::collect(&c.state, Duration::from_millis(100)).await;
     let page = load(url.clone()).await;
     for id in ["chart-total", "backlog-0", "backlog-1", "rates-0", "rates-1"] {
         assert!(page.number(id, "data-points") >= 3.0, "{id} was drawn from several polls: {}", page.tag(id));
@@ -206,10 +200,9 @@ async fn backlog_page_charts_a_backlog_that_grows_while_mariadb_is_down_and_drai
         assert_eq!(count_acks(sender, "accepted", BURST, Duration::from_secs(10)).await, BURST, "uid {}", sender.uid);
     }
     // The page's first sample should see the whole burst (workers refresh their gauges once a second).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while total_backlog(&c.state).await < (2 * BURST) as f64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let state = &c.state;
+    poll::until_true_async(Duration::from_secs(10), || async { total_backlog(state).await >= (2 * BURST) as f64 })
+        .await;
     // Keep sending while the page loads, so its own history shows the growth.
     let browser = tokio::spawn(load(url.clone()));
     let mut sent = vec![BURST; senders.len()];
@@ -240,13 +233,12 @@ async fn backlog_page_charts_a_backlog_that_grows_while_mariadb_is_down_and_drai
 
     // MariaDB back: everything is saved and the page shows the backlog gone.
     c.state.private_servers[db] = c.state.private_servers[db].restart().await.unwrap();
+    c.save().unwrap(); // so that `ops down` below finds the restarted server
     for (sender, sent) in senders.iter_mut().zip(&sent) {
         assert_eq!(count_acks(sender, "saved", *sent, Duration::from_secs(60)).await, *sent, "uid {}", sender.uid);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while total_backlog(&c.state).await > 0.0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let state = &c.state;
+    poll::until_true_async(Duration::from_secs(20), || async { total_backlog(state).await == 0.0 }).await;
     let page = load(url.clone()).await;
     println!("after MariaDB returned: the page's total backlog is {}", page.number("total-backlog", "data-value"));
     assert_eq!(page.number("total-backlog", "data-value"), 0.0);
@@ -254,9 +246,9 @@ async fn backlog_page_charts_a_backlog_that_grows_while_mariadb_is_down_and_drai
         assert_eq!(page.number(id, "data-last"), 0.0, "{id} drained: {}", page.tag(id));
     }
 
-    // What `ops down` does stops the dashboard with the rest.
+    // `ops down` stops the dashboard with the rest.
     let dashboard_pid = c.state.dashboard.as_ref().map(|d| d.pid).unwrap_or_default();
-    cluster::stop(&c.state).await.unwrap();
-    assert!(!cluster::pid_alive(dashboard_pid), "the dashboard stopped with the cluster");
+    ops_on(&c, "down", &[]).await;
+    assert!(!process::is_alive(dashboard_pid), "the dashboard stopped with the cluster");
     drop(c);
 }

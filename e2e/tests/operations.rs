@@ -1,41 +1,54 @@
 //! What operators do: canary and status on a live cluster, scaling out, and graceful drains of a
 //! gateway and of a shard worker under load without losing a message.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
+use e2e::{check_rows, ops_on, spec, wait_metric, Client, TestEnv, Traffic};
 use im_common::config::Mode;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use im_ops::cluster::{self, TestCluster};
-use support::traffic::{self, TrafficSpec};
-use support::{spec, wait_metric, Client};
+use im_harness::process::{self, Signal};
+use im_harness::{metrics, poll};
+
+/// How long a drained process gets to exit.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 fn sigterm(pid: u32) {
-    // SAFETY: signalling a process this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    process::send(pid, Signal::SIGTERM).expect("signal delivered");
+}
+
+/// `ops canary --json` on the guard's cluster: one result per shard, each `ok` when it went all the way.
+async fn canary(c: &e2e::ClusterGuard) -> Vec<Value> {
+    let out = ops_on(c, "canary", &["--json", "--timeout-ms", "10000"]).await;
+    serde_json::from_str(out.trim()).expect("canary JSON")
+}
+
+fn all_through(results: &[Value]) -> bool {
+    results.iter().all(|r| {
+        r["error"].is_null() && !r["accepted_ms"].is_null() && !r["saved_ms"].is_null() && !r["delivered_ms"].is_null()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_status_and_scale_see_every_shard() {
     let env = TestEnv::new("ops_status");
-    let mut c = TestCluster::start(&spec(&env, Mode::Full, 2, 3)).await.unwrap();
-    let results = im_ops::canary::run(&c.state, Duration::from_secs(10)).await;
+    let mut c = e2e::start(&spec(&env, Mode::Full, 2, 3)).await;
+    let results = canary(&c).await;
     assert_eq!(results.len(), 3);
-    assert!(results.iter().all(|r| r.ok(true)), "{results:?}");
-    let status = im_ops::status::collect(&c.state, Duration::from_millis(300)).await;
+    assert!(all_through(&results), "{results:?}");
+    let status = im_harness::status::collect(&c.state, Duration::from_millis(300)).await;
     assert_eq!(status.shards.len(), 3);
     assert!(status.shards.iter().all(|s| s.owner.is_some() && s.backlog == 0.0), "{status:?}");
     assert!(status.gateways.iter().all(|g| g.up));
 
-    cluster::scale(&mut c.state, 1, 1).await.unwrap();
+    ops_on(&c, "scale", &["--gateways", "1", "--workers", "1"]).await;
+    c.reload().expect("the state file after scaling");
     assert_eq!((c.state.gateways.len(), c.state.workers.len()), (3, 4));
-    let results = im_ops::canary::run(&c.state, Duration::from_secs(10)).await;
-    assert!(results.iter().all(|r| r.ok(true)), "after scaling: {results:?}");
+    let results = canary(&c).await;
+    assert!(all_through(&results), "after scaling: {results:?}");
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,45 +57,40 @@ async fn worker_drain_under_load_hands_over_at_once_and_loses_nothing() {
     let mut s = spec(&env, Mode::Full, 2, 1);
     s.workers = 2; // the second stands by
     s.config.two_phase.lease_ttl_ms = 20_000; // a takeover that waited for the TTL would be obvious
-    let c = TestCluster::start(&s).await.unwrap();
-    let load = TrafficSpec {
-        pairs: 20,
-        per_sender: 60,
-        base_uid: 40_000,
-        pace: Duration::from_millis(25),
-        expect_accepted: true,
-        deadline: Duration::from_secs(30),
-    };
-    let (urls, secret) =
-        (c.state.gateways.iter().map(|g| g.ws_url.clone()).collect::<Vec<_>>(), c.state.jwt_secret.clone());
-    let traffic = tokio::spawn({
-        let load = load.clone();
-        async move { traffic::run(&urls, &secret, &load).await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = e2e::start(&s).await;
+    let load =
+        Traffic { pairs: 20, per_sender: 60, pace: Duration::from_millis(25), deadline: Duration::from_secs(30) };
+    let state = c.state.clone();
+    let traffic = tokio::spawn(async move { load.run(&state).await });
+    // The drain lands while messages flow: once the first gateway has appended some.
+    let appended =
+        metrics::wait_for(&c.state.gateways[0].metrics_url, "im_gateway_appends_total", &[], load.deadline, |n| {
+            n >= 50.0
+        })
+        .await;
+    assert!(appended >= 50.0, "traffic is flowing ({appended} appends)");
     let stopped = Instant::now();
     sigterm(c.state.workers[0].pid);
     let held =
-        wait_metric(&c.state.workers[1].metrics_url, "im_worker_lease_held", &["shard=\"0\""], |v| v == 1.0).await;
+        wait_metric(&c.state.workers[1].metrics_url, "im_worker_lease_held", &[("shard", "0")], |v| v == 1.0).await;
     let takeover = stopped.elapsed();
     assert_eq!(held, 1.0, "the standby took the shard");
     assert!(takeover < Duration::from_secs(3), "takeover took {takeover:?} (lease TTL is 20 s)");
-    let t = traffic.await.unwrap();
-    let v = t.verdict(load.per_sender);
+    let result = traffic.await.unwrap();
+    let v = &result.verdict;
     println!("worker drain: takeover {takeover:?}, {v:?}");
-    assert_eq!((v.accepted, v.saved, v.delivered, v.lost, v.reorders, v.errors), (1200, 1200, 1200, 0, 0, 0), "{v:?}");
+    assert_eq!((v.accepted, v.saved, v.delivered, v.lost, v.reorders, v.errored), (1200, 1200, 1200, 0, 0, 0), "{v:?}");
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    assert_eq!(traffic::check_rows(&store).await, (1200, 0, 0));
+    assert_eq!(check_rows(&store).await, (1200, 0, 0));
     store.close().await;
-    assert!(!cluster::pid_alive(c.state.workers[0].pid), "the drained worker exited");
+    assert!(process::wait_gone(c.state.workers[0].pid, EXIT_WAIT).await, "the drained worker exited");
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_drain_closes_with_going_away_and_retries_elsewhere_lose_nothing() {
     let env = TestEnv::new("drain_gw");
-    let c = TestCluster::start(&spec(&env, Mode::Full, 2, 2)).await.unwrap();
+    let c = e2e::start(&spec(&env, Mode::Full, 2, 2)).await;
     let (g1, g2) = (c.state.gateways[0].clone(), c.state.gateways[1].clone());
     let secret = c.state.jwt_secret.clone();
     let mut bob = Client::connect(&g2.ws_url, &secret, 50_002).await;
@@ -137,22 +145,17 @@ async fn gateway_drain_closes_with_going_away_and_retries_elsewhere_lose_nothing
     }
     assert_eq!(got, ids, "bob got every message with the id alice was given");
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    assert_eq!(traffic::check_rows(&store).await, (100, 0, 0));
+    assert_eq!(check_rows(&store).await, (100, 0, 0));
     store.close().await;
-    let started = Instant::now();
-    while cluster::pid_alive(g1.pid) && started.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(!cluster::pid_alive(g1.pid), "the drained gateway exited");
+    assert!(process::wait_gone(g1.pid, EXIT_WAIT).await, "the drained gateway exited");
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_with_messages_in_flight_keeps_per_sender_order() {
     use mysql_async::prelude::Queryable;
     let env = TestEnv::new("reshard");
-    let mut c = TestCluster::start(&spec(&env, Mode::Full, 1, 2)).await.unwrap();
+    let mut c = e2e::start(&spec(&env, Mode::Full, 1, 2)).await;
     let secret = c.state.jwt_secret.clone();
     let senders: Vec<u64> = (70_000..70_020).collect();
     let moved =
@@ -186,19 +189,19 @@ async fn resharding_with_messages_in_flight_keeps_per_sender_order() {
         lock.query_drop("UNLOCK TABLES").await.unwrap();
         lock
     });
-    cluster::reshard(&mut c.state, 3, Duration::from_secs(60)).await.unwrap();
+    ops_on(&c, "reshard", &["--shards", "3", "--drain-timeout-secs", "60"]).await;
+    c.reload().expect("the state file after resharding");
     drop(release.await.unwrap());
     assert_eq!((c.state.shards, c.state.workers.len()), (3, 3));
     assert_eq!(send_phase(c.state.gateways[0].ws_url.clone(), 2).await, 300);
 
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap() < 600 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll::until_true_async(Duration::from_secs(20), || async {
+        store.query_u64("SELECT COUNT(*) FROM messages").await.is_ok_and(|n| n >= 600)
+    })
+    .await;
     // Every phase-1 row of a sender comes before every phase-2 row, in order (ids are acceptance order).
-    assert_eq!(traffic::check_rows(&store).await, (600, 0, 0), "rows, duplicates, senders out of order");
+    assert_eq!(check_rows(&store).await, (600, 0, 0), "rows, duplicates, senders out of order");
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }

@@ -2,8 +2,6 @@
 //! disconnected once its outbound queue is full, and the latency of everyone else on the same gateway
 //! stays where it was.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,9 +12,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
+use e2e::TestEnv;
+use e2e::{cluster_with, exchange, metric, Client, WAIT};
 use im_common::config::Mode;
-use im_common::testkit::TestEnv;
-use support::{cluster_with, exchange, metric, Client, WAIT};
 
 const HEALTHY_SENDER: u64 = 1;
 const HEALTHY_RECEIVER: u64 = 2;
@@ -204,10 +202,11 @@ async fn slow_consumer_is_disconnected_without_slowing_others() {
     }
     // One that never reads again is not waited for: once the gateway's close grace (5 s) has passed,
     // the connection is gone and reading finds only what was already in flight.
-    while gateway_side_tcp_state(&mut late) == Some(1) {
-        assert!(flood_ended.elapsed() < Duration::from_secs(12), "the gateway still holds the unread connection open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let let_go = im_harness::poll::until_true(Duration::from_secs(12).saturating_sub(flood_ended.elapsed()), || {
+        gateway_side_tcp_state(&mut late) != Some(1)
+    })
+    .await;
+    assert!(let_go, "the gateway still holds the unread connection open");
     println!("the gateway closed the unread connection {:.1} s after the flood", flood_ended.elapsed().as_secs_f64());
     let (got, end) = read_until_end(&mut late).await;
     println!("late reader got {got} of its {per_receiver} messages, then {end:?}");
@@ -225,5 +224,4 @@ async fn slow_consumer_is_disconnected_without_slowing_others() {
     }
     soon.ping().await;
     drop(c);
-    env.cleanup().await;
 }

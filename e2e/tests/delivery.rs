@@ -1,16 +1,15 @@
 //! Delivery in baseline mode over real sockets: multi-device fan-out across gateways, and the offline
 //! resend with its delivered cursor.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use e2e::TestEnv;
+use e2e::{cluster, cluster_with, Client, WAIT};
 use im_common::config::Mode;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use support::{cluster, cluster_with, Client, WAIT};
+use im_harness::poll;
 
 const ALICE: u64 = 1001;
 const BOB: u64 = 1002;
@@ -53,7 +52,6 @@ async fn bob_receives_on_both_devices() {
     let rest = alice.drain(Duration::from_millis(200)).await;
     assert!(chats(&rest).is_empty(), "the sender got a push: {rest:?}");
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,11 +85,9 @@ async fn offline_messages_are_resent_in_order_until_delivered() {
     let last = ids[2].clone();
     bob.send_json(json!({"type": "ACK", "ackType": "delivered", "serverMsgId": last})).await;
     let last_id: u64 = last.parse().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while store.delivered_cursor(BOB).await.unwrap() != last_id {
-        assert!(tokio::time::Instant::now() < deadline, "delivered cursor not flushed within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(flush_ms)).await;
-    }
+    let flushed =
+        poll::until_true_async(WAIT, || async { store.delivered_cursor(BOB).await.is_ok_and(|c| c == last_id) }).await;
+    assert!(flushed, "delivered cursor not flushed within {WAIT:?}");
     bob.inner().close(None).await.unwrap();
     drop(bob);
     tokio::time::sleep(Duration::from_millis(3 * flush_ms)).await;
@@ -110,5 +106,4 @@ async fn offline_messages_are_resent_in_order_until_delivered() {
     assert!(chats(&rest).iter().all(|v| v["serverMsgId"] == id4.as_str()), "{rest:?}");
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }

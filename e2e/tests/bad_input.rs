@@ -2,18 +2,16 @@
 //! documented `ERROR` reason, oversize frames and unauthenticated connections are closed with their
 //! codes, bad tokens get HTTP 401 — and meanwhile two other users on the same gateway keep chatting.
 
-mod support;
-
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use e2e::TestEnv;
+use e2e::{cluster_with, exchange, Client};
 use futures_util::SinkExt;
 use im_common::config::Mode;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use support::{cluster_with, exchange, Client};
 
 const ALICE: u64 = 1;
 const BOB: u64 = 2;
@@ -143,7 +141,6 @@ async fn bad_frames_get_their_reason_while_others_keep_chatting() {
     exchange(&mut bob, &mut alice, "pair-after-flood-back").await;
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +173,6 @@ async fn oversize_frame_closes_only_that_connection() {
     exchange(&mut alice, &mut bob, "pair-1").await;
     exchange(&mut bystander, &mut alice, "from-the-bystander").await;
     drop(c);
-    env.cleanup().await;
 }
 
 /// A WebSocket on `?auth=frame`, no token.
@@ -270,5 +266,4 @@ async fn unauthenticated_connections_are_refused_while_others_keep_chatting() {
     assert_eq!(sneaky, 0);
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }

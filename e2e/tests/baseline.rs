@@ -1,13 +1,11 @@
 //! Baseline mode end to end: real gateway processes, real Redis and MariaDB, real WebSocket clients.
 
-mod support;
-
 use std::time::Duration;
 
+use e2e::TestEnv;
+use e2e::{cluster, get_json, Client};
 use im_common::config::Mode;
 use im_common::store::Store;
-use im_common::testkit::TestEnv;
-use support::{cluster, get_json, Client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_crosses_gateways_and_lands_in_history() {
@@ -50,5 +48,4 @@ async fn message_crosses_gateways_and_lands_in_history() {
     assert!(extra.iter().all(|v| v["type"] != "SINGLE_CHAT"), "bob got a second copy: {extra:?}");
     store.close().await;
     drop(c);
-    env.cleanup().await;
 }

@@ -2,38 +2,41 @@
 //! save stage hangs inside an INSERT turns red, and so does a gateway whose node-channel subscription
 //! is gone; both turn green again by themselves once the cause is removed.
 
-mod support;
-
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
 use tokio::time::Instant;
 
+use e2e::{exchange, spec, wait_metric, Client, TestEnv};
 use im_common::config::Mode;
-use im_common::testkit::TestEnv;
-use im_ops::cluster::http_get;
-use support::{exchange, spec, wait_metric, Client};
+use im_harness::{http, poll};
+
+/// While subscriptions are being killed: how often they are killed, and how often readyz is asked.
+const KILL_EVERY: Duration = Duration::from_millis(50);
+const SAMPLE_EVERY: Duration = Duration::from_millis(15);
+
+/// `GET url` as (status, body); `None` when nothing answered.
+async fn http_get(url: &str) -> Option<(u16, String)> {
+    http::get(url).await.ok()
+}
 
 fn readyz(metrics_url: &str) -> String {
     metrics_url.replace("/metrics", "/readyz")
 }
 
-/// Polls `url` every `every` until its status is `want` or `limit` passes; returns the last answer.
-async fn wait_status(url: &str, want: u16, limit: Duration, every: Duration) -> (u16, String) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let answer = http_get(url).await.unwrap_or((0, String::new()));
-        if answer.0 == want || Instant::now() > deadline {
-            return answer;
-        }
-        tokio::time::sleep(every).await;
+/// Polls `url` until its status is `want` or `limit` passes; returns the last answer.
+async fn wait_status(url: &str, want: u16, limit: Duration) -> (u16, String) {
+    let wanted = poll::until(limit, || async { http_get(url).await.filter(|(status, _)| *status == want) }).await;
+    match wanted {
+        Some(answer) => answer,
+        None => http_get(url).await.unwrap_or((0, String::new())),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_red_while_the_save_stage_hangs_in_an_insert_and_green_after() {
     let env = TestEnv::new("stuck_save");
-    let c = support::cluster(&env, Mode::Full, 1, 1).await;
+    let c = e2e::cluster(&env, Mode::Full, 1, 1).await;
     let worker_ready = readyz(&c.state.workers[0].metrics_url);
     assert_eq!(http_get(&worker_ready).await.map(|(s, _)| s), Some(200), "ready before the fault");
 
@@ -54,7 +57,7 @@ async fn readyz_is_red_while_the_save_stage_hangs_in_an_insert_and_green_after()
     bob.expect("push", |v| v["type"] == "SINGLE_CHAT" && v["clientMsgId"] == "stuck1").await;
 
     // The save stage stops ticking; after max(3 × block_ms, 5 s) the worker says so.
-    let (status, body) = wait_status(&worker_ready, 503, Duration::from_secs(12), Duration::from_millis(100)).await;
+    let (status, body) = wait_status(&worker_ready, 503, Duration::from_secs(12)).await;
     assert_eq!(status, 503, "readyz while the INSERT hangs: {body}");
     assert!(body.contains("save stage made no progress"), "names the stalled stage: {body}");
     let red_after = locked_at.elapsed();
@@ -66,11 +69,10 @@ async fn readyz_is_red_while_the_save_stage_hangs_in_an_insert_and_green_after()
 
     locker.query_drop("UNLOCK TABLES").await.expect("unlock");
     alice.ack("saved", "stuck1").await;
-    let (status, body) = wait_status(&worker_ready, 200, Duration::from_secs(5), Duration::from_millis(50)).await;
+    let (status, body) = wait_status(&worker_ready, 200, Duration::from_secs(5)).await;
     assert_eq!(status, 200, "ready again after the lock is released: {body}");
     locker.disconnect().await.ok();
     drop(c);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +81,7 @@ async fn readyz_is_red_while_the_node_channel_subscription_is_lost_and_green_aft
     let mut s = spec(&env, Mode::Full, 2, 1);
     // Killing pub/sub clients must not touch other tests' gateways: a Redis of our own.
     s.force_private = true;
-    let c = im_ops::cluster::TestCluster::start(&s).await.expect("cluster starts");
+    let c = e2e::start(&s).await;
     let gateway_ready = readyz(&c.state.gateways[0].metrics_url);
     assert_eq!(http_get(&gateway_ready).await.map(|(s, _)| s), Some(200), "ready before the fault");
 
@@ -87,7 +89,7 @@ async fn readyz_is_red_while_the_node_channel_subscription_is_lost_and_green_aft
     let killer = tokio::spawn({
         let url = c.state.redis_url.clone();
         async move {
-            let mut redis = im_common::bus::connect(&url).await.expect("redis");
+            let mut redis = e2e::redis(&url).await;
             let (start, mut killed) = (Instant::now(), 0u64);
             while start.elapsed() < killing {
                 let n: u64 = redis::cmd("CLIENT")
@@ -98,7 +100,7 @@ async fn readyz_is_red_while_the_node_channel_subscription_is_lost_and_green_aft
                     .await
                     .expect("client kill");
                 killed += n;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(KILL_EVERY).await;
             }
             killed
         }
@@ -110,7 +112,7 @@ async fn readyz_is_red_while_the_node_channel_subscription_is_lost_and_green_aft
             Some((200, _)) => green += 1,
             other => panic!("unexpected readyz answer {other:?}"),
         }
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        tokio::time::sleep(SAMPLE_EVERY).await;
     }
     let killed = killer.await.expect("killer");
     println!("killed {killed} pub/sub clients; readyz answered {} red, {green} green", red.len());
@@ -120,8 +122,7 @@ async fn readyz_is_red_while_the_node_channel_subscription_is_lost_and_green_aft
 
     // Killing stopped: every gateway resubscribes by itself and is ready again.
     for g in &c.state.gateways {
-        let (status, body) =
-            wait_status(&readyz(&g.metrics_url), 200, Duration::from_secs(5), Duration::from_millis(20)).await;
+        let (status, body) = wait_status(&readyz(&g.metrics_url), 200, Duration::from_secs(5)).await;
         assert_eq!(status, 200, "gateway {} ready again: {body}", g.node_id);
         let up = wait_metric(&g.metrics_url, "im_gateway_subscription_up", &[], |v| v == 1.0).await;
         assert_eq!(up, 1.0, "gateway {} reports its subscription up", g.node_id);
