@@ -26,8 +26,12 @@ command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninte
 command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus && if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; fi)
 
 cargo fmt --all -- --check
+# No declared-but-unused dependency may come back (cargo-machete, from crates.io, installed once).
+command -v cargo-machete >/dev/null || cargo install --quiet --locked cargo-machete
+cargo machete
 cargo clippy --workspace --all-targets -- -D warnings
-# End-to-end tests launch the gateway, shard-worker and ops binaries: build them all first (cargo
-# test alone builds only the binaries of packages whose own integration tests need them).
+# End-to-end tests (e2e/, bench/tests, ops/tests) launch the gateway, shard-worker and ops binaries:
+# build them all first (cargo test alone builds only the binaries of packages whose own integration
+# tests need them).
 cargo build --workspace
 cargo test --workspace

@@ -13,7 +13,6 @@ pub mod record;
 pub mod shard;
 pub mod store;
 pub mod telemetry;
-pub mod testkit;
 
 /// Why a process could not start: a server it needs is unusable, or its options are.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 
 use im_common::record::ChatMessage;
 use im_common::store::{migrate, Store};
-use im_common::testkit::TestEnv;
+use im_harness::env::TestEnv;
 
 fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
     ChatMessage { id, from, to, client_msg_id: cmid.into(), msg_type: "TEXT".into(), body: body.into() }
