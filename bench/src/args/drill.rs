@@ -8,7 +8,7 @@ use clap::Args;
 
 use im_common::config::Config;
 
-use super::secs;
+use super::{secs, ClusterSizeArgs};
 use crate::compare::run_stamp;
 use crate::drill::{self, Drill, DrillSpec, StopSignal};
 use crate::spec::LoadSpec;
@@ -51,13 +51,8 @@ pub struct DrillArgs {
     /// fill and the gateway's outbound queue overflows within the window].
     #[arg(long)]
     body_bytes: Option<usize>,
-    #[arg(long, default_value_t = 2)]
-    gateways: usize,
-    #[arg(long, default_value_t = 4)]
-    shards: u16,
-    /// Worker processes (default shards + 1: one standby).
-    #[arg(long)]
-    workers: Option<usize>,
+    #[command(flatten)]
+    size: ClusterSizeArgs,
     /// Drill an existing cluster instead (`ops up --private`); refused if its servers are shared.
     #[arg(long)]
     state: Option<PathBuf>,
@@ -132,9 +127,9 @@ impl DrillArgs {
             ..LoadSpec::default()
         };
         spec.config = config;
-        spec.gateways = self.gateways;
-        spec.shards = self.shards;
-        spec.workers = self.workers;
+        spec.gateways = self.size.gateways;
+        spec.shards = self.size.shards;
+        spec.workers = self.size.workers;
         spec.state = self.state.clone();
         spec.fail_open = self.fail_open;
         spec.kill_every = secs(self.kill_every, "kill-every")?;

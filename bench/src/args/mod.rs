@@ -117,6 +117,19 @@ impl LoadArgs {
     }
 }
 
+/// How big a cluster a command starts.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ClusterSizeArgs {
+    #[arg(long, default_value_t = 2)]
+    pub gateways: usize,
+    #[arg(long, default_value_t = 4)]
+    pub shards: u16,
+    /// Worker processes (default one per shard, and in a drill one more as a standby; workers beyond
+    /// the shard count stand by).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
 /// How each comparison/sweep cluster is started.
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
@@ -124,13 +137,8 @@ pub struct ClusterArgs {
     /// database are set per arm.
     #[arg(long)]
     config: Option<PathBuf>,
-    #[arg(long, default_value_t = 2)]
-    gateways: usize,
-    #[arg(long, default_value_t = 4)]
-    shards: u16,
-    /// Worker processes (default one per shard; more become standbys).
-    #[arg(long)]
-    workers: Option<usize>,
+    #[command(flatten)]
+    size: ClusterSizeArgs,
     /// Keep each arm's Redis keys and database afterwards.
     #[arg(long)]
     keep_data: bool,
@@ -139,14 +147,15 @@ pub struct ClusterArgs {
 impl ClusterArgs {
     /// The clusters these flags describe.
     pub fn options(&self) -> Result<ClusterOptions, BenchError> {
-        if self.gateways == 0 || self.shards == 0 {
+        let ClusterSizeArgs { gateways, shards, workers } = self.size;
+        if gateways == 0 || shards == 0 {
             return Err(BenchError::InvalidSpec("--gateways and --shards must be positive".into()));
         }
         Ok(ClusterOptions {
             config: Config::load(self.config.as_deref()).map_err(|e| BenchError::InvalidSpec(e.to_string()))?,
-            gateways: self.gateways,
-            shards: self.shards,
-            workers: self.workers,
+            gateways,
+            shards,
+            workers,
             keep_data: self.keep_data,
         })
     }

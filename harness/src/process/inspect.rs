@@ -4,10 +4,10 @@
 
 use std::collections::HashSet;
 
+use nix::errno::Errno;
+use nix::unistd::Pid;
 use procfs::net::TcpState;
 use procfs::process::{FDTarget, Process};
-
-use super::signal;
 
 /// The fields of `/proc/<pid>/stat` the harness uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,17 @@ pub struct ProcStat {
     pub parent_pid: u32,
     /// User plus system CPU time, in clock ticks ([`ticks_per_second`]).
     pub cpu_ticks: u64,
+}
+
+/// The pid as a kill(2) target, or `None` for values that would address a group or init (0, 1, and
+/// values beyond `i32`, which kill(2) reads as negative: a process group).
+pub(super) fn kill_target(pid: u32) -> Option<Pid> {
+    i32::try_from(pid).ok().filter(|&pid| pid > 1).map(Pid::from_raw)
+}
+
+/// Whether any process has `pid` (a zombie counts): kill(2) with signal 0.
+pub fn exists(pid: u32) -> bool {
+    kill_target(pid).is_some_and(|target| !matches!(nix::sys::signal::kill(target, None), Err(Errno::ESRCH)))
 }
 
 fn process(pid: u32) -> Option<Process> {
@@ -46,7 +57,7 @@ pub fn is_live_state(state: char) -> bool {
 pub fn is_alive(pid: u32) -> bool {
     // kill(pid, 0) is the authoritative "exists"; /proc only refines a yes, because reading it races
     // with an exiting process and fails transiently.
-    signal::exists(pid) && stat(pid).is_none_or(|s| is_live_state(s.state))
+    exists(pid) && stat(pid).is_none_or(|s| is_live_state(s.state))
 }
 
 /// Whether any thread of `pid` is still live (after kill -9 the main thread turns zombie first while

@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 pub use inspect::{
-    any_live_thread, comm, cpu_ticks, find_by_comm, is_alive, is_live_state, listener_pid, raise_fd_limit, rss_kib,
-    running_as_root, stat, ticks_per_second, ProcStat,
+    any_live_thread, comm, cpu_ticks, exists, find_by_comm, is_alive, is_live_state, listener_pid, raise_fd_limit,
+    rss_kib, running_as_root, stat, ticks_per_second, ProcStat,
 };
-pub use signal::{exists, kill_group_now, kill_now, send, terminate, wait_gone, Signal, SignalError};
+pub use signal::{kill_group_now, kill_now, send, terminate, wait_gone, Signal, SignalError};
 
 /// The environment variables that override a config file (`IM__SECTION__KEY`).
 const CONFIG_OVERRIDE_PREFIX: &str = "IM__";

@@ -7,11 +7,10 @@
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::unistd::Pid;
 
 pub use nix::sys::signal::Signal;
 
-use super::inspect::is_alive;
+use super::inspect::{is_alive, kill_target as target};
 use crate::poll;
 
 /// How long a SIGKILLed process gets to disappear before [`terminate`] gives up on it.
@@ -26,11 +25,6 @@ pub struct SignalError {
     pub source: Errno,
 }
 
-/// The pid as a kill(2) target, or `None` for values that would address a group or init.
-fn target(pid: u32) -> Option<Pid> {
-    i32::try_from(pid).ok().filter(|&pid| pid > 1).map(Pid::from_raw)
-}
-
 /// Sends `signal` to `pid`. A process that is gone (or a pid that is never signalled) is `Ok`.
 pub fn send(pid: u32, signal: Signal) -> Result<(), SignalError> {
     let Some(target) = target(pid) else { return Ok(()) };
@@ -38,11 +32,6 @@ pub fn send(pid: u32, signal: Signal) -> Result<(), SignalError> {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
         Err(source) => Err(SignalError { pid, signal, source }),
     }
-}
-
-/// Whether any process has `pid` (a zombie counts): kill(2) with signal 0.
-pub fn exists(pid: u32) -> bool {
-    target(pid).is_some_and(|target| !matches!(nix::sys::signal::kill(target, None), Err(Errno::ESRCH)))
 }
 
 /// SIGKILL without waiting, for guards that clean up on the way out; a failure is only logged.
@@ -88,7 +77,7 @@ mod tests {
         assert_eq!(target(0), None);
         assert_eq!(target(1), None);
         assert_eq!(target(u32::MAX), None);
-        assert_eq!(target(4242), Some(Pid::from_raw(4242)));
+        assert_eq!(target(4242), Some(nix::unistd::Pid::from_raw(4242)));
         assert!(send(0, Signal::SIGKILL).is_ok() && send(1, Signal::SIGKILL).is_ok());
     }
 

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::install::require_binary;
 use super::probe::MYSQL_PROBE_TIMEOUT;
-use super::{log_path, prepare_dir, read_log_from, spawn, PrivateServer, ServerError, ServerKind};
+use super::{log_path, prepare_dir, read_log_from, Launch, PrivateServer, ServerError, ServerKind};
 use crate::process::{self, running_as_root};
 
 /// Generous because the first start initialises InnoDB and crash recovery may follow a kill -9.
@@ -63,19 +63,8 @@ impl PrivateServer {
             // mariadbd refuses to run as root unless told explicitly.
             args.push("--user=root".into());
         }
-        let pid = spawn(&binary, &args, &log)?;
-        let server = PrivateServer {
-            kind_name: kind.name().into(),
-            port,
-            pid,
-            url: format!("mysql://root@127.0.0.1:{port}/"),
-            dir,
-            appendfsync: None,
-        };
-        server.wait_ready(MARIADB_READY_TIMEOUT).await?;
-        server.save_state()?;
-        info!(pid, port, dir = %server.dir.display(), "private mariadb ready");
-        Ok(server)
+        let launch = Launch { kind, binary, args, url: format!("mysql://root@127.0.0.1:{port}/"), port, dir };
+        launch.run(None, MARIADB_READY_TIMEOUT).await
     }
 
     /// Makes sure root can log in over TCP, through the unix socket (where root@localhost always gets

@@ -413,11 +413,31 @@ pub async fn ensure_servers(
     }
 }
 
-/// Starts a server program detached ([`process::spawn_detached`]): it outlives the caller.
-fn spawn(binary: &Path, args: &[String], log: &Path) -> Result<u32, ServerError> {
-    let mut command = Command::new(binary);
-    command.args(args);
-    Ok(process::spawn_detached(command, log)?)
+/// How to start one private server: the program and its arguments, where it listens and lives.
+struct Launch {
+    kind: ServerKind,
+    binary: PathBuf,
+    args: Vec<String>,
+    url: String,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Launch {
+    /// Starts the server detached ([`process::spawn_detached`]: it outlives the caller), waits until
+    /// it serves, and records its handle in its directory.
+    async fn run(self, appendfsync: Option<String>, ready_timeout: Duration) -> Result<PrivateServer, ServerError> {
+        let kind = self.kind.name();
+        let mut command = Command::new(&self.binary);
+        command.args(&self.args);
+        let pid = process::spawn_detached(command, &log_path(&self.dir, self.kind))?;
+        let server =
+            PrivateServer { kind_name: kind.into(), port: self.port, pid, dir: self.dir, url: self.url, appendfsync };
+        server.wait_ready(ready_timeout).await?;
+        server.save_state()?;
+        info!(pid, port = server.port, dir = %server.dir.display(), appendfsync = ?server.appendfsync, "private {kind} ready");
+        Ok(server)
+    }
 }
 
 /// Makes `dir` absolute (servers change their working directory) and creates it, refusing when a

@@ -3,10 +3,8 @@
 
 use std::path::Path;
 
-use tracing::info;
-
 use super::install::require_binary;
-use super::{log_path, prepare_dir, spawn, PrivateServer, ServerError, ServerKind};
+use super::{prepare_dir, Launch, PrivateServer, ServerError, ServerKind};
 
 /// A fresh Redis (or one replaying its AOF) must answer PING within this.
 const REDIS_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -44,18 +42,7 @@ impl PrivateServer {
             "--logfile".into(),
             String::new(),
         ];
-        let pid = spawn(&binary, &args, &log_path(&dir, kind))?;
-        let server = PrivateServer {
-            kind_name: kind.name().into(),
-            port,
-            pid,
-            url: format!("redis://127.0.0.1:{port}"),
-            dir,
-            appendfsync: Some(appendfsync.into()),
-        };
-        server.wait_ready(REDIS_READY_TIMEOUT).await?;
-        server.save_state()?;
-        info!(pid, port, dir = %server.dir.display(), appendfsync, "private redis ready");
-        Ok(server)
+        let launch = Launch { kind, binary, args, url: format!("redis://127.0.0.1:{port}"), port, dir };
+        launch.run(Some(appendfsync.into()), REDIS_READY_TIMEOUT).await
     }
 }
