@@ -42,7 +42,7 @@ impl TestEnv {
     /// Drops the database and deletes every key under the prefix.
     pub async fn cleanup(&self) {
         let _ = crate::store::drop_database(&self.mysql_url).await;
-        if let Ok(mut conn) = crate::bus::connect(&self.redis_url).await {
+        if let Ok(mut conn) = crate::connections::connect(&self.redis_url).await {
             let pattern = format!("{}:*", self.key_prefix);
             let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap_or_default();
             for chunk in keys.chunks(500) {

@@ -13,8 +13,9 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use crate::send::{decode_state, encode_state, receipt, BaselineSaver, Stage};
+use crate::baseline::BaselineSaver;
 use im_common::config::Config;
+use im_common::idempotency::{decode_state, encode_state, Stage};
 use im_common::keys::Keys;
 use im_common::protocol::{Reason, ServerFrame};
 use im_common::record::{encode, Accepted, ChatMessage, Origin, MSG_FIELD};
@@ -150,14 +151,14 @@ impl Appender {
         match result {
             Ok(None) => {
                 self.appends[usize::from(shard)].increment(1);
-                vec![receipt(Stage::Accepted, &msg.client_msg_id, msg.id)]
+                vec![Stage::Accepted.receipt(&msg.client_msg_id, msg.id)]
             }
             // A fail-open attempt claimed it but did not confirm: finish it on the baseline path.
             Ok(Some(prev)) => match decode_state(&prev) {
                 Some((Stage::Pending, id)) => {
                     self.saver.save_and_answer(ChatMessage { id, ..msg }, Some(key.to_owned())).await
                 }
-                Some((stage, id)) => vec![receipt(stage, &msg.client_msg_id, id)],
+                Some((stage, id)) => vec![stage.receipt(&msg.client_msg_id, id)],
                 None => vec![ServerFrame::error(Reason::InternalError, Some(msg.client_msg_id))],
             },
             Err(e) if self.fail_open => {

@@ -206,7 +206,7 @@ async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
         ("saved", "save_failed", "saved")
     );
     assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap(), 2);
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let mut redis = im_common::connections::connect(&c.state.redis_url).await.unwrap();
     let dead: Vec<redis::Value> = redis::cmd("XRANGE")
         .arg(format!("{}:{{s0}}:dead", c.state.key_prefix))
         .arg("-")
@@ -247,7 +247,7 @@ async fn a_backlog_past_its_bound_answers_server_busy() {
     // The gateway's backlog figure refreshes every 250 ms, so a few may slip past the bound.
     assert!((5..=8).contains(&accepted), "accepted {accepted}");
     assert_eq!(accepted + busy, 20);
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let mut redis = im_common::connections::connect(&c.state.redis_url).await.unwrap();
     let len: u64 = redis::cmd("XLEN")
         .arg(format!("{}:{{s0}}:accepted", c.state.key_prefix))
         .query_async(&mut redis)
@@ -305,7 +305,7 @@ async fn a_gateway_back_from_a_subscription_gap_replays_it_in_order_from_its_jou
     let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 6102).await;
     let mut alice = Client::connect(&c.state.gateways[1].ws_url, &secret, 6101).await;
     let keys = Keys::from_config(&s.config);
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let mut redis = im_common::connections::connect(&c.state.redis_url).await.unwrap();
     let route_of_bob = || async {
         let nodes: Vec<u16> =
             redis::cmd("ZRANGE").arg(keys.route(6102)).arg(0).arg(-1).query_async(&mut redis.clone()).await.unwrap();

@@ -399,7 +399,7 @@ async fn generate_traffic<F: std::future::Future<Output = ()>>(
 
     // Fail-open and server_busy happen twice, a scrape apart: their counters are created by the
     // first event, and rate() needs a second one to see a sustained condition (what the alerts are for).
-    let mut redis = im_common::bus::connect(&c.state.redis_url).await.expect("redis");
+    let mut redis = im_common::connections::connect(&c.state.redis_url).await.expect("redis");
     for round in 0..2 {
         // An idempotency key of the wrong type makes the append script fail: fail-open saves it anyway.
         let cmid = format!("failopen{round}");

@@ -87,7 +87,7 @@ async fn readyz_is_red_while_the_node_channel_subscription_is_lost_and_green_aft
     let killer = tokio::spawn({
         let url = c.state.redis_url.clone();
         async move {
-            let mut redis = im_common::bus::connect(&url).await.expect("redis");
+            let mut redis = im_common::connections::connect(&url).await.expect("redis");
             let (start, mut killed) = (Instant::now(), 0u64);
             while start.elapsed() < killing {
                 let n: u64 = redis::cmd("CLIENT")

@@ -47,7 +47,7 @@ async fn every_message_is_receipted_delivered_and_saved_once(mode: Mode, name: &
     store.close().await;
     if mode != Mode::Baseline {
         // Trimming: once drained, nothing is left in any stream.
-        let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+        let mut redis = im_common::connections::connect(&c.state.redis_url).await.unwrap();
         for shard in 0..2 {
             for stream in ["accepted", "to_save"] {
                 let key = format!("{}:{{s{shard}}}:{stream}", c.state.key_prefix);

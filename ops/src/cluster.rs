@@ -206,7 +206,7 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
     let keys = im_common::keys::Keys::from_config(&cfg);
     let redis_err =
         |e: redis::RedisError| ClusterError::Io { what: "drain check".into(), source: std::io::Error::other(e) };
-    let mut redis = im_common::bus::connect(&cfg.redis.url).await.map_err(redis_err)?;
+    let mut redis = im_common::connections::connect(&cfg.redis.url).await.map_err(redis_err)?;
     let started = Instant::now();
     loop {
         let mut pipe = redis::pipe();

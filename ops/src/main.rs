@@ -146,7 +146,7 @@ fn forward_drill(config: Option<&std::path::Path>, args: &[String]) -> anyhow::R
 }
 
 async fn redis_has_aof(url: &str) -> bool {
-    let Ok(mut conn) = im_common::bus::connect(url).await else { return false };
+    let Ok(mut conn) = im_common::connections::connect(url).await else { return false };
     let reply: Vec<String> =
         redis::cmd("CONFIG").arg("GET").arg("appendonly").query_async(&mut conn).await.unwrap_or_default();
     reply.get(1).is_some_and(|v| v == "yes")

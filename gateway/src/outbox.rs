@@ -1,0 +1,83 @@
+//! The outbox: remote pushes of saved messages that wait for Redis.
+//!
+//! A fail-open (baseline) save commits while Redis is unreachable, so its pushes to other gateways
+//! cannot be published. They wait here, oldest first, and [`Outbox::republish`] sends them in order
+//! once Redis answers. While anything waits, new remote pushes queue behind it and the appender keeps
+//! messages on the baseline path, so nothing a sender sends later can overtake a waiting push.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use im_common::record::Push;
+use im_common::router::{Router, Target};
+
+/// How often an idle republisher looks for waiting pushes, and how long it waits after a failure.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Most pushes the outbox holds; beyond that the oldest are dropped (their rows are saved, and
+/// offline resend delivers them on reconnect).
+const OUTBOX_MAX_PUSHES: usize = 100_000;
+
+/// Remote pushes of saved messages that could not be published (Redis unreachable), oldest first.
+/// [`Outbox::republish`] sends them in order once Redis answers. While anything waits here, new
+/// remote pushes queue behind it and the appender keeps messages on the baseline path, so nothing
+/// a sender sends later can overtake a waiting push.
+#[derive(Default)]
+pub struct Outbox {
+    queue: std::sync::Mutex<VecDeque<Vec<(Target, Push)>>>,
+    /// Pushes queued or being republished.
+    pushes: AtomicUsize,
+}
+
+impl Outbox {
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.pushes.load(Ordering::Acquire) == 0
+    }
+
+    /// Queues a batch behind what waits (dropping the oldest beyond the cap).
+    pub fn enqueue(&self, batch: Vec<(Target, Push)>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.pushes.fetch_add(batch.len(), Ordering::AcqRel);
+        queue.push_back(batch);
+        self.trim(&mut queue);
+    }
+
+    fn trim(&self, queue: &mut VecDeque<Vec<(Target, Push)>>) {
+        while self.pushes.load(Ordering::Acquire) > OUTBOX_MAX_PUSHES {
+            let Some(oldest) = queue.pop_front() else { break };
+            self.pushes.fetch_sub(oldest.len(), Ordering::AcqRel);
+            metrics::counter!("im_gateway_pushes_dropped_total").increment(oldest.len() as u64);
+        }
+        metrics::gauge!("im_gateway_outbox_pushes").set(self.pushes.load(Ordering::Acquire) as f64);
+    }
+
+    /// Republishes waiting pushes, oldest first, until the process ends.
+    pub async fn republish(self: Arc<Self>, router: Router, node: u16) {
+        loop {
+            let next = self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+            let Some(batch) = next else {
+                tokio::time::sleep(IDLE_POLL).await;
+                continue;
+            };
+            match router.send(&batch, Some(node)).await {
+                Ok(stats) => {
+                    metrics::counter!("im_gateway_pubsub_messages_out_total").increment(stats.publishes as u64);
+                    self.pushes.fetch_sub(batch.len(), Ordering::AcqRel);
+                    metrics::gauge!("im_gateway_outbox_pushes").set(self.pushes.load(Ordering::Acquire) as f64);
+                }
+                Err(_) => {
+                    {
+                        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        queue.push_front(batch);
+                        self.trim(&mut queue);
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+}
