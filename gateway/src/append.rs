@@ -205,3 +205,37 @@ impl Appender {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn next_window() {
+        std::thread::sleep(Duration::from_millis(WINDOW_MS + 20));
+    }
+
+    #[test]
+    fn the_standing_round_trip_is_the_lowest_of_the_last_window() {
+        let p = Pressure::default();
+        p.standing(); // opens the first window
+        for ms in [80, 5, 60] {
+            p.record(Duration::from_millis(ms));
+        }
+        next_window();
+        assert_eq!(p.standing(), Duration::from_millis(5), "one fast append shows there is no standing queue");
+    }
+
+    #[test]
+    fn a_window_of_only_slow_appends_raises_the_standing_level() {
+        let p = Pressure::default();
+        p.standing();
+        for ms in [70, 55, 90] {
+            p.record(Duration::from_millis(ms));
+        }
+        next_window();
+        assert_eq!(p.standing(), Duration::from_millis(55));
+        // A window without appends reads as 0: nothing is queued.
+        next_window();
+        assert_eq!(p.standing(), Duration::ZERO);
+    }
+}

@@ -6,42 +6,17 @@
 //! protocol violations), failed authentication, idleness and slow reading close it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::WebSocket;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::framing::{close_code, write_loop, Control, Message, ReadError, Reader, Stream};
+use crate::rate_limit::RateLimit;
 use crate::sessions::ConnHandle;
 use crate::Gateway;
 use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame};
-
-/// Token bucket: `rate` frames per second sustained, `burst` at once.
-struct RateLimit {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(rate: u32, burst: u32) -> Self {
-        RateLimit { tokens: f64::from(burst), rate: f64::from(rate), burst: f64::from(burst), last: Instant::now() }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// Serves an upgraded WebSocket; `uid` is set when the handshake carried a valid token.
 pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>, _slot: OwnedSemaphorePermit) {

@@ -18,6 +18,7 @@ pub mod history;
 pub mod node_channel;
 pub mod offline;
 pub mod outbox;
+pub mod rate_limit;
 pub mod routes;
 pub mod server;
 pub mod sessions;

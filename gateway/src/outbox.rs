@@ -81,3 +81,43 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_common::protocol::ServerFrame;
+
+    fn batch(n: usize, first_id: u64) -> Vec<(Target, Push)> {
+        (0..n as u64)
+            .map(|i| {
+                let frame = ServerFrame::ack(im_common::protocol::AckType::Saved, "c", first_id + i);
+                (Target::Routed, Push { user: 1, conn: None, frame })
+            })
+            .collect()
+    }
+
+    fn queued_ids(outbox: &Outbox) -> Vec<u64> {
+        let queue = outbox.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.iter().flatten().filter_map(|(_, p)| p.frame.server_msg_id).collect()
+    }
+
+    #[test]
+    fn pushes_wait_in_the_order_they_were_queued() {
+        let outbox = Outbox::default();
+        assert!(outbox.is_empty());
+        outbox.enqueue(batch(2, 10));
+        outbox.enqueue(batch(1, 20));
+        assert!(!outbox.is_empty());
+        assert_eq!(queued_ids(&outbox), [10, 11, 20]);
+    }
+
+    #[test]
+    fn beyond_the_cap_the_oldest_batches_are_dropped_whole() {
+        let outbox = Outbox::default();
+        let half = OUTBOX_MAX_PUSHES / 2 + 1;
+        outbox.enqueue(batch(half, 0));
+        outbox.enqueue(batch(half, 1_000_000));
+        assert_eq!(outbox.pushes.load(Ordering::Acquire), half, "the oldest batch was not dropped");
+        assert_eq!(queued_ids(&outbox).first(), Some(&1_000_000));
+    }
+}
