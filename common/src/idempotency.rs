@@ -3,11 +3,12 @@
 //! A message's (sender, clientMsgId) is claimed here before anything else happens to it, so a retry
 //! gets the serverMsgId of the first attempt in whatever state it has reached. The gateway claims and
 //! reads keys ([`IdempotencyWindow`]); the shard worker's commit script marks them saved. Both write
-//! the value through [`encode_state`], the one definition of its format (`<stage>:<serverMsgId>`).
+//! the value through [`encode_state`], the one definition of its format (`<stage>:<serverMsgId>`,
+//! stage `p` pending, `a` accepted, `s` saved, `f` failed for good).
 
 use redis::aio::ConnectionManager;
 
-use crate::protocol::{AckType, ServerFrame};
+use crate::protocol::{AckType, Reason, ServerFrame};
 
 /// How far an earlier attempt with the same clientMsgId got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub enum Stage {
     Accepted,
     /// Committed in MySQL.
     Saved,
+    /// Refused by the database for good (dead-lettered); a resend hears `save_failed` again.
+    Failed,
 }
 
 /// The idempotency window: `idempotency(shard, from, clientMsgId)` → `<stage>:<serverMsgId>`.
@@ -58,13 +61,25 @@ impl IdempotencyWindow {
         Ok(values.iter().map(|v| v.as_deref().and_then(decode_state)).collect())
     }
 
-    /// Marks many keys saved, in one pipeline.
-    pub async fn mark_saved(&self, entries: &[(String, u64)]) -> redis::RedisResult<()> {
+    /// Records the final stage (saved or failed) of many keys, in one pipeline.
+    pub async fn settle(&self, entries: &[(String, Stage, u64)]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
-        for (key, id) in entries {
-            pipe.cmd("SET").arg(key).arg(encode_state(Stage::Saved, *id)).arg("EX").arg(self.ttl_secs).ignore();
+        for (key, stage, id) in entries {
+            pipe.cmd("SET").arg(key).arg(encode_state(*stage, *id)).arg("EX").arg(self.ttl_secs).ignore();
         }
         pipe.query_async(&mut self.conn.clone()).await
+    }
+
+    /// The answer to a message refused before it was claimed (shard full, overload, rate limit): if
+    /// an earlier attempt was accepted, saved or failed, its receipt — `reason` promises that nothing
+    /// was accepted, which would be false for it; otherwise the error. One GET, on refusals only.
+    pub async fn answer_refused(&self, key: &str, client_msg_id: &str, reason: Reason) -> ServerFrame {
+        let prev: redis::RedisResult<Option<String>> =
+            redis::cmd("GET").arg(key).query_async(&mut self.conn.clone()).await;
+        match prev.ok().flatten().as_deref().and_then(decode_state) {
+            Some((stage, id)) if stage != Stage::Pending => stage.receipt(client_msg_id, id),
+            _ => ServerFrame::error(reason, Some(client_msg_id.to_owned())),
+        }
     }
 }
 
@@ -74,6 +89,7 @@ pub fn encode_state(stage: Stage, id: u64) -> String {
         Stage::Pending => 'p',
         Stage::Accepted => 'a',
         Stage::Saved => 's',
+        Stage::Failed => 'f',
     };
     format!("{tag}:{id}")
 }
@@ -85,6 +101,7 @@ pub fn decode_state(s: &str) -> Option<(Stage, u64)> {
         "p" => Stage::Pending,
         "a" => Stage::Accepted,
         "s" => Stage::Saved,
+        "f" => Stage::Failed,
         _ => return None,
     };
     Some((stage, id.parse().ok()?))
@@ -93,8 +110,11 @@ pub fn decode_state(s: &str) -> Option<(Stage, u64)> {
 impl Stage {
     /// The receipt for a message at this stage, as the sender will see it.
     pub fn receipt(self, client_msg_id: &str, id: u64) -> ServerFrame {
-        let ack = if self == Stage::Saved { AckType::Saved } else { AckType::Accepted };
-        ServerFrame::ack(ack, client_msg_id, id)
+        match self {
+            Stage::Pending | Stage::Accepted => ServerFrame::ack(AckType::Accepted, client_msg_id, id),
+            Stage::Saved => ServerFrame::ack(AckType::Saved, client_msg_id, id),
+            Stage::Failed => ServerFrame::error(Reason::SaveFailed, Some(client_msg_id.to_owned())),
+        }
     }
 }
 
@@ -104,7 +124,7 @@ mod tests {
 
     #[test]
     fn every_stage_round_trips_through_its_encoding() {
-        for stage in [Stage::Pending, Stage::Accepted, Stage::Saved] {
+        for stage in [Stage::Pending, Stage::Accepted, Stage::Saved, Stage::Failed] {
             assert_eq!(decode_state(&encode_state(stage, 384063290302533632)), Some((stage, 384063290302533632)));
         }
     }

@@ -15,7 +15,7 @@ use redis::Script;
 
 use crate::baseline::BaselineSaver;
 use im_common::config::Config;
-use im_common::idempotency::{decode_state, encode_state, Stage};
+use im_common::idempotency::{decode_state, encode_state, IdempotencyWindow, Stage};
 use im_common::keys::Keys;
 use im_common::protocol::{Reason, ServerFrame};
 use im_common::record::{encode, Accepted, ChatMessage, Origin, MSG_FIELD};
@@ -85,10 +85,18 @@ pub struct Appender {
     /// `im_gateway_appends_total{shard}`, one handle per shard (no label lookup per message).
     appends: Arc<Vec<metrics::Counter>>,
     saver: BaselineSaver,
+    /// For refusals: a retry of a known message gets its receipt, not `server_busy`.
+    window: IdempotencyWindow,
 }
 
 impl Appender {
-    pub fn new(cfg: &Config, conn: ConnectionManager, keys: Keys, saver: BaselineSaver) -> Self {
+    pub fn new(
+        cfg: &Config,
+        conn: ConnectionManager,
+        keys: Keys,
+        saver: BaselineSaver,
+        window: IdempotencyWindow,
+    ) -> Self {
         Appender {
             conn,
             keys,
@@ -105,6 +113,7 @@ impl Appender {
                     .collect(),
             ),
             saver,
+            window,
         }
     }
 
@@ -124,13 +133,13 @@ impl Appender {
         }
         if self.backlog[usize::from(shard)].load(Ordering::Relaxed) >= self.max_backlog {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "backlog").increment(1);
-            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+            return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
         }
         // Overload: appends queue up somewhere (client sockets, this process, Redis). Refusing at
         // once costs almost nothing and leaves the capacity to the messages already admitted.
         if !self.shed_at.is_zero() && self.pressure.standing() >= self.shed_at {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "overload").increment(1);
-            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+            return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
         }
         let payload = encode(&Accepted { msg: msg.clone(), origin });
         let started = std::time::Instant::now();

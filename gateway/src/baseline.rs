@@ -120,18 +120,23 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
     };
     metrics::histogram!("im_gateway_insert_seconds").record(started.elapsed().as_secs_f64());
     let mut results = vec![SaveResult::Rejected; batch.len()];
-    let mut saved_keys = Vec::new();
+    let mut settled = Vec::new();
+    for &(i, _) in &outcome.rejected {
+        if let Some(key) = &batch[i].idempotency_key {
+            settled.push((key.clone(), Stage::Failed, msgs[i].id));
+        }
+    }
     let mut pushes = Vec::new();
     for &(i, id) in &outcome.saved {
         results[i] = SaveResult::Saved(id);
         if let Some(key) = &batch[i].idempotency_key {
-            saved_keys.push((key.clone(), id));
+            settled.push((key.clone(), Stage::Saved, id));
         }
         pushes.push(Push { user: msgs[i].to, conn: None, frame: ChatMessage { id, ..msgs[i].clone() }.push_frame() });
     }
-    if !saved_keys.is_empty() {
-        if let Err(e) = after.idempotency.mark_saved(&saved_keys).await {
-            tracing::debug!(error = %e, "could not mark saved in the idempotency window");
+    if !settled.is_empty() {
+        if let Err(e) = after.idempotency.settle(&settled).await {
+            tracing::debug!(error = %e, "could not record saves in the idempotency window");
         }
     }
     for (job, result) in batch.into_iter().zip(results) {

@@ -109,12 +109,16 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
         };
         metrics::counter!("im_gateway_frames_in_total", "type" => frame_type).increment(1);
         if !rate.allow() {
-            let cmid = match &request {
-                Ok(Request::Send(s)) => Some(s.client_msg_id.clone()),
-                Err(r) => r.client_msg_id.clone(),
-                _ => None,
+            let answer = match &request {
+                Ok(Request::Send(s)) => {
+                    let key = gw.idempotency_key(uid, &s.client_msg_id);
+                    gw.idempotency.answer_refused(&key, &s.client_msg_id, Reason::TooManyRequests).await
+                }
+                Err(r) => ServerFrame::error(Reason::TooManyRequests, r.client_msg_id.clone()),
+                _ => ServerFrame::error(Reason::TooManyRequests, None),
             };
-            reply(conn, &ServerFrame::error(Reason::TooManyRequests, cmid));
+            conn.track(&answer);
+            reply(conn, &answer);
             continue;
         }
         match request {

@@ -75,7 +75,7 @@ impl Gateway {
     /// Handles one validated `SINGLE_CHAT` from `uid` on connection `conn`: the frames to answer with.
     pub async fn send(&self, uid: u64, conn: &ConnHandle, req: SendRequest) -> Vec<ServerFrame> {
         let shard = shard_of(uid, self.cfg.cluster.shards);
-        let key = self.keys.idempotency(shard, uid, &req.client_msg_id);
+        let key = self.idempotency_key(uid, &req.client_msg_id);
         let mut msg = ChatMessage {
             id: self.ids.next_id(),
             from: uid,
@@ -90,12 +90,19 @@ impl Gateway {
         }
         match self.idempotency.claim(&key, msg.id).await {
             Ok(None) => {}
-            Ok(Some((Stage::Saved, id))) => return vec![Stage::Saved.receipt(&msg.client_msg_id, id)],
+            Ok(Some((stage @ (Stage::Saved | Stage::Failed), id))) => {
+                return vec![stage.receipt(&msg.client_msg_id, id)]
+            }
             // An earlier attempt claimed it but its save did not confirm: finish it under its id.
             Ok(Some((_, id))) => msg.id = id,
             Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
         }
         self.saver.save_and_answer(msg, Some(key)).await
+    }
+
+    /// The idempotency key of `uid`'s `client_msg_id` (in the sender's shard).
+    pub fn idempotency_key(&self, uid: u64, client_msg_id: &str) -> String {
+        self.keys.idempotency(shard_of(uid, self.cfg.cluster.shards), uid, client_msg_id)
     }
 }
 
@@ -120,7 +127,7 @@ pub async fn run(
     let fanout = Fanout { router: router.clone(), outbox, sessions: sessions.clone(), node };
     let after = AfterCommit { idempotency: idempotency.clone(), fanout };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
-    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone());
+    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone());
     let subscribed = Arc::new(AtomicBool::new(false));
     let deps = im_common::health::Dependencies::watch(redis.clone(), store.clone());
     let readiness: ReadinessCheck = {

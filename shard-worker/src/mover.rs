@@ -56,7 +56,7 @@ ack(KEYS[2], group, ids)
 return #ids
 ";
 
-/// Save done: dead-letter the rejected, mark the saved in the idempotency window, publish receipts
+/// Save done: dead-letter the rejected, record saved and failed in the idempotency window, publish receipts
 /// (and, in accepted-only mode, the pushes), XACK + XDEL the batch.
 /// KEYS: lease, stream, dead-letter stream, journals (one per publication), idempotency keys..
 /// ARGV: lease value, then group, ttl, dead-letter maxlen,
@@ -138,7 +138,8 @@ impl Mover {
         inv.invoke_async(&mut self.conn.clone()).await
     }
 
-    /// Finishes a saved batch: `saved` holds (idempotency key, state) of every saved message.
+    /// Finishes a saved batch: `settled` holds (idempotency key, state) of every saved or rejected
+    /// message.
     pub async fn commit(
         &self,
         stream: &str,
@@ -146,12 +147,12 @@ impl Mover {
         ids: &[&str],
         dead: &[DeadLetter<'_>],
         pubs: &[Publication],
-        saved: &[(String, String)],
+        settled: &[(String, String)],
     ) -> redis::RedisResult<()> {
         let mut inv = COMMIT_SCRIPT.prepare_invoke();
         inv.key(&self.lease_key).key(stream).key(dead_stream);
         self.add_journal_keys(&mut inv, pubs);
-        for (key, _) in saved {
+        for (key, _) in settled {
             inv.key(key);
         }
         inv.arg(&self.lease_value).arg(&self.group).arg(self.idempotency_ttl).arg(DEAD_LETTER_MAXLEN).arg(MSG_FIELD);
@@ -163,7 +164,7 @@ impl Mover {
             inv.arg(d.reason);
         }
         add_publications(&mut inv, pubs);
-        for (_, state) in saved {
+        for (_, state) in settled {
             inv.arg(state);
         }
         inv.invoke_async(&mut self.conn.clone()).await

@@ -40,7 +40,7 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         let Some(outcome) = ctx.until_done(&mut backoff, "save: insert", insert).await else { return };
 
         let mut frames = Vec::with_capacity(msgs.len() * 2);
-        let mut saved_keys = Vec::with_capacity(outcome.saved.len());
+        let mut settled = Vec::with_capacity(msgs.len());
         for &(i, id) in &outcome.saved {
             let a = &decoded.ok[i].1;
             let to_sender = Push {
@@ -52,7 +52,7 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
             if push_after_save {
                 frames.push(chat_push(&ChatMessage { id, ..a.msg.clone() }));
             }
-            saved_keys.push((
+            settled.push((
                 ctx.keys.idempotency(ctx.shard, a.msg.from, &a.msg.client_msg_id),
                 encode_state(Stage::Saved, id),
             ));
@@ -63,6 +63,10 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
             let (entry, a) = &decoded.ok[*i];
             tracing::error!(shard = ctx.shard, id = a.msg.id, from = a.msg.from, %reason, "save: row rejected for good; dead-lettered");
             dead.push(DeadLetter { payload: &entry.payload, reason });
+            settled.push((
+                ctx.keys.idempotency(ctx.shard, a.msg.from, &a.msg.client_msg_id),
+                encode_state(Stage::Failed, a.msg.id),
+            ));
             let error = ServerFrame::error(Reason::SaveFailed, Some(a.msg.client_msg_id.clone()));
             frames.push((
                 Target::Node(a.origin.node),
@@ -72,7 +76,7 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         let commit = || async {
             let (pubs, _) = ctx.router.prepare(&frames, None).await?;
-            ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &saved_keys).await
+            ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &settled).await
         };
         if ctx.until_done(&mut backoff, "save: receipts/commit", commit).await.is_none() {
             return;
