@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use fastwebsockets::WebSocket;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -117,7 +116,6 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
                 Err(r) => ServerFrame::error(Reason::TooManyRequests, r.client_msg_id.clone()),
                 _ => ServerFrame::error(Reason::TooManyRequests, None),
             };
-            conn.track(&answer);
             reply(conn, &answer);
             continue;
         }
@@ -130,10 +128,11 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
             }
             Ok(Request::Ack { .. }) => reply(conn, &ServerFrame::error(Reason::InvalidAck, None)),
             Ok(Request::Send(send)) => {
+                conn.begin_reply(&send.client_msg_id);
                 for frame in gw.send(uid, conn, send).await {
-                    conn.track(&frame);
                     reply(conn, &frame);
                 }
+                conn.finish_reply();
             }
         }
     }
@@ -145,7 +144,7 @@ fn reply(conn: &ConnHandle, frame: &ServerFrame) {
         metrics::counter!("im_gateway_errors_total", "reason" => reason.as_str()).increment(1);
     }
     metrics::counter!("im_gateway_frames_out_total", "type" => frame.kind.as_str()).increment(1);
-    conn.offer(Bytes::from(frame.to_json()));
+    conn.reply(frame);
 }
 
 /// The `?auth=frame` variant: the first frame must be `AUTH {token}` within `gateway.auth_timeout_ms`.

@@ -29,36 +29,87 @@ pub struct ConnHandle {
     /// itself: its write task may be blocked on a socket the client no longer reads, and would never
     /// get to the close frame.
     pub overflowed: Arc<Notify>,
-    /// clientMsgIds this connection got `ACK(accepted)` for and no `ACK(saved)` yet: while there are
-    /// any, fail-open must not save a newer message past them (see `Appender::fall_open`).
-    unsaved: Arc<Mutex<HashSet<String>>>,
+    /// Which of this connection's messages wait for their final receipt.
+    receipts: Arc<Mutex<Receipts>>,
+}
+
+/// The receipt state of one connection's messages.
+#[derive(Default)]
+struct Receipts {
+    /// clientMsgIds this connection got `ACK(accepted)` for and no final receipt yet: while there
+    /// are any, fail-open must not save a newer message past them (see `Appender::fall_open`).
+    unsaved: HashSet<String>,
+    /// The clientMsgId the connection's task is answering now.
+    answering: Option<String>,
+    /// Its final receipt, when a push brought it before the task's own answer went out.
+    held: Option<Bytes>,
 }
 
 impl ConnHandle {
     /// A handle for a new connection.
     pub fn new(id: u64, out: mpsc::Sender<Bytes>, ctrl: mpsc::Sender<Control>) -> Self {
-        ConnHandle { id, out, ctrl, overflowed: Arc::default(), unsaved: Arc::default() }
+        ConnHandle { id, out, ctrl, overflowed: Arc::default(), receipts: Arc::default() }
     }
 
-    /// Notes a frame about to be sent to this connection: a receipt settles its message.
-    pub fn track(&self, frame: &ServerFrame) {
-        let Some(cmid) = &frame.client_msg_id else { return };
-        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
-        match (frame.kind, frame.ack_type) {
-            // Bounded: a client with this many unconfirmed messages is far behind anyway.
-            (FrameType::Ack, Some(AckType::Accepted)) if unsaved.len() < MAX_UNSAVED => {
-                unsaved.insert(cmid.clone());
+    /// Marks `client_msg_id` as the request this connection's task is answering now (a connection
+    /// handles its frames one at a time): a final receipt for it that arrives by push meanwhile is
+    /// held back until [`ConnHandle::finish_reply`], so the client always sees `ACK(accepted)` before
+    /// `ACK(saved)`.
+    pub fn begin_reply(&self, client_msg_id: &str) {
+        let mut receipts = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        receipts.answering = Some(client_msg_id.to_owned());
+    }
+
+    /// Sends one of this connection's own answers: an `ACK(accepted)` marks the message unsaved
+    /// (unless its final receipt is already held back), a final answer settles it.
+    pub fn reply(&self, frame: &ServerFrame) -> bool {
+        let mut receipts = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cmid) = &frame.client_msg_id {
+            match (frame.kind, frame.ack_type) {
+                (FrameType::Ack, Some(AckType::Accepted)) => {
+                    let settled = receipts.held.is_some() && receipts.answering.as_ref() == Some(cmid);
+                    // Bounded: a client with this many unconfirmed messages is far behind anyway.
+                    if !settled && receipts.unsaved.len() < MAX_UNSAVED {
+                        receipts.unsaved.insert(cmid.clone());
+                    }
+                }
+                (FrameType::Ack, Some(AckType::Saved)) | (FrameType::Error, _) => {
+                    receipts.unsaved.remove(cmid);
+                }
+                _ => {}
             }
-            (FrameType::Ack, Some(AckType::Saved)) | (FrameType::Error, _) => {
-                unsaved.remove(cmid);
-            }
-            _ => {}
         }
+        self.offer(Bytes::from(frame.to_json()))
+    }
+
+    /// Ends [`ConnHandle::begin_reply`]: sends the final receipt held back meanwhile, if any.
+    pub fn finish_reply(&self) {
+        let mut receipts = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        receipts.answering = None;
+        if let Some(held) = receipts.held.take() {
+            self.offer(held);
+        }
+    }
+
+    /// Sends a frame pushed from elsewhere (node channel); a final receipt (`ACK(saved)`, `ERROR`)
+    /// settles its message, or waits for the connection's own answer to it (see `begin_reply`).
+    fn push(&self, frame: &ServerFrame, text: Bytes) -> bool {
+        let mut receipts = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(cmid), FrameType::Ack | FrameType::Error) = (&frame.client_msg_id, frame.kind) {
+            if frame.ack_type != Some(AckType::Accepted) {
+                if receipts.answering.as_ref() == Some(cmid) {
+                    receipts.held = Some(text);
+                    return true;
+                }
+                receipts.unsaved.remove(cmid);
+            }
+        }
+        self.offer(text)
     }
 
     /// Whether messages of this connection wait for their `ACK(saved)`.
     pub fn has_unsaved(&self) -> bool {
-        !self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        !self.receipts.lock().unwrap_or_else(|p| p.into_inner()).unsaved.is_empty()
     }
 
     /// Queues a frame; on a full queue asks the connection to close as a slow consumer and returns false.
@@ -143,10 +194,7 @@ impl Sessions {
                 None => conns.clone(),
             }
         };
-        for c in &targets {
-            c.track(&push.frame);
-        }
-        let taken = targets.iter().filter(|c| c.offer(text.clone())).count();
+        let taken = targets.iter().filter(|c| c.push(&push.frame, text.clone())).count();
         metrics::counter!("im_gateway_frames_out_total", "type" => push.frame.kind.as_str()).increment(taken as u64);
         taken
     }
@@ -163,5 +211,63 @@ impl Sessions {
         for c in users.values().flatten() {
             let _ = c.ctrl.try_send(Control::Close(code, reason));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> (ConnHandle, mpsc::Receiver<Bytes>) {
+        let (out, rx) = mpsc::channel(16);
+        let (ctrl, _) = mpsc::channel(1);
+        (ConnHandle::new(1, out, ctrl), rx)
+    }
+
+    fn sent(rx: &mut mpsc::Receiver<Bytes>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|b| {
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+                format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap_or(""),
+                    v["ackType"].as_str().or(v["reason"].as_str()).unwrap_or("")
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_saved_receipt_that_overtakes_its_accepted_waits_for_it_and_settles_the_message() {
+        let (c, mut rx) = conn();
+        c.begin_reply("m1");
+        let saved = ServerFrame::ack(AckType::Saved, "m1", 7);
+        c.push(&saved, Bytes::from(saved.to_json()));
+        c.reply(&ServerFrame::ack(AckType::Accepted, "m1", 7));
+        c.finish_reply();
+        assert!(!c.has_unsaved(), "the message stays unsaved for good");
+        assert_eq!(sent(&mut rx), ["ACK accepted", "ACK saved"]);
+    }
+
+    #[test]
+    fn receipts_in_order_settle_the_message() {
+        let (c, mut rx) = conn();
+        c.begin_reply("m1");
+        c.reply(&ServerFrame::ack(AckType::Accepted, "m1", 7));
+        c.finish_reply();
+        assert!(c.has_unsaved());
+        let saved = ServerFrame::ack(AckType::Saved, "m1", 7);
+        c.push(&saved, Bytes::from(saved.to_json()));
+        assert!(!c.has_unsaved());
+        assert_eq!(sent(&mut rx), ["ACK accepted", "ACK saved"]);
+    }
+
+    #[test]
+    fn a_receipt_for_another_message_is_not_held_back() {
+        let (c, mut rx) = conn();
+        c.begin_reply("m2");
+        let saved = ServerFrame::ack(AckType::Saved, "m1", 7);
+        c.push(&saved, Bytes::from(saved.to_json()));
+        assert_eq!(sent(&mut rx), ["ACK saved"]);
     }
 }
