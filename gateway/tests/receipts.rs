@@ -76,3 +76,39 @@ async fn a_retry_of_an_accepted_message_gets_its_receipt_even_when_the_shard_is_
     drop(c);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_window_of_a_message_lasts_as_long_as_it_is_unsaved() {
+    let env = TestEnv::new("window_unsaved");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.workers = 0; // nothing saves: the message stays unsaved as long as the test wants
+    let c = TestCluster::start(&s).await.unwrap();
+    let keys = im_common::keys::Keys::from_config(&s.config);
+    let mut redis = im_common::connections::connect(&c.state.redis_url).await.unwrap();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7301).await;
+    alice.chat(7302, "held", "x").await;
+    assert_eq!(answer(&mut alice, "held").await.0, "accepted");
+    // A key that expires while its message is unsaved (a long MySQL outage) would let a resend in
+    // under a second id: it must not expire before the save settles it.
+    let key = keys.idempotency(0, 7301, "held");
+    let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut redis).await.unwrap();
+    assert_eq!(ttl, -1, "the window of an unsaved message expires in {ttl} s");
+    drop(c);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_message_is_remembered_for_the_configured_window() {
+    let env = TestEnv::new("window_saved");
+    let c = support::cluster(&env, Mode::Full, 1, 1).await;
+    let mut redis = im_common::connections::connect(&c.state.redis_url).await.unwrap();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7401).await;
+    alice.chat(7402, "done", "x").await;
+    alice.ack("saved", "done").await;
+    let key = im_common::keys::Keys::from_config(&env.config()).idempotency(0, 7401, "done");
+    let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut redis).await.unwrap();
+    let window = env.config().idempotency.ttl_secs as i64;
+    assert!(ttl > window - 30 && ttl <= window, "saved key ttl {ttl}, window {window}");
+    drop(c);
+    env.cleanup().await;
+}
