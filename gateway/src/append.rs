@@ -20,13 +20,17 @@ use im_common::keys::Keys;
 use im_common::protocol::{Reason, ServerFrame};
 use im_common::record::{encode, Accepted, ChatMessage, Origin, MSG_FIELD};
 
-/// KEYS: idempotency key, accepted stream. ARGV: state to store, TTL seconds, payload, field name.
+/// KEYS: idempotency key, accepted stream. ARGV: state to store, payload, field name.
 /// Returns the earlier state when the key exists (nothing appended), else nil.
+///
+/// The key gets no TTL here: the window of a message must last at least as long as the message is
+/// unsaved (SPEC §3.9), however long MySQL is away. The save stage's commit sets the final state
+/// with the `idempotency.ttl_secs` expiry. XADD comes first: if it fails nothing is claimed.
 const APPEND_SCRIPT: &str = r"
 local prev = redis.call('GET', KEYS[1])
 if prev then return prev end
-redis.call('XADD', KEYS[2], '*', ARGV[4], ARGV[3])
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('XADD', KEYS[2], '*', ARGV[3], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1])
 return false
 ";
 
@@ -75,7 +79,6 @@ pub struct Appender {
     conn: ConnectionManager,
     keys: Keys,
     script: Arc<Script>,
-    ttl_secs: u64,
     fail_open: bool,
     max_backlog: u64,
     /// Load shedding bound on the standing append round trip (`gateway.shed_append_ms`; zero: off).
@@ -101,7 +104,6 @@ impl Appender {
             conn,
             keys,
             script: Arc::new(Script::new(APPEND_SCRIPT)),
-            ttl_secs: cfg.idempotency.ttl_secs,
             fail_open: cfg.two_phase.fail_open,
             max_backlog: cfg.two_phase.max_backlog,
             shed_at: Duration::from_millis(cfg.gateway.shed_append_ms),
@@ -148,7 +150,6 @@ impl Appender {
             .key(key)
             .key(self.keys.accepted_stream(shard))
             .arg(encode_state(Stage::Accepted, msg.id))
-            .arg(self.ttl_secs)
             .arg(payload)
             .arg(MSG_FIELD)
             .invoke_async(&mut self.conn.clone())
