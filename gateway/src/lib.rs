@@ -172,6 +172,7 @@ pub async fn run(
         ("im_gateway_slow_consumer_disconnects_total", "", vec![]),
         ("im_gateway_replayed_pushes_total", "", vec![]),
         ("im_gateway_pushes_dropped_total", "", vec![]),
+        ("im_gateway_route_lapses_total", "", vec![]),
     ]);
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
         .set(1.0);

@@ -6,10 +6,11 @@
 //! [`im_common::router::Router`]; pushes then arrive on this node's [`crate::node_channel`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 
+use crate::framing::close_code;
 use crate::sessions::Sessions;
 use im_common::keys::Keys;
 
@@ -50,12 +51,32 @@ impl RouteKeeper {
     }
 
     /// Refreshes every local user's route until the process ends.
+    ///
+    /// If the entries may have expired meanwhile — the process was stalled (a long pause, SIGSTOP)
+    /// or Redis was unreachable for longer than `gateway.route_ttl_ms` since the last refresh that
+    /// went through — publishers took this node's users for offline and published nothing for them.
+    /// Nothing tells the node what it missed, so it closes every connection with 1012: clients
+    /// reconnect and resync.
     pub async fn heartbeat(self, sessions: Arc<Sessions>) {
         let period = Duration::from_millis(self.ttl_ms / 3);
+        let ttl = Duration::from_millis(self.ttl_ms);
+        let mut refreshed_at = Instant::now();
         loop {
             tokio::time::sleep(period).await;
-            if let Err(e) = self.refresh(&sessions).await {
-                tracing::warn!(error = %e, "route heartbeat failed");
+            let sent = Instant::now();
+            match self.refresh(&sessions).await {
+                Ok(()) => {
+                    if sent.duration_since(refreshed_at) >= ttl {
+                        tracing::warn!(
+                            since_last_refresh_ms = sent.duration_since(refreshed_at).as_millis() as u64,
+                            "route entries may have expired (stall or Redis outage); asking clients to reconnect"
+                        );
+                        metrics::counter!("im_gateway_route_lapses_total").increment(1);
+                        sessions.close_all(close_code::SERVICE_RESTART, "reconnect");
+                    }
+                    refreshed_at = sent;
+                }
+                Err(e) => tracing::warn!(error = %e, "route heartbeat failed"),
             }
         }
     }
