@@ -445,6 +445,84 @@ mod tests {
         assert!(unknown.contains("gateway") && unknown.contains("listen_port"), "{unknown}");
     }
 
+    fn message(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_idempotency_window_is_never_zero_nor_shorter_than_a_database_outage() {
+        // SPEC §3.9: with 0 the append script fails after its XADD: appended AND failed open.
+        assert_eq!(key_error("[idempotency]\nttl_secs = 0"), "idempotency.ttl_secs");
+        assert_eq!(key_error("[idempotency]\nttl_secs = 60"), "idempotency.ttl_secs");
+        assert_eq!(key_error("[idempotency]\nttl_secs = 3599"), "idempotency.ttl_secs");
+        Config::from_toml("[idempotency]\nttl_secs = 3600").unwrap();
+        let env = [("IM__IDEMPOTENCY__TTL_SECS".to_owned(), "0".to_owned())];
+        let err = Config::load_with_env(None, env).unwrap_err().to_string();
+        assert!(err.contains("idempotency.ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn a_blocked_stream_read_returns_inside_the_lease_safety_margin() {
+        // The owner stops acting 1/5 of the TTL before its lease can expire; a read it started just
+        // before that must return (block, then the partial-batch wait) before a standby can take over.
+        assert_eq!(key_error("[two_phase]\nblock_ms = 0"), "two_phase.block_ms");
+        assert_eq!(key_error("[two_phase]\nlease_ttl_ms = 5000\nblock_ms = 2500"), "two_phase.block_ms");
+        assert_eq!(
+            key_error("[two_phase]\nlease_ttl_ms = 5000\nblock_ms = 990\nmax_batch_delay_ms = 20"),
+            "two_phase.block_ms"
+        );
+        Config::from_toml("[two_phase]\nlease_ttl_ms = 5000\nblock_ms = 980\nmax_batch_delay_ms = 20").unwrap();
+        let msg = message("[two_phase]\nlease_ttl_ms = 1500");
+        assert!(msg.contains("two_phase.lease_ttl_ms") && msg.contains("300"), "{msg}");
+        Config::from_toml("[two_phase]\nlease_ttl_ms = 1500\nblock_ms = 250").unwrap();
+    }
+
+    #[test]
+    fn zero_bounds_and_batches_are_refused() {
+        assert_eq!(key_error("[two_phase]\nmax_backlog = 0"), "two_phase.max_backlog");
+        assert_eq!(key_error("[two_phase]\nbatch_size = 0"), "two_phase.batch_size");
+        assert_eq!(key_error("[mysql]\ninsert_batch_max = 0"), "mysql.insert_batch_max");
+        assert_eq!(key_error("[mysql]\npool_max = 0"), "mysql.pool_max");
+        assert_eq!(key_error("[gateway]\nmax_connections = 0"), "gateway.max_connections");
+        assert_eq!(key_error("[gateway]\noutbound_queue = 0"), "gateway.outbound_queue");
+    }
+
+    #[test]
+    fn stream_names_are_distinct_and_outside_the_other_shard_keys() {
+        assert_eq!(key_error("[two_phase]\nto_save_stream = \"accepted\""), "two_phase.to_save_stream");
+        assert_eq!(key_error("[two_phase]\ndead_letter_stream = \"to_save\""), "two_phase.dead_letter_stream");
+        assert_eq!(key_error("[two_phase]\naccepted_stream = \"lease\""), "two_phase.accepted_stream");
+        assert_eq!(key_error("[two_phase]\naccepted_stream = \"idem:1\""), "two_phase.accepted_stream");
+    }
+
+    #[test]
+    fn urls_and_origins_are_checked() {
+        assert_eq!(key_error("[redis]\nurl = \"redis://\""), "redis.url");
+        assert_eq!(key_error("[mysql]\nurl = \"mysql://root@127.0.0.1:3306\""), "mysql.url");
+        assert_eq!(key_error("[gateway]\nallowed_origins = [\"https://chat.example/\"]"), "gateway.allowed_origins");
+        assert_eq!(key_error("[gateway]\nallowed_origins = [\"chat.example\"]"), "gateway.allowed_origins");
+        Config::from_toml("[gateway]\nallowed_origins = [\"https://chat.example\", \"http://localhost:3000\"]")
+            .unwrap();
+    }
+
+    #[test]
+    fn client_found_rows_in_the_mysql_url_is_refused() {
+        // It makes MySQL count a duplicate as an affected row, which hides duplicates from the save.
+        let msg = message("[mysql]\nurl = \"mysql://root@127.0.0.1:3306/im?client_found_rows=true\"");
+        assert!(msg.contains("mysql.url") && msg.contains("client_found_rows"), "{msg}");
+        Config::from_toml("[mysql]\nurl = \"mysql://root@127.0.0.1:3306/im?client_found_rows=false\"").unwrap();
+    }
+
+    #[test]
+    fn the_jwt_secret_has_at_least_32_bytes() {
+        // RFC 7518 §3.2: an HS256 key has at least as many bits as the hash output (256).
+        let msg = message(&format!("[auth]\njwt_secret = \"{}\"", "s".repeat(31)));
+        assert!(msg.contains("auth.jwt_secret") && msg.contains("32"), "{msg}");
+        Config::from_toml(&format!("[auth]\njwt_secret = \"{}\"", "s".repeat(32))).unwrap();
+        assert!(Config::default().auth.jwt_secret.len() >= 32, "the default secret is long enough");
+        crate::testkit::TestEnv::new("secret").config().validate().unwrap();
+    }
+
     #[test]
     fn environment_overrides_the_file() {
         let env = [
