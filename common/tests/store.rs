@@ -11,10 +11,39 @@ fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
 #[tokio::test]
 async fn migrations_apply_once_and_record_their_versions() {
     let env = TestEnv::new("migrate");
-    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1]);
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2]);
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), Vec::<u32>::new(), "second run applies nothing");
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 1);
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 2);
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// A database at version 1 (PAD SPACE clientMsgIds, rows in it) upgrades in place: rows keep their
+/// bytes, and from then on "x" and "x " are two keys. Migration 2 may run again (a runner that died
+/// after the ALTER but before recording it) without harm.
+#[tokio::test]
+async fn upgrading_a_version_1_database_keeps_its_rows_and_compares_client_msg_ids_byte_for_byte() {
+    let env = TestEnv::new("upgrade");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 2).unwrap();
+    store
+        .execute(
+            "ALTER TABLE messages MODIFY client_msg_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+        )
+        .await
+        .unwrap();
+    store.execute("DELETE FROM schema_migrations WHERE version = 2").await.unwrap();
+    store.save_batch(&[msg(70, 1, 2, "x", "old"), msg(71, 1, 2, "é✓", "old too")]).await.unwrap();
+
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![2]);
+    store.execute("DELETE FROM schema_migrations WHERE version = 2").await.unwrap();
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![2], "re-running migration 2 is harmless");
+
+    let out = store.save_batch(&[msg(72, 1, 2, "x ", "new"), msg(73, 1, 2, "é✓", "retry")]).await.unwrap();
+    assert_eq!((out.saved, out.rejected), (vec![(0, 72), (1, 71)], vec![]));
+    let rows: Vec<(u64, String)> = store.all_ids().await.unwrap().into_iter().map(|(_, id, c)| (id, c)).collect();
+    assert_eq!(rows, vec![(70, "x".into()), (71, "é✓".into()), (72, "x ".into())]);
     store.close().await;
     env.cleanup().await;
 }
