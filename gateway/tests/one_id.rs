@@ -7,8 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use im_common::config::Mode;
+use im_common::record::{decode, encode, Accepted, ChatMessage, MSG_FIELD};
 use im_common::store::Store;
 use im_common::testkit::TestEnv;
+use im_ops::cluster::TestCluster;
 use support::{cluster, get_json, Client};
 
 /// Alice (on the first gateway) sends "x" and then "x " to Bob (on the last one): two messages, two
@@ -68,6 +70,71 @@ async fn full_mode_client_msg_ids_differing_by_a_trailing_space_get_two_ids_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baseline_client_msg_ids_differing_by_a_trailing_space_get_two_ids_and_two_rows() {
     trailing_space_makes_a_second_message(Mode::Baseline, "pad_base", 2, 1).await;
+}
+
+/// A stream entry whose serverMsgId is already stored for another message (two gateways sharing a node
+/// id could do that) has no row of its own: the worker dead-letters it and the sender gets
+/// `save_failed`, never `ACK(saved)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_already_stored_for_another_message_is_dead_lettered_and_answered_save_failed() {
+    let env = TestEnv::new("idcoll");
+    let mut s = support::spec(&env, Mode::Full, 1, 1);
+    s.workers = 0; // entries wait in the stream until a worker is added below
+    let mut c = TestCluster::start(&s).await.unwrap();
+    let secret = c.state.jwt_secret.clone();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &secret, 32_001).await;
+    let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 32_002).await;
+    bob.ping().await;
+    alice.chat(bob.uid, "probe", "the first message with this id").await;
+    let probe_id = alice.ack("accepted", "probe").await["serverMsgId"].as_str().unwrap().to_owned();
+
+    // A second message under the same id, from the same connection, straight into the stream.
+    let mut redis = im_common::bus::connect(&c.state.redis_url).await.unwrap();
+    let stream = format!("{}:{{s0}}:accepted", c.state.key_prefix);
+    let entries: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query_async(&mut redis).await.unwrap();
+    let Some(redis::Value::BulkString(payload)) = entries.ids[0].map.get(MSG_FIELD) else { panic!("no payload") };
+    let probe: Accepted = decode(payload).unwrap();
+    assert_eq!(probe.msg.id.to_string(), probe_id);
+    let collider = Accepted {
+        msg: ChatMessage {
+            client_msg_id: "collide".into(),
+            body: "another message, same id".into(),
+            ..probe.msg.clone()
+        },
+        origin: probe.origin,
+    };
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(MSG_FIELD)
+        .arg(encode(&collider))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    im_ops::cluster::scale(&mut c.state, 0, 1).await.unwrap();
+    let saved = alice.ack("saved", "probe").await;
+    assert_eq!(saved["serverMsgId"], probe_id.as_str());
+    let answer = alice
+        .expect("an answer for collide", |v| {
+            v["clientMsgId"] == "collide" && (v["type"] == "ERROR" || v["ackType"] == "saved")
+        })
+        .await;
+    assert_eq!((answer["type"].as_str(), answer["reason"].as_str()), (Some("ERROR"), Some("save_failed")), "{answer}");
+
+    let dead = format!("{}:{{s0}}:dead", c.state.key_prefix);
+    let dead: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(&dead).arg("-").arg("+").query_async(&mut redis).await.unwrap();
+    assert_eq!(dead.ids.len(), 1, "the collider is dead-lettered");
+    let reason: String = dead.ids[0].get("reason").unwrap();
+    assert!(reason.contains(&probe_id) && reason.contains("another message"), "{reason}");
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    let rows = store.all_ids().await.unwrap();
+    assert_eq!(rows, vec![(alice.uid, probe.msg.id, "probe".to_owned())], "only the first message has a row");
+    store.close().await;
+    drop(c);
+    env.cleanup().await;
 }
 
 /// With an idempotency TTL of 0 the append script would fail after its XADD (Lua does not roll back):
