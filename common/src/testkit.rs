@@ -33,7 +33,7 @@ impl TestEnv {
         cfg.redis.url = self.redis_url.clone();
         cfg.redis.key_prefix = self.key_prefix.clone();
         cfg.mysql.url = self.mysql_url.clone();
-        cfg.auth.jwt_secret = "test-secret-0123456789".into();
+        cfg.auth.jwt_secret = "test-secret-0123456789-0123456789".into();
         // Tests count answers exactly on a shared, busy machine: no load shedding.
         cfg.gateway.shed_append_ms = 0;
         cfg

@@ -28,6 +28,7 @@ async fn accepted_messages_survive_worker_kill() {
     let mut s = spec(&env, Mode::Full, 2, 2);
     s.workers = 3; // one standby
     s.config.two_phase.lease_ttl_ms = 1500;
+    s.config.two_phase.block_ms = s.config.two_phase.max_block_ms();
     let c = TestCluster::start(&s).await.unwrap();
     let load = TrafficSpec {
         pairs: 40,

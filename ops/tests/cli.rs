@@ -26,7 +26,7 @@ async fn up_starts_private_servers_when_none_answer_and_down_stops_everything() 
         format!(
             "[redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\nkey_prefix = \"opscli\"\n\
              [mysql]\nurl = \"mysql://root@127.0.0.1:{mysql_port}/im\"\n\
-             [auth]\njwt_secret = \"cli-test-secret-0123456789\"\n"
+             [auth]\njwt_secret = \"cli-test-secret-0123456789-0123456789\"\n"
         ),
     )
     .unwrap();
@@ -47,7 +47,7 @@ async fn up_starts_private_servers_when_none_answer_and_down_stops_everything() 
 
     let token = ops(&config, &["token", "--user", "42"]);
     let token = String::from_utf8(token.stdout).unwrap();
-    assert_eq!(im_common::auth::verify_token("cli-test-secret-0123456789", token.trim()), Ok(42));
+    assert_eq!(im_common::auth::verify_token("cli-test-secret-0123456789-0123456789", token.trim()), Ok(42));
 
     let down = ops(&config, &["down", "--state", state_arg]);
     assert!(down.status.success(), "ops down failed: {}", text(&down));
