@@ -15,7 +15,7 @@ use im_common::router::Publication;
 use im_common::testkit::TestEnv;
 use im_shard_worker::lease::ShardLease;
 use im_shard_worker::mover::{DeadLetter, Mover};
-use im_shard_worker::streams::StreamReader;
+use im_shard_worker::streams::{Fence, StreamReader};
 
 const GROUP: &str = "workers";
 
@@ -49,19 +49,25 @@ impl Shard {
         }
     }
 
-    async fn reader(&self, stream: String) -> StreamReader {
+    /// A reader proving `lease_value`.
+    async fn reader(&self, stream: String, lease_value: &str) -> StreamReader {
         let conn = im_common::connections::connect_for_blocking(&self.env.redis_url, Duration::from_millis(50))
             .await
             .expect("redis");
-        let mut reader = StreamReader::new(conn, stream, GROUP.into(), 100, 10, 0);
+        let fence = Fence { lease_key: self.keys.lease(0), lease_value: lease_value.to_owned() };
+        let mut reader = StreamReader::new(conn, fence, stream, GROUP.into(), 100, 10, 0);
         reader.ensure_group().await.expect("group");
         reader
     }
 
+    /// Appends `payloads` at once (one MULTI), as a burst of messages would arrive.
     async fn append(&self, stream: &str, payloads: &[&[u8]]) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
         for p in payloads {
-            let _: String = self.conn.clone().xadd(stream, "*", &[(MSG_FIELD, *p)]).await.expect("xadd");
+            pipe.xadd(stream, "*", &[(MSG_FIELD, *p)]).ignore();
         }
+        let _: () = pipe.query_async(&mut self.conn.clone()).await.expect("xadd");
     }
 
     async fn len(&self, stream: &str) -> usize {
@@ -131,13 +137,14 @@ async fn a_lease_taken_over_cannot_be_renewed_by_its_former_owner() {
 async fn a_reader_returns_pending_entries_before_new_ones() {
     let s = Shard::new("reader_pending").await;
     let stream = s.keys.accepted_stream(0);
-    let mut first = s.reader(stream.clone()).await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut first = s.reader(stream.clone(), &lease.value).await;
     s.append(&stream, &[b"m1", b"m2"]).await;
     let batch = first.next_batch().await.expect("read");
     assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1", b"m2"]);
     // Nothing acknowledged; a new owner (same consumer name) must see them again, before m3.
     s.append(&stream, &[b"m3"]).await;
-    let mut next_owner = s.reader(stream.clone()).await;
+    let mut next_owner = s.reader(stream.clone(), &lease.value).await;
     let batch = next_owner.next_batch().await.expect("read");
     assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1", b"m2"]);
 }
@@ -147,7 +154,7 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     let s = Shard::new("handoff").await;
     let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
     let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
-    let mut reader = s.reader(accepted.clone()).await;
+    let mut reader = s.reader(accepted.clone(), &lease.value).await;
     s.append(&accepted, &[b"m1", b"m2"]).await;
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
@@ -176,10 +183,10 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
 async fn a_fenced_out_owner_moves_nothing() {
     let s = Shard::new("fenced").await;
     let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
-    let mut reader = s.reader(accepted.clone()).await;
+    let current = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
+    let mut reader = s.reader(accepted.clone(), &current.value).await;
     s.append(&accepted, &[b"m1"]).await;
     let batch = reader.next_batch().await.expect("read");
-    let _current = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
     let stale = s.mover("1:a");
     let err = stale
         .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &[batch[0].payload.as_slice()], &[])
@@ -194,7 +201,7 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
     let s = Shard::new("commit").await;
     let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
     let (to_save, dead) = (s.keys.to_save_stream(0), s.keys.dead_letter_stream(0));
-    let mut reader = s.reader(to_save.clone()).await;
+    let mut reader = s.reader(to_save.clone(), &lease.value).await;
     s.append(&to_save, &[b"good", b"bad"]).await;
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
@@ -212,4 +219,43 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
     assert_eq!(dead_entries.ids.len(), 1);
     let reason: String = dead_entries.ids[0].get("reason").expect("reason");
     assert_eq!(reason, "check constraint");
+}
+
+#[tokio::test]
+async fn a_former_owner_reads_nothing_into_the_pending_list() {
+    let s = Shard::new("fenced_read").await;
+    let stream = s.keys.accepted_stream(0);
+    let old = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut former = s.reader(stream.clone(), &old.value).await;
+    // The lease vanishes (evicted, failover) and another worker takes the shard and reads its
+    // pending list (empty) before anything new arrives.
+    let _: () = s.conn.clone().del(s.keys.lease(0)).await.expect("del");
+    let new = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
+    let mut owner = s.reader(stream.clone(), &new.value).await;
+    assert!(owner.next_batch().await.expect("read").is_empty());
+    s.append(&stream, &[b"m1"]).await;
+
+    let err = former.next_batch().await.expect_err("a former owner read from the group");
+    assert!(err.to_string().contains("FENCED"), "{err}");
+    assert_eq!(s.pending(&stream).await, 0, "a former owner's read parked entries in the pending list");
+    let batch = owner.next_batch().await.expect("read");
+    assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1"]);
+}
+
+#[tokio::test]
+async fn a_waiting_reader_wakes_for_a_new_entry_and_takes_the_whole_burst() {
+    let s = Shard::new("read_wait").await;
+    let stream = s.keys.accepted_stream(0);
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let conn = im_common::connections::connect_for_blocking(&s.env.redis_url, Duration::from_secs(2)).await.unwrap();
+    let fence = Fence { lease_key: s.keys.lease(0), lease_value: lease.value.clone() };
+    let mut reader = StreamReader::new(conn, fence, stream.clone(), GROUP.into(), 100, 2000, 50);
+    reader.ensure_group().await.expect("group");
+    let started = std::time::Instant::now();
+    let read = tokio::spawn(async move { reader.next_batch().await.map(|b| b.len()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.append(&stream, &[b"m1", b"m2", b"m3"]).await;
+    let n = read.await.unwrap().expect("read");
+    assert_eq!(n, 3, "the burst was split");
+    assert!(started.elapsed() < Duration::from_millis(1500), "woke only at the block timeout");
 }
