@@ -1,0 +1,53 @@
+//! Fail-open keeps per-sender order (SPEC §3.4): while a sender's earlier message waits in the
+//! stream, none of the sender's later messages may be saved and pushed past it on the baseline path
+//! — not from the same connection, not from a second device, not after a reconnect.
+
+mod support;
+
+use im_common::config::Mode;
+use im_common::testkit::TestEnv;
+use im_ops::cluster::TestCluster;
+use support::{spec, Client};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_device_of_a_sender_overtakes_its_message_still_in_the_stream() {
+    let env = TestEnv::new("fail_open_sender");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.force_private = true; // this test stops Redis
+    s.config.two_phase.fail_open = true;
+    let mut c = TestCluster::start(&s).await.unwrap();
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let mut phone = Client::connect(&url, &secret, 6301).await;
+    let mut laptop = Client::connect(&url, &secret, 6301).await;
+    laptop.ping().await;
+
+    // The phone's message is stuck in the stream: the only worker is paused. Then Redis goes away.
+    let worker = c.state.workers[0].pid as i32;
+    // SAFETY: pausing and resuming a worker this test started.
+    unsafe { libc::kill(worker, libc::SIGSTOP) };
+    phone.chat(6302, "stuck", "x").await;
+    phone.ack("accepted", "stuck").await;
+    let redis = c.state.private_servers.iter().position(|p| p.kind_name == "redis").expect("private redis");
+    c.state.private_servers[redis].stop().await.unwrap();
+
+    let busy = |v: &serde_json::Value| (v["type"].as_str() == Some("ERROR"), v["reason"].as_str() == Some("server_busy"));
+    laptop.chat(6302, "from-laptop", "x").await;
+    let answer = laptop.expect("answer", |v| v["clientMsgId"] == "from-laptop").await;
+    assert_eq!(busy(&answer), (true, true), "a second device overtook the sender's stuck message: {answer}");
+
+    // The phone reconnects (new connection, same sender) and sends again.
+    drop(phone);
+    let mut phone = Client::connect(&url, &secret, 6301).await;
+    phone.chat(6302, "after-reconnect", "x").await;
+    let answer = phone.expect("answer", |v| v["clientMsgId"] == "after-reconnect").await;
+    assert_eq!(busy(&answer), (true, true), "a reconnected client overtook its stuck message: {answer}");
+
+    // Someone else with nothing in the stream still gets through on the baseline path.
+    let mut dave = Client::connect(&url, &secret, 6303).await;
+    dave.chat(6302, "dave", "x").await;
+    dave.ack("saved", "dave").await;
+
+    c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
+    unsafe { libc::kill(worker, libc::SIGCONT) };
+    drop(c);
+}
