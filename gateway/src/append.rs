@@ -120,7 +120,7 @@ impl Appender {
     }
 
     /// Appends `msg` to `shard`'s accepted stream (or finds the earlier attempt under `key`).
-    /// `in_flight`: the sending connection has accepted messages without `ACK(saved)` yet.
+    /// `in_flight`: the sender has accepted messages without a final receipt yet (on any connection).
     pub async fn append(
         &self,
         shard: u16,
@@ -184,8 +184,8 @@ impl Appender {
     }
 
     /// Saves `msg` on the baseline path instead of the stream — unless earlier messages of the same
-    /// connection still wait in the stream: saved and pushed now, it would overtake them (SPEC §3.4),
-    /// so the sender gets `server_busy` and retries.
+    /// sender (from any of their connections on this gateway) still wait in the stream: saved and
+    /// pushed now, it would overtake them (SPEC §3.4), so the sender gets `server_busy` and retries.
     async fn fall_open(&self, msg: ChatMessage, in_flight: bool) -> Vec<ServerFrame> {
         if in_flight {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "in_flight").increment(1);

@@ -28,7 +28,7 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
     let (out_tx, out_rx) = mpsc::channel(cfg.outbound_queue);
     let mut writer = tokio::spawn(write_loop(write, ctrl_rx, out_rx));
     let mut reader = Reader::new(read, ctrl_tx.clone(), cfg.max_frame_bytes);
-    let conn = ConnHandle::new(gw.sessions.next_conn_id(), out_tx, ctrl_tx);
+    let conn = gw.sessions.new_handle(out_tx, ctrl_tx);
 
     let uid = match uid {
         Some(uid) => uid,

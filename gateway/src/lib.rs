@@ -86,7 +86,7 @@ impl Gateway {
         };
         if self.mode != Mode::Baseline {
             let origin = Origin { node: self.node, conn: conn.id };
-            return self.appender.append(shard, &key, msg, origin, conn.has_unsaved()).await;
+            return self.appender.append(shard, &key, msg, origin, self.sessions.ledger.has_unsaved(uid)).await;
         }
         match self.idempotency.claim(&key, msg.id).await {
             Ok(None) => {}

@@ -30,7 +30,8 @@ async fn no_device_of_a_sender_overtakes_its_message_still_in_the_stream() {
     let redis = c.state.private_servers.iter().position(|p| p.kind_name == "redis").expect("private redis");
     c.state.private_servers[redis].stop().await.unwrap();
 
-    let busy = |v: &serde_json::Value| (v["type"].as_str() == Some("ERROR"), v["reason"].as_str() == Some("server_busy"));
+    let busy =
+        |v: &serde_json::Value| (v["type"].as_str() == Some("ERROR"), v["reason"].as_str() == Some("server_busy"));
     laptop.chat(6302, "from-laptop", "x").await;
     let answer = laptop.expect("answer", |v| v["clientMsgId"] == "from-laptop").await;
     assert_eq!(busy(&answer), (true, true), "a second device overtook the sender's stuck message: {answer}");
