@@ -52,3 +52,38 @@ async fn no_device_of_a_sender_overtakes_its_message_still_in_the_stream() {
     unsafe { libc::kill(worker, libc::SIGCONT) };
     drop(c);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_saved_while_redis_was_down_keeps_its_id_when_resent_after_redis_returns() {
+    let env = TestEnv::new("fail_open_resend");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.force_private = true; // this test stops Redis
+    s.config.two_phase.fail_open = true;
+    let mut c = TestCluster::start(&s).await.unwrap();
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let mut alice = Client::connect(&url, &secret, 6401).await;
+    let redis = c.state.private_servers.iter().position(|p| p.kind_name == "redis").expect("private redis");
+    c.state.private_servers[redis].stop().await.unwrap();
+    alice.chat(6402, "while-down", "x").await;
+    let first = alice.ack("saved", "while-down").await;
+
+    // Redis returns; the client never saw that ACK(saved) (say its connection dropped) and resends.
+    c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
+    let mut alice = Client::connect(&url, &secret, 6401).await;
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    let answer = loop {
+        alice.chat(6402, "while-down", "x").await;
+        let v = alice.expect("answer", |v| v["clientMsgId"] == "while-down").await;
+        // Until the gateway sees Redis again the resend may be refused; then it must be answered.
+        if v["reason"] != "server_busy" || tokio::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (answer["ackType"].as_str(), answer["serverMsgId"].as_str()),
+        (Some("saved"), first["serverMsgId"].as_str()),
+        "one message, two ids: {answer}"
+    );
+    drop(c);
+}
