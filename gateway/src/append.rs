@@ -130,8 +130,11 @@ impl Appender {
         in_flight: bool,
     ) -> Vec<ServerFrame> {
         if self.fail_open && !self.saver.outbox.is_empty() {
-            // Pushes of earlier fail-open saves still wait for Redis: stay behind them.
-            return self.fall_open(msg, in_flight).await;
+            // Marks or pushes of earlier fail-open saves still wait for Redis: stay behind them.
+            if in_flight {
+                return self.busy_in_flight(msg);
+            }
+            return self.saver.claim_and_save(key.to_owned(), msg).await;
         }
         if self.backlog[usize::from(shard)].load(Ordering::Relaxed) >= self.max_backlog {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "backlog").increment(1);
@@ -173,7 +176,7 @@ impl Appender {
             },
             Err(e) if self.fail_open => {
                 tracing::debug!(error = %e, "append failed; fail-open to the baseline path");
-                self.fall_open(msg, in_flight).await
+                self.fall_open(key, msg, in_flight).await
             }
             Err(e) => {
                 tracing::debug!(error = %e, "append failed; fail-open is off");
@@ -186,13 +189,18 @@ impl Appender {
     /// Saves `msg` on the baseline path instead of the stream — unless earlier messages of the same
     /// sender (from any of their connections on this gateway) still wait in the stream: saved and
     /// pushed now, it would overtake them (SPEC §3.4), so the sender gets `server_busy` and retries.
-    async fn fall_open(&self, msg: ChatMessage, in_flight: bool) -> Vec<ServerFrame> {
+    /// `key` is marked saved once Redis takes it (see [`crate::outbox`]).
+    async fn fall_open(&self, key: &str, msg: ChatMessage, in_flight: bool) -> Vec<ServerFrame> {
         if in_flight {
-            metrics::counter!("im_gateway_server_busy_total", "cause" => "in_flight").increment(1);
-            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+            return self.busy_in_flight(msg);
         }
         metrics::counter!("im_gateway_fail_open_total").increment(1);
-        self.saver.save_and_answer(msg, None).await
+        self.saver.save_and_answer(msg, Some(key.to_owned())).await
+    }
+
+    fn busy_in_flight(&self, msg: ChatMessage) -> Vec<ServerFrame> {
+        metrics::counter!("im_gateway_server_busy_total", "cause" => "in_flight").increment(1);
+        vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
     }
 
     /// Keeps the per-shard backlog figure current: unsaved entries = accepted + to_save stream

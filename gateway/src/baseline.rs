@@ -45,6 +45,7 @@ pub struct BaselineSaver {
     jobs: mpsc::Sender<Job>,
     /// The pushes of saved batches that wait for Redis.
     pub outbox: Arc<Outbox>,
+    window: IdempotencyWindow,
 }
 
 /// What a baseline batch needs after its commit: the window to mark saved, and the fan-out.
@@ -58,7 +59,7 @@ impl BaselineSaver {
     pub fn start(store: Store, after: AfterCommit, workers: usize, batch_max: usize) -> Self {
         let (jobs, rx) = mpsc::channel::<Job>(batch_max * workers * QUEUED_BATCHES_PER_WORKER);
         let rx = Arc::new(Mutex::new(rx));
-        let outbox = after.fanout.outbox.clone();
+        let (outbox, window) = (after.fanout.outbox.clone(), after.idempotency.clone());
         let after = Arc::new(after);
         for _ in 0..workers.max(1) {
             let (rx, store, after) = (rx.clone(), store.clone(), after.clone());
@@ -82,7 +83,7 @@ impl BaselineSaver {
                 }
             });
         }
-        BaselineSaver { jobs, outbox }
+        BaselineSaver { jobs, outbox, window }
     }
 
     /// Saves one message (waiting for its batch to commit).
@@ -92,6 +93,22 @@ impl BaselineSaver {
             return SaveResult::Failed;
         }
         rx.await.unwrap_or(SaveResult::Failed)
+    }
+
+    /// The baseline path for a message whose window may be reachable: claims `key` first, so a
+    /// retry gets the first attempt's answer or is saved under its id; then saves.
+    pub async fn claim_and_save(&self, key: String, mut msg: ChatMessage) -> Vec<ServerFrame> {
+        match self.window.claim(&key, msg.id).await {
+            Ok(None) => {}
+            Ok(Some((stage @ (Stage::Saved | Stage::Failed), id))) => {
+                return vec![stage.receipt(&msg.client_msg_id, id)]
+            }
+            // An earlier attempt got no further than accepted (in a stream) or pending (a baseline
+            // save that did not confirm): save it under its id. The UNIQUE key dedupes the row.
+            Ok(Some((_, id))) => msg.id = id,
+            Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
+        }
+        self.save_and_answer(msg, Some(key)).await
     }
 
     /// Saves one message and returns the frame to answer with: `ACK(saved)` or the error.
@@ -136,7 +153,9 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
     }
     if !settled.is_empty() {
         if let Err(e) = after.idempotency.settle(&settled).await {
-            tracing::debug!(error = %e, "could not record saves in the idempotency window");
+            // Fail-open: a resend after Redis returns must find these ids; the outbox writes them.
+            tracing::debug!(error = %e, "idempotency window unavailable; marks deferred to the outbox");
+            after.fanout.outbox.defer_marks(settled);
         }
     }
     for (job, result) in batch.into_iter().zip(results) {

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use im_common::config::{Config, Mode};
-use im_common::idempotency::{IdempotencyWindow, Stage};
+use im_common::idempotency::IdempotencyWindow;
 use im_common::ids::IdGenerator;
 use im_common::keys::Keys;
 use im_common::protocol::{SendRequest, ServerFrame};
@@ -76,7 +76,7 @@ impl Gateway {
     pub async fn send(&self, uid: u64, conn: &ConnHandle, req: SendRequest) -> Vec<ServerFrame> {
         let shard = shard_of(uid, self.cfg.cluster.shards);
         let key = self.idempotency_key(uid, &req.client_msg_id);
-        let mut msg = ChatMessage {
+        let msg = ChatMessage {
             id: self.ids.next_id(),
             from: uid,
             to: req.to,
@@ -88,16 +88,7 @@ impl Gateway {
             let origin = Origin { node: self.node, conn: conn.id };
             return self.appender.append(shard, &key, msg, origin, self.sessions.ledger.has_unsaved(uid)).await;
         }
-        match self.idempotency.claim(&key, msg.id).await {
-            Ok(None) => {}
-            Ok(Some((stage @ (Stage::Saved | Stage::Failed), id))) => {
-                return vec![stage.receipt(&msg.client_msg_id, id)]
-            }
-            // An earlier attempt claimed it but its save did not confirm: finish it under its id.
-            Ok(Some((_, id))) => msg.id = id,
-            Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
-        }
-        self.saver.save_and_answer(msg, Some(key)).await
+        self.saver.claim_and_save(key, msg).await
     }
 
     /// The idempotency key of `uid`'s `client_msg_id` (in the sender's shard).
@@ -184,7 +175,7 @@ pub async fn run(
             sessions.clone(),
             subscribed,
         )),
-        tokio::spawn(gw.saver.outbox.clone().republish(router, node)),
+        tokio::spawn(gw.saver.outbox.clone().republish(router, gw.idempotency.clone(), node)),
         tokio::spawn(routes.heartbeat(sessions.clone())),
         tokio::spawn({
             let (cursors, store) = (gw.cursors.clone(), store.clone());

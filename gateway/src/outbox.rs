@@ -1,15 +1,18 @@
-//! The outbox: remote pushes of saved messages that wait for Redis.
+//! The outbox: what fail-open saves owe Redis — their idempotency marks and their remote pushes.
 //!
-//! A fail-open (baseline) save commits while Redis is unreachable, so its pushes to other gateways
-//! cannot be published. They wait here, oldest first, and [`Outbox::republish`] sends them in order
-//! once Redis answers. While anything waits, new remote pushes queue behind it and the appender keeps
-//! messages on the baseline path, so nothing a sender sends later can overtake a waiting push.
+//! A fail-open (baseline) save commits while Redis is unreachable, so neither its `s:<id>` mark in
+//! the idempotency window nor its pushes to other gateways can be written. They wait here, and
+//! [`Outbox::republish`] writes them once Redis answers: the marks first (so a resend of such a
+//! message keeps its id), then the pushes, oldest first. While anything waits, new remote pushes
+//! queue behind it and the appender keeps messages on the baseline path, whose save reports the id
+//! already stored — so nothing a sender sends later can overtake a waiting push or get a second id.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use im_common::idempotency::{IdempotencyWindow, Stage};
 use im_common::record::Push;
 use im_common::router::{Router, Target};
 
@@ -30,12 +33,36 @@ pub struct Outbox {
     queue: std::sync::Mutex<VecDeque<Vec<(Target, Push)>>>,
     /// Pushes queued or being republished.
     pushes: AtomicUsize,
+    /// Idempotency marks (key, final stage, id) of saves made while Redis was away.
+    marks: std::sync::Mutex<Vec<(String, Stage, u64)>>,
+    marks_waiting: AtomicUsize,
 }
 
 impl Outbox {
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.pushes.load(Ordering::Acquire) == 0
+        self.pushes.load(Ordering::Acquire) == 0 && self.marks_waiting.load(Ordering::Acquire) == 0
+    }
+
+    /// Keeps idempotency marks that could not be written until Redis answers.
+    pub fn defer_marks(&self, marks: Vec<(String, Stage, u64)>) {
+        let mut waiting = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        self.marks_waiting.fetch_add(marks.len(), Ordering::AcqRel);
+        waiting.extend(marks);
+    }
+
+    /// Writes the deferred marks; false while Redis does not take them.
+    async fn flush_marks(&self, window: &IdempotencyWindow) -> bool {
+        let marks = std::mem::take(&mut *self.marks.lock().unwrap_or_else(|p| p.into_inner()));
+        if marks.is_empty() {
+            return true;
+        }
+        if window.settle(&marks).await.is_ok() {
+            self.marks_waiting.fetch_sub(marks.len(), Ordering::AcqRel);
+            return true;
+        }
+        self.marks.lock().unwrap_or_else(|p| p.into_inner()).extend(marks);
+        false
     }
 
     /// Queues a batch behind what waits (dropping the oldest beyond the cap).
@@ -55,9 +82,13 @@ impl Outbox {
         metrics::gauge!("im_gateway_outbox_pushes").set(self.pushes.load(Ordering::Acquire) as f64);
     }
 
-    /// Republishes waiting pushes, oldest first, until the process ends.
-    pub async fn republish(self: Arc<Self>, router: Router, node: u16) {
+    /// Writes deferred marks, then republishes waiting pushes oldest first, until the process ends.
+    pub async fn republish(self: Arc<Self>, router: Router, window: IdempotencyWindow, node: u16) {
         loop {
+            if !self.flush_marks(&window).await {
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
             let next = self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
             let Some(batch) = next else {
                 tokio::time::sleep(IDLE_POLL).await;
