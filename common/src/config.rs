@@ -56,7 +56,7 @@ pub struct MysqlConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// HS256 shared secret. Never logged.
+    /// HS256 shared secret, at least 32 bytes. Never logged.
     pub jwt_secret: String,
 }
 
@@ -128,7 +128,8 @@ pub struct TwoPhaseConfig {
     pub group: String,
     /// Entries read per XREADGROUP (and rows per save batch).
     pub batch_size: usize,
-    /// XREADGROUP BLOCK when the stream is empty.
+    /// XREADGROUP BLOCK when the stream is empty. With `max_batch_delay_ms` at most
+    /// `lease_ttl_ms / 5`: a read in flight must return before the lease can pass to a standby.
     pub block_ms: u64,
     /// Longest a partly filled batch waits for more entries.
     pub max_batch_delay_ms: u64,
@@ -141,7 +142,8 @@ pub struct TwoPhaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdempotencyConfig {
-    /// How long a clientMsgId is remembered in Redis (the DB unique key covers the rest).
+    /// How long a clientMsgId is remembered in Redis (the DB unique key covers the rest); at least
+    /// an hour, so it outlasts the time a message can spend unsaved.
     pub ttl_secs: u64,
 }
 
@@ -166,7 +168,7 @@ impl Default for MysqlConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { jwt_secret: "change-me-local-dev-secret".into() }
+        AuthConfig { jwt_secret: "change-me-local-dev-secret-0123456789abcdef".into() }
     }
 }
 
@@ -211,7 +213,7 @@ impl Default for TwoPhaseConfig {
             dead_letter_stream: "dead".into(),
             group: "workers".into(),
             batch_size: 500,
-            block_ms: 1000,
+            block_ms: 500,
             max_batch_delay_ms: 2,
             max_backlog: 200_000,
             lease_ttl_ms: 5000,
@@ -320,12 +322,15 @@ impl Config {
         self.two_phase.deliver_before_saved = mode == Mode::Full;
     }
 
-    /// Checks ranges and URL shapes; the error names the key.
+    /// Checks every key: ranges, URL shapes, and the rules that tie keys together (see
+    /// docs/OPERATIONS.md, "Configuration"); the error names the key to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn bad(key: &str, message: String) -> Result<(), ConfigError> {
             Err(ConfigError::Key { key: key.into(), message })
         }
-        let checks: [(&str, u64, u64, u64); 20] = [
+        // Batch bounds keep a multi-row statement under MySQL's 65,535 placeholders: 6 per row in the
+        // INSERT, up to 6 per row (two chat-list rows of 3) in the conversation upsert.
+        let checks: [(&str, u64, u64, u64); 24] = [
             ("cluster.shards", self.cluster.shards.into(), 1, 1024),
             ("gateway.node_id", self.gateway.node_id.into(), 0, u64::from(crate::ids::MAX_NODES) - 1),
             ("gateway.max_frame_bytes", self.gateway.max_frame_bytes as u64, 256, 16 << 20),
@@ -338,6 +343,7 @@ impl Config {
             ("gateway.outbound_queue", self.gateway.outbound_queue as u64, 1, 1 << 20),
             ("gateway.socket_send_buffer", self.gateway.socket_send_buffer as u64, 0, 64 << 20),
             ("gateway.route_ttl_ms", self.gateway.route_ttl_ms, 1000, 3_600_000),
+            ("gateway.max_connections", self.gateway.max_connections as u64, 1, 10_000_000),
             ("gateway.history_max_limit", self.gateway.history_max_limit.into(), 1, 10_000),
             ("gateway.offline_page_size", self.gateway.offline_page_size.into(), 1, 10_000),
             ("gateway.cursor_flush_ms", self.gateway.cursor_flush_ms, 10, 60_000),
@@ -345,33 +351,92 @@ impl Config {
             ("mysql.pool_max", self.mysql.pool_max as u64, 1, 1024),
             ("mysql.insert_batch_max", self.mysql.insert_batch_max as u64, 1, 5000),
             ("two_phase.batch_size", self.two_phase.batch_size as u64, 1, 10_000),
+            // 0 would be XREADGROUP BLOCK 0: wait forever, never looking at the lease or a shutdown.
+            ("two_phase.block_ms", self.two_phase.block_ms, 1, 60_000),
             ("two_phase.max_batch_delay_ms", self.two_phase.max_batch_delay_ms, 0, 10_000),
+            ("two_phase.max_backlog", self.two_phase.max_backlog, 1, 1_000_000_000),
             ("two_phase.lease_ttl_ms", self.two_phase.lease_ttl_ms, 500, 600_000),
+            ("idempotency.ttl_secs", self.idempotency.ttl_secs, MIN_IDEMPOTENCY_TTL_SECS, MAX_IDEMPOTENCY_TTL_SECS),
         ];
         for (key, value, min, max) in checks {
             if value < min || value > max {
-                return bad(key, format!("must be between {min} and {max} (got {value})"));
+                let why = match key {
+                    "idempotency.ttl_secs" => {
+                        ": the window must outlast the time a message can spend unsaved (a database outage), \
+                         or a retry gets a second serverMsgId (SPEC §3.9)"
+                    }
+                    _ => "",
+                };
+                return bad(key, format!("must be between {min} and {max} (got {value}){why}"));
             }
         }
-        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("unix://") {
-            return bad("redis.url", format!("must start with redis:// (got {:?})", self.redis.url));
+        let tp = &self.two_phase;
+        if tp.block_ms + tp.max_batch_delay_ms > tp.lease_ttl_ms / u64::from(LEASE_SAFETY_MARGIN_DIVISOR) {
+            return bad(
+                "two_phase.block_ms",
+                format!(
+                    "two_phase.block_ms + two_phase.max_batch_delay_ms ({} + {} ms) must be at most \
+                     two_phase.lease_ttl_ms / {LEASE_SAFETY_MARGIN_DIVISOR} = {} ms (lower block_ms, or raise \
+                     lease_ttl_ms): a shard owner stops acting that long before its lease can expire, and a \
+                     stream read it started just before must return by then, or it claims entries after a \
+                     standby took over",
+                    tp.block_ms,
+                    tp.max_batch_delay_ms,
+                    tp.lease_ttl_ms / u64::from(LEASE_SAFETY_MARGIN_DIVISOR)
+                ),
+            );
         }
-        if let Err(e) = mysql_async::Opts::from_url(&self.mysql.url) {
-            return bad("mysql.url", format!("is not a valid mysql:// URL: {e}"));
+        if let Err(message) = check_redis_url(&self.redis.url) {
+            return bad("redis.url", message);
         }
-        if self.auth.jwt_secret.len() < 16 {
-            return bad("auth.jwt_secret", "must be at least 16 bytes".into());
+        if let Err(message) = check_mysql_url(&self.mysql.url) {
+            return bad("mysql.url", message);
+        }
+        if self.auth.jwt_secret.len() < MIN_JWT_SECRET_BYTES {
+            return bad(
+                "auth.jwt_secret",
+                format!(
+                    "must be at least {MIN_JWT_SECRET_BYTES} bytes (got {}): HS256 needs a key of at least 256 bits \
+                     (RFC 7518 §3.2); use e.g. `openssl rand -hex 32`",
+                    self.auth.jwt_secret.len()
+                ),
+            );
         }
         let names = [
             ("redis.key_prefix", &self.redis.key_prefix),
-            ("two_phase.accepted_stream", &self.two_phase.accepted_stream),
-            ("two_phase.to_save_stream", &self.two_phase.to_save_stream),
-            ("two_phase.dead_letter_stream", &self.two_phase.dead_letter_stream),
-            ("two_phase.group", &self.two_phase.group),
+            ("two_phase.accepted_stream", &tp.accepted_stream),
+            ("two_phase.to_save_stream", &tp.to_save_stream),
+            ("two_phase.dead_letter_stream", &tp.dead_letter_stream),
+            ("two_phase.group", &tp.group),
         ];
         for (key, value) in names {
             if value.is_empty() || value.chars().any(|c| c.is_whitespace() || "{}".contains(c)) {
                 return bad(key, format!("must be non-empty without spaces or braces (got {value:?})"));
+            }
+        }
+        // Stream keys are `<prefix>:{s<k>}:<name>`, next to the shard's other keys (keys.rs).
+        let streams = [
+            ("two_phase.accepted_stream", &tp.accepted_stream),
+            ("two_phase.to_save_stream", &tp.to_save_stream),
+            ("two_phase.dead_letter_stream", &tp.dead_letter_stream),
+        ];
+        for (i, (key, name)) in streams.iter().enumerate() {
+            if name.contains(':') || RESERVED_SHARD_KEY_NAMES.contains(&name.as_str()) {
+                return bad(
+                    key,
+                    format!(
+                        "must not contain ':' nor be one of {RESERVED_SHARD_KEY_NAMES:?} (got {name:?}): it would \
+                         share a key with the shard's leases, idempotency entries or journals"
+                    ),
+                );
+            }
+            if let Some((other, _)) = streams[..i].iter().find(|(_, earlier)| earlier == name) {
+                return bad(key, format!("must differ from {other} (both are {name:?})"));
+            }
+        }
+        for origin in &self.gateway.allowed_origins {
+            if let Err(message) = check_origin(origin) {
+                return bad("gateway.allowed_origins", message);
             }
         }
         for (key, addr) in [("gateway.listen", &self.gateway.listen), ("worker.listen", &self.worker.listen)] {
@@ -380,6 +445,74 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// Shortest HS256 secret accepted, in bytes (RFC 7518 §3.2: at least the hash size, 256 bits).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// Shortest idempotency window (1 h): it must outlast the time a message can spend unsaved, which
+/// includes riding out a database outage (SPEC §3.1, §3.9).
+pub const MIN_IDEMPOTENCY_TTL_SECS: u64 = 3600;
+
+/// Longest idempotency window (30 days); every remembered clientMsgId costs Redis memory.
+pub const MAX_IDEMPOTENCY_TTL_SECS: u64 = 30 * 86_400;
+
+/// A shard owner stops acting `lease TTL / this` before its lease can expire (clock drift, and the
+/// reads it has in flight must return first). shard-worker's lease uses it; `validate` checks
+/// `two_phase.block_ms` against it.
+pub const LEASE_SAFETY_MARGIN_DIVISOR: u32 = 5;
+
+/// Names under a shard's hash tag that belong to other keys (keys.rs); streams must not take them.
+const RESERVED_SHARD_KEY_NAMES: [&str; 4] = ["lease", "fence", "idem", "journal"];
+
+impl TwoPhaseConfig {
+    /// The largest `block_ms` the lease allows with this `lease_ttl_ms` and `max_batch_delay_ms`
+    /// (for tools that shorten the lease).
+    pub fn max_block_ms(&self) -> u64 {
+        (self.lease_ttl_ms / u64::from(LEASE_SAFETY_MARGIN_DIVISOR)).saturating_sub(self.max_batch_delay_ms).max(1)
+    }
+}
+
+fn check_redis_url(url: &str) -> Result<(), String> {
+    if !url.starts_with("redis://") && !url.starts_with("unix://") {
+        return Err(format!("must start with redis:// or unix:// (got {url:?})"));
+    }
+    match redis::IntoConnectionInfo::into_connection_info(url) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("is not a valid Redis URL: {e}")),
+    }
+}
+
+fn check_mysql_url(url: &str) -> Result<(), String> {
+    let opts = mysql_async::Opts::from_url(url).map_err(|e| format!("is not a valid mysql:// URL: {e}"))?;
+    match opts.db_name() {
+        Some(db) if !db.is_empty() && !db.contains('`') => {}
+        _ => return Err(format!("must name the database, as in mysql://user@host:3306/im (got {url:?})")),
+    }
+    if opts.client_found_rows() {
+        return Err("must not set client_found_rows=true: MySQL would then count a duplicate row as affected, \
+                    which hides duplicates from the save"
+            .into());
+    }
+    Ok(())
+}
+
+/// A browser `Origin`: `<scheme>://<host>[:port]`, exactly as browsers send it (no path, no slash).
+fn check_origin(origin: &str) -> Result<(), String> {
+    let well_formed = origin.split_once("://").is_some_and(|(scheme, host)| {
+        !scheme.is_empty()
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && !host.is_empty()
+            && !host.chars().any(|c| c == '/' || c.is_whitespace())
+    });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(format!(
+            "each origin must be <scheme>://<host>[:port] without a path or trailing slash, as browsers send it \
+             (got {origin:?})"
+        ))
     }
 }
 
@@ -443,6 +576,84 @@ mod tests {
         assert_eq!(key_error("[auth]\njwt_secret = \"short\""), "auth.jwt_secret");
         let unknown = Config::from_toml("[gateway]\nlisten_port = 1").unwrap_err().to_string();
         assert!(unknown.contains("gateway") && unknown.contains("listen_port"), "{unknown}");
+    }
+
+    fn message(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_idempotency_window_is_never_zero_nor_shorter_than_a_database_outage() {
+        // SPEC §3.9: with 0 the append script fails after its XADD: appended AND failed open.
+        assert_eq!(key_error("[idempotency]\nttl_secs = 0"), "idempotency.ttl_secs");
+        assert_eq!(key_error("[idempotency]\nttl_secs = 60"), "idempotency.ttl_secs");
+        assert_eq!(key_error("[idempotency]\nttl_secs = 3599"), "idempotency.ttl_secs");
+        Config::from_toml("[idempotency]\nttl_secs = 3600").unwrap();
+        let env = [("IM__IDEMPOTENCY__TTL_SECS".to_owned(), "0".to_owned())];
+        let err = Config::load_with_env(None, env).unwrap_err().to_string();
+        assert!(err.contains("idempotency.ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn a_blocked_stream_read_returns_inside_the_lease_safety_margin() {
+        // The owner stops acting 1/5 of the TTL before its lease can expire; a read it started just
+        // before that must return (block, then the partial-batch wait) before a standby can take over.
+        assert_eq!(key_error("[two_phase]\nblock_ms = 0"), "two_phase.block_ms");
+        assert_eq!(key_error("[two_phase]\nlease_ttl_ms = 5000\nblock_ms = 2500"), "two_phase.block_ms");
+        assert_eq!(
+            key_error("[two_phase]\nlease_ttl_ms = 5000\nblock_ms = 990\nmax_batch_delay_ms = 20"),
+            "two_phase.block_ms"
+        );
+        Config::from_toml("[two_phase]\nlease_ttl_ms = 5000\nblock_ms = 980\nmax_batch_delay_ms = 20").unwrap();
+        let msg = message("[two_phase]\nlease_ttl_ms = 1500");
+        assert!(msg.contains("two_phase.lease_ttl_ms") && msg.contains("300"), "{msg}");
+        Config::from_toml("[two_phase]\nlease_ttl_ms = 1500\nblock_ms = 250").unwrap();
+    }
+
+    #[test]
+    fn zero_bounds_and_batches_are_refused() {
+        assert_eq!(key_error("[two_phase]\nmax_backlog = 0"), "two_phase.max_backlog");
+        assert_eq!(key_error("[two_phase]\nbatch_size = 0"), "two_phase.batch_size");
+        assert_eq!(key_error("[mysql]\ninsert_batch_max = 0"), "mysql.insert_batch_max");
+        assert_eq!(key_error("[mysql]\npool_max = 0"), "mysql.pool_max");
+        assert_eq!(key_error("[gateway]\nmax_connections = 0"), "gateway.max_connections");
+        assert_eq!(key_error("[gateway]\noutbound_queue = 0"), "gateway.outbound_queue");
+    }
+
+    #[test]
+    fn stream_names_are_distinct_and_outside_the_other_shard_keys() {
+        assert_eq!(key_error("[two_phase]\nto_save_stream = \"accepted\""), "two_phase.to_save_stream");
+        assert_eq!(key_error("[two_phase]\ndead_letter_stream = \"to_save\""), "two_phase.dead_letter_stream");
+        assert_eq!(key_error("[two_phase]\naccepted_stream = \"lease\""), "two_phase.accepted_stream");
+        assert_eq!(key_error("[two_phase]\naccepted_stream = \"idem:1\""), "two_phase.accepted_stream");
+    }
+
+    #[test]
+    fn urls_and_origins_are_checked() {
+        assert_eq!(key_error("[redis]\nurl = \"redis://\""), "redis.url");
+        assert_eq!(key_error("[mysql]\nurl = \"mysql://root@127.0.0.1:3306\""), "mysql.url");
+        assert_eq!(key_error("[gateway]\nallowed_origins = [\"https://chat.example/\"]"), "gateway.allowed_origins");
+        assert_eq!(key_error("[gateway]\nallowed_origins = [\"chat.example\"]"), "gateway.allowed_origins");
+        Config::from_toml("[gateway]\nallowed_origins = [\"https://chat.example\", \"http://localhost:3000\"]")
+            .unwrap();
+    }
+
+    #[test]
+    fn client_found_rows_in_the_mysql_url_is_refused() {
+        // It makes MySQL count a duplicate as an affected row, which hides duplicates from the save.
+        let msg = message("[mysql]\nurl = \"mysql://root@127.0.0.1:3306/im?client_found_rows=true\"");
+        assert!(msg.contains("mysql.url") && msg.contains("client_found_rows"), "{msg}");
+        Config::from_toml("[mysql]\nurl = \"mysql://root@127.0.0.1:3306/im?client_found_rows=false\"").unwrap();
+    }
+
+    #[test]
+    fn the_jwt_secret_has_at_least_32_bytes() {
+        // RFC 7518 §3.2: an HS256 key has at least as many bits as the hash output (256).
+        let msg = message(&format!("[auth]\njwt_secret = \"{}\"", "s".repeat(31)));
+        assert!(msg.contains("auth.jwt_secret") && msg.contains("32"), "{msg}");
+        Config::from_toml(&format!("[auth]\njwt_secret = \"{}\"", "s".repeat(32))).unwrap();
+        assert!(Config::default().auth.jwt_secret.len() >= 32, "the default secret is long enough");
+        // The tests' TestEnv secret is checked where TestEnv lives (harness/src/env.rs).
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl Keys {
         format!("{}:node:{node}", self.prefix)
     }
 
-    /// The journal of what a shard's owner published to `node` (see `bus::JOURNAL_LUA`). In the
+    /// The journal of what a shard's owner published to `node` (see `journal::JOURNAL_LUA`). In the
     /// shard's slot, next to its streams, so the owner's scripts can write it.
     pub fn journal_of_shard(&self, shard: u16, node: u16) -> String {
         self.shard_key(shard, &format!("journal:{node}"))

@@ -3,13 +3,16 @@
 
 pub mod auth;
 pub mod backoff;
-pub mod bus;
 pub mod config;
+pub mod connections;
 pub mod health;
+pub mod idempotency;
 pub mod ids;
+pub mod journal;
 pub mod keys;
 pub mod protocol;
 pub mod record;
+pub mod router;
 pub mod shard;
 pub mod store;
 pub mod telemetry;

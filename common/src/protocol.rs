@@ -289,7 +289,8 @@ pub struct ServerFrame {
 }
 
 impl ServerFrame {
-    fn bare(kind: FrameType) -> Self {
+    /// A frame of `kind` with every optional field empty.
+    pub fn bare(kind: FrameType) -> Self {
         ServerFrame {
             kind,
             client_msg_id: None,
@@ -323,20 +324,6 @@ impl ServerFrame {
     /// `ERROR {reason, clientMsgId?}`.
     pub fn error(reason: Reason, client_msg_id: Option<String>) -> Self {
         ServerFrame { reason: Some(reason), client_msg_id, ..Self::bare(FrameType::Error) }
-    }
-
-    /// The `SINGLE_CHAT` push of a message to its recipient.
-    pub fn chat(msg: &crate::record::ChatMessage) -> Self {
-        ServerFrame {
-            client_msg_id: Some(msg.client_msg_id.clone()),
-            server_msg_id: Some(msg.id),
-            from: Some(msg.from),
-            to: Some(msg.to),
-            msg_type: Some(msg.msg_type.clone()),
-            body: Some(msg.body.clone()),
-            ts: Some(crate::ids::timestamp_ms(msg.id)),
-            ..Self::bare(FrameType::SingleChat)
-        }
     }
 
     /// The JSON text of this frame.

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::ServerFrame;
+use crate::protocol::{FrameType, ServerFrame};
 
 /// The field name of the MessagePack payload in stream entries.
 pub const MSG_FIELD: &str = "m";
@@ -21,6 +21,22 @@ pub struct ChatMessage {
     pub client_msg_id: String,
     pub msg_type: String,
     pub body: String,
+}
+
+impl ChatMessage {
+    /// The `SINGLE_CHAT` push of this message to its recipient.
+    pub fn push_frame(&self) -> ServerFrame {
+        ServerFrame {
+            client_msg_id: Some(self.client_msg_id.clone()),
+            server_msg_id: Some(self.id),
+            from: Some(self.from),
+            to: Some(self.to),
+            msg_type: Some(self.msg_type.clone()),
+            body: Some(self.body.clone()),
+            ts: Some(crate::ids::timestamp_ms(self.id)),
+            ..ServerFrame::bare(FrameType::SingleChat)
+        }
+    }
 }
 
 /// A stream entry: the message and where its sender is, so receipts can go back to them.
@@ -88,7 +104,7 @@ mod tests {
         assert_eq!(decode::<Accepted>(&encode(&entry)).unwrap(), entry);
         let b = PushBatch {
             pushes: vec![
-                Push { user: 2, conn: None, frame: ServerFrame::chat(&m) },
+                Push { user: 2, conn: None, frame: m.push_frame() },
                 Push { user: 1, conn: Some(4), frame: ServerFrame::ack(AckType::Saved, "c", 99) },
             ],
         };

@@ -1,21 +1,31 @@
 //! All SQL lives here: migrations, the batched save, history, offline inbox and delivery cursors.
 //!
 //! The save is one multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id` per batch plus one
-//! conversation upsert, in one transaction. A duplicate (same sender and clientMsgId, or same id)
-//! counts as saved and reports the id already stored. `INSERT IGNORE` is deliberately not used: it
-//! would also turn real rejections (a failed CHECK, bad data) into warnings and lose rows silently.
-//! A batch that hits a permanent row error is split in halves until the offending rows stand alone;
-//! those are returned as rejected (they go to the dead-letter stream), the rest are saved.
+//! conversation upsert, in one transaction. A row the INSERT did not add is a duplicate only when a
+//! stored row has exactly the same (from_user_id, client_msg_id) bytes — a retry of the same message —
+//! and then counts as saved and reports the id already stored. Any other collision (the id already
+//! belongs to another message, or a collation folded two clientMsgIds into one key) leaves the message
+//! without a row, so it is rejected with the reason, never acknowledged (SPEC §3.9). `INSERT IGNORE`
+//! is deliberately not used: it would also turn real rejections (a failed CHECK, bad data) into
+//! warnings and lose rows silently. A batch that hits a permanent row error is split in halves until
+//! the offending rows stand alone; those are returned as rejected (they go to the dead-letter stream),
+//! the rest are saved.
+//!
+//! Telling inserts from duplicates relies on the affected-row count, so the pool always runs with
+//! `CLIENT_FOUND_ROWS` off, whatever the URL says (with it on, a duplicate counts as affected).
 
 use std::collections::{BTreeMap, HashMap};
 
 use mysql_async::prelude::*;
-use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Transaction, TxOpts, Value};
 
 use crate::record::ChatMessage;
 
 /// Embedded migrations: (version, name, SQL). Append only; never edit an applied one.
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(1, "messages", include_str!("../../migrations/0001_messages.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "messages", include_str!("../../migrations/0001_messages.sql")),
+    (2, "client_msg_id_bytes", include_str!("../../migrations/0002_client_msg_id_bytes.sql")),
+];
 
 /// A database failure, classified by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +72,13 @@ pub struct SaveOutcome {
     /// For each saved message (by index in the batch): the id the database holds for it — its own, or
     /// the id of the earlier row with the same sender and clientMsgId.
     pub saved: Vec<(usize, u64)>,
-    /// Messages the database refused for good, with the reason.
+    /// Messages the database refused for good, with the reason (by index in the batch).
     pub rejected: Vec<(usize, String)>,
 }
+
+/// What the database holds for one row of an INSERT: the id of the stored row with the same sender
+/// and clientMsgId bytes, or why there is no row for this message.
+type StoredRow = Result<u64, String>;
 
 /// A pooled connection to the messages database.
 #[derive(Clone)]
@@ -79,7 +93,9 @@ impl Store {
         let constraints = PoolConstraints::new(1, pool_max.max(1)).unwrap_or_default();
         let opts = OptsBuilder::from_opts(opts)
             .pool_opts(PoolOpts::default().with_constraints(constraints))
-            .stmt_cache_size(128);
+            .stmt_cache_size(128)
+            // With found rows counted, a duplicate would look inserted (see the module doc).
+            .client_found_rows(false);
         Ok(Store { pool: Pool::new(opts) })
     }
 
@@ -99,7 +115,14 @@ impl Store {
                 continue;
             }
             match self.insert_rows(&batch[range.clone()]).await {
-                Ok(ids) => outcome.saved.extend(ids.into_iter().map(|(i, id)| (range.start + i, id))),
+                Ok(rows) => {
+                    for (i, row) in rows.into_iter().enumerate() {
+                        match row {
+                            Ok(id) => outcome.saved.push((range.start + i, id)),
+                            Err(reason) => outcome.rejected.push((range.start + i, reason)),
+                        }
+                    }
+                }
                 Err(StoreError::Permanent(reason)) if range.len() == 1 => outcome.rejected.push((range.start, reason)),
                 Err(StoreError::Permanent(_)) => {
                     let mid = range.start + range.len() / 2;
@@ -110,11 +133,13 @@ impl Store {
             }
         }
         outcome.saved.sort_unstable();
+        outcome.rejected.sort_unstable_by_key(|&(i, _)| i);
         Ok(outcome)
     }
 
-    /// One transaction: the rows, then the conversations they touch. Returns (index, stored id).
-    async fn insert_rows(&self, rows: &[ChatMessage]) -> Result<Vec<(usize, u64)>, StoreError> {
+    /// One transaction: the rows, then the conversations they touch. Returns, per row, the stored id
+    /// or why the message has no row.
+    async fn insert_rows(&self, rows: &[ChatMessage]) -> Result<Vec<StoredRow>, StoreError> {
         let mut conn = self.pool.get_conn().await?;
         let mut tx = conn.start_transaction(TxOpts::default()).await?;
         let sql = format!(
@@ -134,38 +159,27 @@ impl Store {
             ]);
         }
         tx.exec_drop(sql, Params::Positional(params)).await?;
+        // `id = id` changes nothing, so a row that was already there counts 0 (found rows are off).
         let inserted = tx.affected_rows() as usize;
-
-        // Rows that were already there keep the id stored first; find it so receipts report it.
-        let mut stored: HashMap<(u64, &str), u64> = HashMap::new();
-        if inserted < rows.len() {
-            let sql = format!(
-                "SELECT from_user_id, client_msg_id, id FROM messages WHERE (from_user_id, client_msg_id) IN ({})",
-                vec!["(?,?)"; rows.len()].join(",")
-            );
-            let params: Vec<Value> =
-                rows.iter().flat_map(|m| [Value::from(m.from), Value::from(m.client_msg_id.as_str())]).collect();
-            let found: Vec<(u64, String, u64)> = tx.exec(sql, Params::Positional(params)).await?;
-            for (from, cmid, id) in found {
-                if let Some(m) = rows.iter().find(|m| m.from == from && m.client_msg_id == cmid) {
-                    stored.insert((from, m.client_msg_id.as_str()), id);
-                }
-            }
-        }
-        let ids: Vec<(usize, u64)> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (i, stored.get(&(m.from, m.client_msg_id.as_str())).copied().unwrap_or(m.id)))
-            .collect();
+        let stored = if inserted == rows.len() {
+            rows.iter().map(|m| Ok(m.id)).collect()
+        } else {
+            stored_rows(&mut tx, rows).await?
+        };
 
         // Both participants' chat-list rows, one per pair per batch, in key order so concurrent
         // batches lock them in the same order.
         let mut latest: BTreeMap<(u64, u64), u64> = BTreeMap::new();
-        for (m, &(_, id)) in rows.iter().zip(&ids) {
+        for (m, stored) in rows.iter().zip(&stored) {
+            let Ok(id) = *stored else { continue };
             for pair in [(m.from, m.to), (m.to, m.from)] {
                 let last = latest.entry(pair).or_insert(0);
                 *last = (*last).max(id);
             }
+        }
+        if latest.is_empty() {
+            tx.commit().await?;
+            return Ok(stored);
         }
         let sql = format!(
             "INSERT INTO conversations (owner_id, peer_id, last_msg_id) VALUES {} ON DUPLICATE KEY UPDATE \
@@ -176,7 +190,7 @@ impl Store {
             latest.iter().flat_map(|(&(owner, peer), &last)| [owner.into(), peer.into(), last.into()]).collect();
         tx.exec_drop(sql, Params::Positional(params)).await?;
         tx.commit().await?;
-        Ok(ids)
+        Ok(stored)
     }
 
     /// Saved messages between `user` and `peer` with id below `before`, newest first.
@@ -241,17 +255,72 @@ impl Store {
 
     /// `(from, id)` of every row, ordered by id (for checkers: order and duplicate verdicts).
     pub async fn all_ids(&self) -> Result<Vec<(u64, u64, String)>, StoreError> {
-        Ok(self
+        let rows: Vec<(u64, u64, Vec<u8>)> = self
             .pool
             .get_conn()
             .await?
             .query("SELECT from_user_id, id, client_msg_id FROM messages ORDER BY id")
-            .await?)
+            .await?;
+        Ok(rows.into_iter().map(|(from, id, cmid)| (from, id, String::from_utf8_lossy(&cmid).into_owned())).collect())
     }
 }
 
-fn to_message((id, from, to, client_msg_id, msg_type, body): (u64, u64, u64, String, String, String)) -> ChatMessage {
-    ChatMessage { id, from, to, client_msg_id, msg_type, body }
+/// After an INSERT that did not add every row: what the database holds for each row. A stored row
+/// with exactly the same (from_user_id, client_msg_id) bytes is this message (a retry): its id. No
+/// such row means the collision was with another message — its id is taken, or a collation folded
+/// two clientMsgIds into one key — and this message has no row: the reason says which.
+async fn stored_rows(tx: &mut Transaction<'_>, rows: &[ChatMessage]) -> Result<Vec<StoredRow>, StoreError> {
+    let sql = format!(
+        "SELECT from_user_id, client_msg_id, id FROM messages WHERE (from_user_id, client_msg_id) IN ({})",
+        vec!["(?,?)"; rows.len()].join(",")
+    );
+    let params: Vec<Value> =
+        rows.iter().flat_map(|m| [Value::from(m.from), Value::from(m.client_msg_id.as_str())]).collect();
+    let found: Vec<(u64, Vec<u8>, u64)> = tx.exec(sql, Params::Positional(params)).await?;
+    // Compared here byte for byte too: the SQL comparison is only as exact as the column's collation.
+    let by_key: HashMap<(u64, &[u8]), u64> =
+        found.iter().map(|(from, cmid, id)| ((*from, cmid.as_slice()), *id)).collect();
+    let stored: Vec<Option<u64>> =
+        rows.iter().map(|m| by_key.get(&(m.from, m.client_msg_id.as_bytes())).copied()).collect();
+    let homeless: Vec<&ChatMessage> = rows.iter().zip(&stored).filter(|(_, s)| s.is_none()).map(|(m, _)| m).collect();
+    let mut holders: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
+    if !homeless.is_empty() {
+        let sql = format!(
+            "SELECT id, from_user_id, client_msg_id FROM messages WHERE id IN ({})",
+            vec!["?"; homeless.len()].join(",")
+        );
+        let ids: Vec<Value> = homeless.iter().map(|m| Value::from(m.id)).collect();
+        let found: Vec<(u64, u64, Vec<u8>)> = tx.exec(sql, Params::Positional(ids)).await?;
+        holders.extend(found.into_iter().map(|(id, from, cmid)| (id, (from, cmid))));
+    }
+    Ok(rows
+        .iter()
+        .zip(stored)
+        .map(|(m, stored)| {
+            stored.ok_or_else(|| match holders.get(&m.id) {
+                Some((from, cmid)) => format!(
+                    "serverMsgId {} is already stored for another message (from {from}, clientMsgId {:?}); \
+                     this one (from {}, clientMsgId {:?}) was not saved",
+                    m.id,
+                    String::from_utf8_lossy(cmid),
+                    m.from,
+                    m.client_msg_id
+                ),
+                None => format!(
+                    "the database folded clientMsgId {:?} of sender {} into another message's key (collation); \
+                     serverMsgId {} was not saved",
+                    m.client_msg_id, m.from, m.id
+                ),
+            })
+        })
+        .collect())
+}
+
+type MessageRow = (u64, u64, u64, Vec<u8>, String, String);
+
+/// A `messages` row as a message. clientMsgId is stored as bytes; the gateway only ever writes UTF-8.
+fn to_message((id, from, to, client_msg_id, msg_type, body): MessageRow) -> ChatMessage {
+    ChatMessage { id, from, to, client_msg_id: String::from_utf8_lossy(&client_msg_id).into_owned(), msg_type, body }
 }
 
 /// `(?,?,?),(?,?,?)` for `rows` rows of `cols` columns.

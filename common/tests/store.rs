@@ -11,10 +11,39 @@ fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
 #[tokio::test]
 async fn migrations_apply_once_and_record_their_versions() {
     let env = TestEnv::new("migrate");
-    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1]);
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2]);
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), Vec::<u32>::new(), "second run applies nothing");
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 1);
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 2);
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// A database at version 1 (PAD SPACE clientMsgIds, rows in it) upgrades in place: rows keep their
+/// bytes, and from then on "x" and "x " are two keys. Migration 2 may run again (a runner that died
+/// after the ALTER but before recording it) without harm.
+#[tokio::test]
+async fn upgrading_a_version_1_database_keeps_its_rows_and_compares_client_msg_ids_byte_for_byte() {
+    let env = TestEnv::new("upgrade");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 2).unwrap();
+    store
+        .execute(
+            "ALTER TABLE messages MODIFY client_msg_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+        )
+        .await
+        .unwrap();
+    store.execute("DELETE FROM schema_migrations WHERE version = 2").await.unwrap();
+    store.save_batch(&[msg(70, 1, 2, "x", "old"), msg(71, 1, 2, "é✓", "old too")]).await.unwrap();
+
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![2]);
+    store.execute("DELETE FROM schema_migrations WHERE version = 2").await.unwrap();
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![2], "re-running migration 2 is harmless");
+
+    let out = store.save_batch(&[msg(72, 1, 2, "x ", "new"), msg(73, 1, 2, "é✓", "retry")]).await.unwrap();
+    assert_eq!((out.saved, out.rejected), (vec![(0, 72), (1, 71)], vec![]));
+    let rows: Vec<(u64, String)> = store.all_ids().await.unwrap().into_iter().map(|(_, id, c)| (id, c)).collect();
+    assert_eq!(rows, vec![(70, "x".into()), (71, "é✓".into()), (72, "x ".into())]);
     store.close().await;
     env.cleanup().await;
 }
@@ -71,6 +100,98 @@ async fn inbox_pages_follow_the_delivered_cursor() {
     assert_eq!(store.delivered_cursor(5).await.unwrap(), 20);
     let page: Vec<u64> = store.inbox_between(5, 20, 22, 10).await.unwrap().iter().map(|m| m.id).collect();
     assert_eq!(page, vec![21]);
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// SPEC §3.9: clientMsgIds are compared byte for byte. A collation that pads ("x" = "x ") would fold
+/// two messages into one UNIQUE key: the second would be acknowledged as saved without a row.
+#[tokio::test]
+async fn client_msg_ids_differing_only_in_trailing_spaces_are_two_messages_with_two_rows() {
+    let env = TestEnv::new("pad");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 2).unwrap();
+    // Apart, in two batches, and together in one.
+    assert_eq!(store.save_batch(&[msg(30, 1, 2, "x", "first")]).await.unwrap().saved, vec![(0, 30)]);
+    let out = store.save_batch(&[msg(31, 1, 2, "x ", "second")]).await.unwrap();
+    assert_eq!((out.saved, out.rejected), (vec![(0, 31)], vec![]), "\"x \" is not a retry of \"x\"");
+    let out = store.save_batch(&[msg(32, 1, 2, "y", "third"), msg(33, 1, 2, "y  ", "fourth")]).await.unwrap();
+    assert_eq!((out.saved, out.rejected), (vec![(0, 32), (1, 33)], vec![]));
+
+    let rows = store.all_ids().await.unwrap();
+    let cmids: Vec<(u64, &str)> = rows.iter().map(|(_, id, c)| (*id, c.as_str())).collect();
+    assert_eq!(cmids, vec![(30, "x"), (31, "x "), (32, "y"), (33, "y  ")], "every message has its own row, bytes kept");
+    let history: Vec<(u64, String)> =
+        store.history(2, 1, u64::MAX, 10).await.unwrap().into_iter().map(|m| (m.id, m.client_msg_id)).collect();
+    assert_eq!(history[..2], [(33, "y  ".to_owned()), (32, "y".to_owned())]);
+    // A real retry (same bytes) still reports the stored id.
+    let retry = store.save_batch(&[msg(34, 1, 2, "x ", "second")]).await.unwrap();
+    assert_eq!(retry.saved, vec![(0, 31)]);
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// SPEC §3.8/§3.9: a message whose serverMsgId is already stored for ANOTHER message has no row of its
+/// own; reporting it saved would be a silent loss. It is rejected (dead letter, `save_failed`).
+#[tokio::test]
+async fn a_new_message_reusing_a_stored_id_is_rejected_not_saved() {
+    let env = TestEnv::new("pkcoll");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 2).unwrap();
+    store.save_batch(&[msg(40, 1, 2, "a", "stored first")]).await.unwrap();
+
+    let batch = [
+        msg(41, 1, 2, "b", "fine"),
+        msg(40, 3, 4, "c", "another sender, same id"),
+        msg(40, 1, 2, "d", "same sender, same id, other clientMsgId"),
+        msg(40, 1, 2, "a", "the stored message itself: a duplicate"),
+    ];
+    let out = store.save_batch(&batch).await.unwrap();
+    assert_eq!(out.saved, vec![(0, 41), (3, 40)]);
+    let rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
+    assert_eq!(rejected, vec![1, 2], "{:?}", out.rejected);
+    for (_, reason) in &out.rejected {
+        assert!(reason.contains("40") && reason.contains("another message"), "unclear reason: {reason}");
+    }
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap(), 2);
+    // The rejected messages touched no chat list.
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM conversations WHERE owner_id IN (3, 4)").await.unwrap(), 0);
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// SPEC §3.9: on a schema whose UNIQUE key still folds clientMsgIds (a PAD SPACE collation, as
+/// migration 1 left it), the save must notice that the stored row is not this message.
+#[tokio::test]
+async fn a_database_that_folds_client_msg_ids_rejects_instead_of_acknowledging_without_a_row() {
+    let env = TestEnv::new("fold");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 2).unwrap();
+    store
+        .execute(
+            "ALTER TABLE messages MODIFY client_msg_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+        )
+        .await
+        .unwrap();
+    store.save_batch(&[msg(50, 1, 2, "x", "first")]).await.unwrap();
+    let out = store.save_batch(&[msg(51, 1, 2, "x ", "second"), msg(52, 1, 2, "x", "retry")]).await.unwrap();
+    assert_eq!(out.saved, vec![(1, 50)], "the byte-exact retry is a duplicate");
+    assert_eq!(out.rejected.len(), 1, "{out:?}");
+    assert_eq!(out.rejected[0].0, 0);
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// `client_found_rows=true` makes MySQL count a duplicate as an affected row; the save must still tell
+/// a duplicate from an insert and report the stored id.
+#[tokio::test]
+async fn duplicates_are_detected_even_when_the_url_asks_for_found_rows() {
+    let env = TestEnv::new("found");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&format!("{}?client_found_rows=true", env.mysql_url), 2).unwrap();
+    store.save_batch(&[msg(60, 1, 2, "a", "first")]).await.unwrap();
+    let out = store.save_batch(&[msg(61, 1, 2, "a", "retry with a new id")]).await.unwrap();
+    assert_eq!(out.saved, vec![(0, 60)], "the retry reports the stored id");
     store.close().await;
     env.cleanup().await;
 }

@@ -36,6 +36,7 @@ async fn accepted_messages_survive_worker_kill() {
     let mut s = spec(&env, Mode::Full, 2, 2);
     s.workers = 3; // one standby
     s.config.two_phase.lease_ttl_ms = 1500;
+    s.config.two_phase.block_ms = s.config.two_phase.max_block_ms();
     let c = e2e::start(&s).await;
     let load =
         Traffic { pairs: 40, per_sender: 50, pace: Duration::from_millis(30), deadline: Duration::from_secs(40) };

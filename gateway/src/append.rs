@@ -13,19 +13,24 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use crate::send::{decode_state, encode_state, receipt, BaselineSaver, Stage};
+use crate::baseline::BaselineSaver;
 use im_common::config::Config;
+use im_common::idempotency::{decode_state, encode_state, IdempotencyWindow, Stage};
 use im_common::keys::Keys;
 use im_common::protocol::{Reason, ServerFrame};
 use im_common::record::{encode, Accepted, ChatMessage, Origin, MSG_FIELD};
 
-/// KEYS: idempotency key, accepted stream. ARGV: state to store, TTL seconds, payload, field name.
+/// KEYS: idempotency key, accepted stream. ARGV: state to store, payload, field name.
 /// Returns the earlier state when the key exists (nothing appended), else nil.
+///
+/// The key gets no TTL here: the window of a message must last at least as long as the message is
+/// unsaved (SPEC §3.9), however long MySQL is away. The save stage's commit sets the final state
+/// with the `idempotency.ttl_secs` expiry. XADD comes first: if it fails nothing is claimed.
 const APPEND_SCRIPT: &str = r"
 local prev = redis.call('GET', KEYS[1])
 if prev then return prev end
-redis.call('XADD', KEYS[2], '*', ARGV[4], ARGV[3])
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('XADD', KEYS[2], '*', ARGV[3], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1])
 return false
 ";
 
@@ -74,7 +79,6 @@ pub struct Appender {
     conn: ConnectionManager,
     keys: Keys,
     script: Arc<Script>,
-    ttl_secs: u64,
     fail_open: bool,
     max_backlog: u64,
     /// Load shedding bound on the standing append round trip (`gateway.shed_append_ms`; zero: off).
@@ -84,15 +88,22 @@ pub struct Appender {
     /// `im_gateway_appends_total{shard}`, one handle per shard (no label lookup per message).
     appends: Arc<Vec<metrics::Counter>>,
     saver: BaselineSaver,
+    /// For refusals: a retry of a known message gets its receipt, not `server_busy`.
+    window: IdempotencyWindow,
 }
 
 impl Appender {
-    pub fn new(cfg: &Config, conn: ConnectionManager, keys: Keys, saver: BaselineSaver) -> Self {
+    pub fn new(
+        cfg: &Config,
+        conn: ConnectionManager,
+        keys: Keys,
+        saver: BaselineSaver,
+        window: IdempotencyWindow,
+    ) -> Self {
         Appender {
             conn,
             keys,
             script: Arc::new(Script::new(APPEND_SCRIPT)),
-            ttl_secs: cfg.idempotency.ttl_secs,
             fail_open: cfg.two_phase.fail_open,
             max_backlog: cfg.two_phase.max_backlog,
             shed_at: Duration::from_millis(cfg.gateway.shed_append_ms),
@@ -104,11 +115,12 @@ impl Appender {
                     .collect(),
             ),
             saver,
+            window,
         }
     }
 
     /// Appends `msg` to `shard`'s accepted stream (or finds the earlier attempt under `key`).
-    /// `in_flight`: the sending connection has accepted messages without `ACK(saved)` yet.
+    /// `in_flight`: the sender has accepted messages without a final receipt yet (on any connection).
     pub async fn append(
         &self,
         shard: u16,
@@ -118,18 +130,21 @@ impl Appender {
         in_flight: bool,
     ) -> Vec<ServerFrame> {
         if self.fail_open && !self.saver.outbox.is_empty() {
-            // Pushes of earlier fail-open saves still wait for Redis: stay behind them.
-            return self.fall_open(msg, in_flight).await;
+            // Marks or pushes of earlier fail-open saves still wait for Redis: stay behind them.
+            if in_flight {
+                return self.busy_in_flight(msg);
+            }
+            return self.saver.claim_and_save(key.to_owned(), msg).await;
         }
         if self.backlog[usize::from(shard)].load(Ordering::Relaxed) >= self.max_backlog {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "backlog").increment(1);
-            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+            return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
         }
         // Overload: appends queue up somewhere (client sockets, this process, Redis). Refusing at
         // once costs almost nothing and leaves the capacity to the messages already admitted.
         if !self.shed_at.is_zero() && self.pressure.standing() >= self.shed_at {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "overload").increment(1);
-            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+            return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
         }
         let payload = encode(&Accepted { msg: msg.clone(), origin });
         let started = std::time::Instant::now();
@@ -138,7 +153,6 @@ impl Appender {
             .key(key)
             .key(self.keys.accepted_stream(shard))
             .arg(encode_state(Stage::Accepted, msg.id))
-            .arg(self.ttl_secs)
             .arg(payload)
             .arg(MSG_FIELD)
             .invoke_async(&mut self.conn.clone())
@@ -150,19 +164,19 @@ impl Appender {
         match result {
             Ok(None) => {
                 self.appends[usize::from(shard)].increment(1);
-                vec![receipt(Stage::Accepted, &msg.client_msg_id, msg.id)]
+                vec![Stage::Accepted.receipt(&msg.client_msg_id, msg.id)]
             }
             // A fail-open attempt claimed it but did not confirm: finish it on the baseline path.
             Ok(Some(prev)) => match decode_state(&prev) {
                 Some((Stage::Pending, id)) => {
                     self.saver.save_and_answer(ChatMessage { id, ..msg }, Some(key.to_owned())).await
                 }
-                Some((stage, id)) => vec![receipt(stage, &msg.client_msg_id, id)],
+                Some((stage, id)) => vec![stage.receipt(&msg.client_msg_id, id)],
                 None => vec![ServerFrame::error(Reason::InternalError, Some(msg.client_msg_id))],
             },
             Err(e) if self.fail_open => {
                 tracing::debug!(error = %e, "append failed; fail-open to the baseline path");
-                self.fall_open(msg, in_flight).await
+                self.fall_open(key, msg, in_flight).await
             }
             Err(e) => {
                 tracing::debug!(error = %e, "append failed; fail-open is off");
@@ -173,15 +187,20 @@ impl Appender {
     }
 
     /// Saves `msg` on the baseline path instead of the stream — unless earlier messages of the same
-    /// connection still wait in the stream: saved and pushed now, it would overtake them (SPEC §3.4),
-    /// so the sender gets `server_busy` and retries.
-    async fn fall_open(&self, msg: ChatMessage, in_flight: bool) -> Vec<ServerFrame> {
+    /// sender (from any of their connections on this gateway) still wait in the stream: saved and
+    /// pushed now, it would overtake them (SPEC §3.4), so the sender gets `server_busy` and retries.
+    /// `key` is marked saved once Redis takes it (see [`crate::outbox`]).
+    async fn fall_open(&self, key: &str, msg: ChatMessage, in_flight: bool) -> Vec<ServerFrame> {
         if in_flight {
-            metrics::counter!("im_gateway_server_busy_total", "cause" => "in_flight").increment(1);
-            return vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))];
+            return self.busy_in_flight(msg);
         }
         metrics::counter!("im_gateway_fail_open_total").increment(1);
-        self.saver.save_and_answer(msg, None).await
+        self.saver.save_and_answer(msg, Some(key.to_owned())).await
+    }
+
+    fn busy_in_flight(&self, msg: ChatMessage) -> Vec<ServerFrame> {
+        metrics::counter!("im_gateway_server_busy_total", "cause" => "in_flight").increment(1);
+        vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
     }
 
     /// Keeps the per-shard backlog figure current: unsaved entries = accepted + to_save stream
@@ -202,5 +221,39 @@ impl Appender {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn next_window() {
+        std::thread::sleep(Duration::from_millis(WINDOW_MS + 20));
+    }
+
+    #[test]
+    fn the_standing_round_trip_is_the_lowest_of_the_last_window() {
+        let p = Pressure::default();
+        p.standing(); // opens the first window
+        for ms in [80, 5, 60] {
+            p.record(Duration::from_millis(ms));
+        }
+        next_window();
+        assert_eq!(p.standing(), Duration::from_millis(5), "one fast append shows there is no standing queue");
+    }
+
+    #[test]
+    fn a_window_of_only_slow_appends_raises_the_standing_level() {
+        let p = Pressure::default();
+        p.standing();
+        for ms in [70, 55, 90] {
+            p.record(Duration::from_millis(ms));
+        }
+        next_window();
+        assert_eq!(p.standing(), Duration::from_millis(55));
+        // A window without appends reads as 0: nothing is queued.
+        next_window();
+        assert_eq!(p.standing(), Duration::ZERO);
     }
 }

@@ -6,42 +6,16 @@
 //! protocol violations), failed authentication, idleness and slow reading close it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use fastwebsockets::WebSocket;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::framing::{close_code, write_loop, Control, Message, ReadError, Reader, Stream};
+use crate::rate_limit::RateLimit;
 use crate::sessions::ConnHandle;
 use crate::Gateway;
 use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame};
-
-/// Token bucket: `rate` frames per second sustained, `burst` at once.
-struct RateLimit {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(rate: u32, burst: u32) -> Self {
-        RateLimit { tokens: f64::from(burst), rate: f64::from(rate), burst: f64::from(burst), last: Instant::now() }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// Serves an upgraded WebSocket; `uid` is set when the handshake carried a valid token.
 pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>, _slot: OwnedSemaphorePermit) {
@@ -54,7 +28,7 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
     let (out_tx, out_rx) = mpsc::channel(cfg.outbound_queue);
     let mut writer = tokio::spawn(write_loop(write, ctrl_rx, out_rx));
     let mut reader = Reader::new(read, ctrl_tx.clone(), cfg.max_frame_bytes);
-    let conn = ConnHandle::new(gw.sessions.next_conn_id(), out_tx, ctrl_tx);
+    let conn = gw.sessions.new_handle(out_tx, ctrl_tx);
 
     let uid = match uid {
         Some(uid) => uid,
@@ -134,12 +108,15 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
         };
         metrics::counter!("im_gateway_frames_in_total", "type" => frame_type).increment(1);
         if !rate.allow() {
-            let cmid = match &request {
-                Ok(Request::Send(s)) => Some(s.client_msg_id.clone()),
-                Err(r) => r.client_msg_id.clone(),
-                _ => None,
+            let answer = match &request {
+                Ok(Request::Send(s)) => {
+                    let key = gw.idempotency_key(uid, &s.client_msg_id);
+                    gw.idempotency.answer_refused(&key, &s.client_msg_id, Reason::TooManyRequests).await
+                }
+                Err(r) => ServerFrame::error(Reason::TooManyRequests, r.client_msg_id.clone()),
+                _ => ServerFrame::error(Reason::TooManyRequests, None),
             };
-            reply(conn, &ServerFrame::error(Reason::TooManyRequests, cmid));
+            reply(conn, &answer);
             continue;
         }
         match request {
@@ -151,10 +128,11 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
             }
             Ok(Request::Ack { .. }) => reply(conn, &ServerFrame::error(Reason::InvalidAck, None)),
             Ok(Request::Send(send)) => {
+                conn.begin_reply(&send.client_msg_id);
                 for frame in gw.send(uid, conn, send).await {
-                    conn.track(&frame);
                     reply(conn, &frame);
                 }
+                conn.finish_reply();
             }
         }
     }
@@ -166,7 +144,7 @@ fn reply(conn: &ConnHandle, frame: &ServerFrame) {
         metrics::counter!("im_gateway_errors_total", "reason" => reason.as_str()).increment(1);
     }
     metrics::counter!("im_gateway_frames_out_total", "type" => frame.kind.as_str()).increment(1);
-    conn.offer(Bytes::from(frame.to_json()));
+    conn.reply(frame);
 }
 
 /// The `?auth=frame` variant: the first frame must be `AUTH {token}` within `gateway.auth_timeout_ms`.

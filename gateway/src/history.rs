@@ -75,7 +75,7 @@ pub async fn history(gw: &Gateway, uid: u64, params: &[(String, String)]) -> Res
     match gw.store.history(uid, peer, before, limit).await {
         Ok(messages) => {
             let next_before = (messages.len() == limit as usize).then(|| messages.last().map(|m| m.id.to_string()));
-            let frames: Vec<ServerFrame> = messages.iter().map(ServerFrame::chat).collect();
+            let frames: Vec<ServerFrame> = messages.iter().map(im_common::record::ChatMessage::push_frame).collect();
             let body = json!({ "messages": frames, "nextBefore": next_before.flatten() });
             text_response(StatusCode::OK, "application/json", body.to_string())
         }

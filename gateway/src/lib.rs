@@ -1,17 +1,25 @@
 //! The gateway: stateless WebSocket front end of the engine.
 //!
-//! A tour: [`server`] accepts HTTP and upgrades `/ws`; [`connection`] runs one client's frames in
-//! order over [`framing`]; [`send`] (baseline) and [`append`] (two-phase) turn a message into receipts;
-//! [`sessions`] holds this node's connections and [`routes`] tells the rest of the cluster about them;
-//! [`offline`] resends what a user missed; [`history`] serves saved messages over HTTP.
+//! A tour, in the order a message meets them: [`server`] accepts HTTP and upgrades `/ws`;
+//! [`connection`] runs one client's frames in order over [`framing`]; [`Gateway::send`] claims the
+//! message's idempotency key and hands it to [`append`] (two-phase: the shard's stream, then
+//! `ACK(accepted)`) or [`baseline`] (a group-committed INSERT, then `ACK(saved)` and [`fanout`]);
+//! [`outbox`] holds baseline pushes while Redis is away. Pushes and receipts from shard workers and
+//! other gateways arrive on this node's [`node_channel`] and reach [`sessions`]; [`routes`] tells the
+//! cluster which users are here; [`offline`] resends what a user missed; [`history`] serves saved
+//! messages over HTTP.
 
 pub mod append;
+pub mod baseline;
 pub mod connection;
+pub mod fanout;
 pub mod framing;
 pub mod history;
+pub mod node_channel;
 pub mod offline;
+pub mod outbox;
+pub mod rate_limit;
 pub mod routes;
-pub mod send;
 pub mod server;
 pub mod sessions;
 
@@ -23,21 +31,24 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use im_common::bus::Router;
 use im_common::config::{Config, Mode};
+use im_common::idempotency::IdempotencyWindow;
 use im_common::ids::IdGenerator;
 use im_common::keys::Keys;
 use im_common::protocol::{SendRequest, ServerFrame};
 use im_common::record::{ChatMessage, Origin};
+use im_common::router::Router;
 use im_common::shard::shard_of;
 use im_common::store::Store;
 use im_common::telemetry::ReadinessCheck;
 use im_common::StartError;
 
 use append::Appender;
+use baseline::{AfterCommit, BaselineSaver};
+use fanout::Fanout;
 use offline::Cursors;
+use outbox::Outbox;
 use routes::RouteKeeper;
-use send::{receipt, AfterCommit, BaselineSaver, Idempotency, Outbox, Stage};
 use sessions::{ConnHandle, Sessions};
 
 /// Everything a gateway's tasks share.
@@ -50,7 +61,7 @@ pub struct Gateway {
     pub store: Store,
     pub sessions: Arc<Sessions>,
     pub routes: RouteKeeper,
-    pub idempotency: Idempotency,
+    pub idempotency: IdempotencyWindow,
     pub saver: BaselineSaver,
     pub appender: Appender,
     pub cursors: Arc<Cursors>,
@@ -64,8 +75,8 @@ impl Gateway {
     /// Handles one validated `SINGLE_CHAT` from `uid` on connection `conn`: the frames to answer with.
     pub async fn send(&self, uid: u64, conn: &ConnHandle, req: SendRequest) -> Vec<ServerFrame> {
         let shard = shard_of(uid, self.cfg.cluster.shards);
-        let key = self.keys.idempotency(shard, uid, &req.client_msg_id);
-        let mut msg = ChatMessage {
+        let key = self.idempotency_key(uid, &req.client_msg_id);
+        let msg = ChatMessage {
             id: self.ids.next_id(),
             from: uid,
             to: req.to,
@@ -75,16 +86,14 @@ impl Gateway {
         };
         if self.mode != Mode::Baseline {
             let origin = Origin { node: self.node, conn: conn.id };
-            return self.appender.append(shard, &key, msg, origin, conn.has_unsaved()).await;
+            return self.appender.append(shard, &key, msg, origin, self.sessions.ledger.has_unsaved(uid)).await;
         }
-        match self.idempotency.claim(&key, msg.id).await {
-            Ok(None) => {}
-            Ok(Some((Stage::Saved, id))) => return vec![receipt(Stage::Saved, &msg.client_msg_id, id)],
-            // An earlier attempt claimed it but its save did not confirm: finish it under its id.
-            Ok(Some((_, id))) => msg.id = id,
-            Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
-        }
-        self.saver.save_and_answer(msg, Some(key)).await
+        self.saver.claim_and_save(key, msg).await
+    }
+
+    /// The idempotency key of `uid`'s `client_msg_id` (in the sender's shard).
+    pub fn idempotency_key(&self, uid: u64, client_msg_id: &str) -> String {
+        self.keys.idempotency(shard_of(uid, self.cfg.cluster.shards), uid, client_msg_id)
     }
 }
 
@@ -99,22 +108,17 @@ pub async fn run(
     let node = cfg.gateway.node_id;
     let keys = Keys::from_config(&cfg);
     // Lazy: a fail-open gateway must come up (and serve baseline) while Redis is down.
-    let redis = im_common::bus::connect_lazy(&cfg.redis.url)?;
+    let redis = im_common::connections::connect_lazy(&cfg.redis.url)?;
     let store = Store::connect(&cfg.mysql.url, cfg.mysql.pool_max)?;
     let sessions = Arc::new(Sessions::default());
     let routes = RouteKeeper::new(redis.clone(), keys.clone(), node, cfg.gateway.route_ttl_ms);
-    let idempotency = Idempotency::new(redis.clone(), cfg.idempotency.ttl_secs);
+    let idempotency = IdempotencyWindow::new(redis.clone(), cfg.idempotency.ttl_secs);
     let router = Router::new(redis.clone(), keys.clone());
     let outbox = Arc::new(Outbox::default());
-    let after = AfterCommit {
-        idempotency: idempotency.clone(),
-        router: router.clone(),
-        outbox,
-        sessions: sessions.clone(),
-        node,
-    };
+    let fanout = Fanout { router: router.clone(), outbox, sessions: sessions.clone(), node };
+    let after = AfterCommit { idempotency: idempotency.clone(), fanout };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
-    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone());
+    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone());
     let subscribed = Arc::new(AtomicBool::new(false));
     let deps = im_common::health::Dependencies::watch(redis.clone(), store.clone());
     let readiness: ReadinessCheck = {
@@ -159,17 +163,19 @@ pub async fn run(
         ("im_gateway_slow_consumer_disconnects_total", "", vec![]),
         ("im_gateway_replayed_pushes_total", "", vec![]),
         ("im_gateway_pushes_dropped_total", "", vec![]),
+        ("im_gateway_route_lapses_total", "", vec![]),
     ]);
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
         .set(1.0);
     let background = [
-        tokio::spawn(routes.clone().subscribe(
+        tokio::spawn(node_channel::subscribe(
+            routes.clone(),
             gw.cfg.redis.url.clone(),
             gw.cfg.cluster.shards,
             sessions.clone(),
             subscribed,
         )),
-        tokio::spawn(gw.saver.outbox.clone().republish(router, node)),
+        tokio::spawn(gw.saver.outbox.clone().republish(router, gw.idempotency.clone(), node)),
         tokio::spawn(routes.heartbeat(sessions.clone())),
         tokio::spawn({
             let (cursors, store) = (gw.cursors.clone(), store.clone());

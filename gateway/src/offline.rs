@@ -13,7 +13,6 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use im_common::ids;
-use im_common::protocol::ServerFrame;
 use im_common::store::Store;
 
 /// Second look at the inbox, for messages that were in flight when the user came online.
@@ -61,7 +60,7 @@ async fn resend_pass(
             }
         };
         for msg in &page {
-            out.send(Bytes::from(ServerFrame::chat(msg).to_json())).await.ok()?;
+            out.send(Bytes::from(msg.push_frame().to_json())).await.ok()?;
             metrics::counter!("im_gateway_offline_resent_total").increment(1);
         }
         after = page.last().map_or(after, |m| m.id);

@@ -1,38 +1,29 @@
-//! This node's presence in Redis: route entries for its users, and the subscription to its own node
-//! channel through which other processes push frames to its connections.
+//! This node's presence in Redis: route entries for its users.
 //!
 //! Route entries are written when a user's first connection arrives and removed when the last one
 //! leaves; a heartbeat refreshes all of them every third of `gateway.route_ttl_ms`, so the entries of
-//! a gateway that died expire by themselves. The subscriber reconnects with backoff; while it is down
-//! `/readyz` is red, and what is published to this node meanwhile is replayed from the node's
-//! journals, in order, when the subscription is back (see [`RouteKeeper::subscribe`]).
+//! a gateway that died expire by themselves. Publishers read them through
+//! [`im_common::router::Router`]; pushes then arrive on this node's [`crate::node_channel`].
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 
 use crate::framing::close_code;
 use crate::sessions::Sessions;
-use im_common::backoff::Backoff;
-use im_common::bus::{self, split_journaled, EntryId, JOURNAL_RETENTION_MS};
 use im_common::keys::Keys;
-use im_common::record::{decode, PushBatch};
 
-/// Resubscribing to the node channel after a failure: first pause and cap.
-const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
-const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
+/// Users registered per pipeline when refreshing all of them.
+const REGISTER_CHUNK: usize = 1000;
 
 /// Writes and refreshes this node's route entries.
 #[derive(Clone)]
 pub struct RouteKeeper {
-    conn: ConnectionManager,
-    keys: Keys,
-    node: u16,
-    ttl_ms: u64,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) keys: Keys,
+    pub(crate) node: u16,
+    pub(crate) ttl_ms: u64,
 }
 
 impl RouteKeeper {
@@ -60,142 +51,41 @@ impl RouteKeeper {
     }
 
     /// Refreshes every local user's route until the process ends.
+    ///
+    /// If the entries may have expired meanwhile — the process was stalled (a long pause, SIGSTOP)
+    /// or Redis was unreachable for longer than `gateway.route_ttl_ms` since the last refresh that
+    /// went through — publishers took this node's users for offline and published nothing for them.
+    /// Nothing tells the node what it missed, so it closes every connection with 1012: clients
+    /// reconnect and resync.
     pub async fn heartbeat(self, sessions: Arc<Sessions>) {
         let period = Duration::from_millis(self.ttl_ms / 3);
+        let ttl = Duration::from_millis(self.ttl_ms);
+        let mut refreshed_at = Instant::now();
         loop {
             tokio::time::sleep(period).await;
-            if let Err(e) = self.refresh(&sessions).await {
-                tracing::warn!(error = %e, "route heartbeat failed");
+            let sent = Instant::now();
+            match self.refresh(&sessions).await {
+                Ok(()) => {
+                    if sent.duration_since(refreshed_at) >= ttl {
+                        tracing::warn!(
+                            since_last_refresh_ms = sent.duration_since(refreshed_at).as_millis() as u64,
+                            "route entries may have expired (stall or Redis outage); asking clients to reconnect"
+                        );
+                        metrics::counter!("im_gateway_route_lapses_total").increment(1);
+                        sessions.close_all(close_code::SERVICE_RESTART, "reconnect");
+                    }
+                    refreshed_at = sent;
+                }
+                Err(e) => tracing::warn!(error = %e, "route heartbeat failed"),
             }
         }
     }
 
     /// Refreshes every local user's route.
-    async fn refresh(&self, sessions: &Sessions) -> redis::RedisResult<()> {
-        for chunk in sessions.users().chunks(1000) {
+    pub(crate) async fn refresh(&self, sessions: &Sessions) -> redis::RedisResult<()> {
+        for chunk in sessions.users().chunks(REGISTER_CHUNK) {
             self.register(chunk).await?;
         }
         Ok(())
-    }
-
-    /// Subscribes to the node channel and hands every push to the local sessions, until the process
-    /// ends. `live` is true exactly while the subscription is established; `im_gateway_subscription_up`
-    /// mirrors it for alerting (a scrape sees what `/readyz` sees).
-    ///
-    /// Every message names its place in a journal (`bus::JOURNAL_LUA`), and the gateway remembers the
-    /// last place it delivered from each of its journals. After each SUBSCRIBE, before anything live,
-    /// it replays what its journals hold beyond those places (in serverMsgId order, which is each
-    /// sender's order), and afterwards skips live messages it has already replayed. So a gap in the
-    /// subscription — Redis restarted, the connection dropped, messages lost in flight with it —
-    /// loses nothing and reorders nothing. A gap longer than the journals keep
-    /// ([`JOURNAL_RETENTION_MS`]) or the route entries live (`gateway.route_ttl_ms`) cannot be
-    /// replayed: the gateway then closes its connections with 1012 and the clients reconnect into
-    /// offline resend.
-    pub async fn subscribe(self, redis_url: String, shards: u16, sessions: Arc<Sessions>, live: Arc<AtomicBool>) {
-        let channel = self.keys.node_channel(self.node);
-        let mut journals: Vec<String> = (0..shards).map(|s| self.keys.journal_of_shard(s, self.node)).collect();
-        journals.push(self.keys.journal_of_gateways(self.node));
-        let mut seen: HashMap<String, EntryId> = HashMap::new();
-        let mut lost_at = None;
-        let up = metrics::gauge!("im_gateway_subscription_up");
-        up.set(0.0);
-        let mut backoff = Backoff::new(RESUBSCRIBE_FIRST, RESUBSCRIBE_MAX);
-        loop {
-            match self.resume(&redis_url, &channel, &journals, &mut seen, lost_at, &sessions).await {
-                Ok(mut pubsub) => {
-                    live.store(true, Ordering::Relaxed);
-                    up.set(1.0);
-                    tracing::info!(%channel, "node channel subscribed");
-                    backoff.reset();
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        metrics::counter!("im_gateway_pubsub_messages_in_total").increment(1);
-                        let Some((journal, id, batch)) = split_journaled(msg.get_payload_bytes()) else {
-                            tracing::warn!("node-channel message without its journal position");
-                            continue;
-                        };
-                        match seen.get_mut(journal) {
-                            Some(last) if id <= *last => continue, // replayed already
-                            Some(last) => *last = id,
-                            None => {}
-                        }
-                        deliver_batch(&sessions, batch);
-                    }
-                    live.store(false, Ordering::Relaxed);
-                    up.set(0.0);
-                    lost_at = Some(Instant::now());
-                    tracing::warn!(%channel, "node channel subscription lost; resubscribing");
-                }
-                Err(e) => tracing::warn!(error = %e, "node channel subscribe failed"),
-            }
-            backoff.wait().await;
-        }
-    }
-
-    /// SUBSCRIBE, then refresh the routes and replay the journals from `seen`; live messages wait in
-    /// the subscription's buffer meanwhile. The first time, `seen` starts at the journals' ends (read
-    /// before subscribing, so nothing published in between is skipped).
-    async fn resume(
-        &self,
-        url: &str,
-        channel: &str,
-        journals: &[String],
-        seen: &mut HashMap<String, EntryId>,
-        lost_at: Option<Instant>,
-        sessions: &Sessions,
-    ) -> redis::RedisResult<redis::aio::PubSub> {
-        if seen.is_empty() {
-            let tails = bus::journal_tails(&self.conn, journals).await?;
-            seen.extend(journals.iter().cloned().zip(tails));
-        }
-        let client = redis::Client::open(url)?;
-        let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "pubsub connect timed out")))??;
-        pubsub.subscribe(channel).await?;
-        self.refresh(sessions).await?;
-        let limit = Duration::from_millis(JOURNAL_RETENTION_MS.min(self.ttl_ms));
-        if lost_at.is_some_and(|t| t.elapsed() > limit) {
-            tracing::warn!("node channel gap longer than the journal or the routes; asking clients to reconnect");
-            let tails = bus::journal_tails(&self.conn, journals).await?;
-            seen.extend(journals.iter().cloned().zip(tails));
-            sessions.close_all(close_code::SERVICE_RESTART, "reconnect");
-            return Ok(pubsub);
-        }
-        let mut pushes = Vec::new();
-        let mut ends = Vec::new();
-        for journal in journals {
-            let from = seen.get(journal).copied().unwrap_or_default();
-            let entries = bus::read_journal(&self.conn, journal, from).await?;
-            if let Some((last, _)) = entries.last() {
-                ends.push((journal.clone(), *last));
-            }
-            for (_, payload) in &entries {
-                match decode::<PushBatch>(payload) {
-                    Ok(batch) => pushes.extend(batch.pushes),
-                    Err(e) => tracing::warn!(error = %e, "undecodable journal entry"),
-                }
-            }
-        }
-        // Journals interleave only where one sender's messages took two paths (fail-open); ids are
-        // each sender's order. The sort is stable, so each journal's own order stands.
-        pushes.sort_by_key(|p| p.frame.server_msg_id);
-        metrics::counter!("im_gateway_replayed_pushes_total").increment(pushes.len() as u64);
-        for push in &pushes {
-            sessions.deliver(push);
-        }
-        seen.extend(ends);
-        Ok(pubsub)
-    }
-}
-
-fn deliver_batch(sessions: &Sessions, payload: &[u8]) {
-    match decode::<PushBatch>(payload) {
-        Ok(batch) => {
-            for push in &batch.pushes {
-                sessions.deliver(push);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "undecodable node-channel message"),
     }
 }

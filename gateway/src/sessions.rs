@@ -19,6 +19,49 @@ use im_common::record::Push;
 /// Most unconfirmed messages remembered per connection.
 const MAX_UNSAVED: usize = 10_000;
 
+/// Messages each sender on this node got `ACK(accepted)` for and no final receipt yet. Kept per
+/// sender, not per connection, and beyond a connection's life: while a sender has any, fail-open
+/// must not save a newer message of theirs past them (see `Appender::fall_open`) — whichever device
+/// or connection it comes from. Receipts settle them also when the sender is no longer connected.
+#[derive(Default)]
+pub struct SenderLedger {
+    unsaved: Mutex<HashMap<u64, HashSet<String>>>,
+}
+
+impl SenderLedger {
+    fn accepted(&self, uid: u64, cmid: &str) {
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = unsaved.entry(uid).or_default();
+        // Bounded: a client with this many unconfirmed messages is far behind anyway.
+        if mine.len() < MAX_UNSAVED {
+            mine.insert(cmid.to_owned());
+        }
+    }
+
+    fn settled(&self, uid: u64, cmid: &str) {
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mine) = unsaved.get_mut(&uid) {
+            mine.remove(cmid);
+            if mine.is_empty() {
+                unsaved.remove(&uid);
+            }
+        }
+    }
+
+    /// Whether messages of `uid` wait for their final receipt.
+    pub fn has_unsaved(&self, uid: u64) -> bool {
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&uid)
+    }
+}
+
+/// Whether `frame` is a final receipt (`ACK(saved)` or an `ERROR`) for a message: its clientMsgId.
+fn final_receipt(frame: &ServerFrame) -> Option<&str> {
+    match (frame.kind, frame.ack_type) {
+        (FrameType::Ack, Some(AckType::Saved)) | (FrameType::Error, _) => frame.client_msg_id.as_deref(),
+        _ => None,
+    }
+}
+
 /// The sending side of one connection.
 #[derive(Clone)]
 pub struct ConnHandle {
@@ -29,36 +72,70 @@ pub struct ConnHandle {
     /// itself: its write task may be blocked on a socket the client no longer reads, and would never
     /// get to the close frame.
     pub overflowed: Arc<Notify>,
-    /// clientMsgIds this connection got `ACK(accepted)` for and no `ACK(saved)` yet: while there are
-    /// any, fail-open must not save a newer message past them (see `Appender::fall_open`).
-    unsaved: Arc<Mutex<HashSet<String>>>,
+    /// The user, once authenticated (0 before).
+    uid: Arc<AtomicU64>,
+    ledger: Arc<SenderLedger>,
+    /// The order of this connection's own answers against receipts pushed to it.
+    answers: Arc<Mutex<Answering>>,
+}
+
+/// The request a connection's task is answering now, and a final receipt held back for it.
+#[derive(Default)]
+struct Answering {
+    client_msg_id: Option<String>,
+    held: Option<Bytes>,
 }
 
 impl ConnHandle {
-    /// A handle for a new connection.
-    pub fn new(id: u64, out: mpsc::Sender<Bytes>, ctrl: mpsc::Sender<Control>) -> Self {
-        ConnHandle { id, out, ctrl, overflowed: Arc::default(), unsaved: Arc::default() }
+    /// Marks `client_msg_id` as the request this connection's task is answering now (a connection
+    /// handles its frames one at a time): a final receipt for it that arrives by push meanwhile is
+    /// held back until [`ConnHandle::finish_reply`], so the client always sees `ACK(accepted)` before
+    /// `ACK(saved)`.
+    pub fn begin_reply(&self, client_msg_id: &str) {
+        let mut answering = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answering.client_msg_id = Some(client_msg_id.to_owned());
     }
 
-    /// Notes a frame about to be sent to this connection: a receipt settles its message.
-    pub fn track(&self, frame: &ServerFrame) {
-        let Some(cmid) = &frame.client_msg_id else { return };
-        let mut unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
-        match (frame.kind, frame.ack_type) {
-            // Bounded: a client with this many unconfirmed messages is far behind anyway.
-            (FrameType::Ack, Some(AckType::Accepted)) if unsaved.len() < MAX_UNSAVED => {
-                unsaved.insert(cmid.clone());
+    /// Sends one of this connection's own answers: an `ACK(accepted)` enters the sender's ledger
+    /// (unless its final receipt is already held back), a final answer leaves it.
+    pub fn reply(&self, frame: &ServerFrame) -> bool {
+        let answering = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let uid = self.uid.load(Ordering::Relaxed);
+        if let Some(cmid) = &frame.client_msg_id {
+            if frame.kind == FrameType::Ack && frame.ack_type == Some(AckType::Accepted) {
+                let settled = answering.held.is_some() && answering.client_msg_id.as_ref() == Some(cmid);
+                if !settled {
+                    self.ledger.accepted(uid, cmid);
+                }
+            } else if final_receipt(frame).is_some() {
+                self.ledger.settled(uid, cmid);
             }
-            (FrameType::Ack, Some(AckType::Saved)) | (FrameType::Error, _) => {
-                unsaved.remove(cmid);
-            }
-            _ => {}
+        }
+        self.offer(Bytes::from(frame.to_json()))
+    }
+
+    /// Ends [`ConnHandle::begin_reply`]: sends the final receipt held back meanwhile, if any.
+    pub fn finish_reply(&self) {
+        let mut answering = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let cmid = answering.client_msg_id.take();
+        if let (Some(held), Some(cmid)) = (answering.held.take(), cmid) {
+            self.ledger.settled(self.uid.load(Ordering::Relaxed), &cmid);
+            self.offer(held);
         }
     }
 
-    /// Whether messages of this connection wait for their `ACK(saved)`.
-    pub fn has_unsaved(&self) -> bool {
-        !self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    /// Sends a frame pushed from elsewhere (node channel); a final receipt settles its message in the
+    /// ledger, or waits for the connection's own answer to it (see `begin_reply`).
+    fn push(&self, frame: &ServerFrame, text: Bytes) -> bool {
+        let mut answering = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cmid) = final_receipt(frame) {
+            if answering.client_msg_id.as_deref() == Some(cmid) {
+                answering.held = Some(text);
+                return true;
+            }
+            self.ledger.settled(self.uid.load(Ordering::Relaxed), cmid);
+        }
+        self.offer(text)
     }
 
     /// Queues a frame; on a full queue asks the connection to close as a slow consumer and returns false.
@@ -80,18 +157,29 @@ impl ConnHandle {
 #[derive(Default)]
 pub struct Sessions {
     users: Mutex<HashMap<u64, Vec<ConnHandle>>>,
+    /// Unconfirmed messages per sender.
+    pub ledger: Arc<SenderLedger>,
     next_conn: AtomicU64,
     count: AtomicU64,
 }
 
 impl Sessions {
-    /// A connection id unique on this node.
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    /// A handle for a new connection, with an id unique on this node.
+    pub fn new_handle(&self, out: mpsc::Sender<Bytes>, ctrl: mpsc::Sender<Control>) -> ConnHandle {
+        ConnHandle {
+            id: self.next_conn.fetch_add(1, Ordering::Relaxed) + 1,
+            out,
+            ctrl,
+            overflowed: Arc::default(),
+            uid: Arc::default(),
+            ledger: self.ledger.clone(),
+            answers: Arc::default(),
+        }
     }
 
     /// Adds a connection; true when it is the user's first on this node.
     pub fn add(&self, uid: u64, conn: ConnHandle) -> bool {
+        conn.uid.store(uid, Ordering::Relaxed);
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         let conns = users.entry(uid).or_default();
         conns.push(conn);
@@ -137,16 +225,19 @@ impl Sessions {
         let text = Bytes::from(push.frame.to_json());
         let targets: Vec<ConnHandle> = {
             let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(conns) = users.get(&push.user) else { return 0 };
+            let Some(conns) = users.get(&push.user) else {
+                // The sender is gone from this node; the receipt still settles their message.
+                if let Some(cmid) = final_receipt(&push.frame) {
+                    self.ledger.settled(push.user, cmid);
+                }
+                return 0;
+            };
             match push.conn.and_then(|id| conns.iter().find(|c| c.id == id)) {
                 Some(c) => vec![c.clone()],
                 None => conns.clone(),
             }
         };
-        for c in &targets {
-            c.track(&push.frame);
-        }
-        let taken = targets.iter().filter(|c| c.offer(text.clone())).count();
+        let taken = targets.iter().filter(|c| c.push(&push.frame, text.clone())).count();
         metrics::counter!("im_gateway_frames_out_total", "type" => push.frame.kind.as_str()).increment(taken as u64);
         taken
     }
@@ -163,5 +254,84 @@ impl Sessions {
         for c in users.values().flatten() {
             let _ = c.ctrl.try_send(Control::Close(code, reason));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: u64 = 42;
+
+    fn conn(sessions: &Sessions) -> (ConnHandle, mpsc::Receiver<Bytes>) {
+        let (out, rx) = mpsc::channel(16);
+        let (ctrl, _) = mpsc::channel(1);
+        let c = sessions.new_handle(out, ctrl);
+        sessions.add(UID, c.clone());
+        (c, rx)
+    }
+
+    fn sent(rx: &mut mpsc::Receiver<Bytes>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|b| {
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+                format!(
+                    "{} {}",
+                    v["type"].as_str().unwrap_or(""),
+                    v["ackType"].as_str().or(v["reason"].as_str()).unwrap_or("")
+                )
+            })
+            .collect()
+    }
+
+    fn push(c: &ConnHandle, frame: ServerFrame) {
+        c.push(&frame, Bytes::from(frame.to_json()));
+    }
+
+    #[test]
+    fn a_saved_receipt_that_overtakes_its_accepted_waits_for_it_and_settles_the_message() {
+        let sessions = Sessions::default();
+        let (c, mut rx) = conn(&sessions);
+        c.begin_reply("m1");
+        push(&c, ServerFrame::ack(AckType::Saved, "m1", 7));
+        c.reply(&ServerFrame::ack(AckType::Accepted, "m1", 7));
+        c.finish_reply();
+        assert!(!sessions.ledger.has_unsaved(UID), "the message stays unsaved for good");
+        assert_eq!(sent(&mut rx), ["ACK accepted", "ACK saved"]);
+    }
+
+    #[test]
+    fn receipts_in_order_settle_the_message() {
+        let sessions = Sessions::default();
+        let (c, mut rx) = conn(&sessions);
+        c.begin_reply("m1");
+        c.reply(&ServerFrame::ack(AckType::Accepted, "m1", 7));
+        c.finish_reply();
+        assert!(sessions.ledger.has_unsaved(UID));
+        push(&c, ServerFrame::ack(AckType::Saved, "m1", 7));
+        assert!(!sessions.ledger.has_unsaved(UID));
+        assert_eq!(sent(&mut rx), ["ACK accepted", "ACK saved"]);
+    }
+
+    #[test]
+    fn a_receipt_for_another_message_is_not_held_back() {
+        let sessions = Sessions::default();
+        let (c, mut rx) = conn(&sessions);
+        c.begin_reply("m2");
+        push(&c, ServerFrame::ack(AckType::Saved, "m1", 7));
+        assert_eq!(sent(&mut rx), ["ACK saved"]);
+    }
+
+    #[test]
+    fn unsaved_messages_belong_to_the_sender_not_the_connection() {
+        let sessions = Sessions::default();
+        let (phone, _rx) = conn(&sessions);
+        phone.reply(&ServerFrame::ack(AckType::Accepted, "m1", 7));
+        sessions.remove(UID, phone.id);
+        let (_laptop, _rx2) = conn(&sessions);
+        assert!(sessions.ledger.has_unsaved(UID), "a new connection of the sender forgot the unsaved message");
+        // The receipt reaches the node after the phone left: it still settles the message.
+        sessions.deliver(&Push { user: UID, conn: Some(phone.id), frame: ServerFrame::ack(AckType::Saved, "m1", 7) });
+        assert!(!sessions.ledger.has_unsaved(UID));
     }
 }

@@ -17,7 +17,7 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Where the tests' MySQL server is, unless `IM_TEST_MYSQL_URL` says otherwise.
 pub const DEFAULT_MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/";
 /// The secret test clusters sign tokens with.
-pub const TEST_JWT_SECRET: &str = "test-secret-0123456789";
+pub const TEST_JWT_SECRET: &str = "test-secret-0123456789-0123456789";
 /// Longest a cleanup may take (servers that do not answer are not waited for beyond this).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys deleted per `DEL`.
@@ -119,6 +119,7 @@ mod tests {
         assert_ne!(a.mysql_url, b.mysql_url);
         assert!(a.mysql_url.rsplit('/').next().is_some_and(|db| db.starts_with("imt_same_")));
         assert_eq!(a.keys().prefix(), a.key_prefix);
+        a.config().validate().expect("a test's config passes validation (e.g. a 32-byte secret)");
         // Nothing was created, so nothing needs removing.
         a.cleaned.store(true, Ordering::SeqCst);
         b.cleaned.store(true, Ordering::SeqCst);

@@ -12,7 +12,7 @@ use im_harness::servers::free_port;
 use im_harness::{http, metrics, process};
 
 /// The secret the test's config gives the cluster.
-const SECRET: &str = "cli-test-secret-0123456789";
+const SECRET: &str = "cli-test-secret-0123456789-0123456789";
 /// How long the gateway's per-shard backlog gauges take to appear (refreshed every 250 ms).
 const GAUGE_WAIT: Duration = Duration::from_secs(5);
 

@@ -84,7 +84,7 @@ impl ShardLease {
 
     fn extend_from(&self, renewed_at: Instant) {
         // Stop a fifth of the TTL early: clocks drift, and a standby must never overlap with us.
-        let margin = self.ttl / 5;
+        let margin = self.ttl / im_common::config::LEASE_SAFETY_MARGIN_DIVISOR;
         let until = renewed_at.duration_since(self.epoch) + self.ttl - margin;
         self.valid_until_ms.store(until.as_millis() as u64, Ordering::Relaxed);
     }

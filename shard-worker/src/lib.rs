@@ -1,12 +1,15 @@
 //! The shard worker: owns one shard at a time and runs its deliver-then-save pipeline.
 //!
-//! A tour: [`lease`] decides who owns a shard; [`streams`] reads a shard's streams and moves entries
-//! between them under the lease; [`pipeline`] is the deliver and save stages; [`stats`] exports the
-//! backlog gauges. [`run`] ties them together: acquire a lease (a fixed shard, or any free one for
+//! A tour: [`lease`] decides who owns a shard; [`streams`] reads a shard's streams; [`mover`]'s fenced
+//! scripts move entries on under the lease; [`deliver`] and [`save`] are the stages, sharing
+//! [`stage`]'s context; [`stats`] exports the backlog gauges. [`run`] ties them together: acquire a lease (a fixed shard, or any free one for
 //! `--shard auto`), run the stages until the lease is lost or shutdown is asked, release, repeat.
 
+pub mod deliver;
 pub mod lease;
-pub mod pipeline;
+pub mod mover;
+pub mod save;
+pub mod stage;
 pub mod stats;
 pub mod streams;
 
@@ -16,17 +19,18 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use im_common::bus::Router;
 use im_common::config::{Config, Mode};
 use im_common::health::Dependencies;
 use im_common::ids::now_ms;
 use im_common::keys::Keys;
+use im_common::router::Router;
 use im_common::store::Store;
 use im_common::StartError;
 
 use lease::ShardLease;
-use pipeline::ShardContext;
-use streams::{Mover, StreamReader};
+use mover::Mover;
+use stage::ShardContext;
+use streams::{Fence, StreamReader};
 
 /// Which shard to own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +101,7 @@ pub async fn run(
         }
     }
     let keys = Keys::from_config(&cfg);
-    let conn = im_common::bus::connect(&cfg.redis.url).await?;
+    let conn = im_common::connections::connect(&cfg.redis.url).await?;
     let store = Store::connect(&cfg.mysql.url, cfg.mysql.pool_max)?;
     let _ = status.deps.set(Dependencies::watch(conn.clone(), store.clone()));
     let owner = owner_id();
@@ -190,7 +194,8 @@ async fn own_shard(
     let shard = lease.shard;
     let block = Duration::from_millis(tp.block_ms);
     let reader = |key: String, conn| {
-        StreamReader::new(conn, key, tp.group.clone(), tp.batch_size, tp.block_ms, tp.max_batch_delay_ms)
+        let fence = Fence { lease_key: keys.lease(shard), lease_value: lease.value.clone() };
+        StreamReader::new(conn, fence, key, tp.group.clone(), tp.batch_size, tp.block_ms, tp.max_batch_delay_ms)
     };
     let ctx = ShardContext {
         shard,
@@ -211,20 +216,22 @@ async fn own_shard(
     };
     let stage = |name| ShardContext { progress: status.start_stage(name), ..ctx.clone() };
     let mut accepted =
-        reader(keys.accepted_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
+        reader(keys.accepted_stream(shard), im_common::connections::connect_for_blocking(&cfg.redis.url, block).await?);
     accepted.ensure_group().await?;
     let mut stages = tokio::task::JoinSet::new();
     match cfg.mode() {
         Mode::Full => {
-            let mut to_save =
-                reader(keys.to_save_stream(shard), im_common::bus::connect_for_blocking(&cfg.redis.url, block).await?);
+            let mut to_save = reader(
+                keys.to_save_stream(shard),
+                im_common::connections::connect_for_blocking(&cfg.redis.url, block).await?,
+            );
             to_save.ensure_group().await?;
-            stages.spawn(pipeline::deliver_stage(stage("deliver"), accepted));
-            stages.spawn(pipeline::save_stage(stage("save"), to_save, false));
+            stages.spawn(deliver::deliver_stage(stage("deliver"), accepted));
+            stages.spawn(save::save_stage(stage("save"), to_save, false));
         }
         // Baseline deployments run no workers; if one is started anyway it drains what is there.
         Mode::AcceptedOnly | Mode::Baseline => {
-            stages.spawn(pipeline::save_stage(stage("save"), accepted, true));
+            stages.spawn(save::save_stage(stage("save"), accepted, true));
         }
     }
     let keeper = tokio::spawn(lease.clone().keep_alive());

@@ -56,6 +56,7 @@ impl<'a> DrillRun<'a> {
         let mut config = spec.config.clone();
         // A short lease, so a killed owner's shard moves within a couple of seconds.
         config.two_phase.lease_ttl_ms = config.two_phase.lease_ttl_ms.min(DRILL_LEASE_TTL_MS);
+        config.two_phase.block_ms = config.two_phase.block_ms.min(config.two_phase.max_block_ms());
         // The bench's senders must not hit the per-connection rate limit by accident.
         config.gateway.rate_per_sec = config.gateway.rate_per_sec.max(DRILL_RATE_PER_SEC);
         config.gateway.rate_burst = config.gateway.rate_burst.max(DRILL_RATE_BURST);

@@ -65,7 +65,7 @@ pub fn check_send(send: &SendRequest, uid: u64, limits: FrameLimits) {
         msg_type: send.msg_type.clone(),
         body: send.body.clone(),
     };
-    check_server_frame(&ServerFrame::chat(&msg));
+    check_server_frame(&msg.push_frame());
     let entry = Accepted { msg, origin: Origin { node: 1, conn: 2 } };
     let decoded: Accepted = record::decode(&record::encode(&entry)).expect("encoded Accepted must decode");
     assert_eq!(decoded, entry, "Accepted record did not round-trip");

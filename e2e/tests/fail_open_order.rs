@@ -1,0 +1,91 @@
+//! Fail-open keeps per-sender order (SPEC §3.4): while a sender's earlier message waits in the
+//! stream, none of the sender's later messages may be saved and pushed past it on the baseline path
+//! — not from the same connection, not from a second device, not after a reconnect.
+
+use e2e::{private_server, spec, Client, TestEnv, WAIT};
+use im_common::backoff::Backoff;
+use im_common::config::Mode;
+use im_harness::process::{self, Signal};
+
+/// A client's resends while the gateway does not see Redis yet: first pause, and the most it grows to.
+const RESEND_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+const RESEND_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_device_of_a_sender_overtakes_its_message_still_in_the_stream() {
+    let env = TestEnv::new("fail_open_sender");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.force_private = true; // this test stops Redis
+    s.config.two_phase.fail_open = true;
+    let mut c = e2e::start(&s).await;
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let mut phone = Client::connect(&url, &secret, 6301).await;
+    let mut laptop = Client::connect(&url, &secret, 6301).await;
+    laptop.ping().await;
+
+    // The phone's message is stuck in the stream: the only worker is paused. Then Redis goes away.
+    let worker = c.state.workers[0].pid;
+    process::send(worker, Signal::SIGSTOP).unwrap();
+    phone.chat(6302, "stuck", "x").await;
+    phone.ack("accepted", "stuck").await;
+    let redis = private_server(&c.state, "redis");
+    c.state.private_servers[redis].stop().await.unwrap();
+
+    let busy =
+        |v: &serde_json::Value| (v["type"].as_str() == Some("ERROR"), v["reason"].as_str() == Some("server_busy"));
+    laptop.chat(6302, "from-laptop", "x").await;
+    let answer = laptop.expect("answer", |v| v["clientMsgId"] == "from-laptop").await;
+    assert_eq!(busy(&answer), (true, true), "a second device overtook the sender's stuck message: {answer}");
+
+    // The phone reconnects (new connection, same sender) and sends again.
+    drop(phone);
+    let mut phone = Client::connect(&url, &secret, 6301).await;
+    phone.chat(6302, "after-reconnect", "x").await;
+    let answer = phone.expect("answer", |v| v["clientMsgId"] == "after-reconnect").await;
+    assert_eq!(busy(&answer), (true, true), "a reconnected client overtook its stuck message: {answer}");
+
+    // Someone else with nothing in the stream still gets through on the baseline path.
+    let mut dave = Client::connect(&url, &secret, 6303).await;
+    dave.chat(6302, "dave", "x").await;
+    dave.ack("saved", "dave").await;
+
+    c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
+    process::send(worker, Signal::SIGCONT).unwrap();
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_saved_while_redis_was_down_keeps_its_id_when_resent_after_redis_returns() {
+    let env = TestEnv::new("fail_open_resend");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.force_private = true; // this test stops Redis
+    s.config.two_phase.fail_open = true;
+    let mut c = e2e::start(&s).await;
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let mut alice = Client::connect(&url, &secret, 6401).await;
+    let redis = private_server(&c.state, "redis");
+    c.state.private_servers[redis].stop().await.unwrap();
+    alice.chat(6402, "while-down", "x").await;
+    let first = alice.ack("saved", "while-down").await;
+
+    // Redis returns; the client never saw that ACK(saved) (say its connection dropped) and resends.
+    c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
+    let mut alice = Client::connect(&url, &secret, 6401).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut backoff = Backoff::new(RESEND_FIRST, RESEND_MAX);
+    let answer = loop {
+        alice.chat(6402, "while-down", "x").await;
+        let v = alice.expect("answer", |v| v["clientMsgId"] == "while-down").await;
+        // Until the gateway sees Redis again the resend may be refused; then it must be answered.
+        if v["reason"] != "server_busy" || tokio::time::Instant::now() > deadline {
+            break v;
+        }
+        backoff.wait().await;
+    };
+    assert_eq!(
+        (answer["ackType"].as_str(), answer["serverMsgId"].as_str()),
+        (Some("saved"), first["serverMsgId"].as_str()),
+        "one message, two ids: {answer}"
+    );
+    drop(c);
+}

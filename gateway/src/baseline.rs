@@ -1,0 +1,171 @@
+//! The baseline path: a synchronous save, then `ACK(saved)`, then the push.
+//!
+//! Baseline mode sends every message this way, and two-phase modes fall back to it when Redis cannot
+//! take an append (fail-open). Concurrent messages from all connections share multi-row INSERTs
+//! (group commit): a few workers take turns draining one queue, so one batch commits while the next
+//! fills. After COMMIT the saved keys are marked in the idempotency window and the batch goes to
+//! [`Fanout`]. When Redis cannot be reached the claim is skipped and the UNIQUE key in MySQL is the
+//! only dedupe; the save reports the id stored first, so a retry still gets the original id.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::fanout::Fanout;
+use crate::outbox::Outbox;
+use im_common::idempotency::{IdempotencyWindow, Stage};
+use im_common::protocol::{Reason, ServerFrame};
+use im_common::record::{ChatMessage, Push};
+use im_common::store::Store;
+
+/// Jobs the queue holds per worker and batch size before senders wait.
+const QUEUED_BATCHES_PER_WORKER: usize = 4;
+
+/// What became of one message handed to the baseline saver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveResult {
+    /// Committed; the id MySQL holds for it.
+    Saved(u64),
+    /// The database refused the row for good.
+    Rejected,
+    /// The database was unavailable; the sender may retry.
+    Failed,
+}
+
+struct Job {
+    msg: ChatMessage,
+    idempotency_key: Option<String>,
+    reply: oneshot::Sender<SaveResult>,
+}
+
+/// Group commit for the baseline path: concurrent messages from many connections share multi-row
+/// INSERTs. A few workers take turns draining the queue, so one batch commits while the next fills.
+#[derive(Clone)]
+pub struct BaselineSaver {
+    jobs: mpsc::Sender<Job>,
+    /// The pushes of saved batches that wait for Redis.
+    pub outbox: Arc<Outbox>,
+    window: IdempotencyWindow,
+}
+
+/// What a baseline batch needs after its commit: the window to mark saved, and the fan-out.
+pub struct AfterCommit {
+    pub idempotency: IdempotencyWindow,
+    pub fanout: Fanout,
+}
+
+impl BaselineSaver {
+    /// Starts `workers` batch workers with batches of at most `batch_max`.
+    pub fn start(store: Store, after: AfterCommit, workers: usize, batch_max: usize) -> Self {
+        let (jobs, rx) = mpsc::channel::<Job>(batch_max * workers * QUEUED_BATCHES_PER_WORKER);
+        let rx = Arc::new(Mutex::new(rx));
+        let (outbox, window) = (after.fanout.outbox.clone(), after.idempotency.clone());
+        let after = Arc::new(after);
+        for _ in 0..workers.max(1) {
+            let (rx, store, after) = (rx.clone(), store.clone(), after.clone());
+            tokio::spawn(async move {
+                loop {
+                    let mut batch = Vec::with_capacity(batch_max);
+                    {
+                        let mut rx = rx.lock().await;
+                        match rx.recv().await {
+                            Some(job) => batch.push(job),
+                            None => return,
+                        }
+                        while batch.len() < batch_max {
+                            match rx.try_recv() {
+                                Ok(job) => batch.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    save_batch(&store, &after, batch).await;
+                }
+            });
+        }
+        BaselineSaver { jobs, outbox, window }
+    }
+
+    /// Saves one message (waiting for its batch to commit).
+    pub async fn save(&self, msg: ChatMessage, idempotency_key: Option<String>) -> SaveResult {
+        let (reply, rx) = oneshot::channel();
+        if self.jobs.send(Job { msg, idempotency_key, reply }).await.is_err() {
+            return SaveResult::Failed;
+        }
+        rx.await.unwrap_or(SaveResult::Failed)
+    }
+
+    /// The baseline path for a message whose window may be reachable: claims `key` first, so a
+    /// retry gets the first attempt's answer or is saved under its id; then saves.
+    pub async fn claim_and_save(&self, key: String, mut msg: ChatMessage) -> Vec<ServerFrame> {
+        match self.window.claim(&key, msg.id).await {
+            Ok(None) => {}
+            Ok(Some((stage @ (Stage::Saved | Stage::Failed), id))) => {
+                return vec![stage.receipt(&msg.client_msg_id, id)]
+            }
+            // An earlier attempt got no further than accepted (in a stream) or pending (a baseline
+            // save that did not confirm): save it under its id. The UNIQUE key dedupes the row.
+            Ok(Some((_, id))) => msg.id = id,
+            Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
+        }
+        self.save_and_answer(msg, Some(key)).await
+    }
+
+    /// Saves one message and returns the frame to answer with: `ACK(saved)` or the error.
+    pub async fn save_and_answer(&self, msg: ChatMessage, idempotency_key: Option<String>) -> Vec<ServerFrame> {
+        let cmid = msg.client_msg_id.clone();
+        match self.save(msg, idempotency_key).await {
+            SaveResult::Saved(id) => vec![Stage::Saved.receipt(&cmid, id)],
+            failed => vec![save_error(failed, &cmid)],
+        }
+    }
+}
+
+async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
+    let msgs: Vec<ChatMessage> = batch.iter().map(|j| j.msg.clone()).collect();
+    metrics::histogram!("im_gateway_insert_batch_size").record(msgs.len() as f64);
+    let started = std::time::Instant::now();
+    let outcome = match store.save_batch(&msgs).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, rows = msgs.len(), "baseline save failed");
+            for job in batch {
+                let _ = job.reply.send(SaveResult::Failed);
+            }
+            return;
+        }
+    };
+    metrics::histogram!("im_gateway_insert_seconds").record(started.elapsed().as_secs_f64());
+    let mut results = vec![SaveResult::Rejected; batch.len()];
+    let mut settled = Vec::new();
+    for &(i, _) in &outcome.rejected {
+        if let Some(key) = &batch[i].idempotency_key {
+            settled.push((key.clone(), Stage::Failed, msgs[i].id));
+        }
+    }
+    let mut pushes = Vec::new();
+    for &(i, id) in &outcome.saved {
+        results[i] = SaveResult::Saved(id);
+        if let Some(key) = &batch[i].idempotency_key {
+            settled.push((key.clone(), Stage::Saved, id));
+        }
+        pushes.push(Push { user: msgs[i].to, conn: None, frame: ChatMessage { id, ..msgs[i].clone() }.push_frame() });
+    }
+    if !settled.is_empty() {
+        if let Err(e) = after.idempotency.settle(&settled).await {
+            // Fail-open: a resend after Redis returns must find these ids; the outbox writes them.
+            tracing::debug!(error = %e, "idempotency window unavailable; marks deferred to the outbox");
+            after.fanout.outbox.defer_marks(settled);
+        }
+    }
+    for (job, result) in batch.into_iter().zip(results) {
+        let _ = job.reply.send(result);
+    }
+    after.fanout.push(pushes).await;
+}
+
+/// The error frame for a save that did not commit.
+pub fn save_error(result: SaveResult, client_msg_id: &str) -> ServerFrame {
+    let reason = if result == SaveResult::Rejected { Reason::SaveFailed } else { Reason::InternalError };
+    ServerFrame::error(reason, Some(client_msg_id.to_owned()))
+}

@@ -1,0 +1,172 @@
+//! The fenced scripts that move a shard's entries from one stage to the next.
+//!
+//! Each script first checks the lease value (fencing), so a paused ex-owner cannot move entries, and
+//! XACKs + XDELs an entry in the same atomic step that hands it to the next stage (the `to_save`
+//! stream, or the saved row's receipts): an entry is acknowledged only once the next stage durably
+//! has it, and streams stay trimmed to what is in flight. Pushes are published (journaled) inside
+//! the same script, so a batch's pushes and its acknowledgement happen together or not at all.
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+use im_common::journal::JOURNAL_LUA;
+use im_common::keys::Keys;
+use im_common::record::MSG_FIELD;
+use im_common::router::Publication;
+
+/// Most entries the dead-letter stream keeps (approximately; oldest trimmed first).
+pub const DEAD_LETTER_MAXLEN: usize = 100_000;
+
+/// Shared prologue of the scripts: the fencing check, and `take(n)` to read the next `n` ARGVs.
+const PROLOGUE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED shard lease lost') end
+local at = 1
+local function take(n)
+  local t = {}
+  for k = 1, n do t[k] = ARGV[at + k] end
+  at = at + n
+  return t
+end
+-- Publication k goes to channels[k], journaled under KEYS[first + k - 1].
+local function publish(channels, messages, first)
+  for k = 1, #channels do deliver(channels[k], messages[k], KEYS[first + k - 1]) end
+end
+local function ack(stream, group, ids)
+  for k = 1, #ids do
+    redis.call('XACK', stream, group, ids[k])
+    redis.call('XDEL', stream, ids[k])
+  end
+end
+";
+
+/// Deliver → save: publish the pushes, append the payloads to `to_save`, XACK + XDEL on `accepted`.
+/// KEYS: lease, accepted, to_save, journals (one per publication). ARGV: lease value, then group, field, n_ack, n_add, n_pub,
+/// ids.., payloads.., channels.., messages..
+const HANDOFF: &str = r"
+local head = take(5)
+local group, field = head[1], head[2]
+local ids, payloads = take(tonumber(head[3])), take(tonumber(head[4]))
+local n_pub = tonumber(head[5])
+local channels, messages = take(n_pub), take(n_pub)
+for k = 1, #payloads do redis.call('XADD', KEYS[3], '*', field, payloads[k]) end
+publish(channels, messages, 4)
+ack(KEYS[2], group, ids)
+return #ids
+";
+
+/// Save done: dead-letter the rejected, record saved and failed in the idempotency window, publish receipts
+/// (and, in accepted-only mode, the pushes), XACK + XDEL the batch.
+/// KEYS: lease, stream, dead-letter stream, journals (one per publication), idempotency keys..
+/// ARGV: lease value, then group, ttl, dead-letter maxlen,
+/// field, n_ack, n_dead, n_pub, ids.., dead payloads.., dead reasons.., channels.., messages..,
+/// idempotency values (one per key).
+const COMMIT: &str = r"
+local head = take(7)
+local group, ttl, dead_maxlen, field = head[1], head[2], head[3], head[4]
+local ids = take(tonumber(head[5]))
+local n_dead, n_pub = tonumber(head[6]), tonumber(head[7])
+local dead, reasons = take(n_dead), take(n_dead)
+local channels, messages = take(n_pub), take(n_pub)
+local states = take(#KEYS - 3 - n_pub)
+for k = 1, n_dead do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_maxlen, '*', field, dead[k], 'reason', reasons[k])
+end
+for k = 1, #states do redis.call('SET', KEYS[3 + n_pub + k], states[k], 'EX', ttl) end
+publish(channels, messages, 4)
+ack(KEYS[2], group, ids)
+return #ids
+";
+
+static HANDOFF_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{}{PROLOGUE}{HANDOFF}", *JOURNAL_LUA)));
+static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{}{PROLOGUE}{COMMIT}", *JOURNAL_LUA)));
+
+/// The fenced stream operations of one shard owner. Each is one atomic script, so a batch's pushes,
+/// its hand-over to the next stage and its acknowledgement happen together or not at all.
+#[derive(Clone)]
+pub struct Mover {
+    pub conn: ConnectionManager,
+    pub keys: Keys,
+    pub shard: u16,
+    pub lease_key: String,
+    pub lease_value: String,
+    pub group: String,
+    pub idempotency_ttl: u64,
+}
+
+/// A rejected message bound for the dead-letter stream.
+pub struct DeadLetter<'a> {
+    pub payload: &'a [u8],
+    pub reason: &'a str,
+}
+
+fn add_publications(inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
+    for p in pubs {
+        inv.arg(&p.channel);
+    }
+    for p in pubs {
+        inv.arg(&p.payload);
+    }
+}
+
+impl Mover {
+    /// The journal of each publication, as KEYS.
+    fn add_journal_keys(&self, inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
+        for p in pubs {
+            inv.key(self.keys.journal_of_shard(self.shard, p.node));
+        }
+    }
+
+    /// Moves entries from `accepted` to `to_save`, publishing `pubs` in the same step.
+    pub async fn handoff(
+        &self,
+        accepted: &str,
+        to_save: &str,
+        ids: &[&str],
+        payloads: &[&[u8]],
+        pubs: &[Publication],
+    ) -> redis::RedisResult<()> {
+        let mut inv = HANDOFF_SCRIPT.prepare_invoke();
+        inv.key(&self.lease_key).key(accepted).key(to_save);
+        self.add_journal_keys(&mut inv, pubs);
+        inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD);
+        inv.arg(ids.len()).arg(payloads.len()).arg(pubs.len());
+        inv.arg(ids).arg(payloads);
+        add_publications(&mut inv, pubs);
+        inv.invoke_async(&mut self.conn.clone()).await
+    }
+
+    /// Finishes a saved batch: `settled` holds (idempotency key, state) of every saved or rejected
+    /// message.
+    pub async fn commit(
+        &self,
+        stream: &str,
+        dead_stream: &str,
+        ids: &[&str],
+        dead: &[DeadLetter<'_>],
+        pubs: &[Publication],
+        settled: &[(String, String)],
+    ) -> redis::RedisResult<()> {
+        let mut inv = COMMIT_SCRIPT.prepare_invoke();
+        inv.key(&self.lease_key).key(stream).key(dead_stream);
+        self.add_journal_keys(&mut inv, pubs);
+        for (key, _) in settled {
+            inv.key(key);
+        }
+        inv.arg(&self.lease_value).arg(&self.group).arg(self.idempotency_ttl).arg(DEAD_LETTER_MAXLEN).arg(MSG_FIELD);
+        inv.arg(ids.len()).arg(dead.len()).arg(pubs.len()).arg(ids);
+        for d in dead {
+            inv.arg(d.payload);
+        }
+        for d in dead {
+            inv.arg(d.reason);
+        }
+        add_publications(&mut inv, pubs);
+        for (_, state) in settled {
+            inv.arg(state);
+        }
+        inv.invoke_async(&mut self.conn.clone()).await
+    }
+}

@@ -1,0 +1,115 @@
+//! What the stages of one shard's pipeline share: the [`ShardContext`], batch reading with retries,
+//! and decoding.
+//!
+//! Full mode runs [`crate::deliver`] and [`crate::save`] concurrently; accepted-only mode runs only
+//! the save stage, on `accepted`, and pushes to recipients after the commit. A stage that hits an
+//! error keeps its batch unacknowledged and retries it with capped backoff; if the lease is lost
+//! meanwhile it drops the batch, and the next owner reads it from the pending entries. Redelivery
+//! after a crash can repeat a push (same serverMsgId) but never a row.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use im_common::ids::{now_ms, timestamp_ms};
+use im_common::keys::Keys;
+use im_common::record::{decode, Accepted, ChatMessage, Push};
+use im_common::router::{Router, Target};
+use im_common::store::Store;
+
+use crate::lease::ShardLease;
+use crate::mover::Mover;
+use crate::streams::{Entry, StreamReader};
+use im_common::backoff::Backoff;
+
+/// What every stage of one shard shares.
+#[derive(Clone)]
+pub struct ShardContext {
+    pub shard: u16,
+    pub keys: Keys,
+    pub lease: ShardLease,
+    pub router: Router,
+    pub mover: Mover,
+    pub store: Store,
+    /// Unix ms of the last time a stage loop went round (for `/readyz`).
+    pub progress: Arc<AtomicU64>,
+}
+
+impl ShardContext {
+    pub(crate) fn label(&self) -> String {
+        self.shard.to_string()
+    }
+
+    fn tick(&self) {
+        self.progress.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// The next non-empty batch, retrying failed reads with backoff; `None` once the lease is gone.
+    pub(crate) async fn next_batch(&self, reader: &mut StreamReader, backoff: &mut Backoff) -> Option<Vec<Entry>> {
+        while self.lease.is_valid() {
+            self.tick();
+            match reader.next_batch().await {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => return Some(batch),
+                Err(e) => {
+                    tracing::warn!(shard = self.shard, stream = %reader.key, error = %e, "read failed");
+                    reader.rewind();
+                    backoff.wait().await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs `step` until it succeeds, backing off between tries; `None` if the lease is lost first
+    /// (the batch stays pending, and the next owner redoes it).
+    pub(crate) async fn until_done<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+        &self,
+        backoff: &mut Backoff,
+        what: &str,
+        mut step: impl FnMut() -> F,
+    ) -> Option<T> {
+        loop {
+            match step().await {
+                Ok(value) => {
+                    backoff.reset();
+                    return Some(value);
+                }
+                Err(e) => {
+                    tracing::warn!(shard = self.shard, error = %e, "{what} failed; retrying the batch");
+                    self.tick();
+                    if !self.lease.is_valid() {
+                        return None;
+                    }
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+}
+
+/// Entries decoded; those that do not decode are set aside for the dead-letter stream.
+pub(crate) struct Decoded<'a> {
+    pub ok: Vec<(&'a Entry, Accepted)>,
+    pub bad: Vec<&'a Entry>,
+}
+
+pub(crate) fn decode_batch(batch: &[Entry]) -> Decoded<'_> {
+    let mut d = Decoded { ok: Vec::with_capacity(batch.len()), bad: Vec::new() };
+    for e in batch {
+        match decode::<Accepted>(&e.payload) {
+            Ok(a) => d.ok.push((e, a)),
+            Err(_) => d.bad.push(e),
+        }
+    }
+    d
+}
+
+/// The push of a message to its recipient, wherever they are connected.
+pub(crate) fn chat_push(msg: &ChatMessage) -> (Target, Push) {
+    (Target::Routed, Push { user: msg.to, conn: None, frame: msg.push_frame() })
+}
+
+/// Seconds since the message was accepted (its id carries the time).
+pub(crate) fn age_seconds(id: u64) -> f64 {
+    (now_ms() as i64 - timestamp_ms(id)).max(0) as f64 / 1000.0
+}

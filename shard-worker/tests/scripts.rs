@@ -1,0 +1,248 @@
+//! The shard worker's Redis side against a real Redis: lease timing and fencing, the stream reader's
+//! pending-first rule, and each fenced script (hand-over, commit) — what moves, what is acknowledged,
+//! what is published, and that a stale owner moves nothing.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use im_common::idempotency::{decode_state, encode_state, Stage};
+use im_common::journal::split_journaled;
+use im_common::keys::Keys;
+use im_common::record::MSG_FIELD;
+use im_common::router::Publication;
+use im_harness::env::TestEnv;
+use im_shard_worker::lease::ShardLease;
+use im_shard_worker::mover::{DeadLetter, Mover};
+use im_shard_worker::streams::{Fence, StreamReader};
+
+const GROUP: &str = "workers";
+
+/// One shard's keys under a test's own prefix (removed when the shard's [`TestEnv`] is dropped).
+struct Shard {
+    env: TestEnv,
+    conn: ConnectionManager,
+    keys: Keys,
+}
+
+impl Shard {
+    async fn new(name: &str) -> Shard {
+        let env = TestEnv::new(name);
+        let conn = im_common::connections::connect(&env.redis_url).await.expect("redis");
+        let keys = Keys::from_config(&env.config());
+        Shard { env, conn, keys }
+    }
+
+    async fn lease(&self, owner: &str, ttl: Duration) -> Option<ShardLease> {
+        ShardLease::acquire(&self.conn, &self.keys, 0, owner, ttl).await.expect("acquire")
+    }
+
+    fn mover(&self, lease_value: &str) -> Mover {
+        Mover {
+            conn: self.conn.clone(),
+            keys: self.keys.clone(),
+            shard: 0,
+            lease_key: self.keys.lease(0),
+            lease_value: lease_value.to_owned(),
+            group: GROUP.into(),
+            idempotency_ttl: 60,
+        }
+    }
+
+    /// A reader proving `lease_value`.
+    async fn reader(&self, stream: String, lease_value: &str) -> StreamReader {
+        let conn = im_common::connections::connect_for_blocking(&self.env.redis_url, Duration::from_millis(50))
+            .await
+            .expect("redis");
+        let fence = Fence { lease_key: self.keys.lease(0), lease_value: lease_value.to_owned() };
+        let mut reader = StreamReader::new(conn, fence, stream, GROUP.into(), 100, 10, 0);
+        reader.ensure_group().await.expect("group");
+        reader
+    }
+
+    /// Appends `payloads` at once (one MULTI), as a burst of messages would arrive.
+    async fn append(&self, stream: &str, payloads: &[&[u8]]) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for p in payloads {
+            pipe.xadd(stream, "*", &[(MSG_FIELD, *p)]).ignore();
+        }
+        let _: () = pipe.query_async(&mut self.conn.clone()).await.expect("xadd");
+    }
+
+    async fn len(&self, stream: &str) -> usize {
+        self.conn.clone().xlen(stream).await.expect("xlen")
+    }
+
+    async fn pending(&self, stream: &str) -> usize {
+        let reply: redis::streams::StreamPendingReply =
+            self.conn.clone().xpending(stream, GROUP).await.expect("xpending");
+        reply.count()
+    }
+}
+
+#[tokio::test]
+async fn a_held_lease_is_not_given_twice_and_every_new_owner_gets_a_larger_token() {
+    let s = Shard::new("lease_tokens").await;
+    let first = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    assert!(first.is_valid());
+    assert!(s.lease("b", Duration::from_secs(5)).await.is_none(), "held lease given to a second owner");
+    first.release().await;
+    let second = s.lease("b", Duration::from_secs(5)).await.expect("released shard");
+    assert!(second.token > first.token, "tokens {} then {}", first.token, second.token);
+    assert_eq!(second.value, format!("{}:b", second.token));
+}
+
+#[tokio::test]
+async fn an_owner_stops_acting_before_its_lease_can_expire_in_redis() {
+    let s = Shard::new("lease_timing").await;
+    let ttl = Duration::from_millis(500);
+    let lease = s.lease("a", ttl).await.expect("free shard");
+    // Valid for TTL minus a fifth without renewal, never up to the TTL itself.
+    tokio::time::sleep(ttl * 3 / 5).await;
+    assert!(lease.is_valid(), "gave up early");
+    tokio::time::sleep(ttl / 4).await;
+    assert!(!lease.is_valid(), "still acting at 0.85 TTL without renewal");
+    // A renewal that Redis confirms makes it valid again.
+    assert!(lease.renew().await);
+    assert!(lease.is_valid());
+}
+
+#[tokio::test]
+async fn a_lease_taken_over_cannot_be_renewed_by_its_former_owner() {
+    let s = Shard::new("lease_takeover").await;
+    let old = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let _: () = s.conn.clone().del(s.keys.lease(0)).await.expect("del");
+    let new = s.lease("b", Duration::from_secs(5)).await.expect("expired shard");
+    assert!(!old.renew().await, "former owner renewed a lease it lost");
+    assert!(!old.is_valid());
+    assert!(new.renew().await);
+}
+
+#[tokio::test]
+async fn a_reader_returns_pending_entries_before_new_ones() {
+    let s = Shard::new("reader_pending").await;
+    let stream = s.keys.accepted_stream(0);
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut first = s.reader(stream.clone(), &lease.value).await;
+    s.append(&stream, &[b"m1", b"m2"]).await;
+    let batch = first.next_batch().await.expect("read");
+    assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1", b"m2"]);
+    // Nothing acknowledged; a new owner (same consumer name) must see them again, before m3.
+    s.append(&stream, &[b"m3"]).await;
+    let mut next_owner = s.reader(stream.clone(), &lease.value).await;
+    let batch = next_owner.next_batch().await.expect("read");
+    assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1", b"m2"]);
+}
+
+#[tokio::test]
+async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_one_step() {
+    let s = Shard::new("handoff").await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
+    let mut reader = s.reader(accepted.clone(), &lease.value).await;
+    s.append(&accepted, &[b"m1", b"m2"]).await;
+    let batch = reader.next_batch().await.expect("read");
+    let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
+    let payloads: Vec<&[u8]> = batch.iter().map(|e| e.payload.as_slice()).collect();
+    let publication = Publication { node: 7, channel: s.keys.node_channel(7), payload: b"pushes".to_vec() };
+
+    let client = redis::Client::open(s.env.redis_url.as_str()).expect("url");
+    let mut sub = client.get_async_pubsub().await.expect("pubsub");
+    sub.subscribe(&publication.channel).await.expect("subscribe");
+
+    s.mover(&lease.value).handoff(&accepted, &to_save, &ids, &payloads, &[publication]).await.expect("handoff");
+    assert_eq!((s.len(&accepted).await, s.pending(&accepted).await), (0, 0), "accepted not trimmed");
+    assert_eq!(s.len(&to_save).await, 2);
+    let msg = tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut sub.on_message()))
+        .await
+        .expect("published")
+        .expect("message");
+    let payload = msg.get_payload_bytes().to_vec();
+    let (journal, _, body) = split_journaled(&payload).expect("journaled");
+    assert_eq!(journal, s.keys.journal_of_shard(0, 7));
+    assert_eq!(body, b"pushes");
+    assert_eq!(s.len(journal).await, 1, "publication not journaled");
+}
+
+#[tokio::test]
+async fn a_fenced_out_owner_moves_nothing() {
+    let s = Shard::new("fenced").await;
+    let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
+    let current = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
+    let mut reader = s.reader(accepted.clone(), &current.value).await;
+    s.append(&accepted, &[b"m1"]).await;
+    let batch = reader.next_batch().await.expect("read");
+    let stale = s.mover("1:a");
+    let err = stale
+        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &[batch[0].payload.as_slice()], &[])
+        .await
+        .expect_err("a stale owner's handoff went through");
+    assert!(err.to_string().contains("FENCED"), "{err}");
+    assert_eq!((s.len(&accepted).await, s.pending(&accepted).await, s.len(&to_save).await), (1, 1, 0));
+}
+
+#[tokio::test]
+async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch() {
+    let s = Shard::new("commit").await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let (to_save, dead) = (s.keys.to_save_stream(0), s.keys.dead_letter_stream(0));
+    let mut reader = s.reader(to_save.clone(), &lease.value).await;
+    s.append(&to_save, &[b"good", b"bad"]).await;
+    let batch = reader.next_batch().await.expect("read");
+    let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
+    let key = s.keys.idempotency(0, 1001, "c-1");
+    let saved = [(key.clone(), encode_state(Stage::Saved, 42))];
+    let rejected = [DeadLetter { payload: b"bad", reason: "check constraint" }];
+
+    s.mover(&lease.value).commit(&to_save, &dead, &ids, &rejected, &[], &saved).await.expect("commit");
+    assert_eq!((s.len(&to_save).await, s.pending(&to_save).await), (0, 0), "to_save not trimmed");
+    let state: String = s.conn.clone().get(&key).await.expect("state");
+    assert_eq!(decode_state(&state), Some((Stage::Saved, 42)));
+    let ttl: i64 = s.conn.clone().ttl(&key).await.expect("ttl");
+    assert!(ttl > 0 && ttl <= 60, "idempotency key without its window: ttl {ttl}");
+    let dead_entries: redis::streams::StreamRangeReply = s.conn.clone().xrange_all(&dead).await.expect("xrange");
+    assert_eq!(dead_entries.ids.len(), 1);
+    let reason: String = dead_entries.ids[0].get("reason").expect("reason");
+    assert_eq!(reason, "check constraint");
+}
+
+#[tokio::test]
+async fn a_former_owner_reads_nothing_into_the_pending_list() {
+    let s = Shard::new("fenced_read").await;
+    let stream = s.keys.accepted_stream(0);
+    let old = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut former = s.reader(stream.clone(), &old.value).await;
+    // The lease vanishes (evicted, failover) and another worker takes the shard and reads its
+    // pending list (empty) before anything new arrives.
+    let _: () = s.conn.clone().del(s.keys.lease(0)).await.expect("del");
+    let new = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
+    let mut owner = s.reader(stream.clone(), &new.value).await;
+    assert!(owner.next_batch().await.expect("read").is_empty());
+    s.append(&stream, &[b"m1"]).await;
+
+    let err = former.next_batch().await.expect_err("a former owner read from the group");
+    assert!(err.to_string().contains("FENCED"), "{err}");
+    assert_eq!(s.pending(&stream).await, 0, "a former owner's read parked entries in the pending list");
+    let batch = owner.next_batch().await.expect("read");
+    assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1"]);
+}
+
+#[tokio::test]
+async fn a_waiting_reader_wakes_for_a_new_entry_and_takes_the_whole_burst() {
+    let s = Shard::new("read_wait").await;
+    let stream = s.keys.accepted_stream(0);
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let conn = im_common::connections::connect_for_blocking(&s.env.redis_url, Duration::from_secs(2)).await.unwrap();
+    let fence = Fence { lease_key: s.keys.lease(0), lease_value: lease.value.clone() };
+    let mut reader = StreamReader::new(conn, fence, stream.clone(), GROUP.into(), 100, 2000, 50);
+    reader.ensure_group().await.expect("group");
+    let started = std::time::Instant::now();
+    let read = tokio::spawn(async move { reader.next_batch().await.map(|b| b.len()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.append(&stream, &[b"m1", b"m2", b"m3"]).await;
+    let n = read.await.unwrap().expect("read");
+    assert_eq!(n, 3, "the burst was split");
+    assert!(started.elapsed() < Duration::from_millis(1500), "woke only at the block timeout");
+}
