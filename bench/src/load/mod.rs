@@ -200,9 +200,10 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     shutdown.cancel();
     tasks.close();
     // Whatever has not ended by then is abandoned (and counted) in `finish`.
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await;
-    let senders = collect_senders(sender_tasks, &rec).await;
-    let receivers = collect_receivers(receiver_tasks, &rec).await;
+    let grace_end = Instant::now() + SHUTDOWN_GRACE;
+    let _ = tokio::time::timeout_at(grace_end, tasks.wait()).await;
+    let senders = collect_senders(sender_tasks, &rec, grace_end).await;
+    let receivers = collect_receivers(receiver_tasks, &rec, grace_end).await;
     progress_done.cancel();
     if let Some(progress) = progress {
         let _ = progress.await;
@@ -257,36 +258,43 @@ async fn drain(rec: &Recorder, stop: Instant, allowance: Duration) -> Duration {
     Instant::now().saturating_duration_since(stop)
 }
 
-async fn collect_senders(tasks: Vec<SenderTasks>, rec: &Recorder) -> Vec<SenderLog> {
+async fn collect_senders(tasks: Vec<SenderTasks>, rec: &Recorder, grace_end: Instant) -> Vec<SenderLog> {
     let mut logs = Vec::with_capacity(tasks.len());
     for t in tasks {
-        finish(t.writer, rec).await;
+        finish(t.writer, rec, grace_end).await;
         let messages = std::mem::take(&mut *t.state.messages());
         logs.push(SenderLog { uid: t.state.uid, to: t.state.to, messages });
     }
     logs
 }
 
-async fn collect_receivers(tasks: Vec<(u64, JoinHandle<ReceiverLog>)>, rec: &Recorder) -> Vec<ReceiverLog> {
+async fn collect_receivers(
+    tasks: Vec<(u64, JoinHandle<ReceiverLog>)>,
+    rec: &Recorder,
+    grace_end: Instant,
+) -> Vec<ReceiverLog> {
     let mut logs = Vec::with_capacity(tasks.len());
     for (uid, reader) in tasks {
-        let log = finish(reader, rec).await.unwrap_or(ReceiverLog { uid, deliveries: Vec::new(), gone: true });
+        let log =
+            finish(reader, rec, grace_end).await.unwrap_or(ReceiverLog { uid, deliveries: Vec::new(), gone: true });
         logs.push(log);
     }
     logs
 }
 
-/// A connection task's result after the shutdown grace: one still running then is aborted.
-async fn finish<T>(task: JoinHandle<T>, rec: &Recorder) -> Option<T> {
-    if !task.is_finished() {
-        task.abort();
-        rec.error("task_stuck_at_shutdown");
-        return None;
-    }
-    match task.await {
-        Ok(value) => Some(value),
-        Err(_) => {
+/// A connection task's result. The tracker has seen every task end (or the grace ran out), so this
+/// waits only for a task that is still storing its result — until `grace_end`; one still running
+/// then is aborted and counted.
+async fn finish<T>(mut task: JoinHandle<T>, rec: &Recorder, grace_end: Instant) -> Option<T> {
+    match tokio::time::timeout_at(grace_end, &mut task).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(_)) => {
             rec.error("task_panicked");
+            None
+        }
+        Err(_) => {
+            task.abort();
+            rec.error("task_stuck_at_shutdown");
             None
         }
     }
