@@ -10,7 +10,7 @@
 //! - [`http`] and [`metrics`]: the one HTTP client and the one Prometheus text reader;
 //! - [`status`]: a running cluster's per-shard and per-gateway state, from its processes' metrics;
 //! - [`ws`]: the WebSocket client of the JSON protocol for tools and tests;
-//! - [`env`]: per-test isolation (database and key prefix), cleaned up on drop.
+//! - [`mod@env`]: per-test isolation (database and key prefix), cleaned up on drop.
 
 pub mod cluster;
 pub mod env;

@@ -15,9 +15,9 @@
 //! The verdict passes only when nothing receipted is lost (every `ACK(accepted)`/`ACK(saved)` message
 //! was pushed to its receiver and has its row), no row is duplicated, no sender's messages arrived
 //! out of order, and the drill's own checks hold (listed in `checks`, each with what it measured).//!
-//! The parts: [`session`] prepares a run (config, cluster) and executes it; [`faults`] injects the
-//! fault; [`monitor`] samples the cluster while the load runs; [`verdict`] turns it all into a
-//! [`DrillVerdict`]. A cluster the drill started is owned by a [`ClusterGuard`], so an error or
+//! The parts: `session` prepares a run (config, cluster) and executes it; `faults` injects the
+//! fault; `monitor` samples the cluster while the load runs; `verdict` turns it all into a
+//! [`DrillVerdict`]. A cluster the drill started is owned by a `ClusterGuard`, so an error or
 //! Ctrl-C halfway kills it instead of leaving it behind.
 
 mod faults;

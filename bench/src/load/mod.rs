@@ -2,19 +2,19 @@
 //!
 //! Timeline: connect (bounded concurrency; receivers and senders alike must finish their first
 //! `PING`) → settle → warm-up → measured window → drain → shutdown. All timestamps come from one
-//! monotonic clock in this process ([`schedule`]). Messages sent during warm-up are checked like all
+//! monotonic clock in this process (`schedule`). Messages sent during warm-up are checked like all
 //! others but kept out of latency figures and rates; CPU and rates cover exactly the measured window.
 //!
-//! The parts: [`link`] opens connections (and reopens them), [`sender`] and [`receiver`] are the
-//! connection tasks, [`progress`] prints the progress line. Shutdown is one `CancellationToken` that
+//! The parts: `link` opens connections (and reopens them), `sender` and `receiver` are the
+//! connection tasks, `progress` prints the progress line. Shutdown is one `CancellationToken` that
 //! every task selects on, and one `TaskTracker` that the run waits on for at most a grace period;
 //! each task's log is its return value, so a task still running after the grace is aborted and
 //! counted (`task_stuck_at_shutdown`) rather than waited for.
 //!
 //! The drain (after the last send, until every message is answered and delivered) polls the
-//! recorder's counters every [`DRAIN_POLL`] instead of being notified: the counters are bumped on the
+//! recorder's counters every `DRAIN_POLL` instead of being notified: the counters are bumped on the
 //! hot path by every connection task, and a wake-up per bump would cost more than a 20 ms poll.
-//! Checking rows against the database is [`crate::run`]'s job, not this module's.
+//! Checking rows against the database is [`crate::run()`]'s job, not this module's.
 
 mod link;
 mod progress;
@@ -128,7 +128,7 @@ impl LoadResult {
     }
 }
 
-/// Runs the load and returns everything observed (the rows are checked separately, see [`crate::run`]).
+/// Runs the load and returns everything observed (the rows are checked separately, see [`crate::run()`]).
 pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, BenchError> {
     spec.validate()?;
     if target.ws_urls.is_empty() {

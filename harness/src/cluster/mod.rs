@@ -3,7 +3,7 @@
 //!
 //! `ops up`, the bench's comparisons, the drills and the end-to-end tests all go through [`start`],
 //! so the tests exercise exactly what an operator runs. Processes are detached and log to files under
-//! the cluster directory; the state file ([`state`]) records every endpoint and pid so later commands
+//! the cluster directory; the state file (`state`) records every endpoint and pid so later commands
 //! can find them. Operations on a running cluster that an operator asks for by name (scale, reshard)
 //! live in `ops`; the pieces they are made of — start one more gateway or worker, wait until ready,
 //! stop — are here.

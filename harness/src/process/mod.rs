@@ -5,8 +5,8 @@
 //! MariaDB — goes through [`spawn_detached`]: its own session (so it outlives the caller, its terminal
 //! and its Ctrl-C), stdin closed, output appended to a log file, and a reaper thread so that a child
 //! which exits while we are alive does not linger as a zombie that still looks alive. Signals go
-//! through [`signal`], which never addresses a process group or init, and the `/proc` readers
-//! ([`inspect`]) answer "is it alive", "how much CPU", "how much memory" the same way for everyone.
+//! through `signal`, which never addresses a process group or init, and the `/proc` readers
+//! (`inspect`) answer "is it alive", "how much CPU", "how much memory" the same way for everyone.
 
 mod inspect;
 mod signal;

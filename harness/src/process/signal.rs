@@ -52,7 +52,7 @@ pub fn kill_group_now(pgid: u32) {
 }
 
 /// SIGTERM, then SIGKILL if the process is still there after `grace`; returns once it is gone (or
-/// [`AFTER_KILL`] after the SIGKILL).
+/// `AFTER_KILL` after the SIGKILL).
 pub async fn terminate(pid: u32, grace: Duration) {
     if let Err(error) = send(pid, Signal::SIGTERM) {
         tracing::warn!(%error, "could not stop");

@@ -13,8 +13,8 @@
 //! what an earlier one started, and a second start in the same directory is refused instead of two
 //! servers writing the same data files.
 //!
-//! The pieces: [`probe`] asks whether a server answers, [`install`] brings the programs, [`redis`]
-//! and [`mariadb`] start one of each kind, [`ensure`] puts it together ([`ensure_servers`]); this
+//! The pieces: `probe` asks whether a server answers, `install` brings the programs, `redis`
+//! and `mariadb` start one of each kind, `ensure` puts it together ([`ensure_servers`]); this
 //! module holds the handle and what every kind shares (stop, kill, restart, readiness).
 
 mod ensure;
