@@ -131,6 +131,7 @@ const HELP: &[(&str, &str)] = &[
         "Lowest append round trip of the last 100 ms window (sheds load past gateway.shed_append_ms)",
     ),
     ("im_gateway_subscription_up", "1 while the node-channel subscription is live"),
+    ("im_gateway_node_lease_held", "1 while this gateway holds the lease on its node id"),
     ("im_gateway_insert_batch_size", "Rows per baseline group-commit INSERT"),
     ("im_gateway_insert_seconds", "Baseline INSERT transaction latency"),
     ("im_worker_lease_held", "1 while this process owns the shard"),

@@ -14,7 +14,8 @@ use im_common::ids::{now_ms, timestamp_ms};
 use im_common::keys::Keys;
 use im_common::testkit::TestEnv;
 use im_ops::cluster::{self, TestCluster};
-use support::{cluster, Client};
+use im_ops::servers::{free_port, PrivateServer};
+use support::{cluster, wait_metric, Client};
 
 /// A gateway started by hand with the cluster's config (not registered in the cluster state), so a
 /// test can watch it refuse to start; killed when dropped.
@@ -26,6 +27,11 @@ struct HandGateway {
 
 impl HandGateway {
     fn start(c: &TestCluster, node: u16, name: &str) -> HandGateway {
+        HandGateway::start_with(c, node, name, &[])
+    }
+
+    /// As [`HandGateway::start`], with environment overrides of the cluster's config.
+    fn start_with(c: &TestCluster, node: u16, name: &str, overrides: &[(&str, &str)]) -> HandGateway {
         let binary = cluster::bin_dir().join("gateway");
         assert!(binary.exists(), "build the workspace first: {} is missing", binary.display());
         let (ready, log) = (c.state.dir.join(format!("{name}.ready")), c.state.dir.join(format!("{name}.log")));
@@ -35,6 +41,7 @@ impl HandGateway {
         for (var, _) in std::env::vars().filter(|(var, _)| var.starts_with("IM__")) {
             command.env_remove(var);
         }
+        command.envs(overrides.iter().copied());
         let child = command
             .arg("--config")
             .arg(&c.state.config_path)
@@ -217,6 +224,35 @@ async fn a_gateway_paused_while_another_takes_its_node_id_stops_when_it_resumes(
     assert!(log.contains(&lease_key(&env, 1)), "its log names the lost lease: {log}");
     one_message(&ws_url(&addr), &c.state.jwt_secret, "successor-serves").await;
     drop(successor);
+    drop(c);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_starts_while_redis_is_down_and_takes_its_node_lease_once_redis_answers() {
+    let env = TestEnv::new("nodeid_noredis");
+    let c = cluster(&env, Mode::Baseline, 1, 1).await;
+    // A Redis of its own, not started yet: fail-open, the gateway must come up and serve baseline.
+    let port = free_port();
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let mut gateway = HandGateway::start_with(&c, 2, "no-redis", &[("IM__REDIS__URL", &redis_url)]);
+    let addr = gateway.ready_within(Duration::from_secs(15)).await;
+    let text = gateway.output();
+    let addr = addr.unwrap_or_else(|| panic!("a gateway must start while Redis is down: {text}"));
+    assert!(text.contains("WITHOUT its lease"), "the risk is logged: {text}");
+    let metrics_url = format!("http://{addr}/metrics");
+    assert_eq!(wait_metric(&metrics_url, "im_gateway_node_lease_held", &[], |v| v == 0.0).await, 0.0);
+    one_message(&ws_url(&addr), &c.state.jwt_secret, "while-redis-is-down").await;
+
+    let redis = PrivateServer::start_redis(&c.state.dir.join("redis-late"), port, "everysec").await.unwrap();
+    let held = wait_metric(&metrics_url, "im_gateway_node_lease_held", &[], |v| v == 1.0).await;
+    let mut conn = im_common::connections::connect(&redis_url).await.unwrap();
+    let owner: Option<String> =
+        redis::cmd("HGET").arg(lease_key(&env, 2)).arg("owner").query_async(&mut conn).await.unwrap();
+    redis.stop().await.unwrap();
+    assert_eq!(held, 1.0, "the lease is taken once Redis answers: {}", gateway.output());
+    assert!(owner.is_some(), "the lease key names its owner");
+    drop(gateway);
     drop(c);
     env.cleanup().await;
 }
