@@ -139,6 +139,8 @@ const HELP: &[(&str, &str)] = &[
     ("im_worker_delivered_total", "Messages pushed by the deliver stage"),
     ("im_worker_saved_total", "Messages committed by the save stage"),
     ("im_worker_save_retries_total", "Failed INSERT attempts, retried"),
+    ("im_worker_save_errors_total", "Failed INSERT attempts, by class (unavailable, statement)"),
+    ("im_worker_save_failing_seconds", "Seconds the save stage's current batch has been failing (0 when healthy)"),
     ("im_worker_dead_letters_total", "Messages refused by the database for good"),
     ("im_worker_batch_size", "Entries per batch, by stage"),
     ("im_worker_insert_seconds", "INSERT transaction latency of the save stage"),
