@@ -88,6 +88,12 @@ impl Keys {
         self.shard_key(shard, &format!("journal:{node}"))
     }
 
+    /// The lease on gateway node id `node` (a hash: `owner`, `expires_ms`, `ids_up_to_ms`; see
+    /// `node_lease`). Per node, not shard-local; one key, so its scripts are valid on a cluster.
+    pub fn node_lease(&self, node: u16) -> String {
+        format!("{}:node-lease:{node}", self.prefix)
+    }
+
     /// The journal of what gateways published to `node` (baseline and fail-open pushes).
     pub fn journal_of_gateways(&self, node: u16) -> String {
         format!("{}:journal:{node}", self.prefix)
@@ -110,5 +116,6 @@ mod tests {
         assert_eq!(k.node_channel(2), "im:node:2");
         assert_eq!(k.journal_of_shard(3, 2), "im:{s3}:journal:2");
         assert_eq!(k.journal_of_gateways(2), "im:journal:2");
+        assert_eq!(k.node_lease(2), "im:node-lease:2");
     }
 }

@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod journal;
 pub mod keys;
+pub mod node_lease;
 pub mod protocol;
 pub mod record;
 pub mod router;
@@ -24,6 +25,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("mysql: {0}")]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    NodeId(#[from] node_lease::NodeLeaseError),
     #[error("{0}")]
     Invalid(String),
 }

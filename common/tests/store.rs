@@ -25,14 +25,7 @@ async fn migrations_apply_once_and_record_their_versions() {
 #[tokio::test]
 async fn upgrading_a_version_1_database_keeps_its_rows_and_compares_client_msg_ids_byte_for_byte() {
     let env = TestEnv::new("upgrade");
-    migrate(&env.mysql_url).await.unwrap();
-    let store = Store::connect(&env.mysql_url, 2).unwrap();
-    store
-        .execute(
-            "ALTER TABLE messages MODIFY client_msg_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
-        )
-        .await
-        .unwrap();
+    let store = store_with_padded_client_msg_ids(&env).await;
     store.execute("DELETE FROM schema_migrations WHERE version = 2").await.unwrap();
     store.save_batch(&[msg(70, 1, 2, "x", "old"), msg(71, 1, 2, "é✓", "old too")]).await.unwrap();
 
@@ -165,14 +158,7 @@ async fn a_new_message_reusing_a_stored_id_is_rejected_not_saved() {
 #[tokio::test]
 async fn a_database_that_folds_client_msg_ids_rejects_instead_of_acknowledging_without_a_row() {
     let env = TestEnv::new("fold");
-    migrate(&env.mysql_url).await.unwrap();
-    let store = Store::connect(&env.mysql_url, 2).unwrap();
-    store
-        .execute(
-            "ALTER TABLE messages MODIFY client_msg_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
-        )
-        .await
-        .unwrap();
+    let store = store_with_padded_client_msg_ids(&env).await;
     store.save_batch(&[msg(50, 1, 2, "x", "first")]).await.unwrap();
     let out = store.save_batch(&[msg(51, 1, 2, "x ", "second"), msg(52, 1, 2, "x", "retry")]).await.unwrap();
     assert_eq!(out.saved, vec![(1, 50)], "the byte-exact retry is a duplicate");
@@ -194,4 +180,18 @@ async fn duplicates_are_detected_even_when_the_url_asks_for_found_rows() {
     assert_eq!(out.saved, vec![(0, 60)], "the retry reports the stored id");
     store.close().await;
     env.cleanup().await;
+}
+
+/// A migrated store whose `client_msg_id` is put back the way migration 1 made it (a PAD SPACE
+/// collation that folds `"x"` and `"x "`).
+async fn store_with_padded_client_msg_ids(env: &TestEnv) -> Store {
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 2).unwrap();
+    store
+        .execute(
+            "ALTER TABLE messages MODIFY client_msg_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+        )
+        .await
+        .unwrap();
+    store
 }

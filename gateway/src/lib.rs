@@ -35,6 +35,7 @@ use im_common::config::{Config, Mode};
 use im_common::idempotency::IdempotencyWindow;
 use im_common::ids::IdGenerator;
 use im_common::keys::Keys;
+use im_common::node_lease::{NodeLease, NODE_LEASE_TTL};
 use im_common::protocol::{SendRequest, ServerFrame};
 use im_common::record::{ChatMessage, Origin};
 use im_common::router::Router;
@@ -57,7 +58,7 @@ pub struct Gateway {
     pub mode: Mode,
     pub node: u16,
     pub keys: Keys,
-    pub ids: IdGenerator,
+    pub ids: Arc<IdGenerator>,
     pub store: Store,
     pub sessions: Arc<Sessions>,
     pub routes: RouteKeeper,
@@ -97,12 +98,22 @@ impl Gateway {
     }
 }
 
+/// Claims this gateway's node id before it serves anything (`im_common::node_lease`): refused while
+/// another live process holds it; started without the lease (taken later) while Redis is down.
+pub async fn claim_node_id(cfg: &Config) -> Result<NodeLease, StartError> {
+    // Its own connection: renewals must not queue behind appends.
+    let redis = im_common::connections::connect_lazy(&cfg.redis.url)?;
+    Ok(NodeLease::claim(redis, &Keys::from_config(cfg), cfg.gateway.node_id, NODE_LEASE_TTL).await?)
+}
+
 /// Builds the gateway and serves `listener` until `shutdown` turns true; then closes every
-/// connection with 1001 and flushes delivery cursors.
+/// connection with 1001 and flushes delivery cursors. `ids` is the generator of the node id this
+/// process holds ([`claim_node_id`]).
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
     metrics: PrometheusHandle,
+    ids: Arc<IdGenerator>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
     let node = cfg.gateway.node_id;
@@ -135,7 +146,7 @@ pub async fn run(
     let gw = Arc::new(Gateway {
         mode: cfg.mode(),
         node,
-        ids: IdGenerator::new(node),
+        ids,
         keys: keys.clone(),
         store: store.clone(),
         sessions: sessions.clone(),

@@ -47,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.validate()?;
     let labels = [("process", "gateway".to_owned()), ("node", cfg.gateway.node_id.to_string())];
     let metrics = im_common::telemetry::install_metrics(&labels).map_err(anyhow::Error::msg)?;
+    // Before binding: a gateway refused its node id never looks up.
+    let lease = im_gateway::claim_node_id(&cfg).await?;
     let listener = listen(&cfg.gateway.listen)
         .with_context(|| format!("cannot listen on gateway.listen = {}", cfg.gateway.listen))?;
     let addr = listener.local_addr()?;
@@ -60,6 +62,17 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutdown requested: draining");
         let _ = stop_tx.send(true);
     });
-    im_gateway::run(cfg, listener, metrics, stop_rx).await?;
+    tokio::select! {
+        served = im_gateway::run(cfg, listener, metrics, lease.ids(), stop_rx) => {
+            lease.release().await;
+            served?;
+        }
+        lost = lease.hold() => {
+            // Another process issues ids under this node id now: stop issuing at once, without a drain
+            // (clients reconnect and resend as after a crash; a supervisor restarts the gateway).
+            tracing::error!(error = %lost, "stopping: this gateway may no longer issue ids under its node id");
+            std::process::exit(1);
+        }
+    }
     Ok(())
 }

@@ -2,13 +2,15 @@
 //!
 //! A tour: [`lease`] decides who owns a shard; [`streams`] reads a shard's streams; [`mover`]'s fenced
 //! scripts move entries on under the lease; [`deliver`] and [`save`] are the stages, sharing
-//! [`stage`]'s context; [`stats`] exports the backlog gauges. [`run`] ties them together: acquire a lease (a fixed shard, or any free one for
+//! [`stage`]'s context; [`save_health`] reports a save stage that keeps failing; [`stats`] exports
+//! the backlog gauges. [`run`] ties them together: acquire a lease (a fixed shard, or any free one for
 //! `--shard auto`), run the stages until the lease is lost or shutdown is asked, release, repeat.
 
 pub mod deliver;
 pub mod lease;
 pub mod mover;
 pub mod save;
+pub mod save_health;
 pub mod stage;
 pub mod stats;
 pub mod streams;

@@ -3,15 +3,19 @@
 //! rows, marks the saved ones in the idempotency window, publishes `ACK(saved)` (and `ERROR
 //! save_failed`) to the senders' nodes — and in accepted-only mode the pushes — and XACKs the batch.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use im_common::backoff::Backoff;
 use im_common::idempotency::{encode_state, Stage};
+use im_common::ids::now_ms;
 use im_common::protocol::{AckType, Reason, ServerFrame};
 use im_common::record::{ChatMessage, Push};
 use im_common::router::Target;
+use im_common::store::SaveOutcome;
 
 use crate::mover::DeadLetter;
+use crate::save_health::SaveHealth;
 use crate::stage::{age_seconds, chat_push, decode_batch, ShardContext};
 use crate::streams::StreamReader;
 
@@ -22,22 +26,13 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
     let shard = ctx.label();
     let saved_age = metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone());
     let mut backoff = Backoff::default();
+    let mut health = SaveHealth::new(ctx.shard);
     while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
         let decoded = decode_batch(&batch);
         let msgs: Vec<ChatMessage> = decoded.ok.iter().map(|(_, a)| a.msg.clone()).collect();
 
-        // Save, retrying while the database is away; the entries stay pending meanwhile.
-        let insert = || async {
-            let started = Instant::now();
-            let result = ctx.store.save_batch(&msgs).await;
-            match &result {
-                Ok(_) => metrics::histogram!("im_worker_insert_seconds", "shard" => shard.clone())
-                    .record(started.elapsed().as_secs_f64()),
-                Err(_) => metrics::counter!("im_worker_save_retries_total", "shard" => shard.clone()).increment(1),
-            }
-            result
-        };
-        let Some(outcome) = ctx.until_done(&mut backoff, "save: insert", insert).await else { return };
+        // Save, retrying while the database is away or refuses; the entries stay pending meanwhile.
+        let Some(outcome) = insert_until_saved(&ctx, &mut health, &mut backoff, &msgs).await else { return };
 
         let mut frames = Vec::with_capacity(msgs.len() * 2);
         let mut settled = Vec::with_capacity(msgs.len());
@@ -87,6 +82,40 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
             .record(batch.len() as f64);
         for m in &msgs {
             saved_age.record(age_seconds(m.id));
+        }
+    }
+}
+
+/// Inserts `msgs` until the database takes them, backing off between attempts; `None` if the lease
+/// is lost first (the batch stays pending for the next owner). Failures are reported through
+/// [`SaveHealth`] — a gauge, a counter by class, a log line per state change — not logged per retry.
+async fn insert_until_saved(
+    ctx: &ShardContext,
+    health: &mut SaveHealth,
+    backoff: &mut Backoff,
+    msgs: &[ChatMessage],
+) -> Option<SaveOutcome> {
+    let shard = ctx.label();
+    loop {
+        let started = Instant::now();
+        match ctx.store.save_batch(msgs).await {
+            Ok(outcome) => {
+                metrics::histogram!("im_worker_insert_seconds", "shard" => shard)
+                    .record(started.elapsed().as_secs_f64());
+                health.saved();
+                backoff.reset();
+                return Some(outcome);
+            }
+            Err(e) => {
+                metrics::counter!("im_worker_save_retries_total", "shard" => shard.clone()).increment(1);
+                health.failed(&e);
+                // The stage is alive and retrying (what /readyz asks); the gauge says it is failing.
+                ctx.progress.store(now_ms(), Ordering::Relaxed);
+                if !ctx.lease.is_valid() {
+                    return None;
+                }
+                health.wait(backoff.next_pause()).await;
+            }
         }
     }
 }
