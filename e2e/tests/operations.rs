@@ -205,3 +205,35 @@ async fn resharding_with_messages_in_flight_keeps_per_sender_order() {
     store.close().await;
     drop(c);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_resent_after_resharding_keeps_its_id_also_when_its_sender_moved_shard() {
+    let env = TestEnv::new("reshard_ids");
+    let mut c = e2e::start(&spec(&env, Mode::Full, 1, 2)).await;
+    let secret = c.state.jwt_secret.clone();
+    let senders: Vec<u64> = (71_000..71_100)
+        .filter(|&u| im_common::shard::shard_of(u, 2) != im_common::shard::shard_of(u, 3))
+        .take(3)
+        .collect();
+    assert_eq!(senders.len(), 3, "senders whose shard changes");
+    let mut first_ids = HashMap::new();
+    for &uid in &senders {
+        let mut client = Client::connect(&c.state.gateways[0].ws_url, &secret, uid).await;
+        client.chat(uid + 1000, "before-reshard", "x").await;
+        first_ids.insert(uid, client.ack("saved", "before-reshard").await["serverMsgId"].clone());
+    }
+    ops_on(&c, "reshard", &["--shards", "3", "--drain-timeout-secs", "60"]).await;
+    c.reload().expect("the state file after resharding");
+
+    // Receipts published while the gateways were down are lost; clients resend. Same message, same id.
+    for &uid in &senders {
+        let mut client = Client::connect(&c.state.gateways[0].ws_url, &secret, uid).await;
+        client.chat(uid + 1000, "before-reshard", "x").await;
+        let answer = client.expect("answer", |v| v["clientMsgId"] == "before-reshard").await;
+        assert_eq!(
+            (answer["ackType"].as_str(), &answer["serverMsgId"]),
+            (Some("saved"), &first_ids[&uid]),
+            "uid {uid}: one message, two ids after resharding: {answer}"
+        );
+    }
+}
