@@ -62,6 +62,28 @@ impl Keys {
         format!("{}:{{s{shard}}}:idem:{from}:{client_msg_id}", self.prefix)
     }
 
+    /// A `SCAN MATCH` pattern for every idempotency entry of `shard`.
+    pub fn idempotency_pattern(&self, shard: u16) -> String {
+        let mut pattern = String::new();
+        for c in self.idempotency(shard, 0, "").trim_end_matches("0:").chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        pattern
+    }
+
+    /// The (sender, clientMsgId) of `shard`'s idempotency entry `key` (the inverse of
+    /// [`Keys::idempotency`]).
+    pub fn parse_idempotency<'k>(&self, shard: u16, key: &'k str) -> Option<(u64, &'k str)> {
+        let head = self.idempotency(shard, 0, "");
+        let rest = key.strip_prefix(head.strip_suffix("0:")?)?;
+        let (from, client_msg_id) = rest.split_once(':')?;
+        Some((from.parse().ok()?, client_msg_id))
+    }
+
     /// The shard-ownership lease (value: `<fencing token>:<owner>`).
     pub fn lease(&self, shard: u16) -> String {
         self.shard_key(shard, "lease")
@@ -103,6 +125,15 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_keys_parse_back_and_match_their_shard_pattern() {
+        let keys = Keys::new("im*t", "accepted", "to_save", "dead");
+        let key = keys.idempotency(3, 1001, "c:1 *x");
+        assert_eq!(keys.parse_idempotency(3, &key), Some((1001, "c:1 *x")));
+        assert_eq!(keys.parse_idempotency(4, &key), None, "another shard's key");
+        assert_eq!(keys.idempotency_pattern(3), "im\\*t:{s3}:idem:*");
+    }
 
     #[test]
     fn shard_keys_share_one_hash_tag() {

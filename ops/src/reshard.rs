@@ -3,7 +3,10 @@
 //! are empty, stop the workers, write the new count into the cluster config, then start one worker
 //! per new shard and the gateways again under their node ids. Every message appended before the
 //! switch is saved before any appended after it, so per-sender order holds even for senders whose
-//! shard changes.
+//! shard changes. Before the new workers start, the idempotency window moves with its senders: every
+//! `idem` key of a sender whose shard changes is rewritten under the new shard's tag (value and TTL
+//! kept), so a client that resends a message whose receipt it missed during the switch gets the
+//! same `serverMsgId` (SPEC §3.9).
 
 use std::time::Duration;
 
@@ -11,6 +14,7 @@ use futures_util::future::join_all;
 
 use im_common::config::Config;
 use im_common::keys::Keys;
+use im_common::shard::shard_of;
 use im_harness::cluster::{self, ClusterError, ClusterState, GatewayProc, WorkerProc};
 use im_harness::{poll, process};
 
@@ -32,6 +36,7 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
     let workers: Vec<WorkerProc> = std::mem::take(&mut state.workers);
     join_all(workers.iter().map(|w| process::terminate(w.pid, WORKER_STOP_GRACE))).await;
 
+    move_idempotency_window(&cfg, shards).await?;
     cfg.cluster.shards = shards;
     cluster::write_config(&cfg, &state.config_path)?;
     state.shards = shards;
@@ -46,11 +51,74 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
     cluster::wait_ready(state).await
 }
 
+/// Keys looked at per SCAN call while moving the idempotency window.
+const SCAN_COUNT: usize = 1000;
+
+fn redis_err(e: redis::RedisError) -> ClusterError {
+    ClusterError::Io { what: "resharding redis".into(), source: std::io::Error::other(e) }
+}
+
+/// Rewrites the idempotency keys of senders whose shard changes from `cfg.cluster.shards` to
+/// `shards` under their new shard (value and remaining TTL kept; the old key is deleted). Runs
+/// while no gateway or worker is up, so nothing else writes these keys. Returns how many moved.
+async fn move_idempotency_window(cfg: &Config, shards: u16) -> Result<usize, ClusterError> {
+    let keys = Keys::from_config(cfg);
+    let client = redis::Client::open(cfg.redis.url.as_str()).map_err(redis_err)?;
+    let mut redis = client.get_multiplexed_async_connection().await.map_err(redis_err)?;
+    let mut moved = 0;
+    for old in 0..cfg.cluster.shards {
+        let pattern = keys.idempotency_pattern(old);
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut redis)
+                .await
+                .map_err(redis_err)?;
+            let moves: Vec<(&String, String)> = batch
+                .iter()
+                .filter_map(|key| {
+                    let (from, cmid) = keys.parse_idempotency(old, key)?;
+                    let new = shard_of(from, shards);
+                    (new != old).then(|| (key, keys.idempotency(new, from, cmid)))
+                })
+                .collect();
+            if !moves.is_empty() {
+                let mut read = redis::pipe();
+                for (key, _) in &moves {
+                    read.get(*key).cmd("PTTL").arg(*key);
+                }
+                let found: Vec<(Option<String>, i64)> = read.query_async(&mut redis).await.map_err(redis_err)?;
+                let mut write = redis::pipe();
+                for ((old_key, new_key), (value, ttl_ms)) in moves.iter().zip(found) {
+                    let Some(value) = value else { continue }; // expired meanwhile
+                    let set = write.cmd("SET").arg(new_key).arg(value);
+                    if ttl_ms > 0 {
+                        set.arg("PX").arg(ttl_ms);
+                    }
+                    set.ignore();
+                    write.del(*old_key).ignore();
+                    moved += 1;
+                }
+                write.query_async::<()>(&mut redis).await.map_err(redis_err)?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    tracing::info!(moved, "idempotency window moved to the new shards");
+    Ok(moved)
+}
+
 /// Whether every stream of the config's shard count is empty within `limit`.
 async fn drained(cfg: &Config, limit: Duration) -> Result<bool, ClusterError> {
     let keys = Keys::from_config(cfg);
-    let redis_err =
-        |e: redis::RedisError| ClusterError::Io { what: "drain check".into(), source: std::io::Error::other(e) };
     let client = redis::Client::open(cfg.redis.url.as_str()).map_err(redis_err)?;
     let redis = client.get_multiplexed_async_connection().await.map_err(redis_err)?;
     let mut pipe = redis::pipe();
