@@ -24,9 +24,7 @@ const WORKER_STOP_GRACE: Duration = Duration::from_secs(15);
 /// Reshards the cluster in `state` to `shards`, waiting at most `drain_timeout` for the streams to
 /// drain; `state` then describes the restarted cluster.
 pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Duration) -> Result<(), ClusterError> {
-    let config_err =
-        |e: im_common::config::ConfigError| ClusterError::BadState(state.config_path.clone(), e.to_string());
-    let mut cfg = Config::load(Some(&state.config_path)).map_err(config_err)?;
+    let mut cfg = state.config()?;
     let gateways: Vec<GatewayProc> = std::mem::take(&mut state.gateways);
     join_all(gateways.iter().map(|g| process::terminate(g.pid, cluster::STOP_GRACE))).await;
 

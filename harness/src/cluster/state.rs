@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use im_common::config::Config;
+
 use super::ClusterError;
 use crate::process;
 use crate::servers::PrivateServer;
@@ -66,6 +68,13 @@ impl ClusterState {
         let gateways = self.gateways.iter().map(|g| g.pid);
         let workers = self.workers.iter().map(|w| w.pid);
         gateways.chain(workers).chain(self.dashboard.iter().map(|d| d.pid)).collect()
+    }
+
+    /// The cluster's own config file, as its processes read it: they are launched without `IM__*`
+    /// overrides (the launcher clears them), so the caller's environment must not apply here either.
+    pub fn config(&self) -> Result<Config, ClusterError> {
+        Config::load_with_env(Some(&self.config_path), std::iter::empty())
+            .map_err(|e| ClusterError::BadState(self.config_path.clone(), e.to_string()))
     }
 
     /// Whether any gateway or worker of the cluster still runs.
