@@ -17,6 +17,9 @@ use crate::sessions::ConnHandle;
 use crate::Gateway;
 use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame};
 
+/// How long a connection's writer gets to send its last frames after the connection ended.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves an upgraded WebSocket; `uid` is set when the handshake carried a valid token.
 pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>, _slot: OwnedSemaphorePermit) {
     let cfg = &gw.cfg.gateway;
@@ -35,7 +38,7 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
         None => match authenticate_by_frame(&gw, &mut reader, &conn).await {
             Some(uid) => uid,
             None => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+                let _ = tokio::time::timeout(WRITER_GRACE, writer).await;
                 return;
             }
         },
@@ -50,10 +53,16 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
     let resend = crate::offline::resend(gw.store.clone(), uid, cfg.offline_page_size, conn.out.clone(), online_since);
     let resend = tokio::spawn(resend);
 
+    // A JoinHandle must not be polled again once it has completed (tokio panics), so remember
+    // whether the writer already ended here.
+    let mut writer_ended = false;
     let close = tokio::select! {
         close = read_loop(&gw, uid, &mut reader, &conn) => close,
         _ = conn.overflowed.notified() => Some((close_code::SLOW_CONSUMER, "slow_consumer")),
-        _ = &mut writer => None,
+        _ = &mut writer => {
+            writer_ended = true;
+            None
+        }
     };
     resend.abort();
     if gw.sessions.remove(uid, conn.id) {
@@ -67,7 +76,7 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
     drop(conn);
     // A writer still stuck on a client that does not read after this grace is abandoned: dropping
     // the socket is the disconnect.
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+    if !writer_ended && tokio::time::timeout(WRITER_GRACE, &mut writer).await.is_err() {
         writer.abort();
     }
 }
