@@ -65,7 +65,14 @@ pub struct DrillVerdict {
     pub duplicate_rows: u64,
     pub duplicate_deliveries: u64,
     pub reorders: u64,
+    /// Pushes, receipts and rows whose serverMsgId disagrees with another one of the same message.
     pub id_mismatches: u64,
+    /// Messages (sender, clientMsgId) seen under more than one serverMsgId anywhere: receipts,
+    /// answers to resends, pushes, rows (SPEC §3.9). Must be 0 for any drill to pass.
+    pub messages_with_several_ids: u64,
+    /// Messages with an `ACK(saved)` whose serverMsgId has no row, or a row of another (from,
+    /// clientMsgId) (SPEC §3.9). Must be 0 for any drill to pass.
+    pub saved_without_matching_row: u64,
     /// Client reconnects (load with reconnect on).
     pub reconnects: u64,
     /// Highest total backlog seen (unsaved stream entries, all shards).
@@ -104,15 +111,18 @@ impl DrillVerdict {
             self.sent, self.accepted, self.saved, self.errored, self.unanswered, self.delivered
         );
         out += &format!(
-            "  lost {} (pushes {}, rows {})  duplicate rows {}  duplicate deliveries {}  reorders {}  id mismatches {}  reconnects {}\n",
+            "  lost {} (pushes {}, rows {})  duplicate rows {}  duplicate deliveries {}  reorders {}  reconnects {}\n",
             self.lost,
             self.lost_pushes,
             self.missing_rows,
             self.duplicate_rows,
             self.duplicate_deliveries,
             self.reorders,
-            self.id_mismatches,
             self.reconnects
+        );
+        out += &format!(
+            "  one message, several ids {}  receipt without matching row {}  id mismatches {}\n",
+            self.messages_with_several_ids, self.saved_without_matching_row, self.id_mismatches
         );
         let recover = self.time_to_recover_secs.map_or_else(|| "not seen".to_owned(), |s| format!("{s:.1} s"));
         out += &format!(
@@ -293,7 +303,12 @@ impl DrillRun<'_> {
             }
         }
         let lost = v.lost + rows.missing;
-        let passed = lost == 0 && rows.duplicated == 0 && v.reorders == 0 && checks.iter().all(|c| c.passed);
+        let passed = lost == 0
+            && rows.duplicated == 0
+            && v.reorders == 0
+            && rows.messages_with_several_ids == 0
+            && rows.saved_without_matching_row == 0
+            && checks.iter().all(|c| c.passed);
         DrillVerdict {
             drill: spec.drill,
             variant: self.variant.clone(),
@@ -314,6 +329,8 @@ impl DrillRun<'_> {
             duplicate_deliveries: v.duplicates,
             reorders: v.reorders,
             id_mismatches: v.id_mismatches + rows.id_mismatches,
+            messages_with_several_ids: rows.messages_with_several_ids,
+            saved_without_matching_row: rows.saved_without_matching_row,
             reconnects: result.reconnects,
             backlog_peak: peak,
             backlog_before: before,

@@ -291,21 +291,27 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
         let was_complete = m.complete();
         let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
         let reason = frame.reason.map_or("unknown", |r| r.as_str());
+        let saved = frame.ack_type == Some(AckType::Saved);
         let latency = match (frame.kind, frame.ack_type) {
             // A resend refused (e.g. server_busy) does not undo the receipt the first send got.
             (FrameType::Error, _) if m.resends > 0 && m.receipted() => {
+                if let Some(id) = frame.server_msg_id {
+                    m.note_receipt(false, id);
+                }
                 drop(messages);
                 rec.error(&format!("resend_{reason}"));
                 return;
             }
-            (FrameType::Error, _) if m.error.is_none() => {
-                rec.error(reason);
-                m.error = Some(reason.to_owned());
-                Counters::bump(&rec.counters.errored);
-                None
-            }
             (FrameType::Error, _) => {
+                // An ERROR that names an id (save_failed) names the message's id too.
+                if let Some(id) = frame.server_msg_id {
+                    m.note_receipt(false, id);
+                }
                 rec.error(reason);
+                if m.error.is_none() {
+                    m.error = Some(reason.to_owned());
+                    Counters::bump(&rec.counters.errored);
+                }
                 None
             }
             (FrameType::Ack, Some(AckType::Accepted)) if m.accepted.is_none() => {
@@ -321,6 +327,7 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
             // A resent message is answered again: fine, as long as the id is the original one.
             (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) if m.resends > 0 => {
                 let same = m.receipted_id() == Some(id);
+                m.note_receipt(saved, id);
                 drop(messages);
                 if !same {
                     rec.error("resend_answered_with_another_id");
@@ -328,6 +335,7 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
                 return;
             }
             (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) => {
+                m.note_receipt(saved, id);
                 drop(messages);
                 rec.error("duplicate_receipt");
                 return;
