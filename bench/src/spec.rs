@@ -79,6 +79,14 @@ pub struct LoadSpec {
     /// Each sender stops after this many messages, even before the window ends (`None`: it sends
     /// until the window ends). A test that wants an exact count sets it with a window long enough.
     pub messages_per_sender: Option<usize>,
+    /// Receivers confirm what they got as a real client does: `ACK delivered` for the highest
+    /// serverMsgId seen so far, at most one per receiver per 100 ms. The gateway moves the user's
+    /// delivered cursor, and offline resend after a reconnect starts beyond it. Off: receivers never
+    /// confirm, so every reconnect resends the whole inbox (counted as duplicate deliveries).
+    pub ack_delivered: bool,
+    /// Where a drill orders reconnect storms (a share of the connections closed at once; they come
+    /// back through [`LoadSpec::reconnect`], which a storm needs). `None`: never.
+    pub storm: Option<crate::load::ReconnectStorm>,
 }
 
 impl Default for LoadSpec {
@@ -102,6 +110,8 @@ impl Default for LoadSpec {
             slow_receivers: 0.0,
             slow_read_delay: Duration::from_millis(200),
             messages_per_sender: None,
+            ack_delivered: false,
+            storm: None,
         }
     }
 }
@@ -152,6 +162,9 @@ impl LoadSpec {
         }
         if self.connect_concurrency == 0 {
             return bad("--connect-concurrency must be positive");
+        }
+        if self.storm.is_some() && !self.reconnect {
+            return bad("reconnect storms need reconnecting clients (LoadSpec::reconnect)");
         }
         Ok(())
     }

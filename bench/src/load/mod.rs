@@ -16,11 +16,13 @@
 //! hot path by every connection task, and a wake-up per bump would cost more than a 20 ms poll.
 //! Checking rows against the database is [`crate::run()`]'s job, not this module's.
 
+mod delivered;
 mod link;
 mod progress;
 mod receiver;
 mod schedule;
 mod sender;
+mod storm;
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -47,6 +49,8 @@ use progress::{progress_loop, Phase};
 use schedule::Schedule;
 use sender::{spawn_sender, SenderTasks};
 
+pub use storm::ReconnectStorm;
+
 /// A receiver (or an idle sender) sends `PING` this often, well under the gateway's idle timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// After everything is answered and delivered, how long to keep listening for late duplicates.
@@ -59,6 +63,10 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 const MIN_LEAD: Duration = Duration::from_millis(20);
 /// Prefix of the error label a slow receiver records for its disconnects.
 pub const SLOW_RECEIVER_PREFIX: &str = "slow_receiver_";
+/// A connection a reconnect storm closed is recorded as if the gateway had closed it with this code
+/// and reason (`closed_by_storm`).
+const STORM_CLOSE_CODE: u16 = 1000;
+const STORM_CLOSE_LABEL: &str = "by_storm";
 
 /// Connection outcomes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -119,6 +127,8 @@ pub struct LoadResult {
     pub reconnects: u64,
     /// Messages sent again after a reconnect, under the same clientMsgId.
     pub resent: u64,
+    /// `ACK delivered` frames the receivers sent (with [`LoadSpec::ack_delivered`]).
+    pub delivered_acks: u64,
 }
 
 impl LoadResult {
@@ -174,15 +184,20 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         let Some(conn) = receiver else { continue };
         let slow = is_slow(spec, pair.index);
         let link = Link::new(target, spec, pair.receiver, pair.receiver_gateway, slow.then_some(SLOW_RECV_BUFFER));
-        let pace = slow.then_some(spec.slow_read_delay);
+        let behaviour = receiver::Behaviour {
+            pace: slow.then_some(spec.slow_read_delay),
+            ack_delivered: spec.ack_delivered,
+            storm: spec.storm.as_ref().map(ReconnectStorm::watch),
+        };
         receiver_tasks.push((
             pair.receiver,
-            tasks.spawn(receiver::receive(conn, link, pace, rec.clone(), schedule.clone(), shutdown.clone())),
+            tasks.spawn(receiver::receive(conn, link, behaviour, rec.clone(), schedule.clone(), shutdown.clone())),
         ));
         // A sender without its receiver stays silent: its pushes could only be counted as lost.
         if let Some(conn) = sender {
             let link = Link::new(target, spec, pair.sender, pair.sender_gateway, None);
-            sender_tasks.push(spawn_sender(conn, link, pair, &rec, &schedule, &shutdown, &tasks));
+            let storm = spec.storm.as_ref().map(ReconnectStorm::watch);
+            sender_tasks.push(spawn_sender(conn, link, storm, pair, &rec, &schedule, &shutdown, &tasks));
         }
     }
 
@@ -236,6 +251,7 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         bench_cpu_secs,
         reconnects: rec.counters.snapshot().reconnects,
         resent: rec.counters.snapshot().resent,
+        delivered_acks: rec.counters.snapshot().delivered_acks,
     })
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Open loop: message `k` goes out at `start + offset + k·interval` whatever happened to earlier ones;
 //! closed loop: also not before the previous message is complete. With reconnect on, a broken
-//! connection is replaced and every unconfirmed message is sent again under its own clientMsgId.
+//! connection (also one a reconnect storm closed) is replaced and every unconfirmed message is sent
+//! again under its own clientMsgId.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +19,8 @@ use im_common::protocol::{AckType, FrameType, ServerFrame};
 
 use super::link::{close_label, Conn, Link};
 use super::schedule::{message_body, Schedule};
-use super::KEEP_ALIVE;
+use super::storm::{self, StormWatch};
+use super::{KEEP_ALIVE, STORM_CLOSE_CODE, STORM_CLOSE_LABEL};
 use crate::checker::SentMsg;
 use crate::client::{ClientFrame, Incoming, WsReader, WsWriter};
 use crate::plan::Pair;
@@ -49,9 +51,11 @@ pub(super) struct SenderTasks {
     pub writer: JoinHandle<()>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_sender(
     conn: Conn,
     link: Link,
+    storm: Option<StormWatch>,
     pair: &Pair,
     rec: &Arc<Recorder>,
     schedule: &Arc<Schedule>,
@@ -67,6 +71,7 @@ pub(super) fn spawn_sender(
     let session = SenderSession {
         state: state.clone(),
         link,
+        storm,
         rec: rec.clone(),
         schedule: schedule.clone(),
         shutdown: shutdown.clone(),
@@ -79,6 +84,8 @@ pub(super) fn spawn_sender(
 struct SenderSession {
     state: Arc<SenderState>,
     link: Link,
+    /// Reconnect storms that may close its connection.
+    storm: Option<StormWatch>,
     rec: Arc<Recorder>,
     schedule: Arc<Schedule>,
     shutdown: CancellationToken,
@@ -157,6 +164,11 @@ impl SenderSession {
                 _ = self.shutdown.cancelled() => break,
                 _ = &mut reader, if reconnect && !reader_done => {
                     reader_done = true;
+                    true
+                }
+                _ = storm::hit(&mut self.storm, self.link.uid), if reconnect => {
+                    writer.close().await;
+                    self.rec.error(&close_label(STORM_CLOSE_CODE, STORM_CLOSE_LABEL));
                     true
                 }
             };
