@@ -14,12 +14,15 @@
 //!
 //! The verdict passes only when nothing receipted is lost (every `ACK(accepted)`/`ACK(saved)` message
 //! was pushed to its receiver and has its row), no row is duplicated, no sender's messages arrived
-//! out of order, and the drill's own checks hold (listed in `checks`, each with what it measured).//!
+//! out of order, no message appeared under two serverMsgIds, every `ACK(saved)` has the row of that
+//! very message, and the drill's own checks hold (listed in `checks`, each with what it measured).
+//!
 //! The parts: `session` prepares a run (config, cluster) and executes it; `faults` injects the
-//! fault; `monitor` samples the cluster while the load runs; `verdict` turns it all into a
-//! [`DrillVerdict`]. A cluster the drill started is owned by a `ClusterGuard`, so an error or
+//! fault; `chaos` runs the seeded sequence of faults of the `chaos` drill through `faults`; `monitor`
+//! samples the cluster while the load runs; `verdict` turns it all into a [`DrillVerdict`]. A cluster the drill started is owned by a `ClusterGuard`, so an error or
 //! Ctrl-C halfway kills it instead of leaving it behind.
 
+mod chaos;
 mod faults;
 mod monitor;
 mod session;
@@ -37,6 +40,7 @@ use im_harness::cluster::{self, ClusterState};
 use crate::spec::LoadSpec;
 use crate::BenchError;
 
+pub use chaos::{ChaosEvent, ChaosFault, ChaosReport};
 pub use verdict::{Check, DrillVerdict};
 
 /// The state file of a drill run, in its run directory.
@@ -53,11 +57,12 @@ pub enum Drill {
     RedisOutage,
     SlowConsumers,
     Overload,
+    Chaos,
 }
 
 impl Drill {
     /// Every drill, in the order `ops drill all` would run them.
-    pub const ALL: [Drill; 7] = [
+    pub const ALL: [Drill; 8] = [
         Drill::DbOutage,
         Drill::WorkerKill,
         Drill::RedisOutage,
@@ -65,6 +70,7 @@ impl Drill {
         Drill::GatewayRestart,
         Drill::SlowConsumers,
         Drill::Overload,
+        Drill::Chaos,
     ];
 
     /// The drill's command-line name.
@@ -77,6 +83,7 @@ impl Drill {
             Drill::RedisOutage => "redis-outage",
             Drill::SlowConsumers => "slow-consumers",
             Drill::Overload => "overload",
+            Drill::Chaos => "chaos",
         }
     }
 
@@ -100,7 +107,7 @@ pub enum StopSignal {
 #[derive(Debug, Clone)]
 pub struct DrillSpec {
     pub drill: Drill,
-    /// Length of the fault (outages), or of the whole fault period (`worker-kill`).
+    /// Length of the fault (outages), or of the whole fault period (`worker-kill`, `chaos`).
     pub fault: Duration,
     /// The load; the drill stretches its window to cover the lead, the fault and a tail.
     pub load: LoadSpec,
@@ -131,14 +138,21 @@ pub struct DrillSpec {
     pub lead: Duration,
     /// Load kept up after the fault, to watch the recovery under load.
     pub tail: Duration,
+    /// `chaos`: the seed of the fault schedule (`None`: a random one, printed and kept in the verdict).
+    pub seed: Option<u64>,
 }
 
 impl DrillSpec {
     /// A drill with the defaults of `bench drill`: 200 connections at 400 msg/s over 2 gateways and
-    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail.
+    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail. Receivers confirm deliveries
+    /// (`ACK delivered`) in the chaos drill only.
     pub fn new(drill: Drill, fault: Duration, out: PathBuf) -> DrillSpec {
-        let load =
-            LoadSpec { connections: 200, interval: LoadSpec::interval_for_rate(100, 400.0), ..LoadSpec::default() };
+        let load = LoadSpec {
+            connections: 200,
+            interval: LoadSpec::interval_for_rate(100, 400.0),
+            ack_delivered: drill == Drill::Chaos,
+            ..LoadSpec::default()
+        };
         DrillSpec {
             drill,
             fault,
@@ -157,6 +171,7 @@ impl DrillSpec {
             slow_p99_factor: 2.0,
             lead: Duration::from_secs(4),
             tail: Duration::from_secs(8),
+            seed: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::faults::FaultWindow;
 use super::monitor::Sample;
 use super::session::DrillRun;
-use super::Drill;
+use super::{ChaosReport, Drill};
 use crate::checker::RowVerdict;
 use crate::load::{LoadResult, SLOW_RECEIVER_PREFIX};
 use crate::recorder::Percentiles;
@@ -23,6 +23,9 @@ const OVERLOAD_RSS_BOUND_MIB: f64 = 1024.0;
 const SLOW_CONSUMERS_DEFAULT_BOUND_MS: f64 = 250.0;
 /// slow-consumers: the bound is never tighter than the control's p99 plus this, ms.
 const SLOW_CONSUMERS_MIN_HEADROOM_MS: f64 = 50.0;
+/// chaos: the only `ERROR` a message may be answered with — Redis restarts (fail-open's order guard),
+/// load shedding while the cluster catches up, the shard backlog bound.
+const CHAOS_ALLOWED_ERRORS: [&str; 1] = ["server_busy"];
 
 /// One named check beyond the common ones.
 #[derive(Debug, Clone, Serialize)]
@@ -75,6 +78,8 @@ pub struct DrillVerdict {
     pub saved_without_matching_row: u64,
     /// Client reconnects (load with reconnect on).
     pub reconnects: u64,
+    /// `ACK delivered` frames the receivers sent (load with `ack_delivered`).
+    pub delivered_acks: u64,
     /// Highest total backlog seen (unsaved stream entries, all shards).
     pub backlog_peak: f64,
     /// Backlog before the fault (highest sample), the level "recovered" returns to.
@@ -88,6 +93,9 @@ pub struct DrillVerdict {
     pub errors_by_reason: BTreeMap<String, u64>,
     pub checks: Vec<Check>,
     pub notes: Vec<String>,
+    /// chaos: the seed and what the schedule injected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<ChaosReport>,
     pub passed: bool,
     /// The run directory of this drill (cluster logs, verdict JSON).
     pub dir: PathBuf,
@@ -136,6 +144,9 @@ impl DrillVerdict {
         if !self.errors_by_reason.is_empty() {
             let errors: Vec<String> = self.errors_by_reason.iter().map(|(k, v)| format!("{k} {v}")).collect();
             out += &format!("  errors: {}\n", errors.join(", "));
+        }
+        if let Some(chaos) = &self.chaos {
+            out += &format!("  chaos seed {} (replay: --seed {}): {}\n", chaos.seed, chaos.seed, chaos.summary());
         }
         for c in &self.checks {
             out += &format!("  [{}] {}: {}\n", if c.passed { "ok" } else { "FAIL" }, c.name, c.detail);
@@ -278,6 +289,35 @@ impl DrillRun<'_> {
                     format!("{} undelivered, {} lost", v.undelivered_receiver_gone, v.lost),
                 ));
             }
+            Drill::Chaos => {
+                let mut other: BTreeMap<&str, u64> = BTreeMap::new();
+                let mut allowed = 0;
+                for reason in result.senders.iter().flat_map(|s| &s.messages).filter_map(|m| m.error.as_deref()) {
+                    if CHAOS_ALLOWED_ERRORS.contains(&reason) {
+                        allowed += 1;
+                    } else {
+                        *other.entry(reason).or_default() += 1;
+                    }
+                }
+                let listed: Vec<String> = other.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                checks.push(Check::new(
+                    "only_allowed_errors",
+                    other.is_empty(),
+                    format!(
+                        "{allowed} messages answered {} (allowed); other errors: {}",
+                        CHAOS_ALLOWED_ERRORS.join("/"),
+                        if listed.is_empty() { "none".to_owned() } else { listed.join(", ") }
+                    ),
+                ));
+                checks.push(Check::new(
+                    "receivers_connected_at_the_end",
+                    v.undelivered_receiver_gone == 0,
+                    format!(
+                        "{} receipted messages undelivered to receivers that could not reconnect; {} reconnects",
+                        v.undelivered_receiver_gone, result.reconnects
+                    ),
+                ));
+            }
             Drill::Overload => {
                 let rejected: u64 = errors.iter().filter(|(k, _)| busy_like(k)).map(|(_, n)| n).sum();
                 let other: u64 = errors.iter().filter(|(k, _)| !busy_like(k)).map(|(_, n)| n).sum();
@@ -332,6 +372,7 @@ impl DrillRun<'_> {
             messages_with_several_ids: rows.messages_with_several_ids,
             saved_without_matching_row: rows.saved_without_matching_row,
             reconnects: result.reconnects,
+            delivered_acks: result.delivered_acks,
             backlog_peak: peak,
             backlog_before: before,
             time_to_recover_secs: time_to_recover,
@@ -341,6 +382,7 @@ impl DrillRun<'_> {
             errors_by_reason: errors,
             checks,
             notes: std::mem::take(&mut self.notes),
+            chaos: self.chaos.take(),
             passed,
             dir: self.dir.clone(),
         }
