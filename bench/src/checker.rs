@@ -19,12 +19,14 @@
 //! serverMsgId has no row of that very message.
 
 mod ids;
+mod reorders;
 
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use ids::{messages_with_several_ids, saved_ids_without_row, saved_without_matching_row};
+pub use reorders::{reorders, Reorder};
 
 /// One message as its sender saw it. Its number (index in [`SenderLog::messages`]) is its clientMsgId.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -118,6 +120,9 @@ pub struct ReceiverLog {
     pub deliveries: Vec<Delivery>,
     /// The receiver was not connected from the first send to the end of the drain.
     pub gone: bool,
+    /// Where each reconnection began: the number of pushes in `deliveries` before it (the first
+    /// connection begins at 0 and is not listed).
+    pub reconnected_at: Vec<usize>,
 }
 
 /// What the receipts and pushes add up to.
@@ -302,7 +307,7 @@ mod tests {
             })
             .collect();
         let deliveries = (0..n).map(|seq| Delivery { from: 1, seq, server_msg_id: 1000 + seq }).collect();
-        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, gone: false })
+        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, ..Default::default() })
     }
 
     fn rows(n: u64) -> Vec<DbRow> {

@@ -5,6 +5,7 @@
 //! it lists every gateway's WebSocket URL, the JWT secret, the MySQL URL for the row check, the
 //! mode, and the pids whose CPU time the report adds up.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use im_common::config::Mode;
@@ -170,11 +171,35 @@ impl LoadSpec {
     }
 }
 
+/// The gateways' WebSocket URLs as a load balancer in front of them knows them. A gateway that is
+/// restarted comes back on a new port; a drill that restarts one updates the list, and clients that
+/// reconnect read it, so they find the gateway again instead of knocking on its old port.
+#[derive(Debug, Clone, Default)]
+pub struct FrontDoor(Arc<RwLock<Vec<String>>>);
+
+impl FrontDoor {
+    pub fn new(urls: Vec<String>) -> FrontDoor {
+        FrontDoor(Arc::new(RwLock::new(urls)))
+    }
+
+    /// Replaces the list (a gateway came back on another port).
+    pub fn set(&self, urls: Vec<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = urls;
+    }
+
+    /// The list now.
+    pub fn urls(&self) -> Vec<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// A running cluster as the bench sees it.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Every gateway's WebSocket URL (`ws://host:port/ws`).
+    /// Every gateway's WebSocket URL (`ws://host:port/ws`) at the start.
     pub ws_urls: Vec<String>,
+    /// Where reconnecting clients look the gateways up (`None`: `ws_urls`, which never change).
+    pub front_door: Option<FrontDoor>,
     pub jwt_secret: String,
     /// Where the row check reads; `None` skips it.
     pub mysql_url: Option<String>,
@@ -217,6 +242,7 @@ impl Target {
         }
         Ok(Target {
             ws_urls: state.gateways.iter().map(|g| g.ws_url.clone()).collect(),
+            front_door: None,
             jwt_secret: state.jwt_secret.clone(),
             mysql_url: Some(state.mysql_url.clone()),
             mode,

@@ -92,7 +92,7 @@ mod tests {
             .collect();
         let deliveries = (0..n).map(|seq| Delivery { from: 1, seq, server_msg_id: 1000 + seq }).collect();
         let rows = (0..n).map(|seq| DbRow { from: 1, client_msg_id: seq.to_string(), id: 1000 + seq }).collect();
-        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, gone: false }, rows)
+        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, ..Default::default() }, rows)
     }
 
     #[test]

@@ -37,7 +37,7 @@ use serde::Serialize;
 use im_common::config::Config;
 use im_harness::cluster::{self, ClusterState};
 
-use crate::spec::LoadSpec;
+use crate::spec::{FrontDoor, LoadSpec};
 use crate::BenchError;
 
 pub use chaos::{ChaosEvent, ChaosFault, ChaosReport};
@@ -215,17 +215,25 @@ pub async fn run(spec: &DrillSpec) -> Result<Vec<DrillVerdict>, BenchError> {
 
 /// The cluster a drill works on, shared by the fault injector (which replaces pids and server
 /// handles) and the monitor (which reads the current endpoints). Every change is written to the
-/// run's state file at once, so the cluster's guard (and `ops down`) always knows every process.
+/// run's state file at once, so the cluster's guard (and `ops down`) always knows every process, and
+/// to the front door, so reconnecting clients find a restarted gateway on its new port.
 #[derive(Clone)]
 struct DrillCluster {
     state: Arc<Mutex<ClusterState>>,
     state_file: PathBuf,
+    front_door: FrontDoor,
+}
+
+/// The gateways' WebSocket URLs of a cluster.
+fn gateway_urls(state: &ClusterState) -> Vec<String> {
+    state.gateways.iter().map(|g| g.ws_url.clone()).collect()
 }
 
 impl DrillCluster {
     fn new(state: ClusterState, state_file: PathBuf) -> Result<DrillCluster, BenchError> {
         cluster::save_state(&state, &state_file)?;
-        Ok(DrillCluster { state: Arc::new(Mutex::new(state)), state_file })
+        let front_door = FrontDoor::new(gateway_urls(&state));
+        Ok(DrillCluster { state: Arc::new(Mutex::new(state)), state_file, front_door })
     }
 
     /// The cluster as it is now.
@@ -237,6 +245,7 @@ impl DrillCluster {
     fn update(&self, f: impl FnOnce(&mut ClusterState)) -> Result<(), BenchError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut state);
+        self.front_door.set(gateway_urls(&state));
         Ok(cluster::save_state(&state, &self.state_file)?)
     }
 }

@@ -173,7 +173,8 @@ impl<'a> DrillRun<'a> {
             control_e2e_p99 = Some(p99);
         }
 
-        let target = Target::from_state(&self.cluster.snapshot())?;
+        let mut target = Target::from_state(&self.cluster.snapshot())?;
+        target.front_door = Some(self.cluster.front_door.clone());
         let stop_monitor = CancellationToken::new();
         let monitor = tokio::spawn(monitor(self.cluster.clone(), stop_monitor.clone()));
         let load_spec = self.load.clone();

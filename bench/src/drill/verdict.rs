@@ -11,7 +11,7 @@ use super::faults::FaultWindow;
 use super::monitor::Sample;
 use super::session::DrillRun;
 use super::{ChaosReport, Drill};
-use crate::checker::RowVerdict;
+use crate::checker::{self, Reorder, RowVerdict};
 use crate::load::{LoadResult, SLOW_RECEIVER_PREFIX};
 use crate::recorder::Percentiles;
 
@@ -23,6 +23,8 @@ const OVERLOAD_RSS_BOUND_MIB: f64 = 1024.0;
 const SLOW_CONSUMERS_DEFAULT_BOUND_MS: f64 = 250.0;
 /// slow-consumers: the bound is never tighter than the control's p99 plus this, ms.
 const SLOW_CONSUMERS_MIN_HEADROOM_MS: f64 = 50.0;
+/// Reorders listed in a verdict (all are counted).
+const REORDER_EXAMPLES: usize = 10;
 /// chaos: the only `ERROR` a message may be answered with — Redis restarts (fail-open's order guard),
 /// load shedding while the cluster catches up, the shard backlog bound.
 const CHAOS_ALLOWED_ERRORS: [&str; 1] = ["server_busy"];
@@ -68,6 +70,12 @@ pub struct DrillVerdict {
     pub duplicate_rows: u64,
     pub duplicate_deliveries: u64,
     pub reorders: u64,
+    /// Of the reorders, those on a connection a receiver opened by reconnecting (an older message
+    /// that arrived, e.g. by offline resend, after a newer one on that connection).
+    pub reorders_after_reconnect: u64,
+    /// The first reorders, with where they happened.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reorder_examples: Vec<Reorder>,
     /// Pushes, receipts and rows whose serverMsgId disagrees with another one of the same message.
     pub id_mismatches: u64,
     /// Messages (sender, clientMsgId) seen under more than one serverMsgId anywhere: receipts,
@@ -132,6 +140,30 @@ impl DrillVerdict {
             "  one message, several ids {}  receipt without matching row {}  id mismatches {}\n",
             self.messages_with_several_ids, self.saved_without_matching_row, self.id_mismatches
         );
+        if self.reorders > 0 {
+            let examples: Vec<String> = self
+                .reorder_examples
+                .iter()
+                .take(3)
+                .map(|o| {
+                    format!(
+                        "receiver {} got {}'s #{} after #{} (connection {}{})",
+                        o.receiver,
+                        o.from,
+                        o.seq,
+                        o.after_seq,
+                        o.connection,
+                        if o.higher_on_same_connection { "" } else { ", the later one on an earlier connection" }
+                    )
+                })
+                .collect();
+            out += &format!(
+                "  reorders: {} on connections opened by a reconnect, {} on first connections; e.g. {}\n",
+                self.reorders_after_reconnect,
+                self.reorders - self.reorders_after_reconnect,
+                examples.join("; ")
+            );
+        }
         let recover = self.time_to_recover_secs.map_or_else(|| "not seen".to_owned(), |s| format!("{s:.1} s"));
         out += &format!(
             "  backlog peak {:.0} (before {:.0})  time to recover {recover}  saved p99 {:.0} ms  E2E p99 {:.0} ms\n",
@@ -342,6 +374,7 @@ impl DrillRun<'_> {
                 ));
             }
         }
+        let reorders = checker::reorders(&result.receivers);
         let lost = v.lost + rows.missing;
         let passed = lost == 0
             && rows.duplicated == 0
@@ -368,6 +401,8 @@ impl DrillRun<'_> {
             duplicate_rows: rows.duplicated,
             duplicate_deliveries: v.duplicates,
             reorders: v.reorders,
+            reorders_after_reconnect: reorders.iter().filter(|o| o.connection > 0).count() as u64,
+            reorder_examples: reorders.into_iter().take(REORDER_EXAMPLES).collect(),
             id_mismatches: v.id_mismatches + rows.id_mismatches,
             messages_with_several_ids: rows.messages_with_several_ids,
             saved_without_matching_row: rows.saved_without_matching_row,

@@ -291,8 +291,7 @@ async fn collect_receivers(
 ) -> Vec<ReceiverLog> {
     let mut logs = Vec::with_capacity(tasks.len());
     for (uid, reader) in tasks {
-        let log =
-            finish(reader, rec, grace_end).await.unwrap_or(ReceiverLog { uid, deliveries: Vec::new(), gone: true });
+        let log = finish(reader, rec, grace_end).await.unwrap_or(ReceiverLog { uid, gone: true, ..Default::default() });
         logs.push(log);
     }
     logs

@@ -115,6 +115,7 @@ pub(super) async fn receive(
                 if link.enabled {
                     if let Some(conn) = link.reconnect(&rec, &shutdown).await {
                         (reader, writer) = conn;
+                        log.reconnected_at.push(log.deliveries.len());
                         continue;
                     }
                 }
