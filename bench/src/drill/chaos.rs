@@ -37,9 +37,12 @@
 //! The verdict is the common one (lost 0, duplicate rows 0, reorders 0, one message one id, every
 //! `ACK(saved)` with its row, every message answered) plus: the only `ERROR` allowed as a message's
 //! answer is `server_busy` (Redis restarts with the fail-open order guard, load shedding while the
-//! cluster catches up, the backlog bound), and every receiver is connected at the end.
+//! cluster catches up, the backlog bound), every receiver is connected at the end, and no gateway or
+//! worker log shows a panic (SPEC §3.7; a panicking task is caught by the runtime and would pass
+//! unseen otherwise).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -347,6 +350,37 @@ impl DrillRun<'_> {
     }
 }
 
+/// What a panicking task writes to its process's log.
+const PANIC_MARK: &str = "panicked at";
+
+/// The panics in the cluster's process logs (`*.log` in the cluster directory): per log file with
+/// any, the count and the first panic's message line.
+pub(super) fn panics_in_logs(dir: &Path) -> Vec<(String, u64, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut found = Vec::new();
+    for path in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")) {
+        let Ok(text) = std::fs::read(&path) else { continue };
+        let text = String::from_utf8_lossy(&text);
+        let mut lines = text.lines();
+        let (mut count, mut first) = (0, String::new());
+        while let Some(line) = lines.next() {
+            if line.contains(PANIC_MARK) {
+                count += 1;
+                if first.is_empty() {
+                    // The message is on the line after "panicked at <file>".
+                    first = lines.next().unwrap_or_default().trim().to_owned();
+                }
+            }
+        }
+        if count > 0 {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            found.push((name, count, first));
+        }
+    }
+    found.sort();
+    found
+}
+
 /// The candidate `pick` chooses (`None` when there is none).
 fn nth<T>(candidates: &[T], pick: u64) -> Option<&T> {
     (!candidates.is_empty()).then(|| &candidates[(pick % candidates.len() as u64) as usize])
@@ -400,6 +434,21 @@ mod tests {
         let pauses: Vec<f64> =
             steps.iter().filter(|s| s.fault == ChaosFault::WorkerPause).map(|s| secs(s.length)).collect();
         assert!(pauses.iter().any(|&p| p > secs(LEASE_TTL)) && pauses.iter().any(|&p| p < secs(LEASE_TTL)));
+    }
+
+    #[test]
+    fn panics_in_the_cluster_logs_are_counted_per_log() {
+        let dir = std::env::temp_dir().join(format!("im-chaos-panics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let panic = "thread 'tokio-rt-worker' (7) panicked at src/x.rs:1:2:\nJoinHandle polled after completion\n";
+        std::fs::write(dir.join("gateway-1.log"), format!("ok\n{panic}more\n{panic}")).unwrap();
+        std::fs::write(dir.join("worker-0.log"), "INFO all fine\n").unwrap();
+        std::fs::write(dir.join("notes.txt"), panic).unwrap();
+        assert_eq!(
+            panics_in_logs(&dir),
+            vec![("gateway-1.log".to_owned(), 2, "JoinHandle polled after completion".to_owned())]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

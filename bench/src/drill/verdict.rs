@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use super::chaos::panics_in_logs;
 use super::faults::FaultWindow;
 use super::monitor::Sample;
 use super::session::DrillRun;
@@ -340,6 +341,18 @@ impl DrillRun<'_> {
                         CHAOS_ALLOWED_ERRORS.join("/"),
                         if listed.is_empty() { "none".to_owned() } else { listed.join(", ") }
                     ),
+                ));
+                let panics = panics_in_logs(&self.cluster.snapshot().dir);
+                let listed: Vec<String> =
+                    panics.iter().map(|(log, n, first)| format!("{log}: {n} (first: {first})")).collect();
+                checks.push(Check::new(
+                    "no_panics",
+                    panics.is_empty(),
+                    if panics.is_empty() {
+                        "no panic in any gateway or worker log".to_owned()
+                    } else {
+                        listed.join("; ")
+                    },
                 ));
                 checks.push(Check::new(
                     "receivers_connected_at_the_end",
