@@ -42,6 +42,9 @@ pub struct SentMsg {
     /// Times it was sent again with the same clientMsgId after a reconnect (its receipts may then
     /// arrive twice, with the same serverMsgId).
     pub resends: u32,
+    /// Its receiver when that is not the sender's own ([`SenderLog::to`]): a crossed load sends every
+    /// other message to the next pair's receiver.
+    pub to: Option<u64>,
     /// Later receipts (answers to resends, repeated receipts, `ERROR`s naming an id) whose serverMsgId
     /// is neither `accepted`'s nor `saved`'s: one message under several ids (SPEC §3.9).
     pub other_receipts: Vec<Receipt>,
@@ -97,7 +100,7 @@ impl SentMsg {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SenderLog {
     pub uid: u64,
-    /// Its receiver.
+    /// Its receiver (of every message without its own [`SentMsg::to`]).
     pub to: u64,
     /// Indexed by message number (= clientMsgId).
     pub messages: Vec<SentMsg>,
@@ -200,7 +203,7 @@ pub fn check_deliveries(senders: &[SenderLog], receivers: &[ReceiverLog]) -> Del
                 v.id_mismatches += u64::from(a != b);
             }
             if m.receipted() && m.error.is_none() && !reached.contains(&(s.uid, seq as u64)) {
-                if gone.contains(&s.to) {
+                if gone.contains(&m.to.unwrap_or(s.to)) {
                     v.undelivered_receiver_gone += 1;
                 } else {
                     v.lost += 1;

@@ -85,6 +85,10 @@ pub struct LoadSpec {
     /// delivered cursor, and offline resend after a reconnect starts beyond it. Off: receivers never
     /// confirm, so every reconnect resends the whole inbox (counted as duplicate deliveries).
     pub ack_delivered: bool,
+    /// Crossed conversations: every sender sends its odd-numbered messages to the next pair's
+    /// receiver, so every receiver hears from two senders, whose messages' ids interleave — the
+    /// traffic in which one delivered cursor per user over serverMsgIds can skip a message.
+    pub crossed: bool,
     /// Where a drill orders reconnect storms (a share of the connections closed at once; they come
     /// back through [`LoadSpec::reconnect`], which a storm needs). `None`: never.
     pub storm: Option<crate::load::ReconnectStorm>,
@@ -112,6 +116,7 @@ impl Default for LoadSpec {
             slow_read_delay: Duration::from_millis(200),
             messages_per_sender: None,
             ack_delivered: false,
+            crossed: false,
             storm: None,
         }
     }

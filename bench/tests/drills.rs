@@ -66,6 +66,7 @@ async fn two_minutes_of_chaos_keep_one_id_one_row_order_and_an_answer_for_every_
     let spec = short(Drill::Chaos, Duration::from_secs(120), "chaos");
     let spec = DrillSpec { seed: Some(CHAOS_SEED), ..spec };
     assert!(spec.load.ack_delivered, "chaos receivers confirm deliveries as real clients do");
+    assert!(spec.load.crossed, "chaos receivers hear from two senders each");
     let v = run(&spec).await;
     let chaos = v.chaos.as_ref().expect("the chaos report");
     assert_eq!(chaos.seed, CHAOS_SEED);

@@ -55,6 +55,11 @@ pub struct DrillArgs {
     /// `--ack-delivered=false` turns it off.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     ack_delivered: Option<bool>,
+    /// Crossed conversations: every sender sends every other message to the next pair's receiver,
+    /// so every receiver hears from two senders [default: on for chaos, off otherwise];
+    /// `--crossed=false` turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    crossed: Option<bool>,
     /// Connections (users): half senders, half receivers [default: 200; slow-consumers 100; overload
     /// 1000, so that twice the maximum rate stays within the gateways' per-connection rate limit].
     #[arg(long)]
@@ -144,6 +149,7 @@ impl DrillArgs {
             slow_read_delay: Duration::from_millis(self.slow_read_ms),
             warmup: DRILL_WARMUP,
             ack_delivered: self.ack_delivered.unwrap_or(self.name == Drill::Chaos),
+            crossed: self.crossed.unwrap_or(self.name == Drill::Chaos),
             ..LoadSpec::default()
         };
         spec.config = config;

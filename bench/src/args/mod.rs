@@ -91,6 +91,10 @@ pub struct LoadArgs {
     /// serverMsgId seen so far, at most one per receiver per 100 ms.
     #[arg(long)]
     ack_delivered: bool,
+    /// Crossed conversations: every sender sends every other message to the next pair's receiver,
+    /// so every receiver hears from two senders.
+    #[arg(long)]
+    crossed: bool,
 }
 
 impl LoadArgs {
@@ -117,6 +121,7 @@ impl LoadArgs {
             base_uid: self.base_uid,
             progress: (!progress.is_zero()).then_some(progress),
             ack_delivered: self.ack_delivered,
+            crossed: self.crossed,
             ..LoadSpec::default()
         })
     }

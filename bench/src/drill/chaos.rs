@@ -1,6 +1,7 @@
 //! The chaos drill: under steady load from clients that behave like real ones (receivers confirm
-//! deliveries, everyone reconnects with backoff, senders resend what is unconfirmed), a seeded random
-//! sequence of the faults the engine promises to survive, then the drain and the usual verdict.
+//! deliveries, everyone reconnects with backoff, senders resend what is unconfirmed; conversations
+//! are crossed, so every receiver hears from two senders), a seeded random sequence of the faults the
+//! engine promises to survive, then the drain and the usual verdict.
 //!
 //! What it injects, each through the one mechanism in `faults`:
 //! - **worker-kill**: `kill -9` of a shard owner (a standby takes the shard over when the lease runs

@@ -144,13 +144,15 @@ pub struct DrillSpec {
 
 impl DrillSpec {
     /// A drill with the defaults of `bench drill`: 200 connections at 400 msg/s over 2 gateways and
-    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail. Receivers confirm deliveries
-    /// (`ACK delivered`) in the chaos drill only.
+    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail. In the chaos drill only,
+    /// receivers confirm deliveries (`ACK delivered`) and conversations are crossed (every receiver
+    /// hears from two senders).
     pub fn new(drill: Drill, fault: Duration, out: PathBuf) -> DrillSpec {
         let load = LoadSpec {
             connections: 200,
             interval: LoadSpec::interval_for_rate(100, 400.0),
             ack_delivered: drill == Drill::Chaos,
+            crossed: drill == Drill::Chaos,
             ..LoadSpec::default()
         };
         DrillSpec {

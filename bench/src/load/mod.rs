@@ -47,7 +47,7 @@ use crate::BenchError;
 use link::{connect_all, is_slow, Link, SLOW_RECV_BUFFER};
 use progress::{progress_loop, Phase};
 use schedule::Schedule;
-use sender::{spawn_sender, SenderTasks};
+use sender::{spawn_sender, SenderOptions, SenderTasks};
 
 pub use storm::ReconnectStorm;
 
@@ -180,7 +180,9 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     phase.store(Phase::Settling as u8, Ordering::Relaxed);
     let mut sender_tasks = Vec::new();
     let mut receiver_tasks = Vec::new();
-    for (pair, (sender, receiver)) in pairs.iter().zip(conns) {
+    let receiver_up: Vec<bool> = conns.iter().map(|(_, receiver)| receiver.is_some()).collect();
+    let cross = cross_receivers(spec.crossed, &pairs, &receiver_up);
+    for ((pair, (sender, receiver)), cross_to) in pairs.iter().zip(conns).zip(cross) {
         let Some(conn) = receiver else { continue };
         let slow = is_slow(spec, pair.index);
         let link = Link::new(target, spec, pair.receiver, pair.receiver_gateway, slow.then_some(SLOW_RECV_BUFFER));
@@ -196,8 +198,8 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         // A sender without its receiver stays silent: its pushes could only be counted as lost.
         if let Some(conn) = sender {
             let link = Link::new(target, spec, pair.sender, pair.sender_gateway, None);
-            let storm = spec.storm.as_ref().map(ReconnectStorm::watch);
-            sender_tasks.push(spawn_sender(conn, link, storm, pair, &rec, &schedule, &shutdown, &tasks));
+            let options = SenderOptions { storm: spec.storm.as_ref().map(ReconnectStorm::watch), cross_to };
+            sender_tasks.push(spawn_sender(conn, link, options, pair, &rec, &schedule, &shutdown, &tasks));
         }
     }
 
@@ -253,6 +255,23 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         resent: rec.counters.snapshot().resent,
         delivered_acks: rec.counters.snapshot().delivered_acks,
     })
+}
+
+/// Crossed load: per pair, the receiver its sender's odd-numbered messages go to — the next connected
+/// receiver in pair order (wrapping), so every receiver hears from two senders. `None` for every pair
+/// without crossing, or with fewer than two connected receivers.
+fn cross_receivers(crossed: bool, pairs: &[plan::Pair], receiver_up: &[bool]) -> Vec<Option<u64>> {
+    let connected: Vec<u64> = pairs.iter().zip(receiver_up).filter(|(_, &up)| up).map(|(p, _)| p.receiver).collect();
+    pairs
+        .iter()
+        .map(|p| {
+            if !crossed || connected.len() < 2 {
+                return None;
+            }
+            let at = connected.iter().position(|&r| r == p.receiver)?;
+            Some(connected[(at + 1) % connected.len()])
+        })
+        .collect()
 }
 
 /// Waits after the last send until every message is complete and every answered one delivered, or
@@ -312,5 +331,27 @@ async fn finish<T>(mut task: JoinHandle<T>, rec: &Recorder, grace_end: Instant) 
             rec.error("task_stuck_at_shutdown");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crossed_load_sends_to_the_next_connected_receiver() {
+        let pairs = plan::pairs(100, 8, 2, Duration::from_millis(10));
+        let receivers: Vec<u64> = pairs.iter().map(|p| p.receiver).collect();
+        assert_eq!(cross_receivers(false, &pairs, &[true; 4]), vec![None; 4]);
+        assert_eq!(
+            cross_receivers(true, &pairs, &[true; 4]),
+            vec![Some(receivers[1]), Some(receivers[2]), Some(receivers[3]), Some(receivers[0])]
+        );
+        // Receiver 2 never connected: nobody sends to it, and its own sender stays silent anyway.
+        assert_eq!(
+            cross_receivers(true, &pairs, &[true, true, false, true]),
+            vec![Some(receivers[1]), Some(receivers[3]), None, Some(receivers[0])]
+        );
+        assert_eq!(cross_receivers(true, &pairs[..1], &[true]), vec![None], "one pair has nobody to cross to");
     }
 }

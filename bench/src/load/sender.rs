@@ -33,12 +33,22 @@ const CLOSED_LOOP_WAIT: Duration = Duration::from_secs(30);
 pub(super) struct SenderState {
     pub uid: u64,
     pub to: u64,
+    /// Crossed load: every other message (odd numbers) goes to this receiver instead.
+    cross_to: Option<u64>,
     messages: Mutex<Vec<SentMsg>>,
     /// Signalled when a message becomes complete (closed loop waits on it).
     answered: Notify,
 }
 
 impl SenderState {
+    /// The receiver of message `seq`.
+    fn to_of(&self, seq: usize) -> u64 {
+        match self.cross_to {
+            Some(other) if seq % 2 == 1 => other,
+            _ => self.to,
+        }
+    }
+
     pub fn messages(&self) -> std::sync::MutexGuard<'_, Vec<SentMsg>> {
         // A poisoned lock only means the other half panicked; the log itself is still consistent.
         self.messages.lock().unwrap_or_else(|p| p.into_inner())
@@ -51,11 +61,19 @@ pub(super) struct SenderTasks {
     pub writer: JoinHandle<()>,
 }
 
+/// What a sender does beyond sending to its own receiver on schedule.
+pub(super) struct SenderOptions {
+    /// Reconnect storms that may close its connection.
+    pub storm: Option<StormWatch>,
+    /// Crossed load: the receiver its odd-numbered messages go to.
+    pub cross_to: Option<u64>,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_sender(
     conn: Conn,
     link: Link,
-    storm: Option<StormWatch>,
+    options: SenderOptions,
     pair: &Pair,
     rec: &Arc<Recorder>,
     schedule: &Arc<Schedule>,
@@ -65,13 +83,14 @@ pub(super) fn spawn_sender(
     let state = Arc::new(SenderState {
         uid: pair.sender,
         to: pair.receiver,
+        cross_to: options.cross_to,
         messages: Mutex::new(Vec::new()),
         answered: Notify::new(),
     });
     let session = SenderSession {
         state: state.clone(),
         link,
-        storm,
+        storm: options.storm,
         rec: rec.clone(),
         schedule: schedule.clone(),
         shutdown: shutdown.clone(),
@@ -124,7 +143,7 @@ impl SenderSession {
                 let body = message_body(sent_at_us, self.schedule.body_bytes);
                 let client_msg_id = seq.to_string();
                 let frame = ClientFrame::SingleChat {
-                    to: self.state.to,
+                    to: self.state.to_of(seq),
                     client_msg_id: &client_msg_id,
                     msg_type: "TEXT",
                     body: &body,
@@ -220,8 +239,10 @@ impl SenderSession {
         let sent_at_us = schedule.us(now);
         let seq = {
             let mut messages = state.messages();
-            messages.push(SentMsg { sent_at_us, ..Default::default() });
-            messages.len() - 1
+            let seq = messages.len();
+            let to = state.to_of(seq);
+            messages.push(SentMsg { sent_at_us, to: (to != state.to).then_some(to), ..Default::default() });
+            seq
         };
         Counters::bump(&rec.counters.sent);
         if schedule.measured(sent_at_us) {
@@ -229,8 +250,12 @@ impl SenderSession {
         }
         let body = message_body(sent_at_us, schedule.body_bytes);
         let client_msg_id = seq.to_string();
-        let frame =
-            ClientFrame::SingleChat { to: state.to, client_msg_id: &client_msg_id, msg_type: "TEXT", body: &body };
+        let frame = ClientFrame::SingleChat {
+            to: state.to_of(seq),
+            client_msg_id: &client_msg_id,
+            msg_type: "TEXT",
+            body: &body,
+        };
         *next += schedule.interval;
         writer.send(&frame).await.is_ok()
     }
