@@ -19,6 +19,7 @@
 //! serverMsgId has no row of that very message.
 
 mod ids;
+mod lost;
 mod reorders;
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +27,7 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 pub use ids::{messages_with_several_ids, saved_ids_without_row, saved_without_matching_row};
+pub use lost::{lost_pushes, LostPush};
 pub use reorders::{reorders, Reorder};
 
 /// One message as its sender saw it. Its number (index in [`SenderLog::messages`]) is its clientMsgId.

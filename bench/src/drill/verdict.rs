@@ -12,7 +12,7 @@ use super::faults::FaultWindow;
 use super::monitor::Sample;
 use super::session::DrillRun;
 use super::{ChaosReport, Drill};
-use crate::checker::{self, Reorder, RowVerdict};
+use crate::checker::{self, LostPush, Reorder, RowVerdict};
 use crate::load::{LoadResult, SLOW_RECEIVER_PREFIX};
 use crate::recorder::Percentiles;
 
@@ -24,8 +24,9 @@ const OVERLOAD_RSS_BOUND_MIB: f64 = 1024.0;
 const SLOW_CONSUMERS_DEFAULT_BOUND_MS: f64 = 250.0;
 /// slow-consumers: the bound is never tighter than the control's p99 plus this, ms.
 const SLOW_CONSUMERS_MIN_HEADROOM_MS: f64 = 50.0;
-/// Reorders listed in a verdict (all are counted).
+/// Reorders and lost pushes listed in a verdict (all are counted).
 const REORDER_EXAMPLES: usize = 10;
+const LOST_EXAMPLES: usize = 10;
 /// chaos: the only `ERROR` a message may be answered with — Redis restarts (fail-open's order guard),
 /// load shedding while the cluster catches up, the shard backlog bound.
 const CHAOS_ALLOWED_ERRORS: [&str; 1] = ["server_busy"];
@@ -65,6 +66,15 @@ pub struct DrillVerdict {
     /// Receipted messages never pushed to their receiver plus receipted messages without a row.
     pub lost: u64,
     pub lost_pushes: u64,
+    /// Of the lost pushes, those whose id is below the highest id their receiver saw from anyone: a
+    /// delivered cursor at the receiver's high-water mark lies beyond them (issue 12).
+    pub lost_below_receivers_highest_seen: u64,
+    /// Of the lost pushes, those whose receiver got a later message of the same sender (a gap in
+    /// one conversation, not only behind another sender's newer id).
+    pub lost_with_later_from_same_sender_seen: u64,
+    /// The first lost pushes, described.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lost_examples: Vec<LostPush>,
     pub missing_rows: u64,
     /// Receipted, not pushed, to a receiver that could not stay or get connected.
     pub undelivered_receiver_gone: u64,
@@ -141,6 +151,13 @@ impl DrillVerdict {
             "  one message, several ids {}  receipt without matching row {}  id mismatches {}\n",
             self.messages_with_several_ids, self.saved_without_matching_row, self.id_mismatches
         );
+        if self.lost_pushes > 0 {
+            out += &format!(
+                "  lost pushes: {} below the highest id their receiver saw from anyone (a delivered cursor there skips \
+                 them), {} with a later message of the same sender seen\n",
+                self.lost_below_receivers_highest_seen, self.lost_with_later_from_same_sender_seen
+            );
+        }
         if self.reorders > 0 {
             let examples: Vec<String> = self
                 .reorder_examples
@@ -388,6 +405,7 @@ impl DrillRun<'_> {
             }
         }
         let reorders = checker::reorders(&result.receivers);
+        let lost_pushes = checker::lost_pushes(&result.senders, &result.receivers);
         let lost = v.lost + rows.missing;
         let passed = lost == 0
             && rows.duplicated == 0
@@ -409,6 +427,11 @@ impl DrillRun<'_> {
             delivered: v.delivered,
             lost,
             lost_pushes: v.lost,
+            lost_below_receivers_highest_seen: lost_pushes.iter().filter(|l| l.below_receivers_highest_seen).count()
+                as u64,
+            lost_with_later_from_same_sender_seen: lost_pushes.iter().filter(|l| l.later_from_same_sender_seen).count()
+                as u64,
+            lost_examples: lost_pushes.into_iter().take(LOST_EXAMPLES).collect(),
             missing_rows: rows.missing,
             undelivered_receiver_gone: v.undelivered_receiver_gone,
             duplicate_rows: rows.duplicated,
