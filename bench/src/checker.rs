@@ -10,14 +10,25 @@
 //!   that stayed connected until the end (§3.1); messages to a receiver that dropped are counted apart,
 //!   since offline resend, not live push, owes them;
 //! - **id mismatches**: the push, the accepted receipt and the saved receipt of one message must carry
-//!   the same serverMsgId (§3.3).
+//!   the same serverMsgId (§3.3); counted per push or receipt that disagrees.
 //!
 //! The row check compares the receipts with the run's rows in MySQL: receipted but missing, the same
-//! (sender, clientMsgId) twice, rows nobody got a receipt for, and rows under a different id.
+//! (sender, clientMsgId) twice, rows nobody got a receipt for, and rows under a different id. With
+//! the rows at hand, [`ids`] counts per message what SPEC §3.9 forbids: one message under several
+//! serverMsgIds anywhere (receipts, answers to resends, pushes, rows), and an `ACK(saved)` whose
+//! serverMsgId has no row of that very message.
+
+mod ids;
+mod lost;
+mod reorders;
 
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
+
+pub use ids::{messages_with_several_ids, saved_ids_without_row, saved_without_matching_row};
+pub use lost::{lost_pushes, LostPush};
+pub use reorders::{reorders, Reorder};
 
 /// One message as its sender saw it. Its number (index in [`SenderLog::messages`]) is its clientMsgId.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,6 +44,20 @@ pub struct SentMsg {
     /// Times it was sent again with the same clientMsgId after a reconnect (its receipts may then
     /// arrive twice, with the same serverMsgId).
     pub resends: u32,
+    /// Its receiver when that is not the sender's own ([`SenderLog::to`]): a crossed load sends every
+    /// other message to the next pair's receiver.
+    pub to: Option<u64>,
+    /// Later receipts (answers to resends, repeated receipts, `ERROR`s naming an id) whose serverMsgId
+    /// is neither `accepted`'s nor `saved`'s: one message under several ids (SPEC §3.9).
+    pub other_receipts: Vec<Receipt>,
+}
+
+/// A receipt beyond the first of its kind, kept only when it names another serverMsgId.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// `ACK(saved)` (which promises a row under this id), or another frame (`ACK(accepted)`, `ERROR`).
+    pub saved: bool,
+    pub server_msg_id: u64,
 }
 
 impl SentMsg {
@@ -44,6 +69,25 @@ impl SentMsg {
     /// The serverMsgId the receipts gave (saved wins; they must agree anyway).
     pub fn receipted_id(&self) -> Option<u64> {
         self.saved.or(self.accepted)
+    }
+
+    /// Notes a later receipt (or an `ERROR` carrying an id) of this message; kept only when its id
+    /// is one the first receipts did not give.
+    pub fn note_receipt(&mut self, saved: bool, server_msg_id: u64) {
+        if self.accepted != Some(server_msg_id) && self.saved != Some(server_msg_id) {
+            self.other_receipts.push(Receipt { saved, server_msg_id });
+        }
+    }
+
+    /// Every serverMsgId any receipt of this message named.
+    pub fn receipt_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.accepted.into_iter().chain(self.saved).chain(self.other_receipts.iter().map(|r| r.server_msg_id))
+    }
+
+    /// Every serverMsgId an `ACK(saved)` of this message named: each promises a committed row of
+    /// this very message under that id.
+    pub fn saved_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.saved.into_iter().chain(self.other_receipts.iter().filter(|r| r.saved).map(|r| r.server_msg_id))
     }
 
     /// Whether this message has its final answer: an error or `ACK(saved)`. (In two-phase modes its
@@ -58,7 +102,7 @@ impl SentMsg {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SenderLog {
     pub uid: u64,
-    /// Its receiver.
+    /// Its receiver (of every message without its own [`SentMsg::to`]).
     pub to: u64,
     /// Indexed by message number (= clientMsgId).
     pub messages: Vec<SentMsg>,
@@ -81,6 +125,9 @@ pub struct ReceiverLog {
     pub deliveries: Vec<Delivery>,
     /// The receiver was not connected from the first send to the end of the drain.
     pub gone: bool,
+    /// Where each reconnection began: the number of pushes in `deliveries` before it (the first
+    /// connection begins at 0 and is not listed).
+    pub reconnected_at: Vec<usize>,
 }
 
 /// What the receipts and pushes add up to.
@@ -158,7 +205,7 @@ pub fn check_deliveries(senders: &[SenderLog], receivers: &[ReceiverLog]) -> Del
                 v.id_mismatches += u64::from(a != b);
             }
             if m.receipted() && m.error.is_none() && !reached.contains(&(s.uid, seq as u64)) {
-                if gone.contains(&s.to) {
+                if gone.contains(&m.to.unwrap_or(s.to)) {
                     v.undelivered_receiver_gone += 1;
                 } else {
                     v.lost += 1;
@@ -190,11 +237,24 @@ pub struct RowVerdict {
     pub unreceipted: u64,
     /// Rows stored under another id than the receipt gave.
     pub id_mismatches: u64,
+    /// Messages (sender, clientMsgId) that appeared under more than one serverMsgId anywhere:
+    /// receipts, answers to resends, pushes, rows (SPEC §3.9). Must be 0.
+    #[serde(default)]
+    pub messages_with_several_ids: u64,
+    /// Messages with an `ACK(saved)` whose serverMsgId has no row, or whose row is another
+    /// (from, clientMsgId) (SPEC §3.9: saved only when the row of *that* message is committed). Must be 0.
+    #[serde(default)]
+    pub saved_without_matching_row: u64,
 }
 
-/// Checks the run's rows against the receipts.
-pub fn check_rows(senders: &[SenderLog], rows: &[DbRow]) -> RowVerdict {
+/// Checks the run's rows (`rows`: every row of the run's senders) against the receipts and pushes.
+/// `strays` are rows of other senders found by the ids of [`saved_ids_without_row`]: an
+/// `ACK(saved)` pointing at one of them is a receipt without its row.
+pub fn check_rows(senders: &[SenderLog], receivers: &[ReceiverLog], rows: &[DbRow], strays: &[DbRow]) -> RowVerdict {
     let mut v = RowVerdict { rows: rows.len() as u64, ..Default::default() };
+    let every_row: Vec<DbRow> = rows.iter().chain(strays).cloned().collect();
+    v.messages_with_several_ids = messages_with_several_ids(senders, receivers, rows);
+    v.saved_without_matching_row = saved_without_matching_row(senders, &every_row);
     let by_uid: HashMap<u64, &SenderLog> = senders.iter().map(|s| (s.uid, s)).collect();
     let mut stored: HashSet<(u64, &str)> = HashSet::new();
     for row in rows {
@@ -226,6 +286,21 @@ pub fn check_rows(senders: &[SenderLog], rows: &[DbRow]) -> RowVerdict {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_saved_receipt_pointing_at_another_senders_row_is_found_among_the_strays() {
+        let (s, r) = pair(3);
+        let mut db = rows(3);
+        let stray = db.remove(2);
+        assert_eq!(saved_ids_without_row(std::slice::from_ref(&s), &db), vec![stray.id]);
+        let other = DbRow { from: 42, client_msg_id: "2".into(), id: stray.id };
+        let v = check_rows(&[s], &[r], &db, &[other]);
+        assert_eq!(
+            (v.rows, v.missing, v.saved_without_matching_row, v.messages_with_several_ids),
+            (2, 1, 1, 0),
+            "{v:?}"
+        );
+    }
+
     /// One pair, `n` messages all accepted and saved under id `1000 + seq`.
     fn pair(n: u64) -> (SenderLog, ReceiverLog) {
         let messages = (0..n)
@@ -237,7 +312,7 @@ mod tests {
             })
             .collect();
         let deliveries = (0..n).map(|seq| Delivery { from: 1, seq, server_msg_id: 1000 + seq }).collect();
-        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, gone: false })
+        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, ..Default::default() })
     }
 
     fn rows(n: u64) -> Vec<DbRow> {
@@ -253,7 +328,7 @@ mod tests {
             DeliveryVerdict { sent: 5, accepted: 5, saved: 5, delivered: 5, ..Default::default() },
             "nothing lost, duplicated or reordered"
         );
-        assert_eq!(check_rows(&[s], &rows(5)), RowVerdict { rows: 5, ..Default::default() });
+        assert_eq!(check_rows(&[s], &[], &rows(5), &[]), RowVerdict { rows: 5, ..Default::default() });
     }
 
     #[test]
@@ -310,11 +385,13 @@ mod tests {
         let (mut s, _) = pair(5);
         let mut db = rows(5);
         db.remove(3);
-        assert_eq!(check_rows(&[s.clone()], &db).missing, 1);
+        let v = check_rows(&[s.clone()], &[], &db, &[]);
+        assert_eq!((v.missing, v.saved_without_matching_row), (1, 1), "{v:?}");
         db.push(DbRow { from: 1, client_msg_id: "0".into(), id: 5555 });
-        assert_eq!(check_rows(&[s.clone()], &db).duplicated, 1);
+        let v = check_rows(&[s.clone()], &[], &db, &[]);
+        assert_eq!((v.duplicated, v.messages_with_several_ids), (1, 1), "a second row is a second id: {v:?}");
         s.messages[4] = SentMsg { error: Some("internal_error".into()), ..Default::default() };
-        let v = check_rows(&[s], &rows(5));
+        let v = check_rows(&[s], &[], &rows(5), &[]);
         assert_eq!((v.unreceipted, v.missing, v.id_mismatches), (1, 0, 0), "{v:?}");
     }
 }

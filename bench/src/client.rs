@@ -208,6 +208,12 @@ pub enum ClientFrame<'a> {
         msg_type: &'static str,
         body: &'a str,
     },
+    /// A recipient's confirmation (`delivered`/`read`) of everything up to `server_msg_id`.
+    #[serde(rename_all = "camelCase")]
+    Ack {
+        ack_type: &'static str,
+        server_msg_id: String,
+    },
 }
 
 impl WsWriter {
@@ -282,6 +288,11 @@ mod tests {
             r#"{"type":"SINGLE_CHAT","to":42,"clientMsgId":"7","msgType":"TEXT","body":"hi"}"#
         );
         assert_eq!(serde_json::to_string(&ClientFrame::Ping).unwrap(), r#"{"type":"PING"}"#);
+        let ack = ClientFrame::Ack { ack_type: "delivered", server_msg_id: "384063290302533632".into() };
+        assert_eq!(
+            serde_json::to_string(&ack).unwrap(),
+            r#"{"type":"ACK","ackType":"delivered","serverMsgId":"384063290302533632"}"#
+        );
         assert_eq!(serde_json::to_string(&ClientFrame::Auth { token: "t" }).unwrap(), r#"{"type":"AUTH","token":"t"}"#);
     }
 }

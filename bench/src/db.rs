@@ -1,6 +1,7 @@
 //! Reading a run's rows back from MySQL, for [`crate::checker::check_rows`].
 //!
-//! The bench's only SQL. `im_common::store::Store::all_ids` reads the whole table, which is fine in a
+//! The bench's only SQL: the run's rows by sender, and rows by id for the `ACK(saved)` ids that are
+//! not among them (a row of someone else under a receipted id is a receipt without its row). `im_common::store::Store::all_ids` reads the whole table, which is fine in a
 //! test database but not in a cluster database that keeps every earlier run's rows; a run's users are
 //! a contiguous id block, so one indexed range scan on `uk_sender_client_msg (from_user_id, ...)`
 //! fetches exactly this run's rows.
@@ -33,4 +34,27 @@ pub async fn rows_from(mysql_url: &str, senders: RangeInclusive<u64>) -> Result<
         .await?;
     conn.disconnect().await?;
     Ok(rows.into_iter().map(|(from, client_msg_id, id)| DbRow { from, client_msg_id, id }).collect())
+}
+
+/// Ids looked up per query by [`rows_by_id`].
+const IDS_PER_QUERY: usize = 500;
+
+/// The rows whose id is in `ids` (whoever sent them); usually `ids` is empty and nothing is asked.
+pub async fn rows_by_id(mysql_url: &str, ids: &[u64]) -> Result<Vec<DbRow>, DbError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let opts = mysql_async::Opts::from_url(mysql_url)
+        .map_err(|e| DbError::Url { url: mysql_url.to_owned(), message: e.to_string() })?;
+    let mut conn = mysql_async::Conn::new(opts).await?;
+    let mut out = Vec::new();
+    for chunk in ids.chunks(IDS_PER_QUERY) {
+        // Numbers only, so the list can be written into the statement.
+        let list = chunk.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+        let rows: Vec<(u64, String, u64)> =
+            conn.query(format!("SELECT from_user_id, client_msg_id, id FROM messages WHERE id IN ({list})")).await?;
+        out.extend(rows.into_iter().map(|(from, client_msg_id, id)| DbRow { from, client_msg_id, id }));
+    }
+    conn.disconnect().await?;
+    Ok(out)
 }

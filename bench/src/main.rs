@@ -244,7 +244,7 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
             } else {
                 let jwt_secret = jwt_secret.context("--ws-url needs --jwt-secret")?;
                 let processes = im_bench::cpu::find_by_comm(&["gateway", "shard-worker", "redis-server", "mariadbd"]);
-                Target { ws_urls, jwt_secret, mysql_url, mode: mode.into(), processes }
+                Target { ws_urls, front_door: None, jwt_secret, mysql_url, mode: mode.into(), processes }
             };
             let report = im_bench::run(&target, &load.spec()?).await?;
             if output.json {

@@ -136,6 +136,8 @@ pub struct Counters {
     pub reconnects: AtomicU64,
     /// Messages sent again after a reconnect.
     pub resent: AtomicU64,
+    /// `ACK delivered` frames sent by receivers.
+    pub delivered_acks: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -154,6 +156,7 @@ pub struct CounterSnapshot {
     pub duplicates: u64,
     pub reconnects: u64,
     pub resent: u64,
+    pub delivered_acks: u64,
 }
 
 impl Counters {
@@ -182,6 +185,7 @@ impl Counters {
             duplicates: Self::get(&self.duplicates),
             reconnects: Self::get(&self.reconnects),
             resent: Self::get(&self.resent),
+            delivered_acks: Self::get(&self.delivered_acks),
         }
     }
 }

@@ -232,6 +232,8 @@ impl RunReport {
             check(db.missing, "receipted messages missing from the DB");
             check(db.duplicated, "duplicate rows in the DB");
             check(db.id_mismatches, "rows stored under another id");
+            check(db.messages_with_several_ids, "messages under several serverMsgIds");
+            check(db.saved_without_matching_row, "ACK(saved) without a row of that message");
         }
         out
     }
@@ -287,8 +289,15 @@ impl fmt::Display for RunReport {
         match &self.db {
             Some(db) => writeln!(
                 f,
-                "database     rows {}  missing {}  duplicated {}  unreceipted {}  id mismatches {}",
-                db.rows, db.missing, db.duplicated, db.unreceipted, db.id_mismatches
+                "database     rows {}  missing {}  duplicated {}  unreceipted {}  id mismatches {}  \
+                 messages with several ids {}  saved without matching row {}",
+                db.rows,
+                db.missing,
+                db.duplicated,
+                db.unreceipted,
+                db.id_mismatches,
+                db.messages_with_several_ids,
+                db.saved_without_matching_row
             )?,
             None => writeln!(f, "database     not checked")?,
         }

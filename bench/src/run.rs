@@ -20,8 +20,10 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<RunReport, BenchErr
     Ok(RunReport::new(&result, rows))
 }
 
-/// Reads the run's rows from MySQL and checks them against the receipts.
+/// Reads the run's rows from MySQL (and, by id, any row an `ACK(saved)` names that is not among
+/// them) and checks them against the receipts and pushes.
 pub async fn check_db(mysql_url: &str, result: &LoadResult) -> Result<RowVerdict, BenchError> {
     let rows = db::rows_from(mysql_url, result.user_range()).await?;
-    Ok(checker::check_rows(&result.senders, &rows))
+    let strays = db::rows_by_id(mysql_url, &checker::saved_ids_without_row(&result.senders, &rows)).await?;
+    Ok(checker::check_rows(&result.senders, &result.receivers, &rows, &strays))
 }

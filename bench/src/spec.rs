@@ -5,6 +5,7 @@
 //! it lists every gateway's WebSocket URL, the JWT secret, the MySQL URL for the row check, the
 //! mode, and the pids whose CPU time the report adds up.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use im_common::config::Mode;
@@ -79,6 +80,18 @@ pub struct LoadSpec {
     /// Each sender stops after this many messages, even before the window ends (`None`: it sends
     /// until the window ends). A test that wants an exact count sets it with a window long enough.
     pub messages_per_sender: Option<usize>,
+    /// Receivers confirm what they got as a real client does: `ACK delivered` for the highest
+    /// serverMsgId seen so far, at most one per receiver per 100 ms. The gateway moves the user's
+    /// delivered cursor, and offline resend after a reconnect starts beyond it. Off: receivers never
+    /// confirm, so every reconnect resends the whole inbox (counted as duplicate deliveries).
+    pub ack_delivered: bool,
+    /// Crossed conversations: every sender sends its odd-numbered messages to the next pair's
+    /// receiver, so every receiver hears from two senders, whose messages' ids interleave — the
+    /// traffic in which one delivered cursor per user over serverMsgIds can skip a message.
+    pub crossed: bool,
+    /// Where a drill orders reconnect storms (a share of the connections closed at once; they come
+    /// back through [`LoadSpec::reconnect`], which a storm needs). `None`: never.
+    pub storm: Option<crate::load::ReconnectStorm>,
 }
 
 impl Default for LoadSpec {
@@ -102,6 +115,9 @@ impl Default for LoadSpec {
             slow_receivers: 0.0,
             slow_read_delay: Duration::from_millis(200),
             messages_per_sender: None,
+            ack_delivered: false,
+            crossed: false,
+            storm: None,
         }
     }
 }
@@ -153,15 +169,42 @@ impl LoadSpec {
         if self.connect_concurrency == 0 {
             return bad("--connect-concurrency must be positive");
         }
+        if self.storm.is_some() && !self.reconnect {
+            return bad("reconnect storms need reconnecting clients (LoadSpec::reconnect)");
+        }
         Ok(())
+    }
+}
+
+/// The gateways' WebSocket URLs as a load balancer in front of them knows them. A gateway that is
+/// restarted comes back on a new port; a drill that restarts one updates the list, and clients that
+/// reconnect read it, so they find the gateway again instead of knocking on its old port.
+#[derive(Debug, Clone, Default)]
+pub struct FrontDoor(Arc<RwLock<Vec<String>>>);
+
+impl FrontDoor {
+    pub fn new(urls: Vec<String>) -> FrontDoor {
+        FrontDoor(Arc::new(RwLock::new(urls)))
+    }
+
+    /// Replaces the list (a gateway came back on another port).
+    pub fn set(&self, urls: Vec<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = urls;
+    }
+
+    /// The list now.
+    pub fn urls(&self) -> Vec<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
 /// A running cluster as the bench sees it.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Every gateway's WebSocket URL (`ws://host:port/ws`).
+    /// Every gateway's WebSocket URL (`ws://host:port/ws`) at the start.
     pub ws_urls: Vec<String>,
+    /// Where reconnecting clients look the gateways up (`None`: `ws_urls`, which never change).
+    pub front_door: Option<FrontDoor>,
     pub jwt_secret: String,
     /// Where the row check reads; `None` skips it.
     pub mysql_url: Option<String>,
@@ -204,6 +247,7 @@ impl Target {
         }
         Ok(Target {
             ws_urls: state.gateways.iter().map(|g| g.ws_url.clone()).collect(),
+            front_door: None,
             jwt_secret: state.jwt_secret.clone(),
             mysql_url: Some(state.mysql_url.clone()),
             mode,

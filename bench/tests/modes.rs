@@ -75,6 +75,7 @@ async fn counts_add_up_and_a_deleted_row_is_found(mode: Mode, name: &str, auth: 
 
     let rows = check_db(&c.state.mysql_url, &result).await.expect("rows readable");
     assert_eq!((rows.rows, rows.missing, rows.duplicated, rows.unreceipted, rows.id_mismatches), (v.sent, 0, 0, 0, 0));
+    assert_eq!((rows.messages_with_several_ids, rows.saved_without_matching_row), (0, 0), "one id, one row: {rows:?}");
     let report = RunReport::new(&result, Some(rows));
     assert!(report.problems().is_empty(), "{:?}", report.problems());
     let sent_in_window = (report.rates.sent * report.load.duration_secs).round() as u64;
@@ -94,8 +95,15 @@ async fn counts_add_up_and_a_deleted_row_is_found(mode: Mode, name: &str, auth: 
     store.close().await;
     let rows = check_db(&c.state.mysql_url, &result).await.expect("rows readable");
     assert_eq!((rows.rows, rows.missing, rows.duplicated), (v.sent - 1, 1, 0), "{rows:?}");
+    assert_eq!(rows.saved_without_matching_row, 1, "its ACK(saved) has no row now: {rows:?}");
     let report = RunReport::new(&result, Some(rows));
-    assert_eq!(report.problems(), vec!["1 receipted messages missing from the DB".to_owned()]);
+    assert_eq!(
+        report.problems(),
+        vec![
+            "1 receipted messages missing from the DB".to_owned(),
+            "1 ACK(saved) without a row of that message".to_owned()
+        ]
+    );
 
     drop(c);
 }

@@ -74,6 +74,13 @@ pub async fn collect(state: &ClusterState, interval: Duration) -> ClusterStatus 
     summarise(state, (&g0, &g1), (&w0, &w1), secs)
 }
 
+/// [`sum`] over the samples of `node` only, when one is given.
+fn sum_of_node<'a>(samples: &[Sample], name: &str, want: &[(&'a str, &'a str)], node: Option<&'a str>) -> f64 {
+    let mut want = want.to_vec();
+    want.extend(node.map(|node| ("node", node)));
+    sum(samples, name, &want)
+}
+
 type Scrapes<'a> = (&'a [Option<Vec<Sample>>], &'a [Option<Vec<Sample>>]);
 
 fn summarise(state: &ClusterState, gateways: Scrapes<'_>, workers: Scrapes<'_>, secs: f64) -> ClusterStatus {
@@ -87,10 +94,14 @@ fn summarise(state: &ClusterState, gateways: Scrapes<'_>, workers: Scrapes<'_>, 
         .map(|shard| {
             let s = shard.to_string();
             let by_shard = [("shard", s.as_str())];
-            let stream = |name: &str, stream: &str| sum(&w_now, name, &[("shard", s.as_str()), ("stream", stream)]);
             let owner = w_now
                 .iter()
                 .find(|x| x.name == "im_worker_lease_held" && x.value == 1.0 && x.labels.get("shard") == Some(&s));
+            // A former owner that lost the lease (paused past it, now a standby) still exports the
+            // stream gauges it last set: while someone owns the shard, only the owner's count.
+            let owner_node = owner.and_then(|o| o.labels.get("node")).map(String::as_str);
+            let gauge = |name: &str, want: &[(&str, &str)]| sum_of_node(&w_now, name, want, owner_node);
+            let stream = |name: &str, stream: &str| gauge(name, &[("shard", s.as_str()), ("stream", stream)]);
             let token = w_now.iter().find(|x| {
                 x.name == "im_worker_fencing_token"
                     && x.labels.get("shard") == Some(&s)
@@ -109,7 +120,7 @@ fn summarise(state: &ClusterState, gateways: Scrapes<'_>, workers: Scrapes<'_>, 
                 lag: stream("im_stream_consumer_lag", "accepted") + stream("im_stream_consumer_lag", "to_save"),
                 oldest_pending_secs: stream("im_stream_oldest_pending_age_seconds", "accepted")
                     .max(stream("im_stream_oldest_pending_age_seconds", "to_save")),
-                dead_letters: sum(&w_now, "im_stream_dead_letter_length", &by_shard),
+                dead_letters: gauge("im_stream_dead_letter_length", &by_shard),
                 accepted_per_sec: rate(&g_before, &g_now, "im_gateway_appends_total", &by_shard),
                 delivered_per_sec: rate(&w_before, &w_now, "im_worker_delivered_total", &by_shard),
                 saved_per_sec: rate(&w_before, &w_now, "im_worker_saved_total", &by_shard),
@@ -140,5 +151,57 @@ fn summarise(state: &ClusterState, gateways: Scrapes<'_>, workers: Scrapes<'_>, 
         gateways,
         workers_up: workers.1.iter().filter(|p| p.is_some()).count(),
         workers: state.workers.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+        Sample {
+            name: name.to_owned(),
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            value,
+        }
+    }
+
+    fn state() -> ClusterState {
+        ClusterState {
+            gateways: Vec::new(),
+            workers: Vec::new(),
+            redis_url: String::new(),
+            mysql_url: String::new(),
+            jwt_secret: String::new(),
+            key_prefix: "im".into(),
+            mode: "full".into(),
+            shards: 1,
+            config_path: std::path::PathBuf::new(),
+            dir: std::path::PathBuf::new(),
+            private_servers: Vec::new(),
+            dashboard: None,
+        }
+    }
+
+    #[test]
+    fn a_former_owners_stale_gauges_do_not_count_while_another_worker_owns_the_shard() {
+        let page = |node: &str, held: f64, accepted_len: f64| {
+            vec![
+                sample("im_worker_lease_held", &[("shard", "0"), ("node", node)], held),
+                sample("im_stream_length", &[("shard", "0"), ("stream", "accepted"), ("node", node)], accepted_len),
+                sample("im_stream_length", &[("shard", "0"), ("stream", "to_save"), ("node", node)], 0.0),
+                sample("im_stream_dead_letter_length", &[("shard", "0"), ("node", node)], 1.0),
+            ]
+        };
+        // The former owner was paused past its lease: its gauges froze at 900 entries.
+        let workers = vec![Some(page("old", 0.0, 900.0)), Some(page("new", 1.0, 4.0))];
+        let status = summarise(&state(), (&[], &[]), (&workers, &workers), 1.0);
+        let shard = &status.shards[0];
+        assert_eq!(shard.owner.as_deref(), Some("new"));
+        assert_eq!((shard.backlog, shard.dead_letters), (4.0, 1.0), "{shard:?}");
+        // Nobody owns it: whatever the workers report is all there is.
+        let workers = vec![Some(page("old", 0.0, 900.0))];
+        let status = summarise(&state(), (&[], &[]), (&workers, &workers), 1.0);
+        assert_eq!(status.shards[0].backlog, 900.0);
     }
 }

@@ -29,6 +29,8 @@ const DRILL_BODY_BYTES: usize = 64;
 const SLOW_CONSUMERS_BODY_BYTES: usize = 2000;
 /// Sending before the drill's measured window.
 const DRILL_WARMUP: Duration = Duration::from_secs(2);
+/// chaos: the chaos period unless `--minutes` or `--seconds` says otherwise.
+const CHAOS_MINUTES: f64 = 5.0;
 
 /// Which drill to run, and its knobs.
 #[derive(Args, Debug)]
@@ -37,9 +39,27 @@ pub struct DrillArgs {
     #[arg(value_enum)]
     name: Drill,
     /// Length of the fault: the outage (db-outage, redis-outage), the kill period (worker-kill), the
-    /// gateway's downtime (gateway-restart), the loaded window (slow-consumers, overload).
+    /// gateway's downtime (gateway-restart), the loaded window (slow-consumers, overload), the chaos
+    /// period (chaos).
     #[arg(long)]
     seconds: Option<f64>,
+    /// chaos: the chaos period in minutes (faults are injected throughout) [default: 5].
+    #[arg(long, conflicts_with = "seconds")]
+    minutes: Option<f64>,
+    /// chaos: the seed of the fault schedule [default: a random one, printed at the start and in the
+    /// verdict]; a failing run is replayed with its seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Receivers confirm deliveries as real clients do (`ACK delivered` for the highest serverMsgId
+    /// seen, at most one per receiver per 100 ms) [default: on for chaos, off otherwise];
+    /// `--ack-delivered=false` turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    ack_delivered: Option<bool>,
+    /// Crossed conversations: every sender sends every other message to the next pair's receiver,
+    /// so every receiver hears from two senders [default: on for chaos, off otherwise];
+    /// `--crossed=false` turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    crossed: Option<bool>,
     /// Connections (users): half senders, half receivers [default: 200; slow-consumers 100; overload
     /// 1000, so that twice the maximum rate stays within the gateways' per-connection rate limit].
     #[arg(long)]
@@ -109,7 +129,11 @@ impl DrillArgs {
             Drill::RedisRestart => 0.0,
             Drill::SlowConsumers | Drill::Overload => 20.0,
             Drill::DbOutage | Drill::RedisOutage => 10.0,
+            Drill::Chaos => 60.0 * self.minutes.unwrap_or(CHAOS_MINUTES),
         };
+        if self.minutes.is_some() && self.name != Drill::Chaos {
+            return Err(BenchError::InvalidSpec("--minutes is the chaos period; other drills take --seconds".into()));
+        }
         let progress = secs(self.progress_secs, "progress-secs")?;
         let pairs = (connections / 2).max(1);
         let out = self.out.clone().unwrap_or_else(|| {
@@ -124,6 +148,8 @@ impl DrillArgs {
             slow_receivers: if slow { self.slow_fraction } else { 0.0 },
             slow_read_delay: Duration::from_millis(self.slow_read_ms),
             warmup: DRILL_WARMUP,
+            ack_delivered: self.ack_delivered.unwrap_or(self.name == Drill::Chaos),
+            crossed: self.crossed.unwrap_or(self.name == Drill::Chaos),
             ..LoadSpec::default()
         };
         spec.config = config;
@@ -136,6 +162,7 @@ impl DrillArgs {
         spec.signal = self.signal;
         spec.appendfsync = self.appendfsync.clone();
         spec.max_rate = self.max_rate;
+        spec.seed = self.seed;
         Ok(spec)
     }
 

@@ -87,6 +87,14 @@ pub struct LoadArgs {
     /// Seconds between progress lines on stderr (0: none).
     #[arg(long, default_value_t = 5.0)]
     progress_secs: f64,
+    /// Receivers confirm deliveries as a real client does: `ACK delivered` for the highest
+    /// serverMsgId seen so far, at most one per receiver per 100 ms.
+    #[arg(long)]
+    ack_delivered: bool,
+    /// Crossed conversations: every sender sends every other message to the next pair's receiver,
+    /// so every receiver hears from two senders.
+    #[arg(long)]
+    crossed: bool,
 }
 
 impl LoadArgs {
@@ -112,6 +120,8 @@ impl LoadArgs {
             auth: self.auth,
             base_uid: self.base_uid,
             progress: (!progress.is_zero()).then_some(progress),
+            ack_delivered: self.ack_delivered,
+            crossed: self.crossed,
             ..LoadSpec::default()
         })
     }

@@ -1,6 +1,8 @@
 //! Injecting a drill's fault into its cluster: stop or kill a private server and start it again,
-//! kill shard owners and replace them, stop and restart a gateway — always only what the drill's own
-//! cluster started, and every replacement recorded in the run's state file.
+//! kill shard owners and replace them, stop and restart a gateway, pause a process (SIGSTOP) and
+//! resume it — always only what the drill's own cluster started, and every replacement recorded in
+//! the run's state file. Each mechanism exists once here; the single-fault drills and the chaos drill
+//! (`chaos`) both call these.
 
 use std::path::Path;
 use std::time::Duration;
@@ -86,32 +88,80 @@ impl DrillRun<'_> {
                 ));
             }
             Drill::GatewayRestart => {
-                let gw = state.snapshot().gateways[0].clone();
-                match spec.signal {
-                    StopSignal::Kill => {
-                        process::send(gw.pid, Signal::SIGKILL).map_err(|e| BenchError::InvalidSpec(e.to_string()))?;
-                        process::wait_gone(gw.pid, GONE_WAIT).await;
-                    }
-                    StopSignal::Term => process::terminate(gw.pid, cluster::STOP_GRACE).await,
-                }
-                eprintln!("[{}] gateway {} stopped ({:?})", self.load.label, gw.node_id, spec.signal);
-                tokio::time::sleep(spec.fault).await;
-                let (dir, config) = {
-                    let s = state.snapshot();
-                    (s.dir.clone(), s.config_path.clone())
-                };
-                let node = gw.node_id;
-                let fresh = cluster::spawn_gateway(&dir, &config, node).await?;
-                state.update(|s| s.gateways[0] = fresh)?;
-                eprintln!("[{}] gateway {node} started again", self.load.label);
+                let node = restart_gateway(state, 0, spec.signal, spec.fault).await?;
+                eprintln!("[{}] gateway {node} stopped ({:?}) and started again", self.load.label, spec.signal);
             }
             Drill::SlowConsumers | Drill::Overload => {
                 // The load is the fault: watch it for its window.
                 tokio::time::sleep(self.load.duration).await;
             }
+            Drill::Chaos => self.chaos(checks).await?,
         }
         Ok(FaultWindow { began, ended: Instant::now() })
     }
+}
+
+/// Stops gateway `index` (SIGKILL, or SIGTERM with a grace), leaves it down for `downtime`, and
+/// starts it again with the same node id; returns the node id.
+pub(super) async fn restart_gateway(
+    state: &DrillCluster,
+    index: usize,
+    signal: StopSignal,
+    downtime: Duration,
+) -> Result<u16, BenchError> {
+    let gw = state.snapshot().gateways[index].clone();
+    match signal {
+        StopSignal::Kill => {
+            process::send(gw.pid, Signal::SIGKILL).map_err(|e| BenchError::InvalidSpec(e.to_string()))?;
+            process::wait_gone(gw.pid, GONE_WAIT).await;
+        }
+        StopSignal::Term => process::terminate(gw.pid, cluster::STOP_GRACE).await,
+    }
+    tokio::time::sleep(downtime).await;
+    let (dir, config) = {
+        let s = state.snapshot();
+        (s.dir.clone(), s.config_path.clone())
+    };
+    let fresh = cluster::spawn_gateway(&dir, &config, gw.node_id).await?;
+    state.update(|s| s.gateways[index] = fresh)?;
+    Ok(gw.node_id)
+}
+
+/// SIGSTOPs `pid` for `length`, then SIGCONTs it — also when the drill is dropped halfway, so a
+/// paused process is never left behind.
+pub(super) async fn pause_process(pid: u32, length: Duration) -> Result<(), BenchError> {
+    /// Resumes the process when dropped.
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            if let Err(error) = process::send(self.0, Signal::SIGCONT) {
+                eprintln!("could not resume pid {}: {error}", self.0);
+            }
+        }
+    }
+    let resume = Resume(pid);
+    process::send(pid, Signal::SIGSTOP).map_err(|e| BenchError::InvalidSpec(e.to_string()))?;
+    tokio::time::sleep(length).await;
+    drop(resume);
+    Ok(())
+}
+
+/// Starts a standby in place of every worker that is no longer running (killed by a fault, or gone
+/// on its own); returns the indexes replaced.
+pub(super) async fn replace_dead_workers(state: &DrillCluster) -> Result<Vec<usize>, BenchError> {
+    let snapshot = state.snapshot();
+    let mut replaced = Vec::new();
+    for (index, w) in snapshot.workers.iter().enumerate() {
+        if process::is_alive(w.pid) {
+            continue;
+        }
+        let fresh =
+            cluster::spawn_worker(&snapshot.dir, &snapshot.config_path, next_worker_serial(&snapshot.dir), None)
+                .await?;
+        state.update(|s| s.workers[index] = fresh)?;
+        replaced.push(index);
+    }
+    Ok(replaced)
 }
 
 /// Index of the cluster's private server of `kind`.
@@ -122,7 +172,7 @@ fn server_index(state: &DrillCluster, kind: &str) -> Result<usize, BenchError> {
 }
 
 /// Stops (`kill`: SIGKILL, else a graceful stop) the cluster's private server of `kind`; returns its index.
-async fn stop_server(state: &DrillCluster, kind: &str, kill: bool) -> Result<usize, BenchError> {
+pub(super) async fn stop_server(state: &DrillCluster, kind: &str, kill: bool) -> Result<usize, BenchError> {
     let index = server_index(state, kind)?;
     let server = state.snapshot().private_servers[index].clone();
     if kill {
@@ -134,7 +184,11 @@ async fn stop_server(state: &DrillCluster, kind: &str, kill: bool) -> Result<usi
 }
 
 /// Starts the stopped server `index` again (Redis with `appendfsync` if given) and records its new pid.
-async fn restart_server(state: &DrillCluster, index: usize, appendfsync: Option<&str>) -> Result<(), BenchError> {
+pub(super) async fn restart_server(
+    state: &DrillCluster,
+    index: usize,
+    appendfsync: Option<&str>,
+) -> Result<(), BenchError> {
     let server = state.snapshot().private_servers[index].clone();
     let fresh = match appendfsync {
         Some(policy) if server.kind_name == "redis" => {
@@ -151,6 +205,12 @@ async fn restart_server(state: &DrillCluster, index: usize, appendfsync: Option<
 /// The index (in the state's worker list) of a worker that holds a shard lease now; the `turn`-th
 /// such worker in round robin, so kills spread over shards.
 async fn shard_owner(state: &DrillCluster, turn: usize) -> Option<usize> {
+    let owners = shard_owners(state).await;
+    (!owners.is_empty()).then(|| owners[turn % owners.len()])
+}
+
+/// The indexes (in the state's worker list, ascending) of the workers that hold a shard lease now.
+pub(super) async fn shard_owners(state: &DrillCluster) -> Vec<usize> {
     let workers = state.snapshot().workers;
     let mut owners = Vec::new();
     for (i, w) in workers.iter().enumerate() {
@@ -159,11 +219,11 @@ async fn shard_owner(state: &DrillCluster, turn: usize) -> Option<usize> {
             owners.push(i);
         }
     }
-    (!owners.is_empty()).then(|| owners[turn % owners.len()])
+    owners
 }
 
 /// `kill -9` worker `index` and start a standby in its place, so the pool never runs dry.
-async fn kill_worker_and_replace(state: &DrillCluster, index: usize) -> Result<(), BenchError> {
+pub(super) async fn kill_worker_and_replace(state: &DrillCluster, index: usize) -> Result<(), BenchError> {
     let (victim, dir, config, serial) = {
         let s = state.snapshot();
         (s.workers[index].pid, s.dir.clone(), s.config_path.clone(), next_worker_serial(&s.dir))

@@ -14,12 +14,15 @@
 //!
 //! The verdict passes only when nothing receipted is lost (every `ACK(accepted)`/`ACK(saved)` message
 //! was pushed to its receiver and has its row), no row is duplicated, no sender's messages arrived
-//! out of order, and the drill's own checks hold (listed in `checks`, each with what it measured).//!
+//! out of order, no message appeared under two serverMsgIds, every `ACK(saved)` has the row of that
+//! very message, and the drill's own checks hold (listed in `checks`, each with what it measured).
+//!
 //! The parts: `session` prepares a run (config, cluster) and executes it; `faults` injects the
-//! fault; `monitor` samples the cluster while the load runs; `verdict` turns it all into a
-//! [`DrillVerdict`]. A cluster the drill started is owned by a `ClusterGuard`, so an error or
+//! fault; `chaos` runs the seeded sequence of faults of the `chaos` drill through `faults`; `monitor`
+//! samples the cluster while the load runs; `verdict` turns it all into a [`DrillVerdict`]. A cluster the drill started is owned by a `ClusterGuard`, so an error or
 //! Ctrl-C halfway kills it instead of leaving it behind.
 
+mod chaos;
 mod faults;
 mod monitor;
 mod session;
@@ -34,9 +37,10 @@ use serde::Serialize;
 use im_common::config::Config;
 use im_harness::cluster::{self, ClusterState};
 
-use crate::spec::LoadSpec;
+use crate::spec::{FrontDoor, LoadSpec};
 use crate::BenchError;
 
+pub use chaos::{ChaosEvent, ChaosFault, ChaosReport};
 pub use verdict::{Check, DrillVerdict};
 
 /// The state file of a drill run, in its run directory.
@@ -53,11 +57,12 @@ pub enum Drill {
     RedisOutage,
     SlowConsumers,
     Overload,
+    Chaos,
 }
 
 impl Drill {
     /// Every drill, in the order `ops drill all` would run them.
-    pub const ALL: [Drill; 7] = [
+    pub const ALL: [Drill; 8] = [
         Drill::DbOutage,
         Drill::WorkerKill,
         Drill::RedisOutage,
@@ -65,6 +70,7 @@ impl Drill {
         Drill::GatewayRestart,
         Drill::SlowConsumers,
         Drill::Overload,
+        Drill::Chaos,
     ];
 
     /// The drill's command-line name.
@@ -77,6 +83,7 @@ impl Drill {
             Drill::RedisOutage => "redis-outage",
             Drill::SlowConsumers => "slow-consumers",
             Drill::Overload => "overload",
+            Drill::Chaos => "chaos",
         }
     }
 
@@ -100,7 +107,7 @@ pub enum StopSignal {
 #[derive(Debug, Clone)]
 pub struct DrillSpec {
     pub drill: Drill,
-    /// Length of the fault (outages), or of the whole fault period (`worker-kill`).
+    /// Length of the fault (outages), or of the whole fault period (`worker-kill`, `chaos`).
     pub fault: Duration,
     /// The load; the drill stretches its window to cover the lead, the fault and a tail.
     pub load: LoadSpec,
@@ -131,14 +138,23 @@ pub struct DrillSpec {
     pub lead: Duration,
     /// Load kept up after the fault, to watch the recovery under load.
     pub tail: Duration,
+    /// `chaos`: the seed of the fault schedule (`None`: a random one, printed and kept in the verdict).
+    pub seed: Option<u64>,
 }
 
 impl DrillSpec {
     /// A drill with the defaults of `bench drill`: 200 connections at 400 msg/s over 2 gateways and
-    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail.
+    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail. In the chaos drill only,
+    /// receivers confirm deliveries (`ACK delivered`) and conversations are crossed (every receiver
+    /// hears from two senders).
     pub fn new(drill: Drill, fault: Duration, out: PathBuf) -> DrillSpec {
-        let load =
-            LoadSpec { connections: 200, interval: LoadSpec::interval_for_rate(100, 400.0), ..LoadSpec::default() };
+        let load = LoadSpec {
+            connections: 200,
+            interval: LoadSpec::interval_for_rate(100, 400.0),
+            ack_delivered: drill == Drill::Chaos,
+            crossed: drill == Drill::Chaos,
+            ..LoadSpec::default()
+        };
         DrillSpec {
             drill,
             fault,
@@ -157,6 +173,7 @@ impl DrillSpec {
             slow_p99_factor: 2.0,
             lead: Duration::from_secs(4),
             tail: Duration::from_secs(8),
+            seed: None,
         }
     }
 }
@@ -200,17 +217,25 @@ pub async fn run(spec: &DrillSpec) -> Result<Vec<DrillVerdict>, BenchError> {
 
 /// The cluster a drill works on, shared by the fault injector (which replaces pids and server
 /// handles) and the monitor (which reads the current endpoints). Every change is written to the
-/// run's state file at once, so the cluster's guard (and `ops down`) always knows every process.
+/// run's state file at once, so the cluster's guard (and `ops down`) always knows every process, and
+/// to the front door, so reconnecting clients find a restarted gateway on its new port.
 #[derive(Clone)]
 struct DrillCluster {
     state: Arc<Mutex<ClusterState>>,
     state_file: PathBuf,
+    front_door: FrontDoor,
+}
+
+/// The gateways' WebSocket URLs of a cluster.
+fn gateway_urls(state: &ClusterState) -> Vec<String> {
+    state.gateways.iter().map(|g| g.ws_url.clone()).collect()
 }
 
 impl DrillCluster {
     fn new(state: ClusterState, state_file: PathBuf) -> Result<DrillCluster, BenchError> {
         cluster::save_state(&state, &state_file)?;
-        Ok(DrillCluster { state: Arc::new(Mutex::new(state)), state_file })
+        let front_door = FrontDoor::new(gateway_urls(&state));
+        Ok(DrillCluster { state: Arc::new(Mutex::new(state)), state_file, front_door })
     }
 
     /// The cluster as it is now.
@@ -222,6 +247,7 @@ impl DrillCluster {
     fn update(&self, f: impl FnOnce(&mut ClusterState)) -> Result<(), BenchError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut state);
+        self.front_door.set(gateway_urls(&state));
         Ok(cluster::save_state(&state, &self.state_file)?)
     }
 }

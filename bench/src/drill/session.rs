@@ -33,6 +33,11 @@ const OVERLOAD_MAX_BACKLOG: u64 = 20_000;
 const MIN_LOADED_WINDOW: Duration = Duration::from_secs(10);
 /// The drain allowance beyond the fault.
 const DRAIN_BEYOND_FAULT: Duration = Duration::from_secs(30);
+/// chaos: a short route TTL, so a paused gateway's routes lapse within seconds (its pauses are
+/// 0.5–2 × this) — with the default 30 s a pause long enough to lapse would last a minute.
+const CHAOS_ROUTE_TTL_MS: u64 = 4000;
+/// chaos: the drain allowance after the load stops (the last fault ended before the load's tail).
+const CHAOS_DRAIN: Duration = Duration::from_secs(60);
 
 /// One drill run on one cluster.
 pub(super) struct DrillRun<'a> {
@@ -44,6 +49,10 @@ pub(super) struct DrillRun<'a> {
     pub guard: Option<ClusterGuard>,
     pub load: LoadSpec,
     pub notes: Vec<String>,
+    /// chaos: the seed of the fault schedule.
+    pub seed: Option<u64>,
+    /// chaos: what the schedule did.
+    pub chaos: Option<super::ChaosReport>,
 }
 
 impl<'a> DrillRun<'a> {
@@ -74,6 +83,12 @@ impl<'a> DrillRun<'a> {
         if spec.drill == Drill::Overload {
             // Admission control must bite before memory does.
             config.two_phase.max_backlog = config.two_phase.max_backlog.min(OVERLOAD_MAX_BACKLOG);
+        }
+        let seed = (spec.drill == Drill::Chaos).then(|| spec.seed.unwrap_or_else(rand::random));
+        if let Some(seed) = seed {
+            config.gateway.route_ttl_ms = config.gateway.route_ttl_ms.min(CHAOS_ROUTE_TTL_MS);
+            eprintln!("[chaos] seed {seed} (replay this schedule with --seed {seed})");
+            variant.push(format!("seed={seed}"));
         }
         let name = if variant.is_empty() {
             spec.drill.name().to_owned()
@@ -106,7 +121,17 @@ impl<'a> DrillRun<'a> {
             });
             variant.push(format!("appendfsync={}", policy.unwrap_or_else(|| "unknown".into())));
         }
-        Ok(DrillRun { spec, variant: variant.join(", "), dir, cluster, guard, load, notes: Vec::new() })
+        Ok(DrillRun {
+            spec,
+            variant: variant.join(", "),
+            dir,
+            cluster,
+            guard,
+            load,
+            notes: Vec::new(),
+            seed,
+            chaos: None,
+        })
     }
 
     /// Runs the load with the fault, then checks.
@@ -116,6 +141,10 @@ impl<'a> DrillRun<'a> {
         let mut control_e2e_p99 = None;
         match spec.drill {
             Drill::GatewayRestart | Drill::SlowConsumers => self.load.reconnect = true,
+            Drill::Chaos => {
+                self.load.reconnect = true;
+                self.load.storm = Some(crate::load::ReconnectStorm::new());
+            }
             Drill::Overload => {
                 self.load.interval = LoadSpec::interval_for_rate(self.load.pairs(), 2.0 * spec.max_rate);
             }
@@ -127,7 +156,10 @@ impl<'a> DrillRun<'a> {
             _ => spec.lead + spec.fault + spec.tail,
         };
         self.load.duration = window;
-        self.load.drain = self.load.drain.max(spec.fault + DRAIN_BEYOND_FAULT);
+        self.load.drain = match spec.drill {
+            Drill::Chaos => self.load.drain.max(CHAOS_DRAIN),
+            _ => self.load.drain.max(spec.fault + DRAIN_BEYOND_FAULT),
+        };
 
         if spec.drill == Drill::SlowConsumers {
             // Same load, everyone reading at full speed: the p99 the fast receivers are held to.
@@ -141,7 +173,8 @@ impl<'a> DrillRun<'a> {
             control_e2e_p99 = Some(p99);
         }
 
-        let target = Target::from_state(&self.cluster.snapshot())?;
+        let mut target = Target::from_state(&self.cluster.snapshot())?;
+        target.front_door = Some(self.cluster.front_door.clone());
         let stop_monitor = CancellationToken::new();
         let monitor = tokio::spawn(monitor(self.cluster.clone(), stop_monitor.clone()));
         let load_spec = self.load.clone();

@@ -7,11 +7,12 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use super::chaos::panics_in_logs;
 use super::faults::FaultWindow;
 use super::monitor::Sample;
 use super::session::DrillRun;
-use super::Drill;
-use crate::checker::RowVerdict;
+use super::{ChaosReport, Drill};
+use crate::checker::{self, LostPush, Reorder, RowVerdict};
 use crate::load::{LoadResult, SLOW_RECEIVER_PREFIX};
 use crate::recorder::Percentiles;
 
@@ -23,6 +24,12 @@ const OVERLOAD_RSS_BOUND_MIB: f64 = 1024.0;
 const SLOW_CONSUMERS_DEFAULT_BOUND_MS: f64 = 250.0;
 /// slow-consumers: the bound is never tighter than the control's p99 plus this, ms.
 const SLOW_CONSUMERS_MIN_HEADROOM_MS: f64 = 50.0;
+/// Reorders and lost pushes listed in a verdict (all are counted).
+const REORDER_EXAMPLES: usize = 10;
+const LOST_EXAMPLES: usize = 10;
+/// chaos: the only `ERROR` a message may be answered with — Redis restarts (fail-open's order guard),
+/// load shedding while the cluster catches up, the shard backlog bound.
+const CHAOS_ALLOWED_ERRORS: [&str; 1] = ["server_busy"];
 
 /// One named check beyond the common ones.
 #[derive(Debug, Clone, Serialize)]
@@ -59,15 +66,39 @@ pub struct DrillVerdict {
     /// Receipted messages never pushed to their receiver plus receipted messages without a row.
     pub lost: u64,
     pub lost_pushes: u64,
+    /// Of the lost pushes, those whose id is below the highest id their receiver saw from anyone: a
+    /// delivered cursor at the receiver's high-water mark lies beyond them (issue 12).
+    pub lost_below_receivers_highest_seen: u64,
+    /// Of the lost pushes, those whose receiver got a later message of the same sender (a gap in
+    /// one conversation, not only behind another sender's newer id).
+    pub lost_with_later_from_same_sender_seen: u64,
+    /// The first lost pushes, described.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lost_examples: Vec<LostPush>,
     pub missing_rows: u64,
     /// Receipted, not pushed, to a receiver that could not stay or get connected.
     pub undelivered_receiver_gone: u64,
     pub duplicate_rows: u64,
     pub duplicate_deliveries: u64,
     pub reorders: u64,
+    /// Of the reorders, those on a connection a receiver opened by reconnecting (an older message
+    /// that arrived, e.g. by offline resend, after a newer one on that connection).
+    pub reorders_after_reconnect: u64,
+    /// The first reorders, with where they happened.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reorder_examples: Vec<Reorder>,
+    /// Pushes, receipts and rows whose serverMsgId disagrees with another one of the same message.
     pub id_mismatches: u64,
+    /// Messages (sender, clientMsgId) seen under more than one serverMsgId anywhere: receipts,
+    /// answers to resends, pushes, rows (SPEC §3.9). Must be 0 for any drill to pass.
+    pub messages_with_several_ids: u64,
+    /// Messages with an `ACK(saved)` whose serverMsgId has no row, or a row of another (from,
+    /// clientMsgId) (SPEC §3.9). Must be 0 for any drill to pass.
+    pub saved_without_matching_row: u64,
     /// Client reconnects (load with reconnect on).
     pub reconnects: u64,
+    /// `ACK delivered` frames the receivers sent (load with `ack_delivered`).
+    pub delivered_acks: u64,
     /// Highest total backlog seen (unsaved stream entries, all shards).
     pub backlog_peak: f64,
     /// Backlog before the fault (highest sample), the level "recovered" returns to.
@@ -81,6 +112,9 @@ pub struct DrillVerdict {
     pub errors_by_reason: BTreeMap<String, u64>,
     pub checks: Vec<Check>,
     pub notes: Vec<String>,
+    /// chaos: the seed and what the schedule injected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<ChaosReport>,
     pub passed: bool,
     /// The run directory of this drill (cluster logs, verdict JSON).
     pub dir: PathBuf,
@@ -104,16 +138,50 @@ impl DrillVerdict {
             self.sent, self.accepted, self.saved, self.errored, self.unanswered, self.delivered
         );
         out += &format!(
-            "  lost {} (pushes {}, rows {})  duplicate rows {}  duplicate deliveries {}  reorders {}  id mismatches {}  reconnects {}\n",
+            "  lost {} (pushes {}, rows {})  duplicate rows {}  duplicate deliveries {}  reorders {}  reconnects {}\n",
             self.lost,
             self.lost_pushes,
             self.missing_rows,
             self.duplicate_rows,
             self.duplicate_deliveries,
             self.reorders,
-            self.id_mismatches,
             self.reconnects
         );
+        out += &format!(
+            "  one message, several ids {}  receipt without matching row {}  id mismatches {}\n",
+            self.messages_with_several_ids, self.saved_without_matching_row, self.id_mismatches
+        );
+        if self.lost_pushes > 0 {
+            out += &format!(
+                "  lost pushes: {} below the highest id their receiver saw from anyone (a delivered cursor there skips \
+                 them), {} with a later message of the same sender seen\n",
+                self.lost_below_receivers_highest_seen, self.lost_with_later_from_same_sender_seen
+            );
+        }
+        if self.reorders > 0 {
+            let examples: Vec<String> = self
+                .reorder_examples
+                .iter()
+                .take(3)
+                .map(|o| {
+                    format!(
+                        "receiver {} got {}'s #{} after #{} (connection {}{})",
+                        o.receiver,
+                        o.from,
+                        o.seq,
+                        o.after_seq,
+                        o.connection,
+                        if o.higher_on_same_connection { "" } else { ", the later one on an earlier connection" }
+                    )
+                })
+                .collect();
+            out += &format!(
+                "  reorders: {} on connections opened by a reconnect, {} on first connections; e.g. {}\n",
+                self.reorders_after_reconnect,
+                self.reorders - self.reorders_after_reconnect,
+                examples.join("; ")
+            );
+        }
         let recover = self.time_to_recover_secs.map_or_else(|| "not seen".to_owned(), |s| format!("{s:.1} s"));
         out += &format!(
             "  backlog peak {:.0} (before {:.0})  time to recover {recover}  saved p99 {:.0} ms  E2E p99 {:.0} ms\n",
@@ -126,6 +194,9 @@ impl DrillVerdict {
         if !self.errors_by_reason.is_empty() {
             let errors: Vec<String> = self.errors_by_reason.iter().map(|(k, v)| format!("{k} {v}")).collect();
             out += &format!("  errors: {}\n", errors.join(", "));
+        }
+        if let Some(chaos) = &self.chaos {
+            out += &format!("  chaos seed {} (replay: --seed {}): {}\n", chaos.seed, chaos.seed, chaos.summary());
         }
         for c in &self.checks {
             out += &format!("  [{}] {}: {}\n", if c.passed { "ok" } else { "FAIL" }, c.name, c.detail);
@@ -268,6 +339,47 @@ impl DrillRun<'_> {
                     format!("{} undelivered, {} lost", v.undelivered_receiver_gone, v.lost),
                 ));
             }
+            Drill::Chaos => {
+                let mut other: BTreeMap<&str, u64> = BTreeMap::new();
+                let mut allowed = 0;
+                for reason in result.senders.iter().flat_map(|s| &s.messages).filter_map(|m| m.error.as_deref()) {
+                    if CHAOS_ALLOWED_ERRORS.contains(&reason) {
+                        allowed += 1;
+                    } else {
+                        *other.entry(reason).or_default() += 1;
+                    }
+                }
+                let listed: Vec<String> = other.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                checks.push(Check::new(
+                    "only_allowed_errors",
+                    other.is_empty(),
+                    format!(
+                        "{allowed} messages answered {} (allowed); other errors: {}",
+                        CHAOS_ALLOWED_ERRORS.join("/"),
+                        if listed.is_empty() { "none".to_owned() } else { listed.join(", ") }
+                    ),
+                ));
+                let panics = panics_in_logs(&self.cluster.snapshot().dir);
+                let listed: Vec<String> =
+                    panics.iter().map(|(log, n, first)| format!("{log}: {n} (first: {first})")).collect();
+                checks.push(Check::new(
+                    "no_panics",
+                    panics.is_empty(),
+                    if panics.is_empty() {
+                        "no panic in any gateway or worker log".to_owned()
+                    } else {
+                        listed.join("; ")
+                    },
+                ));
+                checks.push(Check::new(
+                    "receivers_connected_at_the_end",
+                    v.undelivered_receiver_gone == 0,
+                    format!(
+                        "{} receipted messages undelivered to receivers that could not reconnect; {} reconnects",
+                        v.undelivered_receiver_gone, result.reconnects
+                    ),
+                ));
+            }
             Drill::Overload => {
                 let rejected: u64 = errors.iter().filter(|(k, _)| busy_like(k)).map(|(_, n)| n).sum();
                 let other: u64 = errors.iter().filter(|(k, _)| !busy_like(k)).map(|(_, n)| n).sum();
@@ -292,8 +404,15 @@ impl DrillRun<'_> {
                 ));
             }
         }
+        let reorders = checker::reorders(&result.receivers);
+        let lost_pushes = checker::lost_pushes(&result.senders, &result.receivers);
         let lost = v.lost + rows.missing;
-        let passed = lost == 0 && rows.duplicated == 0 && v.reorders == 0 && checks.iter().all(|c| c.passed);
+        let passed = lost == 0
+            && rows.duplicated == 0
+            && v.reorders == 0
+            && rows.messages_with_several_ids == 0
+            && rows.saved_without_matching_row == 0
+            && checks.iter().all(|c| c.passed);
         DrillVerdict {
             drill: spec.drill,
             variant: self.variant.clone(),
@@ -308,13 +427,23 @@ impl DrillRun<'_> {
             delivered: v.delivered,
             lost,
             lost_pushes: v.lost,
+            lost_below_receivers_highest_seen: lost_pushes.iter().filter(|l| l.below_receivers_highest_seen).count()
+                as u64,
+            lost_with_later_from_same_sender_seen: lost_pushes.iter().filter(|l| l.later_from_same_sender_seen).count()
+                as u64,
+            lost_examples: lost_pushes.into_iter().take(LOST_EXAMPLES).collect(),
             missing_rows: rows.missing,
             undelivered_receiver_gone: v.undelivered_receiver_gone,
             duplicate_rows: rows.duplicated,
             duplicate_deliveries: v.duplicates,
             reorders: v.reorders,
+            reorders_after_reconnect: reorders.iter().filter(|o| o.connection > 0).count() as u64,
+            reorder_examples: reorders.into_iter().take(REORDER_EXAMPLES).collect(),
             id_mismatches: v.id_mismatches + rows.id_mismatches,
+            messages_with_several_ids: rows.messages_with_several_ids,
+            saved_without_matching_row: rows.saved_without_matching_row,
             reconnects: result.reconnects,
+            delivered_acks: result.delivered_acks,
             backlog_peak: peak,
             backlog_before: before,
             time_to_recover_secs: time_to_recover,
@@ -324,6 +453,7 @@ impl DrillRun<'_> {
             errors_by_reason: errors,
             checks,
             notes: std::mem::take(&mut self.notes),
+            chaos: self.chaos.take(),
             passed,
             dir: self.dir.clone(),
         }

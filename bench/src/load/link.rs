@@ -13,7 +13,7 @@ use im_common::backoff::Backoff;
 use crate::client::{self, WsReader, WsWriter};
 use crate::plan::Pair;
 use crate::recorder::{Counters, Latency, Recorder};
-use crate::spec::{AuthMode, LoadSpec, Target};
+use crate::spec::{AuthMode, FrontDoor, LoadSpec, Target};
 
 /// Lifetime of the tokens the bench signs.
 const TOKEN_TTL_SECS: u64 = 86_400;
@@ -35,7 +35,8 @@ pub(super) fn is_slow(spec: &LoadSpec, index: usize) -> bool {
 #[derive(Clone)]
 pub(super) struct Link {
     pub uid: u64,
-    urls: Arc<Vec<String>>,
+    /// Where the gateways are (read again at every attempt).
+    urls: FrontDoor,
     token: Arc<str>,
     auth: AuthMode,
     timeout: Duration,
@@ -50,7 +51,7 @@ impl Link {
     pub fn new(target: &Target, spec: &LoadSpec, uid: u64, gateway: usize, recv_buffer: Option<u32>) -> Link {
         Link {
             uid,
-            urls: Arc::new(target.ws_urls.clone()),
+            urls: target.front_door.clone().unwrap_or_else(|| FrontDoor::new(target.ws_urls.clone())),
             token: im_common::auth::issue_token(&target.jwt_secret, uid, TOKEN_TTL_SECS).into(),
             auth: spec.auth,
             timeout: spec.connect_timeout,
@@ -60,9 +61,9 @@ impl Link {
         }
     }
 
-    /// Connects again, to the next gateway in the list each attempt, with exponential backoff and
-    /// jitter (so a gateway's clients do not all come back in the same millisecond). `None` once
-    /// shutdown begins.
+    /// Connects again, to the next gateway in the front door's list each attempt, with exponential
+    /// backoff and jitter (so a gateway's clients do not all come back in the same millisecond).
+    /// `None` once shutdown begins.
     pub async fn reconnect(&mut self, rec: &Recorder, shutdown: &CancellationToken) -> Option<Conn> {
         let mut backoff = Backoff::jittered(RECONNECT_FIRST, RECONNECT_MAX);
         loop {
@@ -70,8 +71,12 @@ impl Link {
                 _ = backoff.wait() => {}
                 _ = shutdown.cancelled() => return None,
             }
-            self.gateway = (self.gateway + 1) % self.urls.len();
-            let url = &self.urls[self.gateway];
+            let urls = self.urls.urls();
+            if urls.is_empty() {
+                continue;
+            }
+            self.gateway = (self.gateway + 1) % urls.len();
+            let url = &urls[self.gateway];
             match client::connect_with(url, &self.token, self.auth, self.timeout, self.recv_buffer).await {
                 Ok(conn) => {
                     Counters::bump(&rec.counters.reconnects);

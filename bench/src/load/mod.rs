@@ -16,11 +16,13 @@
 //! hot path by every connection task, and a wake-up per bump would cost more than a 20 ms poll.
 //! Checking rows against the database is [`crate::run()`]'s job, not this module's.
 
+mod delivered;
 mod link;
 mod progress;
 mod receiver;
 mod schedule;
 mod sender;
+mod storm;
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -45,7 +47,9 @@ use crate::BenchError;
 use link::{connect_all, is_slow, Link, SLOW_RECV_BUFFER};
 use progress::{progress_loop, Phase};
 use schedule::Schedule;
-use sender::{spawn_sender, SenderTasks};
+use sender::{spawn_sender, SenderOptions, SenderTasks};
+
+pub use storm::ReconnectStorm;
 
 /// A receiver (or an idle sender) sends `PING` this often, well under the gateway's idle timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -59,6 +63,10 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 const MIN_LEAD: Duration = Duration::from_millis(20);
 /// Prefix of the error label a slow receiver records for its disconnects.
 pub const SLOW_RECEIVER_PREFIX: &str = "slow_receiver_";
+/// A connection a reconnect storm closed is recorded as if the gateway had closed it with this code
+/// and reason (`closed_by_storm`).
+const STORM_CLOSE_CODE: u16 = 1000;
+const STORM_CLOSE_LABEL: &str = "by_storm";
 
 /// Connection outcomes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -119,6 +127,8 @@ pub struct LoadResult {
     pub reconnects: u64,
     /// Messages sent again after a reconnect, under the same clientMsgId.
     pub resent: u64,
+    /// `ACK delivered` frames the receivers sent (with [`LoadSpec::ack_delivered`]).
+    pub delivered_acks: u64,
 }
 
 impl LoadResult {
@@ -170,19 +180,26 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     phase.store(Phase::Settling as u8, Ordering::Relaxed);
     let mut sender_tasks = Vec::new();
     let mut receiver_tasks = Vec::new();
-    for (pair, (sender, receiver)) in pairs.iter().zip(conns) {
+    let receiver_up: Vec<bool> = conns.iter().map(|(_, receiver)| receiver.is_some()).collect();
+    let cross = cross_receivers(spec.crossed, &pairs, &receiver_up);
+    for ((pair, (sender, receiver)), cross_to) in pairs.iter().zip(conns).zip(cross) {
         let Some(conn) = receiver else { continue };
         let slow = is_slow(spec, pair.index);
         let link = Link::new(target, spec, pair.receiver, pair.receiver_gateway, slow.then_some(SLOW_RECV_BUFFER));
-        let pace = slow.then_some(spec.slow_read_delay);
+        let behaviour = receiver::Behaviour {
+            pace: slow.then_some(spec.slow_read_delay),
+            ack_delivered: spec.ack_delivered,
+            storm: spec.storm.as_ref().map(ReconnectStorm::watch),
+        };
         receiver_tasks.push((
             pair.receiver,
-            tasks.spawn(receiver::receive(conn, link, pace, rec.clone(), schedule.clone(), shutdown.clone())),
+            tasks.spawn(receiver::receive(conn, link, behaviour, rec.clone(), schedule.clone(), shutdown.clone())),
         ));
         // A sender without its receiver stays silent: its pushes could only be counted as lost.
         if let Some(conn) = sender {
             let link = Link::new(target, spec, pair.sender, pair.sender_gateway, None);
-            sender_tasks.push(spawn_sender(conn, link, pair, &rec, &schedule, &shutdown, &tasks));
+            let options = SenderOptions { storm: spec.storm.as_ref().map(ReconnectStorm::watch), cross_to };
+            sender_tasks.push(spawn_sender(conn, link, options, pair, &rec, &schedule, &shutdown, &tasks));
         }
     }
 
@@ -236,7 +253,25 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         bench_cpu_secs,
         reconnects: rec.counters.snapshot().reconnects,
         resent: rec.counters.snapshot().resent,
+        delivered_acks: rec.counters.snapshot().delivered_acks,
     })
+}
+
+/// Crossed load: per pair, the receiver its sender's odd-numbered messages go to — the next connected
+/// receiver in pair order (wrapping), so every receiver hears from two senders. `None` for every pair
+/// without crossing, or with fewer than two connected receivers.
+fn cross_receivers(crossed: bool, pairs: &[plan::Pair], receiver_up: &[bool]) -> Vec<Option<u64>> {
+    let connected: Vec<u64> = pairs.iter().zip(receiver_up).filter(|(_, &up)| up).map(|(p, _)| p.receiver).collect();
+    pairs
+        .iter()
+        .map(|p| {
+            if !crossed || connected.len() < 2 {
+                return None;
+            }
+            let at = connected.iter().position(|&r| r == p.receiver)?;
+            Some(connected[(at + 1) % connected.len()])
+        })
+        .collect()
 }
 
 /// Waits after the last send until every message is complete and every answered one delivered, or
@@ -275,8 +310,7 @@ async fn collect_receivers(
 ) -> Vec<ReceiverLog> {
     let mut logs = Vec::with_capacity(tasks.len());
     for (uid, reader) in tasks {
-        let log =
-            finish(reader, rec, grace_end).await.unwrap_or(ReceiverLog { uid, deliveries: Vec::new(), gone: true });
+        let log = finish(reader, rec, grace_end).await.unwrap_or(ReceiverLog { uid, gone: true, ..Default::default() });
         logs.push(log);
     }
     logs
@@ -297,5 +331,27 @@ async fn finish<T>(mut task: JoinHandle<T>, rec: &Recorder, grace_end: Instant) 
             rec.error("task_stuck_at_shutdown");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crossed_load_sends_to_the_next_connected_receiver() {
+        let pairs = plan::pairs(100, 8, 2, Duration::from_millis(10));
+        let receivers: Vec<u64> = pairs.iter().map(|p| p.receiver).collect();
+        assert_eq!(cross_receivers(false, &pairs, &[true; 4]), vec![None; 4]);
+        assert_eq!(
+            cross_receivers(true, &pairs, &[true; 4]),
+            vec![Some(receivers[1]), Some(receivers[2]), Some(receivers[3]), Some(receivers[0])]
+        );
+        // Receiver 2 never connected: nobody sends to it, and its own sender stays silent anyway.
+        assert_eq!(
+            cross_receivers(true, &pairs, &[true, true, false, true]),
+            vec![Some(receivers[1]), Some(receivers[3]), None, Some(receivers[0])]
+        );
+        assert_eq!(cross_receivers(true, &pairs[..1], &[true]), vec![None], "one pair has nobody to cross to");
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Open loop: message `k` goes out at `start + offset + k·interval` whatever happened to earlier ones;
 //! closed loop: also not before the previous message is complete. With reconnect on, a broken
-//! connection is replaced and every unconfirmed message is sent again under its own clientMsgId.
+//! connection (also one a reconnect storm closed) is replaced and every unconfirmed message is sent
+//! again under its own clientMsgId.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +19,8 @@ use im_common::protocol::{AckType, FrameType, ServerFrame};
 
 use super::link::{close_label, Conn, Link};
 use super::schedule::{message_body, Schedule};
-use super::KEEP_ALIVE;
+use super::storm::{self, StormWatch};
+use super::{KEEP_ALIVE, STORM_CLOSE_CODE, STORM_CLOSE_LABEL};
 use crate::checker::SentMsg;
 use crate::client::{ClientFrame, Incoming, WsReader, WsWriter};
 use crate::plan::Pair;
@@ -31,12 +33,22 @@ const CLOSED_LOOP_WAIT: Duration = Duration::from_secs(30);
 pub(super) struct SenderState {
     pub uid: u64,
     pub to: u64,
+    /// Crossed load: every other message (odd numbers) goes to this receiver instead.
+    cross_to: Option<u64>,
     messages: Mutex<Vec<SentMsg>>,
     /// Signalled when a message becomes complete (closed loop waits on it).
     answered: Notify,
 }
 
 impl SenderState {
+    /// The receiver of message `seq`.
+    fn to_of(&self, seq: usize) -> u64 {
+        match self.cross_to {
+            Some(other) if seq % 2 == 1 => other,
+            _ => self.to,
+        }
+    }
+
     pub fn messages(&self) -> std::sync::MutexGuard<'_, Vec<SentMsg>> {
         // A poisoned lock only means the other half panicked; the log itself is still consistent.
         self.messages.lock().unwrap_or_else(|p| p.into_inner())
@@ -49,9 +61,19 @@ pub(super) struct SenderTasks {
     pub writer: JoinHandle<()>,
 }
 
+/// What a sender does beyond sending to its own receiver on schedule.
+pub(super) struct SenderOptions {
+    /// Reconnect storms that may close its connection.
+    pub storm: Option<StormWatch>,
+    /// Crossed load: the receiver its odd-numbered messages go to.
+    pub cross_to: Option<u64>,
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_sender(
     conn: Conn,
     link: Link,
+    options: SenderOptions,
     pair: &Pair,
     rec: &Arc<Recorder>,
     schedule: &Arc<Schedule>,
@@ -61,12 +83,14 @@ pub(super) fn spawn_sender(
     let state = Arc::new(SenderState {
         uid: pair.sender,
         to: pair.receiver,
+        cross_to: options.cross_to,
         messages: Mutex::new(Vec::new()),
         answered: Notify::new(),
     });
     let session = SenderSession {
         state: state.clone(),
         link,
+        storm: options.storm,
         rec: rec.clone(),
         schedule: schedule.clone(),
         shutdown: shutdown.clone(),
@@ -79,6 +103,8 @@ pub(super) fn spawn_sender(
 struct SenderSession {
     state: Arc<SenderState>,
     link: Link,
+    /// Reconnect storms that may close its connection.
+    storm: Option<StormWatch>,
     rec: Arc<Recorder>,
     schedule: Arc<Schedule>,
     shutdown: CancellationToken,
@@ -117,7 +143,7 @@ impl SenderSession {
                 let body = message_body(sent_at_us, self.schedule.body_bytes);
                 let client_msg_id = seq.to_string();
                 let frame = ClientFrame::SingleChat {
-                    to: self.state.to,
+                    to: self.state.to_of(seq),
                     client_msg_id: &client_msg_id,
                     msg_type: "TEXT",
                     body: &body,
@@ -157,6 +183,11 @@ impl SenderSession {
                 _ = self.shutdown.cancelled() => break,
                 _ = &mut reader, if reconnect && !reader_done => {
                     reader_done = true;
+                    true
+                }
+                _ = storm::hit(&mut self.storm, self.link.uid), if reconnect => {
+                    writer.close().await;
+                    self.rec.error(&close_label(STORM_CLOSE_CODE, STORM_CLOSE_LABEL));
                     true
                 }
             };
@@ -208,8 +239,10 @@ impl SenderSession {
         let sent_at_us = schedule.us(now);
         let seq = {
             let mut messages = state.messages();
-            messages.push(SentMsg { sent_at_us, ..Default::default() });
-            messages.len() - 1
+            let seq = messages.len();
+            let to = state.to_of(seq);
+            messages.push(SentMsg { sent_at_us, to: (to != state.to).then_some(to), ..Default::default() });
+            seq
         };
         Counters::bump(&rec.counters.sent);
         if schedule.measured(sent_at_us) {
@@ -217,8 +250,12 @@ impl SenderSession {
         }
         let body = message_body(sent_at_us, schedule.body_bytes);
         let client_msg_id = seq.to_string();
-        let frame =
-            ClientFrame::SingleChat { to: state.to, client_msg_id: &client_msg_id, msg_type: "TEXT", body: &body };
+        let frame = ClientFrame::SingleChat {
+            to: state.to_of(seq),
+            client_msg_id: &client_msg_id,
+            msg_type: "TEXT",
+            body: &body,
+        };
         *next += schedule.interval;
         writer.send(&frame).await.is_ok()
     }
@@ -291,21 +328,27 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
         let was_complete = m.complete();
         let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
         let reason = frame.reason.map_or("unknown", |r| r.as_str());
+        let saved = frame.ack_type == Some(AckType::Saved);
         let latency = match (frame.kind, frame.ack_type) {
             // A resend refused (e.g. server_busy) does not undo the receipt the first send got.
             (FrameType::Error, _) if m.resends > 0 && m.receipted() => {
+                if let Some(id) = frame.server_msg_id {
+                    m.note_receipt(false, id);
+                }
                 drop(messages);
                 rec.error(&format!("resend_{reason}"));
                 return;
             }
-            (FrameType::Error, _) if m.error.is_none() => {
-                rec.error(reason);
-                m.error = Some(reason.to_owned());
-                Counters::bump(&rec.counters.errored);
-                None
-            }
             (FrameType::Error, _) => {
+                // An ERROR that names an id (save_failed) names the message's id too.
+                if let Some(id) = frame.server_msg_id {
+                    m.note_receipt(false, id);
+                }
                 rec.error(reason);
+                if m.error.is_none() {
+                    m.error = Some(reason.to_owned());
+                    Counters::bump(&rec.counters.errored);
+                }
                 None
             }
             (FrameType::Ack, Some(AckType::Accepted)) if m.accepted.is_none() => {
@@ -321,6 +364,7 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
             // A resent message is answered again: fine, as long as the id is the original one.
             (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) if m.resends > 0 => {
                 let same = m.receipted_id() == Some(id);
+                m.note_receipt(saved, id);
                 drop(messages);
                 if !same {
                     rec.error("resend_answered_with_another_id");
@@ -328,6 +372,7 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
                 return;
             }
             (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) => {
+                m.note_receipt(saved, id);
                 drop(messages);
                 rec.error("duplicate_receipt");
                 return;
