@@ -51,16 +51,6 @@ impl IdempotencyWindow {
         Ok(prev.as_deref().and_then(decode_state))
     }
 
-    /// The recorded stage of many keys, in one pipeline (`None` for missing or unreadable ones).
-    pub async fn stages(&self, keys: &[String]) -> redis::RedisResult<Vec<Option<(Stage, u64)>>> {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.get(key);
-        }
-        let values: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(values.iter().map(|v| v.as_deref().and_then(decode_state)).collect())
-    }
-
     /// Records the final stage (saved or failed) of many keys, in one pipeline.
     pub async fn settle(&self, entries: &[(String, Stage, u64)]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
