@@ -245,7 +245,8 @@ impl Store {
             if numbered_here {
                 assign_seqs(&mut tx, fresh.iter_mut().map(|(_, m)| m)).await?;
             }
-            let inserted = if fresh.is_empty() { 0 } else { insert_messages(&mut tx, fresh.iter().map(|(_, m)| m)).await? };
+            let inserted =
+                if fresh.is_empty() { 0 } else { insert_messages(&mut tx, fresh.iter().map(|(_, m)| m)).await? };
             let stored: Vec<StoredRow> = if inserted == fresh.len() {
                 fresh.iter().map(|(_, m)| Ok((m.id, m.seq))).collect()
             } else {
@@ -284,7 +285,13 @@ impl Store {
     }
 
     /// Saved messages from `from` to `to` with seq above `after_seq`, in seq order (one page of a sync).
-    pub async fn messages_after(&self, from: u64, to: u64, after_seq: u64, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
+    pub async fn messages_after(
+        &self,
+        from: u64,
+        to: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE from_user_id = ? AND to_user_id = ? AND seq > ? ORDER BY seq LIMIT ?"
         );
@@ -489,7 +496,11 @@ async fn insert_messages<'a>(
 
 /// Both participants' conversation rows, one per pair per batch, in key order so concurrent
 /// batches lock them in the same order: the last message id, and the last seq each way.
-async fn touch_conversations(tx: &mut Transaction<'_>, rows: &[ChatMessage], stored: &[StoredRow]) -> Result<(), StoreError> {
+async fn touch_conversations(
+    tx: &mut Transaction<'_>,
+    rows: &[ChatMessage],
+    stored: &[StoredRow],
+) -> Result<(), StoreError> {
     // (owner, peer) → (last id, last out seq, last in seq)
     let mut latest: BTreeMap<(u64, u64), (u64, u64, u64)> = BTreeMap::new();
     for (m, stored) in rows.iter().zip(stored) {

@@ -136,15 +136,23 @@ async fn pushes_of(client: &mut Client, prefix: &str, count: usize) -> Vec<Value
     out
 }
 
-/// The sender learns that `peer`'s position moved (a `RECEIPT`, sent once the position is written);
-/// when none comes within [`POSITIONS_SETTLE`], the caller goes on anyway — the tests that assert
-/// receipts are the receipt tests. Returns whether one came.
-async fn positions_written(sender: &mut Client, peer: u64) -> bool {
+/// The sender learns that `peer`'s delivered position reached `seq` (a `RECEIPT`, sent once the
+/// position is written; acknowledgements can span several flushes); when none comes within
+/// [`POSITIONS_SETTLE`], the caller goes on anyway — the tests that assert receipts are the receipt
+/// tests. Returns whether one came.
+async fn positions_written(sender: &mut Client, peer: u64, seq: u64) -> bool {
     let deadline = Instant::now() + POSITIONS_SETTLE;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match sender.next_within(left).await {
-            Some(v) if v["type"] == "RECEIPT" && is_user(&v["peer"], peer) => return true,
+            Some(v)
+                if v["type"] == "RECEIPT"
+                    && v["ackType"] == "delivered"
+                    && is_user(&v["peer"], peer)
+                    && v["seq"].as_u64() >= Some(seq) =>
+            {
+                return true
+            }
             Some(_) => continue,
             None => return false,
         }
@@ -203,7 +211,7 @@ async fn an_older_message_saved_late_reaches_a_recipient_who_acknowledged_a_newe
     // Bob confirms m2 (the form clients send today) and goes offline; the position is written.
     bob_c.send_json(json!({"type": "ACK", "ackType": "delivered", "serverMsgId": m2})).await;
     drop(bob_c);
-    positions_written(&mut carol_c, bob).await;
+    positions_written(&mut carol_c, bob, 1).await;
 
     // Alice's shard resumes: m1 is pushed (Bob is offline) and saved.
     signal(alice_worker.pid, Signal::SIGCONT);
@@ -374,7 +382,7 @@ async fn a_second_device_with_its_own_positions_gets_everything_the_first_device
     for k in 1..=N as u64 {
         phone.send_json(ack_by_seq("delivered", alice, k)).await;
     }
-    positions_written(&mut alice_c, bob).await;
+    positions_written(&mut alice_c, bob, N as u64).await;
 
     // The laptop brings its own positions: it has nothing of Alice's.
     let mut laptop = Client::connect(&format!("{ws}?sync=manual"), &secret, bob).await;

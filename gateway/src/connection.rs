@@ -53,7 +53,8 @@ pub async fn serve(
     };
     metrics::counter!("im_gateway_auth_total", "result" => "ok").increment(1);
     let first_here = gw.sessions.add(uid, conn.clone());
-    let syncs = Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, out: conn.out.clone() }.start();
+    let syncs =
+        Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, out: conn.out.clone() }.start();
     let registration = tokio::spawn(register(gw.clone(), uid, first_here, auto_sync.then(|| syncs.clone())));
 
     // A JoinHandle must not be polled again once it has completed (tokio panics), so remember

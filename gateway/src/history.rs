@@ -95,8 +95,12 @@ pub async fn history(gw: &Gateway, uid: u64, params: &[(String, String)]) -> Res
             let full = messages.len() == limit as usize;
             let frames: Vec<ServerFrame> = messages.iter().map(im_common::record::ChatMessage::push_frame).collect();
             let body = match after_seq {
-                Some(_) => json!({ "messages": frames, "nextAfterSeq": full.then(|| messages.last().map(|m| m.seq)).flatten() }),
-                None => json!({ "messages": frames, "nextBefore": full.then(|| messages.last().map(|m| m.id.to_string())).flatten() }),
+                Some(_) => {
+                    json!({ "messages": frames, "nextAfterSeq": full.then(|| messages.last().map(|m| m.seq)).flatten() })
+                }
+                None => {
+                    json!({ "messages": frames, "nextBefore": full.then(|| messages.last().map(|m| m.id.to_string())).flatten() })
+                }
             };
             text_response(StatusCode::OK, "application/json", body.to_string())
         }

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use im_common::idempotency::{IdempotencyWindow, Stage};
-use im_common::seq_counters::SeqFloor;
 use im_common::record::Push;
 use im_common::router::{Router, Target};
+use im_common::seq_counters::SeqFloor;
 
 /// How often an idle republisher looks for waiting pushes, and how long it waits after a failure.
 const IDLE_POLL: Duration = Duration::from_millis(50);

@@ -73,8 +73,13 @@ impl Syncer {
             SyncRequest::Peer { peer, after_seq } => Ok(vec![(*peer, *after_seq)]),
             SyncRequest::Server => self.store.behind(self.uid).await,
             SyncRequest::Positions(own) => {
-                let mut all: Vec<(u64, u64)> =
-                    self.store.behind(self.uid).await?.into_iter().filter(|(p, _)| !own.iter().any(|(o, _)| o == p)).collect();
+                let mut all: Vec<(u64, u64)> = self
+                    .store
+                    .behind(self.uid)
+                    .await?
+                    .into_iter()
+                    .filter(|(p, _)| !own.iter().any(|(o, _)| o == p))
+                    .collect();
                 all.extend(own.iter().filter(|&&(peer, _)| peer != self.uid));
                 Ok(all)
             }
