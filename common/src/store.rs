@@ -340,6 +340,9 @@ impl Store {
         if positions.is_empty() {
             return Ok(());
         }
+        // Rows locked in key order, as saves lock them.
+        let mut positions = positions.to_vec();
+        positions.sort_unstable_by_key(|&(key, _)| key);
         let sql = format!(
             "INSERT INTO conversations (owner_id, peer_id, delivered_seq, read_seq) VALUES {} ON DUPLICATE KEY UPDATE \
              delivered_seq = GREATEST(delivered_seq, VALUES(delivered_seq), VALUES(read_seq)), \
@@ -435,6 +438,10 @@ impl Store {
 
 /// Gives every row without a seq the next seqs of its direction, in row order, by raising
 /// `conversations.last_out_seq` (locking those rows until the transaction ends).
+///
+/// The upsert also locks the reverse rows (adding 0), which [`touch_conversations`] updates later in
+/// the same transaction: every row a baseline save locks is then locked here, in key order, so two
+/// saves of a conversation's two directions cannot deadlock.
 async fn assign_seqs<'a>(
     tx: &mut Transaction<'_>,
     rows: impl Iterator<Item = &'a mut ChatMessage>,
@@ -443,6 +450,7 @@ async fn assign_seqs<'a>(
     let mut counts: BTreeMap<(u64, u64), u64> = BTreeMap::new();
     for m in &rows {
         *counts.entry((m.from, m.to)).or_insert(0) += 1;
+        counts.entry((m.to, m.from)).or_insert(0);
     }
     let sql = format!(
         "INSERT INTO conversations (owner_id, peer_id, last_out_seq) VALUES {} \
@@ -451,6 +459,7 @@ async fn assign_seqs<'a>(
     );
     let params: Vec<Value> = counts.iter().flat_map(|(&(f, t), &n)| [f.into(), t.into(), n.into()]).collect();
     tx.exec_drop(sql, Params::Positional(params)).await?;
+    counts.retain(|_, n| *n > 0);
     let sql = format!(
         "SELECT owner_id, peer_id, last_out_seq FROM conversations WHERE (owner_id, peer_id) IN ({})",
         vec!["(?,?)"; counts.len()].join(",")

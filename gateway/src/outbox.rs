@@ -26,6 +26,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// offline resend delivers them on reconnect).
 const OUTBOX_MAX_PUSHES: usize = 100_000;
 
+/// Idempotency marks (key, final stage, id) and seq floors waiting for Redis.
+type Deferred = (Vec<(String, Stage, u64)>, Vec<SeqFloor>);
+
 /// Remote pushes of saved messages that could not be published (Redis unreachable), oldest first.
 /// [`Outbox::republish`] sends them in order once Redis answers. While anything waits here, new
 /// remote pushes queue behind it and the appender keeps messages on the baseline path, so nothing
@@ -36,7 +39,7 @@ pub struct Outbox {
     /// Pushes queued or being republished.
     pushes: AtomicUsize,
     /// Idempotency marks (key, final stage, id) and seq floors of saves made while Redis was away.
-    marks: std::sync::Mutex<(Vec<(String, Stage, u64)>, Vec<SeqFloor>)>,
+    marks: std::sync::Mutex<Deferred>,
     marks_waiting: AtomicUsize,
 }
 

@@ -160,7 +160,10 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     sub.subscribe(&publication.channel).await.expect("subscribe");
 
     let mover = s.mover(&lease.value);
-    mover.handoff(&accepted, &to_save, &ids, &payloads, &[publication.clone()], &seqs).await.expect("handoff");
+    mover
+        .handoff(&accepted, &to_save, &ids, &payloads, std::slice::from_ref(&publication), &seqs)
+        .await
+        .expect("handoff");
     assert_eq!((s.len(&accepted).await, s.pending(&accepted).await), (0, 0), "accepted not trimmed");
     assert_eq!(s.len(&to_save).await, 2);
     assert_eq!(s.counter("5:6").await, Some(2), "the batch's seqs were not taken");
