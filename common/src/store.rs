@@ -311,12 +311,9 @@ impl Store {
         if messages.is_empty() {
             return Ok(HashMap::new());
         }
-        let sql = format!(
-            "SELECT to_user_id, id, from_user_id, seq FROM messages WHERE id IN ({})",
-            vec!["?"; messages.len()].join(",")
-        );
-        let ids: Vec<Value> = messages.iter().map(|&(_, id)| id.into()).collect();
-        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.exec(sql, Params::Positional(ids)).await?;
+        let ids = numbers(messages.iter().map(|&(_, id)| [id]));
+        let sql = format!("SELECT to_user_id, id, from_user_id, seq FROM messages WHERE id IN ({ids})");
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
         Ok(rows.into_iter().map(|(to, id, from, seq)| ((to, id), (from, seq))).collect())
     }
 
@@ -325,12 +322,11 @@ impl Store {
         if at.is_empty() {
             return Ok(HashMap::new());
         }
+        let keys = numbers(at.iter().map(|&(f, t, s)| [f, t, s]));
         let sql = format!(
-            "SELECT from_user_id, to_user_id, seq, id FROM messages WHERE (from_user_id, to_user_id, seq) IN ({})",
-            vec!["(?,?,?)"; at.len()].join(",")
+            "SELECT from_user_id, to_user_id, seq, id FROM messages WHERE (from_user_id, to_user_id, seq) IN ({keys})"
         );
-        let params: Vec<Value> = at.iter().flat_map(|&(f, t, s)| [f.into(), t.into(), s.into()]).collect();
-        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.exec(sql, Params::Positional(params)).await?;
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
         Ok(rows.into_iter().map(|(f, t, s, id)| ((f, t, s), id)).collect())
     }
 
@@ -343,17 +339,13 @@ impl Store {
         // Rows locked in key order, as saves lock them.
         let mut positions = positions.to_vec();
         positions.sort_unstable_by_key(|&(key, _)| key);
+        let rows = numbers(positions.iter().map(|&((owner, peer), p)| [owner, peer, p.delivered.max(p.read), p.read]));
         let sql = format!(
-            "INSERT INTO conversations (owner_id, peer_id, delivered_seq, read_seq) VALUES {} ON DUPLICATE KEY UPDATE \
+            "INSERT INTO conversations (owner_id, peer_id, delivered_seq, read_seq) VALUES {rows} ON DUPLICATE KEY UPDATE \
              delivered_seq = GREATEST(delivered_seq, VALUES(delivered_seq), VALUES(read_seq)), \
-             read_seq = GREATEST(read_seq, VALUES(read_seq))",
-            placeholders(positions.len(), 4)
+             read_seq = GREATEST(read_seq, VALUES(read_seq))"
         );
-        let params: Vec<Value> = positions
-            .iter()
-            .flat_map(|&((owner, peer), p)| [owner.into(), peer.into(), p.delivered.max(p.read).into(), p.read.into()])
-            .collect();
-        self.pool.get_conn().await?.exec_drop(sql, Params::Positional(params)).await?;
+        self.pool.get_conn().await?.query_drop(sql).await?;
         Ok(())
     }
 
@@ -603,6 +595,32 @@ fn to_message((id, from, to, client_msg_id, msg_type, body, seq): MessageRow) ->
         body,
         seq,
     }
+}
+
+/// Rows of integers written out as SQL: `(1,2),(3,4)` (a single column: `1,2,3`). Statements whose
+/// values are all integers go as text, not prepared: a prepared statement per batch size would sit
+/// in every pooled connection's statement cache (and on the server) for each size ever seen.
+fn numbers<const N: usize>(rows: impl Iterator<Item = [u64; N]>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (i, row) in rows.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if N > 1 {
+            out.push('(');
+        }
+        for (j, v) in row.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{v}");
+        }
+        if N > 1 {
+            out.push(')');
+        }
+    }
+    out
 }
 
 /// `(?,?,?),(?,?,?)` for `rows` rows of `cols` columns.

@@ -53,7 +53,8 @@ pub async fn serve(
     };
     metrics::counter!("im_gateway_auth_total", "result" => "ok").increment(1);
     let first_here = gw.sessions.add(uid, conn.clone());
-    let syncs = Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, conn: conn.clone() }.start();
+    let (syncs, syncer) =
+        Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, conn: conn.clone() }.start();
     let sync = auto_sync.then(|| syncs.clone());
     let first_try = gw.routes.connected(uid, first_here).await;
     let registration = tokio::spawn(register(gw.clone(), uid, first_here, first_try, sync));
@@ -70,6 +71,7 @@ pub async fn serve(
         }
     };
     registration.abort();
+    syncer.abort();
     drop(syncs);
     if gw.sessions.remove(uid, conn.id) {
         if let Err(e) = gw.routes.unregister(uid).await {

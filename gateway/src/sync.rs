@@ -46,16 +46,17 @@ impl Syncer {
     /// order, until the queue or the connection closes. Requests must come after the connection is
     /// registered (route, presence epoch): a sync that read MySQL before could miss a message saved
     /// in between.
-    pub fn start(self) -> mpsc::Sender<SyncRequest> {
+    /// The task ends with the connection: abort it (it holds the connection's queue open).
+    pub fn start(self) -> (mpsc::Sender<SyncRequest>, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel(QUEUED_SYNCS);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some(request) = rx.recv().await {
                 if !self.sync(request).await {
                     return;
                 }
             }
         });
-        tx
+        (tx, task)
     }
 
     /// Answers one request; false once the connection is gone.

@@ -115,8 +115,19 @@ impl TestClient {
         self.0.close_frame(WAIT).await
     }
 
-    /// `PING` → `PONG`. Also a barrier: once answered, the connection is registered (routes, offline
-    /// resend started) and its frames are being served.
+    /// Waits for the `SYNC_DONE` of the sync the gateway runs for every new connection: from then on
+    /// the connection is registered and has everything saved before it connected. A barrier for
+    /// tests that pause or cut the gateway right after connecting.
+    pub async fn synced(&mut self) {
+        if !self.1 {
+            self.expect("the connect-time SYNC_DONE", |v| v["type"] == "SYNC_DONE" && v.get("peer").is_none()).await;
+            self.1 = true;
+        }
+    }
+
+    /// `PING` → `PONG`. Also a barrier: once answered, the connection is registered (route, presence
+    /// epoch) and its frames are being served. It skips other frames — a `SYNC_DONE` before the
+    /// `PONG` too: use [`TestClient::synced`] for that.
     pub async fn ping(&mut self) {
         self.send_json(json!({"type": "PING"})).await;
         self.expect("PONG", |v| v["type"] == "PONG").await;
