@@ -169,6 +169,7 @@ export class ImClient extends Emitter {
     // Incoming.
     this.positions = new Map(); // peer → highest seq held with nothing missing below
     this.readPos = new Map(); // peer → highest seq confirmed read
+    this.historySeq = new Map(); // peer → highest seq of theirs shown from history
     this.buffer = new Map(); // peer → Map(seq → message) beyond a gap
     this.seenIds = new Set();
     this.syncing = false; // the connect-time sync is running
@@ -251,10 +252,14 @@ export class ImClient extends Emitter {
     return rec;
   }
 
-  /** Marks the peer's messages read up to `seq` (default: everything held). Never past a gap. */
+  /**
+   * Marks the peer's messages read up to `seq` (default: everything held). Never past what this
+   * device holds without a gap — or has shown from history (`history()` pages are saved messages the
+   * user sees, so a new device can mark them read before it holds them as pushes).
+   */
   markRead(peer, seq) {
     peer = String(peer);
-    const held = this.positions.get(peer) ?? 0;
+    const held = Math.max(this.positions.get(peer) ?? 0, this.historySeq.get(peer) ?? 0);
     const upTo = Math.min(seq ?? held, held);
     if (upTo <= (this.readPos.get(peer) ?? 0)) return;
     this.readPos.set(peer, upTo);
@@ -276,6 +281,11 @@ export class ImClient extends Emitter {
   /** The highest seq held from `peer` with nothing missing below. */
   position(peer) {
     return this.positions.get(String(peer)) ?? 0;
+  }
+
+  /** The highest seq of `peer`'s messages confirmed read (by this device, or the server's list). */
+  readPosition(peer) {
+    return this.readPos.get(String(peer)) ?? 0;
   }
 
   /** How far `peer` confirmed our messages: {delivered, read} seqs. */
@@ -303,7 +313,10 @@ export class ImClient extends Emitter {
     const body = await this.#api('/api/messages', { peer, before, limit, afterSeq });
     const pos = this.peerPosition(peer);
     for (const m of body.messages ?? []) {
-      if (m.from === peer) continue;
+      if (m.from === peer) {
+        if (m.seq > (this.historySeq.get(peer) ?? 0)) this.historySeq.set(peer, m.seq);
+        continue;
+      }
       const rec = this.byClientId.get(m.clientMsgId);
       if (rec && rec.seq == null) rec.seq = m.seq;
       m.state = m.seq <= pos.read ? 'read' : m.seq <= pos.delivered ? 'delivered' : 'saved';
