@@ -35,7 +35,10 @@ before(async () => {
   cluster = await new Cluster({ gateways: 1, shards: 2, workers: 3 }).up();
   demoUrl = `${cluster.gateways[0].http_url}/demo`;
   assert.match(cluster.upOutput, /demo chat http:\/\/127\.0\.0\.1:\d+\/demo/, 'ops up prints the demo URL');
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] });
+  // As root, without a sandbox; no background traffic to hosts a closed network refuses.
+  const args = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking'];
+  args.push('--disable-component-update', '--disable-sync');
+  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args });
   for (const [name, uid] of [
     ['alice', A],
     ['bob', B],

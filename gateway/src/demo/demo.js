@@ -262,12 +262,27 @@ function messageElement(m, state) {
   li.dataset.clientMsgId = m.clientMsgId;
   if (m.serverMsgId) li.dataset.serverMsgId = m.serverMsgId;
   if (m.seq != null) li.dataset.seq = m.seq;
+  if (m.ts) li.dataset.ts = m.ts;
   const time = m.ts ? new Date(m.ts).toLocaleTimeString() : '';
   li.innerHTML = `<div class="body"></div><div class="meta"><time></time>${mine ? ' <span class="tick"></span><span class="tick-label"></span>' : ''}</div>`;
   li.querySelector('.body').textContent = m.body;
   li.querySelector('time').textContent = time;
   if (mine) setTick(li, state ?? 'sending');
   return li;
+}
+
+/**
+ * Puts a message that arrived late (held up by a shard's outage, say) where its time says, not at
+ * the bottom: above the messages accepted after it. Our own unsent ones stay last.
+ */
+function insertByTime(li) {
+  const list = $('list');
+  let after = list.lastElementChild;
+  const ts = Number(li.dataset.ts);
+  while (after && (after.dataset.ts === undefined ? after.classList.contains('mine') : Number(after.dataset.ts) > ts)) {
+    after = after.previousElementSibling;
+  }
+  list.insertBefore(li, after ? after.nextSibling : list.firstChild);
 }
 
 function setTick(li, state, reason) {
@@ -294,7 +309,10 @@ function drawOutgoing(rec, source) {
     return;
   }
   if (rec.serverMsgId) li.dataset.serverMsgId = rec.serverMsgId;
-  if (rec.ts && !li.querySelector('time').textContent) li.querySelector('time').textContent = new Date(rec.ts).toLocaleTimeString();
+  if (rec.ts && !li.dataset.ts) {
+    li.dataset.ts = rec.ts;
+    li.querySelector('time').textContent = new Date(rec.ts).toLocaleTimeString();
+  }
   // History may already show a later state than this record has seen (the peer's positions).
   if (rec.state !== 'failed' && STATES.indexOf(rec.state) <= STATES.indexOf(li.dataset.state)) return;
   setTick(li, rec.state, rec.reason);
@@ -322,7 +340,7 @@ function onMessage(m) {
       $('list').querySelector('.empty')?.remove();
       const li = messageElement(m);
       shown.set(key, li);
-      $('list').append(li);
+      insertByTime(li);
       $('messages').scrollTop = $('messages').scrollHeight;
     }
     markRead();
