@@ -300,6 +300,11 @@ export class ImClient extends Emitter {
       this.#raiseReceipt(c.peer, 'delivered', c.peerDelivered ?? 0, null);
       this.#raiseReceipt(c.peer, 'read', c.peerRead ?? 0, null);
       if ((c.read ?? 0) > (this.readPos.get(c.peer) ?? 0)) this.readPos.set(c.peer, c.read);
+      // Receipts relayed while we were offline reached nobody: the list has them.
+      if (this.#applyReceipts(c.peer)) {
+        this.seqOnly.add(c.peer);
+        this.#resolveSeqs(c.peer);
+      }
     }
     return body;
   }
@@ -553,8 +558,8 @@ export class ImClient extends Emitter {
       case 'SYNC_DONE':
         return this.#onSyncDone(f);
       case 'RECEIPT':
-        this.emit('receipt', f);
-        return this.#onReceipt(f);
+        this.#onReceipt(f);
+        return this.emit('receipt', f);
       default:
         return; // PONG and anything newer
     }
@@ -754,6 +759,7 @@ export class ImClient extends Emitter {
   #applyReceipts(peer) {
     const p = this.receiptPos.get(peer);
     if (!p) return false;
+    this.#prune(peer);
     let unmapped = false;
     for (const rec of this.sentTo.get(peer) ?? []) {
       if (rec.state === 'failed' || rec.flags.read) continue;
@@ -771,6 +777,15 @@ export class ImClient extends Emitter {
       this.#advance(rec, 'receipt');
     }
     return unmapped;
+  }
+
+  /** Forgets the oldest finished (read or failed) records of a peer beyond the last 500. */
+  #prune(peer) {
+    const list = this.sentTo.get(peer);
+    if (!list || list.length <= 500) return;
+    while (list.length > 500 && (list[0].state === 'read' || list[0].state === 'failed')) {
+      this.byClientId.delete(list.shift().clientMsgId);
+    }
   }
 
   /**
@@ -883,6 +898,10 @@ export class ImClient extends Emitter {
     this.attempt = 0;
     this.#setStatus({ state: 'online' });
     this.emit('synced', {});
+    // RECEIPTs are only relayed to live connections: what the peers confirmed while we were away is
+    // in the conversation list (positions are stored before receipts are relayed).
+    const waiting = [...this.byClientId.values()].some((r) => r.flags.accepted && !r.flags.read && r.state !== 'failed');
+    if (waiting && this.fetch) this.conversations({ limit: 200 }).catch(() => {});
   }
 
   #gapSync(peer) {

@@ -167,10 +167,31 @@ test('a page reload shows history and unread counts', async () => {
     async () => (await shownMessages(alice.page)).filter((m) => m.mine).slice(-3).every((m) => m.state === 'delivered'),
     'delivered, not read',
   );
-  await until(async () => (await unreadOf(bob.page, A)) === 3, 'three unread in bob\'s list');
+  await until(async () => (await unreadOf(bob.page, A)) === 3, "three unread in bob's list");
   await bob.page.screenshot({ path: join(OUT, '2-bob-unread.png') });
+  await collectTrace(alice);
+  const live = alice.trace.filter((t) => unreadBodies.includes(t.body)).map((t) => `${t.body}:${t.state}`);
+  for (const body of unreadBodies) {
+    assert.deepEqual(
+      live.filter((t) => t.startsWith(`${body}:`)),
+      STATES.slice(0, 4).map((s) => `${body}:${s}`),
+      `ticks of "${body}": sending, accepted, saved, delivered — each once, in order`,
+    );
+  }
 
-  await collectTrace(bob);
+  // Alice reloads: history shows her messages with the ticks the peer positions give.
+  await alice.page.reload();
+  await alice.page.waitForSelector('#conn[data-state="online"]');
+  await until(async () => (await shownMessages(alice.page)).length === sent[A].length + sent[B].length, 'alice history');
+  let history = await shownMessages(alice.page);
+  assertShownOnce(history, `${A} page after reload`);
+  assert.deepEqual(
+    history.filter((m) => m.mine).map((m) => m.state),
+    sent[A].map((b) => (unreadBodies.includes(b) ? 'delivered' : 'read')),
+    'history ticks from the peer positions',
+  );
+
+  // Bob reloads: the unread count is still there; opening the conversation shows the history.
   await bob.page.reload();
   await bob.page.waitForSelector('#conn[data-state="online"]');
   await until(async () => (await unreadOf(bob.page, A)) === 3, 'still three unread after the reload');
@@ -178,19 +199,11 @@ test('a page reload shows history and unread counts', async () => {
   await until(async () => (await shownMessages(bob.page)).length === sent[A].length + sent[B].length, 'history');
   assertShownOnce(await shownMessages(bob.page), `${B} page after reload`);
   await until(async () => (await unreadOf(bob.page, A)) === 0, 'read once opened');
-  await waitAllRead(alice, sent[A].length);
-  await collectTrace(alice);
-  assertTicks(alice, sent[A]);
 
-  await alice.page.reload();
-  await alice.page.waitForSelector('#conn[data-state="online"]');
-  await until(async () => (await shownMessages(alice.page)).length === sent[A].length + sent[B].length, 'alice history');
-  const history = await shownMessages(alice.page);
-  assertShownOnce(history, `${A} page after reload`);
-  assert.ok(
-    history.filter((m) => m.mine).every((m) => m.state === 'read'),
-    'history shows the read ticks from the peer positions',
-  );
+  // Alice's reloaded page turns the three to read as Bob's receipt arrives.
+  await waitAllRead(alice, sent[A].length);
+  history = await shownMessages(alice.page);
+  assertShownOnce(history, `${A} page after Bob read`);
   await alice.page.screenshot({ path: join(OUT, '2-alice-after-reload.png') });
 });
 

@@ -117,6 +117,21 @@ describe('sending', () => {
     bob.close();
   });
 
+  test('what the peer confirmed while the sender was offline reaches it through the conversation list', async () => {
+    const [a, b] = userIds(2);
+    const alice = client(a).connect();
+    const bob = client(b).connect();
+    await Promise.all([online(alice), online(bob)]);
+    const sent = [alice.send(b, 'r1'), alice.send(b, 'r2')];
+    await until(() => sent.every((m) => m.state === 'delivered'), 'delivered');
+    alice.close();
+    bob.markRead(a);
+    await new Promise((r) => setTimeout(r, 400)); // the RECEIPT is relayed to nobody
+    alice.connect();
+    await until(() => sent.every((m) => m.state === 'read'), 'read after reconnecting');
+    assertStates(alice, sent, 'read');
+  });
+
   test('a message the server refuses for good fails with its reason and does not block the next', async () => {
     const [a, b] = userIds(2);
     const alice = client(a).connect();

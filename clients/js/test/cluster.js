@@ -47,7 +47,7 @@ export function userIds(n) {
 }
 
 export class Cluster {
-  constructor({ gateways = 1, shards = 2, workers, mode = 'full', env = {} } = {}) {
+  constructor({ gateways = 1, shards = 2, workers, mode = process.env.IM_JS_MODE ?? 'full', env = {} } = {}) {
     this.spec = { gateways, shards, workers: workers ?? shards, mode };
     this.tag = `${process.pid}_${randomBytes(3).toString('hex')}`;
     this.dir = mkdtempSync(join(tmpdir(), 'im-js-'));

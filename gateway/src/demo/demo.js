@@ -19,6 +19,7 @@ let me = null;
 let openPeer = null;
 let olderBefore = null;
 let serverInfo = null;
+let listLoaded = Promise.resolve(); // the first conversation list: history ticks need the peers' positions
 const convs = new Map(); // peer → {peer, lastSeqIn, read, preview, ts}
 const shown = new Map(); // `${from}:${clientMsgId}` → <li> of the open chat
 
@@ -129,12 +130,13 @@ function start(token) {
   client.on('status', showStatus);
   client.on('message', onMessage);
   client.on('state', onState);
+  client.on('receipt', (r) => r.peer === openPeer && historyTicks());
   $('who').textContent = `signed in as user ${me}`;
   $('signin').hidden = true;
   $('app').hidden = false;
   $('signout').hidden = false;
   client.connect();
-  refreshConversations();
+  listLoaded = refreshConversations();
   const peer = location.hash.slice(1);
   if (/^[0-9]+$/.test(peer)) openChat(peer);
 }
@@ -180,6 +182,7 @@ async function refreshConversations() {
       }
     }
     renderList();
+    historyTicks();
   } catch (e) {
     if (e.status === 401) return showStatus({ state: 'auth_failed', reason: tokenExpired(client.token) ? 'token_expired' : 'token_rejected' });
     if (convs.size === 0) $('conversations').innerHTML = `<li class="empty">Could not load conversations (${e.message}); retrying when the connection is back.</li>`;
@@ -219,6 +222,8 @@ async function openChat(peer) {
   $('text').focus();
   renderList();
   olderBefore = null;
+  await listLoaded;
+  if (peer !== openPeer) return;
   await loadHistory(peer);
   // Our messages still on their way (this session's, or restored from storage) after the saved ones.
   for (const rec of client.sent(peer)) drawOutgoing(rec, 'live');
@@ -253,6 +258,23 @@ async function loadHistory(peer, before) {
     list.innerHTML = '<li class="empty">No messages yet: say hello.</li>';
   }
   if (!before) $('messages').scrollTop = $('messages').scrollHeight;
+}
+
+/**
+ * Moves the ticks of our messages drawn from history (no live record behind them) up to the peer's
+ * positions, as the conversation list reports them — also what the peer confirmed while we were away.
+ */
+function historyTicks() {
+  if (!client || !openPeer) return;
+  const pos = client.peerPosition(openPeer);
+  for (const li of $('list').querySelectorAll('li.msg.mine[data-seq]')) {
+    const seq = Number(li.dataset.seq);
+    const state = seq <= pos.read ? 'read' : seq <= pos.delivered ? 'delivered' : null;
+    if (state && STATES.indexOf(state) > STATES.indexOf(li.dataset.state)) {
+      setTick(li, state);
+      trace(li.dataset.clientMsgId, li.querySelector('.body').textContent, state, 'history');
+    }
+  }
 }
 
 function messageElement(m, state) {
