@@ -276,9 +276,27 @@ describe('receiving', () => {
 });
 
 describe('failures', () => {
+  test('a gateway that shuts down (1001 going_away) sends its clients to the next one, nothing lost', async () => {
+    const [a, b] = userIds(2);
+    const [g1, g2] = cluster.liveGateways();
+    const alice = client(a, { urls: [g2.ws_url, g1.ws_url] }).connect();
+    const bob = client(b, { urls: [g2.ws_url, g1.ws_url] }).connect();
+    await Promise.all([online(alice), online(bob)]);
+    const sent = [alice.send(b, 'before')];
+    await until(() => sent[0].state === 'delivered', 'first delivered');
+    cluster.kill(g2.pid, 'SIGTERM');
+    sent.push(alice.send(b, 'during'), alice.send(b, 'after'));
+    await until(() => sent.every((m) => m.state === 'delivered'), 'delivered through gateway 1', 30_000);
+    assert.ok(alice.statuses.some((s) => s.state === 'offline' && s.code === 1001), JSON.stringify(alice.statuses));
+    assert.deepEqual(bodies(bob, a), ['before', 'during', 'after']);
+    assertStates(alice, sent, 'delivered');
+  });
+
   test('a gateway killed mid-conversation: nothing lost, nothing shown twice, every state in order', async () => {
     const [a, b] = userIds(2);
-    const [g1, g2] = cluster.gateways;
+    const live = cluster.liveGateways();
+    if (live.length < 2) await cluster.scale({ gateways: 2 - live.length });
+    const [g1, g2] = cluster.liveGateways();
     // Both start on gateway 1 (their first URL), then move to gateway 2 when it dies.
     const alice = client(a, { urls: [g1.ws_url, g2.ws_url] }).connect();
     const bob = client(b, { urls: [g1.ws_url, g2.ws_url] }).connect();
@@ -293,7 +311,12 @@ describe('failures', () => {
       }
       await new Promise((r) => setTimeout(r, 15));
     }
+    const killedAt = Date.now();
     await until(() => sent.every((m) => m.state === 'delivered'), 'every message delivered', 60_000);
+    if (process.env.IM_JS_VERBOSE) {
+      console.log(`all delivered ${Date.now() - killedAt} ms after the kill`);
+      for (const c of [alice, bob]) console.log(c.uid, JSON.stringify(c.statuses.map((s) => [s.state, s.reason, s.code, s.url])));
+    }
     await until(() => bob.received.length >= total, 'bob has everything', 30_000);
     await new Promise((r) => setTimeout(r, 500));
     assert.deepEqual(

@@ -49,6 +49,7 @@ export function userIds(n) {
 export class Cluster {
   constructor({ gateways = 1, shards = 2, workers, mode = process.env.IM_JS_MODE ?? 'full', env = {} } = {}) {
     this.spec = { gateways, shards, workers: workers ?? shards, mode };
+    this.stopped = new Set(); // pids this run killed
     this.tag = `${process.pid}_${randomBytes(3).toString('hex')}`;
     this.dir = mkdtempSync(join(tmpdir(), 'im-js-'));
     this.stateFile = join(this.dir, 'cluster.json');
@@ -83,8 +84,20 @@ export class Cluster {
     return this;
   }
 
+  /** `ops scale`: adds gateways (and standby workers) to the running cluster. */
+  async scale({ gateways = 0, workers = 0 } = {}) {
+    const args = ['scale', '--state', this.stateFile, '--gateways', `${gateways}`, '--workers', `${workers}`];
+    await run(opsBinary(), args, { env: this.env, cwd: this.dir, timeout: 120_000 });
+    this.state = JSON.parse(readFileSync(this.stateFile, 'utf8'));
+  }
+
   get gateways() {
     return this.state.gateways;
+  }
+
+  /** The gateways this test run has not killed or stopped. */
+  liveGateways() {
+    return this.state.gateways.filter((g) => !this.stopped.has(g.pid));
   }
 
   /** The worker process that owns `shard` now (the one the metrics say holds the lease). */
@@ -123,6 +136,7 @@ export class Cluster {
 
   /** SIGKILL (default) or SIGTERM a process of the cluster. */
   kill(pid, signal = 'SIGKILL') {
+    this.stopped.add(pid);
     try {
       process.kill(pid, signal);
     } catch {
