@@ -38,11 +38,11 @@ cargo test --workspace
 
 # The reference JavaScript client (clients/js): its node:test suite against a real cluster started
 # with `ops up` (the binaries built above), then the demo page in headless Chromium driven by
-# playwright-core. Node.js >= 20 with npm comes with the machine (Debian's nodejs/npm otherwise);
+# playwright-core. Node.js >= 20.11 with npm comes with the machine (Debian's nodejs/npm otherwise);
 # the npm packages are pinned by package-lock.json.
 command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm)
-node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
-  || { echo "clients/js needs Node.js >= 20 (found $(node --version))" >&2; exit 1; }
+node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 11) ? 0 : 1)' \
+  || { echo "clients/js needs Node.js >= 20.11 (found $(node --version))" >&2; exit 1; }
 (
   cd clients/js
   npm ci --no-audit --no-fund --loglevel=error
