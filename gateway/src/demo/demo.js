@@ -185,7 +185,12 @@ async function refreshConversations() {
     historyTicks();
   } catch (e) {
     if (e.status === 401) return showStatus({ state: 'auth_failed', reason: tokenExpired(client.token) ? 'token_expired' : 'token_rejected' });
-    if (convs.size === 0) $('conversations').innerHTML = `<li class="empty">Could not load conversations (${e.message}); retrying when the connection is back.</li>`;
+    if (convs.size === 0) {
+      const li = document.createElement('li');
+      li.className = 'empty';
+      li.textContent = `Could not load conversations (${e.message}); retrying when the connection is back.`;
+      $('conversations').replaceChildren(li);
+    }
   }
 }
 
