@@ -89,3 +89,73 @@ async fn a_message_saved_while_redis_was_down_keeps_its_id_when_resent_after_red
     );
     drop(c);
 }
+
+/// SPEC §3.9–3.10: a message whose append may have reached Redis — the reply never came because
+/// Redis stalled, and Redis runs the append once it resumes — is not also saved on the baseline
+/// path: the stream copy would be numbered again, giving one message two seqs and its direction a
+/// hole that no recipient can acknowledge past (found by the chaos drill around Redis kills). Its
+/// sender hears `server_busy`; the resend after Redis is back gets the message's one id; the rows
+/// are 1..n and every push carries its row's seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_append_may_have_reached_redis_is_not_saved_a_second_way() {
+    let env = TestEnv::new("append_unknown");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.force_private = true; // this test pauses Redis
+    s.config.two_phase.fail_open = true;
+    let c = e2e::start(&s).await;
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (alice_id, bob_id) = (6401, 6402);
+    let mut alice = Client::connect(&url, &secret, alice_id).await;
+    let mut bob = Client::connect(&url, &secret, bob_id).await;
+    alice.synced().await;
+    bob.synced().await;
+    alice.chat(bob_id, "m0", "x").await;
+    alice.ack("saved", "m0").await;
+
+    // Redis stalls with m1's append in its socket: the gateway's call times out, and Redis runs the
+    // append when it resumes.
+    let redis = c.state.private_servers[private_server(&c.state, "redis")].pid;
+    process::send(redis, Signal::SIGSTOP).unwrap();
+    alice.chat(bob_id, "m1", "x").await;
+    let answer = alice.expect("the answer to m1", |v| v["clientMsgId"] == "m1").await;
+    process::send(redis, Signal::SIGCONT).unwrap();
+    assert_eq!(
+        (answer["type"].as_str(), answer["reason"].as_str()),
+        (Some("ERROR"), Some("server_busy")),
+        "a message whose append may have reached Redis was answered another way (saved on the baseline path?): {answer}"
+    );
+
+    // The client resends until the window answers with m1's one id.
+    let mut backoff = Backoff::new(RESEND_FIRST, RESEND_MAX);
+    let m1 = loop {
+        alice.chat(bob_id, "m1", "x").await;
+        let v = alice.expect("the answer to m1's resend", |v| v["clientMsgId"] == "m1").await;
+        if v["type"] == "ACK" {
+            break v["serverMsgId"].as_str().expect("an id").to_owned();
+        }
+        backoff.wait().await;
+    };
+    alice.ack("saved", "m1").await;
+    alice.chat(bob_id, "m2", "x").await;
+    alice.ack("saved", "m2").await;
+
+    let mut pushed = std::collections::BTreeMap::new();
+    while pushed.len() < 3 {
+        let v = bob.expect("a push", |v| v["type"] == "SINGLE_CHAT").await;
+        pushed.insert(
+            v["clientMsgId"].as_str().unwrap_or_default().to_owned(),
+            (v["serverMsgId"].clone(), v["seq"].clone()),
+        );
+    }
+    let store = im_common::store::Store::connect(&c.state.mysql_url, 1).unwrap();
+    let rows: Vec<(String, u64)> = store.all_ids().await.unwrap().into_iter().map(|(_, id, cmid)| (cmid, id)).collect();
+    assert_eq!(rows.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["m0", "m1", "m2"], "one row each");
+    assert_eq!(rows[1].1.to_string(), m1, "m1's row has the id its receipts named");
+    for (k, cmid) in ["m0", "m1", "m2"].iter().enumerate() {
+        let seq = store.query_u64(&format!("SELECT seq FROM messages WHERE client_msg_id = '{cmid}'")).await.unwrap();
+        assert_eq!(seq, k as u64 + 1, "{cmid}: the rows' seqs have a gap");
+        assert_eq!(pushed[*cmid].1.as_u64(), Some(seq), "{cmid} was pushed under another seq than its row's");
+    }
+    store.close().await;
+    drop(c);
+}

@@ -14,6 +14,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 
 use crate::baseline::BaselineSaver;
+use crate::sessions::SenderLedger;
 use im_common::config::Config;
 use im_common::idempotency::{decode_state, encode_state, IdempotencyWindow, Stage};
 use im_common::keys::Keys;
@@ -120,15 +121,17 @@ impl Appender {
     }
 
     /// Appends `msg` to `shard`'s accepted stream (or finds the earlier attempt under `key`).
-    /// `in_flight`: the sender has accepted messages without a final receipt yet (on any connection).
+    /// `ledger`: the senders with messages whose final receipt is still to come (see
+    /// [`SenderLedger`]); fail-open never saves a message past them.
     pub async fn append(
         &self,
         shard: u16,
         key: &str,
         msg: ChatMessage,
         origin: Origin,
-        in_flight: bool,
+        ledger: &SenderLedger,
     ) -> Vec<ServerFrame> {
+        let in_flight = ledger.has_unsaved(msg.from);
         if self.fail_open && !self.saver.outbox.is_empty() {
             // Marks or pushes of earlier fail-open saves still wait for Redis: stay behind them.
             if in_flight {
@@ -174,6 +177,18 @@ impl Appender {
                 Some((stage, id)) => vec![stage.receipt(&msg.client_msg_id, id)],
                 None => vec![ServerFrame::error(Reason::InternalError, Some(msg.client_msg_id))],
             },
+            // The call timed out: Redis is stalled, not gone, and runs the append when it resumes.
+            // Saving it on the baseline path too would give one message two seqs (the stream copy
+            // gets another when it is numbered). Its sender waits, like one with messages in the
+            // stream, until a receipt tells what became of it (the client resends it with the same
+            // clientMsgId; the window then answers). A dropped or refused connection is taken as
+            // "not appended" — see ARCHITECTURE "Fail-open" for the crash window that leaves open.
+            Err(e) if self.fail_open && e.is_timeout() => {
+                tracing::debug!(error = %e, "append outcome unknown (timeout); the sender waits for it");
+                ledger.unresolved(msg.from, &msg.client_msg_id);
+                metrics::counter!("im_gateway_server_busy_total", "cause" => "append_unknown").increment(1);
+                vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
+            }
             Err(e) if self.fail_open => {
                 tracing::debug!(error = %e, "append failed; fail-open to the baseline path");
                 self.fall_open(key, msg, in_flight).await

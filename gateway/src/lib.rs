@@ -94,7 +94,7 @@ impl Gateway {
         };
         if self.mode != Mode::Baseline {
             let origin = Origin { node: self.node, conn: conn.id };
-            return self.appender.append(shard, &key, msg, origin, self.sessions.ledger.has_unsaved(uid)).await;
+            return self.appender.append(shard, &key, msg, origin, &self.sessions.ledger).await;
         }
         self.saver.claim_and_save(key, msg).await
     }
@@ -180,7 +180,13 @@ pub async fn run(
         (
             "im_gateway_server_busy_total",
             "cause",
-            vec!["backlog".into(), "redis_unavailable".into(), "in_flight".into(), "overload".into()],
+            vec![
+                "backlog".into(),
+                "redis_unavailable".into(),
+                "in_flight".into(),
+                "overload".into(),
+                "append_unknown".into(),
+            ],
         ),
         ("im_gateway_auth_total", "result", vec!["ok".into(), "fail".into()]),
         ("im_gateway_fail_open_total", "", vec![]),

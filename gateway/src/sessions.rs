@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use crate::framing::{close_code, Control};
-use im_common::protocol::{AckType, FrameType, ServerFrame};
+use im_common::protocol::{AckType, FrameType, Reason, ServerFrame};
 use im_common::record::Push;
 
 /// Most unconfirmed messages remembered per connection.
@@ -48,6 +48,12 @@ impl SenderLedger {
         }
     }
 
+    /// A message of `uid` whose append may or may not have reached Redis: it counts as unsaved until
+    /// a final receipt for it arrives (the sender resends it; the idempotency window answers).
+    pub fn unresolved(&self, uid: u64, cmid: &str) {
+        self.accepted(uid, cmid);
+    }
+
     /// Whether messages of `uid` wait for their final receipt.
     pub fn has_unsaved(&self, uid: u64) -> bool {
         self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&uid)
@@ -55,9 +61,13 @@ impl SenderLedger {
 }
 
 /// Whether `frame` is a final receipt (`ACK(saved)` or an `ERROR`) for a message: its clientMsgId.
+/// `server_busy` and `too_many_requests` are not: they refuse an attempt, and are never the answer
+/// to a message that was accepted — except one whose append's outcome is unknown, which stays
+/// unsaved until a real receipt comes (`SenderLedger::unresolved`).
 fn final_receipt(frame: &ServerFrame) -> Option<&str> {
-    match (frame.kind, frame.ack_type) {
-        (FrameType::Ack, Some(AckType::Saved)) | (FrameType::Error, _) => frame.client_msg_id.as_deref(),
+    match (frame.kind, frame.ack_type, frame.reason) {
+        (FrameType::Error, _, Some(Reason::ServerBusy | Reason::TooManyRequests)) => None,
+        (FrameType::Ack, Some(AckType::Saved), _) | (FrameType::Error, _, _) => frame.client_msg_id.as_deref(),
         _ => None,
     }
 }
