@@ -345,7 +345,20 @@ pub enum ClientFrame<'a> {
     },
 }
 
+impl ClientFrame<'_> {
+    /// The frame's JSON text.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing strings and integers into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 impl WsWriter {
+    /// Writes one text frame of already serialized JSON.
+    pub async fn send_text(&mut self, text: Vec<u8>) -> Result<(), WebSocketError> {
+        self.inner.write_frame(Frame::text(Payload::Owned(text))).await
+    }
+
     /// Writes one JSON frame.
     pub async fn send(&mut self, frame: &ClientFrame<'_>) -> Result<(), WebSocketError> {
         // Serializing strings and integers into a Vec cannot fail.

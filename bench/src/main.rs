@@ -117,6 +117,48 @@ enum Cmd {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Reconnect storm (issue 12): USERS receivers each miss MISSED messages while offline (sent and
+    /// saved first), then all connect at once. Prints the time until every device holds every
+    /// message, the cluster's CPU, and the gateways' slow-consumer disconnects (must be 0). Exit 0
+    /// only if every device got everything without a slow-consumer close.
+    ReconnectStorm {
+        #[arg(long, default_value_t = 5000)]
+        users: usize,
+        #[arg(long, default_value_t = 20)]
+        missed: usize,
+        /// Distinct senders each receiver hears from.
+        #[arg(long, default_value_t = 4)]
+        peers: usize,
+        /// Sender connections that send the backlog.
+        #[arg(long, default_value_t = 500)]
+        senders: usize,
+        /// Receivers connecting at once (default: all of them).
+        #[arg(long)]
+        connect_concurrency: Option<usize>,
+        /// The longest the storm may take, seconds.
+        #[arg(long, default_value_t = 180.0)]
+        timeout_secs: f64,
+        /// Fraction of receivers that connect with `?sync=manual` and send their own positions.
+        #[arg(long, default_value_t = 0.0)]
+        own_positions: f64,
+        /// How receivers confirm (`seq`, `id` is not supported here, `none`).
+        #[arg(long, value_enum, default_value_t = im_bench::spec::ReceiverAcks::Seq)]
+        acks: im_bench::spec::ReceiverAcks,
+        /// State file of a running cluster (written by `ops up`), unless --start.
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        /// Start a cluster for the storm (its size and config from the flags below) and stop it after.
+        #[arg(long)]
+        start: bool,
+        /// The started cluster's mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Full)]
+        mode: ModeArg,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Raise the offered load step by step until saved p99 passes a bound or errors/loss appear.
     Sweep {
         #[arg(long, value_enum)]
@@ -253,6 +295,57 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 print!("{report}");
             }
             Ok(exit_code(output.check, &[&report]))
+        }
+        Cmd::ReconnectStorm {
+            users,
+            missed,
+            peers,
+            senders,
+            connect_concurrency,
+            timeout_secs,
+            own_positions,
+            acks,
+            state,
+            start,
+            mode,
+            cluster,
+            json,
+        } => {
+            let spec = im_bench::catchup::CatchUpSpec {
+                users,
+                missed,
+                peers,
+                senders,
+                connect_concurrency: connect_concurrency.unwrap_or(users),
+                timeout: im_bench::args::secs(timeout_secs, "timeout-secs")?,
+                own_positions,
+                acks,
+                ..Default::default()
+            };
+            let (managed, cluster_state) = if start {
+                let out = default_out(None).join("reconnect-storm");
+                let tag = compare::run_stamp(im_common::ids::now_ms() / 1000).replace(['-', 'T', 'Z'], "");
+                let managed = compare::ManagedCluster::start(&cluster.options()?, Mode::from(mode), &out, &tag).await?;
+                let state = managed.state().clone();
+                (Some(managed), state)
+            } else {
+                let state = im_harness::cluster::load_state(&state)
+                    .with_context(|| format!("no cluster state at {} (start one with `ops up`, or --start)", state.display()))?;
+                (None, state)
+            };
+            let target = Target::from_state(&cluster_state)?;
+            let metrics: Vec<String> = cluster_state.gateways.iter().map(|g| g.metrics_url.clone()).collect();
+            let report = im_bench::catchup::reconnect_storm(&target, &metrics, &spec).await;
+            if let Some(managed) = managed {
+                managed.stop(false).await?;
+            }
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.passed() { 0 } else { 1 })
         }
         Cmd::Compare { load, cluster, repeats, modes, out, output } => {
             let spec = CompareSpec {

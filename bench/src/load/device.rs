@@ -23,13 +23,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The shortest time between two rounds of confirmations of one device.
-pub(super) const ACK_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const ACK_EVERY: Duration = Duration::from_millis(100);
 /// How long a gap in live pushes may stay before the device asks for it.
-pub(super) const GAP_WAIT: Duration = Duration::from_millis(250);
+pub(crate) const GAP_WAIT: Duration = Duration::from_millis(250);
 /// How often a device asks again for a gap that a sync did not fill.
-pub(super) const GAP_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const GAP_RETRY: Duration = Duration::from_secs(1);
 /// How long a sync may go unanswered (no `SYNC_DONE`) before the device stops waiting for it.
-pub(super) const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One conversation (the pushes of one peer) as the device holds it.
 #[derive(Debug, Default, Clone)]
@@ -68,7 +68,7 @@ impl Conversation {
 
 /// What a push was to the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Held {
+pub(crate) enum Held {
     /// A message it did not hold.
     New,
     /// A serverMsgId it already held.
@@ -80,7 +80,7 @@ pub(super) enum Held {
 
 /// One device's state.
 #[derive(Debug)]
-pub(super) struct DeviceState {
+pub(crate) struct DeviceState {
     conversations: BTreeMap<u64, Conversation>,
     ids: HashSet<u64>,
     /// Confirm `read` as well as `delivered`.
@@ -210,6 +210,15 @@ impl DeviceState {
             }
         }
         out
+    }
+
+    /// The gateway refused a frame (`too_many_requests`): confirmations sent since may be lost, so
+    /// every position is confirmed again in the next round.
+    pub fn confirm_again(&mut self) {
+        for c in self.conversations.values_mut() {
+            c.delivered = 0;
+            c.read = 0;
+        }
     }
 
     /// Seqs missing below the highest held, over every conversation (the open gaps).

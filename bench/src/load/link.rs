@@ -188,7 +188,7 @@ pub(super) async fn connect_all(
 }
 
 /// The error label of a connection the gateway closed.
-pub(super) fn close_label(code: u16, reason: &str) -> String {
+pub(crate) fn close_label(code: u16, reason: &str) -> String {
     if reason.is_empty() {
         format!("closed_{code}")
     } else {

@@ -17,7 +17,7 @@
 //! Checking rows against the database is [`crate::run()`]'s job, not this module's.
 
 mod delivered;
-mod device;
+pub(crate) mod device;
 mod link;
 mod progress;
 mod receiver;
@@ -50,6 +50,7 @@ use progress::{progress_loop, Phase};
 use schedule::Schedule;
 use sender::{spawn_sender, SenderOptions, SenderTasks};
 
+pub(crate) use link::close_label;
 pub use receiver::CHURN_CLOSE_LABEL;
 pub use storm::ReconnectStorm;
 

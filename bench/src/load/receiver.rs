@@ -210,6 +210,10 @@ pub(super) async fn receive(
                 continue;
             }
             Kind::Error => {
+                // A refused frame may have been a confirmation: confirm every position again.
+                if frame.reason() == "too_many_requests" {
+                    state.confirm_again();
+                }
                 rec.error(frame.reason());
                 continue;
             }
