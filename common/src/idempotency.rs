@@ -8,6 +8,7 @@
 
 use redis::aio::ConnectionManager;
 
+use crate::seq_counters::{add_floors, SeqFloor};
 use crate::protocol::{AckType, Reason, ServerFrame};
 
 /// How far an earlier attempt with the same clientMsgId got.
@@ -51,12 +52,14 @@ impl IdempotencyWindow {
         Ok(prev.as_deref().and_then(decode_state))
     }
 
-    /// Records the final stage (saved or failed) of many keys, in one pipeline.
-    pub async fn settle(&self, entries: &[(String, Stage, u64)]) -> redis::RedisResult<()> {
+    /// Records the final stage (saved or failed) of many keys, and raises the seq counters past the
+    /// seqs the baseline path gave them (`seq_counters`), in one pipeline.
+    pub async fn settle(&self, entries: &[(String, Stage, u64)], floors: &[SeqFloor]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         for (key, stage, id) in entries {
             pipe.cmd("SET").arg(key).arg(encode_state(*stage, *id)).arg("EX").arg(self.ttl_secs).ignore();
         }
+        add_floors(&mut pipe, floors);
         pipe.query_async(&mut self.conn.clone()).await
     }
 

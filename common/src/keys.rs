@@ -16,6 +16,15 @@ pub struct Keys {
     dead_letter: Arc<str>,
 }
 
+/// The field of a [`Keys::seq_counters`] hash that marks its counters complete (restored from MySQL
+/// or started empty on an empty database). A hash without it was lost and is restored before use.
+pub const SEQ_RESTORED: &str = "restored";
+
+/// The field of one direction in a [`Keys::seq_counters`] hash.
+pub fn seq_field(from: u64, to: u64) -> String {
+    format!("{from}:{to}")
+}
+
 impl Keys {
     /// Keys under `prefix`, with the configured stream names.
     pub fn new(prefix: &str, accepted: &str, to_save: &str, dead_letter: &str) -> Self {
@@ -97,6 +106,19 @@ impl Keys {
     /// Sorted set of the gateway nodes holding a user (member: node id, score: expiry in Unix ms).
     pub fn route(&self, uid: u64) -> String {
         format!("{}:route:{uid}", self.prefix)
+    }
+
+    /// A user's presence epoch: a counter raised on every connection of the user (any device, any
+    /// gateway). The deliver stage notes it when it pushes; a save that finds it changed pushes again
+    /// (the user connected since, and that connection's sync could not see the unsaved message).
+    pub fn presence(&self, uid: u64) -> String {
+        format!("{}:presence:{uid}", self.prefix)
+    }
+
+    /// The per-direction sequence counters of the senders of `shard` (a hash: field `<from>:<to>` →
+    /// last seq handed out, and [`SEQ_RESTORED`] once the counters are known to be complete).
+    pub fn seq_counters(&self, shard: u16) -> String {
+        self.shard_key(shard, "seq")
     }
 
     /// Pub/sub channel of one gateway node.

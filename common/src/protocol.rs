@@ -25,6 +25,7 @@ pub enum Reason {
     CannotSendToSelf,
     SpoofedFrom,
     InvalidAck,
+    InvalidSync,
     TooManyRequests,
     ServerBusy,
     InternalError,
@@ -33,7 +34,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for docs and metrics pre-registration.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Unauthorized,
         Reason::BadJson,
         Reason::MissingType,
@@ -47,6 +48,7 @@ impl Reason {
         Reason::CannotSendToSelf,
         Reason::SpoofedFrom,
         Reason::InvalidAck,
+        Reason::InvalidSync,
         Reason::TooManyRequests,
         Reason::ServerBusy,
         Reason::InternalError,
@@ -69,6 +71,7 @@ impl Reason {
             Reason::CannotSendToSelf => "cannot_send_to_self",
             Reason::SpoofedFrom => "spoofed_from",
             Reason::InvalidAck => "invalid_ack",
+            Reason::InvalidSync => "invalid_sync",
             Reason::TooManyRequests => "too_many_requests",
             Reason::ServerBusy => "server_busy",
             Reason::InternalError => "internal_error",
@@ -89,6 +92,9 @@ pub enum FrameType {
     AuthOk,
     AuthFail,
     Error,
+    Sync,
+    SyncDone,
+    Receipt,
 }
 
 impl FrameType {
@@ -103,6 +109,9 @@ impl FrameType {
             FrameType::AuthOk => "AUTH_OK",
             FrameType::AuthFail => "AUTH_FAIL",
             FrameType::Error => "ERROR",
+            FrameType::Sync => "SYNC",
+            FrameType::SyncDone => "SYNC_DONE",
+            FrameType::Receipt => "RECEIPT",
         }
     }
 }
@@ -115,7 +124,8 @@ pub enum AckType {
     Accepted,
     /// Committed in MySQL; visible in history.
     Saved,
-    /// Recipient → server: the client has the message (moves the offline-resend cursor).
+    /// Recipient → server: the client has the message and every earlier one of its sender (moves the
+    /// delivered position the sync starts from); server → sender in `RECEIPT`.
     Delivered,
     /// Recipient → server: the user has read the message.
     Read,
@@ -138,6 +148,10 @@ pub struct ClientFrame {
     pub msg_type: Option<Value>,
     pub body: Option<Value>,
     pub token: Option<Value>,
+    pub seq: Option<Value>,
+    pub peer: Option<Value>,
+    pub after_seq: Option<Value>,
+    pub positions: Option<Value>,
 }
 
 /// A validated client request.
@@ -146,7 +160,28 @@ pub enum Request {
     Auth { token: String },
     Ping,
     Send(SendRequest),
-    Ack { ack_type: AckType, server_msg_id: u64 },
+    Ack { ack_type: AckType, target: AckTarget },
+    Sync(SyncRequest),
+}
+
+/// What an `ACK delivered|read` confirms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckTarget {
+    /// This message and every earlier one of its sender (the form older clients send).
+    Message(u64),
+    /// Every message of `peer` up to `seq`.
+    Seq { peer: u64, seq: u64 },
+}
+
+/// What a `SYNC` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncRequest {
+    /// Every conversation, from the server's delivered positions.
+    Server,
+    /// These (peer, position) pairs instead of the server's; other peers from the server's.
+    Positions(Vec<(u64, u64)>),
+    /// One conversation, after `after_seq`.
+    Peer { peer: u64, after_seq: u64 },
 }
 
 /// A validated `SINGLE_CHAT` from the authenticated user.
@@ -197,11 +232,15 @@ pub fn parse_request(text: &[u8], uid: u64, limits: FrameLimits) -> Result<Reque
                 Some("read") => AckType::Read,
                 _ => return Err(reject(Reason::InvalidAck, client_msg_id)),
             };
-            match frame.server_msg_id.as_ref().and_then(id_value) {
-                Some(server_msg_id) => Ok(Request::Ack { ack_type, server_msg_id }),
-                None => Err(reject(Reason::InvalidAck, client_msg_id)),
+            let by_id = frame.server_msg_id.as_ref().and_then(id_value);
+            let by_seq = frame.from.as_ref().and_then(id_value).zip(frame.seq.as_ref().and_then(id_value));
+            match (by_id, by_seq) {
+                (_, Some((peer, seq))) => Ok(Request::Ack { ack_type, target: AckTarget::Seq { peer, seq } }),
+                (Some(id), None) => Ok(Request::Ack { ack_type, target: AckTarget::Message(id) }),
+                (None, None) => Err(reject(Reason::InvalidAck, client_msg_id)),
             }
         }
+        "SYNC" => parse_sync(&frame).map(Request::Sync).ok_or_else(|| reject(Reason::InvalidSync, client_msg_id)),
         "SINGLE_CHAT" => parse_send(frame, client_msg_id, uid, limits).map(Request::Send),
         _ => Err(reject(Reason::NotImplemented, client_msg_id)),
     }
@@ -248,6 +287,31 @@ fn parse_send(
     Ok(SendRequest { to, client_msg_id: cmid, msg_type, body })
 }
 
+/// `SYNC {}`, `SYNC {positions: {"<peer>": seq, ...}}` or `SYNC {peer, afterSeq}`.
+fn parse_sync(frame: &ClientFrame) -> Option<SyncRequest> {
+    if let Some(peer) = frame.peer.as_ref().filter(|v| !v.is_null()) {
+        let after_seq = seq_value(frame.after_seq.as_ref()?)?;
+        return Some(SyncRequest::Peer { peer: id_value(peer)?, after_seq });
+    }
+    match frame.positions.as_ref() {
+        None | Some(Value::Null) => Some(SyncRequest::Server),
+        Some(Value::Object(map)) => {
+            let positions = map.iter().map(|(peer, seq)| Some((peer.parse().ok().filter(|&p| p > 0)?, seq_value(seq)?)));
+            positions.collect::<Option<Vec<_>>>().map(SyncRequest::Positions)
+        }
+        Some(_) => None,
+    }
+}
+
+/// A non-negative seq given as a JSON number or a decimal string.
+fn seq_value(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
 fn reject(reason: Reason, client_msg_id: Option<String>) -> Rejection {
     Rejection { reason, client_msg_id }
 }
@@ -286,6 +350,12 @@ pub struct ServerFrame {
     pub ts: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
+    /// Position in the sender→recipient direction (pushes, `RECEIPT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// The other user of the conversation (`SYNC_DONE`, `RECEIPT`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "decimal")]
+    pub peer: Option<u64>,
 }
 
 impl ServerFrame {
@@ -302,6 +372,8 @@ impl ServerFrame {
             body: None,
             ts: None,
             reason: None,
+            seq: None,
+            peer: None,
         }
     }
 
@@ -318,6 +390,17 @@ impl ServerFrame {
             server_msg_id: Some(server_msg_id),
             ts: Some(crate::ids::timestamp_ms(server_msg_id)),
             ..Self::bare(FrameType::Ack)
+        }
+    }
+
+    /// `RECEIPT {ackType, peer, seq, serverMsgId?}` to a sender: `peer` has their messages up to `seq`.
+    pub fn receipt(ack_type: AckType, peer: u64, seq: u64, server_msg_id: Option<u64>) -> Self {
+        ServerFrame {
+            ack_type: Some(ack_type),
+            peer: Some(peer),
+            seq: Some(seq),
+            server_msg_id,
+            ..Self::bare(FrameType::Receipt)
         }
     }
 
@@ -393,6 +476,35 @@ mod tests {
             Reason::SpoofedFrom
         );
         assert_eq!(reason_of(r#"{"type":"ACK","ackType":"delivered"}"#), Reason::InvalidAck);
+        assert_eq!(reason_of(r#"{"type":"ACK","ackType":"delivered","from":"3","seq":-1}"#), Reason::InvalidAck);
+        assert_eq!(reason_of(r#"{"type":"SYNC","positions":[1]}"#), Reason::InvalidSync);
+        assert_eq!(reason_of(r#"{"type":"SYNC","positions":{"x":1}}"#), Reason::InvalidSync);
+        assert_eq!(reason_of(r#"{"type":"SYNC","positions":{"3":"a"}}"#), Reason::InvalidSync);
+        assert_eq!(reason_of(r#"{"type":"SYNC","peer":"3"}"#), Reason::InvalidSync);
+    }
+
+    #[test]
+    fn acks_name_a_message_or_a_position_and_syncs_parse() {
+        let parse = |t: &str| parse_request(t.as_bytes(), 7, LIMITS).unwrap();
+        assert_eq!(
+            parse(r#"{"type":"ACK","ackType":"read","serverMsgId":"99"}"#),
+            Request::Ack { ack_type: AckType::Read, target: AckTarget::Message(99) }
+        );
+        assert_eq!(
+            parse(r#"{"type":"ACK","ackType":"delivered","from":"3","seq":12}"#),
+            Request::Ack { ack_type: AckType::Delivered, target: AckTarget::Seq { peer: 3, seq: 12 } }
+        );
+        assert_eq!(parse(r#"{"type":"SYNC"}"#), Request::Sync(SyncRequest::Server));
+        assert_eq!(
+            parse(r#"{"type":"SYNC","positions":{"3":0}}"#),
+            Request::Sync(SyncRequest::Positions(vec![(3, 0)]))
+        );
+        assert_eq!(
+            parse(r#"{"type":"SYNC","peer":3,"afterSeq":"4"}"#),
+            Request::Sync(SyncRequest::Peer { peer: 3, after_seq: 4 })
+        );
+        let receipt = ServerFrame::receipt(AckType::Read, 3, 5, None).to_json();
+        assert_eq!(receipt, r#"{"type":"RECEIPT","ackType":"read","seq":5,"peer":"3"}"#);
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub struct ChatMessage {
     pub client_msg_id: String,
     pub msg_type: String,
     pub body: String,
+    /// Position in the from→to direction (SPEC §3.10); 0 until the shard owner (or, on the
+    /// baseline path, the save) assigns it.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl ChatMessage {
@@ -34,6 +38,7 @@ impl ChatMessage {
             msg_type: Some(self.msg_type.clone()),
             body: Some(self.body.clone()),
             ts: Some(crate::ids::timestamp_ms(self.id)),
+            seq: (self.seq > 0).then_some(self.seq),
             ..ServerFrame::bare(FrameType::SingleChat)
         }
     }
@@ -44,6 +49,11 @@ impl ChatMessage {
 pub struct Accepted {
     pub msg: ChatMessage,
     pub origin: Origin,
+    /// Full mode: the recipient's presence epoch (`Keys::presence`) when the deliver stage pushed the
+    /// message. The save stage pushes it again after the commit if the epoch has changed since: a
+    /// connection made in between synced from MySQL before this message was there.
+    #[serde(default)]
+    pub pushed_at_epoch: Option<u64>,
 }
 
 /// The gateway node and connection a message came in on.
@@ -99,8 +109,9 @@ mod tests {
             client_msg_id: "c".into(),
             msg_type: "TEXT".into(),
             body: "héllo".into(),
+            seq: 5,
         };
-        let entry = Accepted { msg: m.clone(), origin: Origin { node: 3, conn: 4 } };
+        let entry = Accepted { msg: m.clone(), origin: Origin { node: 3, conn: 4 }, pushed_at_epoch: Some(2) };
         assert_eq!(decode::<Accepted>(&encode(&entry)).unwrap(), entry);
         let b = PushBatch {
             pushes: vec![

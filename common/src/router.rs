@@ -28,7 +28,7 @@ pub enum Target {
 pub struct SendStats {
     /// PUBLISH commands sent (one per node that had anything).
     pub publishes: usize,
-    /// Routed pushes whose user is on no gateway (offline: resent from MySQL on connect).
+    /// Routed pushes whose user is on no gateway (offline: their next connection syncs them).
     pub offline: usize,
 }
 
@@ -45,18 +45,39 @@ impl Router {
         Router { conn, keys }
     }
 
-    /// Live gateway nodes of each user, in one pipelined round trip.
-    pub async fn resolve(&self, users: &[u64]) -> redis::RedisResult<HashMap<u64, Vec<u16>>> {
-        if users.is_empty() {
-            return Ok(HashMap::new());
+    /// Where each user is, in one pipelined round trip.
+    pub async fn resolve(&self, users: &[u64]) -> redis::RedisResult<HashMap<u64, Presence>> {
+        Ok(self.resolve_and(users, None).await?.0)
+    }
+
+    /// [`Router::resolve`], with one more command in the same round trip (its raw reply is returned).
+    pub async fn resolve_and(
+        &self,
+        users: &[u64],
+        extra: Option<redis::Cmd>,
+    ) -> redis::RedisResult<(HashMap<u64, Presence>, redis::Value)> {
+        if users.is_empty() && extra.is_none() {
+            return Ok((HashMap::new(), redis::Value::Nil));
         }
         let now = crate::ids::now_ms();
         let mut pipe = redis::pipe();
-        for &u in users {
-            pipe.zrangebyscore(self.keys.route(u), now, "+inf");
+        if let Some(cmd) = &extra {
+            pipe.add_command(cmd.clone());
         }
-        let nodes: Vec<Vec<u16>> = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(users.iter().copied().zip(nodes).collect())
+        for &u in users {
+            pipe.zrangebyscore(self.keys.route(u), now, "+inf").get(self.keys.presence(u));
+        }
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        let extra_reply = if extra.is_some() { replies.remove(0) } else { redis::Value::Nil };
+        let mut found = HashMap::with_capacity(users.len());
+        let mut replies = replies.into_iter();
+        for &u in users {
+            let (Some(nodes), Some(epoch)) = (replies.next(), replies.next()) else { break };
+            let nodes: Vec<u16> = redis::from_redis_value(nodes)?;
+            let epoch: Option<u64> = redis::from_redis_value(epoch)?;
+            found.insert(u, Presence { nodes, epoch: epoch.unwrap_or(0) });
+        }
+        Ok((found, extra_reply))
     }
 
     /// Delivers pushes: routed ones to every node holding their user (except `skip_node`, whose
@@ -87,13 +108,23 @@ impl Router {
         users.sort_unstable();
         users.dedup();
         let routes = self.resolve(&users).await?;
+        Ok(self.group(pushes, &routes, skip_node))
+    }
+
+    /// Groups pushes into one [`Publication`] per node, with routes already resolved.
+    pub fn group(
+        &self,
+        pushes: &[(Target, Push)],
+        routes: &HashMap<u64, Presence>,
+        skip_node: Option<u16>,
+    ) -> (Vec<Publication>, SendStats) {
         let mut stats = SendStats::default();
         let mut by_node: HashMap<u16, Vec<Push>> = HashMap::new();
         for (target, push) in pushes {
             match *target {
                 Target::Node(node) => by_node.entry(node).or_default().push(push.clone()),
                 Target::Routed => {
-                    let nodes = routes.get(&push.user).map(Vec::as_slice).unwrap_or_default();
+                    let nodes = routes.get(&push.user).map(|p| p.nodes.as_slice()).unwrap_or_default();
                     if nodes.is_empty() {
                         stats.offline += 1;
                     }
@@ -112,8 +143,16 @@ impl Router {
                 payload: encode(&PushBatch { pushes }),
             })
             .collect();
-        Ok((publications, stats))
+        (publications, stats)
     }
+}
+
+/// Where a user is: the gateway nodes holding a connection of theirs, and their presence epoch
+/// (`Keys::presence`: raised on every new connection; 0 if never).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presence {
+    pub nodes: Vec<u16>,
+    pub epoch: u64,
 }
 
 /// One PUBLISH: a node channel and an encoded [`PushBatch`].

@@ -1,7 +1,9 @@
-//! All SQL lives here: migrations, the batched save, history, offline inbox and delivery cursors.
+//! All SQL lives here: migrations, the batched save (with seqs for the baseline path), history,
+//! sync pages, positions and the conversation list.
 //!
 //! The save is one multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id` per batch plus one
-//! conversation upsert, in one transaction. A row the INSERT did not add is a duplicate only when a
+//! conversation upsert, in one transaction (plus one counter upsert and read when rows still need
+//! their seq). A row the INSERT did not add is a duplicate only when a
 //! stored row has exactly the same (from_user_id, client_msg_id) bytes — a retry of the same message —
 //! and then counts as saved and reports the id already stored. Any other collision (the id already
 //! belongs to another message, or a collation folded two clientMsgIds into one key) leaves the message
@@ -25,6 +27,7 @@ use crate::record::ChatMessage;
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "messages", include_str!("../../migrations/0001_messages.sql")),
     (2, "client_msg_id_bytes", include_str!("../../migrations/0002_client_msg_id_bytes.sql")),
+    (3, "sequences", include_str!("../../migrations/0003_sequences.sql")),
 ];
 
 /// A database failure, classified by what the caller should do about it.
@@ -130,22 +133,46 @@ fn is_server_state_error(code: u16) -> bool {
 /// The result of saving one batch.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SaveOutcome {
-    /// For each saved message (by index in the batch): the id the database holds for it — its own, or
-    /// the id of the earlier row with the same sender and clientMsgId.
-    pub saved: Vec<(usize, u64)>,
+    /// For each saved message (by index in the batch): the id and seq the database holds for it — its
+    /// own, or those of the earlier row with the same sender and clientMsgId.
+    pub saved: Vec<(usize, u64, u64)>,
     /// Messages the database refused for good, with the reason (by index in the batch).
     pub rejected: Vec<(usize, String)>,
 }
 
-/// What the database holds for one row of an INSERT: the id of the stored row with the same sender
-/// and clientMsgId bytes, or why there is no row for this message.
-type StoredRow = Result<u64, String>;
+/// What the database holds for one row of an INSERT: the (id, seq) of the stored row with the same
+/// sender and clientMsgId bytes, or why there is no row for this message.
+type StoredRow = Result<(u64, u64), String>;
+
+/// One entry of a user's conversation list (`GET /api/conversations`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    pub peer: u64,
+    /// The last saved message either way (None while the row holds positions only).
+    pub last: Option<ChatMessage>,
+    pub last_in_seq: u64,
+    pub last_out_seq: u64,
+    pub delivered: u64,
+    pub read: u64,
+    pub peer_delivered: u64,
+    pub peer_read: u64,
+}
+
+/// A user's delivered and read positions in one peer's messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    pub delivered: u64,
+    pub read: u64,
+}
 
 /// A pooled connection to the messages database.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
 }
+
+/// Columns of a message row, in the order [`to_message`] reads them.
+const MESSAGE_COLUMNS: &str = "id, from_user_id, to_user_id, client_msg_id, msg_type, content, seq";
 
 impl Store {
     /// A pool of at most `pool_max` connections to `url` (which names the database).
@@ -179,7 +206,7 @@ impl Store {
                 Ok(rows) => {
                     for (i, row) in rows.into_iter().enumerate() {
                         match row {
-                            Ok(id) => outcome.saved.push((range.start + i, id)),
+                            Ok((id, seq)) => outcome.saved.push((range.start + i, id, seq)),
                             Err(reason) => outcome.rejected.push((range.start + i, reason)),
                         }
                     }
@@ -198,104 +225,177 @@ impl Store {
         Ok(outcome)
     }
 
-    /// One transaction: the rows, then the conversations they touch. Returns, per row, the stored id
-    /// or why the message has no row.
+    /// One transaction: seqs for the rows that have none, the rows, then the conversations they
+    /// touch. Returns, per row, the stored (id, seq) or why the message has no row.
+    ///
+    /// Rows without a seq (the baseline path) take the next seqs of their direction from
+    /// `conversations.last_out_seq`, raised in the same transaction, so a rolled-back save consumes
+    /// none. If the INSERT then meets rows already stored (a retry of a saved message), the
+    /// transaction is rolled back and redone without them: a seq is never spent on a row that does
+    /// not get it.
     async fn insert_rows(&self, rows: &[ChatMessage]) -> Result<Vec<StoredRow>, StoreError> {
         let mut conn = self.pool.get_conn().await?;
-        let mut tx = conn.start_transaction(TxOpts::default()).await?;
-        let sql = format!(
-            "INSERT INTO messages (id, from_user_id, to_user_id, client_msg_id, msg_type, content) VALUES {} \
-             ON DUPLICATE KEY UPDATE id = id",
-            placeholders(rows.len(), 6)
-        );
-        let mut params = Vec::with_capacity(rows.len() * 6);
-        for m in rows {
-            params.extend([
-                Value::from(m.id),
-                Value::from(m.from),
-                Value::from(m.to),
-                Value::from(m.client_msg_id.as_str()),
-                Value::from(m.msg_type.as_str()),
-                Value::from(m.body.as_str()),
-            ]);
-        }
-        tx.exec_drop(sql, Params::Positional(params)).await?;
-        // `id = id` changes nothing, so a row that was already there counts 0 (found rows are off).
-        let inserted = tx.affected_rows() as usize;
-        let stored = if inserted == rows.len() {
-            rows.iter().map(|m| Ok(m.id)).collect()
-        } else {
-            stored_rows(&mut tx, rows).await?
-        };
-
-        // Both participants' chat-list rows, one per pair per batch, in key order so concurrent
-        // batches lock them in the same order.
-        let mut latest: BTreeMap<(u64, u64), u64> = BTreeMap::new();
-        for (m, stored) in rows.iter().zip(&stored) {
-            let Ok(id) = *stored else { continue };
-            for pair in [(m.from, m.to), (m.to, m.from)] {
-                let last = latest.entry(pair).or_insert(0);
-                *last = (*last).max(id);
+        // Rows found already stored by an earlier round of this loop, by index.
+        let mut known: HashMap<usize, StoredRow> = HashMap::new();
+        loop {
+            let mut tx = conn.start_transaction(TxOpts::default()).await?;
+            let mut fresh: Vec<(usize, ChatMessage)> =
+                rows.iter().enumerate().filter(|(i, _)| !known.contains_key(i)).map(|(i, m)| (i, m.clone())).collect();
+            let numbered_here = fresh.iter().any(|(_, m)| m.seq == 0);
+            if numbered_here {
+                assign_seqs(&mut tx, fresh.iter_mut().map(|(_, m)| m)).await?;
             }
-        }
-        if latest.is_empty() {
+            let inserted = if fresh.is_empty() { 0 } else { insert_messages(&mut tx, fresh.iter().map(|(_, m)| m)).await? };
+            let stored: Vec<StoredRow> = if inserted == fresh.len() {
+                fresh.iter().map(|(_, m)| Ok((m.id, m.seq))).collect()
+            } else {
+                let msgs: Vec<&ChatMessage> = fresh.iter().map(|(_, m)| m).collect();
+                let stored = stored_rows(&mut tx, &msgs).await?;
+                if numbered_here {
+                    // Seqs were spent on rows that are not new: redo without them.
+                    tx.rollback().await?;
+                    for ((i, m), row) in fresh.iter().zip(stored) {
+                        // A row this INSERT added holds the seq just given; any other answer is final.
+                        if row != Ok((m.id, m.seq)) {
+                            known.insert(*i, row);
+                        }
+                    }
+                    continue;
+                }
+                stored
+            };
+            for ((i, _), row) in fresh.iter().zip(stored) {
+                known.insert(*i, row);
+            }
+            let all: Vec<StoredRow> = (0..rows.len()).map(|i| known.remove(&i).unwrap_or(Err(String::new()))).collect();
+            touch_conversations(&mut tx, rows, &all).await?;
             tx.commit().await?;
-            return Ok(stored);
+            return Ok(all);
         }
-        let sql = format!(
-            "INSERT INTO conversations (owner_id, peer_id, last_msg_id) VALUES {} ON DUPLICATE KEY UPDATE \
-             last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), updated_at = CURRENT_TIMESTAMP(3)",
-            placeholders(latest.len(), 3)
-        );
-        let params: Vec<Value> =
-            latest.iter().flat_map(|(&(owner, peer), &last)| [owner.into(), peer.into(), last.into()]).collect();
-        tx.exec_drop(sql, Params::Positional(params)).await?;
-        tx.commit().await?;
-        Ok(stored)
     }
 
     /// Saved messages between `user` and `peer` with id below `before`, newest first.
     pub async fn history(&self, user: u64, peer: u64, before: u64, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
-        let sql = "SELECT id, from_user_id, to_user_id, client_msg_id, msg_type, content FROM messages \
-                   WHERE user_lo = ? AND user_hi = ? AND id < ? ORDER BY id DESC LIMIT ?";
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_lo = ? AND user_hi = ? AND id < ? ORDER BY id DESC LIMIT ?"
+        );
         let rows = self.pool.get_conn().await?.exec(sql, (user.min(peer), user.max(peer), before, limit)).await?;
         Ok(rows.into_iter().map(to_message).collect())
     }
 
-    /// Saved messages to `user` with ids in `after < id < before`, oldest first (one page of offline
-    /// resend).
-    pub async fn inbox_between(
-        &self,
-        user: u64,
-        after: u64,
-        before: u64,
-        limit: u32,
-    ) -> Result<Vec<ChatMessage>, StoreError> {
-        let sql = "SELECT id, from_user_id, to_user_id, client_msg_id, msg_type, content FROM messages \
-                   WHERE to_user_id = ? AND id > ? AND id < ? ORDER BY id LIMIT ?";
-        let rows = self.pool.get_conn().await?.exec(sql, (user, after, before, limit)).await?;
+    /// Saved messages from `from` to `to` with seq above `after_seq`, in seq order (one page of a sync).
+    pub async fn messages_after(&self, from: u64, to: u64, after_seq: u64, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE from_user_id = ? AND to_user_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        );
+        let rows = self.pool.get_conn().await?.exec(sql, (from, to, after_seq, limit)).await?;
         Ok(rows.into_iter().map(to_message).collect())
     }
 
-    /// The id up to which `user` has confirmed delivery (0 if never).
-    pub async fn delivered_cursor(&self, user: u64) -> Result<u64, StoreError> {
-        let sql = "SELECT delivered_msg_id FROM delivery_cursors WHERE user_id = ?";
-        Ok(self.pool.get_conn().await?.exec_first(sql, (user,)).await?.unwrap_or(0))
+    /// `user`'s conversations with saved messages beyond the delivered position: (peer, position).
+    pub async fn behind(&self, user: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let sql = "SELECT peer_id, delivered_seq FROM conversations WHERE owner_id = ? AND last_in_seq > delivered_seq";
+        Ok(self.pool.get_conn().await?.exec(sql, (user,)).await?)
     }
 
-    /// Moves delivery cursors forward (never back), all in one statement.
-    pub async fn advance_cursors(&self, cursors: &[(u64, u64)]) -> Result<(), StoreError> {
-        if cursors.is_empty() {
+    /// The sender and seq of messages addressed to their user: `(to, id)` → `(from, seq)`, for the
+    /// ones that are saved.
+    pub async fn seqs_of(&self, messages: &[(u64, u64)]) -> Result<HashMap<(u64, u64), (u64, u64)>, StoreError> {
+        if messages.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT to_user_id, id, from_user_id, seq FROM messages WHERE id IN ({})",
+            vec!["?"; messages.len()].join(",")
+        );
+        let ids: Vec<Value> = messages.iter().map(|&(_, id)| id.into()).collect();
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.exec(sql, Params::Positional(ids)).await?;
+        Ok(rows.into_iter().map(|(to, id, from, seq)| ((to, id), (from, seq))).collect())
+    }
+
+    /// The ids of saved messages at `(from, to, seq)`.
+    pub async fn ids_at(&self, at: &[(u64, u64, u64)]) -> Result<HashMap<(u64, u64, u64), u64>, StoreError> {
+        if at.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT from_user_id, to_user_id, seq, id FROM messages WHERE (from_user_id, to_user_id, seq) IN ({})",
+            vec!["(?,?,?)"; at.len()].join(",")
+        );
+        let params: Vec<Value> = at.iter().flat_map(|&(f, t, s)| [f.into(), t.into(), s.into()]).collect();
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.exec(sql, Params::Positional(params)).await?;
+        Ok(rows.into_iter().map(|(f, t, s, id)| ((f, t, s), id)).collect())
+    }
+
+    /// Moves `(owner, peer)` positions forward (never back; `read` moves `delivered` too), all in one
+    /// statement.
+    pub async fn advance_positions(&self, positions: &[((u64, u64), Position)]) -> Result<(), StoreError> {
+        if positions.is_empty() {
             return Ok(());
         }
         let sql = format!(
-            "INSERT INTO delivery_cursors (user_id, delivered_msg_id) VALUES {} ON DUPLICATE KEY UPDATE \
-             delivered_msg_id = GREATEST(delivered_msg_id, VALUES(delivered_msg_id))",
-            placeholders(cursors.len(), 2)
+            "INSERT INTO conversations (owner_id, peer_id, delivered_seq, read_seq) VALUES {} ON DUPLICATE KEY UPDATE \
+             delivered_seq = GREATEST(delivered_seq, VALUES(delivered_seq), VALUES(read_seq)), \
+             read_seq = GREATEST(read_seq, VALUES(read_seq))",
+            placeholders(positions.len(), 4)
         );
-        let params: Vec<Value> = cursors.iter().flat_map(|&(u, id)| [u.into(), id.into()]).collect();
+        let params: Vec<Value> = positions
+            .iter()
+            .flat_map(|&((owner, peer), p)| [owner.into(), peer.into(), p.delivered.max(p.read).into(), p.read.into()])
+            .collect();
         self.pool.get_conn().await?.exec_drop(sql, Params::Positional(params)).await?;
         Ok(())
+    }
+
+    /// `user`'s conversations with a saved message older than `before`, newest activity first.
+    pub async fn conversations(&self, user: u64, before: u64, limit: u32) -> Result<Vec<Conversation>, StoreError> {
+        let sql = "SELECT c.peer_id, c.last_in_seq, c.last_out_seq, c.delivered_seq, c.read_seq, \
+                   COALESCE(p.delivered_seq, 0), COALESCE(p.read_seq, 0), \
+                   m.id, m.from_user_id, m.to_user_id, m.client_msg_id, m.msg_type, LEFT(m.content, 100), m.seq \
+                   FROM conversations c \
+                   LEFT JOIN conversations p ON p.owner_id = c.peer_id AND p.peer_id = c.owner_id \
+                   LEFT JOIN messages m ON m.id = c.last_msg_id \
+                   WHERE c.owner_id = ? AND c.last_msg_id > 0 AND c.last_msg_id < ? \
+                   ORDER BY c.last_msg_id DESC LIMIT ?";
+        let rows: Vec<mysql_async::Row> = self.pool.get_conn().await?.exec(sql, (user, before, limit)).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let get = |i: usize| row.get::<Option<u64>, _>(i).flatten().unwrap_or(0);
+            let last = row.get::<Option<u64>, _>(7).flatten().map(|id| {
+                to_message((
+                    id,
+                    get(8),
+                    get(9),
+                    row.get::<Option<Vec<u8>>, _>(10).flatten().unwrap_or_default(),
+                    row.get::<Option<String>, _>(11).flatten().unwrap_or_default(),
+                    row.get::<Option<String>, _>(12).flatten().unwrap_or_default(),
+                    get(13),
+                ))
+            });
+            out.push(Conversation {
+                peer: get(0),
+                last,
+                last_in_seq: get(1),
+                last_out_seq: get(2),
+                delivered: get(3),
+                read: get(4),
+                peer_delivered: get(5),
+                peer_read: get(6),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The last saved seq of every direction whose sender `keep` accepts (the floor the shard's seq
+    /// counters are restored from).
+    pub async fn last_out_seqs(&self, keep: impl Fn(u64) -> bool) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        let rows: Vec<(u64, u64, u64)> = self
+            .pool
+            .get_conn()
+            .await?
+            .query("SELECT owner_id, peer_id, last_out_seq FROM conversations WHERE last_out_seq > 0")
+            .await?;
+        Ok(rows.into_iter().filter(|&(from, _, _)| keep(from)).collect())
     }
 
     /// Whether the database answers `SELECT 1` within 2 s.
@@ -326,24 +426,116 @@ impl Store {
     }
 }
 
-/// After an INSERT that did not add every row: what the database holds for each row. A stored row
-/// with exactly the same (from_user_id, client_msg_id) bytes is this message (a retry): its id. No
-/// such row means the collision was with another message — its id is taken, or a collation folded
-/// two clientMsgIds into one key — and this message has no row: the reason says which.
-async fn stored_rows(tx: &mut Transaction<'_>, rows: &[ChatMessage]) -> Result<Vec<StoredRow>, StoreError> {
+/// Gives every row without a seq the next seqs of its direction, in row order, by raising
+/// `conversations.last_out_seq` (locking those rows until the transaction ends).
+async fn assign_seqs<'a>(
+    tx: &mut Transaction<'_>,
+    rows: impl Iterator<Item = &'a mut ChatMessage>,
+) -> Result<(), StoreError> {
+    let rows: Vec<&mut ChatMessage> = rows.filter(|m| m.seq == 0).collect();
+    let mut counts: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for m in &rows {
+        *counts.entry((m.from, m.to)).or_insert(0) += 1;
+    }
     let sql = format!(
-        "SELECT from_user_id, client_msg_id, id FROM messages WHERE (from_user_id, client_msg_id) IN ({})",
+        "INSERT INTO conversations (owner_id, peer_id, last_out_seq) VALUES {} \
+         ON DUPLICATE KEY UPDATE last_out_seq = last_out_seq + VALUES(last_out_seq)",
+        placeholders(counts.len(), 3)
+    );
+    let params: Vec<Value> = counts.iter().flat_map(|(&(f, t), &n)| [f.into(), t.into(), n.into()]).collect();
+    tx.exec_drop(sql, Params::Positional(params)).await?;
+    let sql = format!(
+        "SELECT owner_id, peer_id, last_out_seq FROM conversations WHERE (owner_id, peer_id) IN ({})",
+        vec!["(?,?)"; counts.len()].join(",")
+    );
+    let params: Vec<Value> = counts.keys().flat_map(|&(f, t)| [f.into(), t.into()]).collect();
+    let tops: Vec<(u64, u64, u64)> = tx.exec(sql, Params::Positional(params)).await?;
+    let mut next: HashMap<(u64, u64), u64> =
+        tops.into_iter().map(|(f, t, top)| ((f, t), top + 1 - counts.get(&(f, t)).copied().unwrap_or(0))).collect();
+    for m in rows {
+        let n = next.entry((m.from, m.to)).or_insert(1);
+        m.seq = *n;
+        *n += 1;
+    }
+    Ok(())
+}
+
+/// One multi-row INSERT; returns how many rows it added.
+async fn insert_messages<'a>(
+    tx: &mut Transaction<'_>,
+    rows: impl ExactSizeIterator<Item = &'a ChatMessage>,
+) -> Result<usize, StoreError> {
+    let sql = format!(
+        "INSERT INTO messages (id, from_user_id, to_user_id, seq, client_msg_id, msg_type, content) VALUES {} \
+         ON DUPLICATE KEY UPDATE id = id",
+        placeholders(rows.len(), 7)
+    );
+    let mut params = Vec::with_capacity(rows.len() * 7);
+    for m in rows {
+        params.extend([
+            Value::from(m.id),
+            Value::from(m.from),
+            Value::from(m.to),
+            Value::from(m.seq),
+            Value::from(m.client_msg_id.as_str()),
+            Value::from(m.msg_type.as_str()),
+            Value::from(m.body.as_str()),
+        ]);
+    }
+    tx.exec_drop(sql, Params::Positional(params)).await?;
+    // `id = id` changes nothing, so a row that was already there counts 0 (found rows are off).
+    Ok(tx.affected_rows() as usize)
+}
+
+/// Both participants' conversation rows, one per pair per batch, in key order so concurrent
+/// batches lock them in the same order: the last message id, and the last seq each way.
+async fn touch_conversations(tx: &mut Transaction<'_>, rows: &[ChatMessage], stored: &[StoredRow]) -> Result<(), StoreError> {
+    // (owner, peer) → (last id, last out seq, last in seq)
+    let mut latest: BTreeMap<(u64, u64), (u64, u64, u64)> = BTreeMap::new();
+    for (m, stored) in rows.iter().zip(stored) {
+        let Ok((id, seq)) = *stored else { continue };
+        let out = latest.entry((m.from, m.to)).or_default();
+        *out = (out.0.max(id), out.1.max(seq), out.2);
+        let back = latest.entry((m.to, m.from)).or_default();
+        *back = (back.0.max(id), back.1, back.2.max(seq));
+    }
+    if latest.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO conversations (owner_id, peer_id, last_msg_id, last_out_seq, last_in_seq) VALUES {} \
+         ON DUPLICATE KEY UPDATE last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), \
+         last_out_seq = GREATEST(last_out_seq, VALUES(last_out_seq)), \
+         last_in_seq = GREATEST(last_in_seq, VALUES(last_in_seq)), updated_at = CURRENT_TIMESTAMP(3)",
+        placeholders(latest.len(), 5)
+    );
+    let params: Vec<Value> = latest
+        .iter()
+        .flat_map(|(&(owner, peer), &(id, out, inn))| [owner.into(), peer.into(), id.into(), out.into(), inn.into()])
+        .collect();
+    tx.exec_drop(sql, Params::Positional(params)).await?;
+    Ok(())
+}
+
+/// After an INSERT that did not add every row: what the database holds for each row. A stored row
+/// with exactly the same (from_user_id, client_msg_id) bytes is this message (a retry): its id and
+/// seq. No such row means the collision was with another message — its id or its seq is taken, or a
+/// collation folded two clientMsgIds into one key — and this message has no row: the reason says
+/// which.
+async fn stored_rows(tx: &mut Transaction<'_>, rows: &[&ChatMessage]) -> Result<Vec<StoredRow>, StoreError> {
+    let sql = format!(
+        "SELECT from_user_id, client_msg_id, id, seq FROM messages WHERE (from_user_id, client_msg_id) IN ({})",
         vec!["(?,?)"; rows.len()].join(",")
     );
     let params: Vec<Value> =
         rows.iter().flat_map(|m| [Value::from(m.from), Value::from(m.client_msg_id.as_str())]).collect();
-    let found: Vec<(u64, Vec<u8>, u64)> = tx.exec(sql, Params::Positional(params)).await?;
+    let found: Vec<(u64, Vec<u8>, u64, u64)> = tx.exec(sql, Params::Positional(params)).await?;
     // Compared here byte for byte too: the SQL comparison is only as exact as the column's collation.
-    let by_key: HashMap<(u64, &[u8]), u64> =
-        found.iter().map(|(from, cmid, id)| ((*from, cmid.as_slice()), *id)).collect();
-    let stored: Vec<Option<u64>> =
+    let by_key: HashMap<(u64, &[u8]), (u64, u64)> =
+        found.iter().map(|(from, cmid, id, seq)| ((*from, cmid.as_slice()), (*id, *seq))).collect();
+    let stored: Vec<Option<(u64, u64)>> =
         rows.iter().map(|m| by_key.get(&(m.from, m.client_msg_id.as_bytes())).copied()).collect();
-    let homeless: Vec<&ChatMessage> = rows.iter().zip(&stored).filter(|(_, s)| s.is_none()).map(|(m, _)| m).collect();
+    let homeless: Vec<&ChatMessage> = rows.iter().zip(&stored).filter(|(_, s)| s.is_none()).map(|(m, _)| *m).collect();
     let mut holders: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
     if !homeless.is_empty() {
         let sql = format!(
@@ -368,20 +560,29 @@ async fn stored_rows(tx: &mut Transaction<'_>, rows: &[ChatMessage]) -> Result<V
                     m.client_msg_id
                 ),
                 None => format!(
-                    "the database folded clientMsgId {:?} of sender {} into another message's key (collation); \
-                     serverMsgId {} was not saved",
-                    m.client_msg_id, m.from, m.id
+                    "the database holds another message under this one's key: seq {} of {} → {} is taken, or a \
+                     collation folded clientMsgId {:?} into another's; serverMsgId {} was not saved",
+                    m.seq, m.from, m.to, m.client_msg_id, m.id
                 ),
             })
         })
         .collect())
 }
 
-type MessageRow = (u64, u64, u64, Vec<u8>, String, String);
+type MessageRow = (u64, u64, u64, Vec<u8>, String, String, u64);
 
-/// A `messages` row as a message. clientMsgId is stored as bytes; the gateway only ever writes UTF-8.
-fn to_message((id, from, to, client_msg_id, msg_type, body): MessageRow) -> ChatMessage {
-    ChatMessage { id, from, to, client_msg_id: String::from_utf8_lossy(&client_msg_id).into_owned(), msg_type, body }
+/// A `messages` row ([`MESSAGE_COLUMNS`]) as a message. clientMsgId is stored as bytes; the gateway
+/// only ever writes UTF-8.
+fn to_message((id, from, to, client_msg_id, msg_type, body, seq): MessageRow) -> ChatMessage {
+    ChatMessage {
+        id,
+        from,
+        to,
+        client_msg_id: String::from_utf8_lossy(&client_msg_id).into_owned(),
+        msg_type,
+        body,
+        seq,
+    }
 }
 
 /// `(?,?,?),(?,?,?)` for `rows` rows of `cols` columns.

@@ -253,9 +253,11 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         text(),
         proptest::option::of(any::<i64>()),
         proptest::option::of(select(Reason::ALL.to_vec())),
+        proptest::option::of(id()),
+        proptest::option::of(id()),
     )
-        .prop_map(|(kind, client_msg_id, server_msg_id, from, to, ack_type, msg_type, body, ts, reason)| {
-            ServerFrame { kind, client_msg_id, server_msg_id, from, to, ack_type, msg_type, body, ts, reason }
+        .prop_map(|(kind, client_msg_id, server_msg_id, from, to, ack_type, msg_type, body, ts, reason, seq, peer)| {
+            ServerFrame { kind, client_msg_id, server_msg_id, from, to, ack_type, msg_type, body, ts, reason, seq, peer }
         })
 }
 
@@ -453,14 +455,14 @@ fn json_value() -> impl Strategy<Value = Value> {
 // ---------------------------------------------------------------- stream records
 
 fn chat_message() -> impl Strategy<Value = ChatMessage> {
-    (id(), id(), id(), hostile_text(24), hostile_text(8), hostile_text(64)).prop_map(
-        |(id, from, to, client_msg_id, msg_type, body)| ChatMessage { id, from, to, client_msg_id, msg_type, body },
+    (id(), id(), id(), hostile_text(24), hostile_text(8), hostile_text(64), id()).prop_map(
+        |(id, from, to, client_msg_id, msg_type, body, seq)| ChatMessage { id, from, to, client_msg_id, msg_type, body, seq },
     )
 }
 
 fn accepted() -> impl Strategy<Value = Accepted> {
-    (chat_message(), any::<u16>(), any::<u64>())
-        .prop_map(|(msg, node, conn)| Accepted { msg, origin: Origin { node, conn } })
+    (chat_message(), any::<u16>(), any::<u64>(), proptest::option::of(any::<u64>()))
+        .prop_map(|(msg, node, conn, pushed_at_epoch)| Accepted { msg, origin: Origin { node, conn }, pushed_at_epoch })
 }
 
 fn push_batch() -> impl Strategy<Value = PushBatch> {

@@ -1,20 +1,21 @@
 //! The SQL layer against a real MariaDB/MySQL: migrations, batched saves, duplicates, rejections.
 
 use im_common::record::ChatMessage;
-use im_common::store::{migrate, Store};
+use im_common::store::{migrate, Position, Store};
 use im_harness::env::TestEnv;
 
 fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
-    ChatMessage { id, from, to, client_msg_id: cmid.into(), msg_type: "TEXT".into(), body: body.into() }
+    // seq 0: numbered by the save, as on the baseline path.
+    ChatMessage { id, from, to, client_msg_id: cmid.into(), msg_type: "TEXT".into(), body: body.into(), seq: 0 }
 }
 
 #[tokio::test]
 async fn migrations_apply_once_and_record_their_versions() {
     let env = TestEnv::new("migrate");
-    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2]);
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3]);
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), Vec::<u32>::new(), "second run applies nothing");
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 2);
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 3);
     store.close().await;
     env.cleanup().await;
 }
@@ -34,7 +35,7 @@ async fn upgrading_a_version_1_database_keeps_its_rows_and_compares_client_msg_i
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![2], "re-running migration 2 is harmless");
 
     let out = store.save_batch(&[msg(72, 1, 2, "x ", "new"), msg(73, 1, 2, "é✓", "retry")]).await.unwrap();
-    assert_eq!((out.saved, out.rejected), (vec![(0, 72), (1, 71)], vec![]));
+    assert_eq!((out.saved, out.rejected), (vec![(0, 72, 3), (1, 71, 2)], vec![]), "a retry spends no seq");
     let rows: Vec<(u64, String)> = store.all_ids().await.unwrap().into_iter().map(|(_, id, c)| (id, c)).collect();
     assert_eq!(rows, vec![(70, "x".into()), (71, "é✓".into()), (72, "x ".into())]);
     store.close().await;
@@ -50,7 +51,7 @@ async fn a_batch_with_duplicates_and_a_poison_row_saves_the_rest() {
     store.execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content <> 'POISON')").await.unwrap();
 
     let first = store.save_batch(&[msg(10, 1, 2, "a", "hello")]).await.unwrap();
-    assert_eq!(first.saved, vec![(0, 10)]);
+    assert_eq!(first.saved, vec![(0, 10, 1)]);
 
     let batch = [
         msg(11, 1, 2, "b", "one"),
@@ -60,7 +61,11 @@ async fn a_batch_with_duplicates_and_a_poison_row_saves_the_rest() {
         msg(11, 1, 2, "b", "one"), // the same message twice in one batch
     ];
     let out = store.save_batch(&batch).await.unwrap();
-    assert_eq!(out.saved, vec![(0, 11), (1, 10), (3, 14), (4, 11)], "duplicates report the stored id");
+    assert_eq!(
+        out.saved,
+        vec![(0, 11, 2), (1, 10, 1), (3, 14, 1), (4, 11, 2)],
+        "duplicates report the stored id and seq; rejected rows and retries spend no seq"
+    );
     assert_eq!(out.rejected.len(), 1);
     assert_eq!(out.rejected[0].0, 2);
     assert!(out.rejected[0].1.contains("no_poison") || out.rejected[0].1.to_lowercase().contains("check"));
@@ -79,20 +84,48 @@ async fn a_batch_with_duplicates_and_a_poison_row_saves_the_rest() {
     env.cleanup().await;
 }
 
+/// SPEC §3.10–3.11: seqs per direction, sync pages after a position, positions that never move
+/// back, and the conversation list built from them.
 #[tokio::test]
-async fn inbox_pages_follow_the_delivered_cursor() {
-    let env = TestEnv::new("inbox");
+async fn sync_pages_follow_per_conversation_positions() {
+    let env = TestEnv::new("syncq");
     migrate(&env.mysql_url).await.unwrap();
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    store.save_batch(&[msg(20, 1, 5, "x", "1"), msg(21, 2, 5, "y", "2"), msg(22, 1, 6, "z", "3")]).await.unwrap();
-    assert_eq!(store.delivered_cursor(5).await.unwrap(), 0);
-    let page: Vec<u64> = store.inbox_between(5, 0, u64::MAX, 10).await.unwrap().iter().map(|m| m.id).collect();
-    assert_eq!(page, vec![20, 21]);
-    store.advance_cursors(&[(5, 20), (6, 22)]).await.unwrap();
-    store.advance_cursors(&[(5, 3)]).await.unwrap(); // never moves back
-    assert_eq!(store.delivered_cursor(5).await.unwrap(), 20);
-    let page: Vec<u64> = store.inbox_between(5, 20, 22, 10).await.unwrap().iter().map(|m| m.id).collect();
-    assert_eq!(page, vec![21]);
+    let saved = store
+        .save_batch(&[msg(20, 1, 5, "x", "1"), msg(21, 2, 5, "y", "2"), msg(22, 1, 6, "z", "3"), msg(23, 1, 5, "w", "4")])
+        .await
+        .unwrap()
+        .saved;
+    assert_eq!(saved, vec![(0, 20, 1), (1, 21, 1), (2, 22, 1), (3, 23, 2)], "one sequence per direction");
+    let mut behind = store.behind(5).await.unwrap();
+    behind.sort_unstable();
+    assert_eq!(behind, vec![(1, 0), (2, 0)]);
+    let page: Vec<(u64, u64)> = store.messages_after(1, 5, 0, 10).await.unwrap().iter().map(|m| (m.id, m.seq)).collect();
+    assert_eq!(page, vec![(20, 1), (23, 2)]);
+
+    let at = |delivered, read| Position { delivered, read };
+    store.advance_positions(&[((5, 1), at(1, 0)), ((6, 1), at(0, 1))]).await.unwrap();
+    store.advance_positions(&[((5, 1), at(0, 0))]).await.unwrap(); // never moves back
+    let mut behind = store.behind(5).await.unwrap();
+    behind.sort_unstable();
+    assert_eq!(behind, vec![(1, 1), (2, 0)]);
+    assert!(store.behind(6).await.unwrap().is_empty(), "read moves delivered too");
+    let page: Vec<u64> = store.messages_after(1, 5, 1, 10).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(page, vec![23]);
+
+    let seqs = store.seqs_of(&[(5, 23), (6, 23)]).await.unwrap();
+    assert_eq!(seqs.into_iter().collect::<Vec<_>>(), vec![((5, 23), (1, 2))], "only the recipient's own message");
+    let ids = store.ids_at(&[(1, 5, 2), (1, 5, 9)]).await.unwrap();
+    assert_eq!(ids.into_iter().collect::<Vec<_>>(), vec![((1, 5, 2), 23)]);
+
+    let list = store.conversations(5, u64::MAX, 10).await.unwrap();
+    let summary: Vec<(u64, Option<u64>, u64, u64)> =
+        list.iter().map(|c| (c.peer, c.last.as_ref().map(|m| m.id), c.last_in_seq, c.delivered)).collect();
+    assert_eq!(summary, vec![(1, Some(23), 2, 1), (2, Some(21), 1, 0)], "newest activity first");
+    let of_1 = store.conversations(1, u64::MAX, 10).await.unwrap();
+    let to_5 = of_1.iter().find(|c| c.peer == 5).unwrap();
+    assert_eq!((to_5.last_out_seq, to_5.peer_delivered, to_5.peer_read), (2, 1, 0));
+    assert_eq!(store.conversations(5, 23, 10).await.unwrap().len(), 1, "before pages by the last message");
     store.close().await;
     env.cleanup().await;
 }
@@ -105,11 +138,11 @@ async fn client_msg_ids_differing_only_in_trailing_spaces_are_two_messages_with_
     migrate(&env.mysql_url).await.unwrap();
     let store = Store::connect(&env.mysql_url, 2).unwrap();
     // Apart, in two batches, and together in one.
-    assert_eq!(store.save_batch(&[msg(30, 1, 2, "x", "first")]).await.unwrap().saved, vec![(0, 30)]);
+    assert_eq!(store.save_batch(&[msg(30, 1, 2, "x", "first")]).await.unwrap().saved, vec![(0, 30, 1)]);
     let out = store.save_batch(&[msg(31, 1, 2, "x ", "second")]).await.unwrap();
-    assert_eq!((out.saved, out.rejected), (vec![(0, 31)], vec![]), "\"x \" is not a retry of \"x\"");
+    assert_eq!((out.saved, out.rejected), (vec![(0, 31, 2)], vec![]), "\"x \" is not a retry of \"x\"");
     let out = store.save_batch(&[msg(32, 1, 2, "y", "third"), msg(33, 1, 2, "y  ", "fourth")]).await.unwrap();
-    assert_eq!((out.saved, out.rejected), (vec![(0, 32), (1, 33)], vec![]));
+    assert_eq!((out.saved, out.rejected), (vec![(0, 32, 3), (1, 33, 4)], vec![]));
 
     let rows = store.all_ids().await.unwrap();
     let cmids: Vec<(u64, &str)> = rows.iter().map(|(_, id, c)| (*id, c.as_str())).collect();
@@ -119,7 +152,7 @@ async fn client_msg_ids_differing_only_in_trailing_spaces_are_two_messages_with_
     assert_eq!(history[..2], [(33, "y  ".to_owned()), (32, "y".to_owned())]);
     // A real retry (same bytes) still reports the stored id.
     let retry = store.save_batch(&[msg(34, 1, 2, "x ", "second")]).await.unwrap();
-    assert_eq!(retry.saved, vec![(0, 31)]);
+    assert_eq!(retry.saved, vec![(0, 31, 2)]);
     store.close().await;
     env.cleanup().await;
 }
@@ -140,7 +173,7 @@ async fn a_new_message_reusing_a_stored_id_is_rejected_not_saved() {
         msg(40, 1, 2, "a", "the stored message itself: a duplicate"),
     ];
     let out = store.save_batch(&batch).await.unwrap();
-    assert_eq!(out.saved, vec![(0, 41), (3, 40)]);
+    assert_eq!(out.saved, vec![(0, 41, 2), (3, 40, 1)]);
     let rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
     assert_eq!(rejected, vec![1, 2], "{:?}", out.rejected);
     for (_, reason) in &out.rejected {
@@ -161,7 +194,7 @@ async fn a_database_that_folds_client_msg_ids_rejects_instead_of_acknowledging_w
     let store = store_with_padded_client_msg_ids(&env).await;
     store.save_batch(&[msg(50, 1, 2, "x", "first")]).await.unwrap();
     let out = store.save_batch(&[msg(51, 1, 2, "x ", "second"), msg(52, 1, 2, "x", "retry")]).await.unwrap();
-    assert_eq!(out.saved, vec![(1, 50)], "the byte-exact retry is a duplicate");
+    assert_eq!(out.saved, vec![(1, 50, 1)], "the byte-exact retry is a duplicate");
     assert_eq!(out.rejected.len(), 1, "{out:?}");
     assert_eq!(out.rejected[0].0, 0);
     store.close().await;
@@ -177,7 +210,7 @@ async fn duplicates_are_detected_even_when_the_url_asks_for_found_rows() {
     let store = Store::connect(&format!("{}?client_found_rows=true", env.mysql_url), 2).unwrap();
     store.save_batch(&[msg(60, 1, 2, "a", "first")]).await.unwrap();
     let out = store.save_batch(&[msg(61, 1, 2, "a", "retry with a new id")]).await.unwrap();
-    assert_eq!(out.saved, vec![(0, 60)], "the retry reports the stored id");
+    assert_eq!(out.saved, vec![(0, 60, 1)], "the retry reports the stored id");
     store.close().await;
     env.cleanup().await;
 }

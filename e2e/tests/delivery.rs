@@ -71,23 +71,25 @@ async fn offline_messages_are_resent_in_order_until_delivered() {
         ids.push(alice.ack("saved", cmid).await["serverMsgId"].as_str().expect("id").to_owned());
     }
 
-    // On connect he gets all three, oldest first, and nothing else.
+    // On connect he gets all three, oldest first (seq 1, 2, 3), then SYNC_DONE, and nothing else.
     let mut bob = Client::connect(&g2.ws_url, secret, BOB).await;
     for (i, (id, body)) in ids.iter().zip(["first", "second", "third"]).enumerate() {
         let push = bob.expect(&format!("resend #{i}"), |v| v["type"] == "SINGLE_CHAT").await;
         assert_eq!(push["serverMsgId"], id.as_str(), "resend #{i} out of order: {push}");
         assert_eq!((push["body"].as_str(), push["from"].as_str()), (Some(body), Some("1001")), "{push}");
+        assert_eq!(push["seq"], i as u64 + 1, "{push}");
     }
     let extra = bob.drain(Duration::from_millis(300)).await;
     assert!(chats(&extra).is_empty(), "more than the three missed messages: {extra:?}");
+    assert!(extra.iter().any(|v| v["type"] == "SYNC_DONE"), "no SYNC_DONE after the sync: {extra:?}");
 
-    // He confirms the last one; the gateway writes the cursor within a flush period or so.
+    // He confirms the last one (by serverMsgId, as older clients do); the gateway writes his
+    // position in the conversation within a flush period or so.
     let last = ids[2].clone();
     bob.send_json(json!({"type": "ACK", "ackType": "delivered", "serverMsgId": last})).await;
-    let last_id: u64 = last.parse().unwrap();
-    let flushed =
-        poll::until_true_async(WAIT, || async { store.delivered_cursor(BOB).await.is_ok_and(|c| c == last_id) }).await;
-    assert!(flushed, "delivered cursor not flushed within {WAIT:?}");
+    let position = format!("SELECT delivered_seq FROM conversations WHERE owner_id = {BOB} AND peer_id = {ALICE}");
+    let flushed = poll::until_true_async(WAIT, || async { store.query_u64(&position).await.is_ok_and(|c| c == 3) }).await;
+    assert!(flushed, "delivered position not flushed within {WAIT:?}");
     bob.inner().close(None).await.unwrap();
     drop(bob);
     tokio::time::sleep(Duration::from_millis(3 * flush_ms)).await;

@@ -100,6 +100,7 @@ async fn an_id_already_stored_for_another_message_is_dead_lettered_and_answered_
             ..probe.msg.clone()
         },
         origin: probe.origin,
+        pushed_at_epoch: None,
     };
     let _: String = redis::cmd("XADD")
         .arg(&stream)

@@ -146,7 +146,7 @@ impl Appender {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "overload").increment(1);
             return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
         }
-        let payload = encode(&Accepted { msg: msg.clone(), origin });
+        let payload = encode(&Accepted { msg: msg.clone(), origin, pushed_at_epoch: None });
         let started = std::time::Instant::now();
         let result: redis::RedisResult<Option<String>> = self
             .script

@@ -4,7 +4,8 @@
 //! take an append (fail-open). Concurrent messages from all connections share multi-row INSERTs
 //! (group commit): a few workers take turns draining one queue, so one batch commits while the next
 //! fills. After COMMIT the saved keys are marked in the idempotency window and the batch goes to
-//! [`Fanout`]. When Redis cannot be reached the claim is skipped and the UNIQUE key in MySQL is the
+//! [`Fanout`]. The save numbers its rows itself (seq per direction, in MySQL) and then raises the
+//! shard's seq counters in Redis past them, with the marks. When Redis cannot be reached the claim is skipped and the UNIQUE key in MySQL is the
 //! only dedupe; the save reports the id stored first, so a retry still gets the original id.
 
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use crate::fanout::Fanout;
 use crate::outbox::Outbox;
 use im_common::idempotency::{IdempotencyWindow, Stage};
+use im_common::keys::Keys;
+use im_common::seq_counters::SeqFloor;
 use im_common::protocol::{Reason, ServerFrame};
 use im_common::record::{ChatMessage, Push};
 use im_common::store::Store;
@@ -48,10 +51,13 @@ pub struct BaselineSaver {
     window: IdempotencyWindow,
 }
 
-/// What a baseline batch needs after its commit: the window to mark saved, and the fan-out.
+/// What a baseline batch needs after its commit: the window to mark saved, the seq counters to
+/// raise (`keys`, `shards`), and the fan-out.
 pub struct AfterCommit {
     pub idempotency: IdempotencyWindow,
-    pub fanout: Fanout,
+    pub fanout: Arc<Fanout>,
+    pub keys: Keys,
+    pub shards: u16,
 }
 
 impl BaselineSaver {
@@ -144,18 +150,22 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
         }
     }
     let mut pushes = Vec::new();
-    for &(i, id) in &outcome.saved {
+    let mut floors = Vec::new();
+    for &(i, id, seq) in &outcome.saved {
         results[i] = SaveResult::Saved(id);
         if let Some(key) = &batch[i].idempotency_key {
             settled.push((key.clone(), Stage::Saved, id));
         }
-        pushes.push(Push { user: msgs[i].to, conn: None, frame: ChatMessage { id, ..msgs[i].clone() }.push_frame() });
+        let m = &msgs[i];
+        floors.push(SeqFloor::of(&after.keys, after.shards, m.from, m.to, seq));
+        pushes.push(Push { user: m.to, conn: None, frame: ChatMessage { id, seq, ..m.clone() }.push_frame() });
     }
-    if !settled.is_empty() {
-        if let Err(e) = after.idempotency.settle(&settled).await {
-            // Fail-open: a resend after Redis returns must find these ids; the outbox writes them.
+    if !settled.is_empty() || !floors.is_empty() {
+        if let Err(e) = after.idempotency.settle(&settled, &floors).await {
+            // Fail-open: a resend after Redis returns must find these ids, and the shard's owner
+            // must number past these seqs; the outbox writes both first.
             tracing::debug!(error = %e, "idempotency window unavailable; marks deferred to the outbox");
-            after.fanout.outbox.defer_marks(settled);
+            after.fanout.outbox.defer_marks(settled, floors);
         }
     }
     for (job, result) in batch.into_iter().zip(results) {

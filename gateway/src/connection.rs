@@ -14,14 +14,22 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use crate::framing::{close_code, write_loop, Control, Message, ReadError, Reader, Stream};
 use crate::rate_limit::RateLimit;
 use crate::sessions::ConnHandle;
+use crate::sync::Syncer;
 use crate::Gateway;
-use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame};
+use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame, SyncRequest};
 
 /// How long a connection's writer gets to send its last frames after the connection ended.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves an upgraded WebSocket; `uid` is set when the handshake carried a valid token.
-pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>, _slot: OwnedSemaphorePermit) {
+/// `auto_sync`: run `SYNC {}` once the connection is registered (off with `?sync=manual`).
+pub async fn serve(
+    gw: Arc<Gateway>,
+    mut ws: WebSocket<Stream>,
+    uid: Option<u64>,
+    auto_sync: bool,
+    _slot: OwnedSemaphorePermit,
+) {
     let cfg = &gw.cfg.gateway;
     ws.set_max_message_size(cfg.max_frame_bytes);
     ws.set_auto_close(true);
@@ -44,27 +52,23 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
         },
     };
     metrics::counter!("im_gateway_auth_total", "result" => "ok").increment(1);
-    if gw.sessions.add(uid, conn.clone()) {
-        if let Err(e) = gw.routes.register(&[uid]).await {
-            tracing::warn!(uid, error = %e, "route register failed; remote pushes reach this user after the heartbeat");
-        }
-    }
-    let online_since = im_common::ids::now_ms();
-    let resend = crate::offline::resend(gw.store.clone(), uid, cfg.offline_page_size, conn.out.clone(), online_since);
-    let resend = tokio::spawn(resend);
+    let first_here = gw.sessions.add(uid, conn.clone());
+    let syncs = Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, out: conn.out.clone() }.start();
+    let registration = tokio::spawn(register(gw.clone(), uid, first_here, auto_sync.then(|| syncs.clone())));
 
     // A JoinHandle must not be polled again once it has completed (tokio panics), so remember
     // whether the writer already ended here.
     let mut writer_ended = false;
     let close = tokio::select! {
-        close = read_loop(&gw, uid, &mut reader, &conn) => close,
+        close = read_loop(&gw, uid, &mut reader, &conn, &syncs) => close,
         _ = conn.overflowed.notified() => Some((close_code::SLOW_CONSUMER, "slow_consumer")),
         _ = &mut writer => {
             writer_ended = true;
             None
         }
     };
-    resend.abort();
+    registration.abort();
+    drop(syncs);
     if gw.sessions.remove(uid, conn.id) {
         if let Err(e) = gw.routes.unregister(uid).await {
             tracing::debug!(uid, error = %e, "route unregister failed; the entry expires by itself");
@@ -81,8 +85,42 @@ pub async fn serve(gw: Arc<Gateway>, mut ws: WebSocket<Stream>, uid: Option<u64>
     }
 }
 
+/// Tells the cluster about the new connection (route, presence epoch), retrying until Redis takes
+/// it, then queues the connection's first `SYNC {}` (`sync`, unless the client syncs by itself). If
+/// the first try fails, the sync runs at once anyway (MySQL may be there while Redis is not) and once
+/// more after the registration went through: messages pushed in between had no route to this
+/// connection.
+async fn register(gw: Arc<Gateway>, uid: u64, first_here: bool, sync: Option<mpsc::Sender<SyncRequest>>) {
+    let mut backoff = im_common::backoff::Backoff::default();
+    let mut failed = false;
+    loop {
+        match gw.routes.connected(uid, first_here).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(uid, error = %e, "registering the connection failed; retrying");
+                if !failed {
+                    failed = true;
+                    if let Some(sync) = &sync {
+                        let _ = sync.send(SyncRequest::Server).await;
+                    }
+                }
+                backoff.wait().await;
+            }
+        }
+    }
+    if let Some(sync) = &sync {
+        let _ = sync.send(SyncRequest::Server).await;
+    }
+}
+
 /// Reads and answers frames until the connection ends; returns the close to send, if any.
-async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandle) -> Option<(u16, &'static str)> {
+async fn read_loop(
+    gw: &Gateway,
+    uid: u64,
+    reader: &mut Reader,
+    conn: &ConnHandle,
+    syncs: &mpsc::Sender<SyncRequest>,
+) -> Option<(u16, &'static str)> {
     let cfg = &gw.cfg.gateway;
     let limits = FrameLimits { max_body_chars: cfg.max_body_chars };
     let idle = Duration::from_millis(cfg.idle_timeout_ms);
@@ -111,6 +149,7 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
         let frame_type = match &request {
             Ok(Request::Send(_)) => "SINGLE_CHAT",
             Ok(Request::Ack { .. }) => "ACK",
+            Ok(Request::Sync(_)) => "SYNC",
             Ok(Request::Ping) => "PING",
             Ok(Request::Auth { .. }) => "AUTH",
             Err(_) => "invalid",
@@ -132,8 +171,13 @@ async fn read_loop(gw: &Gateway, uid: u64, reader: &mut Reader, conn: &ConnHandl
             Err(rejection) => reply(conn, &ServerFrame::error(rejection.reason, rejection.client_msg_id)),
             Ok(Request::Ping) => reply(conn, &ServerFrame::signal(FrameType::Pong)),
             Ok(Request::Auth { .. }) => reply(conn, &ServerFrame::signal(FrameType::AuthOk)),
-            Ok(Request::Ack { ack_type: AckType::Delivered | AckType::Read, server_msg_id }) => {
-                gw.cursors.advance(uid, server_msg_id)
+            Ok(Request::Ack { ack_type: ack_type @ (AckType::Delivered | AckType::Read), target }) => {
+                gw.positions.advance(uid, ack_type, target)
+            }
+            Ok(Request::Sync(request)) => {
+                if syncs.try_send(request).is_err() {
+                    reply(conn, &ServerFrame::error(Reason::TooManyRequests, None));
+                }
             }
             Ok(Request::Ack { .. }) => reply(conn, &ServerFrame::error(Reason::InvalidAck, None)),
             Ok(Request::Send(send)) => {

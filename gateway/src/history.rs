@@ -1,6 +1,7 @@
 //! `GET /api/messages?peer=<uid>&before=<serverMsgId>&limit=<n>`: saved messages of a conversation,
-//! newest first. Authenticated like the WebSocket (Bearer header or `?token=`); bad parameters get
-//! HTTP 400 with `{"error": "<reason>"}`.
+//! newest first; with `afterSeq=<n>` instead, the peer's messages to the caller after that seq, oldest
+//! first (forward sync over HTTP). Authenticated like the WebSocket (Bearer header or `?token=`); bad
+//! parameters get HTTP 400 with `{"error": "<reason>"}`.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -53,6 +54,16 @@ pub fn json_error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     text_response(status, "application/json", json!({ "error": reason }).to_string())
 }
 
+/// The `limit` parameter: default 50, at most `gateway.history_max_limit`; else a 400 to answer.
+pub fn page_limit(gw: &Gateway, params: &[(String, String)]) -> Result<u32, Response<Full<Bytes>>> {
+    let max = gw.cfg.gateway.history_max_limit;
+    match params.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.parse::<u32>()) {
+        None => Ok(50.min(max)),
+        Some(Ok(l)) if (1..=max).contains(&l) => Ok(l),
+        Some(_) => Err(json_error(StatusCode::BAD_REQUEST, "invalid_limit")),
+    }
+}
+
 /// Answers a history request for the authenticated user `uid`.
 pub async fn history(gw: &Gateway, uid: u64, params: &[(String, String)]) -> Response<Full<Bytes>> {
     let get = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
@@ -66,17 +77,27 @@ pub async fn history(gw: &Gateway, uid: u64, params: &[(String, String)]) -> Res
         Some(Ok(b)) => b,
         Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "invalid_before"),
     };
-    let max = gw.cfg.gateway.history_max_limit;
-    let limit = match get("limit").map(str::parse::<u32>) {
-        None => 50.min(max),
-        Some(Ok(l)) if (1..=max).contains(&l) => l,
-        Some(_) => return json_error(StatusCode::BAD_REQUEST, "invalid_limit"),
+    let after_seq = match get("afterSeq").map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "invalid_after_seq"),
     };
-    match gw.store.history(uid, peer, before, limit).await {
+    let limit = match page_limit(gw, params) {
+        Ok(l) => l,
+        Err(response) => return response,
+    };
+    let found = match after_seq {
+        Some(after) => gw.store.messages_after(peer, uid, after, limit).await,
+        None => gw.store.history(uid, peer, before, limit).await,
+    };
+    match found {
         Ok(messages) => {
-            let next_before = (messages.len() == limit as usize).then(|| messages.last().map(|m| m.id.to_string()));
+            let full = messages.len() == limit as usize;
             let frames: Vec<ServerFrame> = messages.iter().map(im_common::record::ChatMessage::push_frame).collect();
-            let body = json!({ "messages": frames, "nextBefore": next_before.flatten() });
+            let body = match after_seq {
+                Some(_) => json!({ "messages": frames, "nextAfterSeq": full.then(|| messages.last().map(|m| m.seq)).flatten() }),
+                None => json!({ "messages": frames, "nextBefore": full.then(|| messages.last().map(|m| m.id.to_string())).flatten() }),
+            };
             text_response(StatusCode::OK, "application/json", body.to_string())
         }
         Err(e) => {

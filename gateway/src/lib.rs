@@ -6,22 +6,25 @@
 //! `ACK(accepted)`) or [`baseline`] (a group-committed INSERT, then `ACK(saved)` and [`fanout`]);
 //! [`outbox`] holds baseline pushes while Redis is away. Pushes and receipts from shard workers and
 //! other gateways arrive on this node's [`node_channel`] and reach [`sessions`]; [`routes`] tells the
-//! cluster which users are here; [`offline`] resends what a user missed; [`history`] serves saved
-//! messages over HTTP.
+//! cluster which users are here; [`sync`] sends a device what it misses, per conversation by seq;
+//! [`positions`] records delivered/read positions and relays `RECEIPT`s; [`history`] and
+//! [`conversations`] serve saved messages and the conversation list over HTTP.
 
 pub mod append;
 pub mod baseline;
 pub mod connection;
+pub mod conversations;
 pub mod fanout;
 pub mod framing;
 pub mod history;
 pub mod node_channel;
-pub mod offline;
 pub mod outbox;
+pub mod positions;
 pub mod rate_limit;
 pub mod routes;
 pub mod server;
 pub mod sessions;
+pub mod sync;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,8 +50,8 @@ use im_common::StartError;
 use append::Appender;
 use baseline::{AfterCommit, BaselineSaver};
 use fanout::Fanout;
-use offline::Cursors;
 use outbox::Outbox;
+use positions::Positions;
 use routes::RouteKeeper;
 use sessions::{ConnHandle, Sessions};
 
@@ -65,7 +68,8 @@ pub struct Gateway {
     pub idempotency: IdempotencyWindow,
     pub saver: BaselineSaver,
     pub appender: Appender,
-    pub cursors: Arc<Cursors>,
+    pub fanout: Arc<Fanout>,
+    pub positions: Arc<Positions>,
     pub metrics: PrometheusHandle,
     pub readiness: ReadinessCheck,
     pub connection_slots: Arc<Semaphore>,
@@ -84,6 +88,7 @@ impl Gateway {
             client_msg_id: req.client_msg_id,
             msg_type: req.msg_type,
             body: req.body,
+            seq: 0,
         };
         if self.mode != Mode::Baseline {
             let origin = Origin { node: self.node, conn: conn.id };
@@ -107,7 +112,7 @@ pub async fn claim_node_id(cfg: &Config) -> Result<NodeLease, StartError> {
 }
 
 /// Builds the gateway and serves `listener` until `shutdown` turns true; then closes every
-/// connection with 1001 and flushes delivery cursors. `ids` is the generator of the node id this
+/// connection with 1001 and flushes delivered/read positions. `ids` is the generator of the node id this
 /// process holds ([`claim_node_id`]).
 pub async fn run(
     cfg: Config,
@@ -126,8 +131,9 @@ pub async fn run(
     let idempotency = IdempotencyWindow::new(redis.clone(), cfg.idempotency.ttl_secs);
     let router = Router::new(redis.clone(), keys.clone());
     let outbox = Arc::new(Outbox::default());
-    let fanout = Fanout { router: router.clone(), outbox, sessions: sessions.clone(), node };
-    let after = AfterCommit { idempotency: idempotency.clone(), fanout };
+    let fanout = Arc::new(Fanout { router: router.clone(), outbox, sessions: sessions.clone(), node });
+    let after =
+        AfterCommit { idempotency: idempotency.clone(), fanout: fanout.clone(), keys: keys.clone(), shards: cfg.cluster.shards };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
     let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone());
     let subscribed = Arc::new(AtomicBool::new(false));
@@ -154,7 +160,8 @@ pub async fn run(
         idempotency,
         saver,
         appender,
-        cursors: Arc::new(Cursors::default()),
+        fanout,
+        positions: Arc::new(Positions::default()),
         metrics,
         readiness,
         connection_slots: Arc::new(Semaphore::new(cfg.gateway.max_connections)),
@@ -188,11 +195,11 @@ pub async fn run(
         )),
         tokio::spawn(gw.saver.outbox.clone().republish(router, gw.idempotency.clone(), node)),
         tokio::spawn(routes.heartbeat(sessions.clone())),
-        tokio::spawn({
-            let (cursors, store) = (gw.cursors.clone(), store.clone());
-            let period = Duration::from_millis(gw.cfg.gateway.cursor_flush_ms);
-            async move { cursors.flush_every(store, period).await }
-        }),
+        tokio::spawn(gw.positions.clone().flush_every(
+            store.clone(),
+            gw.fanout.clone(),
+            Duration::from_millis(gw.cfg.gateway.cursor_flush_ms),
+        )),
         tokio::spawn(gw.appender.clone().refresh_backlog()),
     ];
     server::accept_loop(gw.clone(), listener).await;
@@ -203,7 +210,7 @@ pub async fn run(
     while sessions.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    gw.cursors.flush(&store).await;
+    gw.positions.flush(&store, &gw.fanout).await;
     for task in background {
         task.abort();
     }

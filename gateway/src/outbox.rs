@@ -1,9 +1,10 @@
-//! The outbox: what fail-open saves owe Redis — their idempotency marks and their remote pushes.
+//! The outbox: what fail-open saves owe Redis — their idempotency marks, the seq floors their seqs
+//! set for the shard's counters, and their remote pushes.
 //!
 //! A fail-open (baseline) save commits while Redis is unreachable, so neither its `s:<id>` mark in
 //! the idempotency window nor its pushes to other gateways can be written. They wait here, and
-//! [`Outbox::republish`] writes them once Redis answers: the marks first (so a resend of such a
-//! message keeps its id), then the pushes, oldest first. While anything waits, new remote pushes
+//! [`Outbox::republish`] writes them once Redis answers: the marks and floors first (so a resend of such a
+//! message keeps its id, and the shard's owner numbers past its seq), then the pushes, oldest first. While anything waits, new remote pushes
 //! queue behind it and the appender keeps messages on the baseline path, whose save reports the id
 //! already stored — so nothing a sender sends later can overtake a waiting push or get a second id.
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use im_common::idempotency::{IdempotencyWindow, Stage};
+use im_common::seq_counters::SeqFloor;
 use im_common::record::Push;
 use im_common::router::{Router, Target};
 
@@ -33,8 +35,8 @@ pub struct Outbox {
     queue: std::sync::Mutex<VecDeque<Vec<(Target, Push)>>>,
     /// Pushes queued or being republished.
     pushes: AtomicUsize,
-    /// Idempotency marks (key, final stage, id) of saves made while Redis was away.
-    marks: std::sync::Mutex<Vec<(String, Stage, u64)>>,
+    /// Idempotency marks (key, final stage, id) and seq floors of saves made while Redis was away.
+    marks: std::sync::Mutex<(Vec<(String, Stage, u64)>, Vec<SeqFloor>)>,
     marks_waiting: AtomicUsize,
 }
 
@@ -44,24 +46,27 @@ impl Outbox {
         self.pushes.load(Ordering::Acquire) == 0 && self.marks_waiting.load(Ordering::Acquire) == 0
     }
 
-    /// Keeps idempotency marks that could not be written until Redis answers.
-    pub fn defer_marks(&self, marks: Vec<(String, Stage, u64)>) {
+    /// Keeps idempotency marks and seq floors that could not be written until Redis answers.
+    pub fn defer_marks(&self, marks: Vec<(String, Stage, u64)>, floors: Vec<SeqFloor>) {
         let mut waiting = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        self.marks_waiting.fetch_add(marks.len(), Ordering::AcqRel);
-        waiting.extend(marks);
+        self.marks_waiting.fetch_add(marks.len() + floors.len(), Ordering::AcqRel);
+        waiting.0.extend(marks);
+        waiting.1.extend(floors);
     }
 
-    /// Writes the deferred marks; false while Redis does not take them.
+    /// Writes the deferred marks and floors; false while Redis does not take them.
     async fn flush_marks(&self, window: &IdempotencyWindow) -> bool {
-        let marks = std::mem::take(&mut *self.marks.lock().unwrap_or_else(|p| p.into_inner()));
-        if marks.is_empty() {
+        let (marks, floors) = std::mem::take(&mut *self.marks.lock().unwrap_or_else(|p| p.into_inner()));
+        if marks.is_empty() && floors.is_empty() {
             return true;
         }
-        if window.settle(&marks).await.is_ok() {
-            self.marks_waiting.fetch_sub(marks.len(), Ordering::AcqRel);
+        if window.settle(&marks, &floors).await.is_ok() {
+            self.marks_waiting.fetch_sub(marks.len() + floors.len(), Ordering::AcqRel);
             return true;
         }
-        self.marks.lock().unwrap_or_else(|p| p.into_inner()).extend(marks);
+        let mut waiting = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.0.extend(marks);
+        waiting.1.extend(floors);
         false
     }
 

@@ -14,6 +14,10 @@ use crate::framing::close_code;
 use crate::sessions::Sessions;
 use im_common::keys::Keys;
 
+/// How long a user's presence epoch outlives their last connection. A message pushed longer ago
+/// than this and saved only now is pushed again if the user is online (the counter restarts).
+const PRESENCE_TTL_SECS: i64 = 7 * 24 * 3600;
+
 /// Users registered per pipeline when refreshing all of them.
 const REGISTER_CHUNK: usize = 1000;
 
@@ -33,16 +37,33 @@ impl RouteKeeper {
 
     /// Adds this node to the routes of `users` (one pipeline).
     pub async fn register(&self, users: &[u64]) -> redis::RedisResult<()> {
-        let expiry = im_common::ids::now_ms() + self.ttl_ms;
         let mut pipe = redis::pipe();
         for &uid in users {
-            let key = self.keys.route(uid);
-            pipe.zadd(&key, self.node, expiry).ignore();
-            // Drop other nodes' expired entries and keep the key itself from outliving its entries.
-            pipe.zrembyscore(&key, 0, im_common::ids::now_ms()).ignore();
-            pipe.pexpire(&key, self.ttl_ms as i64).ignore();
+            self.add_route(&mut pipe, uid);
         }
         pipe.query_async(&mut self.conn.clone()).await
+    }
+
+    /// A new connection of `uid`: raises the user's presence epoch (`Keys::presence`; the save stage
+    /// pushes again what was pushed before it) and, for the user's first connection on this node,
+    /// adds the route — one round trip.
+    pub async fn connected(&self, uid: u64, first_here: bool) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        let presence = self.keys.presence(uid);
+        pipe.incr(&presence, 1).ignore().expire(&presence, PRESENCE_TTL_SECS).ignore();
+        if first_here {
+            self.add_route(&mut pipe, uid);
+        }
+        pipe.query_async(&mut self.conn.clone()).await
+    }
+
+    fn add_route(&self, pipe: &mut redis::Pipeline, uid: u64) {
+        let now = im_common::ids::now_ms();
+        let key = self.keys.route(uid);
+        pipe.zadd(&key, self.node, now + self.ttl_ms).ignore();
+        // Drop other nodes' expired entries and keep the key itself from outliving its entries.
+        pipe.zrembyscore(&key, 0, now).ignore();
+        pipe.pexpire(&key, self.ttl_ms as i64).ignore();
     }
 
     /// Removes this node from `uid`'s route.

@@ -12,6 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::conversations::conversations;
 use crate::history::{history, json_error, query_params};
 use crate::Gateway;
 use im_common::telemetry::admin_response;
@@ -63,6 +64,11 @@ async fn route(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Full<By
             None => json_error(StatusCode::UNAUTHORIZED, "unauthorized"),
         },
         "/api/messages" => json_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        "/api/conversations" if req.method() == hyper::Method::GET => match authenticate(&gw, &req, &params) {
+            Some(uid) => conversations(&gw, uid, &params).await,
+            None => json_error(StatusCode::UNAUTHORIZED, "unauthorized"),
+        },
+        "/api/conversations" => json_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         _ => json_error(StatusCode::NOT_FOUND, "not_found"),
     }
 }
@@ -91,6 +97,7 @@ fn upgrade(gw: Arc<Gateway>, req: &mut Request<Incoming>, params: &[(String, Str
         }
     }
     let frame_auth = params.iter().any(|(k, v)| k == "auth" && v == "frame");
+    let auto_sync = !params.iter().any(|(k, v)| k == "sync" && v == "manual");
     let has_token =
         req.headers().contains_key(hyper::header::AUTHORIZATION) || params.iter().any(|(k, _)| k == "token");
     let uid = if frame_auth && !has_token {
@@ -110,7 +117,7 @@ fn upgrade(gw: Arc<Gateway>, req: &mut Request<Incoming>, params: &[(String, Str
     };
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(ws) => crate::connection::serve(gw, ws, uid, slot).await,
+            Ok(ws) => crate::connection::serve(gw, ws, uid, auto_sync, slot).await,
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });

@@ -1,8 +1,10 @@
-//! The deliver stage (full mode): read a batch from `accepted` → push every message to its recipient
-//! (one route lookup and one PUBLISH per gateway node for the whole batch) → hand the batch to
-//! `to_save` and XACK it, pushes and hand-over in one fenced script ([`crate::mover`]).
+//! The deliver stage (full mode): read a batch from `accepted` → number it (seq per direction) and
+//! push every message to its recipient (one round trip resolves the routes and reads the seq
+//! counters; one PUBLISH per gateway node for the whole batch) → hand the batch to `to_save` and
+//! XACK it: numbering, pushes and hand-over in one fenced script ([`crate::mover`]).
 
 use im_common::backoff::Backoff;
+use im_common::record::{encode, Accepted};
 
 use crate::stage::{age_seconds, chat_push, decode_batch, ShardContext};
 use crate::streams::StreamReader;
@@ -15,15 +17,22 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
     let mut backoff = Backoff::default();
     while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
         let decoded = decode_batch(&batch);
-        let pushes: Vec<_> = decoded.ok.iter().map(|(_, a)| chat_push(&a.msg)).collect();
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
-        // Undecodable entries go straight to to_save too: the save stage dead-letters them in one place.
-        let payloads: Vec<&[u8]> = batch.iter().map(|e| e.payload.as_slice()).collect();
         let handoff = || async {
-            let (pubs, _) = ctx.router.prepare(&pushes, None).await?;
-            ctx.mover.handoff(&reader.key, &to_save, &ids, &payloads, &pubs).await
+            // Numbered afresh on every try: a try whose script did not run consumed no seq.
+            let mut accepted: Vec<Accepted> = decoded.ok.iter().map(|(_, a)| a.clone()).collect();
+            let (plan, routes) = ctx.number(&mut accepted, true).await?;
+            for a in &mut accepted {
+                a.pushed_at_epoch = Some(routes.get(&a.msg.to).map_or(0, |p| p.epoch));
+            }
+            let pushes: Vec<_> = accepted.iter().map(|a| chat_push(&a.msg)).collect();
+            let (pubs, _) = ctx.router.group(&pushes, &routes, None);
+            // Undecodable entries go to to_save as they are: the save stage dead-letters them in one place.
+            let payloads: Vec<Vec<u8>> =
+                accepted.iter().map(encode).chain(decoded.bad.iter().map(|e| e.payload.clone())).collect();
+            ctx.mover.handoff(&reader.key, &to_save, &ids, &payloads, &pubs, &plan).await.map_err(|e| e.to_string())
         };
-        if ctx.until_done(&mut backoff, "deliver: push/handoff", handoff).await.is_none() {
+        if ctx.until_done(&mut backoff, "deliver: number/push/handoff", handoff).await.is_none() {
             return;
         }
         metrics::counter!("im_worker_delivered_total", "shard" => shard.clone()).increment(decoded.ok.len() as u64);

@@ -1,8 +1,8 @@
 //! The shard worker: owns one shard at a time and runs its deliver-then-save pipeline.
 //!
 //! A tour: [`lease`] decides who owns a shard; [`streams`] reads a shard's streams; [`mover`]'s fenced
-//! scripts move entries on under the lease; [`deliver`] and [`save`] are the stages, sharing
-//! [`stage`]'s context; [`save_health`] reports a save stage that keeps failing; [`stats`] exports
+//! scripts move entries on under the lease; [`sequences`] numbers each direction's messages;
+//! [`deliver`] and [`save`] are the stages, sharing [`stage`]'s context; [`save_health`] reports a save stage that keeps failing; [`stats`] exports
 //! the backlog gauges. [`run`] ties them together: acquire a lease (a fixed shard, or any free one for
 //! `--shard auto`), run the stages until the lease is lost or shutdown is asked, release, repeat.
 
@@ -11,6 +11,7 @@ pub mod lease;
 pub mod mover;
 pub mod save;
 pub mod save_health;
+pub mod sequences;
 pub mod stage;
 pub mod stats;
 pub mod streams;
@@ -201,6 +202,7 @@ async fn own_shard(
     };
     let ctx = ShardContext {
         shard,
+        shards: cfg.cluster.shards,
         keys: keys.clone(),
         lease: lease.clone(),
         router: Router::new(conn.clone(), keys.clone()),

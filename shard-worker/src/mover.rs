@@ -16,6 +16,10 @@ use im_common::keys::Keys;
 use im_common::record::MSG_FIELD;
 use im_common::router::Publication;
 
+use im_common::seq_counters::SEQ_LUA;
+
+use crate::sequences::SeqPlan;
+
 /// Most entries the dead-letter stream keeps (approximately; oldest trimmed first).
 pub const DEAD_LETTER_MAXLEN: usize = 100_000;
 
@@ -33,6 +37,11 @@ end
 local function publish(channels, messages, first)
   for k = 1, #channels do deliver(channels[k], messages[k], KEYS[first + k - 1]) end
 end
+-- Whether this batch was handed on already (a retry after a reply that got lost): its entries are
+-- deleted together when it is, so the first one tells.
+local function handed(stream, ids)
+  return #ids > 0 and #redis.call('XRANGE', stream, ids[1], ids[1]) == 0
+end
 local function ack(stream, group, ids)
   for k = 1, #ids do
     redis.call('XACK', stream, group, ids[k])
@@ -41,47 +50,61 @@ local function ack(stream, group, ids)
 end
 ";
 
-/// Deliver → save: publish the pushes, append the payloads to `to_save`, XACK + XDEL on `accepted`.
-/// KEYS: lease, accepted, to_save, journals (one per publication). ARGV: lease value, then group, field, n_ack, n_add, n_pub,
-/// ids.., payloads.., channels.., messages..
+/// Deliver → save: number the batch (if the counters still hold what it was numbered from), publish
+/// the pushes, append the payloads to `to_save`, XACK + XDEL on `accepted`.
+/// KEYS: lease, accepted, to_save, seq counters, journals (one per publication). ARGV: lease value,
+/// then group, field, n_ack, n_add, n_pub, n_seq, ids.., payloads.., channels.., messages..,
+/// seq fields.., bases.., tops..
 const HANDOFF: &str = r"
-local head = take(5)
+local head = take(6)
 local group, field = head[1], head[2]
 local ids, payloads = take(tonumber(head[3])), take(tonumber(head[4]))
-local n_pub = tonumber(head[5])
+local n_pub, n_seq = tonumber(head[5]), tonumber(head[6])
 local channels, messages = take(n_pub), take(n_pub)
+local fields, bases, tops = take(n_seq), take(n_seq), take(n_seq)
+if handed(KEYS[2], ids) then return 0 end
+if not seqs_match(KEYS[4], fields, bases) then
+  return redis.error_reply('SEQSTALE sequence counters moved since the batch was numbered')
+end
+raise_seqs(KEYS[4], fields, tops)
 for k = 1, #payloads do redis.call('XADD', KEYS[3], '*', field, payloads[k]) end
-publish(channels, messages, 4)
+publish(channels, messages, 5)
 ack(KEYS[2], group, ids)
 return #ids
 ";
 
-/// Save done: dead-letter the rejected, record saved and failed in the idempotency window, publish receipts
-/// (and, in accepted-only mode, the pushes), XACK + XDEL the batch.
-/// KEYS: lease, stream, dead-letter stream, journals (one per publication), idempotency keys..
-/// ARGV: lease value, then group, ttl, dead-letter maxlen,
-/// field, n_ack, n_dead, n_pub, ids.., dead payloads.., dead reasons.., channels.., messages..,
-/// idempotency values (one per key).
+/// Save done: raise the seq counters to the seqs the rows were saved with, dead-letter the
+/// rejected, record saved and failed in the idempotency window, publish receipts (and the pushes:
+/// all of them in accepted-only mode, again for recipients who connected since in full mode), XACK +
+/// XDEL the batch.
+/// KEYS: lease, stream, dead-letter stream, seq counters, journals (one per publication),
+/// idempotency keys.. ARGV: lease value, then group, ttl, dead-letter maxlen, field, n_ack, n_dead,
+/// n_pub, n_seq, ids.., dead payloads.., dead reasons.., channels.., messages.., seq fields..,
+/// tops.., idempotency values (one per key).
 const COMMIT: &str = r"
-local head = take(7)
+local head = take(8)
 local group, ttl, dead_maxlen, field = head[1], head[2], head[3], head[4]
 local ids = take(tonumber(head[5]))
-local n_dead, n_pub = tonumber(head[6]), tonumber(head[7])
+local n_dead, n_pub, n_seq = tonumber(head[6]), tonumber(head[7]), tonumber(head[8])
 local dead, reasons = take(n_dead), take(n_dead)
 local channels, messages = take(n_pub), take(n_pub)
-local states = take(#KEYS - 3 - n_pub)
+local fields, tops = take(n_seq), take(n_seq)
+local states = take(#KEYS - 4 - n_pub)
+if handed(KEYS[2], ids) then return 0 end
+raise_seqs(KEYS[4], fields, tops)
 for k = 1, n_dead do
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', dead_maxlen, '*', field, dead[k], 'reason', reasons[k])
 end
-for k = 1, #states do redis.call('SET', KEYS[3 + n_pub + k], states[k], 'EX', ttl) end
-publish(channels, messages, 4)
+for k = 1, #states do redis.call('SET', KEYS[4 + n_pub + k], states[k], 'EX', ttl) end
+publish(channels, messages, 5)
 ack(KEYS[2], group, ids)
 return #ids
 ";
 
 static HANDOFF_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{}{PROLOGUE}{HANDOFF}", *JOURNAL_LUA)));
-static COMMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{}{PROLOGUE}{COMMIT}", *JOURNAL_LUA)));
+    LazyLock::new(|| Script::new(&format!("{}{SEQ_LUA}{PROLOGUE}{HANDOFF}", *JOURNAL_LUA)));
+static COMMIT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{}{SEQ_LUA}{PROLOGUE}{COMMIT}", *JOURNAL_LUA)));
 
 /// The fenced stream operations of one shard owner. Each is one atomic script, so a batch's pushes,
 /// its hand-over to the next stage and its acknowledgement happen together or not at all.
@@ -119,27 +142,31 @@ impl Mover {
         }
     }
 
-    /// Moves entries from `accepted` to `to_save`, publishing `pubs` in the same step.
+    /// Moves entries from `accepted` to `to_save` numbered by `seqs`, publishing `pubs` in the same
+    /// step. Fails with `SEQSTALE` (nothing done) if the counters moved since the batch was numbered.
     pub async fn handoff(
         &self,
         accepted: &str,
         to_save: &str,
         ids: &[&str],
-        payloads: &[&[u8]],
+        payloads: &[Vec<u8>],
         pubs: &[Publication],
+        seqs: &SeqPlan,
     ) -> redis::RedisResult<()> {
         let mut inv = HANDOFF_SCRIPT.prepare_invoke();
-        inv.key(&self.lease_key).key(accepted).key(to_save);
+        inv.key(&self.lease_key).key(accepted).key(to_save).key(self.keys.seq_counters(self.shard));
         self.add_journal_keys(&mut inv, pubs);
         inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD);
-        inv.arg(ids.len()).arg(payloads.len()).arg(pubs.len());
+        inv.arg(ids.len()).arg(payloads.len()).arg(pubs.len()).arg(seqs.fields.len());
         inv.arg(ids).arg(payloads);
         add_publications(&mut inv, pubs);
+        inv.arg(&seqs.fields).arg(&seqs.bases).arg(&seqs.tops);
         inv.invoke_async(&mut self.conn.clone()).await
     }
 
     /// Finishes a saved batch: `settled` holds (idempotency key, state) of every saved or rejected
-    /// message.
+    /// message; `seqs` the counters to raise to the seqs the batch was saved with.
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit(
         &self,
         stream: &str,
@@ -148,15 +175,16 @@ impl Mover {
         dead: &[DeadLetter<'_>],
         pubs: &[Publication],
         settled: &[(String, String)],
+        seqs: &SeqPlan,
     ) -> redis::RedisResult<()> {
         let mut inv = COMMIT_SCRIPT.prepare_invoke();
-        inv.key(&self.lease_key).key(stream).key(dead_stream);
+        inv.key(&self.lease_key).key(stream).key(dead_stream).key(self.keys.seq_counters(self.shard));
         self.add_journal_keys(&mut inv, pubs);
         for (key, _) in settled {
             inv.key(key);
         }
         inv.arg(&self.lease_value).arg(&self.group).arg(self.idempotency_ttl).arg(DEAD_LETTER_MAXLEN).arg(MSG_FIELD);
-        inv.arg(ids.len()).arg(dead.len()).arg(pubs.len()).arg(ids);
+        inv.arg(ids.len()).arg(dead.len()).arg(pubs.len()).arg(seqs.fields.len()).arg(ids);
         for d in dead {
             inv.arg(d.payload);
         }
@@ -164,6 +192,7 @@ impl Mover {
             inv.arg(d.reason);
         }
         add_publications(&mut inv, pubs);
+        inv.arg(&seqs.fields).arg(&seqs.tops);
         for (_, state) in settled {
             inv.arg(state);
         }

@@ -1,7 +1,9 @@
-//! The save stage: read a batch from `to_save` (full mode) or `accepted` (accepted-only mode) → one
-//! multi-row INSERT → after COMMIT, one fenced script ([`crate::mover`]) that dead-letters rejected
-//! rows, marks the saved ones in the idempotency window, publishes `ACK(saved)` (and `ERROR
-//! save_failed`) to the senders' nodes — and in accepted-only mode the pushes — and XACKs the batch.
+//! The save stage: read a batch from `to_save` (full mode) or `accepted` (accepted-only mode, which
+//! numbers the batch here) → one multi-row INSERT → after COMMIT, one fenced script
+//! ([`crate::mover`]) that raises the seq counters, dead-letters rejected rows, marks the saved ones
+//! in the idempotency window, publishes `ACK(saved)` (and `ERROR save_failed`) to the senders' nodes
+//! and the pushes — all of them in accepted-only mode; in full mode again those whose recipient
+//! connected since the deliver stage pushed them (SPEC §3.11) — and XACKs the batch.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -10,13 +12,14 @@ use im_common::backoff::Backoff;
 use im_common::idempotency::{encode_state, Stage};
 use im_common::ids::now_ms;
 use im_common::protocol::{AckType, Reason, ServerFrame};
-use im_common::record::{ChatMessage, Push};
+use im_common::record::{Accepted, ChatMessage, Push};
 use im_common::router::Target;
 use im_common::store::SaveOutcome;
 
 use crate::mover::DeadLetter;
 use crate::save_health::SaveHealth;
-use crate::stage::{age_seconds, chat_push, decode_batch, ShardContext};
+use crate::sequences::SeqPlan;
+use crate::stage::{age_seconds, chat_push, decode_batch, recipients, ShardContext};
 use crate::streams::StreamReader;
 
 /// The save stage: reads `to_save` (full mode) or `accepted` (accepted-only mode, which also pushes
@@ -25,27 +28,47 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
     let dead_stream = ctx.keys.dead_letter_stream(ctx.shard);
     let shard = ctx.label();
     let saved_age = metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone());
+    let repushed = metrics::counter!("im_worker_repushed_total", "shard" => shard.clone());
     let mut backoff = Backoff::default();
     let mut health = SaveHealth::new(ctx.shard);
     while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
         let decoded = decode_batch(&batch);
-        let msgs: Vec<ChatMessage> = decoded.ok.iter().map(|(_, a)| a.msg.clone()).collect();
+        let mut accepted: Vec<Accepted> = decoded.ok.iter().map(|(_, a)| a.clone()).collect();
+        // Accepted-only mode numbers here (full mode's deliver stage did). The rows are saved with
+        // these seqs and the commit raises the counters to them; a batch that never gets that far
+        // is numbered the same way again from the same counters.
+        let mut plan = SeqPlan::default();
+        if accepted.iter().any(|a| a.msg.seq == 0) {
+            let number = || async {
+                let mut numbered = accepted.clone();
+                let (plan, _) = ctx.number(&mut numbered, false).await?;
+                Ok::<_, String>((plan, numbered))
+            };
+            let Some((numbered_plan, numbered)) = ctx.until_done(&mut backoff, "save: number", number).await else {
+                return;
+            };
+            (plan, accepted) = (numbered_plan, numbered);
+        }
+        let msgs: Vec<ChatMessage> = accepted.iter().map(|a| a.msg.clone()).collect();
 
         // Save, retrying while the database is away or refuses; the entries stay pending meanwhile.
         let Some(outcome) = insert_until_saved(&ctx, &mut health, &mut backoff, &msgs).await else { return };
 
         let mut frames = Vec::with_capacity(msgs.len() * 2);
         let mut settled = Vec::with_capacity(msgs.len());
-        for &(i, id) in &outcome.saved {
-            let a = &decoded.ok[i].1;
+        // Saved messages as stored, and whether each is pushed after the commit.
+        let mut saved: Vec<(ChatMessage, Option<u64>)> = Vec::with_capacity(outcome.saved.len());
+        for &(i, id, seq) in &outcome.saved {
+            let a = &accepted[i];
             let to_sender = Push {
                 user: a.msg.from,
                 conn: Some(a.origin.conn),
                 frame: ServerFrame::ack(AckType::Saved, &a.msg.client_msg_id, id),
             };
             frames.push((Target::Node(a.origin.node), to_sender));
-            if push_after_save {
-                frames.push(chat_push(&ChatMessage { id, ..a.msg.clone() }));
+            let pushed_at = if push_after_save { None } else { a.pushed_at_epoch };
+            if push_after_save || pushed_at.is_some() {
+                saved.push((ChatMessage { id, seq, ..a.msg.clone() }, pushed_at));
             }
             settled.push((
                 ctx.keys.idempotency(ctx.shard, a.msg.from, &a.msg.client_msg_id),
@@ -70,12 +93,28 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         }
         let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
         let commit = || async {
-            let (pubs, _) = ctx.router.prepare(&frames, None).await?;
-            ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &settled).await
+            // Routes are read after the rows are committed: a connection registered before this
+            // read gets the push, one registered after it syncs from MySQL, which has the rows.
+            let msgs: Vec<&ChatMessage> = saved.iter().map(|(m, _)| m).collect();
+            let routes = ctx.router.resolve(&recipients(&msgs)).await?;
+            let mut all = frames.clone();
+            let mut again = 0;
+            for (m, pushed_at) in &saved {
+                // Full mode: pushed before the save; again only if the recipient connected since.
+                let connected_since = pushed_at.is_some_and(|e| routes.get(&m.to).is_some_and(|p| p.epoch != e));
+                if pushed_at.is_none() || connected_since {
+                    all.push(chat_push(m));
+                    again += usize::from(connected_since);
+                }
+            }
+            let (pubs, _) = ctx.router.group(&all, &routes, None);
+            ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &settled, &plan).await?;
+            Ok::<_, redis::RedisError>(again)
         };
-        if ctx.until_done(&mut backoff, "save: receipts/commit", commit).await.is_none() {
+        let Some(pushed_again) = ctx.until_done(&mut backoff, "save: receipts/commit", commit).await else {
             return;
-        }
+        };
+        repushed.increment(pushed_again as u64);
         metrics::counter!("im_worker_saved_total", "shard" => shard.clone()).increment(outcome.saved.len() as u64);
         metrics::counter!("im_worker_dead_letters_total", "shard" => shard.clone()).increment(dead.len() as u64);
         metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "save")

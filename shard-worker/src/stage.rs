@@ -7,17 +7,19 @@
 //! meanwhile it drops the batch, and the next owner reads it from the pending entries. Redelivery
 //! after a crash can repeat a push (same serverMsgId) but never a row.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use im_common::ids::{now_ms, timestamp_ms};
 use im_common::keys::Keys;
 use im_common::record::{decode, Accepted, ChatMessage, Push};
-use im_common::router::{Router, Target};
+use im_common::router::{Presence, Router, Target};
 use im_common::store::Store;
 
 use crate::lease::ShardLease;
 use crate::mover::Mover;
+use crate::sequences::{self, SeqPlan};
 use crate::streams::{Entry, StreamReader};
 use im_common::backoff::Backoff;
 
@@ -25,6 +27,8 @@ use im_common::backoff::Backoff;
 #[derive(Clone)]
 pub struct ShardContext {
     pub shard: u16,
+    /// `cluster.shards` (which senders are this shard's, for restoring seq counters).
+    pub shards: u16,
     pub keys: Keys,
     pub lease: ShardLease,
     pub router: Router,
@@ -41,6 +45,30 @@ impl ShardContext {
 
     fn tick(&self) {
         self.progress.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Numbers the messages of `batch` that have no seq yet from the shard's counters (restoring
+    /// lost counters from MySQL first). With `locate`, the recipients' routes and presence epochs
+    /// are read in the same round trip.
+    pub(crate) async fn number(
+        &self,
+        batch: &mut [Accepted],
+        locate: bool,
+    ) -> Result<(SeqPlan, HashMap<u64, Presence>), String> {
+        loop {
+            let msgs: Vec<&ChatMessage> = batch.iter().map(|a| &a.msg).collect();
+            let (read, fields) = sequences::read_counters(&self.keys, self.shard, &msgs);
+            let users = if locate { recipients(&msgs) } else { Vec::new() };
+            let (routes, reply) = self.router.resolve_and(&users, Some(read)).await.map_err(|e| e.to_string())?;
+            if let Some(counters) = sequences::parse_counters(fields, reply).map_err(|e| e.to_string())? {
+                let mut refs: Vec<&mut ChatMessage> = batch.iter_mut().map(|a| &mut a.msg).collect();
+                return Ok((sequences::number(&counters, &mut refs), routes));
+            }
+            let restored =
+                sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;
+            tracing::warn!(shard = self.shard, directions = restored, "seq counters were missing; restored from MySQL");
+            metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
+        }
     }
 
     /// The next non-empty batch, retrying failed reads with backoff; `None` once the lease is gone.
@@ -107,6 +135,14 @@ pub(crate) fn decode_batch(batch: &[Entry]) -> Decoded<'_> {
 /// The push of a message to its recipient, wherever they are connected.
 pub(crate) fn chat_push(msg: &ChatMessage) -> (Target, Push) {
     (Target::Routed, Push { user: msg.to, conn: None, frame: msg.push_frame() })
+}
+
+/// The distinct recipients of `msgs`.
+pub(crate) fn recipients(msgs: &[&ChatMessage]) -> Vec<u64> {
+    let mut users: Vec<u64> = msgs.iter().map(|m| m.to).collect();
+    users.sort_unstable();
+    users.dedup();
+    users
 }
 
 /// Seconds since the message was accepted (its id carries the time).

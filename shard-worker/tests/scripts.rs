@@ -15,6 +15,7 @@ use im_common::router::Publication;
 use im_harness::env::TestEnv;
 use im_shard_worker::lease::ShardLease;
 use im_shard_worker::mover::{DeadLetter, Mover};
+use im_shard_worker::sequences::SeqPlan;
 use im_shard_worker::streams::{Fence, StreamReader};
 
 const GROUP: &str = "workers";
@@ -69,6 +70,11 @@ impl Shard {
             pipe.xadd(stream, "*", &[(MSG_FIELD, *p)]).ignore();
         }
         let _: () = pipe.query_async(&mut self.conn.clone()).await.expect("xadd");
+    }
+
+    /// A seq counter of shard 0.
+    async fn counter(&self, field: &str) -> Option<u64> {
+        self.conn.clone().hget(self.keys.seq_counters(0), field).await.expect("hget")
     }
 
     async fn len(&self, stream: &str) -> usize {
@@ -145,16 +151,22 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     s.append(&accepted, &[b"m1", b"m2"]).await;
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
-    let payloads: Vec<&[u8]> = batch.iter().map(|e| e.payload.as_slice()).collect();
+    let payloads: Vec<Vec<u8>> = batch.iter().map(|e| e.payload.clone()).collect();
     let publication = Publication { node: 7, channel: s.keys.node_channel(7), payload: b"pushes".to_vec() };
+    let seqs = SeqPlan { fields: vec!["5:6".into()], bases: vec![0], tops: vec![2] };
 
     let client = redis::Client::open(s.env.redis_url.as_str()).expect("url");
     let mut sub = client.get_async_pubsub().await.expect("pubsub");
     sub.subscribe(&publication.channel).await.expect("subscribe");
 
-    s.mover(&lease.value).handoff(&accepted, &to_save, &ids, &payloads, &[publication]).await.expect("handoff");
+    let mover = s.mover(&lease.value);
+    mover.handoff(&accepted, &to_save, &ids, &payloads, &[publication.clone()], &seqs).await.expect("handoff");
     assert_eq!((s.len(&accepted).await, s.pending(&accepted).await), (0, 0), "accepted not trimmed");
     assert_eq!(s.len(&to_save).await, 2);
+    assert_eq!(s.counter("5:6").await, Some(2), "the batch's seqs were not taken");
+    // A retry of a batch whose reply got lost does nothing twice (and is not refused as stale).
+    mover.handoff(&accepted, &to_save, &ids, &payloads, &[publication], &seqs).await.expect("retry");
+    assert_eq!((s.len(&to_save).await, s.counter("5:6").await), (2, Some(2)), "the retry handed the batch on again");
     let msg = tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut sub.on_message()))
         .await
         .expect("published")
@@ -164,6 +176,28 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     assert_eq!(journal, s.keys.journal_of_shard(0, 7));
     assert_eq!(body, b"pushes");
     assert_eq!(s.len(journal).await, 1, "publication not journaled");
+}
+
+/// SPEC §3.10: a batch numbered from counters that moved since (the baseline path raised a floor)
+/// is refused whole — nothing pushed, handed on or acknowledged — and renumbered by the stage.
+#[tokio::test]
+async fn a_batch_numbered_from_stale_counters_is_refused_and_moves_nothing() {
+    let s = Shard::new("seqstale").await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
+    let mut reader = s.reader(accepted.clone(), &lease.value).await;
+    s.append(&accepted, &[b"m1"]).await;
+    let batch = reader.next_batch().await.expect("read");
+    redis::cmd("HSET").arg(s.keys.seq_counters(0)).arg("5:6").arg(3).query_async::<()>(&mut s.conn.clone()).await.expect("hset");
+    let stale = SeqPlan { fields: vec!["5:6".into()], bases: vec![2], tops: vec![3] };
+    let err = s
+        .mover(&lease.value)
+        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &[batch[0].payload.clone()], &[], &stale)
+        .await
+        .expect_err("a batch numbered from stale counters went through");
+    assert!(err.to_string().contains("SEQSTALE"), "{err}");
+    assert_eq!((s.len(&accepted).await, s.pending(&accepted).await, s.len(&to_save).await), (1, 1, 0));
+    assert_eq!(s.counter("5:6").await, Some(3));
 }
 
 #[tokio::test]
@@ -176,7 +210,7 @@ async fn a_fenced_out_owner_moves_nothing() {
     let batch = reader.next_batch().await.expect("read");
     let stale = s.mover("1:a");
     let err = stale
-        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &[batch[0].payload.as_slice()], &[])
+        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &[batch[0].payload.clone()], &[], &SeqPlan::default())
         .await
         .expect_err("a stale owner's handoff went through");
     assert!(err.to_string().contains("FENCED"), "{err}");
@@ -196,7 +230,11 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
     let saved = [(key.clone(), encode_state(Stage::Saved, 42))];
     let rejected = [DeadLetter { payload: b"bad", reason: "check constraint" }];
 
-    s.mover(&lease.value).commit(&to_save, &dead, &ids, &rejected, &[], &saved).await.expect("commit");
+    // The rows were saved with seqs up to 9; the counter (at 4) is raised, another (at 12) is not lowered.
+    redis::cmd("HSET").arg(s.keys.seq_counters(0)).arg("1:2").arg(4).arg("3:4").arg(12).query_async::<()>(&mut s.conn.clone()).await.expect("hset");
+    let seqs = SeqPlan { fields: vec!["1:2".into(), "3:4".into()], bases: vec![0, 0], tops: vec![9, 7] };
+    s.mover(&lease.value).commit(&to_save, &dead, &ids, &rejected, &[], &saved, &seqs).await.expect("commit");
+    assert_eq!((s.counter("1:2").await, s.counter("3:4").await), (Some(9), Some(12)));
     assert_eq!((s.len(&to_save).await, s.pending(&to_save).await), (0, 0), "to_save not trimmed");
     let state: String = s.conn.clone().get(&key).await.expect("state");
     assert_eq!(decode_state(&state), Some((Stage::Saved, 42)));

@@ -7,7 +7,9 @@
 //! fuzzers and the property tests cannot drift apart.
 
 use im_common::config::{Config, ConfigError};
-use im_common::protocol::{parse_request, FrameLimits, Rejection, Request, SendRequest, ServerFrame};
+use im_common::protocol::{
+    parse_request, AckTarget, FrameLimits, Rejection, Request, SendRequest, ServerFrame, SyncRequest,
+};
 use im_common::record::{self, Accepted, ChatMessage, Origin, PushBatch};
 
 /// The authenticated user every fuzzed frame comes from.
@@ -29,8 +31,15 @@ pub fn check_frame(bytes: &[u8]) {
 pub fn check_frame_with(bytes: &[u8], uid: u64, limits: FrameLimits) {
     match parse_request(bytes, uid, limits) {
         Ok(Request::Send(send)) => check_send(&send, uid, limits),
-        Ok(Request::Ack { server_msg_id, .. }) => assert!(server_msg_id > 0, "ACK of serverMsgId 0 accepted"),
-        Ok(Request::Auth { .. } | Request::Ping) => {}
+        Ok(Request::Ack { target: AckTarget::Message(id), .. }) => assert!(id > 0, "ACK of serverMsgId 0 accepted"),
+        Ok(Request::Ack { target: AckTarget::Seq { peer, seq }, .. }) => {
+            assert!(peer > 0 && seq > 0, "ACK of peer {peer} seq {seq} accepted")
+        }
+        Ok(Request::Sync(SyncRequest::Positions(positions))) => {
+            assert!(positions.iter().all(|&(peer, _)| peer > 0), "SYNC for peer 0 accepted")
+        }
+        Ok(Request::Sync(SyncRequest::Peer { peer, .. })) => assert!(peer > 0, "SYNC for peer 0 accepted"),
+        Ok(Request::Auth { .. } | Request::Ping | Request::Sync(SyncRequest::Server)) => {}
         Err(rejection) => check_rejection(&rejection),
     }
 }
@@ -64,9 +73,10 @@ pub fn check_send(send: &SendRequest, uid: u64, limits: FrameLimits) {
         client_msg_id: send.client_msg_id.clone(),
         msg_type: send.msg_type.clone(),
         body: send.body.clone(),
+        seq: 1,
     };
     check_server_frame(&msg.push_frame());
-    let entry = Accepted { msg, origin: Origin { node: 1, conn: 2 } };
+    let entry = Accepted { msg, origin: Origin { node: 1, conn: 2 }, pushed_at_epoch: Some(3) };
     let decoded: Accepted = record::decode(&record::encode(&entry)).expect("encoded Accepted must decode");
     assert_eq!(decoded, entry, "Accepted record did not round-trip");
 }

@@ -1,0 +1,71 @@
+//! The per-direction seq counters in Redis (SPEC §3.10), as every writer of them sees them.
+//!
+//! Each shard has one hash (`Keys::seq_counters`): field `<from>:<to>` → the last seq handed out in
+//! that direction. The shard's owner numbers messages from it (`shard-worker`'s `sequences`); the
+//! baseline path — baseline mode, and fail-open while Redis is away — numbers in MySQL instead and
+//! then raises these counters to what it used ([`SeqFloor`]), so the owner never hands a seq out
+//! twice. Raising never lowers a counter.
+
+use crate::keys::{seq_field, Keys};
+use crate::shard::shard_of;
+
+/// Lua: `seqs_match(key, fields, bases)` — whether every counter still holds what a batch was
+/// numbered from; `raise_seqs(key, fields, tops)` — moves each counter up to its top, never down.
+pub const SEQ_LUA: &str = r"
+local function seqs_match(key, fields, bases)
+  for k = 1, #fields do
+    if tonumber(redis.call('HGET', key, fields[k]) or '0') ~= tonumber(bases[k]) then return false end
+  end
+  return true
+end
+local function raise_seqs(key, fields, tops)
+  for k = 1, #fields do
+    if tonumber(redis.call('HGET', key, fields[k]) or '0') < tonumber(tops[k]) then
+      redis.call('HSET', key, fields[k], tops[k])
+    end
+  end
+end
+";
+
+/// Lua: KEYS[1] = counters; ARGV = n fields, then their n tops.
+pub fn raise_script() -> String {
+    format!(
+        "{SEQ_LUA}\nlocal n = #ARGV / 2\nlocal f, t = {{}}, {{}}\n\
+         for k = 1, n do f[k] = ARGV[k]; t[k] = ARGV[n + k] end\nraise_seqs(KEYS[1], f, t)\nreturn 0"
+    )
+}
+
+/// A seq the baseline path gave a saved message: its shard's counter must be at least this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqFloor {
+    /// The counters hash of the sender's shard.
+    pub key: String,
+    pub field: String,
+    pub seq: u64,
+}
+
+impl SeqFloor {
+    /// The floor for message `seq` from `from` to `to`.
+    pub fn of(keys: &Keys, shards: u16, from: u64, to: u64, seq: u64) -> Self {
+        SeqFloor { key: keys.seq_counters(shard_of(from, shards)), field: seq_field(from, to), seq }
+    }
+}
+
+/// Adds the commands that raise the counters to `floors` (one EVAL per hash) to `pipe`.
+pub fn add_floors(pipe: &mut redis::Pipeline, floors: &[SeqFloor]) {
+    let mut by_key: std::collections::BTreeMap<&str, Vec<&SeqFloor>> = std::collections::BTreeMap::new();
+    for f in floors {
+        by_key.entry(&f.key).or_default().push(f);
+    }
+    let script = raise_script();
+    for (key, floors) in by_key {
+        let cmd = pipe.cmd("EVAL").arg(&script).arg(1).arg(key);
+        for f in &floors {
+            cmd.arg(&f.field);
+        }
+        for f in &floors {
+            cmd.arg(f.seq);
+        }
+        cmd.ignore();
+    }
+}
