@@ -182,7 +182,7 @@ pub struct DeliveryVerdict {
     pub errored: u64,
     /// Neither `ACK(saved)` nor `ERROR` by the end of the drain.
     pub unanswered: u64,
-    /// Distinct messages pushed.
+    /// Distinct messages pushed (to any device of their recipient).
     pub delivered: u64,
     /// Receipted, not errored, and never pushed to a receiver that stayed connected.
     pub lost: u64,
@@ -219,7 +219,8 @@ pub fn check_deliveries(senders: &[SenderLog], receivers: &[ReceiverLog]) -> Del
                 }
                 continue;
             }
-            v.delivered += 1;
+            // Counted once per message, however many devices of its recipient got it.
+            v.delivered += u64::from(!reached.contains(&(d.from, d.number)));
             if msg.receipted_id().is_some_and(|id| id != d.server_msg_id) {
                 v.id_mismatches += 1;
             }
@@ -388,6 +389,14 @@ mod tests {
             "nothing lost, duplicated or reordered"
         );
         assert_eq!(check_rows(&[s], &[], &rows(5), &[]), RowVerdict { rows: 5, ..Default::default() });
+    }
+
+    #[test]
+    fn a_message_on_two_devices_is_delivered_once_and_no_duplicate() {
+        let (s, r) = pair(5);
+        let second = ReceiverLog { device: 1, ..r.clone() };
+        let v = check_deliveries(&[s], &[r, second]);
+        assert_eq!((v.delivered, v.duplicates, v.reorders, v.lost), (5, 0, 0, 0), "{v:?}");
     }
 
     #[test]

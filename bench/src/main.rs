@@ -21,6 +21,8 @@ use im_bench::compare::{self, CompareSpec, SweepSpec};
 use im_bench::hold::{self, HoldSpec};
 use im_bench::{RunReport, Target};
 use im_common::config::{Config, Mode};
+use im_harness::cluster::ClusterSpec;
+use im_harness::guard::ClusterGuard;
 
 #[derive(Parser)]
 #[command(about = "im load generator: accepted/saved/E2E latency, loss/duplicate/order checks, three-arm comparison")]
@@ -322,12 +324,18 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 acks,
                 ..Default::default()
             };
-            let (managed, cluster_state) = if start {
-                let out = default_out(None).join("reconnect-storm");
-                let tag = compare::run_stamp(im_common::ids::now_ms() / 1000).replace(['-', 'T', 'Z'], "");
-                let managed = compare::ManagedCluster::start(&cluster.options()?, Mode::from(mode), &out, &tag).await?;
-                let state = managed.state().clone();
-                (Some(managed), state)
+            let (guard, cluster_state) = if start {
+                // Private Redis and MariaDB, so the CPU figures are this cluster's alone.
+                let opts = cluster.options()?;
+                let dir = default_out(None).join("reconnect-storm");
+                let mut spec = ClusterSpec::new(opts.config, Mode::from(mode), opts.gateways, opts.shards, dir.join("cluster"));
+                spec.workers = opts.workers.unwrap_or(usize::from(opts.shards));
+                spec.state_file = dir.join("cluster.json");
+                spec.force_private = true;
+                eprintln!("[reconnect-storm] starting a cluster with private servers in {}", spec.dir.display());
+                let guard = ClusterGuard::start(&spec).await?;
+                let state = guard.state.clone();
+                (Some(guard), state)
             } else {
                 let state = im_harness::cluster::load_state(&state)
                     .with_context(|| format!("no cluster state at {} (start one with `ops up`, or --start)", state.display()))?;
@@ -336,8 +344,11 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
             let target = Target::from_state(&cluster_state)?;
             let metrics: Vec<String> = cluster_state.gateways.iter().map(|g| g.metrics_url.clone()).collect();
             let report = im_bench::catchup::reconnect_storm(&target, &metrics, &spec).await;
-            if let Some(managed) = managed {
-                managed.stop(false).await?;
+            if let Some(guard) = guard {
+                let state = guard.stop().await?;
+                for server in &state.private_servers {
+                    let _ = std::fs::remove_dir_all(server.dir.join("data"));
+                }
             }
             let report = report?;
             if json {
