@@ -176,7 +176,7 @@ impl RunReport {
                 drain_secs: r.spec.drain.as_secs_f64(),
                 drain_used_secs: r.drain_used.as_secs_f64(),
                 auth: r.spec.auth.as_str().to_owned(),
-                acks: format!("{:?}", r.spec.acks).to_lowercase(),
+                acks: format!("{:?}", r.spec.receiver_acks()).to_lowercase(),
                 ack_read: r.spec.ack_read,
                 two_devices: r.spec.two_devices,
             },

@@ -113,8 +113,12 @@ pub struct LoadSpec {
     /// until the window ends). A test that wants an exact count sets it with a window long enough.
     pub messages_per_sender: Option<usize>,
     /// How receivers confirm what they got ([`ReceiverAcks`]; by default as a real client does:
-    /// `ACK delivered` by `from` + `seq`, coalesced per conversation).
+    /// `ACK delivered` by `from` + `seq`, coalesced per conversation). Read it through
+    /// [`LoadSpec::receiver_acks`].
     pub acks: ReceiverAcks,
+    /// Deprecated (before issue 12 this was how receivers were made to confirm): `true` makes them
+    /// confirm with the older `ACK {serverMsgId}` form ([`ReceiverAcks::Id`]) whatever `acks` says.
+    pub ack_delivered: bool,
     /// Receivers also confirm `read` (with each delivered confirmation, same position).
     pub ack_read: bool,
     /// Fraction (0..=1) of receiving users with two devices (two connections, each with its own
@@ -157,6 +161,7 @@ impl Default for LoadSpec {
             slow_read_delay: Duration::from_millis(200),
             messages_per_sender: None,
             acks: ReceiverAcks::Seq,
+            ack_delivered: false,
             ack_read: false,
             two_devices: 0.0,
             own_positions: 0.0,
@@ -185,6 +190,16 @@ impl LoadSpec {
     /// The interval that makes `pairs` senders offer `rate` messages per second in total.
     pub fn interval_for_rate(pairs: usize, rate: f64) -> Duration {
         Duration::from_secs_f64(pairs as f64 / rate.max(f64::MIN_POSITIVE))
+    }
+
+    /// How receivers confirm: [`LoadSpec::acks`], or the older id form with the deprecated
+    /// [`LoadSpec::ack_delivered`].
+    pub fn receiver_acks(&self) -> ReceiverAcks {
+        if self.ack_delivered {
+            ReceiverAcks::Id
+        } else {
+            self.acks
+        }
     }
 
     /// Checks the values make sense together.
@@ -223,7 +238,7 @@ impl LoadSpec {
         if !(0.0..=1.0).contains(&self.two_devices) || !(0.0..=1.0).contains(&self.own_positions) {
             return bad("the two-device and own-position fractions must be between 0 and 1");
         }
-        if self.ack_read && self.acks != ReceiverAcks::Seq {
+        if self.ack_read && self.receiver_acks() != ReceiverAcks::Seq {
             return bad("read confirmations go by from + seq (--acks seq)");
         }
         Ok(())

@@ -486,7 +486,7 @@ impl DrillRun<'_> {
         let lost = v.lost + rows.missing;
         let reorders_live = reorders.iter().filter(|o| !o.by_sync()).count() as u64;
         let recipients = result.recipients.clone();
-        let recipient_problems = recipients.problems(self.load.acks.confirms());
+        let recipient_problems = recipients.problems(self.load.receiver_acks().confirms());
         checks.push(Check::new(
             "recipients_lose_nothing",
             recipient_problems.is_empty(),
@@ -494,7 +494,7 @@ impl DrillRun<'_> {
                 format!(
                     "every one of {} devices got every message owed, seqs without gaps{}",
                     recipients.devices,
-                    if self.load.acks.confirms() { ", receipts up to the last seq" } else { "" }
+                    if self.load.receiver_acks().confirms() { ", receipts up to the last seq" } else { "" }
                 )
             } else {
                 recipient_problems.iter().map(|(n, what)| format!("{n} {what}")).collect::<Vec<_>>().join("; ")
@@ -537,7 +537,7 @@ impl DrillRun<'_> {
             messages_with_several_ids: rows.messages_with_several_ids,
             saved_without_matching_row: rows.saved_without_matching_row,
             reconnects: result.reconnects,
-            acks: format!("{:?}", self.load.acks).to_lowercase(),
+            acks: format!("{:?}", self.load.receiver_acks()).to_lowercase(),
             delivered_acks: result.delivered_acks,
             read_acks: result.read_acks,
             receipts: result.receipts,

@@ -216,7 +216,7 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
             let link = Link::new(target, spec, pair.receiver, device_gateway(pair, device, gateways), options);
             let behaviour = receiver::Behaviour {
                 pace: slow.then_some(spec.slow_read_delay),
-                acks: spec.acks,
+                acks: spec.receiver_acks(),
                 ack_read: spec.ack_read,
                 storm: spec.storm.as_ref().map(ReconnectStorm::watch),
                 device,
@@ -245,7 +245,7 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     phase.store(Phase::Draining as u8, Ordering::Relaxed);
     let (cpu, bench_cpu_secs) = cpu::usage(&target.processes, &cpu_start, &cpu_end);
 
-    let drain_used = drain(&rec, schedule.stop, spec.drain, spec.acks == crate::spec::ReceiverAcks::Seq).await;
+    let drain_used = drain(&rec, schedule.stop, spec.drain, spec.receiver_acks() == crate::spec::ReceiverAcks::Seq).await;
     shutdown.cancel();
     tasks.close();
     // Whatever has not ended by then is abandoned (and counted) in `finish`.
