@@ -74,6 +74,10 @@ pub struct RecipientVerdict {
     /// The first missing messages, described.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_examples: Vec<MissingOnDevice>,
+    /// The first seq problems, described (`from→to #number: push seq 7, row seq 9`, `rows from→to:
+    /// seqs 12..13 missing`, `device 1 of to: from's seqs 4 missing`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seq_examples: Vec<String>,
 }
 
 /// One owed message a device never got.
@@ -147,6 +151,7 @@ pub fn check_recipients(
 
     // Seqs: from the rows of the run's messages when they carry them, else from the first push.
     let mut seq_of: HashMap<(u64, u64), u64> = HashMap::new();
+    let rows_have_seq = rows.is_some_and(|rows| rows.iter().any(|r| r.seq.is_some()));
     if let Some(rows) = rows {
         check_row_seqs(rows, &message_to, &mut v);
         for row in rows {
@@ -161,7 +166,20 @@ pub fn check_recipients(
             match d.seq {
                 None => v.pushes_without_seq += 1,
                 Some(seq) => match seq_of.get(&(d.from, d.number)) {
-                    Some(&known) => v.seq_mismatches += u64::from(known != seq),
+                    Some(&known) if known != seq => {
+                        v.seq_mismatches += 1;
+                        if v.seq_examples.len() < MISSING_EXAMPLES {
+                            v.seq_examples.push(format!(
+                                "{}→{} #{} (id {}): push seq {seq}, {} seq {known}",
+                                d.from,
+                                r.uid,
+                                d.number,
+                                d.server_msg_id,
+                                if rows_have_seq { "row" } else { "first push" }
+                            ));
+                        }
+                    }
+                    Some(_) => {}
                     None => {
                         seq_of.insert((d.from, d.number), seq);
                     }
@@ -224,7 +242,15 @@ pub fn check_recipients(
         for (&(from, to), &l) in last.iter().filter(|((_, to), _)| *to == r.uid) {
             let f = first.get(&(from, to)).copied().unwrap_or(1);
             let have = held_seqs.get(&from);
-            v.seq_gaps += (f..=l).filter(|s| !have.is_some_and(|h| h.contains(s))).count() as u64;
+            let missing: Vec<u64> = (f..=l).filter(|s| !have.is_some_and(|h| h.contains(s))).collect();
+            v.seq_gaps += missing.len() as u64;
+            if !missing.is_empty() && v.seq_examples.len() < MISSING_EXAMPLES {
+                v.seq_examples.push(format!(
+                    "device {} of {to}: {from}'s seqs {} missing (range {f}..={l})",
+                    r.device,
+                    ranges(&missing)
+                ));
+            }
         }
     }
 
@@ -268,18 +294,44 @@ fn check_row_seqs(rows: &[DbRow], message_to: &HashMap<(u64, u64), u64>, v: &mut
         return;
     }
     v.rows_without_seq = without;
-    for seqs in directions.values_mut() {
+    let mut directions: Vec<((u64, u64), Vec<u64>)> = directions.into_iter().collect();
+    directions.sort_unstable();
+    for ((from, to), seqs) in &mut directions {
         seqs.sort_unstable();
         let distinct = {
             let mut d = seqs.clone();
             d.dedup();
             d
         };
-        v.row_seq_reused += (seqs.len() - distinct.len()) as u64;
+        let reused = (seqs.len() - distinct.len()) as u64;
+        v.row_seq_reused += reused;
         if let (Some(&lo), Some(&hi)) = (distinct.first(), distinct.last()) {
-            v.row_seq_gaps += (hi - lo + 1) - distinct.len() as u64;
+            let held: BTreeSet<u64> = distinct.iter().copied().collect();
+            let missing: Vec<u64> = (lo..=hi).filter(|s| !held.contains(s)).collect();
+            v.row_seq_gaps += missing.len() as u64;
+            if (!missing.is_empty() || reused > 0) && v.seq_examples.len() < MISSING_EXAMPLES {
+                v.seq_examples.push(format!(
+                    "rows {from}→{to}: seqs {lo}..={hi}, missing [{}], {reused} reused",
+                    ranges(&missing)
+                ));
+            }
         }
     }
+}
+
+/// `[1, 2, 3, 7]` as `1..=3, 7`.
+fn ranges(seqs: &[u64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let mut j = i;
+        while j + 1 < seqs.len() && seqs[j + 1] == seqs[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { seqs[i].to_string() } else { format!("{}..={}", seqs[i], seqs[j]) });
+        i = j + 1;
+    }
+    out.join(", ")
 }
 
 #[cfg(test)]
@@ -355,6 +407,8 @@ mod tests {
         rows[3].seq = Some(7); // 1, 2, 3, 7, 5: 4 and 6 missing
         let v = check_recipients(&s, &r, Some(&rows), false);
         assert_eq!((v.seq_mismatches, v.pushes_without_seq, v.row_seq_gaps, v.row_seq_reused), (2, 1, 2, 0), "{v:?}");
+        assert!(v.seq_examples.iter().any(|e| e.contains("missing [4, 6]")), "{:?}", v.seq_examples);
+        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), "1..=3, 7, 9..=10");
         rows[3].seq = Some(2);
         rows[4].seq = None;
         let v = check_recipients(&s, &r, Some(&rows), false);

@@ -199,6 +199,9 @@ impl DrillVerdict {
                 r.row_seq_gaps, r.row_seq_reused, r.rows_without_seq
             );
         }
+        for e in r.seq_examples.iter().take(3) {
+            out += &format!("  seq: {e}\n");
+        }
         if let Some(m) = r.missing_examples.first() {
             out += &format!(
                 "  missing e.g. user {} device {}: {}'s #{} (seq {:?}; {} reconnects; later seq held: {})\n",
