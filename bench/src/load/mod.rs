@@ -245,7 +245,7 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     phase.store(Phase::Draining as u8, Ordering::Relaxed);
     let (cpu, bench_cpu_secs) = cpu::usage(&target.processes, &cpu_start, &cpu_end);
 
-    let drain_used = drain(&rec, schedule.stop, spec.drain, spec.receiver_acks() == crate::spec::ReceiverAcks::Seq).await;
+    let drain_used = drain(&rec, schedule.stop, spec.drain, spec.receiver_acks().confirms()).await;
     shutdown.cancel();
     tasks.close();
     // Whatever has not ended by then is abandoned (and counted) in `finish`.
@@ -316,7 +316,7 @@ fn cross_receivers(crossed: bool, pairs: &[plan::Pair], receiver_up: &[bool]) ->
 
 /// Waits after the last send until every message is complete, every answered one delivered, and
 /// every device holds what it is owed, or `allowance` passes; then lingers briefly for late
-/// duplicates. With receivers confirming by seq (`receipts`), also until every confirmed position
+/// duplicates. With confirming receivers (`receipts`), also until every confirmed position
 /// has come back to its sender as a `RECEIPT`, all of it holding for [`RECEIPT_SETTLE`]. Returns the
 /// time used.
 async fn drain(rec: &Recorder, stop: Instant, allowance: Duration, receipts: bool) -> Duration {

@@ -251,7 +251,7 @@ fn on_push(
         _ => {}
     }
     if let Some(acks) = id_acks {
-        acks.seen(server_msg_id);
+        acks.seen_at(server_msg_id, from, frame.seq);
     }
     if seen.insert((from, number)) {
         Counters::bump(&rec.counters.device_held);
@@ -319,12 +319,18 @@ async fn send_due(
     log: &mut ReceiverLog,
 ) -> bool {
     let now = Instant::now();
-    if let Some(id) = id_acks.and_then(|a| a.take(now)) {
-        let ack = ClientFrame::Ack { ack_type: "delivered", server_msg_id: id.to_string() };
-        if writer.send(&ack).await.is_err() {
-            return false;
+    if let Some(acks) = id_acks {
+        if let Some(id) = acks.take(now) {
+            let ack = ClientFrame::Ack { ack_type: "delivered", server_msg_id: id.to_string() };
+            if writer.send(&ack).await.is_err() {
+                return false;
+            }
+            Counters::bump(&rec.counters.delivered_acks);
+            // The server moves the position of that message's conversation only.
+            if let Some((peer, seq)) = acks.highest_at() {
+                rec.ledger.confirmed(uid, peer, seq);
+            }
         }
-        Counters::bump(&rec.counters.delivered_acks);
     }
     if seq_acks {
         for (peer, seq, read) in state.take_acks(now) {
