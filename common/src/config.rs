@@ -108,9 +108,9 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Most messages a history page returns.
     pub history_max_limit: u32,
-    /// Messages per page of the offline resend.
+    /// Messages per page of a sync (per conversation).
     pub offline_page_size: u32,
-    /// How often delivered-cursor updates are written (coalesced).
+    /// How often delivered/read positions are written (coalesced) and `RECEIPT`s relayed.
     pub cursor_flush_ms: u64,
     /// Load shedding (two-phase modes): while the append round trip stays at least this long — its
     /// lowest value over each 100 ms — new messages get `server_busy` instead of being appended, so
@@ -203,7 +203,7 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             history_max_limit: 200,
             offline_page_size: 200,
-            cursor_flush_ms: 500,
+            cursor_flush_ms: 100,
             shed_append_ms: 50,
         }
     }

@@ -8,8 +8,8 @@
 
 use redis::aio::ConnectionManager;
 
-use crate::seq_counters::{add_floors, SeqFloor};
 use crate::protocol::{AckType, Reason, ServerFrame};
+use crate::seq_counters::{add_floors, SeqFloor};
 
 /// How far an earlier attempt with the same clientMsgId got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -296,7 +296,8 @@ fn parse_sync(frame: &ClientFrame) -> Option<SyncRequest> {
     match frame.positions.as_ref() {
         None | Some(Value::Null) => Some(SyncRequest::Server),
         Some(Value::Object(map)) => {
-            let positions = map.iter().map(|(peer, seq)| Some((peer.parse().ok().filter(|&p| p > 0)?, seq_value(seq)?)));
+            let positions =
+                map.iter().map(|(peer, seq)| Some((peer.parse().ok().filter(|&p| p > 0)?, seq_value(seq)?)));
             positions.collect::<Option<Vec<_>>>().map(SyncRequest::Positions)
         }
         Some(_) => None,

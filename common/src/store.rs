@@ -245,7 +245,8 @@ impl Store {
             if numbered_here {
                 assign_seqs(&mut tx, fresh.iter_mut().map(|(_, m)| m)).await?;
             }
-            let inserted = if fresh.is_empty() { 0 } else { insert_messages(&mut tx, fresh.iter().map(|(_, m)| m)).await? };
+            let inserted =
+                if fresh.is_empty() { 0 } else { insert_messages(&mut tx, fresh.iter().map(|(_, m)| m)).await? };
             let stored: Vec<StoredRow> = if inserted == fresh.len() {
                 fresh.iter().map(|(_, m)| Ok((m.id, m.seq))).collect()
             } else {
@@ -284,7 +285,13 @@ impl Store {
     }
 
     /// Saved messages from `from` to `to` with seq above `after_seq`, in seq order (one page of a sync).
-    pub async fn messages_after(&self, from: u64, to: u64, after_seq: u64, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
+    pub async fn messages_after(
+        &self,
+        from: u64,
+        to: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE from_user_id = ? AND to_user_id = ? AND seq > ? ORDER BY seq LIMIT ?"
         );
@@ -304,12 +311,9 @@ impl Store {
         if messages.is_empty() {
             return Ok(HashMap::new());
         }
-        let sql = format!(
-            "SELECT to_user_id, id, from_user_id, seq FROM messages WHERE id IN ({})",
-            vec!["?"; messages.len()].join(",")
-        );
-        let ids: Vec<Value> = messages.iter().map(|&(_, id)| id.into()).collect();
-        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.exec(sql, Params::Positional(ids)).await?;
+        let ids = numbers(messages.iter().map(|&(_, id)| [id]));
+        let sql = format!("SELECT to_user_id, id, from_user_id, seq FROM messages WHERE id IN ({ids})");
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
         Ok(rows.into_iter().map(|(to, id, from, seq)| ((to, id), (from, seq))).collect())
     }
 
@@ -318,12 +322,11 @@ impl Store {
         if at.is_empty() {
             return Ok(HashMap::new());
         }
+        let keys = numbers(at.iter().map(|&(f, t, s)| [f, t, s]));
         let sql = format!(
-            "SELECT from_user_id, to_user_id, seq, id FROM messages WHERE (from_user_id, to_user_id, seq) IN ({})",
-            vec!["(?,?,?)"; at.len()].join(",")
+            "SELECT from_user_id, to_user_id, seq, id FROM messages WHERE (from_user_id, to_user_id, seq) IN ({keys})"
         );
-        let params: Vec<Value> = at.iter().flat_map(|&(f, t, s)| [f.into(), t.into(), s.into()]).collect();
-        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.exec(sql, Params::Positional(params)).await?;
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
         Ok(rows.into_iter().map(|(f, t, s, id)| ((f, t, s), id)).collect())
     }
 
@@ -333,17 +336,16 @@ impl Store {
         if positions.is_empty() {
             return Ok(());
         }
+        // Rows locked in key order, as saves lock them.
+        let mut positions = positions.to_vec();
+        positions.sort_unstable_by_key(|&(key, _)| key);
+        let rows = numbers(positions.iter().map(|&((owner, peer), p)| [owner, peer, p.delivered.max(p.read), p.read]));
         let sql = format!(
-            "INSERT INTO conversations (owner_id, peer_id, delivered_seq, read_seq) VALUES {} ON DUPLICATE KEY UPDATE \
+            "INSERT INTO conversations (owner_id, peer_id, delivered_seq, read_seq) VALUES {rows} ON DUPLICATE KEY UPDATE \
              delivered_seq = GREATEST(delivered_seq, VALUES(delivered_seq), VALUES(read_seq)), \
-             read_seq = GREATEST(read_seq, VALUES(read_seq))",
-            placeholders(positions.len(), 4)
+             read_seq = GREATEST(read_seq, VALUES(read_seq))"
         );
-        let params: Vec<Value> = positions
-            .iter()
-            .flat_map(|&((owner, peer), p)| [owner.into(), peer.into(), p.delivered.max(p.read).into(), p.read.into()])
-            .collect();
-        self.pool.get_conn().await?.exec_drop(sql, Params::Positional(params)).await?;
+        self.pool.get_conn().await?.query_drop(sql).await?;
         Ok(())
     }
 
@@ -428,6 +430,10 @@ impl Store {
 
 /// Gives every row without a seq the next seqs of its direction, in row order, by raising
 /// `conversations.last_out_seq` (locking those rows until the transaction ends).
+///
+/// The upsert also locks the reverse rows (adding 0), which [`touch_conversations`] updates later in
+/// the same transaction: every row a baseline save locks is then locked here, in key order, so two
+/// saves of a conversation's two directions cannot deadlock.
 async fn assign_seqs<'a>(
     tx: &mut Transaction<'_>,
     rows: impl Iterator<Item = &'a mut ChatMessage>,
@@ -436,6 +442,7 @@ async fn assign_seqs<'a>(
     let mut counts: BTreeMap<(u64, u64), u64> = BTreeMap::new();
     for m in &rows {
         *counts.entry((m.from, m.to)).or_insert(0) += 1;
+        counts.entry((m.to, m.from)).or_insert(0);
     }
     let sql = format!(
         "INSERT INTO conversations (owner_id, peer_id, last_out_seq) VALUES {} \
@@ -444,6 +451,7 @@ async fn assign_seqs<'a>(
     );
     let params: Vec<Value> = counts.iter().flat_map(|(&(f, t), &n)| [f.into(), t.into(), n.into()]).collect();
     tx.exec_drop(sql, Params::Positional(params)).await?;
+    counts.retain(|_, n| *n > 0);
     let sql = format!(
         "SELECT owner_id, peer_id, last_out_seq FROM conversations WHERE (owner_id, peer_id) IN ({})",
         vec!["(?,?)"; counts.len()].join(",")
@@ -489,7 +497,11 @@ async fn insert_messages<'a>(
 
 /// Both participants' conversation rows, one per pair per batch, in key order so concurrent
 /// batches lock them in the same order: the last message id, and the last seq each way.
-async fn touch_conversations(tx: &mut Transaction<'_>, rows: &[ChatMessage], stored: &[StoredRow]) -> Result<(), StoreError> {
+async fn touch_conversations(
+    tx: &mut Transaction<'_>,
+    rows: &[ChatMessage],
+    stored: &[StoredRow],
+) -> Result<(), StoreError> {
     // (owner, peer) → (last id, last out seq, last in seq)
     let mut latest: BTreeMap<(u64, u64), (u64, u64, u64)> = BTreeMap::new();
     for (m, stored) in rows.iter().zip(stored) {
@@ -583,6 +595,32 @@ fn to_message((id, from, to, client_msg_id, msg_type, body, seq): MessageRow) ->
         body,
         seq,
     }
+}
+
+/// Rows of integers written out as SQL: `(1,2),(3,4)` (a single column: `1,2,3`). Statements whose
+/// values are all integers go as text, not prepared: a prepared statement per batch size would sit
+/// in every pooled connection's statement cache (and on the server) for each size ever seen.
+fn numbers<const N: usize>(rows: impl Iterator<Item = [u64; N]>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (i, row) in rows.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if N > 1 {
+            out.push('(');
+        }
+        for (j, v) in row.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{v}");
+        }
+        if N > 1 {
+            out.push(')');
+        }
+    }
+    out
 }
 
 /// `(?,?,?),(?,?,?)` for `rows` rows of `cols` columns.

@@ -256,9 +256,24 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         proptest::option::of(id()),
         proptest::option::of(id()),
     )
-        .prop_map(|(kind, client_msg_id, server_msg_id, from, to, ack_type, msg_type, body, ts, reason, seq, peer)| {
-            ServerFrame { kind, client_msg_id, server_msg_id, from, to, ack_type, msg_type, body, ts, reason, seq, peer }
-        })
+        .prop_map(
+            |(kind, client_msg_id, server_msg_id, from, to, ack_type, msg_type, body, ts, reason, seq, peer)| {
+                ServerFrame {
+                    kind,
+                    client_msg_id,
+                    server_msg_id,
+                    from,
+                    to,
+                    ack_type,
+                    msg_type,
+                    body,
+                    ts,
+                    reason,
+                    seq,
+                    peer,
+                }
+            },
+        )
 }
 
 /// How a client may write an id: a JSON number or a decimal string, possibly zero-padded.
@@ -456,7 +471,15 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 fn chat_message() -> impl Strategy<Value = ChatMessage> {
     (id(), id(), id(), hostile_text(24), hostile_text(8), hostile_text(64), id()).prop_map(
-        |(id, from, to, client_msg_id, msg_type, body, seq)| ChatMessage { id, from, to, client_msg_id, msg_type, body, seq },
+        |(id, from, to, client_msg_id, msg_type, body, seq)| ChatMessage {
+            id,
+            from,
+            to,
+            client_msg_id,
+            msg_type,
+            body,
+            seq,
+        },
     )
 }
 

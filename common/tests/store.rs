@@ -92,7 +92,12 @@ async fn sync_pages_follow_per_conversation_positions() {
     migrate(&env.mysql_url).await.unwrap();
     let store = Store::connect(&env.mysql_url, 2).unwrap();
     let saved = store
-        .save_batch(&[msg(20, 1, 5, "x", "1"), msg(21, 2, 5, "y", "2"), msg(22, 1, 6, "z", "3"), msg(23, 1, 5, "w", "4")])
+        .save_batch(&[
+            msg(20, 1, 5, "x", "1"),
+            msg(21, 2, 5, "y", "2"),
+            msg(22, 1, 6, "z", "3"),
+            msg(23, 1, 5, "w", "4"),
+        ])
         .await
         .unwrap()
         .saved;
@@ -100,7 +105,8 @@ async fn sync_pages_follow_per_conversation_positions() {
     let mut behind = store.behind(5).await.unwrap();
     behind.sort_unstable();
     assert_eq!(behind, vec![(1, 0), (2, 0)]);
-    let page: Vec<(u64, u64)> = store.messages_after(1, 5, 0, 10).await.unwrap().iter().map(|m| (m.id, m.seq)).collect();
+    let page: Vec<(u64, u64)> =
+        store.messages_after(1, 5, 0, 10).await.unwrap().iter().map(|m| (m.id, m.seq)).collect();
     assert_eq!(page, vec![(20, 1), (23, 2)]);
 
     let at = |delivered, read| Position { delivered, read };

@@ -32,6 +32,23 @@ pub const METRIC_WAIT: Duration = Duration::from_secs(5);
 /// Pause between the traffic's connections being up and its first message.
 const TRAFFIC_SETTLE: Duration = Duration::from_millis(200);
 
+/// Connects `uid` with a tiny TCP receive buffer (4 KiB), so a client that reads slowly (or not at
+/// all) backs up the gateway's outbound queue soon instead of filling kernel buffers first.
+pub async fn connect_small_buffer(ws_url: &str, secret: &str, uid: u64) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let addr = ws_url.trim_start_matches("ws://").split('/').next().expect("host:port").parse().expect("an address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a receive buffer size");
+    let stream = socket.connect(addr).await.expect("connected");
+    let mut req = ws_url.into_client_request().expect("a WebSocket request");
+    let token = im_common::auth::issue_token(secret, uid, 3600);
+    req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("a header"));
+    let (ws, _) = tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+        .expect("handshake");
+    Client::from_stream(uid, ws)
+}
+
 /// The cluster spec [`cluster`] uses, for tests that change more (workers, private servers).
 pub fn spec(env: &TestEnv, mode: Mode, gateways: usize, shards: u16) -> ClusterSpec {
     let dir = std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-")));

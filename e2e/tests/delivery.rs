@@ -88,7 +88,8 @@ async fn offline_messages_are_resent_in_order_until_delivered() {
     let last = ids[2].clone();
     bob.send_json(json!({"type": "ACK", "ackType": "delivered", "serverMsgId": last})).await;
     let position = format!("SELECT delivered_seq FROM conversations WHERE owner_id = {BOB} AND peer_id = {ALICE}");
-    let flushed = poll::until_true_async(WAIT, || async { store.query_u64(&position).await.is_ok_and(|c| c == 3) }).await;
+    let flushed =
+        poll::until_true_async(WAIT, || async { store.query_u64(&position).await.is_ok_and(|c| c == 3) }).await;
     assert!(flushed, "delivered position not flushed within {WAIT:?}");
     bob.inner().close(None).await.unwrap();
     drop(bob);

@@ -136,15 +136,23 @@ async fn pushes_of(client: &mut Client, prefix: &str, count: usize) -> Vec<Value
     out
 }
 
-/// The sender learns that `peer`'s position moved (a `RECEIPT`, sent once the position is written);
-/// when none comes within [`POSITIONS_SETTLE`], the caller goes on anyway — the tests that assert
-/// receipts are the receipt tests. Returns whether one came.
-async fn positions_written(sender: &mut Client, peer: u64) -> bool {
+/// The sender learns that `peer`'s delivered position reached `seq` (a `RECEIPT`, sent once the
+/// position is written; acknowledgements can span several flushes); when none comes within
+/// [`POSITIONS_SETTLE`], the caller goes on anyway — the tests that assert receipts are the receipt
+/// tests. Returns whether one came.
+async fn positions_written(sender: &mut Client, peer: u64, seq: u64) -> bool {
     let deadline = Instant::now() + POSITIONS_SETTLE;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match sender.next_within(left).await {
-            Some(v) if v["type"] == "RECEIPT" && is_user(&v["peer"], peer) => return true,
+            Some(v)
+                if v["type"] == "RECEIPT"
+                    && v["ackType"] == "delivered"
+                    && is_user(&v["peer"], peer)
+                    && v["seq"].as_u64() >= Some(seq) =>
+            {
+                return true
+            }
             Some(_) => continue,
             None => return false,
         }
@@ -203,7 +211,7 @@ async fn an_older_message_saved_late_reaches_a_recipient_who_acknowledged_a_newe
     // Bob confirms m2 (the form clients send today) and goes offline; the position is written.
     bob_c.send_json(json!({"type": "ACK", "ackType": "delivered", "serverMsgId": m2})).await;
     drop(bob_c);
-    positions_written(&mut carol_c, bob).await;
+    positions_written(&mut carol_c, bob, 1).await;
 
     // Alice's shard resumes: m1 is pushed (Bob is offline) and saved.
     signal(alice_worker.pid, Signal::SIGCONT);
@@ -276,8 +284,8 @@ async fn saved_after_the_recipient_connected(holdup: Holdup, name: &str) {
     assert!(pushed >= 1.0, "the worker pushed m1 (to nobody) before Bob connected");
 
     // Bob connects during the holdup, and it lasts a while longer.
+    // No PING barrier here: it would skip (and lose) a SYNC_DONE that comes before its PONG.
     let mut bob_c = Client::connect(&ws, &secret, bob).await;
-    bob_c.ping().await;
     let mut bob_frames: Vec<(Instant, Value)> = Vec::new();
     let holdup_ends = Instant::now() + OUTAGE_AFTER_CONNECT;
     while let Some(v) = bob_c.next_within(holdup_ends.saturating_duration_since(Instant::now())).await {
@@ -374,7 +382,7 @@ async fn a_second_device_with_its_own_positions_gets_everything_the_first_device
     for k in 1..=N as u64 {
         phone.send_json(ack_by_seq("delivered", alice, k)).await;
     }
-    positions_written(&mut alice_c, bob).await;
+    positions_written(&mut alice_c, bob, N as u64).await;
 
     // The laptop brings its own positions: it has nothing of Alice's.
     let mut laptop = Client::connect(&format!("{ws}?sync=manual"), &secret, bob).await;
@@ -783,4 +791,75 @@ async fn pushes_carry_seqs_from_one_per_direction_in_the_order_sent_in_accepted_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_carry_seqs_from_one_per_direction_in_the_order_sent_in_baseline_mode() {
     pushes_carry_seqs_in_the_order_sent(Mode::Baseline, "seq_push_baseline").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Catching up is paced by the client
+// ---------------------------------------------------------------------------------------------
+
+/// SPEC §3.6, §3.11: a sync of a backlog many times the connection's outbound queue, with live
+/// messages arriving meanwhile, reaches a client that reads (slowly) without closing it as a slow
+/// consumer: the sync only fills what the queue can spare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_the_queue_is_synced_to_a_slow_reader_without_a_slow_consumer_close() {
+    // 1,200 messages of 4,000 characters: ~4.8 MB, more than the kernel's socket buffers hold on
+    // loopback (up to `tcp_wmem` max, 4 MiB, on the server side), so the sync really waits on the
+    // connection's queue while Bob reads.
+    const BACKLOG: usize = 1200;
+    const BODY_CHARS: usize = 4000;
+    const LIVE: usize = 20;
+    let env = TestEnv::new("paced_sync");
+    let mut s = spec(&env, Mode::Baseline, 1, 1);
+    s.config.gateway.outbound_queue = 32;
+    // Alice sends the backlog as fast as she can: not a rate-limit test.
+    (s.config.gateway.rate_per_sec, s.config.gateway.rate_burst) = (100_000, 100_000);
+    let c = e2e::start(&s).await;
+    let (ws, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (alice, bob, carol) = (89_001, 89_002, 89_003);
+    let mut alice_c = Client::connect(&ws, &secret, alice).await;
+    let body = "x".repeat(BODY_CHARS);
+    for k in 1..=BACKLOG {
+        alice_c.chat(bob, &format!("b{k}"), &body).await;
+    }
+    for k in 1..=BACKLOG {
+        alice_c.ack("saved", &format!("b{k}")).await;
+    }
+
+    let mut bob_c = e2e::connect_small_buffer(&ws, &secret, bob).await;
+    let mut carol_c = Client::connect(&ws, &secret, carol).await;
+    carol_c.ping().await;
+    // Carol's live messages come while the sync is well under way (Bob has read 50 frames).
+    let (under_way, start_live) = tokio::sync::oneshot::channel::<()>();
+    let live = tokio::spawn(async move {
+        let _ = start_live.await;
+        send_saved(&mut carol_c, bob, "l", LIVE).await;
+        carol_c
+    });
+    let mut under_way = Some(under_way);
+    // Bob reads one frame a millisecond: slower than the gateway writes, faster than a stuck client.
+    let mut synced = Vec::new();
+    let mut live_got = 0;
+    let deadline = Instant::now() + SETTLES_WITHIN;
+    while (synced.len() < BACKLOG || live_got < LIVE) && Instant::now() < deadline {
+        let Some(v) = bob_c.next_within(WAIT).await else { break };
+        if v["type"] == "SINGLE_CHAT" && is_user(&v["from"], alice) {
+            synced.push(seq(&v).unwrap_or(0));
+        } else if v["type"] == "SINGLE_CHAT" && is_user(&v["from"], carol) {
+            live_got += 1;
+        }
+        if synced.len() == 50 {
+            if let Some(tx) = under_way.take() {
+                let _ = tx.send(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _carol = live.await.expect("carol's sender");
+    assert_eq!(synced.len(), BACKLOG, "the backlog did not arrive whole (closed as a slow consumer?)");
+    assert!(synced.iter().copied().eq(1..=BACKLOG as u64), "the backlog not in seq order, or twice");
+    assert_eq!(live_got, LIVE, "live messages during the sync");
+    let disconnects =
+        metrics::value(&c.state.gateways[0].metrics_url, "im_gateway_slow_consumer_disconnects_total", &[]).await;
+    assert_eq!(disconnects.ok(), Some(0.0), "a client that reads was closed as a slow consumer");
+    drop(c);
 }

@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
 use e2e::TestEnv;
-use e2e::{cluster_with, exchange, metric, Client, WAIT};
+use e2e::{cluster_with, connect_small_buffer, exchange, metric, Client, WAIT};
 use im_common::config::Mode;
 
 const HEALTHY_SENDER: u64 = 1;
@@ -26,19 +24,6 @@ const BODY_CHARS: usize = 16_000; // the largest body the TEXT column holds is 1
 /// Most flood messages sent before giving up on seeing the slow consumer dropped (~32 MB).
 const FLOOD_CAP: usize = 1000;
 const SAMPLES: usize = 20;
-
-/// Connects `uid` with a tiny receive buffer, so a client that stops reading backs up the gateway soon.
-async fn connect_small_buffer(ws_url: &str, secret: &str, uid: u64) -> Client {
-    let addr = ws_url.trim_start_matches("ws://").split('/').next().unwrap().parse().unwrap();
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
-    let mut req = ws_url.into_client_request().unwrap();
-    let token = im_common::auth::issue_token(secret, uid, 3600);
-    req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await.expect("handshake");
-    Client::from_stream(uid, ws)
-}
 
 /// One round trip of the healthy pair: (send → ACK(saved) at the sender, send → push at the receiver).
 async fn sample(sender: &mut Client, receiver: &mut Client, cmid: &str) -> (Duration, Duration) {

@@ -16,9 +16,9 @@ use crate::fanout::Fanout;
 use crate::outbox::Outbox;
 use im_common::idempotency::{IdempotencyWindow, Stage};
 use im_common::keys::Keys;
-use im_common::seq_counters::SeqFloor;
 use im_common::protocol::{Reason, ServerFrame};
 use im_common::record::{ChatMessage, Push};
+use im_common::seq_counters::SeqFloor;
 use im_common::store::Store;
 
 /// Jobs the queue holds per worker and batch size before senders wait.

@@ -53,8 +53,11 @@ pub async fn serve(
     };
     metrics::counter!("im_gateway_auth_total", "result" => "ok").increment(1);
     let first_here = gw.sessions.add(uid, conn.clone());
-    let syncs = Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, out: conn.out.clone() }.start();
-    let registration = tokio::spawn(register(gw.clone(), uid, first_here, auto_sync.then(|| syncs.clone())));
+    let (syncs, syncer) =
+        Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, conn: conn.clone() }.start();
+    let sync = auto_sync.then(|| syncs.clone());
+    let first_try = gw.routes.connected(uid, first_here).await;
+    let registration = tokio::spawn(register(gw.clone(), uid, first_here, first_try, sync));
 
     // A JoinHandle must not be polled again once it has completed (tokio panics), so remember
     // whether the writer already ended here.
@@ -68,6 +71,7 @@ pub async fn serve(
         }
     };
     registration.abort();
+    syncer.abort();
     drop(syncs);
     if gw.sessions.remove(uid, conn.id) {
         if let Err(e) = gw.routes.unregister(uid).await {
@@ -85,27 +89,29 @@ pub async fn serve(
     }
 }
 
-/// Tells the cluster about the new connection (route, presence epoch), retrying until Redis takes
-/// it, then queues the connection's first `SYNC {}` (`sync`, unless the client syncs by itself). If
-/// the first try fails, the sync runs at once anyway (MySQL may be there while Redis is not) and once
-/// more after the registration went through: messages pushed in between had no route to this
-/// connection.
-async fn register(gw: Arc<Gateway>, uid: u64, first_here: bool, sync: Option<mpsc::Sender<SyncRequest>>) {
-    let mut backoff = im_common::backoff::Backoff::default();
-    let mut failed = false;
-    loop {
-        match gw.routes.connected(uid, first_here).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(uid, error = %e, "registering the connection failed; retrying");
-                if !failed {
-                    failed = true;
-                    if let Some(sync) = &sync {
-                        let _ = sync.send(SyncRequest::Server).await;
-                    }
-                }
-                backoff.wait().await;
-            }
+/// Queues the connection's first `SYNC {}` (`sync`, unless the client syncs by itself) once the
+/// cluster knows about the connection (route, presence epoch). `first_try` is the answer to the
+/// registration made before the connection's frames were read — so a client's first answered frame
+/// means it is registered, and no sync reads MySQL before that. If it failed, it is retried until
+/// Redis takes it; the automatic sync runs at once anyway (MySQL may be there while Redis is not),
+/// and once more after the registration went through: messages pushed in between had no route to
+/// this connection.
+async fn register(
+    gw: Arc<Gateway>,
+    uid: u64,
+    first_here: bool,
+    first_try: redis::RedisResult<()>,
+    sync: Option<mpsc::Sender<SyncRequest>>,
+) {
+    if let Err(e) = first_try {
+        tracing::warn!(uid, error = %e, "registering the connection failed; retrying");
+        if let Some(sync) = &sync {
+            let _ = sync.send(SyncRequest::Server).await;
+        }
+        let mut backoff = im_common::backoff::Backoff::default();
+        while let Err(e) = gw.routes.connected(uid, first_here).await {
+            tracing::debug!(uid, error = %e, "registering the connection failed again");
+            backoff.wait().await;
         }
     }
     if let Some(sync) = &sync {

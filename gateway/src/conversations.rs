@@ -20,10 +20,7 @@ pub async fn conversations(gw: &Gateway, uid: u64, params: &[(String, String)]) 
         Some(Ok(b)) => b,
         Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "invalid_before"),
     };
-    let limit = match page_limit(gw, params) {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
+    let Some(limit) = page_limit(gw, params) else { return json_error(StatusCode::BAD_REQUEST, "invalid_limit") };
     match gw.store.conversations(uid, before, limit).await {
         Ok(list) => {
             let next_before = (list.len() == limit as usize)

@@ -54,13 +54,13 @@ pub fn json_error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     text_response(status, "application/json", json!({ "error": reason }).to_string())
 }
 
-/// The `limit` parameter: default 50, at most `gateway.history_max_limit`; else a 400 to answer.
-pub fn page_limit(gw: &Gateway, params: &[(String, String)]) -> Result<u32, Response<Full<Bytes>>> {
+/// The `limit` parameter: default 50, at most `gateway.history_max_limit` (`None`: invalid).
+pub fn page_limit(gw: &Gateway, params: &[(String, String)]) -> Option<u32> {
     let max = gw.cfg.gateway.history_max_limit;
     match params.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.parse::<u32>()) {
-        None => Ok(50.min(max)),
-        Some(Ok(l)) if (1..=max).contains(&l) => Ok(l),
-        Some(_) => Err(json_error(StatusCode::BAD_REQUEST, "invalid_limit")),
+        None => Some(50.min(max)),
+        Some(Ok(l)) if (1..=max).contains(&l) => Some(l),
+        Some(_) => None,
     }
 }
 
@@ -82,10 +82,7 @@ pub async fn history(gw: &Gateway, uid: u64, params: &[(String, String)]) -> Res
         Some(Ok(s)) => Some(s),
         Some(Err(_)) => return json_error(StatusCode::BAD_REQUEST, "invalid_after_seq"),
     };
-    let limit = match page_limit(gw, params) {
-        Ok(l) => l,
-        Err(response) => return response,
-    };
+    let Some(limit) = page_limit(gw, params) else { return json_error(StatusCode::BAD_REQUEST, "invalid_limit") };
     let found = match after_seq {
         Some(after) => gw.store.messages_after(peer, uid, after, limit).await,
         None => gw.store.history(uid, peer, before, limit).await,
@@ -95,8 +92,12 @@ pub async fn history(gw: &Gateway, uid: u64, params: &[(String, String)]) -> Res
             let full = messages.len() == limit as usize;
             let frames: Vec<ServerFrame> = messages.iter().map(im_common::record::ChatMessage::push_frame).collect();
             let body = match after_seq {
-                Some(_) => json!({ "messages": frames, "nextAfterSeq": full.then(|| messages.last().map(|m| m.seq)).flatten() }),
-                None => json!({ "messages": frames, "nextBefore": full.then(|| messages.last().map(|m| m.id.to_string())).flatten() }),
+                Some(_) => {
+                    json!({ "messages": frames, "nextAfterSeq": full.then(|| messages.last().map(|m| m.seq)).flatten() })
+                }
+                None => {
+                    json!({ "messages": frames, "nextBefore": full.then(|| messages.last().map(|m| m.id.to_string())).flatten() })
+                }
             };
             text_response(StatusCode::OK, "application/json", body.to_string())
         }

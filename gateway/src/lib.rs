@@ -132,8 +132,12 @@ pub async fn run(
     let router = Router::new(redis.clone(), keys.clone());
     let outbox = Arc::new(Outbox::default());
     let fanout = Arc::new(Fanout { router: router.clone(), outbox, sessions: sessions.clone(), node });
-    let after =
-        AfterCommit { idempotency: idempotency.clone(), fanout: fanout.clone(), keys: keys.clone(), shards: cfg.cluster.shards };
+    let after = AfterCommit {
+        idempotency: idempotency.clone(),
+        fanout: fanout.clone(),
+        keys: keys.clone(),
+        shards: cfg.cluster.shards,
+    };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
     let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone());
     let subscribed = Arc::new(AtomicBool::new(false));

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use im_common::idempotency::{IdempotencyWindow, Stage};
-use im_common::seq_counters::SeqFloor;
 use im_common::record::Push;
 use im_common::router::{Router, Target};
+use im_common::seq_counters::SeqFloor;
 
 /// How often an idle republisher looks for waiting pushes, and how long it waits after a failure.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -25,6 +25,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Most pushes the outbox holds; beyond that the oldest are dropped (their rows are saved, and
 /// offline resend delivers them on reconnect).
 const OUTBOX_MAX_PUSHES: usize = 100_000;
+
+/// Idempotency marks (key, final stage, id) and seq floors waiting for Redis.
+type Deferred = (Vec<(String, Stage, u64)>, Vec<SeqFloor>);
 
 /// Remote pushes of saved messages that could not be published (Redis unreachable), oldest first.
 /// [`Outbox::republish`] sends them in order once Redis answers. While anything waits here, new
@@ -36,7 +39,7 @@ pub struct Outbox {
     /// Pushes queued or being republished.
     pushes: AtomicUsize,
     /// Idempotency marks (key, final stage, id) and seq floors of saves made while Redis was away.
-    marks: std::sync::Mutex<(Vec<(String, Stage, u64)>, Vec<SeqFloor>)>,
+    marks: std::sync::Mutex<Deferred>,
     marks_waiting: AtomicUsize,
 }
 

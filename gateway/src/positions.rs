@@ -61,7 +61,8 @@ impl Positions {
 
     /// Writes everything pending and relays the receipts; on failure keeps it for the next flush.
     pub async fn flush(&self, store: &Store, fanout: &Fanout) {
-        let Pending { mut positions, by_id } = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let Pending { mut positions, by_id } =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         let mut unresolved = HashMap::new();
         if !by_id.is_empty() {
             let asked: Vec<(u64, u64)> = by_id.keys().copied().collect();

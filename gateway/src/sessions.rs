@@ -77,6 +77,10 @@ pub struct ConnHandle {
     ledger: Arc<SenderLedger>,
     /// The order of this connection's own answers against receipts pushed to it.
     answers: Arc<Mutex<Answering>>,
+    /// While a sync runs on this connection: per peer, the lowest seq pushed to it live meanwhile.
+    /// Pushes of one direction arrive in seq order once the connection is registered, so the sync
+    /// stops there instead of sending those messages a second time.
+    live_during_sync: Arc<Mutex<Option<HashMap<u64, u64>>>>,
 }
 
 /// The request a connection's task is answering now, and a final receipt held back for it.
@@ -124,9 +128,30 @@ impl ConnHandle {
         }
     }
 
+    /// A sync starts on this connection: note the seqs pushed live from now on.
+    pub fn begin_sync(&self) {
+        *self.live_during_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(HashMap::new());
+    }
+
+    /// The sync ended.
+    pub fn end_sync(&self) {
+        *self.live_during_sync.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The lowest seq of `peer`'s messages pushed live since the sync began, if any.
+    pub fn first_live_seq(&self, peer: u64) -> Option<u64> {
+        self.live_during_sync.lock().unwrap_or_else(|p| p.into_inner()).as_ref()?.get(&peer).copied()
+    }
+
     /// Sends a frame pushed from elsewhere (node channel); a final receipt settles its message in the
     /// ledger, or waits for the connection's own answer to it (see `begin_reply`).
     fn push(&self, frame: &ServerFrame, text: Bytes) -> bool {
+        if let (FrameType::SingleChat, Some(from), Some(seq)) = (frame.kind, frame.from, frame.seq) {
+            if let Some(live) = self.live_during_sync.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                let first = live.entry(from).or_insert(seq);
+                *first = (*first).min(seq);
+            }
+        }
         let mut answering = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cmid) = final_receipt(frame) {
             if answering.client_msg_id.as_deref() == Some(cmid) {
@@ -174,6 +199,7 @@ impl Sessions {
             uid: Arc::default(),
             ledger: self.ledger.clone(),
             answers: Arc::default(),
+            live_during_sync: Arc::default(),
         }
     }
 

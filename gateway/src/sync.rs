@@ -9,6 +9,10 @@
 //! is never closed as a slow consumer while catching up. Database errors are retried with backoff
 //! until the sync completes or the connection closes.
 //!
+//! A message pushed live to the connection while its sync runs ends the sync of its conversation:
+//! pushes of one direction come in seq order, so everything from that seq on arrives live, and the
+//! sync does not send it twice ([`ConnHandle::first_live_seq`]).
+//!
 //! Messages saved after a sync read their conversation are not lost: a message pushed before the
 //! connection existed and saved after it is pushed again by the save stage (it notices the user's
 //! presence epoch moved), and one pushed after the connection registered arrives live.
@@ -22,6 +26,8 @@ use im_common::backoff::Backoff;
 use im_common::protocol::{FrameType, ServerFrame, SyncRequest};
 use im_common::store::{Store, StoreError};
 
+use crate::sessions::ConnHandle;
+
 /// SYNC requests a connection may have waiting; more get `ERROR too_many_requests`.
 pub const QUEUED_SYNCS: usize = 8;
 /// How often a sync that waits for room in the queue looks again.
@@ -32,22 +38,25 @@ pub struct Syncer {
     pub store: Store,
     pub uid: u64,
     pub page_size: u32,
-    pub out: mpsc::Sender<Bytes>,
+    pub conn: ConnHandle,
 }
 
 impl Syncer {
     /// Starts the connection's sync task; it answers the requests sent to the returned queue, in
-    /// order, until the queue or the connection closes.
-    pub fn start(self) -> mpsc::Sender<SyncRequest> {
+    /// order, until the queue or the connection closes. Requests must come after the connection is
+    /// registered (route, presence epoch): a sync that read MySQL before could miss a message saved
+    /// in between.
+    /// The task ends with the connection: abort it (it holds the connection's queue open).
+    pub fn start(self) -> (mpsc::Sender<SyncRequest>, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel(QUEUED_SYNCS);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some(request) = rx.recv().await {
                 if !self.sync(request).await {
                     return;
                 }
             }
         });
-        tx
+        (tx, task)
     }
 
     /// Answers one request; false once the connection is gone.
@@ -56,15 +65,26 @@ impl Syncer {
             SyncRequest::Peer { peer, .. } => Some(peer),
             _ => None,
         };
-        let Some(conversations) = self.retrying(|| self.positions(&request)).await else { return false };
-        for (peer, after) in conversations {
-            if !self.conversation(peer, after).await {
-                return false;
+        self.conn.begin_sync();
+        let mut open = true;
+        if let Some(conversations) = self.retrying(|| self.positions(&request)).await {
+            for (peer, after) in conversations {
+                open = self.conversation(peer, after).await;
+                if !open {
+                    break;
+                }
             }
+        } else {
+            open = false;
         }
+        self.conn.end_sync();
         metrics::counter!("im_gateway_syncs_total").increment(1);
         let done = ServerFrame { peer: peer_only, ..ServerFrame::bare(FrameType::SyncDone) };
-        self.out.send(Bytes::from(done.to_json())).await.is_ok()
+        open && self.out().send(Bytes::from(done.to_json())).await.is_ok()
+    }
+
+    fn out(&self) -> &mpsc::Sender<Bytes> {
+        &self.conn.out
     }
 
     /// The (peer, position) pairs to sync.
@@ -73,8 +93,13 @@ impl Syncer {
             SyncRequest::Peer { peer, after_seq } => Ok(vec![(*peer, *after_seq)]),
             SyncRequest::Server => self.store.behind(self.uid).await,
             SyncRequest::Positions(own) => {
-                let mut all: Vec<(u64, u64)> =
-                    self.store.behind(self.uid).await?.into_iter().filter(|(p, _)| !own.iter().any(|(o, _)| o == p)).collect();
+                let mut all: Vec<(u64, u64)> = self
+                    .store
+                    .behind(self.uid)
+                    .await?
+                    .into_iter()
+                    .filter(|(p, _)| !own.iter().any(|(o, _)| o == p))
+                    .collect();
                 all.extend(own.iter().filter(|&&(peer, _)| peer != self.uid));
                 Ok(all)
             }
@@ -83,22 +108,26 @@ impl Syncer {
 
     /// Sends the peer's messages after `after`, page by page; false once the connection is gone.
     async fn conversation(&self, peer: u64, mut after: u64) -> bool {
+        // A page never takes more than half the queue (the other half is for live pushes).
+        let page_size = self.page_size.min((self.out().max_capacity() / 2).max(1) as u32);
         loop {
-            let Some(page) = self.retrying(|| self.store.messages_after(peer, self.uid, after, self.page_size)).await
-            else {
+            let Some(page) = self.retrying(|| self.store.messages_after(peer, self.uid, after, page_size)).await else {
                 return false;
             };
             if !self.room_for(page.len()).await {
                 return false;
             }
-            for msg in &page {
-                if self.out.send(Bytes::from(msg.push_frame().to_json())).await.is_err() {
+            // From the first seq pushed live during this sync on, the rest arrives live.
+            let live_from = self.conn.first_live_seq(peer).unwrap_or(u64::MAX);
+            let missing: Vec<_> = page.iter().take_while(|m| m.seq < live_from).collect();
+            for msg in &missing {
+                if self.out().send(Bytes::from(msg.push_frame().to_json())).await.is_err() {
                     return false;
                 }
             }
-            metrics::counter!("im_gateway_synced_messages_total").increment(page.len() as u64);
+            metrics::counter!("im_gateway_synced_messages_total").increment(missing.len() as u64);
             match page.last() {
-                Some(last) if page.len() == self.page_size as usize => after = last.seq,
+                Some(last) if page.len() == page_size as usize && missing.len() == page.len() => after = last.seq,
                 _ => return true,
             }
         }
@@ -106,9 +135,10 @@ impl Syncer {
 
     /// Waits until the queue has room for `n` frames and still half of it free for live pushes.
     async fn room_for(&self, n: usize) -> bool {
-        let need = (n + self.out.max_capacity() / 2).min(self.out.max_capacity());
-        while self.out.capacity() < need {
-            if self.out.is_closed() {
+        let out = self.out();
+        let need = (n + out.max_capacity() / 2).min(out.max_capacity());
+        while out.capacity() < need {
+            if out.is_closed() {
                 return false;
             }
             tokio::time::sleep(ROOM_POLL).await;
@@ -128,7 +158,7 @@ impl Syncer {
                 Err(e) => {
                     metrics::counter!("im_gateway_sync_retries_total").increment(1);
                     tracing::debug!(uid = self.uid, error = %e, "sync query failed; retrying");
-                    if self.out.is_closed() {
+                    if self.out().is_closed() {
                         return None;
                     }
                     backoff.wait().await;

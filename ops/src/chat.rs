@@ -1,7 +1,7 @@
 //! `ops chat`: a tiny client for trying a cluster by hand, with no WebSocket tool to install. It
 //! connects as a user (signing its own token with the cluster's secret), optionally sends one message
 //! and prints every frame that comes back as one JSON line — the receipts, then whatever else
-//! arrives (pushes, offline resends) while it listens.
+//! arrives (pushes, the connect-time sync) while it listens.
 
 use std::time::Duration;
 

@@ -6,7 +6,9 @@
 //! shard changes. Before the new workers start, the idempotency window moves with its senders: every
 //! `idem` key of a sender whose shard changes is rewritten under the new shard's tag (value and TTL
 //! kept), so a client that resends a message whose receipt it missed during the switch gets the
-//! same `serverMsgId` (SPEC §3.9).
+//! same `serverMsgId` (SPEC §3.9). The seq counters do not move: senders change shards, so every
+//! shard's counter hash is dropped after the drain, and each new owner restores its senders'
+//! counters from MySQL (which then holds every message) before numbering anything (SPEC §3.10).
 
 use std::time::Duration;
 
@@ -35,6 +37,7 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
     join_all(workers.iter().map(|w| process::terminate(w.pid, WORKER_STOP_GRACE))).await;
 
     move_idempotency_window(&cfg, shards).await?;
+    drop_seq_counters(&cfg, cfg.cluster.shards.max(shards)).await?;
     cfg.cluster.shards = shards;
     cluster::write_config(&cfg, &state.config_path)?;
     state.shards = shards;
@@ -47,6 +50,14 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
         state.gateways.push(cluster::spawn_gateway(&state.dir, &state.config_path, g.node_id).await?);
     }
     cluster::wait_ready(state).await
+}
+
+/// Drops the seq counters of shards `0..shards`; their next owners restore them from MySQL.
+async fn drop_seq_counters(cfg: &Config, shards: u16) -> Result<(), ClusterError> {
+    let keys = Keys::from_config(cfg);
+    let mut conn = im_common::connections::connect(&cfg.redis.url).await.map_err(redis_err)?;
+    let counters: Vec<String> = (0..shards).map(|s| keys.seq_counters(s)).collect();
+    redis::cmd("DEL").arg(&counters).query_async::<()>(&mut conn).await.map_err(redis_err)
 }
 
 /// Keys looked at per SCAN call while moving the idempotency window.

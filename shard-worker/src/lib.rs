@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use im_common::backoff::Backoff;
+
 use im_common::config::{Config, Mode};
 use im_common::health::Dependencies;
 use im_common::ids::now_ms;
@@ -218,6 +220,15 @@ async fn own_shard(
         store: store.clone(),
         progress: Arc::default(),
     };
+    // Counters Redis lost are rebuilt from MySQL now, while it may well be up, not at the first
+    // message — full mode must push while MySQL is away.
+    if ctx
+        .until_done(&mut Backoff::default(), "seq counters", || async { ctx.number(&mut [], false).await })
+        .await
+        .is_none()
+    {
+        return Ok(());
+    }
     let stage = |name| ShardContext { progress: status.start_stage(name), ..ctx.clone() };
     let mut accepted =
         reader(keys.accepted_stream(shard), im_common::connections::connect_for_blocking(&cfg.redis.url, block).await?);

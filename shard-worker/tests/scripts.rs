@@ -160,7 +160,10 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     sub.subscribe(&publication.channel).await.expect("subscribe");
 
     let mover = s.mover(&lease.value);
-    mover.handoff(&accepted, &to_save, &ids, &payloads, &[publication.clone()], &seqs).await.expect("handoff");
+    mover
+        .handoff(&accepted, &to_save, &ids, &payloads, std::slice::from_ref(&publication), &seqs)
+        .await
+        .expect("handoff");
     assert_eq!((s.len(&accepted).await, s.pending(&accepted).await), (0, 0), "accepted not trimmed");
     assert_eq!(s.len(&to_save).await, 2);
     assert_eq!(s.counter("5:6").await, Some(2), "the batch's seqs were not taken");
@@ -188,7 +191,13 @@ async fn a_batch_numbered_from_stale_counters_is_refused_and_moves_nothing() {
     let mut reader = s.reader(accepted.clone(), &lease.value).await;
     s.append(&accepted, &[b"m1"]).await;
     let batch = reader.next_batch().await.expect("read");
-    redis::cmd("HSET").arg(s.keys.seq_counters(0)).arg("5:6").arg(3).query_async::<()>(&mut s.conn.clone()).await.expect("hset");
+    redis::cmd("HSET")
+        .arg(s.keys.seq_counters(0))
+        .arg("5:6")
+        .arg(3)
+        .query_async::<()>(&mut s.conn.clone())
+        .await
+        .expect("hset");
     let stale = SeqPlan { fields: vec!["5:6".into()], bases: vec![2], tops: vec![3] };
     let err = s
         .mover(&lease.value)
@@ -231,7 +240,15 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
     let rejected = [DeadLetter { payload: b"bad", reason: "check constraint" }];
 
     // The rows were saved with seqs up to 9; the counter (at 4) is raised, another (at 12) is not lowered.
-    redis::cmd("HSET").arg(s.keys.seq_counters(0)).arg("1:2").arg(4).arg("3:4").arg(12).query_async::<()>(&mut s.conn.clone()).await.expect("hset");
+    redis::cmd("HSET")
+        .arg(s.keys.seq_counters(0))
+        .arg("1:2")
+        .arg(4)
+        .arg("3:4")
+        .arg(12)
+        .query_async::<()>(&mut s.conn.clone())
+        .await
+        .expect("hset");
     let seqs = SeqPlan { fields: vec!["1:2".into(), "3:4".into()], bases: vec![0, 0], tops: vec![9, 7] };
     s.mover(&lease.value).commit(&to_save, &dead, &ids, &rejected, &[], &saved, &seqs).await.expect("commit");
     assert_eq!((s.counter("1:2").await, s.counter("3:4").await), (Some(9), Some(12)));

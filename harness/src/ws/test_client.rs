@@ -12,8 +12,9 @@ use super::{Client, WsError, WsStream};
 /// How long a test waits for a frame it expects.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A [`Client`] whose calls panic instead of returning errors.
-pub struct TestClient(Client);
+/// A [`Client`] whose calls panic instead of returning errors. `.1`: the `SYNC_DONE` of the sync
+/// the gateway runs for every new connection was seen (see [`TestClient::next`]).
+pub struct TestClient(Client, bool);
 
 impl Deref for TestClient {
     type Target = Client;
@@ -33,7 +34,7 @@ impl TestClient {
     /// Connects with `Authorization: Bearer` for `uid`.
     pub async fn connect(ws_url: &str, secret: &str, uid: u64) -> TestClient {
         match Client::connect(ws_url, secret, uid).await {
-            Ok(client) => TestClient(client),
+            Ok(client) => TestClient(client, false),
             Err(e) => panic!("uid {uid}: {e}"),
         }
     }
@@ -45,7 +46,7 @@ impl TestClient {
 
     /// See [`Client::from_stream`].
     pub fn from_stream(uid: u64, ws: WsStream) -> TestClient {
-        TestClient(Client::from_stream(uid, ws))
+        TestClient(Client::from_stream(uid, ws), false)
     }
 
     pub async fn send_json(&mut self, frame: Value) {
@@ -64,10 +65,19 @@ impl TestClient {
         self.0.chat(to, cmid, body).await.unwrap_or_else(|e| panic!("uid {uid}: sending {cmid}: {e}"));
     }
 
-    /// The next frame.
+    /// The next frame — except the `SYNC_DONE` that ends the sync the gateway runs by itself for
+    /// every new connection, which is skipped once: tests that read answers frame by frame are not
+    /// about it (those that are use [`TestClient::expect`] or [`TestClient::drain`]).
     pub async fn next(&mut self) -> Value {
         let uid = self.uid;
-        self.next_within(WAIT).await.unwrap_or_else(|| panic!("uid {uid}: no frame within {WAIT:?}"))
+        loop {
+            let v = self.next_within(WAIT).await.unwrap_or_else(|| panic!("uid {uid}: no frame within {WAIT:?}"));
+            if !self.1 && v["type"] == "SYNC_DONE" && v.get("peer").is_none() {
+                self.1 = true;
+                continue;
+            }
+            return v;
+        }
     }
 
     /// Waits for a frame matching `pred`, skipping others.
@@ -105,8 +115,19 @@ impl TestClient {
         self.0.close_frame(WAIT).await
     }
 
-    /// `PING` → `PONG`. Also a barrier: once answered, the connection is registered (routes, offline
-    /// resend started) and its frames are being served.
+    /// Waits for the `SYNC_DONE` of the sync the gateway runs for every new connection: from then on
+    /// the connection is registered and has everything saved before it connected. A barrier for
+    /// tests that pause or cut the gateway right after connecting.
+    pub async fn synced(&mut self) {
+        if !self.1 {
+            self.expect("the connect-time SYNC_DONE", |v| v["type"] == "SYNC_DONE" && v.get("peer").is_none()).await;
+            self.1 = true;
+        }
+    }
+
+    /// `PING` → `PONG`. Also a barrier: once answered, the connection is registered (route, presence
+    /// epoch) and its frames are being served. It skips other frames — a `SYNC_DONE` before the
+    /// `PONG` too: use [`TestClient::synced`] for that.
     pub async fn ping(&mut self) {
         self.send_json(json!({"type": "PING"})).await;
         self.expect("PONG", |v| v["type"] == "PONG").await;
