@@ -62,6 +62,9 @@ pub struct DrillVerdict {
     pub errored: u64,
     /// Neither `ACK(saved)` nor `ERROR` by the end of the drain.
     pub unanswered: u64,
+    /// The first unanswered messages: `sender #number → to (accepted id, resends, delivered)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unanswered_examples: Vec<String>,
     pub delivered: u64,
     /// Receipted messages never pushed to their receiver plus receipted messages without a row.
     pub lost: u64,
@@ -255,6 +258,9 @@ impl DrillVerdict {
         }
         if let Some(chaos) = &self.chaos {
             out += &format!("  chaos seed {} (replay: --seed {}): {}\n", chaos.seed, chaos.seed, chaos.summary());
+        }
+        for u in self.unanswered_examples.iter().take(3) {
+            out += &format!("  unanswered: {u}\n");
         }
         for c in &self.checks {
             out += &format!("  [{}] {}: {}\n", if c.passed { "ok" } else { "FAIL" }, c.name, c.detail);
@@ -485,6 +491,25 @@ impl DrillRun<'_> {
             }
         }
         let reorders = checker::reorders(&result.receivers);
+        let delivered: std::collections::HashSet<(u64, u64)> =
+            result.receivers.iter().flat_map(|r| r.deliveries.iter().map(|d| (d.from, d.number))).collect();
+        let unanswered_examples: Vec<String> = result
+            .senders
+            .iter()
+            .flat_map(|s| s.messages.iter().enumerate().map(move |(n, m)| (s, n, m)))
+            .filter(|(_, _, m)| m.saved.is_none() && m.error.is_none())
+            .take(LOST_EXAMPLES)
+            .map(|(s, n, m)| {
+                format!(
+                    "{} #{n} → {} (accepted {:?}, {} resends, {})",
+                    s.uid,
+                    m.to.unwrap_or(s.to),
+                    m.accepted,
+                    m.resends,
+                    if delivered.contains(&(s.uid, n as u64)) { "delivered" } else { "not delivered" }
+                )
+            })
+            .collect();
         let lost_pushes = checker::lost_pushes(&result.senders, &result.receivers);
         let lost = v.lost + rows.missing;
         let reorders_live = reorders.iter().filter(|o| !o.by_sync()).count() as u64;
@@ -520,6 +545,7 @@ impl DrillRun<'_> {
             saved: v.saved,
             errored: v.errored,
             unanswered: v.unanswered,
+            unanswered_examples,
             delivered: v.delivered,
             lost,
             lost_pushes: v.lost,
