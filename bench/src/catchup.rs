@@ -182,15 +182,19 @@ impl CatchUpReport {
             "  duplicates {}  pushes without seq {}  seq reused {}  acks sent {}  receipts to senders {}\n",
             self.duplicates, self.pushes_without_seq, self.seq_reused, self.acks_sent, self.receipts
         );
-        let slow = self.slow_consumer_disconnects.map_or_else(|| "unknown (metrics unreadable)".into(), |n| format!("{n:.0}"));
+        let slow =
+            self.slow_consumer_disconnects.map_or_else(|| "unknown (metrics unreadable)".into(), |n| format!("{n:.0}"));
         let mut closes: Vec<String> = self.closes.iter().map(|(k, n)| format!("{k} {n}")).collect();
         closes.sort();
         out += &format!(
             "  slow-consumer disconnects (gateway metric) {slow}; closes seen by clients: {}\n",
             if closes.is_empty() { "none".to_owned() } else { closes.join(", ") }
         );
-        let procs: Vec<String> =
-            self.cpu.iter().map(|p| format!("{} {}", p.name, p.cpu_secs.map_or("?".into(), |s| format!("{s:.2}")))).collect();
+        let procs: Vec<String> = self
+            .cpu
+            .iter()
+            .map(|p| format!("{} {}", p.name, p.cpu_secs.map_or("?".into(), |s| format!("{s:.2}"))))
+            .collect();
         out += &format!(
             "  cpu over {:.2} s: cluster {:.2} s ({}) → {} µs/msg; bench {}\n",
             self.storm_secs,
@@ -291,11 +295,14 @@ pub async fn reconnect_storm(
         let uid = sender_uid(i);
         let url = target.ws_urls[crate::plan::gateway_of(uid, gateways)].clone();
         let (token, auth, timeout) = (token(uid), spec.auth, spec.connect_timeout);
-        let (saved, refusals, receipts, shutdown) = (saved.clone(), refusals.clone(), receipts.clone(), shutdown.clone());
+        let (saved, refusals, receipts, shutdown) =
+            (saved.clone(), refusals.clone(), receipts.clone(), shutdown.clone());
         sender_tasks.push(tokio::spawn(async move {
             let conn = client::connect_with(&url, &token, auth, timeout, ConnectOptions::default()).await;
             match conn {
-                Ok((reader, writer)) => send_backlog(reader, writer, messages, &saved, &refusals, &receipts, shutdown).await,
+                Ok((reader, writer)) => {
+                    send_backlog(reader, writer, messages, &saved, &refusals, &receipts, shutdown).await
+                }
                 Err(e) => Err(e.label()),
             }
         }));
@@ -451,8 +458,8 @@ async fn send_backlog(
     let mut answered = vec![false; to.len()];
     let mut in_flight = 0usize;
     let mut retry: Vec<(Instant, usize)> = Vec::new();
-    let send = |k: usize, id: &str| ClientFrame::SingleChat { to: to[k], client_msg_id: id, msg_type: "TEXT", body }
-        .to_json();
+    let send =
+        |k: usize, id: &str| ClientFrame::SingleChat { to: to[k], client_msg_id: id, msg_type: "TEXT", body }.to_json();
     loop {
         while in_flight < SENDER_WINDOW && next < to.len() {
             writer.send_text(send(next, &next.to_string())).await.map_err(|_| "write_failed".to_owned())?;

@@ -372,7 +372,10 @@ mod tests {
             })
             .collect();
         let deliveries = (0..n).map(|seq| Delivery::new(1, seq, 1000 + seq)).collect();
-        (SenderLog { uid: 1, to: 2, messages, ..Default::default() }, ReceiverLog { uid: 2, deliveries, ..Default::default() })
+        (
+            SenderLog { uid: 1, to: 2, messages, ..Default::default() },
+            ReceiverLog { uid: 2, deliveries, ..Default::default() },
+        )
     }
 
     fn rows(n: u64) -> Vec<DbRow> {

@@ -466,7 +466,10 @@ mod tests {
         );
         let receipt: Received =
             serde_json::from_str(r#"{"type":"RECEIPT","ackType":"delivered","peer":"1002","seq":"5"}"#).unwrap();
-        assert_eq!((receipt.kind, receipt.ack_type, receipt.peer, receipt.seq), (Kind::Receipt, Some(AckKind::Delivered), Some(1002), Some(5)));
+        assert_eq!(
+            (receipt.kind, receipt.ack_type, receipt.peer, receipt.seq),
+            (Kind::Receipt, Some(AckKind::Delivered), Some(1002), Some(5))
+        );
         let unknown: Received = serde_json::from_str(r#"{"type":"TYPING","reason":"invalid_sync","x":[1]}"#).unwrap();
         assert_eq!((unknown.kind, unknown.reason()), (Kind::Other, "invalid_sync"));
         let done: Received = serde_json::from_str(r#"{"type":"SYNC_DONE","peer":"9"}"#).unwrap();

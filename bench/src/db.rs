@@ -21,6 +21,9 @@ pub enum DbError {
     Query(#[from] mysql_async::Error),
 }
 
+/// A row as read with its recipient and seq: (from, clientMsgId, id, to, seq).
+type SeqRow = (u64, String, u64, u64, u64);
+
 /// MySQL's error number for an unknown column.
 const ER_BAD_FIELD_ERROR: u16 = 1054;
 
@@ -31,7 +34,7 @@ pub async fn rows_from(mysql_url: &str, senders: RangeInclusive<u64>) -> Result<
         .map_err(|e| DbError::Url { url: mysql_url.to_owned(), message: e.to_string() })?;
     let mut conn = mysql_async::Conn::new(opts).await?;
     let range = (*senders.start(), *senders.end());
-    let with_seq: Result<Vec<(u64, String, u64, u64, u64)>, _> = conn
+    let with_seq: Result<Vec<SeqRow>, _> = conn
         .exec(
             "SELECT from_user_id, client_msg_id, id, to_user_id, seq FROM messages \
              WHERE from_user_id BETWEEN ? AND ? ORDER BY id",
@@ -41,7 +44,13 @@ pub async fn rows_from(mysql_url: &str, senders: RangeInclusive<u64>) -> Result<
     let rows = match with_seq {
         Ok(rows) => rows
             .into_iter()
-            .map(|(from, client_msg_id, id, to, seq)| DbRow { from, client_msg_id, id, to, seq: (seq > 0).then_some(seq) })
+            .map(|(from, client_msg_id, id, to, seq)| DbRow {
+                from,
+                client_msg_id,
+                id,
+                to,
+                seq: (seq > 0).then_some(seq),
+            })
             .collect(),
         Err(mysql_async::Error::Server(e)) if e.code == ER_BAD_FIELD_ERROR => {
             let rows: Vec<(u64, String, u64, u64)> = conn
@@ -51,7 +60,9 @@ pub async fn rows_from(mysql_url: &str, senders: RangeInclusive<u64>) -> Result<
                     range,
                 )
                 .await?;
-            rows.into_iter().map(|(from, client_msg_id, id, to)| DbRow { from, client_msg_id, id, to, seq: None }).collect()
+            rows.into_iter()
+                .map(|(from, client_msg_id, id, to)| DbRow { from, client_msg_id, id, to, seq: None })
+                .collect()
         }
         Err(e) => return Err(e.into()),
     };

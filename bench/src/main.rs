@@ -5,7 +5,18 @@
 //!   load, writing a run directory with a JSON per run and `summary.md`;
 //! - `bench sweep --mode M` raises the offered rate until saved p99 passes a bound or errors appear;
 //! - `bench hold` holds many idle connections and measures the gateways' memory;
-//! - `bench drill <name>` runs a fault drill (also `ops drill`).
+//! - `bench drill <name>` runs a fault drill (also `ops drill`), e.g. `bench drill recipient-churn
+//!   --minutes 3 --seed 1128` (receivers that come and go, a third with two devices, under shard-owner
+//!   kills: nothing missing on any device);
+//! - `bench reconnect-storm --start` (or against `ops up`'s cluster): 5,000 users with 20 missed
+//!   messages each connect at once; time until every device has everything, cluster CPU,
+//!   slow-consumer disconnects.
+//!
+//! Receivers behave like real clients everywhere (docs/PROTOCOL.md): they confirm `delivered` by
+//! `from` + `seq` per conversation (`--acks seq`, the default; `id` is the older serverMsgId form,
+//! `none` never confirms), optionally `read` (`--ack-read`), ask for gaps with `SYNC {peer,
+//! afterSeq}`, and after a reconnect rely on the server's sync or (`--own-positions`, and always on
+//! users with `--two-devices`) send their own positions.
 //!
 //! The cluster binaries are found next to this one, so build everything first:
 //! `cargo build --release --workspace && target/release/bench compare`.
@@ -328,7 +339,8 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 // Private Redis and MariaDB, so the CPU figures are this cluster's alone.
                 let opts = cluster.options()?;
                 let dir = default_out(None).join("reconnect-storm");
-                let mut spec = ClusterSpec::new(opts.config, Mode::from(mode), opts.gateways, opts.shards, dir.join("cluster"));
+                let mut spec =
+                    ClusterSpec::new(opts.config, Mode::from(mode), opts.gateways, opts.shards, dir.join("cluster"));
                 spec.workers = opts.workers.unwrap_or(usize::from(opts.shards));
                 spec.state_file = dir.join("cluster.json");
                 spec.force_private = true;
@@ -337,8 +349,9 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 let state = guard.state.clone();
                 (Some(guard), state)
             } else {
-                let state = im_harness::cluster::load_state(&state)
-                    .with_context(|| format!("no cluster state at {} (start one with `ops up`, or --start)", state.display()))?;
+                let state = im_harness::cluster::load_state(&state).with_context(|| {
+                    format!("no cluster state at {} (start one with `ops up`, or --start)", state.display())
+                })?;
                 (None, state)
             };
             let target = Target::from_state(&cluster_state)?;

@@ -92,7 +92,11 @@ mod tests {
             .collect();
         let deliveries = (0..n).map(|seq| Delivery::new(1, seq, 1000 + seq)).collect();
         let rows = (0..n).map(|seq| DbRow::new(1, seq.to_string(), 1000 + seq)).collect();
-        (SenderLog { uid: 1, to: 2, messages, ..Default::default() }, ReceiverLog { uid: 2, deliveries, ..Default::default() }, rows)
+        (
+            SenderLog { uid: 1, to: 2, messages, ..Default::default() },
+            ReceiverLog { uid: 2, deliveries, ..Default::default() },
+            rows,
+        )
     }
 
     #[test]

@@ -347,8 +347,12 @@ mod tests {
         let receipts = BTreeMap::from([(2, ReceiptLog { delivered: last, read: last, frames: 3, regressions: 0 })]);
         let sender = SenderLog { uid: 1, to: 2, messages, receipts };
         let deliveries: Vec<Delivery> = (0..n).map(|i| Delivery::with_seq(1, i, 1000 + i, first + i)).collect();
-        let receivers =
-            (0..devices).map(|device| ReceiverLog { uid: 2, device, deliveries: deliveries.clone(), ..Default::default() });
+        let receivers = (0..devices).map(|device| ReceiverLog {
+            uid: 2,
+            device,
+            deliveries: deliveries.clone(),
+            ..Default::default()
+        });
         let rows = (0..n).map(|i| DbRow { seq: Some(first + i), to: 2, ..DbRow::new(1, i.to_string(), 1000 + i) });
         (vec![sender], receivers.collect(), rows.collect())
     }

@@ -52,7 +52,8 @@ pub fn reorders(receivers: &[ReceiverLog]) -> Vec<Reorder> {
                 continue;
             }
             let connection = r.reconnected_at.iter().filter(|&&start| start <= position).count();
-            let connection_start = r.reconnected_at.iter().copied().filter(|&start| start <= position).max().unwrap_or(0);
+            let connection_start =
+                r.reconnected_at.iter().copied().filter(|&start| start <= position).max().unwrap_or(0);
             let after_gap_sync =
                 r.gap_synced_at.iter().any(|&(at, peer)| peer == d.from && at >= connection_start && at <= position);
             match highest.get_mut(&d.from) {

@@ -115,7 +115,8 @@ pub(super) async fn receive(
     let mut leave_at = behaviour.churn.as_mut().and_then(|c| c.next_leave(Instant::now()));
     loop {
         let now = Instant::now();
-        let due = [state.next_due(now, seq_acks), id_acks.as_ref().and_then(|a| a.due(now))].into_iter().flatten().min();
+        let due =
+            [state.next_due(now, seq_acks), id_acks.as_ref().and_then(|a| a.due(now))].into_iter().flatten().min();
         let wake = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,

@@ -16,7 +16,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-
 use super::link::{close_label, Conn, Link};
 use super::schedule::{message_body, Schedule};
 use super::storm::{self, StormWatch};
