@@ -18,7 +18,7 @@ if [ -n "$(ls -A "$servers_dir" 2>/dev/null)" ]; then
   trap 'target/debug/ops servers --dir "$servers_dir" --stop' EXIT
 fi
 
-# The dashboard test loads the backlog page in headless Chromium.
+# The dashboard test and the demo page's browser test (clients/js) load pages in headless Chromium.
 command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 
 # The observability tests validate the dashboard and alert rules with promtool and a real Prometheus
@@ -35,3 +35,17 @@ cargo clippy --workspace --all-targets -- -D warnings
 # tests need them).
 cargo build --workspace
 cargo test --workspace
+
+# The reference JavaScript client (clients/js): its node:test suite against a real cluster started
+# with `ops up` (the binaries built above), then the demo page in headless Chromium driven by
+# playwright-core. Node.js >= 20.11 with npm comes with the machine (Debian's nodejs/npm otherwise);
+# the npm packages are pinned by package-lock.json.
+command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm)
+node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 11) ? 0 : 1)' \
+  || { echo "clients/js needs Node.js >= 20.11 (found $(node --version))" >&2; exit 1; }
+(
+  cd clients/js
+  npm ci --no-audit --no-fund --loglevel=error
+  npm test
+  npm run test:browser
+)

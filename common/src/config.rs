@@ -116,6 +116,14 @@ pub struct GatewayConfig {
     /// lowest value over each 100 ms — new messages get `server_busy` instead of being appended, so
     /// the capacity goes to the messages already admitted. 0 turns shedding off.
     pub shed_append_ms: u64,
+    /// Serve the demo chat page at `/demo` (docs/CLIENTS.md): the reference JS client in a page with
+    /// the conversation list, the ticks and the shard backlog. Off by default; `ops up` turns it on.
+    pub demo_page: bool,
+    /// Development only: `POST /demo/token` signs a token for whatever user id the page names, so the
+    /// demo signs in without an identity provider. Anyone who reaches the gateway could then act as
+    /// any user: it needs `demo_page` and a loopback `listen` address, and stays off in production.
+    /// Off by default; `ops up` turns it on.
+    pub demo_dev_tokens: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +213,8 @@ impl Default for GatewayConfig {
             offline_page_size: 200,
             cursor_flush_ms: 100,
             shed_append_ms: 50,
+            demo_page: false,
+            demo_dev_tokens: false,
         }
     }
 }
@@ -458,6 +468,17 @@ mod tests {
         let msg = message("[mysql]\nurl = \"mysql://root@127.0.0.1:3306/im?client_found_rows=true\"");
         assert!(msg.contains("mysql.url") && msg.contains("client_found_rows"), "{msg}");
         Config::from_toml("[mysql]\nurl = \"mysql://root@127.0.0.1:3306/im?client_found_rows=false\"").unwrap();
+    }
+
+    #[test]
+    fn the_demo_is_off_by_default_and_dev_tokens_need_the_page_and_a_loopback_listener() {
+        let cfg = Config::default();
+        assert!(!cfg.gateway.demo_page && !cfg.gateway.demo_dev_tokens, "production gets neither unless asked");
+        assert_eq!(key_error("[gateway]\ndemo_dev_tokens = true"), "gateway.demo_dev_tokens");
+        let open = "[gateway]\ndemo_page = true\ndemo_dev_tokens = true\nlisten = \"0.0.0.0:8080\"";
+        assert!(message(open).contains("loopback"), "{}", message(open));
+        Config::from_toml("[gateway]\ndemo_page = true\ndemo_dev_tokens = true\nlisten = \"127.0.0.1:0\"").unwrap();
+        Config::from_toml("[gateway]\ndemo_page = true\nlisten = \"0.0.0.0:8080\"").unwrap();
     }
 
     #[test]

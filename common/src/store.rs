@@ -349,6 +349,19 @@ impl Store {
         Ok(())
     }
 
+    /// The stored positions of `(owner, peer)` pairs (pairs without a row are left out).
+    pub async fn positions_of(&self, pairs: &[(u64, u64)]) -> Result<HashMap<(u64, u64), Position>, StoreError> {
+        if pairs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys = numbers(pairs.iter().map(|&(owner, peer)| [owner, peer]));
+        let sql = format!(
+            "SELECT owner_id, peer_id, delivered_seq, read_seq FROM conversations WHERE (owner_id, peer_id) IN ({keys})"
+        );
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
+        Ok(rows.into_iter().map(|(o, p, delivered, read)| ((o, p), Position { delivered, read })).collect())
+    }
+
     /// `user`'s conversations with a saved message older than `before`, newest activity first.
     pub async fn conversations(&self, user: u64, before: u64, limit: u32) -> Result<Vec<Conversation>, StoreError> {
         let sql = "SELECT c.peer_id, c.last_in_seq, c.last_out_seq, c.delivered_seq, c.read_seq, \

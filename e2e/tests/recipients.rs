@@ -489,6 +489,11 @@ async fn delivered_and_read_positions_reach_every_device_of_the_sender_as_receip
             assert_eq!(receipt["serverMsgId"], ids[upto as usize - 1].as_str(), "{device}: {receipt}");
         }
     }
+    // An older confirmation (another device of Bob's lagging behind) never takes a receipt back.
+    bob_c.send_json(ack_by_seq("delivered", alice, 1)).await;
+    let receipt =
+        phone.expect("RECEIPT after an older ACK", |v| v["type"] == "RECEIPT" && v["ackType"] == "delivered").await;
+    assert_eq!(seq(&receipt), Some(3), "a receipt went back: {receipt}");
     for (k, push) in pushes.iter().enumerate() {
         assert_eq!(seq(push), Some(k as u64 + 1), "{push}");
     }

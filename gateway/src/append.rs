@@ -203,6 +203,11 @@ impl Appender {
         vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
     }
 
+    /// The per-shard backlog figures as last refreshed (unsaved entries per shard).
+    pub fn backlog(&self) -> Vec<u64> {
+        self.backlog.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+
     /// Keeps the per-shard backlog figure current: unsaved entries = accepted + to_save stream
     /// lengths (both are trimmed as entries move on). Runs until the process ends.
     pub async fn refresh_backlog(self) {

@@ -8,12 +8,14 @@
 //! other gateways arrive on this node's [`node_channel`] and reach [`sessions`]; [`routes`] tells the
 //! cluster which users are here; [`sync`] sends a device what it misses, per conversation by seq;
 //! [`positions`] records delivered/read positions and relays `RECEIPT`s; [`history`] and
-//! [`conversations`] serve saved messages and the conversation list over HTTP.
+//! [`conversations`] serve saved messages and the conversation list over HTTP; [`demo`] serves the
+//! demo chat page built on the reference JS client.
 
 pub mod append;
 pub mod baseline;
 pub mod connection;
 pub mod conversations;
+pub mod demo;
 pub mod fanout;
 pub mod framing;
 pub mod history;

@@ -117,15 +117,27 @@ impl Positions {
     }
 }
 
-/// Tells each sender how far the recipient got: `RECEIPT delivered` (and `read`) per conversation,
-/// with the serverMsgId at that seq when it is saved.
+/// Tells each sender how far the recipient got: `RECEIPT delivered` (and `read`, when this flush
+/// moved it) per conversation, with the serverMsgId at that seq when it is saved. The positions
+/// relayed are the stored ones — the maxima — so a receipt never goes back, whatever an ACK said.
 async fn relay_receipts(store: &Store, fanout: &Fanout, written: &[((u64, u64), Position)]) {
     if written.is_empty() {
         return;
     }
-    let mut at = Vec::with_capacity(written.len() * 2);
-    for &((uid, peer), p) in written {
-        for seq in [p.delivered.max(p.read), p.read] {
+    let mut relayed = Vec::with_capacity(written.len());
+    for chunk in written.chunks(CHUNK) {
+        let pairs: Vec<(u64, u64)> = chunk.iter().map(|&(pair, _)| pair).collect();
+        match store.positions_of(&pairs).await {
+            Ok(stored) => relayed.extend(chunk.iter().filter_map(|&(pair, asked)| {
+                let now = stored.get(&pair)?;
+                Some((pair, Position { delivered: now.delivered, read: if asked.read > 0 { now.read } else { 0 } }))
+            })),
+            Err(e) => tracing::debug!(error = %e, "reading positions back failed; no receipts this flush"),
+        }
+    }
+    let mut at = Vec::with_capacity(relayed.len() * 2);
+    for &((uid, peer), p) in &relayed {
+        for seq in [p.delivered, p.read] {
             if seq > 0 {
                 at.push((peer, uid, seq));
             }
@@ -139,9 +151,8 @@ async fn relay_receipts(store: &Store, fanout: &Fanout, written: &[((u64, u64), 
         }
     }
     let mut pushes = Vec::with_capacity(at.len());
-    for &((uid, peer), p) in written {
-        let delivered = p.delivered.max(p.read);
-        for (ack_type, seq) in [(AckType::Delivered, delivered), (AckType::Read, p.read)] {
+    for &((uid, peer), p) in &relayed {
+        for (ack_type, seq) in [(AckType::Delivered, p.delivered), (AckType::Read, p.read)] {
             if seq > 0 {
                 let id = ids.get(&(peer, uid, seq)).copied();
                 pushes.push(Push { user: peer, conn: None, frame: ServerFrame::receipt(ack_type, uid, seq, id) });

@@ -1,5 +1,5 @@
-//! The HTTP front door: one listener serves the WebSocket upgrade at `/ws`, the history API, and the
-//! admin endpoints. Handshake authentication happens here, before the upgrade, so a bad token is a
+//! The HTTP front door: one listener serves the WebSocket upgrade at `/ws`, the history API, the
+//! admin endpoints and (when configured) the demo page under `/demo`. Handshake authentication happens here, before the upgrade, so a bad token is a
 //! plain HTTP 401 and never costs a WebSocket.
 
 use std::convert::Infallible;
@@ -69,6 +69,8 @@ async fn route(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Full<By
             None => json_error(StatusCode::UNAUTHORIZED, "unauthorized"),
         },
         "/api/conversations" => json_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        p if p == "/demo" || p.starts_with("/demo/") => crate::demo::respond(&gw, req.method(), p, &params)
+            .unwrap_or_else(|| json_error(StatusCode::NOT_FOUND, "not_found")),
         _ => json_error(StatusCode::NOT_FOUND, "not_found"),
     }
 }

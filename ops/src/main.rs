@@ -81,6 +81,10 @@ enum Cmd {
         /// Start private Redis/MariaDB even if the configured ones answer.
         #[arg(long)]
         private: bool,
+        /// Do not serve the demo chat page (by default the gateways serve it at /demo and sign
+        /// development tokens for it: gateway.demo_page and gateway.demo_dev_tokens).
+        #[arg(long)]
+        no_demo: bool,
     },
     /// Per-shard and per-gateway state of a running cluster, from the processes' metrics.
     Status {
@@ -240,8 +244,8 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("{}", im_common::auth::issue_token(&cfg.auth.jwt_secret, user, ttl_secs));
         }
-        Cmd::Up { gateways, shards, workers, mode, state, private } => {
-            up(cfg, gateways, shards, workers, mode, state, private).await?
+        Cmd::Up { gateways, shards, workers, mode, state, private, no_demo } => {
+            up(cfg, gateways, shards, workers, mode, state, private, !no_demo).await?
         }
         Cmd::Status { state, watch, json, interval_ms } => {
             let cluster = load_cluster(&state)?;
@@ -335,18 +339,28 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// `ops up`: starts the cluster (its guard kills it again if anything below fails), writes the state
-/// and targets files, and prints where everything is.
+/// and targets files, and prints where everything is. `demo`: the gateways serve the demo page and,
+/// since a local cluster listens on loopback only, sign development tokens for it.
+#[allow(clippy::too_many_arguments)]
 async fn up(
-    cfg: Config,
+    mut cfg: Config,
     gateways: u16,
     shards: u16,
     workers: Option<usize>,
     mode: ModeArg,
     state: PathBuf,
     private: bool,
+    demo: bool,
 ) -> anyhow::Result<()> {
     if cluster::is_running(&state) {
         bail!(cluster::ClusterError::AlreadyRunning(state));
+    }
+    if demo {
+        cfg.gateway.demo_page = true;
+        // Every process of a local cluster listens on loopback (the launcher passes --listen), but the
+        // shared config file must pass validation too: dev tokens need a loopback gateway.listen.
+        cfg.gateway.demo_dev_tokens =
+            cfg.gateway.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
     }
     let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), PathBuf::from);
     let mut spec = ClusterSpec::new(cfg, mode.into(), gateways.into(), shards, dir);
@@ -375,6 +389,9 @@ async fn up(
     println!("  redis {}\n  mysql {}", cluster.redis_url, cluster.mysql_url);
     if let Some(d) = &cluster.dashboard {
         println!("  dashboard {}  (pid {})", d.url, d.pid);
+    }
+    if let (true, Some(g)) = (demo, cluster.gateways.first()) {
+        println!("  demo chat {}/demo  (sign in as any user id; docs/CLIENTS.md)", g.http_url);
     }
     println!("state: {}\nprometheus targets: {}", state.display(), targets.display());
     Ok(())

@@ -132,6 +132,7 @@ fn up_help_describes_every_flag() {
         ("--mode", "Delivery mode"),
         ("--state", "State file"),
         ("--private", "private Redis/MariaDB"),
+        ("--no-demo", "demo chat page"),
         ("--config", "Config file"),
     ] {
         assert!(help.contains(flag) && help.contains(description), "{flag}: {description}\n{help}");

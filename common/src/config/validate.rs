@@ -127,6 +127,25 @@ impl Config {
                 return bad(key, format!("must be an ip:port socket address (got {addr:?})"));
             }
         }
+        if self.gateway.demo_dev_tokens {
+            if !self.gateway.demo_page {
+                return bad(
+                    "gateway.demo_dev_tokens",
+                    "needs gateway.demo_page = true (it is the demo's sign-in)".into(),
+                );
+            }
+            let loopback = self.gateway.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+            if !loopback {
+                return bad(
+                    "gateway.demo_dev_tokens",
+                    format!(
+                        "hands out a token for any user id to whoever asks, so it is allowed only on a loopback \
+                         gateway.listen (got {:?}); never turn it on in production",
+                        self.gateway.listen
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
