@@ -20,14 +20,16 @@
 
 mod ids;
 mod lost;
+mod recipients;
 mod reorders;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use ids::{messages_with_several_ids, saved_ids_without_row, saved_without_matching_row};
 pub use lost::{lost_pushes, LostPush};
+pub use recipients::{check_recipients, RecipientVerdict};
 pub use reorders::{reorders, Reorder};
 
 /// One message as its sender saw it. Its number (index in [`SenderLog::messages`]) is its clientMsgId.
@@ -106,6 +108,8 @@ pub struct SenderLog {
     pub to: u64,
     /// Indexed by message number (= clientMsgId).
     pub messages: Vec<SentMsg>,
+    /// `RECEIPT`s by recipient.
+    pub receipts: BTreeMap<u64, ReceiptLog>,
 }
 
 /// One push as its recipient saw it.
@@ -113,21 +117,57 @@ pub struct SenderLog {
 pub struct Delivery {
     pub from: u64,
     /// The sender's message number (its clientMsgId).
-    pub seq: u64,
+    pub number: u64,
     pub server_msg_id: u64,
+    /// The push's `seq`: the message's position in the from→to direction (`None`: it had none).
+    pub seq: Option<u64>,
 }
 
-/// Everything one receiver saw.
+impl Delivery {
+    /// A push without `seq`.
+    pub fn new(from: u64, number: u64, server_msg_id: u64) -> Delivery {
+        Delivery { from, number, server_msg_id, seq: None }
+    }
+
+    /// A push with `seq`.
+    pub fn with_seq(from: u64, number: u64, server_msg_id: u64, seq: u64) -> Delivery {
+        Delivery { from, number, server_msg_id, seq: Some(seq) }
+    }
+}
+
+/// Everything one receiving device saw. A user may have several devices (connections of the same
+/// user id, each with its own log); every one of them is owed every message to the user.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReceiverLog {
     pub uid: u64,
+    /// Which of the user's devices (0, 1, ...).
+    pub device: u8,
     /// Pushes in arrival order.
     pub deliveries: Vec<Delivery>,
-    /// The receiver was not connected from the first send to the end of the drain.
+    /// The device was not connected at the end of the drain (it dropped and could not come back).
     pub gone: bool,
     /// Where each reconnection began: the number of pushes in `deliveries` before it (the first
     /// connection begins at 0 and is not listed).
     pub reconnected_at: Vec<usize>,
+    /// Reconnections that sent the device's own positions (`?sync=manual` + `SYNC {positions}`).
+    pub own_position_syncs: u32,
+    /// Every `SYNC {peer, afterSeq}` sent for a gap in live pushes: (the number of pushes in
+    /// `deliveries` before it, the peer).
+    pub gap_synced_at: Vec<(usize, u64)>,
+    /// Seqs still missing below the highest one held, per conversation, at the end.
+    pub open_gaps: u64,
+}
+
+/// The receipts (`RECEIPT`) one sender got from one recipient: the highest positions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiptLog {
+    pub delivered: u64,
+    pub read: u64,
+    /// `RECEIPT` frames.
+    pub frames: u64,
+    /// Receipts below one the sender already had (positions never go backwards; a receipt may be
+    /// overtaken by a newer one on another path, so this is counted, not failed).
+    pub regressions: u64,
 }
 
 /// What the receipts and pushes add up to.
@@ -142,7 +182,7 @@ pub struct DeliveryVerdict {
     pub errored: u64,
     /// Neither `ACK(saved)` nor `ERROR` by the end of the drain.
     pub unanswered: u64,
-    /// Distinct messages pushed.
+    /// Distinct messages pushed (to any device of their recipient).
     pub delivered: u64,
     /// Receipted, not errored, and never pushed to a receiver that stayed connected.
     pub lost: u64,
@@ -162,35 +202,36 @@ pub fn check_deliveries(senders: &[SenderLog], receivers: &[ReceiverLog]) -> Del
     let by_uid: HashMap<u64, &SenderLog> = senders.iter().map(|s| (s.uid, s)).collect();
     // Which (sender, number) reached its receiver; and which receivers left early.
     let mut reached: HashSet<(u64, u64)> = HashSet::new();
-    let gone: HashSet<u64> = receivers.iter().filter(|r| r.gone).map(|r| r.uid).collect();
+    let gone = gone_users(receivers);
 
     for r in receivers {
         let mut seen: HashSet<(u64, u64)> = HashSet::new();
         let mut highest: HashMap<u64, u64> = HashMap::new();
         for d in &r.deliveries {
-            let Some(msg) = by_uid.get(&d.from).and_then(|s| s.messages.get(d.seq as usize)) else {
+            let Some(msg) = by_uid.get(&d.from).and_then(|s| s.messages.get(d.number as usize)) else {
                 v.unexpected += 1;
                 continue;
             };
-            if !seen.insert((d.from, d.seq)) {
+            if !seen.insert((d.from, d.number)) {
                 v.duplicates += 1;
                 if msg.receipted_id().is_some_and(|id| id != d.server_msg_id) {
                     v.id_mismatches += 1;
                 }
                 continue;
             }
-            v.delivered += 1;
+            // Counted once per message, however many devices of its recipient got it.
+            v.delivered += u64::from(!reached.contains(&(d.from, d.number)));
             if msg.receipted_id().is_some_and(|id| id != d.server_msg_id) {
                 v.id_mismatches += 1;
             }
             match highest.get_mut(&d.from) {
-                Some(h) if d.seq < *h => v.reorders += 1,
-                Some(h) => *h = d.seq,
+                Some(h) if d.number < *h => v.reorders += 1,
+                Some(h) => *h = d.number,
                 None => {
-                    highest.insert(d.from, d.seq);
+                    highest.insert(d.from, d.number);
                 }
             }
-            reached.insert((d.from, d.seq));
+            reached.insert((d.from, d.number));
         }
     }
 
@@ -216,12 +257,31 @@ pub fn check_deliveries(senders: &[SenderLog], receivers: &[ReceiverLog]) -> Del
     v
 }
 
+/// The users none of whose devices was connected at the end: what they were owed is counted as
+/// `undelivered_receiver_gone`, not lost (the per-device check in [`recipients`] holds every device
+/// to every message).
+pub(crate) fn gone_users(receivers: &[ReceiverLog]) -> HashSet<u64> {
+    let connected: HashSet<u64> = receivers.iter().filter(|r| !r.gone).map(|r| r.uid).collect();
+    receivers.iter().filter(|r| !connected.contains(&r.uid)).map(|r| r.uid).collect()
+}
+
 /// One row of the run in MySQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DbRow {
     pub from: u64,
     pub client_msg_id: String,
     pub id: u64,
+    /// Its recipient (0 when not read).
+    pub to: u64,
+    /// Its `seq` (`None`: the table has no seq column, or the row none).
+    pub seq: Option<u64>,
+}
+
+impl DbRow {
+    /// A row without recipient or seq (tests of the id checks).
+    pub fn new(from: u64, client_msg_id: impl Into<String>, id: u64) -> DbRow {
+        DbRow { from, client_msg_id: client_msg_id.into(), id, to: 0, seq: None }
+    }
 }
 
 /// What the run's rows add up to.
@@ -292,7 +352,7 @@ mod tests {
         let mut db = rows(3);
         let stray = db.remove(2);
         assert_eq!(saved_ids_without_row(std::slice::from_ref(&s), &db), vec![stray.id]);
-        let other = DbRow { from: 42, client_msg_id: "2".into(), id: stray.id };
+        let other = DbRow::new(42, "2", stray.id);
         let v = check_rows(&[s], &[r], &db, &[other]);
         assert_eq!(
             (v.rows, v.missing, v.saved_without_matching_row, v.messages_with_several_ids),
@@ -311,12 +371,15 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let deliveries = (0..n).map(|seq| Delivery { from: 1, seq, server_msg_id: 1000 + seq }).collect();
-        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, ..Default::default() })
+        let deliveries = (0..n).map(|seq| Delivery::new(1, seq, 1000 + seq)).collect();
+        (
+            SenderLog { uid: 1, to: 2, messages, ..Default::default() },
+            ReceiverLog { uid: 2, deliveries, ..Default::default() },
+        )
     }
 
     fn rows(n: u64) -> Vec<DbRow> {
-        (0..n).map(|seq| DbRow { from: 1, client_msg_id: seq.to_string(), id: 1000 + seq }).collect()
+        (0..n).map(|seq| DbRow::new(1, seq.to_string(), 1000 + seq)).collect()
     }
 
     #[test]
@@ -329,6 +392,14 @@ mod tests {
             "nothing lost, duplicated or reordered"
         );
         assert_eq!(check_rows(&[s], &[], &rows(5), &[]), RowVerdict { rows: 5, ..Default::default() });
+    }
+
+    #[test]
+    fn a_message_on_two_devices_is_delivered_once_and_no_duplicate() {
+        let (s, r) = pair(5);
+        let second = ReceiverLog { device: 1, ..r.clone() };
+        let v = check_deliveries(&[s], &[r, second]);
+        assert_eq!((v.delivered, v.duplicates, v.reorders, v.lost), (5, 0, 0, 0), "{v:?}");
     }
 
     #[test]
@@ -374,7 +445,7 @@ mod tests {
         let (mut s, mut r) = pair(3);
         s.messages[0].saved = Some(7);
         r.deliveries[2].server_msg_id = 9;
-        r.deliveries.push(Delivery { from: 99, seq: 0, server_msg_id: 1 });
+        r.deliveries.push(Delivery::new(99, 0, 1));
         let v = check_deliveries(&[s], &[r]);
         // Message 0: accepted 1000 vs saved 7, and push 1000 vs receipt 7; message 2: push 9 vs 1002.
         assert_eq!((v.id_mismatches, v.unexpected), (3, 1), "{v:?}");
@@ -387,7 +458,7 @@ mod tests {
         db.remove(3);
         let v = check_rows(&[s.clone()], &[], &db, &[]);
         assert_eq!((v.missing, v.saved_without_matching_row), (1, 1), "{v:?}");
-        db.push(DbRow { from: 1, client_msg_id: "0".into(), id: 5555 });
+        db.push(DbRow::new(1, "0", 5555));
         let v = check_rows(&[s.clone()], &[], &db, &[]);
         assert_eq!((v.duplicated, v.messages_with_several_ids), (1, 1), "a second row is a second id: {v:?}");
         s.messages[4] = SentMsg { error: Some("internal_error".into()), ..Default::default() };

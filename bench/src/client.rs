@@ -9,6 +9,7 @@
 //! route before it serves frames, so after the `PONG` pushes from any gateway can reach this user.
 //! Without that barrier the first messages of a run could race the route registration.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -17,11 +18,9 @@ use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocketErr
 use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-
-use im_common::protocol::{FrameType, ServerFrame};
 
 use crate::spec::AuthMode;
 
@@ -30,6 +29,9 @@ type Stream = TokioIo<Upgraded>;
 /// The read half: whole messages, reassembled from fragments.
 pub struct WsReader {
     inner: FragmentCollectorRead<ReadHalf<Stream>>,
+    /// Frames that arrived while the connection was being set up (before the first `PONG`): a
+    /// sync's pushes and its `SYNC_DONE` may come first. [`WsReader::next`] hands them out first.
+    early: std::collections::VecDeque<Received>,
 }
 
 /// The write half.
@@ -77,11 +79,103 @@ impl ConnectError {
     }
 }
 
+/// A frame type the gateway sends (docs/PROTOCOL.md). Read leniently: a type this bench does not
+/// know is [`Kind::Other`], never an unparsable frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Kind {
+    SingleChat,
+    Ack,
+    Pong,
+    AuthOk,
+    AuthFail,
+    Error,
+    SyncDone,
+    Receipt,
+    #[serde(other)]
+    Other,
+}
+
+/// The `ackType` of an `ACK` or `RECEIPT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckKind {
+    Accepted,
+    Saved,
+    Delivered,
+    Read,
+    #[serde(other)]
+    Other,
+}
+
+/// One frame from the gateway, as the bench reads it: ids as numbers or decimal strings, unknown
+/// fields ignored, any `reason` kept as text. The bench keeps its own reading of the envelope, so a
+/// server that adds a frame type or a reason never turns a frame into an unparsable one here.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Received {
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    #[serde(default, deserialize_with = "text")]
+    pub client_msg_id: Option<String>,
+    #[serde(default, deserialize_with = "decimal")]
+    pub server_msg_id: Option<u64>,
+    #[serde(default, deserialize_with = "decimal")]
+    pub from: Option<u64>,
+    #[serde(default, deserialize_with = "decimal")]
+    pub to: Option<u64>,
+    #[serde(default, deserialize_with = "decimal")]
+    pub peer: Option<u64>,
+    /// The message's position in its sender→recipient direction (pushes), or the position a
+    /// `RECEIPT` confirms.
+    #[serde(default, deserialize_with = "decimal")]
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub ack_type: Option<AckKind>,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl Received {
+    /// The `reason`, or `unknown`.
+    pub fn reason(&self) -> &str {
+        self.reason.as_deref().unwrap_or("unknown")
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Num(u64),
+    Str(String),
+    Other(serde::de::IgnoredAny),
+}
+
+/// An id or a count written as a JSON number or a decimal string (anything else reads as absent).
+fn decimal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match Option::<NumOrStr>::deserialize(d)? {
+        Some(NumOrStr::Num(n)) => Some(n),
+        Some(NumOrStr::Str(s)) => s.parse().ok(),
+        _ => None,
+    })
+}
+
+/// A string, or a number written as its decimal text.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<NumOrStr>::deserialize(d)? {
+        Some(NumOrStr::Num(n)) => Some(n.to_string()),
+        Some(NumOrStr::Str(s)) => Some(s),
+        _ => None,
+    })
+}
+
 /// Something a gateway sent.
 #[derive(Debug)]
 pub enum Incoming {
     /// A protocol frame.
-    Frame(Box<ServerFrame>),
+    Frame(Box<Received>),
     /// A text frame that is not a valid envelope.
     Unparsable,
     /// The gateway closed the connection with this code and reason.
@@ -118,28 +212,46 @@ pub async fn connect(
     auth: AuthMode,
     timeout: Duration,
 ) -> Result<(WsReader, WsWriter), ConnectError> {
-    connect_with(ws_url, token, auth, timeout, None).await
+    connect_with(ws_url, token, auth, timeout, ConnectOptions::default()).await
 }
 
-/// [`connect`], with the socket's receive buffer set to `recv_buffer` bytes when given (a slow reader
-/// with a small buffer backs up the gateway's outbound queue soon, as a phone on a bad link would).
+/// How a connection is opened beyond its URL and credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// The socket's receive buffer in bytes (a slow reader with a small buffer backs up the
+    /// gateway's outbound queue soon, as a phone on a bad link would).
+    pub recv_buffer: Option<u32>,
+    /// `?sync=manual`: the gateway does not sync the connection by itself; the client sends `SYNC`
+    /// (with its own positions) when it is ready.
+    pub manual_sync: bool,
+}
+
+/// [`connect`], with [`ConnectOptions`].
 pub async fn connect_with(
     ws_url: &str,
     token: &str,
     auth: AuthMode,
     timeout: Duration,
-    recv_buffer: Option<u32>,
+    options: ConnectOptions,
 ) -> Result<(WsReader, WsWriter), ConnectError> {
-    tokio::time::timeout(timeout, open(ws_url, token, auth, recv_buffer)).await.map_err(|_| ConnectError::Timeout)?
+    tokio::time::timeout(timeout, open(ws_url, token, auth, options)).await.map_err(|_| ConnectError::Timeout)?
+}
+
+/// `path` with `param` added to its query string.
+fn with_query(path: &str, param: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{sep}{param}")
 }
 
 async fn open(
     ws_url: &str,
     token: &str,
     auth: AuthMode,
-    recv_buffer: Option<u32>,
+    options: ConnectOptions,
 ) -> Result<(WsReader, WsWriter), ConnectError> {
     let (host, path) = split_ws_url(ws_url).ok_or_else(|| ConnectError::BadUrl(ws_url.to_owned()))?;
+    let path = if options.manual_sync { with_query(path, "sync=manual") } else { path.to_owned() };
+    let recv_buffer = options.recv_buffer;
     let tcp = match recv_buffer {
         None => TcpStream::connect(host).await.map_err(ConnectError::Tcp)?,
         Some(bytes) => {
@@ -164,10 +276,7 @@ async fn open(
         .header("Sec-WebSocket-Version", "13");
     req = match auth {
         AuthMode::Header => req.uri(path).header(hyper::header::AUTHORIZATION, format!("Bearer {token}")),
-        AuthMode::Frame => {
-            let sep = if path.contains('?') { '&' } else { '?' };
-            req.uri(format!("{path}{sep}auth=frame"))
-        }
+        AuthMode::Frame => req.uri(with_query(&path, "auth=frame")),
     };
     let req = req.body(Empty::<Bytes>::new()).map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await.map_err(|e| match e {
@@ -178,18 +287,18 @@ async fn open(
     ws.set_auto_pong(true);
     ws.set_max_message_size(1 << 20);
     let (read, write) = ws.split(tokio::io::split);
-    let mut reader = WsReader { inner: FragmentCollectorRead::new(read) };
+    let mut reader = WsReader { inner: FragmentCollectorRead::new(read), early: Default::default() };
     let mut writer = WsWriter { inner: write };
 
     if auth == AuthMode::Frame {
         writer.send(&ClientFrame::Auth { token }).await.map_err(|_| ConnectError::Closed)?;
-        match reader.next_until(|f| matches!(f.kind, FrameType::AuthOk | FrameType::AuthFail)).await? {
-            FrameType::AuthOk => {}
+        match reader.next_until(|f| matches!(f.kind, Kind::AuthOk | Kind::AuthFail)).await? {
+            Kind::AuthOk => {}
             _ => return Err(ConnectError::AuthRefused),
         }
     }
     writer.send(&ClientFrame::Ping).await.map_err(|_| ConnectError::Closed)?;
-    reader.next_until(|f| f.kind == FrameType::Pong).await?;
+    reader.next_until(|f| f.kind == Kind::Pong).await?;
     Ok((reader, writer))
 }
 
@@ -208,15 +317,48 @@ pub enum ClientFrame<'a> {
         msg_type: &'static str,
         body: &'a str,
     },
-    /// A recipient's confirmation (`delivered`/`read`) of everything up to `server_msg_id`.
-    #[serde(rename_all = "camelCase")]
+    /// A recipient's confirmation (`delivered`/`read`) of everything up to `server_msg_id` (the
+    /// older form).
+    #[serde(rename = "ACK", rename_all = "camelCase")]
     Ack {
         ack_type: &'static str,
         server_msg_id: String,
     },
+    /// A recipient's position in the conversation with `from`: every message up to `seq`
+    /// (`delivered` or `read`).
+    #[serde(rename = "ACK", rename_all = "camelCase")]
+    AckSeq {
+        ack_type: &'static str,
+        from: String,
+        seq: u64,
+    },
+    /// `SYNC {}` (the server's positions), `SYNC {positions}` (the device's own), or
+    /// `SYNC {peer, afterSeq}` (one conversation).
+    #[serde(rename_all = "camelCase")]
+    Sync {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        positions: Option<BTreeMap<String, u64>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        after_seq: Option<u64>,
+    },
+}
+
+impl ClientFrame<'_> {
+    /// The frame's JSON text.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing strings and integers into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
 }
 
 impl WsWriter {
+    /// Writes one text frame of already serialized JSON.
+    pub async fn send_text(&mut self, text: Vec<u8>) -> Result<(), WebSocketError> {
+        self.inner.write_frame(Frame::text(Payload::Owned(text))).await
+    }
+
     /// Writes one JSON frame.
     pub async fn send(&mut self, frame: &ClientFrame<'_>) -> Result<(), WebSocketError> {
         // Serializing strings and integers into a Vec cannot fail.
@@ -233,6 +375,9 @@ impl WsWriter {
 impl WsReader {
     /// The next thing the gateway sent; `Err` when the connection broke.
     pub async fn next(&mut self) -> Result<Incoming, WebSocketError> {
+        if let Some(frame) = self.early.pop_front() {
+            return Ok(Incoming::Frame(Box::new(frame)));
+        }
         // Pongs to WS pings are answered by the library (auto_pong); nothing else is owed while the
         // bench reads, so frames it would have us send (close echoes) are dropped.
         let mut ignore = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
@@ -240,7 +385,7 @@ impl WsReader {
             let frame = self.inner.read_frame(&mut ignore).await?;
             match frame.opcode {
                 OpCode::Text => {
-                    return Ok(match serde_json::from_slice::<ServerFrame>(&frame.payload) {
+                    return Ok(match serde_json::from_slice::<Received>(&frame.payload) {
                         Ok(f) => Incoming::Frame(Box::new(f)),
                         Err(_) => Incoming::Unparsable,
                     })
@@ -256,15 +401,20 @@ impl WsReader {
         }
     }
 
-    /// Reads until a frame matching `pred` (returning its type); other frames are skipped.
-    async fn next_until(&mut self, pred: impl Fn(&ServerFrame) -> bool) -> Result<FrameType, ConnectError> {
-        loop {
+    /// Reads until a frame matching `pred` (returning its type); other frames are kept for
+    /// [`WsReader::next`] (unparsable ones are dropped).
+    async fn next_until(&mut self, pred: impl Fn(&Received) -> bool) -> Result<Kind, ConnectError> {
+        let mut early = std::mem::take(&mut self.early);
+        let result = loop {
             match self.next().await {
-                Ok(Incoming::Frame(f)) if pred(&f) => return Ok(f.kind),
-                Ok(Incoming::Frame(_) | Incoming::Unparsable) => continue,
-                Ok(Incoming::Closed(..)) | Err(_) => return Err(ConnectError::Closed),
+                Ok(Incoming::Frame(f)) if pred(&f) => break Ok(f.kind),
+                Ok(Incoming::Frame(f)) => early.push_back(*f),
+                Ok(Incoming::Unparsable) => continue,
+                Ok(Incoming::Closed(..)) | Err(_) => break Err(ConnectError::Closed),
             }
-        }
+        };
+        self.early = early;
+        result
     }
 }
 
@@ -294,5 +444,35 @@ mod tests {
             r#"{"type":"ACK","ackType":"delivered","serverMsgId":"384063290302533632"}"#
         );
         assert_eq!(serde_json::to_string(&ClientFrame::Auth { token: "t" }).unwrap(), r#"{"type":"AUTH","token":"t"}"#);
+        let ack = ClientFrame::AckSeq { ack_type: "read", from: "1001".into(), seq: 42 };
+        assert_eq!(serde_json::to_string(&ack).unwrap(), r#"{"type":"ACK","ackType":"read","from":"1001","seq":42}"#);
+        let sync = ClientFrame::Sync { positions: None, peer: None, after_seq: None };
+        assert_eq!(serde_json::to_string(&sync).unwrap(), r#"{"type":"SYNC"}"#);
+        let own = ClientFrame::Sync { positions: Some([("1001".to_owned(), 7)].into()), peer: None, after_seq: None };
+        assert_eq!(serde_json::to_string(&own).unwrap(), r#"{"type":"SYNC","positions":{"1001":7}}"#);
+        let gap = ClientFrame::Sync { positions: None, peer: Some("1001".into()), after_seq: Some(0) };
+        assert_eq!(serde_json::to_string(&gap).unwrap(), r#"{"type":"SYNC","peer":"1001","afterSeq":0}"#);
+    }
+
+    #[test]
+    fn server_frames_are_read_leniently() {
+        let push: Received = serde_json::from_str(
+            r#"{"type":"SINGLE_CHAT","from":"1001","to":1002,"clientMsgId":"7","serverMsgId":"3840","seq":42,"body":"x","ts":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (push.kind, push.from, push.to, push.seq, push.server_msg_id, push.client_msg_id.as_deref()),
+            (Kind::SingleChat, Some(1001), Some(1002), Some(42), Some(3840), Some("7"))
+        );
+        let receipt: Received =
+            serde_json::from_str(r#"{"type":"RECEIPT","ackType":"delivered","peer":"1002","seq":"5"}"#).unwrap();
+        assert_eq!(
+            (receipt.kind, receipt.ack_type, receipt.peer, receipt.seq),
+            (Kind::Receipt, Some(AckKind::Delivered), Some(1002), Some(5))
+        );
+        let unknown: Received = serde_json::from_str(r#"{"type":"TYPING","reason":"invalid_sync","x":[1]}"#).unwrap();
+        assert_eq!((unknown.kind, unknown.reason()), (Kind::Other, "invalid_sync"));
+        let done: Received = serde_json::from_str(r#"{"type":"SYNC_DONE","peer":"9"}"#).unwrap();
+        assert_eq!((done.kind, done.peer), (Kind::SyncDone, Some(9)));
     }
 }

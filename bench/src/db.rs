@@ -21,19 +21,53 @@ pub enum DbError {
     Query(#[from] mysql_async::Error),
 }
 
-/// Every message row sent by a user in `senders`.
+/// A row as read with its recipient and seq: (from, clientMsgId, id, to, seq).
+type SeqRow = (u64, String, u64, u64, u64);
+
+/// MySQL's error number for an unknown column.
+const ER_BAD_FIELD_ERROR: u16 = 1054;
+
+/// Every message row sent by a user in `senders`, with its recipient and `seq` (a table without the
+/// seq column, from before issue 12, gives rows without it; a seq of 0 is no seq).
 pub async fn rows_from(mysql_url: &str, senders: RangeInclusive<u64>) -> Result<Vec<DbRow>, DbError> {
     let opts = mysql_async::Opts::from_url(mysql_url)
         .map_err(|e| DbError::Url { url: mysql_url.to_owned(), message: e.to_string() })?;
     let mut conn = mysql_async::Conn::new(opts).await?;
-    let rows: Vec<(u64, String, u64)> = conn
+    let range = (*senders.start(), *senders.end());
+    let with_seq: Result<Vec<SeqRow>, _> = conn
         .exec(
-            "SELECT from_user_id, client_msg_id, id FROM messages WHERE from_user_id BETWEEN ? AND ? ORDER BY id",
-            (*senders.start(), *senders.end()),
+            "SELECT from_user_id, client_msg_id, id, to_user_id, seq FROM messages \
+             WHERE from_user_id BETWEEN ? AND ? ORDER BY id",
+            range,
         )
-        .await?;
+        .await;
+    let rows = match with_seq {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(from, client_msg_id, id, to, seq)| DbRow {
+                from,
+                client_msg_id,
+                id,
+                to,
+                seq: (seq > 0).then_some(seq),
+            })
+            .collect(),
+        Err(mysql_async::Error::Server(e)) if e.code == ER_BAD_FIELD_ERROR => {
+            let rows: Vec<(u64, String, u64, u64)> = conn
+                .exec(
+                    "SELECT from_user_id, client_msg_id, id, to_user_id FROM messages \
+                     WHERE from_user_id BETWEEN ? AND ? ORDER BY id",
+                    range,
+                )
+                .await?;
+            rows.into_iter()
+                .map(|(from, client_msg_id, id, to)| DbRow { from, client_msg_id, id, to, seq: None })
+                .collect()
+        }
+        Err(e) => return Err(e.into()),
+    };
     conn.disconnect().await?;
-    Ok(rows.into_iter().map(|(from, client_msg_id, id)| DbRow { from, client_msg_id, id }).collect())
+    Ok(rows)
 }
 
 /// Ids looked up per query by [`rows_by_id`].
@@ -53,7 +87,7 @@ pub async fn rows_by_id(mysql_url: &str, ids: &[u64]) -> Result<Vec<DbRow>, DbEr
         let list = chunk.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
         let rows: Vec<(u64, String, u64)> =
             conn.query(format!("SELECT from_user_id, client_msg_id, id FROM messages WHERE id IN ({list})")).await?;
-        out.extend(rows.into_iter().map(|(from, client_msg_id, id)| DbRow { from, client_msg_id, id }));
+        out.extend(rows.into_iter().map(|(from, client_msg_id, id)| DbRow::new(from, client_msg_id, id)));
     }
     conn.disconnect().await?;
     Ok(out)

@@ -104,7 +104,7 @@ pub async fn hold_here(spec: &HoldSpec) -> HoldCounts {
                         pings.fetch_add(1, Ordering::Relaxed);
                     }
                     frame = reader.next() => match frame {
-                        Ok(Incoming::Frame(f)) if f.kind == im_common::protocol::FrameType::Pong => { pongs.fetch_add(1, Ordering::Relaxed); }
+                        Ok(Incoming::Frame(f)) if f.kind == crate::client::Kind::Pong => { pongs.fetch_add(1, Ordering::Relaxed); }
                         Ok(Incoming::Closed(..)) | Err(_) => return false,
                         Ok(_) => {}
                     },

@@ -15,6 +15,7 @@
 //! of the failure counts.
 
 pub mod args;
+pub mod catchup;
 pub mod checker;
 pub mod client;
 pub mod compare;

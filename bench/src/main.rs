@@ -5,7 +5,18 @@
 //!   load, writing a run directory with a JSON per run and `summary.md`;
 //! - `bench sweep --mode M` raises the offered rate until saved p99 passes a bound or errors appear;
 //! - `bench hold` holds many idle connections and measures the gateways' memory;
-//! - `bench drill <name>` runs a fault drill (also `ops drill`).
+//! - `bench drill <name>` runs a fault drill (also `ops drill`), e.g. `bench drill recipient-churn
+//!   --minutes 3 --seed 1128` (receivers that come and go, a third with two devices, under shard-owner
+//!   kills: nothing missing on any device);
+//! - `bench reconnect-storm --start` (or against `ops up`'s cluster): 5,000 users with 20 missed
+//!   messages each connect at once; time until every device has everything, cluster CPU,
+//!   slow-consumer disconnects.
+//!
+//! Receivers behave like real clients everywhere (docs/PROTOCOL.md): they confirm `delivered` by
+//! `from` + `seq` per conversation (`--acks seq`, the default; `id` is the older serverMsgId form,
+//! `none` never confirms), optionally `read` (`--ack-read`), ask for gaps with `SYNC {peer,
+//! afterSeq}`, and after a reconnect rely on the server's sync or (`--own-positions`, and always on
+//! users with `--two-devices`) send their own positions.
 //!
 //! The cluster binaries are found next to this one, so build everything first:
 //! `cargo build --release --workspace && target/release/bench compare`.
@@ -21,6 +32,8 @@ use im_bench::compare::{self, CompareSpec, SweepSpec};
 use im_bench::hold::{self, HoldSpec};
 use im_bench::{RunReport, Target};
 use im_common::config::{Config, Mode};
+use im_harness::cluster::ClusterSpec;
+use im_harness::guard::ClusterGuard;
 
 #[derive(Parser)]
 #[command(about = "im load generator: accepted/saved/E2E latency, loss/duplicate/order checks, three-arm comparison")]
@@ -116,6 +129,48 @@ enum Cmd {
         out: Option<PathBuf>,
         #[command(flatten)]
         output: OutputArgs,
+    },
+    /// Reconnect storm (issue 12): USERS receivers each miss MISSED messages while offline (sent and
+    /// saved first), then all connect at once. Prints the time until every device holds every
+    /// message, the cluster's CPU, and the gateways' slow-consumer disconnects (must be 0). Exit 0
+    /// only if every device got everything without a slow-consumer close.
+    ReconnectStorm {
+        #[arg(long, default_value_t = 5000)]
+        users: usize,
+        #[arg(long, default_value_t = 20)]
+        missed: usize,
+        /// Distinct senders each receiver hears from.
+        #[arg(long, default_value_t = 4)]
+        peers: usize,
+        /// Sender connections that send the backlog.
+        #[arg(long, default_value_t = 500)]
+        senders: usize,
+        /// Receivers connecting at once (default: all of them).
+        #[arg(long)]
+        connect_concurrency: Option<usize>,
+        /// The longest the storm may take, seconds.
+        #[arg(long, default_value_t = 180.0)]
+        timeout_secs: f64,
+        /// Fraction of receivers that connect with `?sync=manual` and send their own positions.
+        #[arg(long, default_value_t = 0.0)]
+        own_positions: f64,
+        /// How receivers confirm (`seq`, `id` is not supported here, `none`).
+        #[arg(long, value_enum, default_value_t = im_bench::spec::ReceiverAcks::Seq)]
+        acks: im_bench::spec::ReceiverAcks,
+        /// State file of a running cluster (written by `ops up`), unless --start.
+        #[arg(long, default_value = ".im-local/cluster.json")]
+        state: PathBuf,
+        /// Start a cluster for the storm (its size and config from the flags below) and stop it after.
+        #[arg(long)]
+        start: bool,
+        /// The started cluster's mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Full)]
+        mode: ModeArg,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Raise the offered load step by step until saved p99 passes a bound or errors/loss appear.
     Sweep {
@@ -253,6 +308,68 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 print!("{report}");
             }
             Ok(exit_code(output.check, &[&report]))
+        }
+        Cmd::ReconnectStorm {
+            users,
+            missed,
+            peers,
+            senders,
+            connect_concurrency,
+            timeout_secs,
+            own_positions,
+            acks,
+            state,
+            start,
+            mode,
+            cluster,
+            json,
+        } => {
+            let spec = im_bench::catchup::CatchUpSpec {
+                users,
+                missed,
+                peers,
+                senders,
+                connect_concurrency: connect_concurrency.unwrap_or(users),
+                timeout: im_bench::args::secs(timeout_secs, "timeout-secs")?,
+                own_positions,
+                acks,
+                ..Default::default()
+            };
+            let (guard, cluster_state) = if start {
+                // Private Redis and MariaDB, so the CPU figures are this cluster's alone.
+                let opts = cluster.options()?;
+                let dir = default_out(None).join("reconnect-storm");
+                let mut spec =
+                    ClusterSpec::new(opts.config, Mode::from(mode), opts.gateways, opts.shards, dir.join("cluster"));
+                spec.workers = opts.workers.unwrap_or(usize::from(opts.shards));
+                spec.state_file = dir.join("cluster.json");
+                spec.force_private = true;
+                eprintln!("[reconnect-storm] starting a cluster with private servers in {}", spec.dir.display());
+                let guard = ClusterGuard::start(&spec).await?;
+                let state = guard.state.clone();
+                (Some(guard), state)
+            } else {
+                let state = im_harness::cluster::load_state(&state).with_context(|| {
+                    format!("no cluster state at {} (start one with `ops up`, or --start)", state.display())
+                })?;
+                (None, state)
+            };
+            let target = Target::from_state(&cluster_state)?;
+            let metrics: Vec<String> = cluster_state.gateways.iter().map(|g| g.metrics_url.clone()).collect();
+            let report = im_bench::catchup::reconnect_storm(&target, &metrics, &spec).await;
+            if let Some(guard) = guard {
+                let state = guard.stop().await?;
+                for server in &state.private_servers {
+                    let _ = std::fs::remove_dir_all(server.dir.join("data"));
+                }
+            }
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.passed() { 0 } else { 1 })
         }
         Cmd::Compare { load, cluster, repeats, modes, out, output } => {
             let spec = CompareSpec {

@@ -44,9 +44,38 @@ pub fn pairs(base_uid: u64, connections: usize, gateways: usize, interval: Durat
         .collect()
 }
 
-/// Salts for the two independent choices made per user.
+/// Salts for the independent choices made per user.
 const GATEWAY_SALT: u64 = 0x6761_7465_7761_7921;
 const OFFSET_SALT: u64 = 0x6f66_6673_6574_2121;
+const DEVICES_SALT: u64 = 0x6465_7669_6365_7321;
+const POSITIONS_SALT: u64 = 0x706f_7369_7469_6f6e;
+
+/// `salted_hash` as a fraction in [0, 1).
+fn unit(uid: u64, salt: u64) -> f64 {
+    (salted_hash(uid, salt) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// How many devices receiving user `uid` has: 2 for about `two_devices` of the users, else 1.
+pub fn devices_of(uid: u64, two_devices: f64) -> u8 {
+    if unit(uid, DEVICES_SALT) < two_devices {
+        2
+    } else {
+        1
+    }
+}
+
+/// Whether device `device` of `uid` (one of `devices`) syncs with its own positions: always on a
+/// user with several devices (the server's positions are per user, docs/PROTOCOL.md), else for
+/// about `own_positions` of the devices.
+pub fn own_positions(uid: u64, device: u8, devices: u8, own_positions: f64) -> bool {
+    devices > 1 || unit(uid ^ u64::from(device) << 56, POSITIONS_SALT) < own_positions
+}
+
+/// The gateway of device `device` of `uid`: the user's own for device 0, the next ones after it for
+/// the others (two devices of one user on two gateways, when there are two).
+pub fn device_gateway(uid: u64, device: u8, gateways: usize) -> usize {
+    (gateway_of(uid, gateways) + usize::from(device)) % gateways.max(1)
+}
 
 /// The splitmix64 finalizer of `uid ^ salt`: fixed by its constants, so stable in every build.
 fn salted_hash(uid: u64, salt: u64) -> u64 {
@@ -124,6 +153,17 @@ mod tests {
         }
         assert!(buckets.iter().all(|&b| (400..600).contains(&b)), "offsets bunch up: {buckets:?}");
         assert_eq!(pairs(42, 10_000, 2, interval), ps, "the plan is a pure function of its inputs");
+    }
+
+    #[test]
+    fn about_the_asked_share_of_users_have_two_devices_and_they_sync_on_their_own() {
+        let two = (0..10_000u64).filter(|&u| devices_of(u, 1.0 / 3.0) == 2).count();
+        assert!((3_000..3_700).contains(&two), "{two} of 10000");
+        assert!((0..1000u64).all(|u| devices_of(u, 0.0) == 1));
+        let own = (0..10_000u64).filter(|&u| own_positions(u, 0, 1, 0.5)).count();
+        assert!((4_600..5_400).contains(&own), "{own} of 10000");
+        assert!((0..1000u64).all(|u| own_positions(u, 1, 2, 0.0)), "several devices: always their own");
+        assert_eq!(device_gateway(5, 1, 2), 1 - device_gateway(5, 0, 2), "two devices, two gateways");
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! connection would cost far more memory than it saves. Counters are atomics so the progress line
 //! and the drain check can read them without stopping anyone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -26,6 +26,8 @@ pub enum Latency {
     EndToEnd,
     /// How late the generator sent a message against its schedule (large: the bench fell behind).
     SendLag,
+    /// A device's (re)connection, or its own `SYNC`, → the `SYNC_DONE` that ends the sync.
+    Sync,
 }
 
 /// Percentiles of one histogram, in milliseconds.
@@ -67,6 +69,7 @@ pub struct Histograms {
     pub saved: Histogram<u64>,
     pub end_to_end: Histogram<u64>,
     pub send_lag: Histogram<u64>,
+    pub sync: Histogram<u64>,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -85,6 +88,7 @@ impl Histograms {
             Latency::Saved => &self.saved,
             Latency::EndToEnd => &self.end_to_end,
             Latency::SendLag => &self.send_lag,
+            Latency::Sync => &self.sync,
         }
     }
 
@@ -95,6 +99,7 @@ impl Histograms {
             Latency::Saved => &mut self.saved,
             Latency::EndToEnd => &mut self.end_to_end,
             Latency::SendLag => &mut self.send_lag,
+            Latency::Sync => &mut self.sync,
         }
     }
 }
@@ -107,6 +112,7 @@ impl Default for Histograms {
             saved: new_histogram(),
             end_to_end: new_histogram(),
             send_lag: new_histogram(),
+            sync: new_histogram(),
         }
     }
 }
@@ -138,6 +144,20 @@ pub struct Counters {
     pub resent: AtomicU64,
     /// `ACK delivered` frames sent by receivers.
     pub delivered_acks: AtomicU64,
+    /// `ACK read` frames sent by receivers.
+    pub read_acks: AtomicU64,
+    /// (device, message) holds owed: for every message when it is first receipted, one per device
+    /// of its recipient.
+    pub device_owed: AtomicU64,
+    /// (device, message) holds: a device got a message of the run it did not hold.
+    pub device_held: AtomicU64,
+    /// `SYNC {peer, afterSeq}` sent for gaps; reconnections that sent their own positions.
+    pub gap_syncs: AtomicU64,
+    pub own_position_syncs: AtomicU64,
+    /// `SYNC_DONE` frames received.
+    pub sync_dones: AtomicU64,
+    /// `RECEIPT` frames senders received.
+    pub receipts: AtomicU64,
 }
 
 /// A point-in-time copy of [`Counters`].
@@ -157,6 +177,13 @@ pub struct CounterSnapshot {
     pub reconnects: u64,
     pub resent: u64,
     pub delivered_acks: u64,
+    pub read_acks: u64,
+    pub device_owed: u64,
+    pub device_held: u64,
+    pub gap_syncs: u64,
+    pub own_position_syncs: u64,
+    pub sync_dones: u64,
+    pub receipts: u64,
 }
 
 impl Counters {
@@ -186,7 +213,59 @@ impl Counters {
             reconnects: Self::get(&self.reconnects),
             resent: Self::get(&self.resent),
             delivered_acks: Self::get(&self.delivered_acks),
+            read_acks: Self::get(&self.read_acks),
+            device_owed: Self::get(&self.device_owed),
+            device_held: Self::get(&self.device_held),
+            gap_syncs: Self::get(&self.gap_syncs),
+            own_position_syncs: Self::get(&self.own_position_syncs),
+            sync_dones: Self::get(&self.sync_dones),
+            receipts: Self::get(&self.receipts),
         }
+    }
+}
+
+/// What the drain needs to know about recipients beyond the counters: how many devices each user
+/// has, the positions the receivers confirmed, and the receipts their senders got for them.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Devices per receiving user (1 when not listed); set once before the load starts.
+    devices: OnceLock<HashMap<u64, u64>>,
+    /// (user, peer) → the highest position a device of the user confirmed.
+    confirmed: Mutex<HashMap<(u64, u64), u64>>,
+    /// (sender, recipient) → the highest `RECEIPT delivered` seq the sender got.
+    receipts: Mutex<HashMap<(u64, u64), u64>>,
+}
+
+impl Ledger {
+    /// Sets the devices per user (once; later calls are ignored).
+    pub fn set_devices(&self, devices: HashMap<u64, u64>) {
+        let _ = self.devices.set(devices);
+    }
+
+    /// How many devices `uid` has.
+    pub fn devices_of(&self, uid: u64) -> u64 {
+        self.devices.get().and_then(|d| d.get(&uid).copied()).unwrap_or(1)
+    }
+
+    /// A device of `user` confirmed `seq` in the conversation with `peer`.
+    pub fn confirmed(&self, user: u64, peer: u64, seq: u64) {
+        let mut c = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        let e = c.entry((user, peer)).or_default();
+        *e = (*e).max(seq);
+    }
+
+    /// `sender` got `RECEIPT delivered` from `recipient` up to `seq`.
+    pub fn receipt(&self, sender: u64, recipient: u64, seq: u64) {
+        let mut r = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        let e = r.entry((sender, recipient)).or_default();
+        *e = (*e).max(seq);
+    }
+
+    /// Conversations whose confirmed position has not come back to the sender as a receipt yet.
+    pub fn receipts_behind(&self) -> usize {
+        let confirmed = self.confirmed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let receipts = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        confirmed.iter().filter(|((user, peer), &seq)| receipts.get(&(*peer, *user)).is_none_or(|&r| r < seq)).count()
     }
 }
 
@@ -196,6 +275,7 @@ pub struct Recorder {
     histograms: Mutex<Histograms>,
     errors: Mutex<BTreeMap<String, u64>>,
     pub counters: Counters,
+    pub ledger: Ledger,
 }
 
 impl Recorder {

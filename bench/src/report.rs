@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checker::{DeliveryVerdict, RowVerdict};
+use crate::checker::{DeliveryVerdict, RecipientVerdict, RowVerdict};
 use crate::cpu::ProcessCpu;
 use crate::load::LoadResult;
 use crate::recorder::Percentiles;
@@ -33,6 +33,14 @@ pub struct LoadSummary {
     pub drain_used_secs: f64,
     /// `header` or `frame`.
     pub auth: String,
+    /// How receivers confirmed: `seq`, `id` or `none` (and `read` too).
+    #[serde(default)]
+    pub acks: String,
+    #[serde(default)]
+    pub ack_read: bool,
+    /// Fraction of receiving users with two devices.
+    #[serde(default)]
+    pub two_devices: f64,
 }
 
 /// Connection outcomes and setup latency.
@@ -114,6 +122,10 @@ pub struct RunReport {
     pub errors_by_reason: BTreeMap<String, u64>,
     /// The row check (`None` when no database was given).
     pub db: Option<RowVerdict>,
+    /// Per receiving device: missing messages, seq gaps, receipts (with the rows' seqs when the row
+    /// check ran).
+    #[serde(default)]
+    pub recipients: RecipientVerdict,
     pub cpu: CpuReport,
 }
 
@@ -164,6 +176,9 @@ impl RunReport {
                 drain_secs: r.spec.drain.as_secs_f64(),
                 drain_used_secs: r.drain_used.as_secs_f64(),
                 auth: r.spec.auth.as_str().to_owned(),
+                acks: format!("{:?}", r.spec.receiver_acks()).to_lowercase(),
+                ack_read: r.spec.ack_read,
+                two_devices: r.spec.two_devices,
             },
             connections: ConnectionReport {
                 connect_ok: r.connections.connect_ok,
@@ -192,6 +207,7 @@ impl RunReport {
             },
             errors_by_reason: errors,
             db,
+            recipients: r.recipients.clone(),
             cpu: CpuReport {
                 window_secs: r.window.secs,
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -234,6 +250,10 @@ impl RunReport {
             check(db.id_mismatches, "rows stored under another id");
             check(db.messages_with_several_ids, "messages under several serverMsgIds");
             check(db.saved_without_matching_row, "ACK(saved) without a row of that message");
+        }
+        let receipts_expected = self.load.acks != "none";
+        for (n, what) in self.recipients.problems(receipts_expected) {
+            check(n, what);
         }
         out
     }
@@ -301,6 +321,22 @@ impl fmt::Display for RunReport {
             )?,
             None => writeln!(f, "database     not checked")?,
         }
+        let rv = &self.recipients;
+        writeln!(
+            f,
+            "recipients   acks {}{}  devices {} ({} users with two)  missing on device {}  seq gaps {}  \
+             seq mismatches {}  without seq {}  receipts missing {}/{}",
+            l.acks,
+            if l.ack_read { "+read" } else { "" },
+            rv.devices,
+            rv.multi_device_users,
+            rv.missing_on_device,
+            rv.seq_gaps,
+            rv.seq_mismatches,
+            rv.pushes_without_seq,
+            rv.receipts_missing,
+            rv.conversations
+        )?;
         writeln!(f, "latency ms        count      p50      p95      p99    p99.9      max")?;
         for (name, p) in [
             ("accepted", &self.latency_ms.accepted),

@@ -4,7 +4,7 @@
 //! Kept apart from the load itself so the report depends on the load's result and nothing depends
 //! back: the load knows nothing of reports or databases.
 
-use crate::checker::{self, RowVerdict};
+use crate::checker::{self, RecipientVerdict, RowVerdict};
 use crate::load::{run_load, LoadResult};
 use crate::report::RunReport;
 use crate::spec::{LoadSpec, Target};
@@ -12,9 +12,13 @@ use crate::{db, BenchError};
 
 /// Runs the load, checks the rows in MySQL (when the target names a database), and reports.
 pub async fn run(target: &Target, spec: &LoadSpec) -> Result<RunReport, BenchError> {
-    let result = run_load(target, spec).await?;
+    let mut result = run_load(target, spec).await?;
     let rows = match &target.mysql_url {
-        Some(url) => Some(check_db(url, &result).await?),
+        Some(url) => {
+            let (rows, recipients) = check_db_all(url, &result).await?;
+            result.recipients = recipients;
+            Some(rows)
+        }
         None => None,
     };
     Ok(RunReport::new(&result, rows))
@@ -23,7 +27,15 @@ pub async fn run(target: &Target, spec: &LoadSpec) -> Result<RunReport, BenchErr
 /// Reads the run's rows from MySQL (and, by id, any row an `ACK(saved)` names that is not among
 /// them) and checks them against the receipts and pushes.
 pub async fn check_db(mysql_url: &str, result: &LoadResult) -> Result<RowVerdict, BenchError> {
+    Ok(check_db_all(mysql_url, result).await?.0)
+}
+
+/// [`check_db`], and the per-device recipient check judged with the rows' seqs (the first and last
+/// seq of every direction, seq gaps and reuse in the rows).
+pub async fn check_db_all(mysql_url: &str, result: &LoadResult) -> Result<(RowVerdict, RecipientVerdict), BenchError> {
     let rows = db::rows_from(mysql_url, result.user_range()).await?;
     let strays = db::rows_by_id(mysql_url, &checker::saved_ids_without_row(&result.senders, &rows)).await?;
-    Ok(checker::check_rows(&result.senders, &result.receivers, &rows, &strays))
+    let verdict = checker::check_rows(&result.senders, &result.receivers, &rows, &strays);
+    let recipients = checker::check_recipients(&result.senders, &result.receivers, Some(&rows), result.spec.ack_read);
+    Ok((verdict, recipients))
 }

@@ -34,6 +34,38 @@ impl AuthMode {
     }
 }
 
+/// How receivers confirm deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReceiverAcks {
+    /// As a client written from docs/PROTOCOL.md: `ACK {ackType:"delivered", from, seq}` per
+    /// conversation whose position moved, at most one round per device per 100 ms, never past a gap.
+    Seq,
+    /// The older form: `ACK {ackType:"delivered", serverMsgId}` for the highest serverMsgId seen so
+    /// far, at most one per device per 100 ms.
+    Id,
+    /// Never: the server's positions never move, so every reconnect syncs everything again
+    /// (duplicates), and senders get no receipts.
+    None,
+}
+
+impl ReceiverAcks {
+    /// Whether receivers confirm at all (so senders are owed receipts).
+    pub fn confirms(self) -> bool {
+        self != ReceiverAcks::None
+    }
+}
+
+/// Receivers that come and go while the load sends: every device stays connected for a random
+/// time (exponential, mean `online_mean`), closes its connection, stays away for a random time
+/// between `offline.0` and `offline.1`, and connects again. Seeded: device `d` of user `u` draws
+/// from `seed`, `u` and `d` alone. Devices stop leaving when the load stops sending.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Churn {
+    pub online_mean: Duration,
+    pub offline: (Duration, Duration),
+    pub seed: u64,
+}
+
 /// The load one run offers.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -80,11 +112,24 @@ pub struct LoadSpec {
     /// Each sender stops after this many messages, even before the window ends (`None`: it sends
     /// until the window ends). A test that wants an exact count sets it with a window long enough.
     pub messages_per_sender: Option<usize>,
-    /// Receivers confirm what they got as a real client does: `ACK delivered` for the highest
-    /// serverMsgId seen so far, at most one per receiver per 100 ms. The gateway moves the user's
-    /// delivered cursor, and offline resend after a reconnect starts beyond it. Off: receivers never
-    /// confirm, so every reconnect resends the whole inbox (counted as duplicate deliveries).
+    /// How receivers confirm what they got ([`ReceiverAcks`]; by default as a real client does:
+    /// `ACK delivered` by `from` + `seq`, coalesced per conversation). Read it through
+    /// [`LoadSpec::receiver_acks`].
+    pub acks: ReceiverAcks,
+    /// Deprecated (before issue 12 this was how receivers were made to confirm): `true` makes them
+    /// confirm with the older `ACK {serverMsgId}` form ([`ReceiverAcks::Id`]) whatever `acks` says.
     pub ack_delivered: bool,
+    /// Receivers also confirm `read` (with each delivered confirmation, same position).
+    pub ack_read: bool,
+    /// Fraction (0..=1) of receiving users with two devices (two connections, each with its own
+    /// log, each owed every message). Their devices always sync with their own positions after a
+    /// reconnect, as docs/PROTOCOL.md tells a second device to: the server's positions are per user.
+    pub two_devices: f64,
+    /// Fraction (0..=1) of the other receiving devices that connect with `?sync=manual` and send
+    /// their own positions (`SYNC {positions}`) instead of relying on the server's sync at connect.
+    pub own_positions: f64,
+    /// Receivers disconnect and reconnect at random while the load sends ([`Churn`]); `None`: never.
+    pub churn: Option<Churn>,
     /// Crossed conversations: every sender sends its odd-numbered messages to the next pair's
     /// receiver, so every receiver hears from two senders, whose messages' ids interleave — the
     /// traffic in which one delivered cursor per user over serverMsgIds can skip a message.
@@ -115,7 +160,12 @@ impl Default for LoadSpec {
             slow_receivers: 0.0,
             slow_read_delay: Duration::from_millis(200),
             messages_per_sender: None,
+            acks: ReceiverAcks::Seq,
             ack_delivered: false,
+            ack_read: false,
+            two_devices: 0.0,
+            own_positions: 0.0,
+            churn: None,
             crossed: false,
             storm: None,
         }
@@ -140,6 +190,16 @@ impl LoadSpec {
     /// The interval that makes `pairs` senders offer `rate` messages per second in total.
     pub fn interval_for_rate(pairs: usize, rate: f64) -> Duration {
         Duration::from_secs_f64(pairs as f64 / rate.max(f64::MIN_POSITIVE))
+    }
+
+    /// How receivers confirm: [`LoadSpec::acks`], or the older id form with the deprecated
+    /// [`LoadSpec::ack_delivered`].
+    pub fn receiver_acks(&self) -> ReceiverAcks {
+        if self.ack_delivered {
+            ReceiverAcks::Id
+        } else {
+            self.acks
+        }
     }
 
     /// Checks the values make sense together.
@@ -171,6 +231,15 @@ impl LoadSpec {
         }
         if self.storm.is_some() && !self.reconnect {
             return bad("reconnect storms need reconnecting clients (LoadSpec::reconnect)");
+        }
+        if self.churn.is_some() && !self.reconnect {
+            return bad("receiver churn needs reconnecting clients (LoadSpec::reconnect)");
+        }
+        if !(0.0..=1.0).contains(&self.two_devices) || !(0.0..=1.0).contains(&self.own_positions) {
+            return bad("the two-device and own-position fractions must be between 0 and 1");
+        }
+        if self.ack_read && self.receiver_acks() != ReceiverAcks::Seq {
+            return bad("read confirmations go by from + seq (--acks seq)");
         }
         Ok(())
     }

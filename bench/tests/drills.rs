@@ -1,14 +1,17 @@
-//! Short forms of the `worker-kill` and `db-outage` drills and two minutes of the `chaos` drill
-//! (docs/RELIABILITY.md), so a change that loses, duplicates or reorders messages, gives one message
-//! two ids or acknowledges a save without its row under those faults cannot land. Each starts its own
-//! cluster with private Redis and MariaDB (a drill never touches shared servers), offers a small load,
-//! injects the fault(s), and asserts the drill's verdict passes.
+//! Short forms of the `worker-kill`, `db-outage` and `recipient-churn` drills and two minutes of the
+//! `chaos` drill (docs/RELIABILITY.md), so a change that loses, duplicates or reorders messages, gives
+//! one message two ids, acknowledges a save without its row, or leaves a receiving device without a
+//! message it is owed under those faults cannot land. Each starts its own cluster with private Redis
+//! and MariaDB (a drill never touches shared servers), offers a small load from receivers that
+//! confirm deliveries as real clients do, injects the fault(s), and asserts the drill's verdict
+//! passes.
 //!
 //! The cluster binaries come from the workspace build (`cargo build --workspace`).
 
 use std::time::Duration;
 
 use im_bench::drill::{self, Drill, DrillSpec, DrillVerdict};
+use im_bench::spec::ReceiverAcks;
 
 /// 40 connections (20 pairs) at 100 msg/s, a 2 s lead and a 3 s tail around the fault.
 fn short(drill: Drill, fault: Duration, name: &str) -> DrillSpec {
@@ -58,6 +61,32 @@ async fn a_database_outage_keeps_accepting_and_every_message_is_saved_after_it()
     let _ = std::fs::remove_dir_all(&spec.out);
 }
 
+/// The seed of the suite's recipient-churn run.
+const RECIPIENT_CHURN_SEED: u64 = 20_261_128;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_that_come_and_go_with_two_devices_and_own_positions_lose_nothing_while_owners_are_killed() {
+    let mut spec = short(Drill::RecipientChurn, Duration::from_secs(30), "recipient-churn");
+    spec.seed = Some(RECIPIENT_CHURN_SEED);
+    spec.kill_every = Duration::from_secs(6);
+    spec.churn_online_mean = Duration::from_secs(4);
+    assert_eq!(spec.load.acks, ReceiverAcks::Seq);
+    assert!(spec.load.two_devices > 0.3 && spec.load.own_positions > 0.0 && spec.load.crossed);
+    let v = run(&spec).await;
+    let r = v.render();
+    let rv = &v.recipients;
+    assert!(rv.multi_device_users > 0 && rv.own_position_syncs > 0, "two devices and own positions: {r}");
+    assert!(v.reconnects > 0, "devices came and went: {r}");
+    assert!(v.checks.iter().any(|c| c.name == "owners_killed" && c.passed), "{r}");
+    assert_eq!(rv.missing_on_device, 0, "every device got every message owed (§3.11): {r}");
+    assert_eq!((rv.seq_gaps, rv.seq_mismatches, rv.pushes_without_seq), (0, 0, 0), "seqs without gaps: {r}");
+    assert_eq!((rv.row_seq_gaps, rv.row_seq_reused), (0, 0), "rows: no seq gap, no reuse (§3.10): {r}");
+    assert_eq!(rv.receipts_missing, 0, "senders got RECEIPT delivered up to the last seq: {r}");
+    assert_eq!((v.lost, v.duplicate_rows, v.reorders_live, v.unanswered), (0, 0, 0, 0), "{r}");
+    assert!(v.passed, "{r}");
+    let _ = std::fs::remove_dir_all(&spec.out);
+}
+
 /// The seed of the suite's chaos run (a failure names it; `bench drill chaos --seed` replays it).
 const CHAOS_SEED: u64 = 20_261_126;
 
@@ -65,7 +94,7 @@ const CHAOS_SEED: u64 = 20_261_126;
 async fn two_minutes_of_chaos_keep_one_id_one_row_order_and_an_answer_for_every_message() {
     let spec = short(Drill::Chaos, Duration::from_secs(120), "chaos");
     let spec = DrillSpec { seed: Some(CHAOS_SEED), ..spec };
-    assert!(spec.load.ack_delivered, "chaos receivers confirm deliveries as real clients do");
+    assert_eq!(spec.load.acks, ReceiverAcks::Seq, "chaos receivers confirm deliveries as real clients do");
     assert!(spec.load.crossed, "chaos receivers hear from two senders each");
     let v = run(&spec).await;
     let chaos = v.chaos.as_ref().expect("the chaos report");
@@ -78,7 +107,7 @@ async fn two_minutes_of_chaos_keep_one_id_one_row_order_and_an_answer_for_every_
     assert_eq!(v.duplicate_rows, 0, "no duplicate rows (§3.2): {r}");
     assert_eq!(v.missing_rows, 0, "every receipted message has its row (§3.1): {r}");
     assert_eq!(v.unanswered, 0, "every message answered: {r}");
-    assert_eq!(v.reorders - v.reorders_after_reconnect, 0, "pushes leave in per-sender order (§3.4): {r}");
+    assert_eq!(v.reorders_live, 0, "pushes leave in per-sender order (§3.4): {r}");
     // Checks that fail on engine defects seen under chaos are asserted last, on their own.
     let engine_checks = ["no_panics"];
     let failed = |engine: bool| -> Vec<String> {
@@ -87,15 +116,13 @@ async fn two_minutes_of_chaos_keep_one_id_one_row_order_and_an_answer_for_every_
     };
     assert!(failed(false).is_empty(), "drill checks failed: {:?}\n{r}", failed(false));
     assert!(failed(true).is_empty(), "a gateway or worker panicked (§3.7): {:?}\n{r}", failed(true));
-    // What a device sees after it reconnects — every missed message, in order (§3.11) — is issue 12's
-    // to deliver (per-conversation seq and sync): today offline resend rests on one delivered
-    // high-water mark per user and interleaves with live pushes, and chaos finds both (57 reorders
-    // after a reconnect with this seed, 2026-11-28). `bench drill chaos` fails its verdict on them;
-    // this run reports them until issue 12's recipient-churn drill asserts them.
-    println!(
-        "not asserted until issue 12: reorders after a reconnect {}, lost pushes {}",
-        v.reorders_after_reconnect, v.lost_pushes
-    );
+    // What a device sees after it reconnects — every missed message, in seq order (§3.11) — and the
+    // receipts its senders get (issue 12).
+    let rv = &v.recipients;
+    assert_eq!(v.lost_pushes, 0, "every receipted message reached its receiver: {r}");
+    assert_eq!((rv.missing_on_device, rv.seq_gaps, rv.seq_mismatches), (0, 0, 0), "recipients lose nothing: {r}");
+    assert_eq!(rv.receipts_missing, 0, "senders got RECEIPT delivered up to the last seq: {r}");
+    assert!(v.passed, "{r}");
     let _ = std::fs::remove_dir_all(&spec.out);
 }
 

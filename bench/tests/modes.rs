@@ -42,8 +42,8 @@ fn repeated_pushes(receivers: &[im_bench::checker::ReceiverLog]) -> Vec<(u64, u6
     for r in receivers {
         let mut seen = std::collections::HashSet::new();
         for (position, d) in r.deliveries.iter().enumerate() {
-            if !seen.insert((d.from, d.seq)) {
-                out.push((r.uid, d.seq, position));
+            if !seen.insert((d.from, d.number)) {
+                out.push((r.uid, d.number, position));
             }
         }
     }

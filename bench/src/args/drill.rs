@@ -8,10 +8,10 @@ use clap::Args;
 
 use im_common::config::Config;
 
-use super::{secs, ClusterSizeArgs};
+use super::{secs, ClusterSizeArgs, ReceiverArgs};
 use crate::compare::run_stamp;
 use crate::drill::{self, Drill, DrillSpec, StopSignal};
-use crate::spec::LoadSpec;
+use crate::spec::{LoadSpec, ReceiverAcks};
 use crate::BenchError;
 
 /// Connections of a drill's load, unless `--connections` says otherwise.
@@ -31,6 +31,8 @@ const SLOW_CONSUMERS_BODY_BYTES: usize = 2000;
 const DRILL_WARMUP: Duration = Duration::from_secs(2);
 /// chaos: the chaos period unless `--minutes` or `--seconds` says otherwise.
 const CHAOS_MINUTES: f64 = 5.0;
+/// recipient-churn: the kill period unless `--minutes` or `--seconds` says otherwise.
+const RECIPIENT_CHURN_MINUTES: f64 = 2.0;
 
 /// Which drill to run, and its knobs.
 #[derive(Args, Debug)]
@@ -38,26 +40,46 @@ pub struct DrillArgs {
     /// The drill.
     #[arg(value_enum)]
     name: Drill,
-    /// Length of the fault: the outage (db-outage, redis-outage), the kill period (worker-kill), the
-    /// gateway's downtime (gateway-restart), the loaded window (slow-consumers, overload), the chaos
-    /// period (chaos).
+    /// Length of the fault: the outage (db-outage, redis-outage), the kill period (worker-kill,
+    /// recipient-churn), the gateway's downtime (gateway-restart), the loaded window (slow-consumers,
+    /// overload), the chaos period (chaos).
     #[arg(long)]
     seconds: Option<f64>,
-    /// chaos: the chaos period in minutes (faults are injected throughout) [default: 5].
+    /// chaos, recipient-churn: the fault period in minutes (faults are injected throughout)
+    /// [default: chaos 5, recipient-churn 2].
     #[arg(long, conflicts_with = "seconds")]
     minutes: Option<f64>,
-    /// chaos: the seed of the fault schedule [default: a random one, printed at the start and in the
-    /// verdict]; a failing run is replayed with its seed.
+    /// chaos: the seed of the fault schedule; recipient-churn: the seed of the receivers' comings
+    /// and goings [default: a random one, printed at the start and in the verdict]; a failing run is
+    /// replayed with its seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// Receivers confirm deliveries as real clients do (`ACK delivered` for the highest serverMsgId
-    /// seen, at most one per receiver per 100 ms) [default: on for chaos, off otherwise];
-    /// `--ack-delivered=false` turns it off.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    /// How receivers confirm deliveries: `seq` (as real clients: `ACK delivered` by from + seq per
+    /// conversation, coalesced per 100 ms), `id` (the older highest-serverMsgId form), `none`.
+    #[arg(long, value_enum, default_value_t = ReceiverAcks::Seq)]
+    acks: ReceiverAcks,
+    /// Receivers confirm `read` too.
+    #[arg(long)]
+    ack_read: bool,
+    /// Deprecated: `--ack-delivered` is `--acks id`, `--ack-delivered=false` is `--acks none`.
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     ack_delivered: Option<bool>,
+    /// Fraction of receiving users with two devices [default: recipient-churn 1/3, else 0].
+    #[arg(long)]
+    two_devices: Option<f64>,
+    /// Fraction of single-device receivers that reconnect with their own positions
+    /// (`?sync=manual` + `SYNC {positions}`) [default: recipient-churn 0.5, else 0].
+    #[arg(long)]
+    own_positions: Option<f64>,
+    /// recipient-churn: a device's mean time connected between leaving, seconds.
+    #[arg(long, default_value_t = 6.0)]
+    churn_online_secs: f64,
+    /// recipient-churn: a device's time away, seconds, uniform between these two.
+    #[arg(long, value_delimiter = ',', default_value = "0.2,3")]
+    churn_offline_secs: Vec<f64>,
     /// Crossed conversations: every sender sends every other message to the next pair's receiver,
-    /// so every receiver hears from two senders [default: on for chaos, off otherwise];
-    /// `--crossed=false` turns it off.
+    /// so every receiver hears from two senders [default: on for chaos and recipient-churn, off
+    /// otherwise]; `--crossed=false` turns it off.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     crossed: Option<bool>,
     /// Connections (users): half senders, half receivers [default: 200; slow-consumers 100; overload
@@ -130,10 +152,17 @@ impl DrillArgs {
             Drill::SlowConsumers | Drill::Overload => 20.0,
             Drill::DbOutage | Drill::RedisOutage => 10.0,
             Drill::Chaos => 60.0 * self.minutes.unwrap_or(CHAOS_MINUTES),
+            Drill::RecipientChurn => 60.0 * self.minutes.unwrap_or(RECIPIENT_CHURN_MINUTES),
         };
-        if self.minutes.is_some() && self.name != Drill::Chaos {
-            return Err(BenchError::InvalidSpec("--minutes is the chaos period; other drills take --seconds".into()));
+        if self.minutes.is_some() && !self.name.seeded() {
+            return Err(BenchError::InvalidSpec(
+                "--minutes is the chaos / recipient-churn period; other drills take --seconds".into(),
+            ));
         }
+        let offline = match self.churn_offline_secs.as_slice() {
+            [low, high] if low <= high => (secs(*low, "churn-offline-secs")?, secs(*high, "churn-offline-secs")?),
+            _ => return Err(BenchError::InvalidSpec("--churn-offline-secs takes LOW,HIGH".into())),
+        };
         let progress = secs(self.progress_secs, "progress-secs")?;
         let pairs = (connections / 2).max(1);
         let out = self.out.clone().unwrap_or_else(|| {
@@ -148,10 +177,20 @@ impl DrillArgs {
             slow_receivers: if slow { self.slow_fraction } else { 0.0 },
             slow_read_delay: Duration::from_millis(self.slow_read_ms),
             warmup: DRILL_WARMUP,
-            ack_delivered: self.ack_delivered.unwrap_or(self.name == Drill::Chaos),
-            crossed: self.crossed.unwrap_or(self.name == Drill::Chaos),
+            crossed: self.crossed.unwrap_or(self.name.seeded()),
             ..LoadSpec::default()
         };
+        let churn = self.name == Drill::RecipientChurn;
+        let receivers = ReceiverArgs {
+            acks: self.acks,
+            ack_read: self.ack_read,
+            two_devices: self.two_devices.unwrap_or(if churn { drill::RECIPIENT_CHURN_TWO_DEVICES } else { 0.0 }),
+            own_positions: self.own_positions.unwrap_or(if churn { drill::RECIPIENT_CHURN_OWN_POSITIONS } else { 0.0 }),
+            ack_delivered: self.ack_delivered,
+        };
+        spec.load = receivers.apply(spec.load)?;
+        spec.churn_online_mean = secs(self.churn_online_secs, "churn-online-secs")?;
+        spec.churn_offline = offline;
         spec.config = config;
         spec.gateways = self.size.gateways;
         spec.shards = self.size.shards;

@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use im_common::config::{Config, Mode};
 
 use crate::compare::ClusterOptions;
-use crate::spec::{AuthMode, LoadSpec};
+use crate::spec::{AuthMode, LoadSpec, ReceiverAcks};
 use crate::BenchError;
 
 pub use drill::DrillArgs;
@@ -87,10 +87,8 @@ pub struct LoadArgs {
     /// Seconds between progress lines on stderr (0: none).
     #[arg(long, default_value_t = 5.0)]
     progress_secs: f64,
-    /// Receivers confirm deliveries as a real client does: `ACK delivered` for the highest
-    /// serverMsgId seen so far, at most one per receiver per 100 ms.
-    #[arg(long)]
-    ack_delivered: bool,
+    #[command(flatten)]
+    receivers: ReceiverArgs,
     /// Crossed conversations: every sender sends every other message to the next pair's receiver,
     /// so every receiver hears from two senders.
     #[arg(long)]
@@ -120,9 +118,55 @@ impl LoadArgs {
             auth: self.auth,
             base_uid: self.base_uid,
             progress: (!progress.is_zero()).then_some(progress),
-            ack_delivered: self.ack_delivered,
             crossed: self.crossed,
-            ..LoadSpec::default()
+            ..self.receivers.apply(LoadSpec::default())?
+        })
+    }
+}
+
+/// How receiving devices behave, shared by `bench run`/`compare`/`sweep` and the drills.
+#[derive(Args, Debug, Clone)]
+pub struct ReceiverArgs {
+    /// How receivers confirm deliveries: `seq` (`ACK {ackType:"delivered", from, seq}` per
+    /// conversation up to the position held without a gap, coalesced per 100 ms, as a client
+    /// written from docs/PROTOCOL.md), `id` (the older `ACK {serverMsgId}` of the highest id seen), or
+    /// `none` (never: no receipts to senders, and every reconnect syncs everything again).
+    #[arg(long, value_enum, default_value_t = ReceiverAcks::Seq)]
+    pub acks: ReceiverAcks,
+    /// Receivers also confirm `read` (same position as each delivered confirmation).
+    #[arg(long)]
+    pub ack_read: bool,
+    /// Fraction of receiving users with two devices (each device is owed every message).
+    #[arg(long, default_value_t = 0.0)]
+    pub two_devices: f64,
+    /// Fraction of single-device receivers that connect with `?sync=manual` and send their own
+    /// positions (devices of two-device users always do).
+    #[arg(long, default_value_t = 0.0)]
+    pub own_positions: f64,
+    /// Deprecated: `--ack-delivered` is `--acks id`, `--ack-delivered=false` is `--acks none`.
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub ack_delivered: Option<bool>,
+}
+
+impl ReceiverArgs {
+    /// `spec` with these receivers.
+    pub fn apply(&self, spec: LoadSpec) -> Result<LoadSpec, BenchError> {
+        let acks = match self.ack_delivered {
+            Some(true) => ReceiverAcks::Id,
+            Some(false) => ReceiverAcks::None,
+            None => self.acks,
+        };
+        for (value, name) in [(self.two_devices, "two-devices"), (self.own_positions, "own-positions")] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(BenchError::InvalidSpec(format!("--{name} is a fraction between 0 and 1")));
+            }
+        }
+        Ok(LoadSpec {
+            acks,
+            ack_read: self.ack_read,
+            two_devices: self.two_devices,
+            own_positions: self.own_positions,
+            ..spec
         })
     }
 }

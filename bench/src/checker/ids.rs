@@ -41,7 +41,7 @@ pub fn messages_with_several_ids(senders: &[SenderLog], receivers: &[ReceiverLog
     let known: HashSet<u64> = senders.iter().map(|s| s.uid).collect();
     for r in receivers {
         for d in r.deliveries.iter().filter(|d| known.contains(&d.from)) {
-            note(d.from, d.seq, d.server_msg_id);
+            note(d.from, d.number, d.server_msg_id);
         }
     }
     for row in rows.iter().filter(|row| known.contains(&row.from)) {
@@ -90,9 +90,13 @@ mod tests {
         let messages = (0..n)
             .map(|seq| SentMsg { accepted: Some(1000 + seq), saved: Some(1000 + seq), ..Default::default() })
             .collect();
-        let deliveries = (0..n).map(|seq| Delivery { from: 1, seq, server_msg_id: 1000 + seq }).collect();
-        let rows = (0..n).map(|seq| DbRow { from: 1, client_msg_id: seq.to_string(), id: 1000 + seq }).collect();
-        (SenderLog { uid: 1, to: 2, messages }, ReceiverLog { uid: 2, deliveries, ..Default::default() }, rows)
+        let deliveries = (0..n).map(|seq| Delivery::new(1, seq, 1000 + seq)).collect();
+        let rows = (0..n).map(|seq| DbRow::new(1, seq.to_string(), 1000 + seq)).collect();
+        (
+            SenderLog { uid: 1, to: 2, messages, ..Default::default() },
+            ReceiverLog { uid: 2, deliveries, ..Default::default() },
+            rows,
+        )
     }
 
     #[test]
@@ -117,7 +121,7 @@ mod tests {
         // A push under another id (twice: still one message).
         let (s, mut r, rows) = clean(4);
         r.deliveries[1].server_msg_id = 8000;
-        r.deliveries.push(Delivery { from: 1, seq: 1, server_msg_id: 8001 });
+        r.deliveries.push(Delivery::new(1, 1, 8001));
         assert_eq!(messages_with_several_ids(&[s], &[r], &rows), 1);
         // A row under another id; and the accepted receipt disagreeing with the saved one.
         let (mut s, r, mut rows) = clean(4);
@@ -138,9 +142,9 @@ mod tests {
     #[test]
     fn strangers_pushes_and_rows_are_not_messages_of_the_run() {
         let (s, mut r, mut rows) = clean(2);
-        r.deliveries.push(Delivery { from: 99, seq: 0, server_msg_id: 5 });
-        rows.push(DbRow { from: 99, client_msg_id: "0".into(), id: 6 });
-        rows.push(DbRow { from: 1, client_msg_id: "not-a-number".into(), id: 7 });
+        r.deliveries.push(Delivery::new(99, 0, 5));
+        rows.push(DbRow::new(99, "0", 6));
+        rows.push(DbRow::new(1, "not-a-number", 7));
         assert_eq!(messages_with_several_ids(&[s], &[r], &rows), 0);
     }
 
@@ -160,7 +164,7 @@ mod tests {
         assert_eq!(saved_without_matching_row(std::slice::from_ref(&s), &rows), 1);
         // Another sender's row under a saved id (a colliding id), found by the lookup by id.
         let (s, _, mut rows) = clean(4);
-        rows[3] = DbRow { from: 77, client_msg_id: "3".into(), id: 1003 };
+        rows[3] = DbRow::new(77, "3", 1003);
         assert_eq!(saved_without_matching_row(&[s], &rows), 1);
     }
 

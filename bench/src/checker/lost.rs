@@ -33,9 +33,9 @@ pub struct LostPush {
 
 /// Every lost push [`super::check_deliveries`] counts (same rule), described.
 pub fn lost_pushes(senders: &[SenderLog], receivers: &[ReceiverLog]) -> Vec<LostPush> {
-    let gone: HashSet<u64> = receivers.iter().filter(|r| r.gone).map(|r| r.uid).collect();
+    let gone = super::gone_users(receivers);
     let reached: HashSet<(u64, u64)> =
-        receivers.iter().flat_map(|r| r.deliveries.iter().map(|d| (d.from, d.seq))).collect();
+        receivers.iter().flat_map(|r| r.deliveries.iter().map(|d| (d.from, d.number))).collect();
     let mut highest_seen: HashMap<u64, u64> = HashMap::new();
     let mut highest_seq: HashMap<(u64, u64), u64> = HashMap::new();
     for r in receivers {
@@ -43,7 +43,7 @@ pub fn lost_pushes(senders: &[SenderLog], receivers: &[ReceiverLog]) -> Vec<Lost
             let h = highest_seen.entry(r.uid).or_default();
             *h = (*h).max(d.server_msg_id);
             let s = highest_seq.entry((r.uid, d.from)).or_default();
-            *s = (*s).max(d.seq);
+            *s = (*s).max(d.number);
         }
     }
     let mut out = Vec::new();
@@ -78,9 +78,9 @@ mod tests {
     fn a_lost_push_is_described_against_what_its_receiver_saw() {
         // Two senders to receiver 9: sender 1's #1 (id 1002) never arrived, sender 2's #0 (id 1005) did.
         let sent = |ids: &[u64]| ids.iter().map(|&id| SentMsg { saved: Some(id), ..Default::default() }).collect();
-        let one = SenderLog { uid: 1, to: 9, messages: sent(&[1001, 1002, 1006]) };
-        let two = SenderLog { uid: 2, to: 9, messages: sent(&[1005]) };
-        let push = |from, seq, id| Delivery { from, seq, server_msg_id: id };
+        let one = SenderLog { uid: 1, to: 9, messages: sent(&[1001, 1002, 1006]), ..Default::default() };
+        let two = SenderLog { uid: 2, to: 9, messages: sent(&[1005]), ..Default::default() };
+        let push = |from, seq, id| Delivery::new(from, seq, id);
         let r = ReceiverLog { uid: 9, deliveries: vec![push(1, 0, 1001), push(2, 0, 1005)], ..Default::default() };
         let lost = lost_pushes(&[one.clone(), two.clone()], std::slice::from_ref(&r));
         assert_eq!(

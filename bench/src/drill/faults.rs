@@ -68,7 +68,9 @@ impl DrillRun<'_> {
                     other => format!("appendfsync {other}: the OS decides when to flush; no durability promise"),
                 });
             }
-            Drill::WorkerKill => {
+            Drill::WorkerKill | Drill::RecipientChurn => {
+                // recipient-churn: the receivers come and go by themselves (the load's churn); the
+                // drill kills shard owners under them.
                 let until = began + spec.fault;
                 let mut kills = 0;
                 while Instant::now() < until {

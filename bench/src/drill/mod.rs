@@ -58,11 +58,12 @@ pub enum Drill {
     SlowConsumers,
     Overload,
     Chaos,
+    RecipientChurn,
 }
 
 impl Drill {
     /// Every drill, in the order `ops drill all` would run them.
-    pub const ALL: [Drill; 8] = [
+    pub const ALL: [Drill; 9] = [
         Drill::DbOutage,
         Drill::WorkerKill,
         Drill::RedisOutage,
@@ -71,6 +72,7 @@ impl Drill {
         Drill::SlowConsumers,
         Drill::Overload,
         Drill::Chaos,
+        Drill::RecipientChurn,
     ];
 
     /// The drill's command-line name.
@@ -84,7 +86,13 @@ impl Drill {
             Drill::SlowConsumers => "slow-consumers",
             Drill::Overload => "overload",
             Drill::Chaos => "chaos",
+            Drill::RecipientChurn => "recipient-churn",
         }
+    }
+
+    /// Whether the drill draws from a seed (`--seed`).
+    pub fn seeded(self) -> bool {
+        matches!(self, Drill::Chaos | Drill::RecipientChurn)
     }
 
     /// Parses [`Drill::name`]'s output (the same names the command line takes).
@@ -138,21 +146,30 @@ pub struct DrillSpec {
     pub lead: Duration,
     /// Load kept up after the fault, to watch the recovery under load.
     pub tail: Duration,
-    /// `chaos`: the seed of the fault schedule (`None`: a random one, printed and kept in the verdict).
+    /// `chaos`: the seed of the fault schedule; `recipient-churn`: the seed of the receivers'
+    /// comings and goings (`None`: a random one, printed and kept in the verdict).
     pub seed: Option<u64>,
+    /// `recipient-churn`: how long a receiving device stays connected on average, and how long it
+    /// stays away (uniform between the two).
+    pub churn_online_mean: Duration,
+    pub churn_offline: (Duration, Duration),
 }
 
 impl DrillSpec {
     /// A drill with the defaults of `bench drill`: 200 connections at 400 msg/s over 2 gateways and
-    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail. In the chaos drill only,
-    /// receivers confirm deliveries (`ACK delivered`) and conversations are crossed (every receiver
-    /// hears from two senders).
+    /// 4 shards with one standby worker, a 4 s lead and an 8 s tail. Receivers confirm deliveries as
+    /// real clients do (`ACK delivered` by seq, coalesced) in every drill. In the chaos and
+    /// recipient-churn drills conversations are crossed (every receiver hears from two senders); in
+    /// recipient-churn a third of the receiving users have two devices and half of the other devices
+    /// sync with their own positions.
     pub fn new(drill: Drill, fault: Duration, out: PathBuf) -> DrillSpec {
+        let churn = drill == Drill::RecipientChurn;
         let load = LoadSpec {
             connections: 200,
             interval: LoadSpec::interval_for_rate(100, 400.0),
-            ack_delivered: drill == Drill::Chaos,
-            crossed: drill == Drill::Chaos,
+            crossed: drill.seeded(),
+            two_devices: if churn { RECIPIENT_CHURN_TWO_DEVICES } else { 0.0 },
+            own_positions: if churn { RECIPIENT_CHURN_OWN_POSITIONS } else { 0.0 },
             ..LoadSpec::default()
         };
         DrillSpec {
@@ -174,9 +191,18 @@ impl DrillSpec {
             lead: Duration::from_secs(4),
             tail: Duration::from_secs(8),
             seed: None,
+            churn_online_mean: RECIPIENT_CHURN_ONLINE_MEAN,
+            churn_offline: RECIPIENT_CHURN_OFFLINE,
         }
     }
 }
+
+/// recipient-churn: the share of receiving users with two devices, the share of the other devices
+/// that sync with their own positions, a device's mean time connected, and its time away.
+pub const RECIPIENT_CHURN_TWO_DEVICES: f64 = 1.0 / 3.0;
+pub const RECIPIENT_CHURN_OWN_POSITIONS: f64 = 0.5;
+pub const RECIPIENT_CHURN_ONLINE_MEAN: Duration = Duration::from_secs(6);
+pub const RECIPIENT_CHURN_OFFLINE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(3));
 
 /// Runs the drill (twice for `redis-outage` without a fixed fail-open setting; a control run first
 /// for `slow-consumers`) and returns a verdict per run.

@@ -14,8 +14,8 @@ use super::monitor::{monitor, wait_for_traffic};
 use super::{Drill, DrillCluster, DrillSpec, DrillVerdict, STATE_FILE};
 use crate::load::run_load;
 use crate::recorder::Percentiles;
-use crate::run::check_db;
-use crate::spec::{LoadSpec, Target};
+use crate::run::check_db_all;
+use crate::spec::{Churn, LoadSpec, Target};
 use crate::BenchError;
 
 /// A lease this short moves a killed owner's shard within a couple of seconds.
@@ -84,10 +84,12 @@ impl<'a> DrillRun<'a> {
             // Admission control must bite before memory does.
             config.two_phase.max_backlog = config.two_phase.max_backlog.min(OVERLOAD_MAX_BACKLOG);
         }
-        let seed = (spec.drill == Drill::Chaos).then(|| spec.seed.unwrap_or_else(rand::random));
+        let seed = spec.drill.seeded().then(|| spec.seed.unwrap_or_else(rand::random));
         if let Some(seed) = seed {
-            config.gateway.route_ttl_ms = config.gateway.route_ttl_ms.min(CHAOS_ROUTE_TTL_MS);
-            eprintln!("[chaos] seed {seed} (replay this schedule with --seed {seed})");
+            if spec.drill == Drill::Chaos {
+                config.gateway.route_ttl_ms = config.gateway.route_ttl_ms.min(CHAOS_ROUTE_TTL_MS);
+            }
+            eprintln!("[{}] seed {seed} (replay with --seed {seed})", spec.drill.name());
             variant.push(format!("seed={seed}"));
         }
         let name = if variant.is_empty() {
@@ -145,6 +147,14 @@ impl<'a> DrillRun<'a> {
                 self.load.reconnect = true;
                 self.load.storm = Some(crate::load::ReconnectStorm::new());
             }
+            Drill::RecipientChurn => {
+                self.load.reconnect = true;
+                self.load.churn = Some(Churn {
+                    online_mean: spec.churn_online_mean,
+                    offline: spec.churn_offline,
+                    seed: self.seed.unwrap_or_default(),
+                });
+            }
             Drill::Overload => {
                 self.load.interval = LoadSpec::interval_for_rate(self.load.pairs(), 2.0 * spec.max_rate);
             }
@@ -157,7 +167,7 @@ impl<'a> DrillRun<'a> {
         };
         self.load.duration = window;
         self.load.drain = match spec.drill {
-            Drill::Chaos => self.load.drain.max(CHAOS_DRAIN),
+            Drill::Chaos | Drill::RecipientChurn => self.load.drain.max(CHAOS_DRAIN),
             _ => self.load.drain.max(spec.fault + DRAIN_BEYOND_FAULT),
         };
 
@@ -196,7 +206,9 @@ impl<'a> DrillRun<'a> {
             Err(e) => return Err(BenchError::InvalidSpec(format!("load task failed: {e}"))),
         };
         let state = self.cluster.snapshot();
-        let rows = check_db(&state.mysql_url, &result).await?;
+        let mut result = result;
+        let (rows, recipients) = check_db_all(&state.mysql_url, &result).await?;
+        result.recipients = recipients;
 
         let verdict = self.verdict(&result, &rows, &samples, fault, checks, control_e2e_p99);
         let json = serde_json::to_string_pretty(&verdict).unwrap_or_default();

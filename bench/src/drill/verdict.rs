@@ -12,7 +12,7 @@ use super::faults::FaultWindow;
 use super::monitor::Sample;
 use super::session::DrillRun;
 use super::{ChaosReport, Drill};
-use crate::checker::{self, LostPush, Reorder, RowVerdict};
+use crate::checker::{self, LostPush, RecipientVerdict, Reorder, RowVerdict};
 use crate::load::{LoadResult, SLOW_RECEIVER_PREFIX};
 use crate::recorder::Percentiles;
 
@@ -62,6 +62,9 @@ pub struct DrillVerdict {
     pub errored: u64,
     /// Neither `ACK(saved)` nor `ERROR` by the end of the drain.
     pub unanswered: u64,
+    /// The first unanswered messages: `sender #number → to (accepted id, resends, delivered)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unanswered_examples: Vec<String>,
     pub delivered: u64,
     /// Receipted messages never pushed to their receiver plus receipted messages without a row.
     pub lost: u64,
@@ -82,8 +85,12 @@ pub struct DrillVerdict {
     pub duplicate_deliveries: u64,
     pub reorders: u64,
     /// Of the reorders, those on a connection a receiver opened by reconnecting (an older message
-    /// that arrived, e.g. by offline resend, after a newer one on that connection).
+    /// that arrived by the sync at connect after a newer live one on that connection).
     pub reorders_after_reconnect: u64,
+    /// Of the reorders, those a sync does not explain (first connection, no gap sync of that
+    /// sender before): pushes that left the engine out of order (SPEC §3.4). Must be 0. The others
+    /// are a sync's pushes interleaving with live ones, which docs/PROTOCOL.md allows.
+    pub reorders_live: u64,
     /// The first reorders, with where they happened.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reorder_examples: Vec<Reorder>,
@@ -97,8 +104,17 @@ pub struct DrillVerdict {
     pub saved_without_matching_row: u64,
     /// Client reconnects (load with reconnect on).
     pub reconnects: u64,
-    /// `ACK delivered` frames the receivers sent (load with `ack_delivered`).
+    /// How the receivers confirmed (`seq`, `id`, `none`), and the `ACK delivered` / `ACK read`
+    /// frames they sent.
+    pub acks: String,
     pub delivered_acks: u64,
+    pub read_acks: u64,
+    /// `RECEIPT` frames the senders got.
+    pub receipts: u64,
+    /// Per receiving device: missing messages, seq gaps, receipts (SPEC §3.10–3.11; see
+    /// [`checker::RecipientVerdict`]). Its counts that must be 0 fail the verdict.
+    #[serde(flatten)]
+    pub recipients: RecipientVerdict,
     /// Highest total backlog seen (unsaved stream entries, all shards).
     pub backlog_peak: f64,
     /// Backlog before the fault (highest sample), the level "recovered" returns to.
@@ -151,6 +167,50 @@ impl DrillVerdict {
             "  one message, several ids {}  receipt without matching row {}  id mismatches {}\n",
             self.messages_with_several_ids, self.saved_without_matching_row, self.id_mismatches
         );
+        let r = &self.recipients;
+        out += &format!(
+            "  devices {} ({} users with two, {} gone): missing on device {} (after reconnect {}, on gone devices {})  \
+             seq gaps {}  seq mismatches {}  pushes without seq {}\n",
+            r.devices,
+            r.multi_device_users,
+            r.devices_gone,
+            r.missing_on_device,
+            r.missing_after_reconnect,
+            r.missing_on_gone_devices,
+            r.seq_gaps,
+            r.seq_mismatches,
+            r.pushes_without_seq
+        );
+        out += &format!(
+            "  acks {} (delivered {}, read {}): receipts {} — missing {} of {} conversations ({} seqs behind), read \
+             missing {}, regressions {}; gap syncs {}, own-position syncs {}\n",
+            self.acks,
+            self.delivered_acks,
+            self.read_acks,
+            self.receipts,
+            r.receipts_missing,
+            r.conversations,
+            r.receipt_seqs_behind,
+            r.read_receipts_missing,
+            r.receipt_regressions,
+            r.gap_syncs,
+            r.own_position_syncs
+        );
+        if r.rows_with_seq {
+            out += &format!(
+                "  rows: seq gaps {}  seqs reused {}  rows without seq {}\n",
+                r.row_seq_gaps, r.row_seq_reused, r.rows_without_seq
+            );
+        }
+        for e in r.seq_examples.iter().take(3) {
+            out += &format!("  seq: {e}\n");
+        }
+        if let Some(m) = r.missing_examples.first() {
+            out += &format!(
+                "  missing e.g. user {} device {}: {}'s #{} (seq {:?}; {} reconnects; later seq held: {})\n",
+                m.to, m.device, m.from, m.number, m.seq, m.reconnects, m.later_seq_held
+            );
+        }
         if self.lost_pushes > 0 {
             out += &format!(
                 "  lost pushes: {} below the highest id their receiver saw from anyone (a delivered cursor there skips \
@@ -176,9 +236,10 @@ impl DrillVerdict {
                 })
                 .collect();
             out += &format!(
-                "  reorders: {} on connections opened by a reconnect, {} on first connections; e.g. {}\n",
+                "  reorders: {} on connections opened by a reconnect, {} after a gap sync, {} live (must be 0); e.g. {}\n",
                 self.reorders_after_reconnect,
-                self.reorders - self.reorders_after_reconnect,
+                self.reorders - self.reorders_after_reconnect - self.reorders_live,
+                self.reorders_live,
                 examples.join("; ")
             );
         }
@@ -197,6 +258,9 @@ impl DrillVerdict {
         }
         if let Some(chaos) = &self.chaos {
             out += &format!("  chaos seed {} (replay: --seed {}): {}\n", chaos.seed, chaos.seed, chaos.summary());
+        }
+        for u in self.unanswered_examples.iter().take(3) {
+            out += &format!("  unanswered: {u}\n");
         }
         for c in &self.checks {
             out += &format!("  [{}] {}: {}\n", if c.passed { "ok" } else { "FAIL" }, c.name, c.detail);
@@ -339,6 +403,28 @@ impl DrillRun<'_> {
                     format!("{} undelivered, {} lost", v.undelivered_receiver_gone, v.lost),
                 ));
             }
+            Drill::RecipientChurn => {
+                let r = &result.recipients;
+                let churned = errors.get(crate::load::CHURN_CLOSE_LABEL).copied().unwrap_or(0);
+                checks.push(Check::new(
+                    "receivers_churned",
+                    churned > 0 && result.reconnects > 0,
+                    format!("{churned} devices left on their own; {} reconnects", result.reconnects),
+                ));
+                checks.push(Check::new(
+                    "devices_mixed",
+                    r.multi_device_users > 0 && r.own_position_syncs > 0,
+                    format!(
+                        "{} users with two devices; {} reconnections with the device's own positions",
+                        r.multi_device_users, r.own_position_syncs
+                    ),
+                ));
+                checks.push(Check::new(
+                    "receivers_connected_at_the_end",
+                    r.devices_gone == 0,
+                    format!("{} devices not connected at the end", r.devices_gone),
+                ));
+            }
             Drill::Chaos => {
                 let mut other: BTreeMap<&str, u64> = BTreeMap::new();
                 let mut allowed = 0;
@@ -405,11 +491,46 @@ impl DrillRun<'_> {
             }
         }
         let reorders = checker::reorders(&result.receivers);
+        let delivered: std::collections::HashSet<(u64, u64)> =
+            result.receivers.iter().flat_map(|r| r.deliveries.iter().map(|d| (d.from, d.number))).collect();
+        let unanswered_examples: Vec<String> = result
+            .senders
+            .iter()
+            .flat_map(|s| s.messages.iter().enumerate().map(move |(n, m)| (s, n, m)))
+            .filter(|(_, _, m)| m.saved.is_none() && m.error.is_none())
+            .take(LOST_EXAMPLES)
+            .map(|(s, n, m)| {
+                format!(
+                    "{} #{n} → {} (accepted {:?}, {} resends, {})",
+                    s.uid,
+                    m.to.unwrap_or(s.to),
+                    m.accepted,
+                    m.resends,
+                    if delivered.contains(&(s.uid, n as u64)) { "delivered" } else { "not delivered" }
+                )
+            })
+            .collect();
         let lost_pushes = checker::lost_pushes(&result.senders, &result.receivers);
         let lost = v.lost + rows.missing;
+        let reorders_live = reorders.iter().filter(|o| !o.by_sync()).count() as u64;
+        let recipients = result.recipients.clone();
+        let recipient_problems = recipients.problems(self.load.receiver_acks().confirms());
+        checks.push(Check::new(
+            "recipients_lose_nothing",
+            recipient_problems.is_empty(),
+            if recipient_problems.is_empty() {
+                format!(
+                    "every one of {} devices got every message owed, seqs without gaps{}",
+                    recipients.devices,
+                    if self.load.receiver_acks().confirms() { ", receipts up to the last seq" } else { "" }
+                )
+            } else {
+                recipient_problems.iter().map(|(n, what)| format!("{n} {what}")).collect::<Vec<_>>().join("; ")
+            },
+        ));
         let passed = lost == 0
             && rows.duplicated == 0
-            && v.reorders == 0
+            && reorders_live == 0
             && rows.messages_with_several_ids == 0
             && rows.saved_without_matching_row == 0
             && checks.iter().all(|c| c.passed);
@@ -424,6 +545,7 @@ impl DrillRun<'_> {
             saved: v.saved,
             errored: v.errored,
             unanswered: v.unanswered,
+            unanswered_examples,
             delivered: v.delivered,
             lost,
             lost_pushes: v.lost,
@@ -438,12 +560,17 @@ impl DrillRun<'_> {
             duplicate_deliveries: v.duplicates,
             reorders: v.reorders,
             reorders_after_reconnect: reorders.iter().filter(|o| o.connection > 0).count() as u64,
+            reorders_live,
             reorder_examples: reorders.into_iter().take(REORDER_EXAMPLES).collect(),
             id_mismatches: v.id_mismatches + rows.id_mismatches,
             messages_with_several_ids: rows.messages_with_several_ids,
             saved_without_matching_row: rows.saved_without_matching_row,
             reconnects: result.reconnects,
+            acks: format!("{:?}", self.load.receiver_acks()).to_lowercase(),
             delivered_acks: result.delivered_acks,
+            read_acks: result.read_acks,
+            receipts: result.receipts,
+            recipients,
             backlog_peak: peak,
             backlog_before: before,
             time_to_recover_secs: time_to_recover,

@@ -18,6 +18,8 @@ pub(super) const ACK_EVERY: Duration = Duration::from_millis(100);
 #[derive(Debug, Default)]
 pub(super) struct DeliveredAcks {
     highest_seen: u64,
+    /// The push of `highest_seen`: its sender and seq (for the drain's receipt ledger).
+    highest_at: Option<(u64, u64)>,
     highest_sent: u64,
     last_sent: Option<Instant>,
 }
@@ -26,6 +28,19 @@ impl DeliveredAcks {
     /// A push of `server_msg_id` arrived.
     pub fn seen(&mut self, server_msg_id: u64) {
         self.highest_seen = self.highest_seen.max(server_msg_id);
+    }
+
+    /// A push of `server_msg_id` from `peer` at `seq` arrived.
+    pub fn seen_at(&mut self, server_msg_id: u64, peer: u64, seq: Option<u64>) {
+        if server_msg_id > self.highest_seen {
+            self.highest_at = seq.map(|s| (peer, s));
+        }
+        self.seen(server_msg_id);
+    }
+
+    /// The sender and seq of the highest id seen, when its push had a seq.
+    pub fn highest_at(&self) -> Option<(u64, u64)> {
+        self.highest_at
     }
 
     /// When the next confirmation is due (`None`: nothing new to confirm): at once, or

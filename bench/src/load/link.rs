@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use im_common::backoff::Backoff;
 
-use crate::client::{self, WsReader, WsWriter};
-use crate::plan::Pair;
+use crate::client::{self, ConnectOptions, WsReader, WsWriter};
+use crate::plan::{self, Pair};
 use crate::recorder::{Counters, Latency, Recorder};
 use crate::spec::{AuthMode, FrontDoor, LoadSpec, Target};
 
@@ -40,7 +40,7 @@ pub(super) struct Link {
     token: Arc<str>,
     auth: AuthMode,
     timeout: Duration,
-    recv_buffer: Option<u32>,
+    options: ConnectOptions,
     /// The gateway currently connected to (index into `urls`).
     gateway: usize,
     /// Whether to reconnect at all.
@@ -48,17 +48,22 @@ pub(super) struct Link {
 }
 
 impl Link {
-    pub fn new(target: &Target, spec: &LoadSpec, uid: u64, gateway: usize, recv_buffer: Option<u32>) -> Link {
+    pub fn new(target: &Target, spec: &LoadSpec, uid: u64, gateway: usize, options: ConnectOptions) -> Link {
         Link {
             uid,
             urls: target.front_door.clone().unwrap_or_else(|| FrontDoor::new(target.ws_urls.clone())),
             token: im_common::auth::issue_token(&target.jwt_secret, uid, TOKEN_TTL_SECS).into(),
             auth: spec.auth,
             timeout: spec.connect_timeout,
-            recv_buffer,
+            options,
             gateway,
             enabled: spec.reconnect,
         }
+    }
+
+    /// Whether the connection is opened with `?sync=manual`.
+    pub fn manual_sync(&self) -> bool {
+        self.options.manual_sync
     }
 
     /// Connects again, to the next gateway in the front door's list each attempt, with exponential
@@ -77,7 +82,7 @@ impl Link {
             }
             self.gateway = (self.gateway + 1) % urls.len();
             let url = &urls[self.gateway];
-            match client::connect_with(url, &self.token, self.auth, self.timeout, self.recv_buffer).await {
+            match client::connect_with(url, &self.token, self.auth, self.timeout, self.options).await {
                 Ok(conn) => {
                     Counters::bump(&rec.counters.reconnects);
                     return Some(conn);
@@ -88,28 +93,59 @@ impl Link {
     }
 }
 
-/// Opens every pair's two connections, at most `connect_concurrency` at a time, each on its own task
-/// (the handshakes' CPU work spreads over all cores). Returns (sender, receiver) per pair.
+/// How device `device` of pair `index`'s receiver connects: a slow receiver's small buffer (device 0
+/// only), and `?sync=manual` for a device that syncs with its own positions.
+pub(super) fn device_options(spec: &LoadSpec, pair: &Pair, device: u8) -> ConnectOptions {
+    let devices = plan::devices_of(pair.receiver, spec.two_devices);
+    ConnectOptions {
+        recv_buffer: (device == 0 && is_slow(spec, pair.index)).then_some(SLOW_RECV_BUFFER),
+        manual_sync: plan::own_positions(pair.receiver, device, devices, spec.own_positions),
+    }
+}
+
+/// The gateway of device `device` of pair `pair`'s receiver.
+pub(super) fn device_gateway(pair: &Pair, device: u8, gateways: usize) -> usize {
+    if device == 0 {
+        pair.receiver_gateway
+    } else {
+        plan::device_gateway(pair.receiver, device, gateways)
+    }
+}
+
+/// One pair's connections at the start: its sender's, and one per device of its receiver.
+pub(super) struct PairConns {
+    pub sender: Option<Conn>,
+    pub devices: Vec<Option<Conn>>,
+}
+
+/// Opens every pair's connections (its sender's, and each of its receiver's devices'), at most
+/// `connect_concurrency` at a time, each on its own task (the handshakes' CPU work spreads over all
+/// cores).
 pub(super) async fn connect_all(
     target: &Target,
     spec: &LoadSpec,
     pairs: &[Pair],
     rec: &Arc<Recorder>,
-) -> Vec<(Option<Conn>, Option<Conn>)> {
-    // Collected first: a borrowing iterator inside the stream would keep the future from being spawned.
-    let jobs: Vec<(usize, bool, u64, usize)> = pairs
-        .iter()
-        .flat_map(|p| [(p.index, true, p.sender, p.sender_gateway), (p.index, false, p.receiver, p.receiver_gateway)])
-        .collect();
+) -> Vec<PairConns> {
+    // Collected first: a borrowing iterator inside the stream would keep the future from being
+    // spawned. `None` as the device: the sender.
+    let gateways = target.ws_urls.len();
+    let mut jobs: Vec<(usize, Option<u8>, u64, usize, ConnectOptions)> = Vec::new();
+    for p in pairs {
+        jobs.push((p.index, None, p.sender, p.sender_gateway, ConnectOptions::default()));
+        for device in 0..plan::devices_of(p.receiver, spec.two_devices) {
+            let options = device_options(spec, p, device);
+            jobs.push((p.index, Some(device), p.receiver, device_gateway(p, device, gateways), options));
+        }
+    }
     let attempts = futures_util::stream::iter(jobs)
-        .map(|(index, is_sender, uid, gateway)| {
+        .map(|(index, device, uid, gateway, options)| {
             let url = target.ws_urls[gateway].clone();
             let token = im_common::auth::issue_token(&target.jwt_secret, uid, TOKEN_TTL_SECS);
             let (auth, timeout, rec) = (spec.auth, spec.connect_timeout, rec.clone());
-            let buffer = (!is_sender && is_slow(spec, index)).then_some(SLOW_RECV_BUFFER);
             tokio::spawn(async move {
                 let began = Instant::now();
-                let result = client::connect_with(&url, &token, auth, timeout, buffer).await;
+                let result = client::connect_with(&url, &token, auth, timeout, options).await;
                 match &result {
                     Ok(_) => {
                         Counters::bump(&rec.counters.connect_ok);
@@ -126,16 +162,22 @@ pub(super) async fn connect_all(
                         rec.error(&e.label());
                     }
                 }
-                (index, is_sender, result.ok())
+                (index, device, result.ok())
             })
         })
         .buffer_unordered(spec.connect_concurrency);
-    let mut out: Vec<(Option<Conn>, Option<Conn>)> = (0..pairs.len()).map(|_| (None, None)).collect();
+    let mut out: Vec<PairConns> = pairs
+        .iter()
+        .map(|p| PairConns {
+            sender: None,
+            devices: (0..plan::devices_of(p.receiver, spec.two_devices)).map(|_| None).collect(),
+        })
+        .collect();
     let mut attempts = std::pin::pin!(attempts);
     while let Some(done) = attempts.next().await {
         match done {
-            Ok((index, true, conn)) => out[index].0 = conn,
-            Ok((index, false, conn)) => out[index].1 = conn,
+            Ok((index, None, conn)) => out[index].sender = conn,
+            Ok((index, Some(device), conn)) => out[index].devices[usize::from(device)] = conn,
             Err(_) => {
                 Counters::bump(&rec.counters.connect_fail);
                 rec.error("connect_task_failed");
@@ -146,7 +188,7 @@ pub(super) async fn connect_all(
 }
 
 /// The error label of a connection the gateway closed.
-pub(super) fn close_label(code: u16, reason: &str) -> String {
+pub(crate) fn close_label(code: u16, reason: &str) -> String {
     if reason.is_empty() {
         format!("closed_{code}")
     } else {

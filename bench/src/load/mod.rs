@@ -17,6 +17,7 @@
 //! Checking rows against the database is [`crate::run()`]'s job, not this module's.
 
 mod delivered;
+pub(crate) mod device;
 mod link;
 mod progress;
 mod receiver;
@@ -37,24 +38,30 @@ use tokio_util::task::TaskTracker;
 
 use im_common::config::Mode;
 
-use crate::checker::{self, DeliveryVerdict, ReceiverLog, SenderLog};
+use crate::checker::{self, DeliveryVerdict, ReceiverLog, RecipientVerdict, SenderLog};
 use crate::cpu::{self, ProcessCpu};
 use crate::plan;
 use crate::recorder::{CounterSnapshot, Histograms, Recorder};
 use crate::spec::{LoadSpec, Target};
 use crate::BenchError;
 
-use link::{connect_all, is_slow, Link, SLOW_RECV_BUFFER};
+use link::{connect_all, device_gateway, device_options, is_slow, Link};
 use progress::{progress_loop, Phase};
 use schedule::Schedule;
 use sender::{spawn_sender, SenderOptions, SenderTasks};
 
+pub(crate) use link::close_label;
+pub use receiver::CHURN_CLOSE_LABEL;
 pub use storm::ReconnectStorm;
 
 /// A receiver (or an idle sender) sends `PING` this often, well under the gateway's idle timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// After everything is answered and delivered, how long to keep listening for late duplicates.
 const LINGER: Duration = Duration::from_millis(300);
+/// With confirming receivers: how long everything must stay complete (every device holding what it
+/// is owed, every confirmed position back at its sender as a receipt) before the drain ends — a
+/// confirmation goes out up to 100 ms after its push and the gateway relays it coalesced.
+const RECEIPT_SETTLE: Duration = Duration::from_millis(1500);
 /// How long connection tasks get to finish after shutdown before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often the drain looks at the counters.
@@ -127,8 +134,18 @@ pub struct LoadResult {
     pub reconnects: u64,
     /// Messages sent again after a reconnect, under the same clientMsgId.
     pub resent: u64,
-    /// `ACK delivered` frames the receivers sent (with [`LoadSpec::ack_delivered`]).
+    /// `ACK delivered` / `ACK read` frames the receivers sent (see [`LoadSpec::acks`]).
     pub delivered_acks: u64,
+    pub read_acks: u64,
+    /// `SYNC {peer, afterSeq}` the devices sent for gaps in live pushes; reconnections that sent
+    /// their own positions; `SYNC_DONE`s received; `RECEIPT`s the senders received.
+    pub gap_syncs: u64,
+    pub own_position_syncs: u64,
+    pub sync_dones: u64,
+    pub receipts: u64,
+    /// Per receiving device (see [`checker::check_recipients`]), from the logs alone; the row check
+    /// ([`crate::run::check_db_all`]) judges it again with the rows' seqs.
+    pub recipients: RecipientVerdict,
 }
 
 impl LoadResult {
@@ -158,9 +175,12 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         tokio::spawn(progress_loop(rec, phase, label, every, spec.pairs() * 2, done))
     });
 
+    let devices: std::collections::HashMap<u64, u64> =
+        pairs.iter().map(|p| (p.receiver, u64::from(plan::devices_of(p.receiver, spec.two_devices)))).collect();
+    rec.ledger.set_devices(devices);
     let conns = connect_all(target, spec, &pairs, &rec).await;
     let connections = ConnectionCounts::from(rec.counters.snapshot());
-    if conns.iter().all(|(s, r)| s.is_none() || r.is_none()) {
+    if conns.iter().all(|c| c.sender.is_none() || c.devices.iter().all(Option::is_none)) {
         progress_done.cancel();
         return Err(BenchError::NothingConnected(connections.connect_fail + connections.auth_fail));
     }
@@ -180,24 +200,36 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     phase.store(Phase::Settling as u8, Ordering::Relaxed);
     let mut sender_tasks = Vec::new();
     let mut receiver_tasks = Vec::new();
-    let receiver_up: Vec<bool> = conns.iter().map(|(_, receiver)| receiver.is_some()).collect();
+    let receiver_up: Vec<bool> = conns.iter().map(|c| c.devices.iter().any(Option::is_some)).collect();
     let cross = cross_receivers(spec.crossed, &pairs, &receiver_up);
-    for ((pair, (sender, receiver)), cross_to) in pairs.iter().zip(conns).zip(cross) {
-        let Some(conn) = receiver else { continue };
-        let slow = is_slow(spec, pair.index);
-        let link = Link::new(target, spec, pair.receiver, pair.receiver_gateway, slow.then_some(SLOW_RECV_BUFFER));
-        let behaviour = receiver::Behaviour {
-            pace: slow.then_some(spec.slow_read_delay),
-            ack_delivered: spec.ack_delivered,
-            storm: spec.storm.as_ref().map(ReconnectStorm::watch),
-        };
-        receiver_tasks.push((
-            pair.receiver,
-            tasks.spawn(receiver::receive(conn, link, behaviour, rec.clone(), schedule.clone(), shutdown.clone())),
-        ));
-        // A sender without its receiver stays silent: its pushes could only be counted as lost.
-        if let Some(conn) = sender {
-            let link = Link::new(target, spec, pair.sender, pair.sender_gateway, None);
+    let gateways = target.ws_urls.len();
+    for ((pair, conns), cross_to) in pairs.iter().zip(conns).zip(cross) {
+        let any_device = conns.devices.iter().any(Option::is_some);
+        for (device, conn) in conns.devices.into_iter().enumerate() {
+            let device = device as u8;
+            let Some(conn) = conn else {
+                receiver_tasks.push((pair.receiver, device, None));
+                continue;
+            };
+            let slow = device == 0 && is_slow(spec, pair.index);
+            let options = device_options(spec, pair, device);
+            let link = Link::new(target, spec, pair.receiver, device_gateway(pair, device, gateways), options);
+            let behaviour = receiver::Behaviour {
+                pace: slow.then_some(spec.slow_read_delay),
+                acks: spec.receiver_acks(),
+                ack_read: spec.ack_read,
+                storm: spec.storm.as_ref().map(ReconnectStorm::watch),
+                device,
+                primary: device == 0,
+                churn: spec.churn.map(|c| receiver::ChurnState::new(c, pair.receiver, device, schedule.stop)),
+            };
+            let task =
+                tasks.spawn(receiver::receive(conn, link, behaviour, rec.clone(), schedule.clone(), shutdown.clone()));
+            receiver_tasks.push((pair.receiver, device, Some(task)));
+        }
+        // A sender without any device of its receiver stays silent: its pushes could only be lost.
+        if let (Some(conn), true) = (conns.sender, any_device) {
+            let link = Link::new(target, spec, pair.sender, pair.sender_gateway, Default::default());
             let options = SenderOptions { storm: spec.storm.as_ref().map(ReconnectStorm::watch), cross_to };
             sender_tasks.push(spawn_sender(conn, link, options, pair, &rec, &schedule, &shutdown, &tasks));
         }
@@ -213,7 +245,7 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     phase.store(Phase::Draining as u8, Ordering::Relaxed);
     let (cpu, bench_cpu_secs) = cpu::usage(&target.processes, &cpu_start, &cpu_end);
 
-    let drain_used = drain(&rec, schedule.stop, spec.drain).await;
+    let drain_used = drain(&rec, schedule.stop, spec.drain, spec.receiver_acks().confirms()).await;
     shutdown.cancel();
     tasks.close();
     // Whatever has not ended by then is abandoned (and counted) in `finish`.
@@ -226,10 +258,12 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         let _ = progress.await;
     }
     let verdict = checker::check_deliveries(&senders, &receivers);
+    let recipients = checker::check_recipients(&senders, &receivers, None, spec.ack_read);
     // Sends are counted from the logs with the same rule the latency histograms use, so the window's
     // rate and CPU per message cover exactly the measured messages.
     let sent_in_window =
         senders.iter().flat_map(|s| &s.messages).filter(|m| schedule.measured(m.sent_at_us)).count() as u64;
+    let end = rec.counters.snapshot();
     Ok(LoadResult {
         mode: target.mode,
         spec: spec.clone(),
@@ -251,9 +285,15 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         drain_used,
         cpu,
         bench_cpu_secs,
-        reconnects: rec.counters.snapshot().reconnects,
-        resent: rec.counters.snapshot().resent,
-        delivered_acks: rec.counters.snapshot().delivered_acks,
+        reconnects: end.reconnects,
+        resent: end.resent,
+        delivered_acks: end.delivered_acks,
+        read_acks: end.read_acks,
+        gap_syncs: end.gap_syncs,
+        own_position_syncs: end.own_position_syncs,
+        sync_dones: end.sync_dones,
+        receipts: end.receipts,
+        recipients,
     })
 }
 
@@ -274,18 +314,28 @@ fn cross_receivers(crossed: bool, pairs: &[plan::Pair], receiver_up: &[bool]) ->
         .collect()
 }
 
-/// Waits after the last send until every message is complete and every answered one delivered, or
-/// `allowance` passes; then lingers briefly for late duplicates. Returns the time used.
-async fn drain(rec: &Recorder, stop: Instant, allowance: Duration) -> Duration {
+/// Waits after the last send until every message is complete, every answered one delivered, and
+/// every device holds what it is owed, or `allowance` passes; then lingers briefly for late
+/// duplicates. With confirming receivers (`receipts`), also until every confirmed position
+/// has come back to its sender as a `RECEIPT`, all of it holding for [`RECEIPT_SETTLE`]. Returns the
+/// time used.
+async fn drain(rec: &Recorder, stop: Instant, allowance: Duration, receipts: bool) -> Duration {
     let deadline = stop + allowance;
+    let settle = if receipts { RECEIPT_SETTLE } else { Duration::ZERO };
+    let mut complete_since: Option<Instant> = None;
     loop {
         let c = rec.counters.snapshot();
-        let complete = c.complete >= c.sent && c.delivered + c.errored >= c.sent;
-        if complete {
+        let complete = c.complete >= c.sent
+            && c.delivered + c.errored >= c.sent
+            && c.device_held >= c.device_owed
+            && (!receipts || rec.ledger.receipts_behind() == 0);
+        let now = Instant::now();
+        complete_since = if complete { complete_since.or(Some(now)) } else { None };
+        if complete_since.is_some_and(|t| now >= t + settle) {
             tokio::time::sleep(LINGER).await;
             break;
         }
-        if Instant::now() >= deadline {
+        if now >= deadline {
             break;
         }
         tokio::time::sleep(DRAIN_POLL).await;
@@ -298,20 +348,26 @@ async fn collect_senders(tasks: Vec<SenderTasks>, rec: &Recorder, grace_end: Ins
     for t in tasks {
         finish(t.writer, rec, grace_end).await;
         let messages = std::mem::take(&mut *t.state.messages());
-        logs.push(SenderLog { uid: t.state.uid, to: t.state.to, messages });
+        let receipts = std::mem::take(&mut *t.state.receipts());
+        logs.push(SenderLog { uid: t.state.uid, to: t.state.to, messages, receipts });
     }
     logs
 }
 
+/// Every device's log; a device that never connected (`None`) or whose task did not end counts as
+/// gone.
 async fn collect_receivers(
-    tasks: Vec<(u64, JoinHandle<ReceiverLog>)>,
+    tasks: Vec<(u64, u8, Option<JoinHandle<ReceiverLog>>)>,
     rec: &Recorder,
     grace_end: Instant,
 ) -> Vec<ReceiverLog> {
     let mut logs = Vec::with_capacity(tasks.len());
-    for (uid, reader) in tasks {
-        let log = finish(reader, rec, grace_end).await.unwrap_or(ReceiverLog { uid, gone: true, ..Default::default() });
-        logs.push(log);
+    for (uid, device, reader) in tasks {
+        let log = match reader {
+            Some(reader) => finish(reader, rec, grace_end).await,
+            None => None,
+        };
+        logs.push(log.unwrap_or(ReceiverLog { uid, device, gone: true, ..Default::default() }));
     }
     logs
 }

@@ -6,6 +6,7 @@
 //! connection (also one a reconnect storm closed) is replaced and every unconfirmed message is sent
 //! again under its own clientMsgId.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,14 +16,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use im_common::protocol::{AckType, FrameType, ServerFrame};
-
 use super::link::{close_label, Conn, Link};
 use super::schedule::{message_body, Schedule};
 use super::storm::{self, StormWatch};
 use super::{KEEP_ALIVE, STORM_CLOSE_CODE, STORM_CLOSE_LABEL};
-use crate::checker::SentMsg;
-use crate::client::{ClientFrame, Incoming, WsReader, WsWriter};
+use crate::checker::{ReceiptLog, SentMsg};
+use crate::client::{AckKind, ClientFrame, Incoming, Kind, Received, WsReader, WsWriter};
 use crate::plan::Pair;
 use crate::recorder::{Counters, Latency, Recorder};
 
@@ -36,6 +35,8 @@ pub(super) struct SenderState {
     /// Crossed load: every other message (odd numbers) goes to this receiver instead.
     cross_to: Option<u64>,
     messages: Mutex<Vec<SentMsg>>,
+    /// `RECEIPT`s by recipient.
+    receipts: Mutex<BTreeMap<u64, ReceiptLog>>,
     /// Signalled when a message becomes complete (closed loop waits on it).
     answered: Notify,
 }
@@ -52,6 +53,10 @@ impl SenderState {
     pub fn messages(&self) -> std::sync::MutexGuard<'_, Vec<SentMsg>> {
         // A poisoned lock only means the other half panicked; the log itself is still consistent.
         self.messages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn receipts(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ReceiptLog>> {
+        self.receipts.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -85,6 +90,7 @@ pub(super) fn spawn_sender(
         to: pair.receiver,
         cross_to: options.cross_to,
         messages: Mutex::new(Vec::new()),
+        receipts: Mutex::new(BTreeMap::new()),
         answered: Notify::new(),
     });
     let session = SenderSession {
@@ -295,8 +301,9 @@ async fn receipts(
         }
         match incoming {
             Ok(Incoming::Frame(frame)) => match frame.kind {
-                FrameType::Ack | FrameType::Error => on_receipt(&frame, &state, &rec, &schedule),
-                FrameType::SingleChat => rec.error("push_to_sender"),
+                Kind::Ack | Kind::Error => on_receipt(&frame, &state, &rec, &schedule),
+                Kind::Receipt => on_recipient_receipt(&frame, &state, &rec),
+                Kind::SingleChat => rec.error("push_to_sender"),
                 _ => {}
             },
             Ok(Incoming::Unparsable) => rec.error("unparsable_frame"),
@@ -306,14 +313,46 @@ async fn receipts(
     }
 }
 
+/// Applies one `RECEIPT {ackType, peer, seq}`: the recipient `peer` confirmed the sender's messages
+/// up to `seq`.
+fn on_recipient_receipt(frame: &Received, state: &SenderState, rec: &Recorder) {
+    Counters::bump(&rec.counters.receipts);
+    let (Some(peer), Some(seq)) = (frame.peer, frame.seq) else {
+        return rec.error("malformed_receipt");
+    };
+    let mut receipts = state.receipts();
+    let r = receipts.entry(peer).or_default();
+    r.frames += 1;
+    let position = match frame.ack_type {
+        Some(AckKind::Delivered) => &mut r.delivered,
+        Some(AckKind::Read) => &mut r.read,
+        _ => {
+            drop(receipts);
+            return rec.error("malformed_receipt");
+        }
+    };
+    if seq < *position {
+        r.regressions += 1;
+    } else {
+        *position = seq;
+    }
+    // `read` moves delivered too.
+    if frame.ack_type == Some(AckKind::Read) && r.delivered < seq {
+        r.delivered = seq;
+    }
+    let delivered = r.delivered;
+    drop(receipts);
+    rec.ledger.receipt(state.uid, peer, delivered);
+}
+
 /// Applies one `ACK` or `ERROR` to the sender's log and records its latency.
-fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule: &Schedule) {
+fn on_receipt(frame: &Received, state: &SenderState, rec: &Recorder, schedule: &Schedule) {
     let now = Instant::now();
     let Some(seq) = frame.client_msg_id.as_deref().and_then(|c| c.parse::<usize>().ok()) else {
-        if frame.kind == FrameType::Error {
-            rec.error(frame.reason.map_or("unknown", |r| r.as_str()));
+        if frame.kind == Kind::Error {
+            rec.error(frame.reason());
         }
-        if frame.kind == FrameType::Ack {
+        if frame.kind == Kind::Ack {
             rec.error("ack_without_client_msg_id");
         }
         return;
@@ -326,12 +365,14 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
             return rec.error("receipt_for_unknown_message");
         };
         let was_complete = m.complete();
+        let was_receipted = m.receipted();
+        let to = m.to.unwrap_or(state.to);
         let latency = schedule.measured(m.sent_at_us).then(|| schedule.since(m.sent_at_us, now));
-        let reason = frame.reason.map_or("unknown", |r| r.as_str());
-        let saved = frame.ack_type == Some(AckType::Saved);
+        let reason = frame.reason();
+        let saved = frame.ack_type == Some(AckKind::Saved);
         let latency = match (frame.kind, frame.ack_type) {
             // A resend refused (e.g. server_busy) does not undo the receipt the first send got.
-            (FrameType::Error, _) if m.resends > 0 && m.receipted() => {
+            (Kind::Error, _) if m.resends > 0 && m.receipted() => {
                 if let Some(id) = frame.server_msg_id {
                     m.note_receipt(false, id);
                 }
@@ -339,7 +380,7 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
                 rec.error(&format!("resend_{reason}"));
                 return;
             }
-            (FrameType::Error, _) => {
+            (Kind::Error, _) => {
                 // An ERROR that names an id (save_failed) names the message's id too.
                 if let Some(id) = frame.server_msg_id {
                     m.note_receipt(false, id);
@@ -351,18 +392,18 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
                 }
                 None
             }
-            (FrameType::Ack, Some(AckType::Accepted)) if m.accepted.is_none() => {
+            (Kind::Ack, Some(AckKind::Accepted)) if m.accepted.is_none() => {
                 m.accepted = Some(id);
                 Counters::bump(&rec.counters.accepted);
                 latency.map(|l| (Latency::Accepted, l))
             }
-            (FrameType::Ack, Some(AckType::Saved)) if m.saved.is_none() => {
+            (Kind::Ack, Some(AckKind::Saved)) if m.saved.is_none() => {
                 m.saved = Some(id);
                 Counters::bump(&rec.counters.saved);
                 latency.map(|l| (Latency::Saved, l))
             }
             // A resent message is answered again: fine, as long as the id is the original one.
-            (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) if m.resends > 0 => {
+            (Kind::Ack, Some(AckKind::Accepted | AckKind::Saved)) if m.resends > 0 => {
                 let same = m.receipted_id() == Some(id);
                 m.note_receipt(saved, id);
                 drop(messages);
@@ -371,19 +412,23 @@ fn on_receipt(frame: &ServerFrame, state: &SenderState, rec: &Recorder, schedule
                 }
                 return;
             }
-            (FrameType::Ack, Some(AckType::Accepted | AckType::Saved)) => {
+            (Kind::Ack, Some(AckKind::Accepted | AckKind::Saved)) => {
                 m.note_receipt(saved, id);
                 drop(messages);
                 rec.error("duplicate_receipt");
                 return;
             }
-            (FrameType::Ack, _) => {
+            (Kind::Ack, _) => {
                 drop(messages);
                 rec.error("unexpected_ack_type");
                 return;
             }
             _ => None,
         };
+        if !was_receipted && m.receipted() && m.error.is_none() {
+            // Every device of its recipient is owed it now.
+            rec.counters.device_owed.fetch_add(rec.ledger.devices_of(to), std::sync::atomic::Ordering::Relaxed);
+        }
         (latency, !was_complete && m.complete())
     };
     if let Some((which, l)) = latency {
