@@ -183,7 +183,7 @@ enum Cmd {
     /// 0 only if the verdict passes. See docs/RELIABILITY.md.
     Drill {
         #[command(flatten)]
-        drill: DrillArgs,
+        drill: Box<DrillArgs>,
         /// The drill's options (the same as --help; kept for scripts written against older versions).
         #[arg(long = "help-drill", action = ArgAction::Help, hide = true)]
         help_drill: Option<bool>,
