@@ -33,6 +33,11 @@ impl Dependencies {
         deps
     }
 
+    /// Whether Redis answered its last probe.
+    pub fn redis_up(&self) -> bool {
+        self.redis.load(Ordering::Relaxed)
+    }
+
     /// `Ok` when both answered, else which did not.
     pub fn check(&self) -> Result<(), String> {
         match (self.redis.load(Ordering::Relaxed), self.mysql.load(Ordering::Relaxed)) {

@@ -148,7 +148,7 @@ type StoredRow = Result<(u64, u64), String>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conversation {
     pub peer: u64,
-    /// The last saved message either way (None while the row holds positions only).
+    /// The last saved message either way.
     pub last: Option<ChatMessage>,
     pub last_in_seq: u64,
     pub last_out_seq: u64,
@@ -301,7 +301,9 @@ impl Store {
 
     /// `user`'s conversations with saved messages beyond the delivered position: (peer, position).
     pub async fn behind(&self, user: u64) -> Result<Vec<(u64, u64)>, StoreError> {
-        let sql = "SELECT peer_id, delivered_seq FROM conversations WHERE owner_id = ? AND last_in_seq > delivered_seq";
+        let sql = "SELECT c.peer_id, COALESCE(p.delivered_seq, 0) FROM conversations c \
+                   LEFT JOIN positions p ON p.owner_id = c.owner_id AND p.peer_id = c.peer_id \
+                   WHERE c.owner_id = ? AND c.last_in_seq > COALESCE(p.delivered_seq, 0)";
         Ok(self.pool.get_conn().await?.exec(sql, (user,)).await?)
     }
 
@@ -341,7 +343,7 @@ impl Store {
         positions.sort_unstable_by_key(|&(key, _)| key);
         let rows = numbers(positions.iter().map(|&((owner, peer), p)| [owner, peer, p.delivered.max(p.read), p.read]));
         let sql = format!(
-            "INSERT INTO conversations (owner_id, peer_id, delivered_seq, read_seq) VALUES {rows} ON DUPLICATE KEY UPDATE \
+            "INSERT INTO positions (owner_id, peer_id, delivered_seq, read_seq) VALUES {rows} ON DUPLICATE KEY UPDATE \
              delivered_seq = GREATEST(delivered_seq, VALUES(delivered_seq), VALUES(read_seq)), \
              read_seq = GREATEST(read_seq, VALUES(read_seq))"
         );
@@ -356,7 +358,7 @@ impl Store {
         }
         let keys = numbers(pairs.iter().map(|&(owner, peer)| [owner, peer]));
         let sql = format!(
-            "SELECT owner_id, peer_id, delivered_seq, read_seq FROM conversations WHERE (owner_id, peer_id) IN ({keys})"
+            "SELECT owner_id, peer_id, delivered_seq, read_seq FROM positions WHERE (owner_id, peer_id) IN ({keys})"
         );
         let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
         Ok(rows.into_iter().map(|(o, p, delivered, read)| ((o, p), Position { delivered, read })).collect())
@@ -364,11 +366,12 @@ impl Store {
 
     /// `user`'s conversations with a saved message older than `before`, newest activity first.
     pub async fn conversations(&self, user: u64, before: u64, limit: u32) -> Result<Vec<Conversation>, StoreError> {
-        let sql = "SELECT c.peer_id, c.last_in_seq, c.last_out_seq, c.delivered_seq, c.read_seq, \
-                   COALESCE(p.delivered_seq, 0), COALESCE(p.read_seq, 0), \
+        let sql = "SELECT c.peer_id, c.last_in_seq, c.last_out_seq, COALESCE(mine.delivered_seq, 0), \
+                   COALESCE(mine.read_seq, 0), COALESCE(p.delivered_seq, 0), COALESCE(p.read_seq, 0), \
                    m.id, m.from_user_id, m.to_user_id, m.client_msg_id, m.msg_type, LEFT(m.content, 100), m.seq \
                    FROM conversations c \
-                   LEFT JOIN conversations p ON p.owner_id = c.peer_id AND p.peer_id = c.owner_id \
+                   LEFT JOIN positions mine ON mine.owner_id = c.owner_id AND mine.peer_id = c.peer_id \
+                   LEFT JOIN positions p ON p.owner_id = c.peer_id AND p.peer_id = c.owner_id \
                    LEFT JOIN messages m ON m.id = c.last_msg_id \
                    WHERE c.owner_id = ? AND c.last_msg_id > 0 AND c.last_msg_id < ? \
                    ORDER BY c.last_msg_id DESC LIMIT ?";

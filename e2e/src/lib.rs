@@ -32,6 +32,18 @@ pub const METRIC_WAIT: Duration = Duration::from_secs(5);
 /// Pause between the traffic's connections being up and its first message.
 const TRAFFIC_SETTLE: Duration = Duration::from_millis(200);
 
+/// Waits until the gateway whose metrics are at `metrics_url` knows Redis is gone (its `/readyz`
+/// turns red: its probe failed). From then on its appends fail open; an append caught in flight by
+/// the outage does not (its outcome is unknown, docs/ARCHITECTURE.md "Fail-open").
+pub async fn until_gateway_sees_redis_down(metrics_url: &str) {
+    let readyz = metrics_url.replace("/metrics", "/readyz");
+    let noticed = im_harness::poll::until_true_async(WAIT, || async {
+        http::get(&readyz).await.is_ok_and(|(status, body)| status != 200 && body.contains("redis"))
+    })
+    .await;
+    assert!(noticed, "the gateway at {metrics_url} did not notice within {WAIT:?} that Redis was gone");
+}
+
 /// Connects `uid` with a tiny TCP receive buffer (4 KiB), so a client that reads slowly (or not at
 /// all) backs up the gateway's outbound queue soon instead of filling kernel buffers first.
 pub async fn connect_small_buffer(ws_url: &str, secret: &str, uid: u64) -> Client {

@@ -87,7 +87,7 @@ async fn offline_messages_are_resent_in_order_until_delivered() {
     // position in the conversation within a flush period or so.
     let last = ids[2].clone();
     bob.send_json(json!({"type": "ACK", "ackType": "delivered", "serverMsgId": last})).await;
-    let position = format!("SELECT delivered_seq FROM conversations WHERE owner_id = {BOB} AND peer_id = {ALICE}");
+    let position = format!("SELECT delivered_seq FROM positions WHERE owner_id = {BOB} AND peer_id = {ALICE}");
     let flushed =
         poll::until_true_async(WAIT, || async { store.query_u64(&position).await.is_ok_and(|c| c == 3) }).await;
     assert!(flushed, "delivered position not flushed within {WAIT:?}");

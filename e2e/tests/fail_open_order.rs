@@ -65,6 +65,7 @@ async fn a_message_saved_while_redis_was_down_keeps_its_id_when_resent_after_red
     let mut alice = Client::connect(&url, &secret, 6401).await;
     let redis = private_server(&c.state, "redis");
     c.state.private_servers[redis].stop().await.unwrap();
+    e2e::until_gateway_sees_redis_down(&c.state.gateways[0].metrics_url).await;
     alice.chat(6402, "while-down", "x").await;
     let first = alice.ack("saved", "while-down").await;
 

@@ -136,6 +136,7 @@ async fn redis_outage(fail_open: bool, name: &str) {
     carol.ack("accepted", "stuck").await;
     let redis = private_server(&c.state, "redis");
     c.state.private_servers[redis].stop().await.unwrap();
+    e2e::until_gateway_sees_redis_down(&c.state.gateways[0].metrics_url).await;
     let mut receipted = 21;
     for k in 0..10 {
         let cmid = format!("during{k:02}");

@@ -6,7 +6,7 @@
 //! pipelines concurrent calls by itself. Admission control reads a per-shard backlog figure that a
 //! background task refreshes (one pipelined XLEN round per interval), never a query per message.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use redis::Script;
 use crate::baseline::BaselineSaver;
 use crate::sessions::SenderLedger;
 use im_common::config::Config;
+use im_common::health::Dependencies;
 use im_common::idempotency::{decode_state, encode_state, IdempotencyWindow, Stage};
 use im_common::keys::Keys;
 use im_common::protocol::{Reason, ServerFrame};
@@ -91,6 +92,10 @@ pub struct Appender {
     saver: BaselineSaver,
     /// For refusals: a retry of a known message gets its receipt, not `server_busy`.
     window: IdempotencyWindow,
+    /// Whether Redis answered the gateway's last probe (see [`Appender::append`] on failures).
+    deps: Arc<Dependencies>,
+    /// The last append failed (cleared by the next that succeeds).
+    failing: Arc<AtomicBool>,
 }
 
 impl Appender {
@@ -100,6 +105,7 @@ impl Appender {
         keys: Keys,
         saver: BaselineSaver,
         window: IdempotencyWindow,
+        deps: Arc<Dependencies>,
     ) -> Self {
         Appender {
             conn,
@@ -117,6 +123,8 @@ impl Appender {
             ),
             saver,
             window,
+            deps,
+            failing: Arc::default(),
         }
     }
 
@@ -150,6 +158,8 @@ impl Appender {
             return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
         }
         let payload = encode(&Accepted { msg: msg.clone(), origin, pushed_at_epoch: None });
+        // Redis was known to be away before this call: a call that then fails never reached it.
+        let known_down = self.failing.load(Ordering::Relaxed) || !self.deps.redis_up();
         let started = std::time::Instant::now();
         let result: redis::RedisResult<Option<String>> = self
             .script
@@ -164,6 +174,7 @@ impl Appender {
             // Failures say nothing about queueing (and a dead Redis is fail-open's business).
             self.pressure.record(started.elapsed());
         }
+        self.failing.store(result.is_err(), Ordering::Relaxed);
         match result {
             Ok(None) => {
                 self.appends[usize::from(shard)].increment(1);
@@ -177,14 +188,15 @@ impl Appender {
                 Some((stage, id)) => vec![stage.receipt(&msg.client_msg_id, id)],
                 None => vec![ServerFrame::error(Reason::InternalError, Some(msg.client_msg_id))],
             },
-            // The call timed out: Redis is stalled, not gone, and runs the append when it resumes.
-            // Saving it on the baseline path too would give one message two seqs (the stream copy
-            // gets another when it is numbered). Its sender waits, like one with messages in the
-            // stream, until a receipt tells what became of it (the client resends it with the same
-            // clientMsgId; the window then answers). A dropped or refused connection is taken as
-            // "not appended" — see ARCHITECTURE "Fail-open" for the crash window that leaves open.
-            Err(e) if self.fail_open && e.is_timeout() => {
-                tracing::debug!(error = %e, "append outcome unknown (timeout); the sender waits for it");
+            // The outcome is unknown: the call timed out (Redis is stalled and runs the append when
+            // it resumes), or the connection broke under a call made while Redis was answering (it
+            // may have run, and been persisted, before the crash). Saving it on the baseline path
+            // too would give one message two seqs (the stream copy gets another when it is
+            // numbered). Its sender waits, like one with messages in the stream, until a receipt
+            // tells what became of it (the client resends it with the same clientMsgId; the window
+            // then answers). Calls made once the outage is known fail open.
+            Err(e) if self.fail_open && (e.is_timeout() || (!known_down && !e.is_connection_refusal())) => {
+                tracing::debug!(error = %e, "append outcome unknown; the sender waits for it");
                 ledger.unresolved(msg.from, &msg.client_msg_id);
                 metrics::counter!("im_gateway_server_busy_total", "cause" => "append_unknown").increment(1);
                 vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]

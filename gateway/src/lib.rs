@@ -141,9 +141,9 @@ pub async fn run(
         shards: cfg.cluster.shards,
     };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
-    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone());
-    let subscribed = Arc::new(AtomicBool::new(false));
     let deps = im_common::health::Dependencies::watch(redis.clone(), store.clone());
+    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone(), deps.clone());
+    let subscribed = Arc::new(AtomicBool::new(false));
     let readiness: ReadinessCheck = {
         let subscribed = subscribed.clone();
         Arc::new(move || {
