@@ -194,8 +194,12 @@ impl Appender {
             // too would give one message two seqs (the stream copy gets another when it is
             // numbered). Its sender waits, like one with messages in the stream, until a receipt
             // tells what became of it (the client resends it with the same clientMsgId; the window
-            // then answers). Calls made once the outage is known fail open.
-            Err(e) if self.fail_open && (e.is_timeout() || (!known_down && !e.is_connection_refusal())) => {
+            // then answers). Calls made once the outage is known fail open, and so do calls Redis
+            // answered with an error (the script ran, and failed before its XADD).
+            Err(e)
+                if self.fail_open
+                    && (e.is_timeout() || (!known_down && e.is_io_error() && !e.is_connection_refusal())) =>
+            {
                 tracing::debug!(error = %e, "append outcome unknown; the sender waits for it");
                 ledger.unresolved(msg.from, &msg.client_msg_id);
                 metrics::counter!("im_gateway_server_busy_total", "cause" => "append_unknown").increment(1);
