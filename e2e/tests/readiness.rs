@@ -44,6 +44,7 @@ async fn readyz_is_red_while_the_save_stage_hangs_in_an_insert_and_green_after()
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, secret, 11_001).await;
     let mut bob = Client::connect(&c.state.gateways[0].ws_url, secret, 11_002).await;
     bob.ping().await;
+    alice.synced().await; // its connect-time SYNC_DONE is not an answer to what follows
 
     // A session that holds the table's write lock makes the save stage's INSERT wait for it.
     let opts = mysql_async::Opts::from_url(&c.state.mysql_url).expect("mysql url");
