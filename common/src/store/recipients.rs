@@ -1,0 +1,179 @@
+//! The recipient side's SQL (SPEC §3.10–3.11): sync pages by seq, per-conversation positions (the
+//! `positions` table), the look-ups that turn ACKs and positions into seqs and ids, and the
+//! conversation list.
+
+use std::collections::HashMap;
+
+use mysql_async::prelude::*;
+
+use super::{to_message, Store, StoreError, MESSAGE_COLUMNS};
+use crate::record::ChatMessage;
+
+/// One entry of a user's conversation list (`GET /api/conversations`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    pub peer: u64,
+    /// The last saved message either way.
+    pub last: Option<ChatMessage>,
+    pub last_in_seq: u64,
+    pub last_out_seq: u64,
+    pub delivered: u64,
+    pub read: u64,
+    pub peer_delivered: u64,
+    pub peer_read: u64,
+}
+
+/// A user's delivered and read positions in one peer's messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    pub delivered: u64,
+    pub read: u64,
+}
+
+impl Store {
+    /// Saved messages from `from` to `to` with seq above `after_seq`, in seq order (one page of a sync).
+    pub async fn messages_after(
+        &self,
+        from: u64,
+        to: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE from_user_id = ? AND to_user_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        );
+        let rows = self.pool.get_conn().await?.exec(sql, (from, to, after_seq, limit)).await?;
+        Ok(rows.into_iter().map(to_message).collect())
+    }
+
+    /// `user`'s conversations with saved messages beyond the delivered position: (peer, position).
+    pub async fn behind(&self, user: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let sql = "SELECT c.peer_id, COALESCE(p.delivered_seq, 0) FROM conversations c \
+                   LEFT JOIN positions p ON p.owner_id = c.owner_id AND p.peer_id = c.peer_id \
+                   WHERE c.owner_id = ? AND c.last_in_seq > COALESCE(p.delivered_seq, 0)";
+        Ok(self.pool.get_conn().await?.exec(sql, (user,)).await?)
+    }
+
+    /// The sender and seq of messages addressed to their user: `(to, id)` → `(from, seq)`, for the
+    /// ones that are saved.
+    pub async fn seqs_of(&self, messages: &[(u64, u64)]) -> Result<HashMap<(u64, u64), (u64, u64)>, StoreError> {
+        if messages.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids = numbers(messages.iter().map(|&(_, id)| [id]));
+        let sql = format!("SELECT to_user_id, id, from_user_id, seq FROM messages WHERE id IN ({ids})");
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
+        Ok(rows.into_iter().map(|(to, id, from, seq)| ((to, id), (from, seq))).collect())
+    }
+
+    /// The ids of saved messages at `(from, to, seq)`.
+    pub async fn ids_at(&self, at: &[(u64, u64, u64)]) -> Result<HashMap<(u64, u64, u64), u64>, StoreError> {
+        if at.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys = numbers(at.iter().map(|&(f, t, s)| [f, t, s]));
+        let sql = format!(
+            "SELECT from_user_id, to_user_id, seq, id FROM messages WHERE (from_user_id, to_user_id, seq) IN ({keys})"
+        );
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
+        Ok(rows.into_iter().map(|(f, t, s, id)| ((f, t, s), id)).collect())
+    }
+
+    /// Moves `(owner, peer)` positions forward (never back; `read` moves `delivered` too), all in one
+    /// statement.
+    pub async fn advance_positions(&self, positions: &[((u64, u64), Position)]) -> Result<(), StoreError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        // Rows locked in key order, as saves lock them.
+        let mut positions = positions.to_vec();
+        positions.sort_unstable_by_key(|&(key, _)| key);
+        let rows = numbers(positions.iter().map(|&((owner, peer), p)| [owner, peer, p.delivered.max(p.read), p.read]));
+        let sql = format!(
+            "INSERT INTO positions (owner_id, peer_id, delivered_seq, read_seq) VALUES {rows} ON DUPLICATE KEY UPDATE \
+             delivered_seq = GREATEST(delivered_seq, VALUES(delivered_seq), VALUES(read_seq)), \
+             read_seq = GREATEST(read_seq, VALUES(read_seq))"
+        );
+        self.pool.get_conn().await?.query_drop(sql).await?;
+        Ok(())
+    }
+
+    /// The stored positions of `(owner, peer)` pairs (pairs without a row are left out).
+    pub async fn positions_of(&self, pairs: &[(u64, u64)]) -> Result<HashMap<(u64, u64), Position>, StoreError> {
+        if pairs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys = numbers(pairs.iter().map(|&(owner, peer)| [owner, peer]));
+        let sql = format!(
+            "SELECT owner_id, peer_id, delivered_seq, read_seq FROM positions WHERE (owner_id, peer_id) IN ({keys})"
+        );
+        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
+        Ok(rows.into_iter().map(|(o, p, delivered, read)| ((o, p), Position { delivered, read })).collect())
+    }
+
+    /// `user`'s conversations with a saved message older than `before`, newest activity first.
+    pub async fn conversations(&self, user: u64, before: u64, limit: u32) -> Result<Vec<Conversation>, StoreError> {
+        let sql = "SELECT c.peer_id, c.last_in_seq, c.last_out_seq, COALESCE(mine.delivered_seq, 0), \
+                   COALESCE(mine.read_seq, 0), COALESCE(p.delivered_seq, 0), COALESCE(p.read_seq, 0), \
+                   m.id, m.from_user_id, m.to_user_id, m.client_msg_id, m.msg_type, LEFT(m.content, 100), m.seq \
+                   FROM conversations c \
+                   LEFT JOIN positions mine ON mine.owner_id = c.owner_id AND mine.peer_id = c.peer_id \
+                   LEFT JOIN positions p ON p.owner_id = c.peer_id AND p.peer_id = c.owner_id \
+                   LEFT JOIN messages m ON m.id = c.last_msg_id \
+                   WHERE c.owner_id = ? AND c.last_msg_id > 0 AND c.last_msg_id < ? \
+                   ORDER BY c.last_msg_id DESC LIMIT ?";
+        let rows: Vec<mysql_async::Row> = self.pool.get_conn().await?.exec(sql, (user, before, limit)).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let get = |i: usize| row.get::<Option<u64>, _>(i).flatten().unwrap_or(0);
+            let last = row.get::<Option<u64>, _>(7).flatten().map(|id| {
+                to_message((
+                    id,
+                    get(8),
+                    get(9),
+                    row.get::<Option<Vec<u8>>, _>(10).flatten().unwrap_or_default(),
+                    row.get::<Option<String>, _>(11).flatten().unwrap_or_default(),
+                    row.get::<Option<String>, _>(12).flatten().unwrap_or_default(),
+                    get(13),
+                ))
+            });
+            out.push(Conversation {
+                peer: get(0),
+                last,
+                last_in_seq: get(1),
+                last_out_seq: get(2),
+                delivered: get(3),
+                read: get(4),
+                peer_delivered: get(5),
+                peer_read: get(6),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Rows of integers written out as SQL: `(1,2),(3,4)` (a single column: `1,2,3`). Statements whose
+/// values are all integers go as text, not prepared: a prepared statement per batch size would sit
+/// in every pooled connection's statement cache (and on the server) for each size ever seen.
+fn numbers<const N: usize>(rows: impl Iterator<Item = [u64; N]>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (i, row) in rows.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if N > 1 {
+            out.push('(');
+        }
+        for (j, v) in row.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{v}");
+        }
+        if N > 1 {
+            out.push(')');
+        }
+    }
+    out
+}
