@@ -45,39 +45,66 @@ impl Router {
         Router { conn, keys }
     }
 
-    /// Where each user is, in one pipelined round trip.
-    pub async fn resolve(&self, users: &[u64]) -> redis::RedisResult<HashMap<u64, Presence>> {
-        Ok(self.resolve_and(users, None).await?.0)
+    /// The gateway nodes holding each user, in one pipelined round trip (users on none are left out).
+    pub async fn resolve(&self, users: &[u64]) -> redis::RedisResult<Routes> {
+        Ok(self.locate(users, false, None).await?.0)
     }
 
-    /// [`Router::resolve`], with one more command in the same round trip (its raw reply is returned).
-    pub async fn resolve_and(
+    /// [`Router::resolve`], with the users' presence epochs (`Keys::presence`: raised on every new
+    /// connection; 0 if never) when `epochs` (one MGET), and one more command whose raw reply is
+    /// returned — all in one round trip.
+    pub async fn locate(
         &self,
         users: &[u64],
+        epochs: bool,
         extra: Option<redis::Cmd>,
-    ) -> redis::RedisResult<(HashMap<u64, Presence>, redis::Value)> {
+    ) -> redis::RedisResult<(Routes, Epochs, redis::Value)> {
+        let epochs = epochs && !users.is_empty();
         if users.is_empty() && extra.is_none() {
-            return Ok((HashMap::new(), redis::Value::Nil));
+            return Ok((Routes::new(), Epochs::new(), redis::Value::Nil));
         }
         let now = crate::ids::now_ms();
         let mut pipe = redis::pipe();
         if let Some(cmd) = &extra {
             pipe.add_command(cmd.clone());
         }
-        for &u in users {
-            pipe.zrangebyscore(self.keys.route(u), now, "+inf").get(self.keys.presence(u));
+        if epochs {
+            pipe.add_command(self.epochs_cmd(users));
         }
-        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
-        let extra_reply = if extra.is_some() { replies.remove(0) } else { redis::Value::Nil };
-        let mut found = HashMap::with_capacity(users.len());
-        let mut replies = replies.into_iter();
         for &u in users {
-            let (Some(nodes), Some(epoch)) = (replies.next(), replies.next()) else { break };
+            pipe.zrangebyscore(self.keys.route(u), now, "+inf");
+        }
+        let mut replies = pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?.into_iter();
+        let extra_reply = if extra.is_some() { replies.next().unwrap_or(redis::Value::Nil) } else { redis::Value::Nil };
+        let mut found_epochs = Epochs::new();
+        if epochs {
+            found_epochs = read_epochs(users, replies.next().unwrap_or(redis::Value::Nil))?;
+        }
+        let mut routes = Routes::with_capacity(users.len());
+        for (&u, nodes) in users.iter().zip(replies) {
             let nodes: Vec<u16> = redis::from_redis_value(nodes)?;
-            let epoch: Option<u64> = redis::from_redis_value(epoch)?;
-            found.insert(u, Presence { nodes, epoch: epoch.unwrap_or(0) });
+            if !nodes.is_empty() {
+                routes.insert(u, nodes);
+            }
         }
-        Ok((found, extra_reply))
+        Ok((routes, found_epochs, extra_reply))
+    }
+
+    /// The users' presence epochs (0 if never connected), in one MGET.
+    pub async fn epochs(&self, users: &[u64]) -> redis::RedisResult<Epochs> {
+        if users.is_empty() {
+            return Ok(Epochs::new());
+        }
+        read_epochs(users, self.epochs_cmd(users).query_async(&mut self.conn.clone()).await?)
+    }
+
+    /// `MGET` of the users' presence keys (never `GET`: the reply is always a list).
+    fn epochs_cmd(&self, users: &[u64]) -> redis::Cmd {
+        let mut cmd = redis::cmd("MGET");
+        for &u in users {
+            cmd.arg(self.keys.presence(u));
+        }
+        cmd
     }
 
     /// Delivers pushes: routed ones to every node holding their user (except `skip_node`, whose
@@ -115,7 +142,7 @@ impl Router {
     pub fn group(
         &self,
         pushes: &[(Target, Push)],
-        routes: &HashMap<u64, Presence>,
+        routes: &Routes,
         skip_node: Option<u16>,
     ) -> (Vec<Publication>, SendStats) {
         let mut stats = SendStats::default();
@@ -124,7 +151,7 @@ impl Router {
             match *target {
                 Target::Node(node) => by_node.entry(node).or_default().push(push.clone()),
                 Target::Routed => {
-                    let nodes = routes.get(&push.user).map(|p| p.nodes.as_slice()).unwrap_or_default();
+                    let nodes = routes.get(&push.user).map(Vec::as_slice).unwrap_or_default();
                     if nodes.is_empty() {
                         stats.offline += 1;
                     }
@@ -147,12 +174,16 @@ impl Router {
     }
 }
 
-/// Where a user is: the gateway nodes holding a connection of theirs, and their presence epoch
-/// (`Keys::presence`: raised on every new connection; 0 if never).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Presence {
-    pub nodes: Vec<u16>,
-    pub epoch: u64,
+/// The gateway nodes holding each user's connections (users on none are absent).
+pub type Routes = HashMap<u64, Vec<u16>>;
+
+/// Each user's presence epoch (`Keys::presence`: raised on every new connection of theirs; 0 if
+/// never). A change between two reads means the user connected in between.
+pub type Epochs = HashMap<u64, u64>;
+
+fn read_epochs(users: &[u64], reply: redis::Value) -> redis::RedisResult<Epochs> {
+    let values: Vec<Option<u64>> = redis::from_redis_value(reply)?;
+    Ok(users.iter().zip(values).map(|(&u, e)| (u, e.unwrap_or(0))).collect())
 }
 
 /// One PUBLISH: a node channel and an encoded [`PushBatch`].

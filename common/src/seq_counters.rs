@@ -10,13 +10,24 @@ use crate::keys::{seq_field, Keys};
 use crate::shard::shard_of;
 
 /// Lua: `seqs_match(key, fields, bases)` — whether every counter still holds what a batch was
-/// numbered from; `raise_seqs(key, fields, tops)` — moves each counter up to its top, never down.
+/// numbered from; `set_seqs(key, fields, tops)` — sets them (after a match: one HSET per 500
+/// fields); `raise_seqs(key, fields, tops)` — moves each counter up to its top, never down.
 pub const SEQ_LUA: &str = r"
 local function seqs_match(key, fields, bases)
   for k = 1, #fields do
     if tonumber(redis.call('HGET', key, fields[k]) or '0') ~= tonumber(bases[k]) then return false end
   end
   return true
+end
+local function set_seqs(key, fields, tops)
+  for first = 1, #fields, 500 do
+    local args = {}
+    for k = first, math.min(first + 499, #fields) do
+      args[#args + 1] = fields[k]
+      args[#args + 1] = tops[k]
+    end
+    redis.call('HSET', key, unpack(args))
+  end
 end
 local function raise_seqs(key, fields, tops)
   for k = 1, #fields do

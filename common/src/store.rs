@@ -2,8 +2,8 @@
 //! the recipient side's queries (sync pages, positions, the conversation list) in [`recipients`].
 //!
 //! The save is one multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id` per batch plus one
-//! conversation upsert, in one transaction (plus one counter upsert and read when rows still need
-//! their seq). A row the INSERT did not add is a duplicate only when a
+//! conversation upsert, in one transaction (when rows still need their seq, the conversation upsert
+//! comes first, raising the counters, plus one read of them). A row the INSERT did not add is a duplicate only when a
 //! stored row has exactly the same (from_user_id, client_msg_id) bytes — a retry of the same message —
 //! and then counts as saved and reports the id already stored. Any other collision (the id already
 //! belongs to another message, or a collation folded two clientMsgIds into one key) leaves the message
@@ -24,13 +24,14 @@ use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Tr
 use crate::record::ChatMessage;
 
 mod recipients;
-pub use recipients::{Conversation, Position};
+pub use recipients::{Conversation, Position, Receipt};
 
 /// Embedded migrations: (version, name, SQL). Append only; never edit an applied one.
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "messages", include_str!("../../migrations/0001_messages.sql")),
     (2, "client_msg_id_bytes", include_str!("../../migrations/0002_client_msg_id_bytes.sql")),
     (3, "sequences", include_str!("../../migrations/0003_sequences.sql")),
+    (4, "last_in_seq", include_str!("../../migrations/0004_last_in_seq.sql")),
 ];
 
 /// A database failure, classified by what the caller should do about it.
@@ -162,7 +163,10 @@ impl Store {
         let opts = Opts::from_url(url).map_err(|e| StoreError::Url(e.to_string()))?;
         let constraints = PoolConstraints::new(1, pool_max.max(1)).unwrap_or_default();
         let opts = OptsBuilder::from_opts(opts)
-            .pool_opts(PoolOpts::default().with_constraints(constraints))
+            // No COM_RESET_CONNECTION when a connection goes back to the pool: it is a round trip per
+            // checkout and it drops the server's prepared statements, so every statement was prepared
+            // again. Nothing here keeps session state; a transaction left open is rolled back by the pool.
+            .pool_opts(PoolOpts::default().with_constraints(constraints).with_reset_connection(false))
             .stmt_cache_size(128)
             // With found rows counted, a duplicate would look inserted (see the module doc).
             .client_found_rows(false);
@@ -223,9 +227,11 @@ impl Store {
             let mut tx = conn.start_transaction(TxOpts::default()).await?;
             let mut fresh: Vec<(usize, ChatMessage)> =
                 rows.iter().enumerate().filter(|(i, _)| !known.contains_key(i)).map(|(i, m)| (i, m.clone())).collect();
-            let numbered_here = fresh.iter().any(|(_, m)| m.seq == 0);
+            // Rows numbered here (the baseline path) had their conversations moved by the numbering.
+            let numbered: Vec<bool> = fresh.iter().map(|(_, m)| m.seq == 0).collect();
+            let numbered_here = numbered.contains(&true);
             if numbered_here {
-                assign_seqs(&mut tx, fresh.iter_mut().map(|(_, m)| m)).await?;
+                assign_seqs(&mut tx, fresh.iter_mut().filter(|(_, m)| m.seq == 0).map(|(_, m)| m)).await?;
             }
             let inserted =
                 if fresh.is_empty() { 0 } else { insert_messages(&mut tx, fresh.iter().map(|(_, m)| m)).await? };
@@ -247,11 +253,13 @@ impl Store {
                 }
                 stored
             };
+            let untouched =
+                fresh.iter().zip(&stored).zip(&numbered).filter(|(_, &n)| !n).map(|(((_, m), row), _)| (m, row));
+            touch_conversations(&mut tx, untouched).await?;
             for ((i, _), row) in fresh.iter().zip(stored) {
                 known.insert(*i, row);
             }
             let all: Vec<StoredRow> = (0..rows.len()).map(|i| known.remove(&i).unwrap_or(Err(String::new()))).collect();
-            touch_conversations(&mut tx, rows, &all).await?;
             tx.commit().await?;
             return Ok(all);
         }
@@ -307,29 +315,36 @@ impl Store {
 }
 
 /// Gives every row without a seq the next seqs of its direction, in row order, by raising
-/// `conversations.last_out_seq` (locking those rows until the transaction ends).
+/// `conversations.last_out_seq` (locking those rows until the transaction ends). The same upsert
+/// moves both participants' `last_msg_id`, so a batch numbered here needs no
+/// [`touch_conversations`]: its transaction is the counter upsert, one read of the new tops, and the
+/// INSERT (rolled back if the INSERT meets rows already stored).
 ///
-/// The upsert also locks the reverse rows (adding 0), which [`touch_conversations`] updates later in
-/// the same transaction: every row a baseline save locks is then locked here, in key order, so two
-/// saves of a conversation's two directions cannot deadlock.
+/// The upsert locks the reverse rows too, in key order, so two saves of a conversation's two
+/// directions cannot deadlock.
 async fn assign_seqs<'a>(
     tx: &mut Transaction<'_>,
     rows: impl Iterator<Item = &'a mut ChatMessage>,
 ) -> Result<(), StoreError> {
-    let rows: Vec<&mut ChatMessage> = rows.filter(|m| m.seq == 0).collect();
-    let mut counts: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    let rows: Vec<&mut ChatMessage> = rows.collect();
+    // (owner, peer) → (messages to number, last id either way)
+    let mut counts: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
     for m in &rows {
-        *counts.entry((m.from, m.to)).or_insert(0) += 1;
-        counts.entry((m.to, m.from)).or_insert(0);
+        let out = counts.entry((m.from, m.to)).or_default();
+        *out = (out.0 + 1, out.1.max(m.id));
+        let back = counts.entry((m.to, m.from)).or_default();
+        back.1 = back.1.max(m.id);
     }
     let sql = format!(
-        "INSERT INTO conversations (owner_id, peer_id, last_out_seq) VALUES {} \
-         ON DUPLICATE KEY UPDATE last_out_seq = last_out_seq + VALUES(last_out_seq)",
-        placeholders(counts.len(), 3)
+        "INSERT INTO conversations (owner_id, peer_id, last_out_seq, last_msg_id) VALUES {} \
+         ON DUPLICATE KEY UPDATE last_out_seq = last_out_seq + VALUES(last_out_seq), \
+         last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), updated_at = CURRENT_TIMESTAMP(3)",
+        placeholders(counts.len(), 4)
     );
-    let params: Vec<Value> = counts.iter().flat_map(|(&(f, t), &n)| [f.into(), t.into(), n.into()]).collect();
+    let params: Vec<Value> =
+        counts.iter().flat_map(|(&(f, t), &(n, id))| [f.into(), t.into(), n.into(), id.into()]).collect();
     tx.exec_drop(sql, Params::Positional(params)).await?;
-    counts.retain(|_, n| *n > 0);
+    counts.retain(|_, (n, _)| *n > 0);
     let sql = format!(
         "SELECT owner_id, peer_id, last_out_seq FROM conversations WHERE (owner_id, peer_id) IN ({})",
         vec!["(?,?)"; counts.len()].join(",")
@@ -337,7 +352,7 @@ async fn assign_seqs<'a>(
     let params: Vec<Value> = counts.keys().flat_map(|&(f, t)| [f.into(), t.into()]).collect();
     let tops: Vec<(u64, u64, u64)> = tx.exec(sql, Params::Positional(params)).await?;
     let mut next: HashMap<(u64, u64), u64> =
-        tops.into_iter().map(|(f, t, top)| ((f, t), top + 1 - counts.get(&(f, t)).copied().unwrap_or(0))).collect();
+        tops.into_iter().map(|(f, t, top)| ((f, t), top + 1 - counts.get(&(f, t)).map_or(0, |&(n, _)| n))).collect();
     for m in rows {
         let n = next.entry((m.from, m.to)).or_insert(1);
         m.seq = *n;
@@ -374,34 +389,33 @@ async fn insert_messages<'a>(
 }
 
 /// Both participants' conversation rows, one per pair per batch, in key order so concurrent
-/// batches lock them in the same order: the last message id, and the last seq each way.
-async fn touch_conversations(
+/// batches lock them in the same order: the last message id either way, and the last seq out (the
+/// peer's row's `last_out_seq` is the owner's last seq in).
+async fn touch_conversations<'a>(
     tx: &mut Transaction<'_>,
-    rows: &[ChatMessage],
-    stored: &[StoredRow],
+    rows: impl Iterator<Item = (&'a ChatMessage, &'a StoredRow)>,
 ) -> Result<(), StoreError> {
-    // (owner, peer) → (last id, last out seq, last in seq)
-    let mut latest: BTreeMap<(u64, u64), (u64, u64, u64)> = BTreeMap::new();
-    for (m, stored) in rows.iter().zip(stored) {
+    // (owner, peer) → (last id, last out seq)
+    let mut latest: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
+    for (m, stored) in rows {
         let Ok((id, seq)) = *stored else { continue };
         let out = latest.entry((m.from, m.to)).or_default();
-        *out = (out.0.max(id), out.1.max(seq), out.2);
+        *out = (out.0.max(id), out.1.max(seq));
         let back = latest.entry((m.to, m.from)).or_default();
-        *back = (back.0.max(id), back.1, back.2.max(seq));
+        back.0 = back.0.max(id);
     }
     if latest.is_empty() {
         return Ok(());
     }
     let sql = format!(
-        "INSERT INTO conversations (owner_id, peer_id, last_msg_id, last_out_seq, last_in_seq) VALUES {} \
+        "INSERT INTO conversations (owner_id, peer_id, last_msg_id, last_out_seq) VALUES {} \
          ON DUPLICATE KEY UPDATE last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), \
-         last_out_seq = GREATEST(last_out_seq, VALUES(last_out_seq)), \
-         last_in_seq = GREATEST(last_in_seq, VALUES(last_in_seq)), updated_at = CURRENT_TIMESTAMP(3)",
-        placeholders(latest.len(), 5)
+         last_out_seq = GREATEST(last_out_seq, VALUES(last_out_seq)), updated_at = CURRENT_TIMESTAMP(3)",
+        placeholders(latest.len(), 4)
     );
     let params: Vec<Value> = latest
         .iter()
-        .flat_map(|(&(owner, peer), &(id, out, inn))| [owner.into(), peer.into(), id.into(), out.into(), inn.into()])
+        .flat_map(|(&(owner, peer), &(id, out))| [owner.into(), peer.into(), id.into(), out.into()])
         .collect();
     tx.exec_drop(sql, Params::Positional(params)).await?;
     Ok(())

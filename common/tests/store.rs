@@ -1,7 +1,7 @@
 //! The SQL layer against a real MariaDB/MySQL: migrations, batched saves, duplicates, rejections.
 
 use im_common::record::ChatMessage;
-use im_common::store::{migrate, Position, Store};
+use im_common::store::{migrate, Position, Receipt, Store};
 use im_harness::env::TestEnv;
 
 fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
@@ -12,10 +12,10 @@ fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
 #[tokio::test]
 async fn migrations_apply_once_and_record_their_versions() {
     let env = TestEnv::new("migrate");
-    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), Vec::<u32>::new(), "second run applies nothing");
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 3);
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 4);
     store.close().await;
     env.cleanup().await;
 }
@@ -121,8 +121,11 @@ async fn sync_pages_follow_per_conversation_positions() {
 
     let seqs = store.seqs_of(&[(5, 23), (6, 23)]).await.unwrap();
     assert_eq!(seqs.into_iter().collect::<Vec<_>>(), vec![((5, 23), (1, 2))], "only the recipient's own message");
-    let ids = store.ids_at(&[(1, 5, 2), (1, 5, 9)]).await.unwrap();
-    assert_eq!(ids.into_iter().collect::<Vec<_>>(), vec![((1, 5, 2), 23)]);
+    let receipts = store.receipts_of(&[(5, 1), (6, 1), (7, 1)]).await.unwrap();
+    let receipt = |delivered, read, delivered_id, read_id| Receipt { at: at(delivered, read), delivered_id, read_id };
+    assert_eq!(receipts.get(&(5, 1)), Some(&receipt(1, 0, Some(20), None)), "the id at the delivered seq");
+    assert_eq!(receipts.get(&(6, 1)), Some(&receipt(1, 1, Some(22), Some(22))), "read moves delivered too");
+    assert_eq!(receipts.len(), 2, "pairs without a position are left out");
 
     let list = store.conversations(5, u64::MAX, 10).await.unwrap();
     let summary: Vec<(u64, Option<u64>, u64, u64)> =

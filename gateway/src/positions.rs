@@ -121,43 +121,30 @@ impl Positions {
 /// moved it) per conversation, with the serverMsgId at that seq when it is saved. The positions
 /// relayed are the stored ones — the maxima — so a receipt never goes back, whatever an ACK said.
 async fn relay_receipts(store: &Store, fanout: &Fanout, written: &[((u64, u64), Position)]) {
-    if written.is_empty() {
-        return;
-    }
-    let mut relayed = Vec::with_capacity(written.len());
+    let mut pushes = Vec::with_capacity(written.len() * 2);
     for chunk in written.chunks(CHUNK) {
         let pairs: Vec<(u64, u64)> = chunk.iter().map(|&(pair, _)| pair).collect();
-        match store.positions_of(&pairs).await {
-            Ok(stored) => relayed.extend(chunk.iter().filter_map(|&(pair, asked)| {
-                let now = stored.get(&pair)?;
-                Some((pair, Position { delivered: now.delivered, read: if asked.read > 0 { now.read } else { 0 } }))
-            })),
-            Err(e) => tracing::debug!(error = %e, "reading positions back failed; no receipts this flush"),
-        }
-    }
-    let mut at = Vec::with_capacity(relayed.len() * 2);
-    for &((uid, peer), p) in &relayed {
-        for seq in [p.delivered, p.read] {
-            if seq > 0 {
-                at.push((peer, uid, seq));
+        let stored = match store.receipts_of(&pairs).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading positions back failed; no receipts this flush");
+                continue;
+            }
+        };
+        for &((uid, peer), asked) in chunk {
+            let Some(now) = stored.get(&(uid, peer)) else { continue };
+            let read = (asked.read > 0).then_some((AckType::Read, now.at.read, now.read_id));
+            for (ack_type, seq, id) in
+                [(AckType::Delivered, now.at.delivered, now.delivered_id)].into_iter().chain(read)
+            {
+                if seq > 0 {
+                    pushes.push(Push { user: peer, conn: None, frame: ServerFrame::receipt(ack_type, uid, seq, id) });
+                }
             }
         }
     }
-    let mut ids = HashMap::new();
-    for chunk in at.chunks(CHUNK) {
-        match store.ids_at(chunk).await {
-            Ok(found) => ids.extend(found),
-            Err(e) => tracing::debug!(error = %e, "receipt id lookup failed; receipts go without serverMsgId"),
-        }
-    }
-    let mut pushes = Vec::with_capacity(at.len());
-    for &((uid, peer), p) in &relayed {
-        for (ack_type, seq) in [(AckType::Delivered, p.delivered), (AckType::Read, p.read)] {
-            if seq > 0 {
-                let id = ids.get(&(peer, uid, seq)).copied();
-                pushes.push(Push { user: peer, conn: None, frame: ServerFrame::receipt(ack_type, uid, seq, id) });
-            }
-        }
+    if pushes.is_empty() {
+        return;
     }
     metrics::counter!("im_gateway_receipts_relayed_total").increment(pushes.len() as u64);
     fanout.push(pushes).await;

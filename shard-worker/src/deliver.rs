@@ -21,9 +21,9 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
         let handoff = || async {
             // Numbered afresh on every try: a try whose script did not run consumed no seq.
             let mut accepted: Vec<Accepted> = decoded.ok.iter().map(|(_, a)| a.clone()).collect();
-            let (plan, routes) = ctx.number(&mut accepted, true).await?;
+            let (plan, routes, epochs) = ctx.number(&mut accepted, true).await?;
             for a in &mut accepted {
-                a.pushed_at_epoch = Some(routes.get(&a.msg.to).map_or(0, |p| p.epoch));
+                a.pushed_at_epoch = Some(epochs.get(&a.msg.to).copied().unwrap_or(0));
             }
             let pushes: Vec<_> = accepted.iter().map(|a| chat_push(&a.msg)).collect();
             let (pubs, _) = ctx.router.group(&pushes, &routes, None);

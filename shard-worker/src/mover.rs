@@ -66,7 +66,7 @@ if handed(KEYS[2], ids) then return 0 end
 if not seqs_match(KEYS[4], fields, bases) then
   return redis.error_reply('SEQSTALE sequence counters moved since the batch was numbered')
 end
-raise_seqs(KEYS[4], fields, tops)
+set_seqs(KEYS[4], fields, tops)
 for k = 1, #payloads do redis.call('XADD', KEYS[3], '*', field, payloads[k]) end
 publish(channels, messages, 5)
 ack(KEYS[2], group, ids)

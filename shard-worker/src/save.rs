@@ -41,7 +41,7 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         if accepted.iter().any(|a| a.msg.seq == 0) {
             let number = || async {
                 let mut numbered = accepted.clone();
-                let (plan, _) = ctx.number(&mut numbered, false).await?;
+                let (plan, _, _) = ctx.number(&mut numbered, false).await?;
                 Ok::<_, String>((plan, numbered))
             };
             let Some((numbered_plan, numbered)) = ctx.until_done(&mut backoff, "save: number", number).await else {
@@ -95,21 +95,25 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         let commit = || async {
             // Routes are read after the rows are committed: a connection registered before this
             // read gets the push, one registered after it syncs from MySQL, which has the rows.
-            let msgs: Vec<&ChatMessage> = saved.iter().map(|(m, _)| m).collect();
-            let routes = ctx.router.resolve(&recipients(&msgs)).await?;
+            // Full mode pushed before the save, so only recipients whose presence epoch moved since
+            // (they connected in between) get the message again: one MGET, and routes for those.
+            let again: Vec<&ChatMessage> = if push_after_save {
+                saved.iter().map(|(m, _)| m).collect()
+            } else {
+                let msgs: Vec<&ChatMessage> = saved.iter().map(|(m, _)| m).collect();
+                let epochs = ctx.router.epochs(&recipients(&msgs)).await?;
+                saved
+                    .iter()
+                    .filter(|(m, at)| at.is_some_and(|at| epochs.get(&m.to).is_some_and(|&now| now != at)))
+                    .map(|(m, _)| m)
+                    .collect()
+            };
+            let routes = ctx.router.resolve(&recipients(&again)).await?;
             let mut all = frames.clone();
-            let mut again = 0;
-            for (m, pushed_at) in &saved {
-                // Full mode: pushed before the save; again only if the recipient connected since.
-                let connected_since = pushed_at.is_some_and(|e| routes.get(&m.to).is_some_and(|p| p.epoch != e));
-                if pushed_at.is_none() || connected_since {
-                    all.push(chat_push(m));
-                    again += usize::from(connected_since);
-                }
-            }
+            all.extend(again.iter().map(|m| chat_push(m)));
             let (pubs, _) = ctx.router.group(&all, &routes, None);
             ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &settled, &plan).await?;
-            Ok::<_, redis::RedisError>(again)
+            Ok::<_, redis::RedisError>(if push_after_save { 0 } else { again.len() })
         };
         let Some(pushed_again) = ctx.until_done(&mut backoff, "save: receipts/commit", commit).await else {
             return;

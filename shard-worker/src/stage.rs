@@ -7,14 +7,13 @@
 //! meanwhile it drops the batch, and the next owner reads it from the pending entries. Redelivery
 //! after a crash can repeat a push (same serverMsgId) but never a row.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use im_common::ids::{now_ms, timestamp_ms};
 use im_common::keys::Keys;
 use im_common::record::{decode, Accepted, ChatMessage, Push};
-use im_common::router::{Presence, Router, Target};
+use im_common::router::{Epochs, Router, Routes, Target};
 use im_common::store::Store;
 
 use crate::lease::ShardLease;
@@ -54,15 +53,16 @@ impl ShardContext {
         &self,
         batch: &mut [Accepted],
         locate: bool,
-    ) -> Result<(SeqPlan, HashMap<u64, Presence>), String> {
+    ) -> Result<(SeqPlan, Routes, Epochs), String> {
         loop {
             let msgs: Vec<&ChatMessage> = batch.iter().map(|a| &a.msg).collect();
             let (read, fields) = sequences::read_counters(&self.keys, self.shard, &msgs);
             let users = if locate { recipients(&msgs) } else { Vec::new() };
-            let (routes, reply) = self.router.resolve_and(&users, Some(read)).await.map_err(|e| e.to_string())?;
+            let (routes, epochs, reply) =
+                self.router.locate(&users, locate, Some(read)).await.map_err(|e| e.to_string())?;
             if let Some(counters) = sequences::parse_counters(fields, reply).map_err(|e| e.to_string())? {
                 let mut refs: Vec<&mut ChatMessage> = batch.iter_mut().map(|a| &mut a.msg).collect();
-                return Ok((sequences::number(&counters, &mut refs), routes));
+                return Ok((sequences::number(&counters, &mut refs), routes, epochs));
             }
             let restored =
                 sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;

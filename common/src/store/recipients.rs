@@ -30,6 +30,14 @@ pub struct Position {
     pub read: u64,
 }
 
+/// A stored position and the serverMsgIds of the messages at its seqs (`None`: not saved, or seq 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Receipt {
+    pub at: Position,
+    pub delivered_id: Option<u64>,
+    pub read_id: Option<u64>,
+}
+
 impl Store {
     /// Saved messages from `from` to `to` with seq above `after_seq`, in seq order (one page of a sync).
     pub async fn messages_after(
@@ -49,8 +57,9 @@ impl Store {
     /// `user`'s conversations with saved messages beyond the delivered position: (peer, position).
     pub async fn behind(&self, user: u64) -> Result<Vec<(u64, u64)>, StoreError> {
         let sql = "SELECT c.peer_id, COALESCE(p.delivered_seq, 0) FROM conversations c \
+                   JOIN conversations theirs ON theirs.owner_id = c.peer_id AND theirs.peer_id = c.owner_id \
                    LEFT JOIN positions p ON p.owner_id = c.owner_id AND p.peer_id = c.peer_id \
-                   WHERE c.owner_id = ? AND c.last_in_seq > COALESCE(p.delivered_seq, 0)";
+                   WHERE c.owner_id = ? AND theirs.last_out_seq > COALESCE(p.delivered_seq, 0)";
         Ok(self.pool.get_conn().await?.exec(sql, (user,)).await?)
     }
 
@@ -64,19 +73,6 @@ impl Store {
         let sql = format!("SELECT to_user_id, id, from_user_id, seq FROM messages WHERE id IN ({ids})");
         let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
         Ok(rows.into_iter().map(|(to, id, from, seq)| ((to, id), (from, seq))).collect())
-    }
-
-    /// The ids of saved messages at `(from, to, seq)`.
-    pub async fn ids_at(&self, at: &[(u64, u64, u64)]) -> Result<HashMap<(u64, u64, u64), u64>, StoreError> {
-        if at.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let keys = numbers(at.iter().map(|&(f, t, s)| [f, t, s]));
-        let sql = format!(
-            "SELECT from_user_id, to_user_id, seq, id FROM messages WHERE (from_user_id, to_user_id, seq) IN ({keys})"
-        );
-        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
-        Ok(rows.into_iter().map(|(f, t, s, id)| ((f, t, s), id)).collect())
     }
 
     /// Moves `(owner, peer)` positions forward (never back; `read` moves `delivered` too), all in one
@@ -98,25 +94,36 @@ impl Store {
         Ok(())
     }
 
-    /// The stored positions of `(owner, peer)` pairs (pairs without a row are left out).
-    pub async fn positions_of(&self, pairs: &[(u64, u64)]) -> Result<HashMap<(u64, u64), Position>, StoreError> {
+    /// The stored positions of `(owner, peer)` pairs with the ids of the peer's messages at them
+    /// (when saved), in one statement: what a `RECEIPT` says. Pairs without a row are left out.
+    pub async fn receipts_of(&self, pairs: &[(u64, u64)]) -> Result<HashMap<(u64, u64), Receipt>, StoreError> {
         if pairs.is_empty() {
             return Ok(HashMap::new());
         }
         let keys = numbers(pairs.iter().map(|&(owner, peer)| [owner, peer]));
         let sql = format!(
-            "SELECT owner_id, peer_id, delivered_seq, read_seq FROM positions WHERE (owner_id, peer_id) IN ({keys})"
+            "SELECT p.owner_id, p.peer_id, p.delivered_seq, p.read_seq, d.id, r.id FROM positions p \
+             LEFT JOIN messages d ON d.from_user_id = p.peer_id AND d.to_user_id = p.owner_id AND d.seq = p.delivered_seq \
+             LEFT JOIN messages r ON r.from_user_id = p.peer_id AND r.to_user_id = p.owner_id AND r.seq = p.read_seq \
+             WHERE (p.owner_id, p.peer_id) IN ({keys})"
         );
-        let rows: Vec<(u64, u64, u64, u64)> = self.pool.get_conn().await?.query(sql).await?;
-        Ok(rows.into_iter().map(|(o, p, delivered, read)| ((o, p), Position { delivered, read })).collect())
+        let rows: Vec<(u64, u64, u64, u64, Option<u64>, Option<u64>)> = self.pool.get_conn().await?.query(sql).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(o, p, delivered, read, delivered_id, read_id)| {
+                ((o, p), Receipt { at: Position { delivered, read }, delivered_id, read_id })
+            })
+            .collect())
     }
 
     /// `user`'s conversations with a saved message older than `before`, newest activity first.
     pub async fn conversations(&self, user: u64, before: u64, limit: u32) -> Result<Vec<Conversation>, StoreError> {
-        let sql = "SELECT c.peer_id, c.last_in_seq, c.last_out_seq, COALESCE(mine.delivered_seq, 0), \
+        let sql =
+            "SELECT c.peer_id, COALESCE(theirs.last_out_seq, 0), c.last_out_seq, COALESCE(mine.delivered_seq, 0), \
                    COALESCE(mine.read_seq, 0), COALESCE(p.delivered_seq, 0), COALESCE(p.read_seq, 0), \
                    m.id, m.from_user_id, m.to_user_id, m.client_msg_id, m.msg_type, LEFT(m.content, 100), m.seq \
                    FROM conversations c \
+                   LEFT JOIN conversations theirs ON theirs.owner_id = c.peer_id AND theirs.peer_id = c.owner_id \
                    LEFT JOIN positions mine ON mine.owner_id = c.owner_id AND mine.peer_id = c.peer_id \
                    LEFT JOIN positions p ON p.owner_id = c.peer_id AND p.peer_id = c.owner_id \
                    LEFT JOIN messages m ON m.id = c.last_msg_id \
