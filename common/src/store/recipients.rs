@@ -107,7 +107,8 @@ impl Store {
              LEFT JOIN messages r ON r.from_user_id = p.peer_id AND r.to_user_id = p.owner_id AND r.seq = p.read_seq \
              WHERE (p.owner_id, p.peer_id) IN ({keys})"
         );
-        let rows: Vec<(u64, u64, u64, u64, Option<u64>, Option<u64>)> = self.pool.get_conn().await?.query(sql).await?;
+        type Row = (u64, u64, u64, u64, Option<u64>, Option<u64>);
+        let rows: Vec<Row> = self.pool.get_conn().await?.query(sql).await?;
         Ok(rows
             .into_iter()
             .map(|(o, p, delivered, read, delivered_id, read_id)| {
