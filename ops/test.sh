@@ -5,18 +5,21 @@
 # Servers: IM_TEST_REDIS_URL / IM_TEST_MYSQL_URL (default redis://127.0.0.1:6379 and
 # mysql://root@127.0.0.1:3306/) are used when they answer; otherwise `ops servers` starts private
 # redis-server and mariadbd under .im-local/test-servers (installing the Debian packages if needed)
-# and stops them again at the end.
+# and stops them again at the end. The Redis Cluster tests run on IM_TEST_REDIS_CLUSTER_URLS when it
+# names a healthy cluster, else on a private 3-master cluster in .im-local/test-servers/redis-cluster
+# (`ops servers --redis-cluster 3`), likewise stopped at the end. A cluster left running there (the
+# script was killed before its trap ran) is reused by the next run while it is healthy, and replaced
+# when it is not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --quiet -p ops
 servers_dir=.im-local/test-servers
-env_lines=$(target/debug/ops servers --dir "$servers_dir")
+# The trap is set first, so servers started before a failure below are stopped too.
+trap 'target/debug/ops servers --dir "$servers_dir" --stop' EXIT
+env_lines=$(target/debug/ops servers --dir "$servers_dir" --redis-cluster 3)
 export $env_lines
 echo "test servers: $env_lines" | tr '\n' ' '; echo
-if [ -n "$(ls -A "$servers_dir" 2>/dev/null)" ]; then
-  trap 'target/debug/ops servers --dir "$servers_dir" --stop' EXIT
-fi
 
 # The dashboard test and the demo page's browser test (clients/js) load pages in headless Chromium.
 command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)

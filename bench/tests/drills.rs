@@ -144,6 +144,7 @@ async fn a_cluster_on_shared_servers_is_refused() {
         dir: dir.clone(),
         private_servers: Vec::new(),
         dashboard: None,
+        redis_cluster: None,
     };
     let path = dir.join("cluster.json");
     im_harness::cluster::save_state(&state, &path).unwrap();

@@ -43,8 +43,11 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]`.
+    /// `redis://host:port[/db]` (one server; unused when `cluster_urls` is set).
     pub url: String,
+    /// Redis Cluster: some of its masters' `redis://host:port` (the rest are discovered). Empty: one
+    /// server at `url`.
+    pub cluster_urls: Vec<String>,
     /// Prefix of every key and channel.
     pub key_prefix: String,
 }
@@ -171,7 +174,7 @@ pub struct WorkerConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { url: "redis://127.0.0.1:6379".into(), key_prefix: "im".into() }
+        RedisConfig { url: "redis://127.0.0.1:6379".into(), cluster_urls: Vec::new(), key_prefix: "im".into() }
     }
 }
 
@@ -455,6 +458,9 @@ mod tests {
     #[test]
     fn urls_and_origins_are_checked() {
         assert_eq!(key_error("[redis]\nurl = \"redis://\""), "redis.url");
+        assert_eq!(key_error("[redis]\ncluster_urls = [\"http://127.0.0.1:7000\"]"), "redis.cluster_urls");
+        assert_eq!(key_error("[redis]\ncluster_urls = [\"redis://127.0.0.1:7000/2\"]"), "redis.cluster_urls");
+        Config::from_toml("[redis]\ncluster_urls = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001/\"]").unwrap();
         assert_eq!(key_error("[mysql]\nurl = \"mysql://root@127.0.0.1:3306\""), "mysql.url");
         assert_eq!(key_error("[gateway]\nallowed_origins = [\"https://chat.example/\"]"), "gateway.allowed_origins");
         assert_eq!(key_error("[gateway]\nallowed_origins = [\"chat.example\"]"), "gateway.allowed_origins");

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connections::RedisConn;
 
 use crate::store::Store;
 
@@ -18,7 +18,7 @@ pub struct Dependencies {
 
 impl Dependencies {
     /// Starts probing; both count as down until their first answer.
-    pub fn watch(redis: ConnectionManager, store: Store) -> Arc<Dependencies> {
+    pub fn watch(redis: RedisConn, store: Store) -> Arc<Dependencies> {
         let deps = Arc::new(Dependencies::default());
         let probe = deps.clone();
         tokio::spawn(async move {

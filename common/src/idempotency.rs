@@ -6,7 +6,7 @@
 //! the value through [`encode_state`], the one definition of its format (`<stage>:<serverMsgId>`,
 //! stage `p` pending, `a` accepted, `s` saved, `f` failed for good).
 
-use redis::aio::ConnectionManager;
+use crate::connections::RedisConn;
 
 use crate::protocol::{AckType, Reason, ServerFrame};
 use crate::seq_counters::{add_floors, SeqFloor};
@@ -27,13 +27,13 @@ pub enum Stage {
 /// The idempotency window: `idempotency(shard, from, clientMsgId)` → `<stage>:<serverMsgId>`.
 #[derive(Clone)]
 pub struct IdempotencyWindow {
-    conn: ConnectionManager,
+    conn: RedisConn,
     ttl_secs: u64,
 }
 
 impl IdempotencyWindow {
     /// The window over `conn`, whose keys live `ttl_secs`.
-    pub fn new(conn: ConnectionManager, ttl_secs: u64) -> Self {
+    pub fn new(conn: RedisConn, ttl_secs: u64) -> Self {
         IdempotencyWindow { conn, ttl_secs }
     }
 

@@ -2,14 +2,15 @@
 //!
 //! Pub/sub keeps no copy, so a gateway that is between subscriptions (Redis restarted, the subscriber
 //! connection dropped) or whose connection died with messages in flight would miss them. Every
-//! publisher therefore publishes with [`JOURNAL_LUA`]: the batch also goes to a short journal (a
+//! publisher therefore publishes with `deliver` ([`PublishingScript`]): the batch also goes to a short journal (a
 //! stream per publisher key and node), and the published message carries its journal position, so a
 //! gateway that resubscribes replays exactly what it has not seen, in order, before anything live.
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
+use crate::connections::RedisConn;
 use redis::streams::StreamRangeReply;
+use redis::Script;
 
 /// How long a node's journal keeps what was published to it. A gateway that was away longer cannot
 /// replay its gap and asks its clients to reconnect instead (offline resend covers them).
@@ -17,8 +18,10 @@ pub const JOURNAL_RETENTION_MS: u64 = 30_000;
 
 /// Lua: `deliver(channel, message, journal)` appends the message to the node's journal (a stream
 /// trimmed to [`JOURNAL_RETENTION_MS`], expiring when nothing is written to it), then publishes it
-/// prefixed with where it is journaled: `<journal key>\n<entry id>\n<message>`.
-pub static JOURNAL_LUA: LazyLock<String> = LazyLock::new(|| {
+/// prefixed with where it is journaled: `<journal key>\n<entry id>\n<message>`. `publish` is the
+/// command: `PUBLISH` on one server, `SPUBLISH` (sharded pub/sub: the channel lives in the
+/// journal's slot) on a cluster.
+fn journal_lua(publish: &str) -> String {
     format!(
         r"
 local function deliver(channel, message, journal)
@@ -26,16 +29,40 @@ local function deliver(channel, message, journal)
   local cutoff = string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - {JOURNAL_RETENTION_MS})
   local id = redis.call('XADD', journal, 'MINID', '~', cutoff, '*', 'm', message)
   redis.call('PEXPIRE', journal, {})
-  redis.call('PUBLISH', channel, journal .. '\n' .. id .. '\n' .. message)
+  redis.call('{publish}', channel, journal .. '\n' .. id .. '\n' .. message)
 end
 ",
         2 * JOURNAL_RETENTION_MS
     )
-});
+}
+
+/// A script that publishes through [`journal_lua`]'s `deliver`, built for both kinds of Redis.
+pub struct PublishingScript([(String, Script); 2]);
+
+impl PublishingScript {
+    /// `body` follows the `deliver` function.
+    pub fn new(body: &str) -> Self {
+        PublishingScript(["PUBLISH", "SPUBLISH"].map(|cmd| {
+            let source = format!("{}{body}", journal_lua(cmd));
+            let script = Script::new(&source);
+            (source, script)
+        }))
+    }
+
+    /// The variant for `conn`.
+    pub fn on(&self, conn: &RedisConn) -> &Script {
+        &self.0[usize::from(conn.is_cluster())].1
+    }
+
+    /// The variant's source, for `EVAL` in a pipeline (which cannot load a missing script).
+    pub fn source(&self, conn: &RedisConn) -> &str {
+        &self.0[usize::from(conn.is_cluster())].0
+    }
+}
 
 /// KEYS: journal. ARGV: channel, message.
-pub(crate) static PUBLISH_SCRIPT: LazyLock<String> =
-    LazyLock::new(|| format!("{}deliver(ARGV[1], ARGV[2], KEYS[1])", *JOURNAL_LUA));
+pub(crate) static PUBLISH_SCRIPT: LazyLock<PublishingScript> =
+    LazyLock::new(|| PublishingScript::new("deliver(ARGV[1], ARGV[2], KEYS[1])"));
 
 /// A stream entry id, `<ms>-<seq>`, comparable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,7 +90,7 @@ pub fn split_journaled(msg: &[u8]) -> Option<(&str, EntryId, &[u8])> {
 }
 
 /// The newest entry id of each journal (`EntryId::default()` for an empty one), in one pipeline.
-pub async fn journal_tails(conn: &ConnectionManager, journals: &[String]) -> redis::RedisResult<Vec<EntryId>> {
+pub async fn journal_tails(conn: &RedisConn, journals: &[String]) -> redis::RedisResult<Vec<EntryId>> {
     let mut pipe = redis::pipe();
     for key in journals {
         pipe.cmd("XREVRANGE").arg(key).arg("+").arg("-").arg("COUNT").arg(1);
@@ -77,7 +104,7 @@ const REPLAY_PAGE: usize = 1000;
 
 /// The entries of `journal` after `after`, oldest first: (id, encoded [`PushBatch`]).
 pub async fn read_journal(
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     journal: &str,
     mut after: EntryId,
 ) -> redis::RedisResult<Vec<(EntryId, Vec<u8>)>> {

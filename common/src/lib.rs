@@ -17,6 +17,7 @@ pub mod router;
 pub mod seq_counters;
 pub mod shard;
 pub mod store;
+pub mod subscription;
 pub mod telemetry;
 
 /// Why a process could not start: a server it needs is unusable, or its options are.

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::connections::RedisConn;
 use redis::Script;
 
 use crate::backoff::Backoff;
@@ -124,7 +124,7 @@ pub struct NodeLease {
     key: String,
     owner: String,
     ttl: Duration,
-    conn: ConnectionManager,
+    conn: RedisConn,
     ids: Arc<IdGenerator>,
     /// False while the gateway runs without the lease (Redis was down when it started).
     held: AtomicBool,
@@ -134,12 +134,7 @@ impl NodeLease {
     /// Claims `node` for this process (see the module doc): the lease once it is free, `InUse` while a
     /// live process holds it. If Redis does not answer, returns a lease not yet held (fail-open) that
     /// [`hold`](Self::hold) takes later.
-    pub async fn claim(
-        conn: ConnectionManager,
-        keys: &Keys,
-        node: u16,
-        ttl: Duration,
-    ) -> Result<NodeLease, NodeLeaseError> {
+    pub async fn claim(conn: RedisConn, keys: &Keys, node: u16, ttl: Duration) -> Result<NodeLease, NodeLeaseError> {
         let lease = NodeLease {
             node,
             key: keys.node_lease(node),

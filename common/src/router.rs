@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use redis::aio::ConnectionManager;
+use crate::connections::RedisConn;
 
 use crate::journal::PUBLISH_SCRIPT;
 use crate::keys::Keys;
@@ -35,13 +35,13 @@ pub struct SendStats {
 /// Resolves routes and publishes pushes to node channels.
 #[derive(Clone)]
 pub struct Router {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
 }
 
 impl Router {
     /// A router over an existing connection.
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(conn: RedisConn, keys: Keys) -> Self {
         Router { conn, keys }
     }
 
@@ -116,7 +116,14 @@ impl Router {
             let mut pipe = redis::pipe();
             for p in &publications {
                 let journal = self.keys.journal_of_gateways(p.node);
-                pipe.cmd("EVAL").arg(&*PUBLISH_SCRIPT).arg(1).arg(journal).arg(&p.channel).arg(&p.payload).ignore();
+                let channel = self.keys.node_channel(p.node);
+                pipe.cmd("EVAL")
+                    .arg(PUBLISH_SCRIPT.source(&self.conn))
+                    .arg(1)
+                    .arg(journal)
+                    .arg(channel)
+                    .arg(&p.payload)
+                    .ignore();
             }
             pipe.query_async::<()>(&mut self.conn.clone()).await?;
         }
@@ -164,11 +171,7 @@ impl Router {
         stats.publishes = by_node.len();
         let publications = by_node
             .into_iter()
-            .map(|(node, pushes)| Publication {
-                node,
-                channel: self.keys.node_channel(node),
-                payload: encode(&PushBatch { pushes }),
-            })
+            .map(|(node, pushes)| Publication { node, payload: encode(&PushBatch { pushes }) })
             .collect();
         (publications, stats)
     }
@@ -186,10 +189,10 @@ fn read_epochs(users: &[u64], reply: redis::Value) -> redis::RedisResult<Epochs>
     Ok(users.iter().zip(values).map(|(&u, e)| (u, e.unwrap_or(0))).collect())
 }
 
-/// One PUBLISH: a node channel and an encoded [`PushBatch`].
+/// One PUBLISH: the gateway node it is for and an encoded [`PushBatch`] (the channel depends on the
+/// publisher: [`Keys::shard_channel`] for a shard's owner, [`Keys::node_channel`] for a gateway).
 #[derive(Debug, Clone)]
 pub struct Publication {
     pub node: u16,
-    pub channel: String,
     pub payload: Vec<u8>,
 }

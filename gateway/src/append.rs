@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use im_common::connections::RedisConn;
 use redis::Script;
 
 use crate::baseline::BaselineSaver;
@@ -78,7 +78,7 @@ impl Pressure {
 /// Appends accepted messages to shard streams.
 #[derive(Clone)]
 pub struct Appender {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
     script: Arc<Script>,
     fail_open: bool,
@@ -101,7 +101,7 @@ pub struct Appender {
 impl Appender {
     pub fn new(
         cfg: &Config,
-        conn: ConnectionManager,
+        conn: RedisConn,
         keys: Keys,
         saver: BaselineSaver,
         window: IdempotencyWindow,

@@ -109,7 +109,7 @@ impl Gateway {
 /// another live process holds it; started without the lease (taken later) while Redis is down.
 pub async fn claim_node_id(cfg: &Config) -> Result<NodeLease, StartError> {
     // Its own connection: renewals must not queue behind appends.
-    let redis = im_common::connections::connect_lazy(&cfg.redis.url)?;
+    let redis = im_common::connections::connect_lazy(&cfg.redis)?;
     Ok(NodeLease::claim(redis, &Keys::from_config(cfg), cfg.gateway.node_id, NODE_LEASE_TTL).await?)
 }
 
@@ -126,7 +126,7 @@ pub async fn run(
     let node = cfg.gateway.node_id;
     let keys = Keys::from_config(&cfg);
     // Lazy: a fail-open gateway must come up (and serve baseline) while Redis is down.
-    let redis = im_common::connections::connect_lazy(&cfg.redis.url)?;
+    let redis = im_common::connections::connect_lazy(&cfg.redis)?;
     let store = Store::connect(&cfg.mysql.url, cfg.mysql.pool_max)?;
     let sessions = Arc::new(Sessions::default());
     let routes = RouteKeeper::new(redis.clone(), keys.clone(), node, cfg.gateway.route_ttl_ms);
@@ -200,7 +200,7 @@ pub async fn run(
     let background = [
         tokio::spawn(node_channel::subscribe(
             routes.clone(),
-            gw.cfg.redis.url.clone(),
+            gw.cfg.redis.clone(),
             gw.cfg.cluster.shards,
             sessions.clone(),
             subscribed,

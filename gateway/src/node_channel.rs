@@ -1,5 +1,6 @@
-//! Where pushes arrive: this node's channel, through which shard workers and other gateways send
-//! frames (pushes, receipts) to the connections held here.
+//! Where pushes arrive: this node's channels — one per shard, which that shard's owner publishes on,
+//! and one other gateways publish on — through which frames (pushes, receipts) reach the
+//! connections held here ([`Subscription`]: classic pub/sub on one server, sharded on a cluster).
 //!
 //! Every message names its place in a journal ([`im_common::journal`]); after a gap in the
 //! subscription the node replays what it missed, in order, before anything live.
@@ -9,26 +10,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-
 use crate::framing::close_code;
 use crate::routes::RouteKeeper;
 use crate::sessions::Sessions;
 use im_common::backoff::Backoff;
+use im_common::config::RedisConfig;
 use im_common::journal::{self, split_journaled, EntryId, JOURNAL_RETENTION_MS};
 use im_common::record::{decode, PushBatch};
+use im_common::subscription::Subscription;
 
 /// Resubscribing to the node channel after a failure: first pause and cap.
 const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(100);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
-/// How long opening the subscriber connection may take.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Subscribes to the node channel and hands every push to the local sessions, until the process
 /// ends. `live` is true exactly while the subscription is established; `im_gateway_subscription_up`
 /// mirrors it for alerting (a scrape sees what `/readyz` sees).
 ///
-/// Every message names its place in a journal (`journal::JOURNAL_LUA`), and the gateway remembers the
+/// Every message names its place in a journal (`journal::PublishingScript`), and the gateway remembers the
 /// last place it delivered from each of its journals. After each SUBSCRIBE, before anything live,
 /// it replays what its journals hold beyond those places (in serverMsgId order, which is each
 /// sender's order), and afterwards skips live messages it has already replayed. So a gap in the
@@ -39,12 +38,12 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// offline resend.
 pub async fn subscribe(
     routes: RouteKeeper,
-    redis_url: String,
+    redis: RedisConfig,
     shards: u16,
     sessions: Arc<Sessions>,
     live: Arc<AtomicBool>,
 ) {
-    let channel = routes.keys.node_channel(routes.node);
+    let channels = routes.keys.node_channels(routes.node, shards);
     let mut journals: Vec<String> = (0..shards).map(|s| routes.keys.journal_of_shard(s, routes.node)).collect();
     journals.push(routes.keys.journal_of_gateways(routes.node));
     let mut seen: HashMap<String, EntryId> = HashMap::new();
@@ -53,16 +52,15 @@ pub async fn subscribe(
     up.set(0.0);
     let mut backoff = Backoff::new(RESUBSCRIBE_FIRST, RESUBSCRIBE_MAX);
     loop {
-        match resume(&routes, &redis_url, &channel, &journals, &mut seen, lost_at, &sessions).await {
-            Ok(mut pubsub) => {
+        match resume(&routes, &redis, &channels, &journals, &mut seen, lost_at, &sessions).await {
+            Ok(mut subscription) => {
                 live.store(true, Ordering::Relaxed);
                 up.set(1.0);
-                tracing::info!(%channel, "node channel subscribed");
+                tracing::info!(channels = channels.len(), "node channels subscribed");
                 backoff.reset();
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
+                while let Some(payload) = subscription.next().await {
                     metrics::counter!("im_gateway_pubsub_messages_in_total").increment(1);
-                    let Some((journal, id, batch)) = split_journaled(msg.get_payload_bytes()) else {
+                    let Some((journal, id, batch)) = split_journaled(&payload) else {
                         tracing::warn!("node-channel message without its journal position");
                         continue;
                     };
@@ -76,7 +74,7 @@ pub async fn subscribe(
                 live.store(false, Ordering::Relaxed);
                 up.set(0.0);
                 lost_at = Some(Instant::now());
-                tracing::warn!(%channel, "node channel subscription lost; resubscribing");
+                tracing::warn!("node channel subscription lost; resubscribing");
             }
             Err(e) => tracing::warn!(error = %e, "node channel subscribe failed"),
         }
@@ -84,27 +82,23 @@ pub async fn subscribe(
     }
 }
 
-/// SUBSCRIBE, then refresh the routes and replay the journals from `seen`; live messages wait in
+/// Subscribe, then refresh the routes and replay the journals from `seen`; live messages wait in
 /// the subscription's buffer meanwhile. The first time, `seen` starts at the journals' ends (read
 /// before subscribing, so nothing published in between is skipped).
 async fn resume(
     routes: &RouteKeeper,
-    url: &str,
-    channel: &str,
+    redis: &RedisConfig,
+    channels: &[String],
     journals: &[String],
     seen: &mut HashMap<String, EntryId>,
     lost_at: Option<Instant>,
     sessions: &Sessions,
-) -> redis::RedisResult<redis::aio::PubSub> {
+) -> redis::RedisResult<Subscription> {
     if seen.is_empty() {
         let tails = journal::journal_tails(&routes.conn, journals).await?;
         seen.extend(journals.iter().cloned().zip(tails));
     }
-    let client = redis::Client::open(url)?;
-    let mut pubsub = tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.get_async_pubsub())
-        .await
-        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "pubsub connect timed out")))??;
-    pubsub.subscribe(channel).await?;
+    let subscription = Subscription::open(redis, channels).await?;
     routes.refresh(sessions).await?;
     let limit = Duration::from_millis(JOURNAL_RETENTION_MS.min(routes.ttl_ms));
     if lost_at.is_some_and(|t| t.elapsed() > limit) {
@@ -112,7 +106,7 @@ async fn resume(
         let tails = journal::journal_tails(&routes.conn, journals).await?;
         seen.extend(journals.iter().cloned().zip(tails));
         sessions.close_all(close_code::SERVICE_RESTART, "reconnect");
-        return Ok(pubsub);
+        return Ok(subscription);
     }
     let mut pushes = Vec::new();
     let mut ends = Vec::new();
@@ -137,7 +131,7 @@ async fn resume(
         sessions.deliver(push);
     }
     seen.extend(ends);
-    Ok(pubsub)
+    Ok(subscription)
 }
 
 fn deliver_batch(sessions: &Sessions, payload: &[u8]) {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use im_common::connections::RedisConn;
 
 use crate::framing::close_code;
 use crate::sessions::Sessions;
@@ -24,14 +24,14 @@ const REGISTER_CHUNK: usize = 1000;
 /// Writes and refreshes this node's route entries.
 #[derive(Clone)]
 pub struct RouteKeeper {
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: RedisConn,
     pub(crate) keys: Keys,
     pub(crate) node: u16,
     pub(crate) ttl_ms: u64,
 }
 
 impl RouteKeeper {
-    pub fn new(conn: ConnectionManager, keys: Keys, node: u16, ttl_ms: u64) -> Self {
+    pub fn new(conn: RedisConn, keys: Keys, node: u16, ttl_ms: u64) -> Self {
         RouteKeeper { conn, keys, node, ttl_ms }
     }
 

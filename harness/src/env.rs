@@ -4,13 +4,24 @@
 //!
 //! Server URLs come from `IM_TEST_REDIS_URL` and `IM_TEST_MYSQL_URL` (server URL without database),
 //! which the test command sets after making sure the servers answer (starting private ones when
-//! needed); the defaults are the local standard ports.
+//! needed); the defaults are the local standard ports. A test on a Redis Cluster
+//! ([`TestEnv::on_redis_cluster`]) gets the cluster `IM_TEST_REDIS_CLUSTER_URLS` names (the test
+//! command sets it), else a private one the tests share (`shared_cluster`); its keys are removed
+//! from every master.
+
+mod shared_cluster;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use im_common::config::Config;
 use im_common::keys::Keys;
+
+use crate::servers::{cluster_masters, node_connection, ServerError};
+
+pub use shared_cluster::{
+    cluster_urls_from_env, shared_cluster_dir, test_cluster_urls, CLUSTER_URLS_VAR, SHARED_CLUSTER_MASTERS,
+};
 
 /// Where the tests' Redis is, unless `IM_TEST_REDIS_URL` says otherwise.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -26,7 +37,11 @@ const DELETE_BATCH: usize = 500;
 /// Redis and MySQL coordinates private to one test; its data is removed on drop.
 #[derive(Debug)]
 pub struct TestEnv {
+    /// The test's Redis; on a Redis Cluster, its first node (for tools that need one node).
     pub redis_url: String,
+    /// The Redis Cluster's node URLs when the test runs on one ([`TestEnv::on_redis_cluster`]);
+    /// empty on one Redis server.
+    pub redis_cluster_urls: Vec<String>,
     /// Includes the test's own database name.
     pub mysql_url: String,
     pub key_prefix: String,
@@ -41,16 +56,32 @@ impl TestEnv {
         let tag = format!("{}_{}_{:06x}", name, std::process::id(), rand::random::<u32>() & 0xff_ffff);
         TestEnv {
             redis_url,
+            redis_cluster_urls: Vec::new(),
             mysql_url: format!("{}/imt_{tag}", server.trim_end_matches('/')),
             key_prefix: format!("imt:{tag}"),
             cleaned: AtomicBool::new(false),
         }
     }
 
+    /// As [`TestEnv::new`], on the tests' Redis Cluster: the one `IM_TEST_REDIS_CLUSTER_URLS` names
+    /// (comma-separated node URLs), else a private cluster of three masters that the tests share,
+    /// started by the first test that asks and reused by the rest (see `shared_cluster`). Fails when
+    /// that cluster can be neither found nor started.
+    pub async fn on_redis_cluster(name: &str) -> Result<TestEnv, ServerError> {
+        let urls = test_cluster_urls().await?;
+        let mut env = TestEnv::new(name);
+        if let Some(first) = urls.first() {
+            env.redis_url = first.clone();
+        }
+        env.redis_cluster_urls = urls;
+        Ok(env)
+    }
+
     /// A config pointing at this environment (other keys default).
     pub fn config(&self) -> Config {
         let mut cfg = Config::default();
         cfg.redis.url = self.redis_url.clone();
+        cfg.redis.cluster_urls = self.redis_cluster_urls.clone();
         cfg.redis.key_prefix = self.key_prefix.clone();
         cfg.mysql.url = self.mysql_url.clone();
         cfg.auth.jwt_secret = TEST_JWT_SECRET.into();
@@ -62,6 +93,15 @@ impl TestEnv {
     /// The key layout of [`TestEnv::config`].
     pub fn keys(&self) -> Keys {
         Keys::from_config(&self.config())
+    }
+
+    /// The key layout of a cluster of `shards` shards in this environment: on a Redis Cluster the
+    /// shards' hash tags depend on the shard count, so a test whose cluster has other than the
+    /// default count needs this rather than [`TestEnv::keys`].
+    pub fn keys_for_shards(&self, shards: u16) -> Keys {
+        let mut cfg = self.config();
+        cfg.cluster.shards = shards;
+        Keys::from_config(&cfg)
     }
 
     /// Drops the database and deletes every key under the prefix (once; dropping does it otherwise).
@@ -90,21 +130,42 @@ impl Drop for TestEnv {
 }
 
 /// Drops the database of `mysql_url` and deletes every Redis key under `key_prefix` (the prefix of a
-/// [`Keys`] layout). Best effort and bounded in time: a server that is gone (a test stopped it)
-/// leaves nothing to clean.
+/// [`Keys`] layout). When `redis_url` is a Redis Cluster node, the keys are deleted on every master
+/// of its cluster. Best effort and bounded in time: a server that is gone (a test stopped it) leaves
+/// nothing to clean.
 pub async fn remove_data(redis_url: &str, mysql_url: &str, key_prefix: &str) {
     let work = async {
         let _ = im_common::store::drop_database(mysql_url).await;
-        let Ok(client) = redis::Client::open(redis_url) else { return };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
         let pattern = format!("{key_prefix}:*");
-        let found: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap_or_default();
-        for chunk in found.chunks(DELETE_BATCH) {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+        for node in key_holders(redis_url).await {
+            delete_matching(&node, &pattern).await;
         }
     };
     if tokio::time::timeout(CLEANUP_TIMEOUT, work).await.is_err() {
         eprintln!("cleanup of {key_prefix} did not finish within {CLEANUP_TIMEOUT:?}");
+    }
+}
+
+/// The servers that hold keys: every master of the cluster when `redis_url` is a Redis Cluster node
+/// (a standalone server refuses `CLUSTER SLOTS`), else that server.
+async fn key_holders(redis_url: &str) -> Vec<String> {
+    match cluster_masters(redis_url).await {
+        Ok(masters) if !masters.is_empty() => masters,
+        _ => vec![redis_url.to_owned()],
+    }
+}
+
+/// Deletes the keys matching `pattern` on the one server at `url`. One `DEL` per key, pipelined:
+/// keys of different slots cannot share a `DEL` on a cluster node, even when it holds them all.
+async fn delete_matching(url: &str, pattern: &str) {
+    let Ok(mut conn) = node_connection(url).await else { return };
+    let found: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap_or_default();
+    for chunk in found.chunks(DELETE_BATCH) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("DEL").arg(key).ignore();
+        }
+        let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
     }
 }
 

@@ -4,7 +4,8 @@
 //! A tour, from the bottom up:
 //! - [`process`]: spawn detached, signal, and read `/proc` (alive, CPU, memory, listeners);
 //! - [`poll`]: wait for a condition along the workspace's backoff curve instead of fixed sleeps;
-//! - [`servers`]: private Redis and MariaDB (installed if needed) when the configured ones are absent;
+//! - [`servers`]: private Redis, Redis Cluster and MariaDB (installed if needed) when the configured
+//!   ones are absent;
 //! - [`cluster`]: a local cluster of gateways, shard workers and its dashboard, and its state file;
 //! - [`guard`]: the kill-on-drop owner of a cluster;
 //! - [`http`] and [`metrics`]: the one HTTP client and the one Prometheus text reader;

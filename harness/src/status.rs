@@ -1,9 +1,12 @@
 //! The state of a running cluster, per shard and per gateway, from the processes' own `/metrics`
 //! (the same numbers Prometheus sees): stream lengths, pending entries, lag, lease owners and fencing
-//! tokens, dead letters, and rates from two scrapes a sampling interval apart.
+//! tokens, dead letters, and rates from two scrapes a sampling interval apart. On a Redis Cluster,
+//! also per Redis node: the slots and shards it holds, its memory and load (`redis_nodes`).
 //!
 //! `ops status` renders it as a table, `ops dashboard` serves it as JSON, the drills' monitor watches
 //! the backlog with it, and the end-to-end tests read it — one collector for all of them.
+
+mod redis_nodes;
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +14,8 @@ use serde::Serialize;
 
 use crate::cluster::ClusterState;
 use crate::metrics::{self, sum, Sample};
+
+pub use redis_nodes::RedisNodeStatus;
 
 /// One shard.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -54,6 +59,9 @@ pub struct ClusterStatus {
     pub gateways: Vec<GatewayStatus>,
     pub workers_up: usize,
     pub workers: usize,
+    /// The Redis Cluster's nodes (empty, and left out of the JSON, on one Redis server).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redis_nodes: Vec<RedisNodeStatus>,
 }
 
 /// Every page of `urls`, scraped concurrently (`None` for a process that did not answer).
@@ -68,10 +76,11 @@ pub async fn collect(state: &ClusterState, interval: Duration) -> ClusterStatus 
     let wk_urls: Vec<String> = state.workers.iter().map(|w| w.metrics_url.clone()).collect();
     let (g0, w0) = (scrape_all(&gw_urls).await, scrape_all(&wk_urls).await);
     let started = Instant::now();
-    tokio::time::sleep(interval).await;
+    // The Redis nodes are asked during the sampling interval, so they cost no extra time.
+    let (redis_nodes, ()) = tokio::join!(redis_nodes::collect(state), tokio::time::sleep(interval));
     let (g1, w1) = (scrape_all(&gw_urls).await, scrape_all(&wk_urls).await);
     let secs = started.elapsed().as_secs_f64().max(0.001);
-    summarise(state, (&g0, &g1), (&w0, &w1), secs)
+    ClusterStatus { redis_nodes, ..summarise(state, (&g0, &g1), (&w0, &w1), secs) }
 }
 
 /// [`sum`] over the samples of `node` only, when one is given.
@@ -151,6 +160,7 @@ fn summarise(state: &ClusterState, gateways: Scrapes<'_>, workers: Scrapes<'_>, 
         gateways,
         workers_up: workers.1.iter().filter(|p| p.is_some()).count(),
         workers: state.workers.len(),
+        redis_nodes: Vec::new(),
     }
 }
 
@@ -180,6 +190,7 @@ mod tests {
             dir: std::path::PathBuf::new(),
             private_servers: Vec::new(),
             dashboard: None,
+            redis_cluster: None,
         }
     }
 

@@ -25,7 +25,11 @@ use im_bench::args::{DrillArgs, ModeArg};
 use im_common::config::{Config, Mode};
 use im_harness::cluster::{self, ClusterSpec, ClusterState};
 use im_harness::guard::ClusterGuard;
-use im_harness::servers::{ensure_servers, PrivateServer};
+use im_harness::servers::{
+    ensure_redis_cluster, ensure_servers, PrivateRedisCluster, PrivateServer, RedisClusterInUse,
+    PRIVATE_REDIS_CLUSTER_APPENDFSYNC, REDIS_CLUSTER_MAX_MASTERS as MAX_MASTERS,
+    REDIS_CLUSTER_MIN_MASTERS as MIN_MASTERS,
+};
 
 /// What `ops` logs to stderr unless `RUST_LOG` says otherwise: its own steps (servers found, started,
 /// installed), and warnings from everything else.
@@ -85,6 +89,11 @@ enum Cmd {
         /// development tokens for it: gateway.demo_page and gateway.demo_dev_tokens).
         #[arg(long)]
         no_demo: bool,
+        /// Run on a Redis Cluster of N masters instead of one Redis server: the configured one
+        /// (redis.cluster_urls) when it is healthy, else a private one under the state directory
+        /// (`redis-cluster/`, AOF with appendfsync everysec), stopped again by `ops down`.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(MIN_MASTERS as i64..=MAX_MASTERS as i64))]
+        redis_cluster: Option<u16>,
     },
     /// Per-shard and per-gateway state of a running cluster, from the processes' metrics.
     Status {
@@ -176,8 +185,14 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         private: bool,
+        /// Stop the private servers (and the private Redis Cluster) recorded under --dir.
         #[arg(long)]
         stop: bool,
+        /// Also make sure a Redis Cluster of N masters answers — the one IM_TEST_REDIS_CLUSTER_URLS
+        /// (else redis.cluster_urls) names when it is healthy, else a private one in
+        /// `<dir>/redis-cluster`, reused while it runs — and print `IM_TEST_REDIS_CLUSTER_URLS=...`.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(MIN_MASTERS as i64..=MAX_MASTERS as i64))]
+        redis_cluster: Option<u16>,
     },
     /// Fault drill under load with a loss/duplicate/order verdict (the same as `bench drill`); exits
     /// 0 only if the verdict passes. See docs/RELIABILITY.md.
@@ -244,8 +259,9 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("{}", im_common::auth::issue_token(&cfg.auth.jwt_secret, user, ttl_secs));
         }
-        Cmd::Up { gateways, shards, workers, mode, state, private, no_demo } => {
-            up(cfg, gateways, shards, workers, mode, state, private, !no_demo).await?
+        Cmd::Up { gateways, shards, workers, mode, state, private, no_demo, redis_cluster } => {
+            let redis_cluster = redis_cluster.map(usize::from);
+            up(cfg, gateways, shards, workers, mode, state, private, !no_demo, redis_cluster).await?
         }
         Cmd::Status { state, watch, json, interval_ms } => {
             let cluster = load_cluster(&state)?;
@@ -316,26 +332,83 @@ async fn main() -> anyhow::Result<()> {
             println!("cluster stopped");
         }
         Cmd::Drill { drill, .. } => std::process::exit(drill.run(cfg).await?),
-        Cmd::Servers { dir, private, stop } => {
-            let redis = std::env::var("IM_TEST_REDIS_URL").unwrap_or(cfg.redis.url);
-            let mysql = std::env::var("IM_TEST_MYSQL_URL").unwrap_or(cfg.mysql.url);
-            if stop {
-                for kind in ["redis", "mariadb"] {
-                    if let Some(server) = PrivateServer::running_in(&dir.join(kind)) {
-                        server.stop().await?;
-                    }
-                }
-                return Ok(());
-            }
-            let servers = ensure_servers(&redis, &mysql, &dir, private).await?;
-            for s in &servers.private {
-                eprintln!("started private {} on port {} (pid {})", s.kind_name, s.port, s.pid);
-            }
-            println!("IM_TEST_REDIS_URL={}", servers.redis_url);
-            println!("IM_TEST_MYSQL_URL={}", servers.mysql_url);
+        Cmd::Servers { dir, stop: true, .. } => stop_servers(&dir).await?,
+        Cmd::Servers { dir, private, stop: false, redis_cluster } => {
+            servers(cfg, &dir, private, redis_cluster.map(usize::from)).await?
         }
     }
     Ok(())
+}
+
+/// `ops servers`: the test suite's servers, one `NAME=value` line each on stdout.
+async fn servers(cfg: Config, dir: &Path, private: bool, redis_cluster: Option<usize>) -> anyhow::Result<()> {
+    let redis = std::env::var("IM_TEST_REDIS_URL").unwrap_or(cfg.redis.url);
+    let mysql = std::env::var("IM_TEST_MYSQL_URL").unwrap_or(cfg.mysql.url);
+    let servers = ensure_servers(&redis, &mysql, dir, private).await?;
+    for s in &servers.private {
+        eprintln!("private {} on port {} (pid {})", s.kind_name, s.port, s.pid);
+    }
+    println!("IM_TEST_REDIS_URL={}", servers.redis_url);
+    println!("IM_TEST_MYSQL_URL={}", servers.mysql_url);
+    if let Some(masters) = redis_cluster {
+        let configured = im_harness::env::cluster_urls_from_env().unwrap_or(cfg.redis.cluster_urls);
+        let cluster = ensure_redis_cluster(&configured, masters, dir, private).await?;
+        describe_redis_cluster(&cluster);
+        println!("{}={}", im_harness::env::CLUSTER_URLS_VAR, cluster.urls.join(","));
+    }
+    Ok(())
+}
+
+/// `ops servers --stop`: stops the private servers and the private Redis Cluster recorded in `dir`.
+async fn stop_servers(dir: &Path) -> anyhow::Result<()> {
+    for kind in ["redis", "mariadb"] {
+        if let Some(server) = PrivateServer::running_in(&dir.join(kind)) {
+            server.stop().await?;
+        }
+    }
+    if let Some(cluster) = PrivateRedisCluster::recorded_in(dir) {
+        cluster.stop().await.context("stopping the private Redis Cluster")?;
+    }
+    Ok(())
+}
+
+/// Says on stderr which Redis Cluster is used, and how durable a private one is.
+fn describe_redis_cluster(cluster: &RedisClusterInUse) {
+    if cluster.nodes.is_empty() {
+        eprintln!("Redis Cluster {} (configured)", cluster.urls.join(","));
+        return;
+    }
+    let pids: Vec<String> = cluster.nodes.iter().map(|n| n.pid.to_string()).collect();
+    eprintln!(
+        "private Redis Cluster of {} masters {} (pids {}); its AOF uses appendfsync \
+         {PRIVATE_REDIS_CLUSTER_APPENDFSYNC}: a machine crash can lose about the last second of \
+         ACK(accepted) messages (see docs/OPERATIONS.md)",
+        cluster.nodes.len(),
+        cluster.urls.join(","),
+        pids.join(",")
+    );
+}
+
+/// Warns when `ACK(accepted)` is only as durable as Redis's memory (no AOF), or — on a private Redis
+/// Cluster — as durable as `appendfsync everysec`.
+async fn warn_about_durability(cluster: &ClusterState) {
+    let redis_urls: Vec<&String> = match &cluster.redis_cluster {
+        Some(redis_cluster) if !redis_cluster.nodes.is_empty() => {
+            describe_redis_cluster(redis_cluster);
+            return;
+        }
+        Some(redis_cluster) => redis_cluster.urls.iter().collect(),
+        None if cluster.private_servers.iter().any(|s| s.kind_name == "redis") => return,
+        None => vec![&cluster.redis_url],
+    };
+    for url in redis_urls {
+        if !redis_has_aof(url).await {
+            eprintln!(
+                "warning: the Redis at {url} runs without appendonly: ACK(accepted) is only as durable as its \
+                 memory (see docs/OPERATIONS.md); `ops up --private` starts one with AOF on"
+            );
+        }
+    }
 }
 
 /// `ops up`: starts the cluster (its guard kills it again if anything below fails), writes the state
@@ -351,6 +424,7 @@ async fn up(
     state: PathBuf,
     private: bool,
     demo: bool,
+    redis_cluster: Option<usize>,
 ) -> anyhow::Result<()> {
     if cluster::is_running(&state) {
         bail!(cluster::ClusterError::AlreadyRunning(state));
@@ -367,17 +441,12 @@ async fn up(
     spec.workers = workers.unwrap_or(shards.into());
     spec.state_file = state.clone();
     spec.force_private = private;
+    spec.redis_cluster = redis_cluster;
     let guard = ClusterGuard::start(&spec).await?;
     let targets = observability::targets_path(&state);
     observability::write_prometheus_targets(&guard.state, &targets)?;
     let cluster = guard.release();
-    if cluster.private_servers.iter().all(|s| s.kind_name != "redis") && !redis_has_aof(&cluster.redis_url).await {
-        eprintln!(
-            "warning: the Redis at {} runs without appendonly: ACK(accepted) is only as durable as its \
-             memory (see docs/OPERATIONS.md); `ops up --private` starts one with AOF on",
-            cluster.redis_url
-        );
-    }
+    warn_about_durability(&cluster).await;
     println!("cluster up in {} mode, {} shards", cluster.mode, cluster.shards);
     for g in &cluster.gateways {
         println!("  gateway {}  {}  (http {}, pid {})", g.node_id, g.ws_url, g.http_url, g.pid);
@@ -386,7 +455,11 @@ async fn up(
         let shard = w.shard.map_or_else(|| "standby".to_owned(), |s| format!("shard {s}"));
         println!("  worker {shard}  {}  (pid {})", w.metrics_url, w.pid);
     }
-    println!("  redis {}\n  mysql {}", cluster.redis_url, cluster.mysql_url);
+    match &cluster.redis_cluster {
+        Some(redis_cluster) => println!("  redis cluster {}", redis_cluster.urls.join(" ")),
+        None => println!("  redis {}", cluster.redis_url),
+    }
+    println!("  mysql {}", cluster.mysql_url);
     if let Some(d) = &cluster.dashboard {
         println!("  dashboard {}  (pid {})", d.url, d.pid);
     }

@@ -55,7 +55,7 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
 /// Drops the seq counters of shards `0..shards`; their next owners restore them from MySQL.
 async fn drop_seq_counters(cfg: &Config, shards: u16) -> Result<(), ClusterError> {
     let keys = Keys::from_config(cfg);
-    let mut conn = im_common::connections::connect(&cfg.redis.url).await.map_err(redis_err)?;
+    let mut conn = im_common::connections::connect(&cfg.redis).await.map_err(redis_err)?;
     let counters: Vec<String> = (0..shards).map(|s| keys.seq_counters(s)).collect();
     redis::cmd("DEL").arg(&counters).query_async::<()>(&mut conn).await.map_err(redis_err)
 }
@@ -72,8 +72,11 @@ fn redis_err(e: redis::RedisError) -> ClusterError {
 /// while no gateway or worker is up, so nothing else writes these keys. Returns how many moved.
 async fn move_idempotency_window(cfg: &Config, shards: u16) -> Result<usize, ClusterError> {
     let keys = Keys::from_config(cfg);
-    let client = redis::Client::open(cfg.redis.url.as_str()).map_err(redis_err)?;
-    let mut redis = client.get_multiplexed_async_connection().await.map_err(redis_err)?;
+    // On a cluster the shard tags depend on the shard count: the new keys have a layout of their own.
+    let mut resharded = cfg.clone();
+    resharded.cluster.shards = shards;
+    let new_keys = Keys::from_config(&resharded);
+    let mut redis = im_common::connections::connect(&cfg.redis).await.map_err(redis_err)?;
     let mut moved = 0;
     for old in 0..cfg.cluster.shards {
         let pattern = keys.idempotency_pattern(old);
@@ -93,7 +96,8 @@ async fn move_idempotency_window(cfg: &Config, shards: u16) -> Result<usize, Clu
                 .filter_map(|key| {
                     let (from, cmid) = keys.parse_idempotency(old, key)?;
                     let new = shard_of(from, shards);
-                    (new != old).then(|| (key, keys.idempotency(new, from, cmid)))
+                    let new_key = new_keys.idempotency(new, from, cmid);
+                    (new_key != *key).then_some((key, new_key))
                 })
                 .collect();
             if !moves.is_empty() {
@@ -128,8 +132,7 @@ async fn move_idempotency_window(cfg: &Config, shards: u16) -> Result<usize, Clu
 /// Whether every stream of the config's shard count is empty within `limit`.
 async fn drained(cfg: &Config, limit: Duration) -> Result<bool, ClusterError> {
     let keys = Keys::from_config(cfg);
-    let client = redis::Client::open(cfg.redis.url.as_str()).map_err(redis_err)?;
-    let redis = client.get_multiplexed_async_connection().await.map_err(redis_err)?;
+    let redis = im_common::connections::connect(&cfg.redis).await.map_err(redis_err)?;
     let mut pipe = redis::pipe();
     for shard in 0..cfg.cluster.shards {
         pipe.xlen(keys.accepted_stream(shard)).xlen(keys.to_save_stream(shard));

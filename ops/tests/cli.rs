@@ -1,14 +1,15 @@
 //! The `ops` binary as an operator uses it: `up` on a machine where nothing answers on the configured
 //! ports — even with `IM__*` variables pointing at them — starts private Redis and MariaDB, says so,
 //! and gives its processes the servers and shard count it chose; a refused second `up`; the dashboard
-//! following a non-default state file; `chat`, `token`, `down`; `up --help`; a bad config.
+//! following a non-default state file; `chat`, `token`, `down`; `up --help`; a bad config; `servers
+//! --redis-cluster` starting, reusing and stopping a private Redis Cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use im_harness::cluster::load_state;
-use im_harness::servers::free_port;
+use im_harness::servers::{free_port, PrivateRedisCluster};
 use im_harness::{http, metrics, process};
 
 /// The secret the test's config gives the cluster.
@@ -133,6 +134,7 @@ fn up_help_describes_every_flag() {
         ("--state", "State file"),
         ("--private", "private Redis/MariaDB"),
         ("--no-demo", "demo chat page"),
+        ("--redis-cluster", "Redis Cluster of N masters"),
         ("--config", "Config file"),
     ] {
         assert!(help.contains(flag) && help.contains(description), "{flag}: {description}\n{help}");
@@ -153,4 +155,56 @@ fn bad_config_is_refused_with_the_key_named() {
     assert!(text(&out).contains("cluster.shards"), "{}", text(&out));
     let out = ops(&config, &["token", "--user", "abc"]);
     assert!(!out.status.success());
+}
+
+/// `ops servers --redis-cluster 3` in `dir`, without a cluster named in the environment (the test
+/// command names one; this test wants a private one of its own). Its `IM_TEST_REDIS_CLUSTER_URLS`.
+fn servers_with_redis_cluster(config: &Path, dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy();
+    let mut cmd = ops_command(config, &["servers", "--dir", &dir, "--redis-cluster", "3"]);
+    let out = cmd.env_remove("IM_TEST_REDIS_CLUSTER_URLS").output().expect("ops runs");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("IM_TEST_REDIS_CLUSTER_URLS="));
+    line.unwrap_or_else(|| panic!("no cluster URLs: {}", text(&out))).split(',').map(String::from).collect()
+}
+
+/// Kills the private servers and Redis Cluster recorded in a directory, when a test fails halfway.
+struct KillServersIn(PathBuf);
+
+impl Drop for KillServersIn {
+    fn drop(&mut self) {
+        if let Some(cluster) = PrivateRedisCluster::recorded_in(&self.0) {
+            cluster.kill();
+        }
+        for kind in ["redis", "mariadb"] {
+            if let Some(server) = im_harness::servers::PrivateServer::running_in(&self.0.join(kind)) {
+                server.kill();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_with_redis_cluster_prints_its_urls_reuses_it_and_stops_it() {
+    let scratch = Scratch::new("servers-cluster");
+    let config = scratch.0.join("im.toml");
+    std::fs::write(&config, format!("[auth]\njwt_secret = \"{SECRET}\"\n")).unwrap();
+    let dir = scratch.0.join("servers");
+    let _kill = KillServersIn(dir.clone());
+
+    let urls = servers_with_redis_cluster(&config, &dir);
+    assert_eq!(urls.len(), 3, "{urls:?}");
+    for url in &urls {
+        let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await.unwrap();
+        assert!(info.contains("cluster_state:ok"), "{url}: {info}");
+    }
+    assert_eq!(servers_with_redis_cluster(&config, &dir), urls, "the running cluster is reused");
+
+    let out = ops(&config, &["servers", "--dir", &dir.to_string_lossy(), "--stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cluster = PrivateRedisCluster::recorded_in(&dir).expect("the cluster is recorded in its directory");
+    assert_eq!(cluster.urls, urls);
+    assert!(cluster.nodes.iter().all(|n| !n.is_running()), "every node stopped");
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use im_common::connections::RedisConn;
 use redis::Script;
 
 use im_common::keys::Keys;
@@ -43,7 +43,7 @@ pub struct ShardLease {
     pub value: String,
     key: String,
     ttl: Duration,
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// When ownership ends unless renewed, as ms since `epoch`.
     valid_until_ms: Arc<AtomicU64>,
     epoch: Instant,
@@ -52,7 +52,7 @@ pub struct ShardLease {
 impl ShardLease {
     /// Tries to take `shard`'s lease for `owner`; `None` while someone else holds it.
     pub async fn acquire(
-        conn: &ConnectionManager,
+        conn: &RedisConn,
         keys: &Keys,
         shard: u16,
         owner: &str,

@@ -106,7 +106,7 @@ pub async fn run(
         }
     }
     let keys = Keys::from_config(&cfg);
-    let conn = im_common::connections::connect(&cfg.redis.url).await?;
+    let conn = im_common::connections::connect(&cfg.redis).await?;
     let store = Store::connect(&cfg.mysql.url, cfg.mysql.pool_max)?;
     let _ = status.deps.set(Dependencies::watch(conn.clone(), store.clone()));
     let owner = owner_id();
@@ -159,7 +159,7 @@ fn hostname() -> String {
 }
 
 async fn acquire(
-    conn: &redis::aio::ConnectionManager,
+    conn: &im_common::connections::RedisConn,
     keys: &Keys,
     cfg: &Config,
     choice: ShardChoice,
@@ -189,7 +189,7 @@ async fn acquire(
 async fn own_shard(
     cfg: &Config,
     keys: &Keys,
-    conn: &redis::aio::ConnectionManager,
+    conn: &im_common::connections::RedisConn,
     store: &Store,
     lease: ShardLease,
     status: &WorkerStatus,
@@ -231,14 +231,14 @@ async fn own_shard(
     }
     let stage = |name| ShardContext { progress: status.start_stage(name), ..ctx.clone() };
     let mut accepted =
-        reader(keys.accepted_stream(shard), im_common::connections::connect_for_blocking(&cfg.redis.url, block).await?);
+        reader(keys.accepted_stream(shard), im_common::connections::connect_for_blocking(&cfg.redis, block).await?);
     accepted.ensure_group().await?;
     let mut stages = tokio::task::JoinSet::new();
     match cfg.mode() {
         Mode::Full => {
             let mut to_save = reader(
                 keys.to_save_stream(shard),
-                im_common::connections::connect_for_blocking(&cfg.redis.url, block).await?,
+                im_common::connections::connect_for_blocking(&cfg.redis, block).await?,
             );
             to_save.ensure_group().await?;
             stages.spawn(deliver::deliver_stage(stage("deliver"), accepted));

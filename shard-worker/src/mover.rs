@@ -8,10 +8,9 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
-use redis::Script;
+use im_common::connections::RedisConn;
 
-use im_common::journal::JOURNAL_LUA;
+use im_common::journal::PublishingScript;
 use im_common::keys::Keys;
 use im_common::record::MSG_FIELD;
 use im_common::router::Publication;
@@ -101,16 +100,16 @@ ack(KEYS[2], group, ids)
 return #ids
 ";
 
-static HANDOFF_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{}{SEQ_LUA}{PROLOGUE}{HANDOFF}", *JOURNAL_LUA)));
-static COMMIT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{}{SEQ_LUA}{PROLOGUE}{COMMIT}", *JOURNAL_LUA)));
+static HANDOFF_SCRIPT: LazyLock<PublishingScript> =
+    LazyLock::new(|| PublishingScript::new(&format!("{SEQ_LUA}{PROLOGUE}{HANDOFF}")));
+static COMMIT_SCRIPT: LazyLock<PublishingScript> =
+    LazyLock::new(|| PublishingScript::new(&format!("{SEQ_LUA}{PROLOGUE}{COMMIT}")));
 
 /// The fenced stream operations of one shard owner. Each is one atomic script, so a batch's pushes,
 /// its hand-over to the next stage and its acknowledgement happen together or not at all.
 #[derive(Clone)]
 pub struct Mover {
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     pub keys: Keys,
     pub shard: u16,
     pub lease_key: String,
@@ -125,16 +124,17 @@ pub struct DeadLetter<'a> {
     pub reason: &'a str,
 }
 
-fn add_publications(inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
-    for p in pubs {
-        inv.arg(&p.channel);
-    }
-    for p in pubs {
-        inv.arg(&p.payload);
-    }
-}
-
 impl Mover {
+    /// Each publication's channel (this shard's, for its node), then its payload, as ARGV.
+    fn add_publications(&self, inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
+        for p in pubs {
+            inv.arg(self.keys.shard_channel(self.shard, p.node));
+        }
+        for p in pubs {
+            inv.arg(&p.payload);
+        }
+    }
+
     /// The journal of each publication, as KEYS.
     fn add_journal_keys(&self, inv: &mut redis::ScriptInvocation<'_>, pubs: &[Publication]) {
         for p in pubs {
@@ -153,13 +153,13 @@ impl Mover {
         pubs: &[Publication],
         seqs: &SeqPlan,
     ) -> redis::RedisResult<()> {
-        let mut inv = HANDOFF_SCRIPT.prepare_invoke();
+        let mut inv = HANDOFF_SCRIPT.on(&self.conn).prepare_invoke();
         inv.key(&self.lease_key).key(accepted).key(to_save).key(self.keys.seq_counters(self.shard));
         self.add_journal_keys(&mut inv, pubs);
         inv.arg(&self.lease_value).arg(&self.group).arg(MSG_FIELD);
         inv.arg(ids.len()).arg(payloads.len()).arg(pubs.len()).arg(seqs.fields.len());
         inv.arg(ids).arg(payloads);
-        add_publications(&mut inv, pubs);
+        self.add_publications(&mut inv, pubs);
         inv.arg(&seqs.fields).arg(&seqs.bases).arg(&seqs.tops);
         inv.invoke_async(&mut self.conn.clone()).await
     }
@@ -177,7 +177,7 @@ impl Mover {
         settled: &[(String, String)],
         seqs: &SeqPlan,
     ) -> redis::RedisResult<()> {
-        let mut inv = COMMIT_SCRIPT.prepare_invoke();
+        let mut inv = COMMIT_SCRIPT.on(&self.conn).prepare_invoke();
         inv.key(&self.lease_key).key(stream).key(dead_stream).key(self.keys.seq_counters(self.shard));
         self.add_journal_keys(&mut inv, pubs);
         for (key, _) in settled {
@@ -191,7 +191,7 @@ impl Mover {
         for d in dead {
             inv.arg(d.reason);
         }
-        add_publications(&mut inv, pubs);
+        self.add_publications(&mut inv, pubs);
         inv.arg(&seqs.fields).arg(&seqs.tops);
         for (_, state) in settled {
             inv.arg(state);

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use redis::aio::ConnectionManager;
+use im_common::connections::RedisConn;
 
 use im_common::keys::{seq_field, Keys, SEQ_RESTORED};
 use im_common::record::ChatMessage;
@@ -70,13 +70,7 @@ pub fn number(counters: &HashMap<String, u64>, msgs: &mut [&mut ChatMessage]) ->
 
 /// Rebuilds `shard`'s counters from MySQL (the last saved seq of each direction), raising, never
 /// lowering, and marks the hash restored.
-pub async fn restore(
-    conn: &ConnectionManager,
-    keys: &Keys,
-    store: &Store,
-    shards: u16,
-    shard: u16,
-) -> Result<usize, String> {
+pub async fn restore(conn: &RedisConn, keys: &Keys, store: &Store, shards: u16, shard: u16) -> Result<usize, String> {
     let floors = store
         .last_out_seqs(|from| shard_of(from, shards) == shard)
         .await

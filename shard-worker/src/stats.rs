@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use im_common::connections::RedisConn;
 use redis::streams::{StreamInfoGroupsReply, StreamPendingReply};
 
 use im_common::ids::now_ms;
@@ -19,7 +19,7 @@ fn stream_id_age(id: &str) -> f64 {
 }
 
 /// Publishes the gauges of `shard` until the task is aborted.
-pub async fn report(mut conn: ConnectionManager, keys: Keys, group: String, shard: u16) {
+pub async fn report(mut conn: RedisConn, keys: Keys, group: String, shard: u16) {
     let label = shard.to_string();
     let streams = [("accepted", keys.accepted_stream(shard)), ("to_save", keys.to_save_stream(shard))];
     loop {

@@ -15,7 +15,7 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
+use im_common::connections::RedisConn;
 use redis::{Script, Value};
 
 use im_common::record::MSG_FIELD;
@@ -62,7 +62,7 @@ pub struct Fence {
 
 /// Reads batches from one stream for the shard owner: first the pending entries, then new ones.
 pub struct StreamReader {
-    conn: ConnectionManager,
+    conn: RedisConn,
     fence: Fence,
     pub key: String,
     group: String,
@@ -76,7 +76,7 @@ impl StreamReader {
     /// A reader on a dedicated connection (blocking reads must not share one), reading only while
     /// `fence` holds.
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         fence: Fence,
         key: String,
         group: String,

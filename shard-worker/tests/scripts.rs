@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use im_common::connections::RedisConn;
 use redis::AsyncCommands;
 
 use im_common::idempotency::{decode_state, encode_state, Stage};
@@ -23,14 +23,14 @@ const GROUP: &str = "workers";
 /// One shard's keys under a test's own prefix (removed when the shard's [`TestEnv`] is dropped).
 struct Shard {
     env: TestEnv,
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
 }
 
 impl Shard {
     async fn new(name: &str) -> Shard {
         let env = TestEnv::new(name);
-        let conn = im_common::connections::connect(&env.redis_url).await.expect("redis");
+        let conn = im_common::connections::connect(&env.config().redis).await.expect("redis");
         let keys = Keys::from_config(&env.config());
         Shard { env, conn, keys }
     }
@@ -53,7 +53,7 @@ impl Shard {
 
     /// A reader proving `lease_value`.
     async fn reader(&self, stream: String, lease_value: &str) -> StreamReader {
-        let conn = im_common::connections::connect_for_blocking(&self.env.redis_url, Duration::from_millis(50))
+        let conn = im_common::connections::connect_for_blocking(&self.env.config().redis, Duration::from_millis(50))
             .await
             .expect("redis");
         let fence = Fence { lease_key: self.keys.lease(0), lease_value: lease_value.to_owned() };
@@ -152,12 +152,12 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
     let payloads: Vec<Vec<u8>> = batch.iter().map(|e| e.payload.clone()).collect();
-    let publication = Publication { node: 7, channel: s.keys.node_channel(7), payload: b"pushes".to_vec() };
+    let publication = Publication { node: 7, payload: b"pushes".to_vec() };
     let seqs = SeqPlan { fields: vec!["5:6".into()], bases: vec![0], tops: vec![2] };
 
     let client = redis::Client::open(s.env.redis_url.as_str()).expect("url");
     let mut sub = client.get_async_pubsub().await.expect("pubsub");
-    sub.subscribe(&publication.channel).await.expect("subscribe");
+    sub.subscribe(s.keys.shard_channel(0, 7)).await.expect("subscribe");
 
     let mover = s.mover(&lease.value);
     mover
@@ -289,7 +289,8 @@ async fn a_waiting_reader_wakes_for_a_new_entry_and_takes_the_whole_burst() {
     let s = Shard::new("read_wait").await;
     let stream = s.keys.accepted_stream(0);
     let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
-    let conn = im_common::connections::connect_for_blocking(&s.env.redis_url, Duration::from_secs(2)).await.unwrap();
+    let conn =
+        im_common::connections::connect_for_blocking(&s.env.config().redis, Duration::from_secs(2)).await.unwrap();
     let fence = Fence { lease_key: s.keys.lease(0), lease_value: lease.value.clone() };
     let mut reader = StreamReader::new(conn, fence, stream.clone(), GROUP.into(), 100, 2000, 50);
     reader.ensure_group().await.expect("group");

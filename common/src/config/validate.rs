@@ -72,6 +72,17 @@ impl Config {
         if let Err(message) = check_redis_url(&self.redis.url) {
             return bad("redis.url", message);
         }
+        for url in &self.redis.cluster_urls {
+            if let Err(message) = check_redis_url(url).and_then(|()| {
+                if url.starts_with("redis://") && url.trim_end_matches('/').matches('/').count() == 2 {
+                    Ok(())
+                } else {
+                    Err(format!("must be redis://host:port with no database (got {url:?}): a cluster has only db 0"))
+                }
+            }) {
+                return bad("redis.cluster_urls", message);
+            }
+        }
         if let Err(message) = check_mysql_url(&self.mysql.url) {
             return bad("mysql.url", message);
         }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use im_common::config::{Config, Mode};
 
-use crate::servers::{ensure_servers, ServerError};
+use crate::servers::{ensure_servers_with, RedisWanted, ServerError, REDIS_CLUSTER_MIN_MASTERS};
 use crate::{http, poll, process};
 
 pub use spawn::{bin_dir, binary, spawn_dashboard, spawn_gateway, spawn_worker};
@@ -47,6 +47,12 @@ pub struct ClusterSpec {
     pub state_file: PathBuf,
     /// Start private Redis/MariaDB even when the configured ones answer.
     pub force_private: bool,
+    /// Run on a Redis Cluster of this many masters: the configured one (`redis.cluster_urls`) when it
+    /// is healthy (and `force_private` is false), else a private one in `dir/redis-cluster`. `None`:
+    /// one Redis server as always — unless the config names a cluster, which is then used as
+    /// configured (and replaced by a private one of as many masters, at least three, when it does not
+    /// answer).
+    pub redis_cluster: Option<usize>,
 }
 
 impl ClusterSpec {
@@ -61,6 +67,17 @@ impl ClusterSpec {
             state_file: dir.join(STATE_FILE),
             dir,
             force_private: false,
+            redis_cluster: None,
+        }
+    }
+
+    /// The Redis this spec needs, given the configuration's URLs.
+    fn redis_wanted(&self) -> RedisWanted<'_> {
+        let redis = &self.config.redis;
+        let configured = redis.cluster_urls.len().max(REDIS_CLUSTER_MIN_MASTERS);
+        match self.redis_cluster.or((!redis.cluster_urls.is_empty()).then_some(configured)) {
+            Some(masters) => RedisWanted::Cluster { urls: &redis.cluster_urls, masters },
+            None => RedisWanted::Single { url: &redis.url },
         }
     }
 }
@@ -93,12 +110,15 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
     std::fs::create_dir_all(&spec.dir).map_err(io(format!("create {}", spec.dir.display())))?;
     let dir = spec.dir.canonicalize().map_err(io("resolve the cluster directory".into()))?;
     let mut cfg = spec.config.clone();
-    let servers = ensure_servers(&cfg.redis.url, &cfg.mysql.url, &dir, spec.force_private).await?;
+    let servers = ensure_servers_with(spec.redis_wanted(), &cfg.mysql.url, &dir, spec.force_private).await?;
     let db = mysql_async::Opts::from_url(&cfg.mysql.url)
         .ok()
         .and_then(|o| o.db_name().map(str::to_owned))
         .unwrap_or_else(|| "im".into());
     cfg.redis.url = servers.redis_url.clone();
+    if let Some(redis_cluster) = &servers.redis_cluster {
+        cfg.redis.cluster_urls = redis_cluster.urls.clone();
+    }
     cfg.mysql.url = format!("{}/{db}", servers.mysql_url.trim_end_matches('/'));
     cfg.set_mode(spec.mode);
     cfg.cluster.shards = spec.shards;
@@ -119,6 +139,7 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         dir: dir.clone(),
         private_servers: servers.private.clone(),
         dashboard: None,
+        redis_cluster: servers.redis_cluster.clone(),
     };
     // Whatever was started before a failure is stopped again, private servers included: a
     // half-started cluster leaks nothing.
@@ -176,12 +197,15 @@ pub async fn wait_ready(state: &ClusterState) -> Result<(), ClusterError> {
 }
 
 /// Stops every process of the cluster (SIGTERM, SIGKILL after [`STOP_GRACE`]), then the private
-/// servers it started.
+/// servers it started (a private Redis Cluster's nodes included).
 pub async fn stop(state: &ClusterState) -> Result<(), ClusterError> {
     futures_util::future::join_all(state.process_pids().into_iter().map(|pid| process::terminate(pid, STOP_GRACE)))
         .await;
     for server in &state.private_servers {
         server.stop().await?;
+    }
+    if let Some(redis_cluster) = &state.redis_cluster {
+        redis_cluster.stop().await?;
     }
     Ok(())
 }

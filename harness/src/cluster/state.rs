@@ -11,7 +11,7 @@ use im_common::config::Config;
 
 use super::ClusterError;
 use crate::process;
-use crate::servers::PrivateServer;
+use crate::servers::{PrivateServer, RedisClusterInUse};
 
 /// A running gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +60,10 @@ pub struct ClusterState {
     /// The live backlog page (`ops dashboard`), when it started.
     #[serde(default)]
     pub dashboard: Option<DashboardProc>,
+    /// The Redis Cluster the cluster runs on (`redis.cluster_urls`), with its nodes when it is a
+    /// private one this cluster started (stopped with it); `None` on one Redis server (`redis_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_cluster: Option<RedisClusterInUse>,
 }
 
 impl ClusterState {
@@ -82,14 +86,17 @@ impl ClusterState {
         self.gateways.iter().map(|g| g.pid).chain(self.workers.iter().map(|w| w.pid)).any(process::is_alive)
     }
 
-    /// SIGKILLs every process of the cluster, private servers included, without waiting: the way out
-    /// after an error, a panic or Ctrl-C.
+    /// SIGKILLs every process of the cluster, private servers (and private Redis Cluster nodes)
+    /// included, without waiting: the way out after an error, a panic or Ctrl-C.
     pub fn kill_now(&self) {
         for pid in self.process_pids() {
             process::kill_now(pid);
         }
         for server in &self.private_servers {
             server.kill();
+        }
+        if let Some(redis_cluster) = &self.redis_cluster {
+            redis_cluster.kill();
         }
     }
 }

@@ -63,7 +63,8 @@ impl PrivateServer {
             // mariadbd refuses to run as root unless told explicitly.
             args.push("--user=root".into());
         }
-        let launch = Launch { kind, binary, args, url: format!("mysql://root@127.0.0.1:{port}/"), port, dir };
+        let url = format!("mysql://root@127.0.0.1:{port}/");
+        let launch = Launch { kind, binary, args, url, port, dir, cluster_bus_port: None };
         launch.run(None, MARIADB_READY_TIMEOUT).await
     }
 

@@ -13,15 +13,24 @@
 //! what an earlier one started, and a second start in the same directory is refused instead of two
 //! servers writing the same data files.
 //!
-//! The pieces: `probe` asks whether a server answers, `install` brings the programs, `redis`
-//! and `mariadb` start one of each kind, `ensure` puts it together ([`ensure_servers`]); this
-//! module holds the handle and what every kind shares (stop, kill, restart, readiness).
+//! A private Redis Cluster ([`PrivateRedisCluster`]) is M such Redis servers started as cluster
+//! nodes, joined with `redis-cli --cluster create`, and recorded together in
+//! `<dir>/redis-cluster/cluster.json`; a second start there reuses the running cluster.
+//!
+//! The pieces: `probe` asks whether a server answers, `cluster_probe` whether a Redis Cluster is
+//! whole (and which master holds which slots), `install` brings the programs, `redis` and `mariadb`
+//! start one of each kind, `redis_cluster` joins Redis nodes into a cluster, `ensure` puts it
+//! together ([`ensure_servers`], [`ensure_servers_with`]); this module holds the handle and what every
+//! kind shares (stop, kill, restart, readiness).
 
+mod cluster_probe;
+mod dir_lock;
 mod ensure;
 mod install;
 mod mariadb;
 mod probe;
 mod redis;
+mod redis_cluster;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -37,9 +46,20 @@ use tracing::{info, warn};
 use crate::poll;
 use crate::process::{self, Signal};
 
-pub use ensure::{ensure_servers, EnsuredServers};
+pub use self::redis::{RedisOptions, CLUSTER_NODE_TIMEOUT_MS};
+pub(crate) use cluster_probe::info_field;
+pub use cluster_probe::{
+    cluster_masters, cluster_slots, node_connection, redis_cluster_ready, ClusterProbeError, SlotRange, CLUSTER_SLOTS,
+};
+pub use ensure::{
+    ensure_redis_cluster, ensure_servers, ensure_servers_with, EnsuredServers, RedisClusterInUse, RedisWanted,
+};
 pub use install::ensure_installed;
 pub use probe::{free_port, mysql_reachable, mysql_server_url, redis_reachable};
+pub use redis_cluster::{
+    PrivateRedisCluster, MAX_MASTERS as REDIS_CLUSTER_MAX_MASTERS, MIN_MASTERS as REDIS_CLUSTER_MIN_MASTERS,
+    PRIVATE_REDIS_CLUSTER_APPENDFSYNC, REDIS_CLUSTER_DIR,
+};
 
 /// A graceful stop gets this long before it is escalated to SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -150,6 +170,18 @@ pub enum ServerError {
     /// A handle names a kind this module does not know (e.g. a hand-edited state file).
     #[error("unknown server kind `{0}`")]
     UnknownKind(String),
+    /// Redis Cluster needs at least three masters (and this launcher starts at most a few dozen).
+    #[error("a private Redis Cluster needs {min} to {max} masters, not {masters}")]
+    InvalidClusterSize { masters: usize, min: usize, max: usize },
+    /// `redis-cli --cluster create` failed (its nodes have been stopped).
+    #[error("`{command}` failed ({status}):\n{output_tail}")]
+    ClusterCreate { command: String, status: String, output_tail: String },
+    /// The nodes run but the cluster did not become whole in time (its nodes have been stopped).
+    #[error("the Redis Cluster in {} was not ready after {waited:?}: {last_error}", dir.display())]
+    ClusterNotReady { dir: PathBuf, waited: Duration, last_error: ClusterProbeError },
+    /// An exclusive lock (e.g. on the tests' shared Redis Cluster) was not granted in time.
+    #[error("could not lock {} within {waited:?}: {reason}", path.display())]
+    Lock { path: PathBuf, waited: Duration, reason: String },
 }
 
 /// stored (see `<dir>/server.json`) and used from another process to stop or kill the server.
@@ -168,6 +200,10 @@ pub struct PrivateServer {
     /// The Redis AOF fsync policy, reused by [`restart`](Self::restart); `None` for MariaDB.
     #[serde(default)]
     pub appendfsync: Option<String>,
+    /// For a Redis Cluster node, its cluster bus port (reused by [`restart`](Self::restart), so the
+    /// node rejoins its cluster where `nodes.conf` says it is); `None` for a standalone server.
+    #[serde(default)]
+    pub cluster_bus_port: Option<u16>,
 }
 
 impl PrivateServer {
@@ -223,7 +259,8 @@ impl PrivateServer {
         match self.kind() {
             Some(ServerKind::Redis) => {
                 let appendfsync = self.appendfsync.as_deref().unwrap_or(PRIVATE_REDIS_APPENDFSYNC);
-                PrivateServer::start_redis(&self.dir, self.port, appendfsync).await
+                let options = RedisOptions { appendfsync: appendfsync.into(), cluster_bus_port: self.cluster_bus_port };
+                PrivateServer::start_redis_with(&self.dir, self.port, &options).await
             }
             Some(ServerKind::MariaDb) => PrivateServer::start_mariadb(&self.dir, self.port).await,
             None => Err(ServerError::UnknownKind(self.kind_name.clone())),
@@ -330,6 +367,8 @@ struct Launch {
     url: String,
     port: u16,
     dir: PathBuf,
+    /// A Redis Cluster node's bus port, recorded in its handle.
+    cluster_bus_port: Option<u16>,
 }
 
 impl Launch {
@@ -340,8 +379,15 @@ impl Launch {
         let mut command = Command::new(&self.binary);
         command.args(&self.args);
         let pid = process::spawn_detached(command, &log_path(&self.dir, self.kind))?;
-        let server =
-            PrivateServer { kind_name: kind.into(), port: self.port, pid, dir: self.dir, url: self.url, appendfsync };
+        let server = PrivateServer {
+            kind_name: kind.into(),
+            port: self.port,
+            pid,
+            dir: self.dir,
+            url: self.url,
+            appendfsync,
+            cluster_bus_port: self.cluster_bus_port,
+        };
         server.wait_ready(ready_timeout).await?;
         server.save_state()?;
         info!(pid, port = server.port, dir = %server.dir.display(), appendfsync = ?server.appendfsync, "private {kind} ready");
@@ -408,6 +454,7 @@ mod tests {
             dir: PathBuf::from("/nonexistent"),
             url: String::new(),
             appendfsync: None,
+            cluster_bus_port: None,
         };
         assert!(!this_test.is_running());
         let corrupt = PrivateServer { pid: 0, ..this_test.clone() };
