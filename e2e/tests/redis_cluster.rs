@@ -27,7 +27,6 @@ fn private_cluster_spec(env: &TestEnv, mode: Mode, gateways: usize, shards: u16)
     let mut s = spec(env, mode, gateways, shards);
     s.config.redis.cluster_urls.clear();
     s.redis_cluster = Some(3);
-    s.force_private = true;
     s
 }
 

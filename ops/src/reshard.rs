@@ -37,7 +37,7 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
     join_all(workers.iter().map(|w| process::terminate(w.pid, WORKER_STOP_GRACE))).await;
 
     move_idempotency_window(&cfg, shards).await?;
-    drop_seq_counters(&cfg, cfg.cluster.shards.max(shards)).await?;
+    drop_seq_counters(&cfg, shards).await?;
     cfg.cluster.shards = shards;
     cluster::write_config(&cfg, &state.config_path)?;
     state.shards = shards;
@@ -52,11 +52,19 @@ pub async fn reshard(state: &mut ClusterState, shards: u16, drain_timeout: Durat
     cluster::wait_ready(state).await
 }
 
-/// Drops the seq counters of shards `0..shards`; their next owners restore them from MySQL.
+/// Drops the seq counters of the old layout and of the new one (`shards` shards); their next owners
+/// restore them from MySQL. On a cluster the shard tags depend on the shard count, so the new
+/// layout's counters are other keys — possibly left from an earlier time at that count, marked
+/// complete, and stale.
 async fn drop_seq_counters(cfg: &Config, shards: u16) -> Result<(), ClusterError> {
-    let keys = Keys::from_config(cfg);
+    let mut resharded = cfg.clone();
+    resharded.cluster.shards = shards;
+    let (old, new) = (Keys::from_config(cfg), Keys::from_config(&resharded));
+    let mut counters: Vec<String> = (0..cfg.cluster.shards).map(|s| old.seq_counters(s)).collect();
+    counters.extend((0..shards).map(|s| new.seq_counters(s)));
+    counters.sort_unstable();
+    counters.dedup();
     let mut conn = im_common::connections::connect(&cfg.redis).await.map_err(redis_err)?;
-    let counters: Vec<String> = (0..shards).map(|s| keys.seq_counters(s)).collect();
     redis::cmd("DEL").arg(&counters).query_async::<()>(&mut conn).await.map_err(redis_err)
 }
 
