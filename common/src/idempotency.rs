@@ -63,13 +63,17 @@ impl IdempotencyWindow {
         pipe.query_async(&mut self.conn.clone()).await
     }
 
+    /// How far the message under `key` got (`None`: no attempt in the window).
+    pub async fn stage(&self, key: &str) -> redis::RedisResult<Option<(Stage, u64)>> {
+        let state: Option<String> = redis::cmd("GET").arg(key).query_async(&mut self.conn.clone()).await?;
+        Ok(state.as_deref().and_then(decode_state))
+    }
+
     /// The answer to a message refused before it was claimed (shard full, overload, rate limit): if
     /// an earlier attempt was accepted, saved or failed, its receipt — `reason` promises that nothing
     /// was accepted, which would be false for it; otherwise the error. One GET, on refusals only.
     pub async fn answer_refused(&self, key: &str, client_msg_id: &str, reason: Reason) -> ServerFrame {
-        let prev: redis::RedisResult<Option<String>> =
-            redis::cmd("GET").arg(key).query_async(&mut self.conn.clone()).await;
-        match prev.ok().flatten().as_deref().and_then(decode_state) {
+        match self.stage(key).await.ok().flatten() {
             Some((stage, id)) if stage != Stage::Pending => stage.receipt(client_msg_id, id),
             _ => ServerFrame::error(reason, Some(client_msg_id.to_owned())),
         }

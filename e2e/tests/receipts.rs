@@ -107,3 +107,29 @@ async fn a_saved_message_is_remembered_for_the_configured_window() {
     assert!(ttl > window - 30 && ttl <= window, "saved key ttl {ttl}, window {window}");
     drop(c);
 }
+
+/// SPEC §2: a resend that learns its message is only accepted hears `ACK saved` on the resending
+/// connection once the message is saved — also when the first attempt's connection is gone and the
+/// resend came in on another gateway (the save stage addresses its receipt to the first one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_answered_accepted_hears_saved_on_its_own_connection() {
+    let env = TestEnv::new("resend_saved");
+    let c = e2e::cluster(&env, Mode::Full, 2, 1).await;
+    let secret = c.state.jwt_secret.clone();
+    let worker = c.state.workers[0].pid;
+    // The message stays accepted: its shard's only worker is paused.
+    im_harness::process::send(worker, im_harness::process::Signal::SIGSTOP).unwrap();
+    let mut first = Client::connect(&c.state.gateways[0].ws_url, &secret, 7101).await;
+    first.chat(7102, "m1", "hi").await;
+    let (kind, id) = answer(&mut first, "m1").await;
+    assert_eq!(kind, "accepted");
+    drop(first); // the connection the receipt will be addressed to is gone
+
+    let mut again = Client::connect(&c.state.gateways[1].ws_url, &secret, 7101).await;
+    again.chat(7102, "m1", "hi").await;
+    assert_eq!(answer(&mut again, "m1").await, ("accepted".to_owned(), id.clone()), "the same message");
+    im_harness::process::send(worker, im_harness::process::Signal::SIGCONT).unwrap();
+    let saved = tokio::time::timeout(WAIT, answer(&mut again, "m1")).await;
+    assert_eq!(saved.ok(), Some(("saved".to_owned(), id)), "ACK saved reaches the resending connection");
+    drop(c);
+}

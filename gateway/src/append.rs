@@ -14,12 +14,13 @@ use im_common::connections::RedisConn;
 use redis::Script;
 
 use crate::baseline::BaselineSaver;
+use crate::receipt_watch::ReceiptWatch;
 use crate::sessions::SenderLedger;
 use im_common::config::Config;
 use im_common::health::Dependencies;
 use im_common::idempotency::{decode_state, encode_state, IdempotencyWindow, Stage};
 use im_common::keys::Keys;
-use im_common::protocol::{Reason, ServerFrame};
+use im_common::protocol::{AckType, Reason, ServerFrame};
 use im_common::record::{encode, Accepted, ChatMessage, Origin, MSG_FIELD};
 
 /// KEYS: idempotency key, accepted stream. ARGV: state to store, payload, field name.
@@ -96,6 +97,8 @@ pub struct Appender {
     deps: Arc<Dependencies>,
     /// The last append failed (cleared by the next that succeeds).
     failing: Arc<AtomicBool>,
+    /// Resends of accepted messages: their final receipt for the resending connection.
+    receipts: ReceiptWatch,
 }
 
 impl Appender {
@@ -106,6 +109,7 @@ impl Appender {
         saver: BaselineSaver,
         window: IdempotencyWindow,
         deps: Arc<Dependencies>,
+        receipts: ReceiptWatch,
     ) -> Self {
         Appender {
             conn,
@@ -125,7 +129,18 @@ impl Appender {
             window,
             deps,
             failing: Arc::default(),
+            receipts,
         }
+    }
+
+    /// The answer to `msg` refused with `server_busy`: its earlier attempt's receipt if there was one
+    /// (watched until final when only accepted, see [`ReceiptWatch`]).
+    async fn refused(&self, key: &str, msg: &ChatMessage, origin: Origin) -> ServerFrame {
+        let answer = self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await;
+        if answer.ack_type == Some(AckType::Accepted) {
+            self.receipts.watch(key.to_owned(), msg.from, origin.conn, msg.client_msg_id.clone());
+        }
+        answer
     }
 
     /// Appends `msg` to `shard`'s accepted stream (or finds the earlier attempt under `key`).
@@ -149,13 +164,13 @@ impl Appender {
         }
         if self.backlog[usize::from(shard)].load(Ordering::Relaxed) >= self.max_backlog {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "backlog").increment(1);
-            return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
+            return vec![self.refused(key, &msg, origin).await];
         }
         // Overload: appends queue up somewhere (client sockets, this process, Redis). Refusing at
         // once costs almost nothing and leaves the capacity to the messages already admitted.
         if !self.shed_at.is_zero() && self.pressure.standing() >= self.shed_at {
             metrics::counter!("im_gateway_server_busy_total", "cause" => "overload").increment(1);
-            return vec![self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await];
+            return vec![self.refused(key, &msg, origin).await];
         }
         let payload = encode(&Accepted { msg: msg.clone(), origin, pushed_at_epoch: None });
         // Redis was known to be away before this call: a call that then fails never reached it.
@@ -184,6 +199,11 @@ impl Appender {
             Ok(Some(prev)) => match decode_state(&prev) {
                 Some((Stage::Pending, id)) => {
                     self.saver.save_and_answer(ChatMessage { id, ..msg }, Some(key.to_owned())).await
+                }
+                Some((Stage::Accepted, id)) => {
+                    // Its `ACK saved` goes to the first attempt's connection, which may be gone.
+                    self.receipts.watch(key.to_owned(), msg.from, origin.conn, msg.client_msg_id.clone());
+                    vec![Stage::Accepted.receipt(&msg.client_msg_id, id)]
                 }
                 Some((stage, id)) => vec![stage.receipt(&msg.client_msg_id, id)],
                 None => vec![ServerFrame::error(Reason::InternalError, Some(msg.client_msg_id))],

@@ -23,6 +23,7 @@ pub mod node_channel;
 pub mod outbox;
 pub mod positions;
 pub mod rate_limit;
+pub mod receipt_watch;
 pub mod routes;
 pub mod server;
 pub mod sessions;
@@ -54,6 +55,7 @@ use baseline::{AfterCommit, BaselineSaver};
 use fanout::Fanout;
 use outbox::Outbox;
 use positions::Positions;
+use receipt_watch::ReceiptWatch;
 use routes::RouteKeeper;
 use sessions::{ConnHandle, Sessions};
 
@@ -142,7 +144,9 @@ pub async fn run(
     };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
     let deps = im_common::health::Dependencies::watch(redis.clone(), store.clone());
-    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone(), deps.clone());
+    let receipts = ReceiptWatch { window: idempotency.clone(), sessions: sessions.clone() };
+    let appender =
+        Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone(), deps.clone(), receipts);
     let subscribed = Arc::new(AtomicBool::new(false));
     let readiness: ReadinessCheck = {
         let subscribed = subscribed.clone();

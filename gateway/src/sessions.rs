@@ -256,6 +256,15 @@ impl Sessions {
         self.users.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
     }
 
+    /// Whether `uid`'s connection `conn_id` is still open here.
+    pub fn has_connection(&self, uid: u64, conn_id: u64) -> bool {
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid)
+            .is_some_and(|c| c.iter().any(|c| c.id == conn_id))
+    }
+
     /// Hands a push to its connections; returns how many connections took it.
     pub fn deliver(&self, push: &Push) -> usize {
         let text = Bytes::from(push.frame.to_json());
