@@ -190,14 +190,14 @@ async fn with_the_whole_redis_cluster_down_messages_fail_open_and_are_saved() {
     let mut bob = Client::connect(&url, &secret, 6502).await;
     bob.synced().await;
     let mut alice = Client::connect(&url, &secret, 6501).await;
-    alice.chat(6502, "before", "x").await;
-    alice.ack("saved", "before").await;
+    alice.chat(6502, "c0", "x").await;
+    alice.ack("saved", "c0").await;
 
     c.state.redis_cluster.as_ref().unwrap().stop().await.unwrap();
     e2e::until_gateway_sees_redis_down(&c.state.gateways[0].metrics_url).await;
-    for k in 0..5 {
-        alice.chat(6502, &format!("down{k}"), "x").await;
-        let answer = alice.ack("saved", &format!("down{k}")).await;
+    for k in 1..6 {
+        alice.chat(6502, &format!("c{k}"), "x").await;
+        let answer = alice.ack("saved", &format!("c{k}")).await;
         assert!(answer["serverMsgId"].as_str().is_some_and(|id| !id.is_empty()), "{answer}");
     }
     let got: Vec<String> = bob
@@ -207,7 +207,7 @@ async fn with_the_whole_redis_cluster_down_messages_fail_open_and_are_saved() {
         .filter(|v| v["type"] == "SINGLE_CHAT")
         .map(|v| v["clientMsgId"].as_str().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(got, ["before", "down0", "down1", "down2", "down3", "down4"], "pushed once each, in order");
+    assert_eq!(got, ["c0", "c1", "c2", "c3", "c4", "c5"], "pushed once each, in order");
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
     assert_eq!(check_rows(&store).await, (6, 0, 0));
     store.close().await;
@@ -243,6 +243,14 @@ async fn a_slot_migration_under_load_loses_duplicates_and_reorders_nothing() {
         .await;
     assert!(appended >= 100.0, "traffic is flowing ({appended} appends)");
     let (from_id, to_id) = (from.clone(), to.clone());
+    let appends = || async {
+        let mut n = 0.0;
+        for g in &c.state.gateways {
+            n += e2e::metric(&g.metrics_url, "im_gateway_appends_total").await;
+        }
+        n
+    };
+    let (started, appended_before) = (std::time::Instant::now(), appends().await);
     let reshard = tokio::task::spawn_blocking(move || {
         Command::new("redis-cli")
             .args(["--cluster", "reshard", &format!("127.0.0.1:{to_port}")])
@@ -253,6 +261,9 @@ async fn a_slot_migration_under_load_loses_duplicates_and_reorders_nothing() {
     });
     let out = reshard.await.unwrap();
     assert!(out.status.success(), "reshard failed: {}", String::from_utf8_lossy(&out.stderr));
+    let appended_during = appends().await - appended_before;
+    println!("{moving} slots moved in {:?} while {appended_during} messages were appended", started.elapsed());
+    assert!(appended_during >= 100.0, "messages flowed during the migration ({appended_during})");
     let moved = poll::until_true(SETTLES_WITHIN, || {
         masters(to_port).iter().any(|(id, _, r)| *id == to && r.iter().any(|&(a, b)| (a..=b).contains(&shard0)))
     })
