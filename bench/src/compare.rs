@@ -18,7 +18,7 @@ use im_harness::cluster::{ClusterSpec, ClusterState};
 use im_harness::env::remove_data;
 use im_harness::guard::ClusterGuard;
 
-use crate::report::{markdown_table, RunReport};
+use crate::report::{markdown_table, redis_nodes_markdown, RunReport};
 use crate::spec::{LoadSpec, Target};
 use crate::BenchError;
 
@@ -35,6 +35,9 @@ pub struct ClusterOptions {
     pub shards: u16,
     /// Worker processes (default one per shard).
     pub workers: Option<usize>,
+    /// Run each cluster on a Redis Cluster of this many masters ([`ClusterSpec::redis_cluster`]);
+    /// `None`: one Redis server.
+    pub redis_cluster: Option<usize>,
     /// Leave each arm's Redis keys and database in place afterwards.
     pub keep_data: bool,
 }
@@ -54,6 +57,7 @@ impl ManagedCluster {
         config.mysql.url = with_database(&config.mysql.url, &format!("imbench_{}", tag.replace(['-', ':'], "_")));
         let mut spec = ClusterSpec::new(config, mode, opts.gateways, opts.shards, dir.to_path_buf());
         spec.workers = opts.workers.unwrap_or(usize::from(opts.shards));
+        spec.redis_cluster = opts.redis_cluster;
         Ok(ManagedCluster { guard: ClusterGuard::start(&spec).await? })
     }
 
@@ -65,9 +69,22 @@ impl ManagedCluster {
     /// Stops the processes (gracefully) and, unless `keep_data`, drops the cluster's keys and database.
     pub async fn stop(self, keep_data: bool) -> Result<(), BenchError> {
         let state = self.guard.stop().await?;
-        // Private servers went down with the cluster; their data lives in its directory.
-        if !keep_data && state.private_servers.is_empty() {
-            remove_data(&state.redis_url, &state.mysql_url, &state.key_prefix).await;
+        if keep_data {
+            return Ok(());
+        }
+        // Private servers (a private Redis Cluster's nodes too) went down with the cluster; their data
+        // lives in its directory. Shared ones keep running: the arm's keys and database go.
+        let private_redis = state.private_servers.iter().any(|s| s.kind_name == "redis")
+            || state.redis_cluster.as_ref().is_some_and(|c| !c.nodes.is_empty());
+        let private_mysql = state.private_servers.iter().any(|s| s.kind_name == "mariadb");
+        match (private_redis, private_mysql) {
+            (false, false) => remove_data(&state.redis_url, &state.mysql_url, &state.key_prefix).await,
+            (true, false) => {
+                if let Err(e) = im_common::store::drop_database(&state.mysql_url).await {
+                    eprintln!("could not drop the arm's database {}: {e}", state.mysql_url);
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -134,10 +151,11 @@ pub async fn compare(spec: &CompareSpec) -> Result<Vec<FinishedRun>, BenchError>
     for &mode in &spec.modes {
         let dir = spec.out.join("clusters").join(mode.as_str());
         eprintln!(
-            "starting a {} cluster ({} gateways, {} shards) in {}",
+            "starting a {} cluster ({} gateways, {} shards{}) in {}",
             mode.as_str(),
             spec.cluster.gateways,
             spec.cluster.shards,
+            spec.cluster.redis_cluster.map_or_else(String::new, |n| format!(", Redis Cluster of {n} masters")),
             dir.display()
         );
         let cluster = ManagedCluster::start(&spec.cluster, mode, &dir, &format!("{tag}_{}", mode.as_str())).await?;
@@ -172,7 +190,7 @@ fn compare_summary(spec: &CompareSpec, runs: &[FinishedRun]) -> String {
         machine_summary(),
         spec.cluster.gateways,
         spec.cluster.shards,
-        spec.cluster.config.redis.url,
+        redis_summary(&spec.cluster),
         spec.cluster.config.mysql.url,
         l.pairs() * 2,
         l.pairs(),
@@ -194,10 +212,34 @@ fn compare_summary(spec: &CompareSpec, runs: &[FinishedRun]) -> String {
     out.push_str(
         "\nLatencies in ms over messages sent in the measured window; accepted = send → ACK(accepted), saved = send → \
          ACK(saved), E2E = send → recipient's push. lost = receipted but never delivered; errors include messages still \
-         without ACK(saved) after the drain. CPU = gateways + workers + redis-server + mariadbd, per message sent.\n\n",
+         without ACK(saved) after the drain. CPU = gateways + workers + redis-server (every node on a Redis Cluster) \
+         + mariadbd, per message sent.\n\n",
     );
     out.push_str(&problems_section(runs));
+    out.push_str(&redis_nodes_section(&rows));
     out
+}
+
+/// What Redis each cluster runs on, for a summary's cluster line.
+fn redis_summary(opts: &ClusterOptions) -> String {
+    match opts.redis_cluster {
+        Some(masters) => format!("Redis Cluster of {masters} masters (private per cluster unless one is configured)"),
+        None => opts.config.redis.url.clone(),
+    }
+}
+
+/// The per-node command counts of the runs on a Redis Cluster, as a section of a summary (empty when
+/// no run was on one).
+fn redis_nodes_section(rows: &[(String, &RunReport)]) -> String {
+    let tables = redis_nodes_markdown(rows);
+    if tables.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n## Redis Cluster nodes\n\nPer master, over the measured window: the shards whose streams it holds, \
+         its slots, the calls of every command (`INFO commandstats` read at both ends of the window), calls \
+         per message sent, and the busiest commands.\n\n{tables}"
+    )
 }
 
 fn problems_section(runs: &[FinishedRun]) -> String {
@@ -337,7 +379,7 @@ pub fn max_sustainable(steps: &[SweepStep]) -> Option<f64> {
 
 fn sweep_summary(spec: &SweepSpec, steps: &[SweepStep]) -> String {
     let mut out = format!(
-        "# bench sweep, {} mode, {}\n\n`{}`\n\n- machine: {}\n- cluster: {} gateways, {} shards\n- {} connections, {} B bodies, \
+        "# bench sweep, {} mode, {}\n\n`{}`\n\n- machine: {}\n- cluster: {} gateways, {} shards; Redis {}\n- {} connections, {} B bodies, \
          {} s warm-up, {} s measured per step; bound: saved p99 ≤ {} ms, no errors, nothing lost\n\n",
         spec.mode.as_str(),
         human_stamp(im_common::ids::now_ms() / 1000),
@@ -345,6 +387,7 @@ fn sweep_summary(spec: &SweepSpec, steps: &[SweepStep]) -> String {
         machine_summary(),
         spec.cluster.gateways,
         spec.cluster.shards,
+        redis_summary(&spec.cluster),
         spec.load.pairs() * 2,
         spec.load.body_bytes,
         spec.load.warmup.as_secs(),
@@ -361,6 +404,7 @@ fn sweep_summary(spec: &SweepSpec, steps: &[SweepStep]) -> String {
         Some(rate) => out.push_str(&format!("\n**Maximum sustainable rate: {rate:.0} msg/s**\n")),
         None => out.push_str("\n**No step was sustainable.**\n"),
     }
+    out.push_str(&redis_nodes_section(&rows));
     out
 }
 

@@ -5,7 +5,8 @@
 //! one authenticated WebSocket; [`load`] drives every connection on its schedule and records what
 //! comes back into a [`recorder::Recorder`]; [`checker`] turns the logs into verdicts (lost,
 //! duplicated, reordered, missing rows) with pure functions; [`db`] reads the run's rows back from
-//! MySQL; [`cpu`] reads per-process CPU time; [`run()`] puts load, row check and [`report`] together;
+//! MySQL; [`cpu`] reads per-process CPU time; [`redis_nodes`] reads what each Redis Cluster node
+//! served; [`run()`] puts load, row check and [`report`] together;
 //! [`compare`] starts clusters and runs the three-arm comparison and the load sweep; [`drill`] runs
 //! fault drills; [`hold`] holds many idle connections; [`args`] is the command line that `bench` and
 //! `ops` share. Processes are started, watched and stopped through `im_harness`.
@@ -26,6 +27,7 @@ pub mod hold;
 pub mod load;
 pub mod plan;
 pub mod recorder;
+pub mod redis_nodes;
 pub mod report;
 pub mod run;
 pub mod spec;

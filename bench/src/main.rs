@@ -12,6 +12,12 @@
 //!   messages each connect at once; time until every device has everything, cluster CPU,
 //!   slow-consumer disconnects.
 //!
+//! Every command that starts clusters (`compare`, `sweep`, `drill`, `reconnect-storm --start`) takes
+//! `--redis-cluster N`: each cluster then runs on a private Redis Cluster of N masters (3 to 32)
+//! instead of one Redis server, its CPU counts every node, drills that stop or kill Redis stop or
+//! kill every node, and each run's report adds what every node served (shards, calls, calls per
+//! message, busiest commands).
+//!
 //! Receivers behave like real clients everywhere (docs/PROTOCOL.md): they confirm `delivered` by
 //! `from` + `seq` per conversation (`--acks seq`, the default; `id` is the older serverMsgId form,
 //! `none` never confirms), optionally `read` (`--ack-read`), ask for gaps with `SYNC {peer,
@@ -299,7 +305,15 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
             } else {
                 let jwt_secret = jwt_secret.context("--ws-url needs --jwt-secret")?;
                 let processes = im_bench::cpu::find_by_comm(&["gateway", "shard-worker", "redis-server", "mariadbd"]);
-                Target { ws_urls, front_door: None, jwt_secret, mysql_url, mode: mode.into(), processes }
+                Target {
+                    ws_urls,
+                    front_door: None,
+                    jwt_secret,
+                    mysql_url,
+                    mode: mode.into(),
+                    processes,
+                    redis_cluster: None,
+                }
             };
             let report = im_bench::run(&target, &load.spec()?).await?;
             if output.json {
@@ -335,6 +349,11 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 acks,
                 ..Default::default()
             };
+            if !start && cluster.redis_cluster().is_some() {
+                anyhow::bail!(
+                    "--redis-cluster sizes the cluster --start starts; without --start the storm runs on --state's"
+                );
+            }
             let (guard, cluster_state) = if start {
                 // Private Redis and MariaDB, so the CPU figures are this cluster's alone.
                 let opts = cluster.options()?;
@@ -344,6 +363,7 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 spec.workers = opts.workers.unwrap_or(usize::from(opts.shards));
                 spec.state_file = dir.join("cluster.json");
                 spec.force_private = true;
+                spec.redis_cluster = opts.redis_cluster;
                 eprintln!("[reconnect-storm] starting a cluster with private servers in {}", spec.dir.display());
                 let guard = ClusterGuard::start(&spec).await?;
                 let state = guard.state.clone();
@@ -387,6 +407,7 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
             } else {
                 let rows: Vec<(String, &RunReport)> = runs.iter().map(|r| (r.label.clone(), &r.report)).collect();
                 println!("{}", im_bench::report::markdown_table(&rows));
+                print!("{}", im_bench::report::redis_nodes_markdown(&rows));
                 println!("run directory: {}", spec.out.display());
             }
             Ok(exit_code(output.check, &reports))
@@ -411,6 +432,7 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 let rows: Vec<(String, &RunReport)> =
                     steps.iter().map(|s| (format!("{:.0}/s", s.rate), &s.run.report)).collect();
                 println!("{}", im_bench::report::markdown_table(&rows));
+                print!("{}", im_bench::report::redis_nodes_markdown(&rows));
                 match best {
                     Some(rate) => println!("{} mode: maximum sustainable rate {rate:.0} msg/s", mode.as_str()),
                     None => println!("{} mode: no step was sustainable", mode.as_str()),

@@ -14,6 +14,7 @@ use crate::checker::{DeliveryVerdict, RecipientVerdict, RowVerdict};
 use crate::cpu::ProcessCpu;
 use crate::load::LoadResult;
 use crate::recorder::Percentiles;
+use crate::redis_nodes::{self, RedisNodeLoad};
 
 /// The load as it was offered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +128,10 @@ pub struct RunReport {
     #[serde(default)]
     pub recipients: RecipientVerdict,
     pub cpu: CpuReport,
+    /// On a Redis Cluster, what each master served over the measured window: its shards, calls,
+    /// calls per message, busiest commands (absent on one Redis server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_nodes: Vec<RedisNodeLoad>,
 }
 
 fn pct(part: u64, whole: u64) -> f64 {
@@ -216,6 +221,7 @@ impl RunReport {
                 bench_cpu_secs: r.bench_cpu_secs,
                 cluster_us_per_msg: (r.window.sent > 0).then(|| cluster_cpu_secs * 1e6 / r.window.sent as f64),
             },
+            redis_nodes: r.redis_nodes.clone(),
         }
     }
 
@@ -375,6 +381,7 @@ impl fmt::Display for RunReport {
             cpu.window_secs,
             cpu.cores
         )?;
+        write!(f, "{}", redis_nodes::text_table(&self.redis_nodes))?;
         if !self.errors_by_reason.is_empty() {
             let list: Vec<String> = self.errors_by_reason.iter().map(|(k, v)| format!("{k} {v}")).collect();
             writeln!(f, "errors       {}", list.join(", "))?;
@@ -386,6 +393,18 @@ impl fmt::Display for RunReport {
             writeln!(f, "verdict      PROBLEMS: {}", problems.join("; "))
         }
     }
+}
+
+/// Per run on a Redis Cluster, a markdown table of what each master served (empty when no run ran on
+/// a cluster).
+pub fn redis_nodes_markdown(rows: &[(String, &RunReport)]) -> String {
+    let mut out = String::new();
+    for (label, r) in rows.iter().filter(|(_, r)| !r.redis_nodes.is_empty()) {
+        out.push_str(&format!("**{label}**: Redis Cluster nodes over the measured window\n\n"));
+        out.push_str(&redis_nodes::markdown_table(&r.redis_nodes));
+        out.push('\n');
+    }
+    out
 }
 
 /// A markdown table comparing runs, one row per `(label, report)`: the seed's comparison columns.

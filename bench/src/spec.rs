@@ -13,6 +13,7 @@ use im_harness::cluster::ClusterState;
 use im_harness::process;
 
 use crate::cpu::ProcessRef;
+use crate::redis_nodes::RedisClusterNodes;
 use crate::BenchError;
 
 /// How connections authenticate (SPEC §4).
@@ -281,11 +282,15 @@ pub struct Target {
     pub mode: Mode,
     /// Processes whose CPU time is reported.
     pub processes: Vec<ProcessRef>,
+    /// The Redis Cluster the cluster runs on, whose masters' command counts the report adds
+    /// (`None` on one Redis server).
+    pub redis_cluster: Option<RedisClusterNodes>,
 }
 
 impl Target {
     /// The target described by a cluster state file: its gateways and workers, plus the Redis and
-    /// MariaDB processes (the cluster's private ones, or else those listening on its URLs' ports).
+    /// MariaDB processes (the cluster's private ones, or else those listening on its URLs' ports) —
+    /// on a Redis Cluster, every node's (`redis-<port>`).
     pub fn from_state(state: &ClusterState) -> Result<Target, BenchError> {
         let mode = Mode::parse(&state.mode)
             .ok_or_else(|| BenchError::InvalidSpec(format!("state file names unknown mode {:?}", state.mode)))?;
@@ -298,22 +303,8 @@ impl Target {
             let name = w.shard.map_or_else(|| format!("worker-standby-{i}"), |s| format!("worker-s{s}"));
             processes.push(ProcessRef { name, pid: w.pid });
         }
-        if state.private_servers.is_empty() {
-            for (url, default_port, names) in
-                [(&state.redis_url, 6379, &["redis-server"][..]), (&state.mysql_url, 3306, &["mariadbd", "mysqld"][..])]
-            {
-                match process::listener_pid(crate::cpu::url_port(url, default_port)) {
-                    Some(pid) => processes.push(ProcessRef { name: process::comm(pid).unwrap_or_default(), pid }),
-                    // Not visible (another user's process): every server of that kind is the best guess.
-                    None => processes.extend(crate::cpu::find_by_comm(names)),
-                }
-            }
-        } else {
-            processes.extend(state.private_servers.iter().map(|s| ProcessRef {
-                name: if s.kind_name == "redis" { "redis-server".into() } else { "mariadbd".into() },
-                pid: s.pid,
-            }));
-        }
+        processes.extend(redis_processes(state));
+        processes.extend(server_processes(state, "mariadb", &state.mysql_url, 3306, &["mariadbd", "mysqld"]));
         Ok(Target {
             ws_urls: state.gateways.iter().map(|g| g.ws_url.clone()).collect(),
             front_door: None,
@@ -321,11 +312,136 @@ impl Target {
             mysql_url: Some(state.mysql_url.clone()),
             mode,
             processes,
+            redis_cluster: RedisClusterNodes::from_state(state),
         })
     }
 
     /// Whether the mode sends `ACK(accepted)` before `ACK(saved)`.
     pub fn two_phase(&self) -> bool {
         self.mode != Mode::Baseline
+    }
+}
+
+/// The Redis processes of a cluster: on a Redis Cluster every node, named `redis-<port>` (the
+/// private nodes by their handles, a configured cluster's by the ports its URLs name); on one server,
+/// that server (`redis-server`).
+fn redis_processes(state: &ClusterState) -> Vec<ProcessRef> {
+    let Some(redis_cluster) = &state.redis_cluster else {
+        return server_processes(state, "redis", &state.redis_url, 6379, &["redis-server"]);
+    };
+    let node_name = |port: u16| format!("redis-{port}");
+    if !redis_cluster.nodes.is_empty() {
+        return redis_cluster.nodes.iter().map(|n| ProcessRef { name: node_name(n.port), pid: n.pid }).collect();
+    }
+    let mut found = Vec::new();
+    for url in &redis_cluster.urls {
+        let port = crate::cpu::url_port(url, 6379);
+        match process::listener_pid(port) {
+            Some(pid) => found.push(ProcessRef { name: node_name(port), pid }),
+            // Not visible (another user's process): every Redis server is the best guess.
+            None => {
+                let known: Vec<u32> = found.iter().map(|p| p.pid).collect();
+                let others =
+                    crate::cpu::find_by_comm(&["redis-server"]).into_iter().filter(|p| !known.contains(&p.pid));
+                return found.into_iter().chain(others).collect();
+            }
+        }
+    }
+    found
+}
+
+/// The cluster's server of `kind` (`redis`, `mariadb`): its private one by its handle (named after
+/// the first of `names`), else the one listening on `url`'s port, else every process named one of
+/// `names`.
+fn server_processes(state: &ClusterState, kind: &str, url: &str, default_port: u16, names: &[&str]) -> Vec<ProcessRef> {
+    if let Some(private) = state.private_servers.iter().find(|s| s.kind_name == kind) {
+        let name = names.first().copied().unwrap_or(kind);
+        return vec![ProcessRef { name: name.to_owned(), pid: private.pid }];
+    }
+    match process::listener_pid(crate::cpu::url_port(url, default_port)) {
+        Some(pid) => vec![ProcessRef { name: process::comm(pid).unwrap_or_default(), pid }],
+        // Not visible (another user's process): every server of that kind is the best guess.
+        None => crate::cpu::find_by_comm(names),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use im_harness::cluster::{GatewayProc, WorkerProc};
+    use im_harness::servers::{PrivateServer, RedisClusterInUse};
+
+    use super::*;
+
+    fn server(kind: &str, port: u16, pid: u32) -> PrivateServer {
+        PrivateServer {
+            kind_name: kind.into(),
+            port,
+            pid,
+            dir: PathBuf::from(format!("/nonexistent/{kind}-{port}")),
+            url: format!("redis://127.0.0.1:{port}"),
+            appendfsync: Some("everysec".into()),
+            cluster_bus_port: (kind == "redis").then_some(port + 1),
+        }
+    }
+
+    fn state(redis_cluster: Option<RedisClusterInUse>, private_servers: Vec<PrivateServer>) -> ClusterState {
+        let dir = PathBuf::from("/nonexistent/cluster");
+        ClusterState {
+            gateways: vec![GatewayProc {
+                node_id: 1,
+                ws_url: "ws://127.0.0.1:1/ws".into(),
+                http_url: "http://127.0.0.1:1".into(),
+                metrics_url: "http://127.0.0.1:1/metrics".into(),
+                pid: 11,
+                log: dir.join("gateway-1.log"),
+            }],
+            workers: vec![WorkerProc {
+                shard: Some(0),
+                metrics_url: "http://127.0.0.1:2/metrics".into(),
+                pid: 12,
+                log: dir.join("worker-0.log"),
+            }],
+            redis_url: "redis://127.0.0.1:7001".into(),
+            mysql_url: "mysql://root@127.0.0.1:3307/im".into(),
+            jwt_secret: "x".into(),
+            key_prefix: "im".into(),
+            mode: "full".into(),
+            shards: 1,
+            config_path: dir.join("cluster.toml"),
+            dir,
+            private_servers,
+            dashboard: None,
+            redis_cluster,
+        }
+    }
+
+    fn names(target: &Target) -> Vec<(String, u32)> {
+        target.processes.iter().map(|p| (p.name.clone(), p.pid)).collect()
+    }
+
+    #[test]
+    fn every_node_of_a_private_redis_cluster_is_accounted_by_its_port() {
+        let nodes = vec![server("redis", 7001, 21), server("redis", 7003, 22), server("redis", 7005, 23)];
+        let urls = nodes.iter().map(|n| n.url.clone()).collect();
+        let redis_cluster = RedisClusterInUse { urls, nodes };
+        let target = Target::from_state(&state(Some(redis_cluster), vec![server("mariadb", 3307, 31)])).unwrap();
+        let expected =
+            [("gateway-1", 11), ("worker-s0", 12), ("redis-7001", 21), ("redis-7003", 22), ("redis-7005", 23)];
+        let expected: Vec<(String, u32)> =
+            expected.iter().chain(&[("mariadbd", 31)]).map(|&(n, p)| (n.to_owned(), p)).collect();
+        assert_eq!(names(&target), expected);
+        let watched = target.redis_cluster.expect("the Redis Cluster's nodes are watched");
+        assert_eq!(watched.urls.len(), 3);
+    }
+
+    #[test]
+    fn one_private_redis_server_keeps_its_name_and_no_nodes_are_watched() {
+        let servers = vec![server("redis", 7001, 21), server("mariadb", 3307, 31)];
+        let target = Target::from_state(&state(None, servers)).unwrap();
+        let tail: Vec<(String, u32)> = names(&target).split_off(2);
+        assert_eq!(tail, [("redis-server".to_owned(), 21), ("mariadbd".to_owned(), 31)]);
+        assert!(target.redis_cluster.is_none());
     }
 }

@@ -1,10 +1,10 @@
-//! Short forms of the `worker-kill`, `db-outage` and `recipient-churn` drills and two minutes of the
-//! `chaos` drill (docs/RELIABILITY.md), so a change that loses, duplicates or reorders messages, gives
-//! one message two ids, acknowledges a save without its row, or leaves a receiving device without a
-//! message it is owed under those faults cannot land. Each starts its own cluster with private Redis
-//! and MariaDB (a drill never touches shared servers), offers a small load from receivers that
-//! confirm deliveries as real clients do, injects the fault(s), and asserts the drill's verdict
-//! passes.
+//! Short forms of the `worker-kill`, `db-outage` and `recipient-churn` drills, of `redis-restart` on a
+//! private 3-master Redis Cluster, and two minutes of the `chaos` drill (docs/RELIABILITY.md), so a
+//! change that loses, duplicates or reorders messages, gives one message two ids, acknowledges a save
+//! without its row, or leaves a receiving device without a message it is owed under those faults
+//! cannot land. Each starts its own cluster with private Redis and MariaDB (a drill never touches
+//! shared servers), offers a small load from receivers that confirm deliveries as real clients do,
+//! injects the fault(s), and asserts the drill's verdict passes.
 //!
 //! The cluster binaries come from the workspace build (`cargo build --workspace`).
 
@@ -123,6 +123,30 @@ async fn two_minutes_of_chaos_keep_one_id_one_row_order_and_an_answer_for_every_
     assert_eq!((rv.missing_on_device, rv.seq_gaps, rv.seq_mismatches), (0, 0, 0), "recipients lose nothing: {r}");
     assert_eq!(rv.receipts_missing, 0, "senders got RECEIPT delivered up to the last seq: {r}");
     assert!(v.passed, "{r}");
+    let _ = std::fs::remove_dir_all(&spec.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redis_cluster_node_killed_and_restarted_loses_nothing_and_the_report_counts_each_node() {
+    let mut spec = short(Drill::RedisRestart, Duration::ZERO, "redis-cluster-restart");
+    spec.redis_cluster = Some(3);
+    // No standby: a standby could take a shard before its own worker does, while the cluster starts.
+    spec.workers = Some(usize::from(spec.shards));
+    let v = run(&spec).await;
+    let r = v.render();
+    assert!(v.variant.contains("appendfsync=everysec"), "the private cluster's nodes' policy: {r}");
+    assert_eq!((v.lost, v.duplicate_rows, v.reorders, v.unanswered), (0, 0, 0, 0), "{r}");
+    assert!(v.passed, "{r}");
+    // What each node served, in the run's report: every master once, every shard on one of them.
+    let report: im_bench::RunReport =
+        serde_json::from_slice(&std::fs::read(v.dir.join("report.json")).expect("report.json")).expect("a report");
+    assert_eq!(report.redis_nodes.len(), 3, "{:?}", report.redis_nodes);
+    let mut shards: Vec<u16> = report.redis_nodes.iter().flat_map(|n| n.shards.clone()).collect();
+    shards.sort_unstable();
+    assert_eq!(shards, vec![0, 1], "{:?}", report.redis_nodes);
+    assert!(report.redis_nodes.iter().all(|n| n.calls.is_some_and(|c| c > 0)), "{:?}", report.redis_nodes);
+    let redis_cpu = report.cpu.processes.iter().filter(|p| p.name.starts_with("redis-")).count();
+    assert_eq!(redis_cpu, 3, "every node's process is accounted: {:?}", report.cpu.processes);
     let _ = std::fs::remove_dir_all(&spec.out);
 }
 

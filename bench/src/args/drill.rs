@@ -195,6 +195,7 @@ impl DrillArgs {
         spec.gateways = self.size.gateways;
         spec.shards = self.size.shards;
         spec.workers = self.size.workers;
+        spec.redis_cluster = self.size.redis_cluster;
         spec.state = self.state.clone();
         spec.fail_open = self.fail_open;
         spec.kill_every = secs(self.kill_every, "kill-every")?;

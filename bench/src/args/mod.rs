@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use im_common::config::{Config, Mode};
+use im_harness::servers::{REDIS_CLUSTER_MAX_MASTERS, REDIS_CLUSTER_MIN_MASTERS};
 
 use crate::compare::ClusterOptions;
 use crate::spec::{AuthMode, LoadSpec, ReceiverAcks};
@@ -182,6 +183,24 @@ pub struct ClusterSizeArgs {
     /// the shard count stand by).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Run on a Redis Cluster of N masters (3 to 32) instead of one Redis server: a private one per
+    /// cluster started (in its directory, `redis-cluster/`), or the configured one
+    /// (`redis.cluster_urls`) when it is healthy and the servers need not be private. The run report
+    /// then adds each node's command counts.
+    #[arg(long, value_name = "N", value_parser = redis_cluster_masters)]
+    pub redis_cluster: Option<usize>,
+}
+
+/// `--redis-cluster`'s value: a number of masters a private Redis Cluster can have.
+fn redis_cluster_masters(value: &str) -> Result<usize, String> {
+    let (min, max) = (REDIS_CLUSTER_MIN_MASTERS, REDIS_CLUSTER_MAX_MASTERS);
+    let masters: usize =
+        value.trim().parse().map_err(|_| format!("{value:?} is not a number of masters ({min} to {max})"))?;
+    if (min..=max).contains(&masters) {
+        Ok(masters)
+    } else {
+        Err(format!("takes {min} to {max} masters (a Redis Cluster needs at least {min}), not {masters}"))
+    }
 }
 
 /// How each comparison/sweep cluster is started.
@@ -199,9 +218,14 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
+    /// `--redis-cluster`: the masters of the Redis Cluster each cluster runs on, if any.
+    pub fn redis_cluster(&self) -> Option<usize> {
+        self.size.redis_cluster
+    }
+
     /// The clusters these flags describe.
     pub fn options(&self) -> Result<ClusterOptions, BenchError> {
-        let ClusterSizeArgs { gateways, shards, workers } = self.size;
+        let ClusterSizeArgs { gateways, shards, workers, redis_cluster } = self.size;
         if gateways == 0 || shards == 0 {
             return Err(BenchError::InvalidSpec("--gateways and --shards must be positive".into()));
         }
@@ -210,6 +234,7 @@ impl ClusterArgs {
             gateways,
             shards,
             workers,
+            redis_cluster,
             keep_data: self.keep_data,
         })
     }
@@ -224,4 +249,66 @@ pub struct OutputArgs {
     /// Exit with status 2 when the checker finds a problem (loss, duplicates, reorders, errors, DB).
     #[arg(long)]
     pub check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::drill::{self, Drill};
+
+    /// A command that starts clusters, as `bench compare` and `bench sweep` take their flags.
+    #[derive(Parser, Debug)]
+    struct ClusterCommand {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    }
+
+    /// `bench drill`'s flags.
+    #[derive(Parser, Debug)]
+    struct DrillCommand {
+        #[command(flatten)]
+        drill: DrillArgs,
+    }
+
+    fn cluster_command(args: &[&str]) -> Result<ClusterCommand, clap::Error> {
+        ClusterCommand::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn redis_cluster_takes_three_to_thirty_two_masters_and_is_off_by_default() {
+        assert_eq!(cluster_command(&[]).unwrap().cluster.redis_cluster(), None, "one Redis server as before");
+        for masters in ["3", "7", "32"] {
+            let parsed = cluster_command(&["--redis-cluster", masters]).unwrap();
+            assert_eq!(parsed.cluster.redis_cluster(), masters.parse().ok());
+            assert_eq!(parsed.cluster.options().unwrap().redis_cluster, masters.parse().ok());
+        }
+        for bad in ["2", "33", "0", "-1", "three", ""] {
+            let error = cluster_command(&[&format!("--redis-cluster={bad}")]).unwrap_err().to_string();
+            assert!(error.contains("--redis-cluster") && error.contains("3 to 32"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_drill_gets_its_redis_cluster_size() {
+        let parse = |args: &[&str]| {
+            DrillCommand::try_parse_from(["bench", "redis-restart"].into_iter().chain(args.iter().copied()))
+        };
+        let spec = parse(&["--redis-cluster", "4"]).unwrap().drill.spec(Config::default()).unwrap();
+        assert_eq!((spec.drill, spec.redis_cluster), (Drill::RedisRestart, Some(4)));
+        assert_eq!(parse(&[]).unwrap().drill.spec(Config::default()).unwrap().redis_cluster, None);
+        assert!(parse(&["--redis-cluster", "1"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_drill_on_an_existing_cluster_refuses_a_redis_cluster_size_before_touching_anything() {
+        let out = std::env::temp_dir().join(format!("im-bench-args-{:08x}", rand::random::<u32>()));
+        let mut spec = drill::DrillSpec::new(Drill::RedisRestart, Duration::ZERO, out.clone());
+        spec.state = Some(out.join("no-such-state.json"));
+        spec.redis_cluster = Some(3);
+        let error = drill::run(&spec).await.unwrap_err().to_string();
+        assert!(error.contains("--redis-cluster"), "{error}");
+        assert!(!out.exists(), "nothing was created");
+    }
 }

@@ -15,7 +15,8 @@
 //! - **db-outage**: MariaDB stopped for 2–10 s;
 //! - **redis-restart**: Redis SIGKILLed, down 0–3 s, started again from its AOF (the private Redis
 //!   runs with `appendfsync always`, so nothing that got `ACK(accepted)` may be lost); while it is
-//!   down, fail-open saves through the baseline path;
+//!   down, fail-open saves through the baseline path. On a Redis Cluster (`--redis-cluster`) every
+//!   node is killed and restarted (the private nodes run `appendfsync everysec`);
 //! - **reconnect-storm**: 20–60 % of the users' connections (senders and receivers) closed at once.
 //!
 //! Schedule rules:
@@ -55,8 +56,8 @@ use im_common::config::Config;
 use im_harness::process;
 
 use super::faults::{
-    kill_worker_and_replace, pause_process, replace_dead_workers, restart_gateway, restart_server, shard_owners,
-    stop_server,
+    kill_worker_and_replace, pause_process, redis_appendfsync, replace_dead_workers, restart_gateway, restart_redis,
+    restart_server, shard_owners, stop_redis, stop_server,
 };
 use super::session::DrillRun;
 use super::{Check, StopSignal};
@@ -226,8 +227,7 @@ impl DrillRun<'_> {
         let config = Config::load(Some(&snapshot.config_path)).unwrap_or_else(|_| self.spec.config.clone());
         let lease_ttl = Duration::from_millis(config.two_phase.lease_ttl_ms);
         let route_ttl = Duration::from_millis(config.gateway.route_ttl_ms);
-        let policy =
-            snapshot.private_servers.iter().find(|s| s.kind_name == "redis").and_then(|s| s.appendfsync.clone());
+        let policy = redis_appendfsync(&snapshot);
         self.notes.push(format!(
             "chaos seed {seed}; lease TTL {lease_ttl:?}, route TTL {route_ttl:?}; Redis appendfsync {}",
             policy.as_deref().unwrap_or("unknown")
@@ -314,10 +314,10 @@ impl DrillRun<'_> {
                 "mariadb".to_owned()
             }
             ChaosFault::RedisRestart => {
-                let index = stop_server(state, "redis", true).await?;
+                let redis = stop_redis(state, true).await?;
                 tokio::time::sleep(step.length).await;
-                restart_server(state, index, None).await?;
-                "redis (SIGKILL)".to_owned()
+                restart_redis(state, redis, None).await?;
+                format!("{redis} (SIGKILL)")
             }
             ChaosFault::ReconnectStorm => {
                 let Some(storm) = &self.load.storm else { return Ok(None) };

@@ -1,4 +1,5 @@
-//! Injecting a drill's fault into its cluster: stop or kill a private server and start it again,
+//! Injecting a drill's fault into its cluster: stop or kill a private server (on a private Redis
+//! Cluster, every node of it) and start it again,
 //! kill shard owners and replace them, stop and restart a gateway, pause a process (SIGSTOP) and
 //! resume it — always only what the drill's own cluster started, and every replacement recorded in
 //! the run's state file. Each mechanism exists once here; the single-fault drills and the chaos drill
@@ -9,9 +10,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use im_harness::cluster;
+use im_harness::cluster::{self, ClusterState};
 use im_harness::process::{self, Signal};
-use im_harness::servers::PrivateServer;
+use im_harness::servers::{redis_cluster_ready, PrivateServer, RedisOptions, ServerError};
 use im_harness::{metrics, poll};
 
 use super::session::DrillRun;
@@ -22,6 +23,8 @@ use crate::BenchError;
 const OWNER_RETRY: Duration = Duration::from_millis(200);
 /// How long a stopped or killed process gets to be gone before it is started again.
 const GONE_WAIT: Duration = Duration::from_secs(10);
+/// How long a Redis Cluster whose nodes were all restarted gets to be whole again.
+const CLUSTER_WHOLE_WAIT: Duration = Duration::from_secs(30);
 
 /// When the fault began and ended.
 #[derive(Debug, Clone, Copy)]
@@ -45,18 +48,18 @@ impl DrillRun<'_> {
                 eprintln!("[{}] MariaDB back", self.load.label);
             }
             Drill::RedisOutage => {
-                let redis = stop_server(state, "redis", false).await?;
-                eprintln!("[{}] Redis stopped for {:?}", self.load.label, spec.fault);
+                let redis = stop_redis(state, false).await?;
+                eprintln!("[{}] {redis} stopped for {:?}", self.load.label, spec.fault);
                 tokio::time::sleep(spec.fault).await;
-                restart_server(state, redis, None).await?;
-                eprintln!("[{}] Redis back", self.load.label);
+                restart_redis(state, redis, None).await?;
+                eprintln!("[{}] {redis} back", self.load.label);
             }
             Drill::RedisRestart => {
                 // A crash, not a shutdown: what the AOF fsync policy promises is about exactly this.
-                let redis = stop_server(state, "redis", true).await?;
-                let old = state.snapshot().private_servers[redis].appendfsync.clone();
-                eprintln!("[{}] Redis killed (SIGKILL), restarting", self.load.label);
-                restart_server(state, redis, spec.appendfsync.as_deref()).await?;
+                let old = redis_appendfsync(&state.snapshot());
+                let redis = stop_redis(state, true).await?;
+                eprintln!("[{}] {redis} killed (SIGKILL), restarting", self.load.label);
+                restart_redis(state, redis, spec.appendfsync.as_deref()).await?;
                 let policy = spec.appendfsync.clone().or(old).unwrap_or_else(|| "unknown".into());
                 self.notes.push(match policy.as_str() {
                     "always" => "appendfsync always: every write is fsynced before Redis answers, so nothing \
@@ -166,6 +169,87 @@ pub(super) async fn replace_dead_workers(state: &DrillCluster) -> Result<Vec<usi
     Ok(replaced)
 }
 
+/// The Redis a fault took down: the cluster's private Redis server (its index among the private
+/// servers), or every node of its private Redis Cluster (how many).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RedisDown {
+    Server(usize),
+    ClusterNodes(usize),
+}
+
+impl std::fmt::Display for RedisDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisDown::Server(_) => write!(f, "Redis"),
+            RedisDown::ClusterNodes(nodes) => write!(f, "Redis Cluster ({nodes} nodes)"),
+        }
+    }
+}
+
+/// The `appendfsync` policy the cluster's private Redis runs with (its first node's on a Redis
+/// Cluster; `None` when it is not known or not private).
+pub(super) fn redis_appendfsync(state: &ClusterState) -> Option<String> {
+    match &state.redis_cluster {
+        Some(redis_cluster) => redis_cluster.nodes.first()?.appendfsync.clone(),
+        None => state.private_servers.iter().find(|s| s.kind_name == "redis")?.appendfsync.clone(),
+    }
+}
+
+/// Stops (`kill`: SIGKILL, else a graceful stop) the cluster's private Redis: its one server, or on a
+/// Redis Cluster every node. A configured (shared) Redis Cluster is refused.
+pub(super) async fn stop_redis(state: &DrillCluster, kill: bool) -> Result<RedisDown, BenchError> {
+    let Some(redis_cluster) = state.snapshot().redis_cluster else {
+        return stop_server(state, "redis", kill).await.map(RedisDown::Server);
+    };
+    if redis_cluster.nodes.is_empty() {
+        return Err(BenchError::InvalidSpec(
+            "the cluster runs on a configured Redis Cluster, not a private one: a drill never touches shared servers"
+                .into(),
+        ));
+    }
+    if kill {
+        redis_cluster.kill();
+    } else {
+        redis_cluster.stop().await.map_err(cluster::ClusterError::from)?;
+    }
+    Ok(RedisDown::ClusterNodes(redis_cluster.nodes.len()))
+}
+
+/// Starts the Redis that [`stop_redis`] took down again (with `appendfsync` if given) and records the
+/// new pids; on a Redis Cluster, node by node, then waits until the cluster is whole again (every
+/// node `cluster_state:ok`, every slot served).
+pub(super) async fn restart_redis(
+    state: &DrillCluster,
+    down: RedisDown,
+    appendfsync: Option<&str>,
+) -> Result<(), BenchError> {
+    if let RedisDown::Server(index) = down {
+        return restart_server(state, index, appendfsync).await;
+    }
+    let Some(redis_cluster) = state.snapshot().redis_cluster else {
+        return Err(BenchError::InvalidSpec("the cluster no longer records a Redis Cluster".into()));
+    };
+    for (index, node) in redis_cluster.nodes.iter().enumerate() {
+        let fresh = restart_private(node, appendfsync).await.map_err(cluster::ClusterError::from)?;
+        // Recorded at once, so a failure with the next node still leaves this one to the guard.
+        state.update(|s| {
+            if let Some(node) = s.redis_cluster.as_mut().and_then(|c| c.nodes.get_mut(index)) {
+                *node = fresh;
+            }
+        })?;
+    }
+    let urls = &redis_cluster.urls;
+    if poll::until_true_async(CLUSTER_WHOLE_WAIT, || async { redis_cluster_ready(urls).await.is_ok() }).await {
+        return Ok(());
+    }
+    match redis_cluster_ready(urls).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(BenchError::InvalidSpec(format!(
+            "the Redis Cluster was not whole {CLUSTER_WHOLE_WAIT:?} after its nodes restarted: {e}"
+        ))),
+    }
+}
+
 /// Index of the cluster's private server of `kind`.
 fn server_index(state: &DrillCluster, kind: &str) -> Result<usize, BenchError> {
     state.snapshot().private_servers.iter().position(|s| s.kind_name == kind).ok_or_else(|| {
@@ -192,16 +276,21 @@ pub(super) async fn restart_server(
     appendfsync: Option<&str>,
 ) -> Result<(), BenchError> {
     let server = state.snapshot().private_servers[index].clone();
-    let fresh = match appendfsync {
+    let fresh = restart_private(&server, appendfsync).await.map_err(cluster::ClusterError::from)?;
+    state.update(|s| s.private_servers[index] = fresh)
+}
+
+/// Starts a stopped private server again on its port and directory; a Redis (a cluster node keeps its
+/// bus port) with `appendfsync` instead of its own policy if given.
+async fn restart_private(server: &PrivateServer, appendfsync: Option<&str>) -> Result<PrivateServer, ServerError> {
+    match appendfsync {
         Some(policy) if server.kind_name == "redis" => {
-            let old = server.clone();
-            poll::until_true(GONE_WAIT, || !old.is_running()).await;
-            PrivateServer::start_redis(&server.dir, server.port, policy).await
+            poll::until_true(GONE_WAIT, || !server.is_running()).await;
+            let options = RedisOptions { appendfsync: policy.into(), cluster_bus_port: server.cluster_bus_port };
+            PrivateServer::start_redis_with(&server.dir, server.port, &options).await
         }
         _ => server.restart().await,
     }
-    .map_err(cluster::ClusterError::from)?;
-    state.update(|s| s.private_servers[index] = fresh)
 }
 
 /// The index (in the state's worker list) of a worker that holds a shard lease now; the `turn`-th

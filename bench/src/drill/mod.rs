@@ -125,6 +125,9 @@ pub struct DrillSpec {
     pub shards: u16,
     /// Worker processes (default: shards + 1, one standby).
     pub workers: Option<usize>,
+    /// Run the drill's cluster on a private Redis Cluster of this many masters (`None`: one private
+    /// Redis server). Redis faults then hit every node.
+    pub redis_cluster: Option<usize>,
     /// Run directory: one subdirectory per drill run with its cluster, logs and verdict.
     pub out: PathBuf,
     /// An existing cluster to drill instead of starting one (must have private servers).
@@ -180,6 +183,7 @@ impl DrillSpec {
             gateways: 2,
             shards: 4,
             workers: None,
+            redis_cluster: None,
             out,
             state: None,
             fail_open: None,
@@ -209,6 +213,12 @@ pub const RECIPIENT_CHURN_OFFLINE: (Duration, Duration) = (Duration::from_millis
 pub async fn run(spec: &DrillSpec) -> Result<Vec<DrillVerdict>, BenchError> {
     spec.load.validate()?;
     let existing = match &spec.state {
+        Some(_) if spec.redis_cluster.is_some() => {
+            return Err(BenchError::InvalidSpec(
+                "--redis-cluster sizes the cluster a drill starts; a drill on --state runs on that cluster's Redis"
+                    .into(),
+            ))
+        }
         Some(path) => {
             let state = cluster::load_state(path)?;
             if state.private_servers.is_empty() {

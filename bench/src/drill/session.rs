@@ -10,6 +10,7 @@ use im_common::config::Mode;
 use im_harness::cluster::{ClusterSpec, ClusterState};
 use im_harness::guard::ClusterGuard;
 
+use super::faults::redis_appendfsync;
 use super::monitor::{monitor, wait_for_traffic};
 use super::{Drill, DrillCluster, DrillSpec, DrillVerdict, STATE_FILE};
 use crate::load::run_load;
@@ -109,6 +110,7 @@ impl<'a> DrillRun<'a> {
                 cluster_spec.workers = spec.workers.unwrap_or(usize::from(spec.shards) + 1);
                 cluster_spec.state_file = state_file.clone();
                 cluster_spec.force_private = true;
+                cluster_spec.redis_cluster = spec.redis_cluster;
                 eprintln!("[{name}] starting a cluster with private servers in {}", cluster_spec.dir.display());
                 let guard = ClusterGuard::start(&cluster_spec).await?;
                 (guard.state.clone(), Some(guard))
@@ -118,9 +120,7 @@ impl<'a> DrillRun<'a> {
         let mut load = spec.load.clone();
         load.label = name.clone();
         if spec.drill == Drill::RedisRestart {
-            let policy = spec.appendfsync.clone().or_else(|| {
-                cluster.snapshot().private_servers.iter().find(|s| s.kind_name == "redis")?.appendfsync.clone()
-            });
+            let policy = spec.appendfsync.clone().or_else(|| redis_appendfsync(&cluster.snapshot()));
             variant.push(format!("appendfsync={}", policy.unwrap_or_else(|| "unknown".into())));
         }
         Ok(DrillRun {

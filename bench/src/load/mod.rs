@@ -3,7 +3,8 @@
 //! Timeline: connect (bounded concurrency; receivers and senders alike must finish their first
 //! `PING`) → settle → warm-up → measured window → drain → shutdown. All timestamps come from one
 //! monotonic clock in this process (`schedule`). Messages sent during warm-up are checked like all
-//! others but kept out of latency figures and rates; CPU and rates cover exactly the measured window.
+//! others but kept out of latency figures and rates; CPU, rates and (on a Redis Cluster) each node's
+//! command counts cover exactly the measured window.
 //!
 //! The parts: `link` opens connections (and reopens them), `sender` and `receiver` are the
 //! connection tasks, `progress` prints the progress line. Shutdown is one `CancellationToken` that
@@ -42,6 +43,7 @@ use crate::checker::{self, DeliveryVerdict, ReceiverLog, RecipientVerdict, Sende
 use crate::cpu::{self, ProcessCpu};
 use crate::plan;
 use crate::recorder::{CounterSnapshot, Histograms, Recorder};
+use crate::redis_nodes::{self, CommandSnapshot, RedisNodeLoad};
 use crate::spec::{LoadSpec, Target};
 use crate::BenchError;
 
@@ -130,6 +132,8 @@ pub struct LoadResult {
     pub cpu: Vec<ProcessCpu>,
     /// CPU of the bench itself over the measured window.
     pub bench_cpu_secs: Option<f64>,
+    /// On a Redis Cluster, what each master served over the measured window (empty on one server).
+    pub redis_nodes: Vec<RedisNodeLoad>,
     /// Connections opened again after they closed (with [`LoadSpec::reconnect`]).
     pub reconnects: u64,
     /// Messages sent again after a reconnect, under the same clientMsgId.
@@ -240,8 +244,16 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     tokio::time::sleep_until(schedule.window_start).await;
     phase.store(Phase::Measuring as u8, Ordering::Relaxed);
     let (cpu_start, counters_start) = (cpu::sample(&target.processes), rec.counters.snapshot());
+    let redis_start = match &target.redis_cluster {
+        Some(cluster) => Some(CommandSnapshot::take(cluster).await),
+        None => None,
+    };
     tokio::time::sleep_until(schedule.stop).await;
     let (cpu_end, counters_end) = (cpu::sample(&target.processes), rec.counters.snapshot());
+    let redis_end = match &redis_start {
+        Some(start) => Some(start.again().await),
+        None => None,
+    };
     phase.store(Phase::Draining as u8, Ordering::Relaxed);
     let (cpu, bench_cpu_secs) = cpu::usage(&target.processes, &cpu_start, &cpu_end);
 
@@ -264,6 +276,10 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
     let sent_in_window =
         senders.iter().flat_map(|s| &s.messages).filter(|m| schedule.measured(m.sent_at_us)).count() as u64;
     let end = rec.counters.snapshot();
+    let redis_nodes = match (&target.redis_cluster, &redis_start, &redis_end) {
+        (Some(cluster), Some(start), Some(end)) => redis_nodes::node_loads(cluster, start, end, sent_in_window),
+        _ => Vec::new(),
+    };
     Ok(LoadResult {
         mode: target.mode,
         spec: spec.clone(),
@@ -285,6 +301,7 @@ pub async fn run_load(target: &Target, spec: &LoadSpec) -> Result<LoadResult, Be
         drain_used,
         cpu,
         bench_cpu_secs,
+        redis_nodes,
         reconnects: end.reconnects,
         resent: end.resent,
         delivered_acks: end.delivered_acks,

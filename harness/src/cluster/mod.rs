@@ -173,9 +173,15 @@ async fn launch(state: &mut ClusterState, spec: &ClusterSpec) -> Result<(), Clus
         state.gateways.push(spawn_gateway(&state.dir, &state.config_path, node).await?);
     }
     if spec.mode != Mode::Baseline {
-        for index in 0..spec.workers {
-            let shard = u16::try_from(index).ok().filter(|&s| s < spec.shards);
+        for index in 0..spec.workers.min(spec.shards.into()) {
+            let shard = u16::try_from(index).ok();
             state.workers.push(spawn_worker(&state.dir, &state.config_path, index, shard).await?);
+        }
+        // Standbys only once every shard has its owner: a standby started alongside could take a
+        // shard before the worker started for it, which would then never become ready.
+        wait_ready(state).await?;
+        for index in spec.shards.into()..spec.workers {
+            state.workers.push(spawn_worker(&state.dir, &state.config_path, index, None).await?);
         }
     }
     wait_ready(state).await
