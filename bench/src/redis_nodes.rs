@@ -291,37 +291,44 @@ fn totals(nodes: &[RedisNodeLoad]) -> (u64, Option<f64>) {
     (calls, per_msg)
 }
 
+/// Each node's cells (address, shards, slots, calls, calls/msg, top commands), then the totals row.
+fn rows(nodes: &[RedisNodeLoad]) -> Vec<[String; 6]> {
+    let mut rows: Vec<[String; 6]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.addr.clone(),
+                shard_list(&n.shards),
+                slot_list(&n.slots),
+                or_dash(n.calls),
+                or_dash(n.calls_per_msg.map(|c| format!("{c:.2}"))),
+                top_list(n),
+            ]
+        })
+        .collect();
+    let (calls, per_msg) = totals(nodes);
+    let total = [
+        "all nodes".into(),
+        String::new(),
+        String::new(),
+        calls.to_string(),
+        or_dash(per_msg.map(|c| format!("{c:.2}"))),
+        String::new(),
+    ];
+    rows.push(total);
+    rows
+}
+
 /// The nodes as a plain-text table (for a run's printed summary); empty for no nodes.
 pub fn text_table(nodes: &[RedisNodeLoad]) -> String {
     if nodes.is_empty() {
         return String::new();
     }
-    let mut out = format!(
-        "{:<21} {:<8} {:<13} {:>10} {:>9}  {}\n",
-        "redis node", "shards", "slots", "calls", "calls/msg", "top commands"
-    );
-    for n in nodes {
-        let _ = writeln!(
-            out,
-            "{:<21} {:<8} {:<13} {:>10} {:>9}  {}",
-            n.addr,
-            shard_list(&n.shards),
-            slot_list(&n.slots),
-            or_dash(n.calls),
-            or_dash(n.calls_per_msg.map(|c| format!("{c:.2}"))),
-            top_list(n)
-        );
+    let head = ["redis node", "shards", "slots", "calls", "calls/msg", "top commands"].map(String::from);
+    let mut out = String::new();
+    for [addr, shards, slots, calls, per_msg, top] in std::iter::once(head).chain(rows(nodes)) {
+        let _ = writeln!(out, "{addr:<21} {shards:<8} {slots:<13} {calls:>10} {per_msg:>9}  {top}");
     }
-    let (calls, per_msg) = totals(nodes);
-    let _ = writeln!(
-        out,
-        "{:<21} {:<8} {:<13} {:>10} {:>9}",
-        "all nodes",
-        "",
-        "",
-        calls,
-        or_dash(per_msg.map(|c| format!("{c:.2}")))
-    );
     out
 }
 
@@ -332,20 +339,9 @@ pub fn markdown_table(nodes: &[RedisNodeLoad]) -> String {
     }
     let mut out =
         String::from("| redis node | shards | slots | calls | calls/msg | top commands |\n|---|---|---|---|---|---|\n");
-    for n in nodes {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} |",
-            n.addr,
-            shard_list(&n.shards),
-            slot_list(&n.slots),
-            or_dash(n.calls),
-            or_dash(n.calls_per_msg.map(|c| format!("{c:.2}"))),
-            top_list(n)
-        );
+    for [addr, shards, slots, calls, per_msg, top] in rows(nodes) {
+        let _ = writeln!(out, "| {addr} | {shards} | {slots} | {calls} | {per_msg} | {top} |");
     }
-    let (calls, per_msg) = totals(nodes);
-    let _ = writeln!(out, "| all nodes | | | {calls} | {} | |", or_dash(per_msg.map(|c| format!("{c:.2}"))));
     out
 }
 
