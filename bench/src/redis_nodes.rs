@@ -19,9 +19,9 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
-use im_common::keys::{slot_of, Keys};
+use im_common::keys::Keys;
 use im_harness::cluster::ClusterState;
-use im_harness::servers::{cluster_slots, node_connection, SlotRange};
+use im_harness::servers::{cluster_slots, holdings, node_connection, SlotRange};
 
 /// How long a node gets to answer `INFO commandstats`.
 const INFO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -46,10 +46,7 @@ impl RedisClusterNodes {
     pub fn from_state(state: &ClusterState) -> Option<RedisClusterNodes> {
         let redis_cluster = state.redis_cluster.as_ref()?;
         let shard_slots = match state.config() {
-            Ok(cfg) => {
-                let keys = Keys::from_config(&cfg);
-                (0..cfg.cluster.shards).map(|shard| (shard, slot_of(keys.accepted_stream(shard).as_bytes()))).collect()
-            }
+            Ok(cfg) => Keys::from_config(&cfg).shard_slots(cfg.cluster.shards),
             Err(_) => Vec::new(),
         };
         Some(RedisClusterNodes { urls: redis_cluster.urls.clone(), shard_slots })
@@ -241,13 +238,6 @@ pub fn node_loads(
             }
         })
         .collect()
-}
-
-/// The slot ranges `addr` holds and the shards (of `shard_slots`: shard and its slot) in them.
-fn holdings(addr: &str, ranges: &[SlotRange], shard_slots: &[(u16, u16)]) -> (Vec<(u16, u16)>, Vec<u16>) {
-    let own: Vec<&SlotRange> = ranges.iter().filter(|r| r.master == addr).collect();
-    let shards = shard_slots.iter().filter(|(_, slot)| own.iter().any(|r| r.contains(*slot))).map(|(s, _)| *s);
-    (own.iter().map(|r| (r.first, r.last)).collect(), shards.collect())
 }
 
 /// `0-5460` (several ranges joined by commas; `–` for none).

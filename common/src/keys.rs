@@ -64,6 +64,11 @@ impl Keys {
         }
     }
 
+    /// Each of `shards` shards with the Redis Cluster slot its keys live in.
+    pub fn shard_slots(&self, shards: u16) -> Vec<(u16, u16)> {
+        (0..shards).map(|shard| (shard, slot_of(self.accepted_stream(shard).as_bytes()))).collect()
+    }
+
     /// Shard `shard`'s hash tag (without braces).
     pub fn shard_tag(&self, shard: u16) -> String {
         self.tags.get(usize::from(shard)).cloned().unwrap_or_else(|| format!("s{shard}"))

@@ -8,8 +8,8 @@ use e2e::{check_rows, private_server, spec, wait_metric, Client, TestEnv, Traffi
 use im_common::backoff::Backoff;
 use im_common::config::Mode;
 use im_common::store::Store;
+use im_harness::poll;
 use im_harness::process::{self, Signal};
-use im_harness::{metrics, poll};
 
 /// A client's retries of a refused message: first pause, and the most it grows to.
 const RETRY_FIRST: Duration = Duration::from_millis(300);
@@ -43,12 +43,7 @@ async fn accepted_messages_survive_worker_kill() {
     let state = c.state.clone();
     let traffic = tokio::spawn(async move { load.run(&state).await });
     // The kill lands while messages flow: once the first gateway has appended some.
-    let appended =
-        metrics::wait_for(&c.state.gateways[0].metrics_url, "im_gateway_appends_total", &[], SETTLES_WITHIN, |n| {
-            n >= 100.0
-        })
-        .await;
-    assert!(appended >= 100.0, "traffic is flowing ({appended} appends)");
+    e2e::until_appended(&c.state, 100.0, SETTLES_WITHIN).await;
     signal(c.state.workers[0].pid, Signal::SIGKILL);
     let result = traffic.await.unwrap();
     let v = &result.verdict;
@@ -311,35 +306,9 @@ async fn a_gateway_back_from_a_subscription_gap_replays_it_in_order_from_its_jou
     assert!(routed, "bob's route is registered");
 
     // Bob's gateway loses its subscription and cannot resubscribe (paused) while Alice sends.
-    let gw0 = c.state.gateways[0].pid;
-    signal(gw0, Signal::SIGSTOP);
-    let killed: u64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut redis).await.unwrap();
-    assert!(killed >= 2, "both gateways' subscriptions killed ({killed})");
-    for k in 0..50 {
-        alice.chat(6102, &format!("m{k:02}"), "x").await;
-    }
-    let mut saved = 0;
-    while saved < 50 {
-        saved += usize::from(alice.next().await["ackType"] == "saved");
-    }
-
-    // Resumed, it resubscribes, replays its journal first, then live messages; all in order, once.
-    signal(gw0, Signal::SIGCONT);
-    for k in 50..60 {
-        alice.chat(6102, &format!("m{k:02}"), "x").await;
-    }
-    let got: Vec<String> = bob
-        .drain(Duration::from_secs(2))
-        .await
-        .iter()
-        .filter(|v| v["type"] == "SINGLE_CHAT")
-        .map(|v| v["clientMsgId"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    let want: Vec<String> = (0..60).map(|k| format!("m{k:02}")).collect();
-    assert_eq!(got, want, "every push once, in order");
-    let replayed =
-        wait_metric(&c.state.gateways[0].metrics_url, "im_gateway_replayed_pushes_total", &[], |v| v > 0.0).await;
-    assert!(replayed >= 50.0, "the gap came from the journal ({replayed} replayed)");
+    let kill =
+        async { redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut redis).await.unwrap() };
+    e2e::a_paused_gateway_replays_its_journals(&c.state, &mut alice, &mut bob, kill).await;
     drop(c);
 }
 

@@ -12,8 +12,8 @@ use im_common::config::{Config, Mode};
 use im_common::keys::{slot_of, Keys};
 use im_common::store::Store;
 use im_harness::cluster::ClusterSpec;
+use im_harness::poll;
 use im_harness::process::{self, Signal};
-use im_harness::{metrics, poll};
 
 /// How long a test waits for a condition the cluster should reach by itself.
 const SETTLES_WITHIN: Duration = Duration::from_secs(30);
@@ -116,12 +116,7 @@ async fn on_a_redis_cluster_a_killed_shard_owner_loses_nothing() {
         Traffic { pairs: 40, per_sender: 25, pace: Duration::from_millis(30), deadline: Duration::from_secs(40) };
     let state = c.state.clone();
     let traffic = tokio::spawn(async move { load.run(&state).await });
-    let appended =
-        metrics::wait_for(&c.state.gateways[0].metrics_url, "im_gateway_appends_total", &[], SETTLES_WITHIN, |n| {
-            n >= 100.0
-        })
-        .await;
-    assert!(appended >= 100.0, "traffic is flowing ({appended} appends)");
+    e2e::until_appended(&c.state, 100.0, SETTLES_WITHIN).await;
     process::send(c.state.workers[0].pid, Signal::SIGKILL).unwrap();
     let v = traffic.await.unwrap().verdict;
     println!("worker kill on a Redis Cluster: {v:?}");
@@ -147,36 +142,14 @@ async fn on_a_redis_cluster_a_gateway_whose_subscriptions_were_killed_replays_it
 
     // Bob's gateway loses its sharded subscriptions on every master and cannot resubscribe (paused)
     // while Alice sends.
-    let gw0 = c.state.gateways[0].pid;
-    process::send(gw0, Signal::SIGSTOP).unwrap();
-    let killed: u64 = node_ports(&c)
-        .iter()
-        .map(|&p| redis_cli(p, &["client", "kill", "type", "pubsub"]).trim().parse::<u64>().unwrap_or(0))
-        .sum();
-    assert!(killed >= 2, "the gateways' subscriptions were killed ({killed})");
-    for k in 0..50 {
-        alice.chat(6102, &format!("m{k:02}"), "x").await;
-    }
-    let mut saved = 0;
-    while saved < 50 {
-        saved += usize::from(alice.next().await["ackType"] == "saved");
-    }
-    process::send(gw0, Signal::SIGCONT).unwrap();
-    for k in 50..60 {
-        alice.chat(6102, &format!("m{k:02}"), "x").await;
-    }
-    let got: Vec<String> = bob
-        .drain(Duration::from_secs(2))
-        .await
-        .iter()
-        .filter(|v| v["type"] == "SINGLE_CHAT")
-        .map(|v| v["clientMsgId"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    let want: Vec<String> = (0..60).map(|k| format!("m{k:02}")).collect();
-    assert_eq!(got, want, "every push once, in order");
-    let replayed =
-        wait_metric(&c.state.gateways[0].metrics_url, "im_gateway_replayed_pushes_total", &[], |v| v > 0.0).await;
-    assert!(replayed >= 50.0, "the gap came from the journals ({replayed} replayed)");
+    let ports = node_ports(&c);
+    let kill = async {
+        ports
+            .iter()
+            .map(|&p| redis_cli(p, &["client", "kill", "type", "pubsub"]).trim().parse::<u64>().unwrap_or(0))
+            .sum()
+    };
+    e2e::a_paused_gateway_replays_its_journals(&c.state, &mut alice, &mut bob, kill).await;
     drop(c);
 }
 
@@ -236,12 +209,7 @@ async fn a_slot_migration_under_load_loses_duplicates_and_reorders_nothing() {
         Traffic { pairs: 20, per_sender: 150, pace: Duration::from_millis(100), deadline: Duration::from_secs(120) };
     let state = c.state.clone();
     let traffic = tokio::spawn(async move { load.run(&state).await });
-    let appended =
-        metrics::wait_for(&c.state.gateways[0].metrics_url, "im_gateway_appends_total", &[], SETTLES_WITHIN, |n| {
-            n >= 100.0
-        })
-        .await;
-    assert!(appended >= 100.0, "traffic is flowing ({appended} appends)");
+    e2e::until_appended(&c.state, 100.0, SETTLES_WITHIN).await;
     let (from_id, to_id) = (from.clone(), to.clone());
     let appends = || async {
         let mut n = 0.0;

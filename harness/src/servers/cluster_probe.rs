@@ -60,6 +60,14 @@ impl SlotRange {
     }
 }
 
+/// The slot ranges `addr` holds (of the slot map `ranges`) and the shards (of `shard_slots`: shard
+/// and its slot, `Keys::shard_slots`) in them.
+pub fn holdings(addr: &str, ranges: &[SlotRange], shard_slots: &[(u16, u16)]) -> (Vec<(u16, u16)>, Vec<u16>) {
+    let own: Vec<&SlotRange> = ranges.iter().filter(|r| r.master == addr).collect();
+    let shards = shard_slots.iter().filter(|(_, slot)| own.iter().any(|r| r.contains(*slot))).map(|(s, _)| *s);
+    (own.iter().map(|r| (r.first, r.last)).collect(), shards.collect())
+}
+
 /// A single-node connection to `url`, made within a second.
 pub async fn node_connection(url: &str) -> Result<MultiplexedConnection, ClusterProbeError> {
     let redis_error = |e: redis::RedisError| ClusterProbeError::Redis { url: url.to_owned(), message: e.to_string() };

@@ -49,7 +49,8 @@ use crate::process::{self, Signal};
 pub use self::redis::{RedisOptions, CLUSTER_NODE_TIMEOUT_MS};
 pub(crate) use cluster_probe::info_field;
 pub use cluster_probe::{
-    cluster_masters, cluster_slots, node_connection, redis_cluster_ready, ClusterProbeError, SlotRange, CLUSTER_SLOTS,
+    cluster_masters, cluster_slots, holdings, node_connection, redis_cluster_ready, ClusterProbeError, SlotRange,
+    CLUSTER_SLOTS,
 };
 pub use ensure::{
     ensure_redis_cluster, ensure_servers, ensure_servers_with, EnsuredServers, RedisClusterInUse, RedisWanted,

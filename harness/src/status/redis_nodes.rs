@@ -1,5 +1,5 @@
 //! The Redis Cluster under a running cluster, per master: its address, the slots it holds, which
-//! shards' streams live there (the slot of each shard's accepted stream, [`slot_of`], against
+//! shards' streams live there (the slot of each shard's accepted stream, `Keys::shard_slots`, against
 //! `CLUSTER SLOTS`), its memory (`used_memory_human`) and its load (`instantaneous_ops_per_sec`).
 //!
 //! Every node is asked over a plain single-node connection, bounded in time: a node that is down
@@ -10,10 +10,10 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use im_common::keys::{slot_of, Keys};
+use im_common::keys::Keys;
 
 use crate::cluster::ClusterState;
-use crate::servers::{cluster_slots, node_connection, SlotRange};
+use crate::servers::{cluster_slots, holdings, node_connection, SlotRange};
 
 /// How long a node gets to answer `INFO`.
 const INFO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -41,10 +41,7 @@ pub async fn collect(state: &ClusterState) -> Vec<RedisNodeStatus> {
     let Some(redis_cluster) = &state.redis_cluster else { return Vec::new() };
     let ranges = slot_map(&redis_cluster.urls).await;
     let shard_slots: Vec<(u16, u16)> = match state.config() {
-        Ok(cfg) => {
-            let keys = Keys::from_config(&cfg);
-            (0..cfg.cluster.shards).map(|shard| (shard, slot_of(keys.accepted_stream(shard).as_bytes()))).collect()
-        }
+        Ok(cfg) => Keys::from_config(&cfg).shard_slots(cfg.cluster.shards),
         Err(_) => Vec::new(),
     };
     let nodes = node_addrs(&ranges, &redis_cluster.urls);
@@ -78,13 +75,6 @@ fn node_addrs(ranges: &[SlotRange], urls: &[String]) -> Vec<String> {
         }
     }
     addrs
-}
-
-/// The slot ranges `addr` holds and the shards (of `shard_slots`: shard and its slot) in them.
-fn holdings(addr: &str, ranges: &[SlotRange], shard_slots: &[(u16, u16)]) -> (Vec<(u16, u16)>, Vec<u16>) {
-    let own: Vec<&SlotRange> = ranges.iter().filter(|r| r.master == addr).collect();
-    let shards = shard_slots.iter().filter(|(_, slot)| own.iter().any(|r| r.contains(*slot))).map(|(s, _)| *s);
-    (own.iter().map(|r| (r.first, r.last)).collect(), shards.collect())
 }
 
 async fn node_status(addr: String, ranges: &[SlotRange], shard_slots: &[(u16, u16)]) -> RedisNodeStatus {
