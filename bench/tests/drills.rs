@@ -134,7 +134,7 @@ async fn every_redis_cluster_node_killed_and_restarted_loses_nothing_and_the_rep
     spec.workers = Some(usize::from(spec.shards));
     let v = run(&spec).await;
     let r = v.render();
-    assert!(v.variant.contains("appendfsync=everysec"), "the private cluster's nodes' policy: {r}");
+    assert!(v.variant.contains("appendfsync=always"), "the private cluster's nodes' policy: {r}");
     assert_eq!((v.lost, v.duplicate_rows, v.reorders, v.unanswered), (0, 0, 0, 0), "{r}");
     assert!(v.passed, "{r}");
     // What each node served, in the run's report: every master once, every shard on one of them.

@@ -91,7 +91,7 @@ enum Cmd {
         no_demo: bool,
         /// Run on a Redis Cluster of N masters instead of one Redis server: the configured one
         /// (redis.cluster_urls) when it is healthy, else a private one under the state directory
-        /// (`redis-cluster/`, AOF with appendfsync everysec), stopped again by `ops down`.
+        /// (`redis-cluster/`, AOF with appendfsync always), stopped again by `ops down`.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(MIN_MASTERS as i64..=MAX_MASTERS as i64))]
         redis_cluster: Option<u16>,
     },
@@ -381,8 +381,7 @@ fn describe_redis_cluster(cluster: &RedisClusterInUse) {
     let pids: Vec<String> = cluster.nodes.iter().map(|n| n.pid.to_string()).collect();
     eprintln!(
         "private Redis Cluster of {} masters {} (pids {}); its AOF uses appendfsync \
-         {PRIVATE_REDIS_CLUSTER_APPENDFSYNC}: a machine crash can lose about the last second of \
-         ACK(accepted) messages (see docs/OPERATIONS.md)",
+         {PRIVATE_REDIS_CLUSTER_APPENDFSYNC} (no replicas: a failover is not covered; see docs/OPERATIONS.md)",
         cluster.nodes.len(),
         cluster.urls.join(","),
         pids.join(",")

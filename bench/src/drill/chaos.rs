@@ -16,7 +16,7 @@
 //! - **redis-restart**: Redis SIGKILLed, down 0–3 s, started again from its AOF (the private Redis
 //!   runs with `appendfsync always`, so nothing that got `ACK(accepted)` may be lost); while it is
 //!   down, fail-open saves through the baseline path. On a Redis Cluster (`--redis-cluster`) every
-//!   node is killed and restarted (the private nodes run `appendfsync everysec`);
+//!   node is killed and restarted (the private nodes run `appendfsync always`);
 //! - **reconnect-storm**: 20–60 % of the users' connections (senders and receivers) closed at once.
 //!
 //! Schedule rules:
