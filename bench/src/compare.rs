@@ -7,9 +7,12 @@
 //! [`ManagedCluster`] is dropped (an error or Ctrl-C halfway) is killed by its guard, never left
 //! behind (its keys and database are then left in place).
 //!
-//! Everything lands in one run directory: a JSON [`RunReport`] per run, `summary.md` (compare) or
-//! `sweep-<mode>.md` (sweep), and each arm's cluster directory with its processes' logs.
+//! Everything lands in one run directory: a JSON [`RunReport`] per run, `summary.md` and
+//! `compare.svg` (compare) or `sweep-<mode>.md` and `sweep.svg` (sweep), and each arm's cluster
+//! directory with its processes' logs. `sweep.svg` draws every mode swept into the directory, so
+//! sweeps of several modes sharing one `--out` end up on one chart.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +21,7 @@ use im_harness::cluster::{ClusterSpec, ClusterState};
 use im_harness::env::remove_data;
 use im_harness::guard::ClusterGuard;
 
+use crate::chart::{self, ArmRun, ChartError, CompareArm, Heading, SweepPoint, SweepSeries};
 use crate::report::{markdown_table, redis_nodes_markdown, RunReport};
 use crate::spec::{LoadSpec, Target};
 use crate::BenchError;
@@ -177,7 +181,33 @@ pub async fn compare(spec: &CompareSpec) -> Result<Vec<FinishedRun>, BenchError>
     let summary = compare_summary(spec, &runs);
     let path = spec.out.join("summary.md");
     std::fs::write(&path, summary).map_err(io(format!("write {}", path.display())))?;
+    let arms = compare_arms(&spec.modes, &runs);
+    write_chart(&spec.out.join("compare.svg"), chart::compare_svg(&chart_heading("bench compare", &spec.load), &arms));
     Ok(runs)
+}
+
+/// The chart's arms: each mode's runs, in the order the modes ran.
+fn compare_arms(modes: &[Mode], runs: &[FinishedRun]) -> Vec<CompareArm> {
+    let runs_of =
+        |mode: Mode| runs.iter().filter(move |r| r.report.mode == mode.as_str()).map(|r| ArmRun::of(&r.report));
+    modes.iter().map(|&m| CompareArm { mode: m.as_str().to_owned(), runs: runs_of(m).collect() }).collect()
+}
+
+fn chart_heading(command: &str, load: &LoadSpec) -> Heading {
+    Heading {
+        command: command.to_owned(),
+        date: human_stamp(im_common::ids::now_ms() / 1000),
+        connections: load.pairs() * 2,
+    }
+}
+
+/// Writes a chart into the run directory. A chart that cannot be drawn or written is reported, not
+/// fatal: the runs are measured and their JSON and markdown are already written.
+fn write_chart(path: &Path, svg: Result<String, ChartError>) {
+    let written = svg.map_err(|e| e.to_string()).and_then(|svg| std::fs::write(path, svg).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        eprintln!("warning: no chart {}: {e}", path.display());
+    }
 }
 
 fn compare_summary(spec: &CompareSpec, runs: &[FinishedRun]) -> String {
@@ -345,7 +375,7 @@ pub async fn sweep(spec: &SweepSpec) -> Result<Vec<SweepStep>, BenchError> {
             );
         }
         let report = crate::run(&target, &load).await?;
-        let file = spec.out.join(format!("sweep-{}-{rate:.0}.json", spec.mode.as_str()));
+        let file = spec.out.join(sweep_step_file(spec.mode, rate));
         write_json(&file, &report)?;
         let failure = step_failure(&report, spec.max_saved_p99_ms);
         eprintln!(
@@ -369,7 +399,60 @@ pub async fn sweep(spec: &SweepSpec) -> Result<Vec<SweepStep>, BenchError> {
     cluster.stop(spec.cluster.keep_data).await?;
     let path = spec.out.join(format!("sweep-{}.md", spec.mode.as_str()));
     std::fs::write(&path, sweep_summary(spec, &steps)).map_err(io(format!("write {}", path.display())))?;
+    write_sweep_chart(spec, &steps);
     Ok(steps)
+}
+
+/// `sweep-<mode>-<rate>.json`: one step of a sweep in the run directory.
+fn sweep_step_file(mode: Mode, rate: f64) -> String {
+    format!("sweep-{}-{rate:.0}.json", mode.as_str())
+}
+
+/// The mode and rate in a [`sweep_step_file`] name.
+fn parse_sweep_step_file(name: &str) -> Option<(Mode, f64)> {
+    let (mode, rate) = name.strip_prefix("sweep-")?.strip_suffix(".json")?.rsplit_once('-')?;
+    Some((Mode::parse(mode)?, rate.parse().ok()?))
+}
+
+/// Draws `sweep.svg`: this sweep's steps and, one line per mode, those of other modes' sweeps already
+/// in the run directory (the title's connection count is this sweep's).
+fn write_sweep_chart(spec: &SweepSpec, steps: &[SweepStep]) {
+    let points = steps.iter().map(|s| SweepPoint::of(s.rate, &s.run.report, s.failure.is_some())).collect();
+    let mut series = other_modes_sweeps(&spec.out, spec.mode, spec.max_saved_p99_ms);
+    series.push(SweepSeries { mode: spec.mode.as_str().to_owned(), points });
+    series.sort_by_key(|s| Mode::parse(&s.mode).map(|m| m as u8));
+    let heading = chart_heading("bench sweep", &spec.load);
+    write_chart(&spec.out.join("sweep.svg"), chart::sweep_svg(&heading, &series));
+}
+
+/// The sweep steps of modes other than `mode` found in `dir`, judged by this sweep's bound. This
+/// mode's files are left out: the sweep just run replaces them, and an earlier sweep of the same
+/// mode may have left steps this one did not reach.
+fn other_modes_sweeps(dir: &Path, mode: Mode, max_saved_p99_ms: f64) -> Vec<SweepSeries> {
+    let mut by_mode: BTreeMap<&str, Vec<SweepPoint>> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some((other, rate)) = name.to_str().and_then(parse_sweep_step_file) else { continue };
+        if other == mode {
+            continue;
+        }
+        let path = entry.path();
+        let read = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+        match read.and_then(|json| serde_json::from_str::<RunReport>(&json).map_err(|e| e.to_string())) {
+            Ok(report) => {
+                let failed = step_failure(&report, max_saved_p99_ms).is_some();
+                by_mode.entry(other.as_str()).or_default().push(SweepPoint::of(rate, &report, failed));
+            }
+            Err(e) => eprintln!("warning: {} left off the chart: {e}", path.display()),
+        }
+    }
+    by_mode
+        .into_iter()
+        .map(|(mode, mut points)| {
+            points.sort_by(|a, b| a.offered.total_cmp(&b.offered));
+            SweepSeries { mode: mode.to_owned(), points }
+        })
+        .collect()
 }
 
 /// The highest offered rate of the steps that passed, before the first that failed.
@@ -465,6 +548,90 @@ mod tests {
         assert_eq!(run_stamp(0), "19700101-000000");
         assert_eq!(run_stamp(951_782_400), "20000229-000000");
         assert_eq!(human_stamp(1_795_635_866), "2026-11-25 19:44:26 UTC");
+    }
+
+    #[test]
+    fn sweep_step_files_name_their_mode_and_rate() {
+        let name = sweep_step_file(Mode::AcceptedOnly, 5000.0);
+        assert_eq!(name, "sweep-accepted-only-5000.json");
+        assert_eq!(parse_sweep_step_file(&name).map(|(m, r)| (m.as_str(), r)), Some(("accepted-only", 5000.0)));
+        assert!(parse_sweep_step_file("sweep-full.md").is_none());
+        assert!(parse_sweep_step_file("full-1.json").is_none());
+    }
+
+    /// A sweep step's report: everything sustained except what `saved_p99_ms` says.
+    fn step_report(mode: Mode, offered: f64, saved_p99_ms: f64) -> RunReport {
+        use crate::recorder::Percentiles;
+        use crate::report::{ConnectionReport, CpuReport, Latencies, LoadSummary, MessageCounts, Rates};
+        let p99 = |ms: f64| Percentiles { count: 100, p99: ms, ..Default::default() };
+        RunReport {
+            mode: mode.as_str().to_owned(),
+            started_at_ms: 0,
+            base_uid: 1,
+            load: LoadSummary {
+                connections: 2,
+                senders: 1,
+                gateways: 1,
+                interval_ms: 1.0,
+                closed_loop: false,
+                body_bytes: 64,
+                settle_secs: 0.0,
+                warmup_secs: 0.0,
+                duration_secs: 1.0,
+                drain_secs: 1.0,
+                drain_used_secs: 0.0,
+                auth: "header".into(),
+                acks: "seq".into(),
+                ack_read: false,
+                two_devices: 0.0,
+            },
+            connections: ConnectionReport {
+                connect_ok: 2,
+                connect_fail: 0,
+                auth_ok: 2,
+                auth_fail: 0,
+                connect_ms: Percentiles::default(),
+            },
+            messages: MessageCounts {
+                counts: Default::default(),
+                ack_accepted_pct: 100.0,
+                ack_saved_pct: 100.0,
+                error_pct: 0.0,
+            },
+            latency_ms: Latencies { accepted: p99(1.0), saved: p99(saved_p99_ms), e2e: p99(2.0), send_lag: p99(0.1) },
+            rates: Rates { offered, sent: offered, saved: offered, delivered: offered },
+            errors_by_reason: Default::default(),
+            db: None,
+            recipients: Default::default(),
+            cpu: CpuReport {
+                window_secs: 1.0,
+                cores: 2,
+                processes: vec![],
+                cluster_cpu_secs: 0.0,
+                bench_cpu_secs: None,
+                cluster_us_per_msg: None,
+            },
+            redis_nodes: vec![],
+        }
+    }
+
+    #[test]
+    fn the_sweep_chart_gathers_the_other_modes_swept_into_the_directory() {
+        let dir = std::env::temp_dir().join(format!("bench-sweep-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (mode, rate, saved_p99) in
+            [(Mode::Baseline, 5000.0, 900.0), (Mode::Baseline, 1000.0, 40.0), (Mode::Full, 40000.0, 30.0)]
+        {
+            write_json(&dir.join(sweep_step_file(mode, rate)), &step_report(mode, rate, saved_p99)).unwrap();
+        }
+        std::fs::write(dir.join(sweep_step_file(Mode::AcceptedOnly, 1000.0)), "not a report").unwrap();
+        let series = other_modes_sweeps(&dir, Mode::Full, 250.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The full sweep being drawn brings its own steps; the unreadable file is left off.
+        assert_eq!(series.len(), 1);
+        assert_eq!(series[0].mode, "baseline");
+        let steps: Vec<(f64, bool)> = series[0].points.iter().map(|p| (p.offered, p.failed)).collect();
+        assert_eq!(steps, [(1000.0, false), (5000.0, true)]);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 pub mod args;
 pub mod catchup;
+pub mod chart;
 pub mod checker;
 pub mod client;
 pub mod compare;
