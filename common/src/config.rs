@@ -38,6 +38,7 @@ pub struct Config {
     pub two_phase: TwoPhaseConfig,
     pub idempotency: IdempotencyConfig,
     pub worker: WorkerConfig,
+    pub runtime: RuntimeConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +120,11 @@ pub struct GatewayConfig {
     /// lowest value over each 100 ms — new messages get `server_busy` instead of being appended, so
     /// the capacity goes to the messages already admitted. 0 turns shedding off.
     pub shed_append_ms: u64,
+    /// Load shedding (two-phase modes) by wait: while a shard's backlog grows although it drains,
+    /// and draining what is queued would take longer than this, new messages for it get
+    /// `server_busy`. A shard that drains nothing (outage) or shrinks (recovery) is not refused for
+    /// this. 0 turns it off.
+    pub shed_wait_ms: u64,
     /// Serve the demo chat page at `/demo` (docs/CLIENTS.md): the reference JS client in a page with
     /// the conversation list, the ticks and the shard backlog. Off by default; `ops up` turns it on.
     pub demo_page: bool,
@@ -149,8 +155,13 @@ pub struct TwoPhaseConfig {
     /// XREADGROUP BLOCK when the stream is empty. With `max_batch_delay_ms` at most
     /// `lease_ttl_ms / 5`: a read in flight must return before the lease can pass to a standby.
     pub block_ms: u64,
-    /// Longest a partly filled batch waits for more entries.
+    /// How long a batch waits for more once its first entry arrived (the stage that pushes: full
+    /// mode's deliver stage, accepted-only mode's save stage).
     pub max_batch_delay_ms: u64,
+    /// Full mode's save stage: how long a batch waits for more once the first entry arrived. Saves
+    /// are not on the path of a push, so they can wait longer and commit larger batches (the
+    /// per-batch cost of a commit dominates at light load).
+    pub save_batch_delay_ms: u64,
     /// Shard backlog (unsaved entries) past which new messages get `server_busy`.
     pub max_backlog: u64,
     /// Shard lease time-to-live; a standby takes over this long after the owner dies.
@@ -170,6 +181,15 @@ pub struct IdempotencyConfig {
 pub struct WorkerConfig {
     /// Address for the worker's health and metrics endpoint.
     pub listen: String,
+}
+
+/// The async runtime of each process (gateway, shard worker).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads running the process's tasks: 0 = one per core; 1 = everything on one thread (no
+    /// hand-overs between threads: cheaper where several processes share few cores).
+    pub worker_threads: usize,
 }
 
 impl Default for RedisConfig {
@@ -216,6 +236,7 @@ impl Default for GatewayConfig {
             offline_page_size: 200,
             cursor_flush_ms: 100,
             shed_append_ms: 50,
+            shed_wait_ms: 250,
             demo_page: false,
             demo_dev_tokens: false,
         }
@@ -235,6 +256,7 @@ impl Default for TwoPhaseConfig {
             batch_size: 500,
             block_ms: 500,
             max_batch_delay_ms: 2,
+            save_batch_delay_ms: 10,
             max_backlog: 200_000,
             lease_ttl_ms: 5000,
         }

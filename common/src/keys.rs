@@ -289,7 +289,14 @@ mod tests {
         {
             for shard in 0..6 {
                 let scripts: [(&str, Vec<String>); 7] = [
-                    ("gateway append", vec![keys.idempotency(shard, 42, "c:1"), keys.accepted_stream(shard)]),
+                    (
+                        "gateway append (a batch of several senders)",
+                        vec![
+                            keys.accepted_stream(shard),
+                            keys.idempotency(shard, 42, "c:1"),
+                            keys.idempotency(shard, 43, "c:9"),
+                        ],
+                    ),
                     ("lease acquire", vec![keys.lease(shard), keys.fence(shard)]),
                     ("fenced read", vec![keys.lease(shard), keys.accepted_stream(shard), keys.to_save_stream(shard)]),
                     (

@@ -14,6 +14,7 @@ pub mod node_lease;
 pub mod protocol;
 pub mod record;
 pub mod router;
+pub mod runtime;
 pub mod seq_counters;
 pub mod shard;
 pub mod store;

@@ -34,7 +34,7 @@ pub async fn serve(
     ws.set_max_message_size(cfg.max_frame_bytes);
     ws.set_auto_close(true);
     ws.set_auto_pong(true);
-    let (read, write) = ws.split(tokio::io::split);
+    let (read, write) = crate::framing::split(ws);
     let (ctrl_tx, ctrl_rx) = mpsc::channel(16);
     let (out_tx, out_rx) = mpsc::channel(cfg.outbound_queue);
     let mut writer = tokio::spawn(write_loop(write, ctrl_rx, out_rx));

@@ -6,13 +6,16 @@
 //! two queues: a small control queue (pongs, closes: always first) and the bounded outbound queue of
 //! frames for the client. A client that stops reading fills its outbound queue; whoever pushes to it
 //! then sees `Full` and asks for a close instead of waiting, so one slow consumer slows nobody else.
+//! The write half gathers what is queued and sends it in one write ([`crate::gathering`]).
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
+
+use crate::gathering::Gathering;
 
 /// The upgraded connection's byte stream.
 pub type Stream = TokioIo<Upgraded>;
@@ -116,19 +119,30 @@ impl Reader {
     }
 }
 
-/// Runs the write half until a close is sent or the connection fails.
-pub async fn write_loop(
-    mut ws: WebSocketWrite<WriteHalf<Stream>>,
-    mut ctrl: mpsc::Receiver<Control>,
-    mut out: mpsc::Receiver<Bytes>,
-) {
+/// The write half: frames gather in memory and leave on [`WebSocketWrite::flush`].
+pub type Writer = WebSocketWrite<Gathering<WriteHalf<Stream>>>;
+
+/// Splits an upgraded connection into its halves, the write half gathering its frames.
+pub fn split(ws: WebSocket<Stream>) -> (WebSocketRead<ReadHalf<Stream>>, Writer) {
+    ws.split(|stream| {
+        let (read, write) = tokio::io::split(stream);
+        (read, Gathering::new(write))
+    })
+}
+
+/// Most frames gathered into one write.
+const MAX_GATHERED: usize = 256;
+
+/// Runs the write half until a close is sent or the connection fails. Each wake-up writes every
+/// frame queued by then (up to [`MAX_GATHERED`]) and flushes once: one `send()` per burst.
+pub async fn write_loop(mut ws: Writer, mut ctrl: mpsc::Receiver<Control>, mut out: mpsc::Receiver<Bytes>) {
     loop {
         let result = tokio::select! {
             biased;
             c = ctrl.recv() => match c {
                 Some(Control::Obligated(opcode, payload)) => {
                     let closing = opcode == OpCode::Close;
-                    let r = ws.write_frame(Frame::new(true, opcode, None, Payload::Owned(payload))).await;
+                    let r = write_flushed(&mut ws, Frame::new(true, opcode, None, Payload::Owned(payload))).await;
                     if closing {
                         return;
                     }
@@ -143,13 +157,13 @@ pub async fn write_loop(
                             return;
                         }
                     }
-                    let _ = ws.write_frame(Frame::close(code, reason.as_bytes())).await;
+                    let _ = write_flushed(&mut ws, Frame::close(code, reason.as_bytes())).await;
                     return;
                 }
                 None => return,
             },
             frame = out.recv() => match frame {
-                Some(text) => ws.write_frame(Frame::text(Payload::Borrowed(&text))).await,
+                Some(text) => write_queued(&mut ws, text, &mut out).await,
                 None => return,
             },
         };
@@ -157,4 +171,19 @@ pub async fn write_loop(
             return;
         }
     }
+}
+
+/// Writes `first` and whatever else is queued now, then flushes.
+async fn write_queued(ws: &mut Writer, first: Bytes, out: &mut mpsc::Receiver<Bytes>) -> Result<(), WebSocketError> {
+    ws.write_frame(Frame::text(Payload::Borrowed(&first))).await?;
+    for _ in 1..MAX_GATHERED {
+        let Ok(text) = out.try_recv() else { break };
+        ws.write_frame(Frame::text(Payload::Borrowed(&text))).await?;
+    }
+    ws.flush().await
+}
+
+async fn write_flushed(ws: &mut Writer, frame: Frame<'_>) -> Result<(), WebSocketError> {
+    ws.write_frame(frame).await?;
+    ws.flush().await
 }

@@ -11,13 +11,16 @@
 //! [`conversations`] serve saved messages and the conversation list over HTTP; [`demo`] serves the
 //! demo chat page built on the reference JS client.
 
+pub mod admission;
 pub mod append;
+pub mod append_batch;
 pub mod baseline;
 pub mod connection;
 pub mod conversations;
 pub mod demo;
 pub mod fanout;
 pub mod framing;
+pub mod gathering;
 pub mod history;
 pub mod node_channel;
 pub mod outbox;

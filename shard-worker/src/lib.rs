@@ -198,9 +198,9 @@ async fn own_shard(
     let tp = &cfg.two_phase;
     let shard = lease.shard;
     let block = Duration::from_millis(tp.block_ms);
-    let reader = |key: String, conn| {
+    let reader = |key: String, conn, delay_ms| {
         let fence = Fence { lease_key: keys.lease(shard), lease_value: lease.value.clone() };
-        StreamReader::new(conn, fence, key, tp.group.clone(), tp.batch_size, tp.block_ms, tp.max_batch_delay_ms)
+        StreamReader::new(conn, fence, key, tp.group.clone(), tp.batch_size, tp.block_ms, delay_ms)
     };
     let ctx = ShardContext {
         shard,
@@ -230,8 +230,11 @@ async fn own_shard(
         return Ok(());
     }
     let stage = |name| ShardContext { progress: status.start_stage(name), ..ctx.clone() };
-    let mut accepted =
-        reader(keys.accepted_stream(shard), im_common::connections::connect_for_blocking(&cfg.redis, block).await?);
+    let mut accepted = reader(
+        keys.accepted_stream(shard),
+        im_common::connections::connect_for_blocking(&cfg.redis, block).await?,
+        tp.max_batch_delay_ms,
+    );
     accepted.ensure_group().await?;
     let mut stages = tokio::task::JoinSet::new();
     match cfg.mode() {
@@ -239,6 +242,7 @@ async fn own_shard(
             let mut to_save = reader(
                 keys.to_save_stream(shard),
                 im_common::connections::connect_for_blocking(&cfg.redis, block).await?,
+                tp.save_batch_delay_ms,
             );
             to_save.ensure_group().await?;
             stages.spawn(deliver::deliver_stage(stage("deliver"), accepted));

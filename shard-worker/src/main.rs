@@ -8,6 +8,11 @@ use clap::Parser;
 
 use im_shard_worker::{ShardChoice, WorkerStatus};
 
+/// mimalloc instead of the system allocator: allocation and freeing took a sixth of this process's
+/// CPU with glibc's (docs/BENCHMARKS.md, "Where the time goes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "im shard worker: deliver-then-save pipeline for one shard")]
 struct Args {
@@ -32,15 +37,18 @@ fn parse_shard(s: &str) -> Result<ShardChoice, String> {
     s.parse().map(ShardChoice::Fixed).map_err(|_| format!("--shard must be a shard number or `auto` (got {s:?})"))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     im_common::telemetry::init_tracing();
-    let args = Args::parse();
+    let mut args = Args::parse();
     let mut cfg = im_common::config::Config::load(args.config.as_deref())?;
-    if let Some(listen) = args.listen {
+    if let Some(listen) = args.listen.take() {
         cfg.worker.listen = listen;
     }
     cfg.validate()?;
+    im_common::runtime::build(&cfg.runtime)?.block_on(run(args, cfg))
+}
+
+async fn run(args: Args, cfg: im_common::config::Config) -> anyhow::Result<()> {
     let labels = [("process", "shard-worker".to_owned()), ("node", im_shard_worker::owner_id())];
     let metrics = im_common::telemetry::install_metrics(&labels).map_err(anyhow::Error::msg)?;
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => cfg.mode().as_str(), "process" => "shard-worker")

@@ -70,6 +70,8 @@ pub struct StreamReader {
     block_ms: u64,
     max_delay_ms: u64,
     pending_done: bool,
+    /// The last entry id seen when a read found the stream drained: the next read waits for more.
+    drained_at: Option<String>,
 }
 
 impl StreamReader {
@@ -84,7 +86,7 @@ impl StreamReader {
         block_ms: u64,
         max_delay_ms: u64,
     ) -> Self {
-        StreamReader { conn, fence, key, group, count, block_ms, max_delay_ms, pending_done: false }
+        StreamReader { conn, fence, key, group, count, block_ms, max_delay_ms, pending_done: false, drained_at: None }
     }
 
     /// Creates the consumer group (and the stream) if missing.
@@ -106,12 +108,15 @@ impl StreamReader {
     /// Goes back to reading pending entries first (after an error left a batch unacknowledged).
     pub fn rewind(&mut self) {
         self.pending_done = false;
+        self.drained_at = None;
     }
 
-    /// The next batch: pending entries while there are any, else new entries (waiting up to
-    /// `block_ms` for one). A partial batch waits up to `max_delay_ms` once for more, so batches grow
-    /// under load while a lone message is never held longer than that. Fails with `FENCED` once the
-    /// lease is no longer this reader's.
+    /// The next batch: pending entries while there are any, else new entries. Once a read found the
+    /// stream drained (fewer than `count` entries), the next waits — a plain blocking `XREAD`, up to
+    /// `block_ms` — for an entry beyond the last one seen, then lets `max_delay_ms` pass before it
+    /// reads, so batches grow under load while a lone message is never held longer than that. Two
+    /// round trips per batch however light the load. Fails with `FENCED` once the lease is no
+    /// longer this reader's.
     pub async fn next_batch(&mut self) -> redis::RedisResult<Vec<Entry>> {
         if !self.pending_done {
             if let Read::Entries(pending) = self.read("0", self.count).await? {
@@ -119,27 +124,27 @@ impl StreamReader {
             }
             self.pending_done = true;
         }
-        let mut batch = match self.read(">", self.count).await? {
-            Read::Entries(batch) => batch,
-            Read::Nothing(last) => {
-                if !self.wait_beyond(&last, self.block_ms).await? {
-                    return Ok(Vec::new());
-                }
-                match self.read(">", self.count).await? {
-                    Read::Entries(batch) => batch,
-                    Read::Nothing(_) => return Ok(Vec::new()),
-                }
+        if let Some(last) = self.drained_at.take() {
+            if !self.wait_beyond(&last, self.block_ms).await? {
+                self.drained_at = Some(last);
+                return Ok(Vec::new());
             }
-        };
-        if batch.len() < self.count && self.max_delay_ms > 0 {
-            let last = batch.last().map(|e| e.id.clone()).unwrap_or_default();
-            if self.wait_beyond(&last, self.max_delay_ms).await? {
-                if let Read::Entries(more) = self.read(">", self.count - batch.len()).await? {
-                    batch.extend(more);
-                }
+            if self.max_delay_ms > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(self.max_delay_ms)).await;
             }
         }
-        Ok(batch)
+        match self.read(">", self.count).await? {
+            Read::Entries(batch) => {
+                if batch.len() < self.count {
+                    self.drained_at = batch.last().map(|e| e.id.clone());
+                }
+                Ok(batch)
+            }
+            Read::Nothing(last) => {
+                self.drained_at = Some(last);
+                Ok(Vec::new())
+            }
+        }
     }
 
     /// One fenced, non-blocking group read from `from`.

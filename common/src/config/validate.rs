@@ -13,7 +13,7 @@ impl Config {
         }
         // Batch bounds keep a multi-row statement under MySQL's 65,535 placeholders: 6 per row in the
         // INSERT, up to 6 per row (two chat-list rows of 3) in the conversation upsert.
-        let checks: [(&str, u64, u64, u64); 24] = [
+        let checks: [(&str, u64, u64, u64); 27] = [
             ("cluster.shards", self.cluster.shards.into(), 1, 1024),
             ("gateway.node_id", self.gateway.node_id.into(), 0, u64::from(crate::ids::MAX_NODES) - 1),
             ("gateway.max_frame_bytes", self.gateway.max_frame_bytes as u64, 256, 16 << 20),
@@ -31,12 +31,15 @@ impl Config {
             ("gateway.offline_page_size", self.gateway.offline_page_size.into(), 1, 10_000),
             ("gateway.cursor_flush_ms", self.gateway.cursor_flush_ms, 10, 60_000),
             ("gateway.shed_append_ms", self.gateway.shed_append_ms, 0, 60_000),
+            ("gateway.shed_wait_ms", self.gateway.shed_wait_ms, 0, 600_000),
+            ("runtime.worker_threads", self.runtime.worker_threads as u64, 0, 1024),
             ("mysql.pool_max", self.mysql.pool_max as u64, 1, 1024),
             ("mysql.insert_batch_max", self.mysql.insert_batch_max as u64, 1, 5000),
             ("two_phase.batch_size", self.two_phase.batch_size as u64, 1, 10_000),
             // 0 would be XREADGROUP BLOCK 0: wait forever, never looking at the lease or a shutdown.
             ("two_phase.block_ms", self.two_phase.block_ms, 1, 60_000),
             ("two_phase.max_batch_delay_ms", self.two_phase.max_batch_delay_ms, 0, 10_000),
+            ("two_phase.save_batch_delay_ms", self.two_phase.save_batch_delay_ms, 0, 10_000),
             ("two_phase.max_backlog", self.two_phase.max_backlog, 1, 1_000_000_000),
             ("two_phase.lease_ttl_ms", self.two_phase.lease_ttl_ms, 500, 600_000),
             ("idempotency.ttl_secs", self.idempotency.ttl_secs, MIN_IDEMPOTENCY_TTL_SECS, MAX_IDEMPOTENCY_TTL_SECS),
