@@ -25,6 +25,7 @@ pub mod cpu;
 pub mod db;
 pub mod drill;
 pub mod hold;
+pub mod limits;
 pub mod load;
 pub mod plan;
 pub mod recorder;

@@ -5,6 +5,8 @@
 //!   load, writing a run directory with a JSON per run and `summary.md`;
 //! - `bench sweep --mode M` raises the offered rate until saved p99 passes a bound or errors appear;
 //! - `bench hold` holds many idle connections and measures the gateways' memory;
+//! - `bench limits` measures the raw operations the engine is made of on its servers and the limit
+//!   rate they imply (`--engine-rates` adds a full-mode sweep, quoted as a fraction of that limit);
 //! - `bench drill <name>` runs a fault drill (also `ops drill`), e.g. `bench drill recipient-churn
 //!   --minutes 3 --seed 1128` (receivers that come and go, a third with two devices, under shard-owner
 //!   kills: nothing missing on any device);
@@ -197,6 +199,32 @@ enum Cmd {
         out: Option<PathBuf>,
         #[command(flatten)]
         output: OutputArgs,
+    },
+    /// The raw operations the engine is made of (pipelined XADD, XREADGROUP+XACK, PUBLISH, batched
+    /// INSERT, WebSocket frames) on the servers the engine uses, the limit rate they imply, and with
+    /// --engine-rates the engine's full-mode rate and CPU per message as fractions of it. Writes
+    /// limits.json and limits.md.
+    Limits {
+        /// Measured seconds per operation (after a short warm-up).
+        #[arg(long, default_value_t = 3.0)]
+        secs_per_op: f64,
+        /// Also sweep the engine in full mode over these offered rates (msg/s, ascending), on the same
+        /// servers; the load flags below shape it.
+        #[arg(long, value_delimiter = ',')]
+        engine_rates: Vec<f64>,
+        /// A sweep step is sustained while saved p99 stays within this many ms.
+        #[arg(long, default_value_t = 250.0)]
+        max_saved_p99_ms: f64,
+        #[command(flatten)]
+        load: LoadArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Run directory (default bench-runs/<UTC timestamp>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print limits.json instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -443,6 +471,28 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
             let sustained: Vec<&RunReport> =
                 steps.iter().filter(|s| s.failure.is_none()).map(|s| &s.run.report).collect();
             Ok(exit_code(output.check, &sustained))
+        }
+        Cmd::Limits { secs_per_op, engine_rates, max_saved_p99_ms, load, cluster, out, json } => {
+            let engine = if engine_rates.is_empty() {
+                None
+            } else {
+                Some(im_bench::limits::EngineSweep { load: load.spec()?, rates: engine_rates, max_saved_p99_ms })
+            };
+            let spec = im_bench::limits::LimitsSpec {
+                cluster: cluster.options()?,
+                secs_per_op: im_bench::args::secs(secs_per_op, "secs-per-op")?,
+                engine,
+                out: default_out(out),
+                command: command_line(),
+            };
+            let report = im_bench::limits::run(&spec).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", im_bench::limits::markdown(&report));
+                println!("run directory: {}", spec.out.display());
+            }
+            Ok(0)
         }
     }
 }

@@ -1,0 +1,49 @@
+//! `bench limits` against the real servers, briefly: every raw operation is measured, a limit
+//! follows, and nothing the run wrote stays behind. The servers are the shared test Redis and
+//! MariaDB; the run's key prefix lies under the test's own ([`TestEnv`]), so tests run in parallel
+//! and twice.
+
+use std::time::Duration;
+
+use im_bench::compare::ClusterOptions;
+use im_bench::limits::model::Op;
+use im_bench::limits::{self, LimitsSpec};
+use im_harness::env::TestEnv;
+
+#[tokio::test]
+async fn every_raw_operation_is_measured_and_nothing_stays_behind() {
+    let env = TestEnv::new("limits");
+    let out = std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-")));
+    let spec = LimitsSpec {
+        cluster: ClusterOptions {
+            config: env.config(),
+            gateways: 1,
+            shards: 1,
+            workers: None,
+            redis_cluster: None,
+            keep_data: false,
+        },
+        secs_per_op: Duration::from_millis(300),
+        engine: None,
+        out: out.clone(),
+        command: "bench limits --secs-per-op 0.3".into(),
+    };
+    let report = limits::run(&spec).await.expect("limits measures");
+
+    for op in Op::ALL {
+        let m = report.measurements.iter().find(|m| m.op == op).unwrap_or_else(|| panic!("{op:?} measured"));
+        assert!(m.ops > 0 && m.ops_per_sec > 0.0, "{m:?}");
+    }
+    let cost = report.per_message.as_ref().expect("a limit follows from the operations");
+    assert!(cost.limit_rate > 0.0 && cost.time_shared_us > 0.0, "{cost:?}");
+    let table = std::fs::read_to_string(out.join("limits.md")).expect("limits.md written");
+    assert!(table.contains("| **one message** |") && out.join("limits.json").exists(), "{table}");
+
+    let mut conn =
+        redis::Client::open(env.redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let left: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}:*", env.key_prefix)).query_async(&mut conn).await.unwrap();
+    assert!(left.is_empty(), "scratch keys left behind: {left:?}");
+    std::fs::remove_dir_all(&out).ok();
+    env.cleanup().await;
+}
