@@ -184,12 +184,19 @@ pub struct WorkerConfig {
 }
 
 /// The async runtime of each process (gateway, shard worker).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Threads running the process's tasks: 0 = one per core; 1 = everything on one thread (no
-    /// hand-overs between threads: cheaper where several processes share few cores).
+    /// Threads running the process's tasks. 1 (the default): everything on one thread, so no task
+    /// is ever handed to another thread — 12–20 % less CPU per message where several processes
+    /// share the cores (docs/BENCHMARKS.md); scale by running more processes. 0 = one per core.
     pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: 1 }
+    }
 }
 
 impl Default for RedisConfig {

@@ -4,19 +4,20 @@
 //! Three refusals, each answered `server_busy` at once:
 //! - `backlog`: the shard holds `two_phase.max_backlog` unsaved entries (memory stays bounded
 //!   whatever happens downstream, outages included);
-//! - `overload` by wait: the shard drains, but more arrives than it drains and what is queued
-//!   already takes longer than `gateway.shed_wait_ms` to drain. Admitting more would only make every
-//!   admitted message wait longer. A shard that drains nothing (its worker or MySQL is away) is not
-//!   refused for this: absorbing outages is what the stream is for; nor is one draining a backlog
-//!   faster than it grows (recovery);
-//! - `overload` by round trip: the append round trip's standing level is past
+//! - `drain`: the shard drains, but its backlog keeps growing (for [`SUSTAINED`] refreshes in a row)
+//!   and already takes longer than `gateway.shed_wait_ms` to drain. Admitting more would only make
+//!   every admitted message wait longer. Refusing stops once the backlog drains within half that.
+//!   A shard that drains nothing (its worker or MySQL is away) is not refused for this: absorbing
+//!   outages is what the stream is for; nor is one that drains a backlog faster than it grows
+//!   (recovery);
+//! - `overload`: the append round trip's standing level is past
 //!   `gateway.shed_append_ms` (Redis or this process cannot keep up).
 //!
 //! A background task refreshes the per-shard figures (one pipelined `XINFO STREAM` + `XLEN` round
 //! per shard every [`REFRESH`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,8 +29,11 @@ use redis::Value;
 /// How often the per-shard figures are refreshed.
 const REFRESH: Duration = Duration::from_millis(250);
 
-/// The span over which arrival and drain rates are measured.
+/// The span over which the drain rate is measured.
 const RATE_SPAN: Duration = Duration::from_secs(1);
+
+/// Refreshes in a row with a growing backlog before the wait can refuse messages.
+const SUSTAINED: u32 = 3;
 
 /// How long one round-trip window lasts.
 const WINDOW_MS: u64 = 100;
@@ -38,6 +42,9 @@ const WINDOW_MS: u64 = 100;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     Backlog,
+    /// The backlog takes too long to drain.
+    Drain,
+    /// The append round trip stands too high.
     Overload,
 }
 
@@ -45,6 +52,7 @@ impl Refusal {
     pub fn cause(self) -> &'static str {
         match self {
             Refusal::Backlog => "backlog",
+            Refusal::Drain => "drain",
             Refusal::Overload => "overload",
         }
     }
@@ -76,8 +84,8 @@ impl Admission {
         if load.backlog.load(Ordering::Relaxed) >= self.max_backlog {
             return Some(Refusal::Backlog);
         }
-        if !self.shed_wait.is_zero() && load.waiting_us.load(Ordering::Relaxed) > self.shed_wait.as_micros() as u64 {
-            return Some(Refusal::Overload);
+        if load.refusing.load(Ordering::Relaxed) {
+            return Some(Refusal::Drain);
         }
         if !self.shed_append.is_zero() && self.pressure.standing() >= self.shed_append {
             return Some(Refusal::Overload);
@@ -111,7 +119,18 @@ impl Admission {
                     let Some((accepted_len, added)) = stream_figures(&pair[0]) else { continue };
                     let to_save_len = redis::from_redis_value_ref::<u64>(&pair[1]).unwrap_or(0);
                     let backlog = accepted_len + to_save_len;
-                    self.shards[shard].update(now, added, backlog);
+                    if !self.shed_wait.is_zero() {
+                        if let Some((refusing, wait)) = self.shards[shard].update(now, added, backlog, self.shed_wait) {
+                            let wait_ms = wait.as_millis() as u64;
+                            if refusing {
+                                tracing::warn!(shard, backlog, wait_ms, "shard backlog keeps growing: refusing new messages");
+                            } else {
+                                tracing::info!(shard, backlog, wait_ms, "shard backlog drains again: admitting");
+                            }
+                        }
+                    } else {
+                        self.shards[shard].backlog.store(backlog, Ordering::Relaxed);
+                    }
                     metrics::gauge!("im_gateway_shard_backlog", "shard" => shard.to_string()).set(backlog as f64);
                 }
             }
@@ -136,35 +155,54 @@ fn stream_figures(reply: &Value) -> Option<(u64, u64)> {
     Some((field("length")?, field("entries-added")?))
 }
 
-/// One shard's figures: its backlog, and how long that backlog takes to drain while it grows.
+/// One shard's figures: its backlog, and whether it is refused for what it takes to drain.
 #[derive(Default)]
 struct ShardLoad {
     backlog: AtomicU64,
-    /// Estimated time to drain the backlog (µs), while more arrives than drains; 0 otherwise.
-    waiting_us: AtomicU64,
+    refusing: AtomicBool,
+    trend: Mutex<Trend>,
+}
+
+/// The recent samples of one shard and the state of its wait-based refusal.
+#[derive(Default)]
+struct Trend {
     /// (when, entries ever added, backlog) over the last [`RATE_SPAN`].
-    samples: Mutex<VecDeque<(Instant, u64, u64)>>,
+    samples: VecDeque<(Instant, u64, u64)>,
+    /// Consecutive refreshes in which the backlog grew.
+    growing: u32,
 }
 
 impl ShardLoad {
-    fn update(&self, now: Instant, added: u64, backlog: u64) {
-        self.backlog.store(backlog, Ordering::Relaxed);
-        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        samples.push_back((now, added, backlog));
-        while samples.len() > 2 && now.duration_since(samples[1].0) >= RATE_SPAN {
-            samples.pop_front();
+    /// Takes a refresh. Refusing starts once the backlog grew [`SUSTAINED`] refreshes in a row
+    /// (a stall of MySQL for a moment is not overload) and would take longer than `bound` to drain;
+    /// it stops once the backlog drains within half of `bound`, or drains nothing (an outage).
+    /// Returns the estimated wait when refusing starts or stops (`Some((refusing, wait))`).
+    fn update(&self, now: Instant, added: u64, backlog: u64, bound: Duration) -> Option<(bool, Duration)> {
+        let before = self.backlog.swap(backlog, Ordering::Relaxed);
+        let mut trend = self.trend.lock().unwrap_or_else(|p| p.into_inner());
+        trend.growing = if backlog > before { trend.growing + 1 } else { 0 };
+        trend.samples.push_back((now, added, backlog));
+        while trend.samples.len() > 2 && now.duration_since(trend.samples[1].0) >= RATE_SPAN {
+            trend.samples.pop_front();
         }
-        let (then, added_then, backlog_then) = samples[0];
-        let waiting = drain_time(now.duration_since(then), added.saturating_sub(added_then), backlog_then, backlog);
-        self.waiting_us.store(waiting.map_or(0, |w| w.as_micros() as u64), Ordering::Relaxed);
+        let (then, added_then, backlog_then) = trend.samples[0];
+        let wait = drain_time(now.duration_since(then), added.saturating_sub(added_then), backlog_then, backlog);
+        let was = self.refusing.load(Ordering::Relaxed);
+        let refusing = match wait {
+            None => false,
+            Some(wait) if was => wait > bound / 2,
+            Some(wait) => wait > bound && trend.growing >= SUSTAINED,
+        };
+        self.refusing.store(refusing, Ordering::Relaxed);
+        (refusing != was).then(|| (refusing, wait.unwrap_or_default()))
     }
 }
 
-/// How long `backlog_now` takes to drain at the rate it drained over `span`, if more `arrived` than
-/// drained (the backlog grew) and some did drain; `None` otherwise (idle, outage or recovery).
+/// How long `backlog_now` takes to drain at the rate it drained over `span`; `None` when nothing
+/// drained (idle, or an outage).
 fn drain_time(span: Duration, arrived: u64, backlog_then: u64, backlog_now: u64) -> Option<Duration> {
     let drained = (backlog_then + arrived).saturating_sub(backlog_now);
-    if span.is_zero() || drained == 0 || backlog_now <= backlog_then {
+    if span.is_zero() || drained == 0 {
         return None;
     }
     let per_sec = drained as f64 / span.as_secs_f64();
@@ -241,32 +279,60 @@ mod tests {
     }
 
     #[test]
-    fn a_growing_backlog_that_drains_slower_than_it_fills_has_a_wait() {
+    fn the_wait_is_the_backlog_over_the_drain_rate() {
         // 1 s: 12,000 arrived, the backlog went 1,000 → 3,000, so 10,000 drained: 3,000 take 0.3 s.
-        let wait = drain_time(Duration::from_secs(1), 12_000, 1_000, 3_000);
-        assert_eq!(wait, Some(Duration::from_millis(300)));
+        assert_eq!(drain_time(Duration::from_secs(1), 12_000, 1_000, 3_000), Some(Duration::from_millis(300)));
+        assert_eq!(drain_time(Duration::from_secs(1), 5_000, 1_000, 6_000), None, "nothing drained: an outage");
+        assert_eq!(drain_time(Duration::from_secs(1), 0, 0, 0), None, "idle");
     }
 
-    #[test]
-    fn outages_recoveries_and_idleness_have_no_wait() {
-        let s = Duration::from_secs(1);
-        assert_eq!(drain_time(s, 5_000, 1_000, 6_000), None, "nothing drained: an outage, absorbed");
-        assert_eq!(drain_time(s, 5_000, 20_000, 10_000), None, "the backlog shrinks: recovery");
-        assert_eq!(drain_time(s, 0, 0, 0), None, "idle");
-    }
-
-    #[test]
-    fn the_wait_refuses_only_past_its_bound() {
+    fn admission(bound_ms: u64) -> Admission {
         let mut cfg = Config::default();
         cfg.cluster.shards = 1;
-        cfg.gateway.shed_wait_ms = 250;
+        cfg.gateway.shed_wait_ms = bound_ms;
         cfg.gateway.shed_append_ms = 0;
-        let a = Admission::new(&cfg);
+        Admission::new(&cfg)
+    }
+
+    /// Feeds refreshes 250 ms apart, the first at `t0 + REFRESH × first`: (entries ever added, backlog).
+    fn feed(a: &Admission, t0: Instant, first: u32, samples: &[(u64, u64)]) {
+        for (k, &(added, backlog)) in samples.iter().enumerate() {
+            a.shards[0].update(t0 + REFRESH * (first + k as u32), added, backlog, a.shed_wait);
+        }
+    }
+
+    #[test]
+    fn a_backlog_that_keeps_growing_past_the_bound_refuses_until_it_drains() {
+        let a = admission(250);
         let t0 = Instant::now();
-        a.shards[0].update(t0, 0, 1_000);
-        a.shards[0].update(t0 + Duration::from_secs(1), 12_000, 2_000);
-        assert_eq!(a.check(0), None, "2,000 drain in 0.18 s at 11,000/s");
-        a.shards[0].update(t0 + Duration::from_secs(2), 24_000, 5_000);
-        assert_eq!(a.check(0), Some(Refusal::Overload), "5,000 take 0.56 s at 9,000/s");
+        // 4,000/s arrive, 2,000/s drain: +500 per refresh.
+        let growing: Vec<(u64, u64)> = (0..8).map(|k| (1_000 * k, 500 * k)).collect();
+        feed(&a, t0, 0, &growing[..3]);
+        assert_eq!(a.check(0), None, "1,000 drain in 0.5 s, but it grew only twice");
+        feed(&a, t0, 3, &growing[3..]);
+        assert_eq!(a.check(0), Some(Refusal::Drain), "3,500 take 1.75 s at 2,000/s and it keeps growing");
+        // Refused, arrivals stop and it drains 2,000/s.
+        let draining: Vec<(u64, u64)> = (1..=7).map(|k| (7_000, 3_500 - 500 * k)).collect();
+        feed(&a, t0, 8, &draining[..4]);
+        assert_eq!(a.check(0), Some(Refusal::Drain), "1,500 still take 0.75 s");
+        feed(&a, t0, 12, &draining[4..]);
+        assert_eq!(a.check(0), None, "drained");
+    }
+
+    #[test]
+    fn a_short_stall_an_outage_and_a_recovery_are_not_refused() {
+        let t0 = Instant::now();
+        // A 250 ms stall: 2,000/s arrive, nothing drains once, then it catches up.
+        let a = admission(250);
+        feed(&a, t0, 0, &[(0, 50), (500, 50), (1_000, 550), (1_500, 50)]);
+        assert_eq!(a.check(0), None, "one refresh of growth is a stall");
+        // An outage: nothing drains for seconds.
+        let a = admission(250);
+        feed(&a, t0, 0, &(0..12).map(|k| (500 * k, 500 * k)).collect::<Vec<_>>());
+        assert_eq!(a.check(0), None, "nothing drains: the stream absorbs it");
+        // Recovery: a big backlog shrinking.
+        let a = admission(250);
+        feed(&a, t0, 0, &(0..8).map(|k| (500 * k, 20_000 - 1_000 * k)).collect::<Vec<_>>());
+        assert_eq!(a.check(0), None, "it shrinks");
     }
 }
