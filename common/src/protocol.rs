@@ -419,7 +419,10 @@ impl ServerFrame {
 
 /// Serde helper: `Option<u64>` written as a decimal string, read from a string or a number.
 mod decimal {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use std::fmt;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
         match v {
@@ -428,18 +431,54 @@ mod decimal {
         }
     }
 
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum NumOrStr {
-        Num(u64),
-        Str(String),
+    /// Reads `null` or an id. A visitor, not an untagged enum: that would build (and format) an
+    /// error for every id given as a string before trying the string, which showed in the
+    /// gateway's profile on every push it decodes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        d.deserialize_option(OptionalId)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        match Option::<NumOrStr>::deserialize(d)? {
-            None => Ok(None),
-            Some(NumOrStr::Num(n)) => Ok(Some(n)),
-            Some(NumOrStr::Str(s)) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    struct OptionalId;
+
+    impl<'de> Visitor<'de> for OptionalId {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an id: a number or a decimal string")
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(Id).map(Some)
+        }
+    }
+
+    struct Id;
+
+    impl Visitor<'_> for Id {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an id: a number or a decimal string")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            v.parse().map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
         }
     }
 }
@@ -452,6 +491,26 @@ mod tests {
 
     fn reason_of(text: &str) -> Reason {
         parse_request(text.as_bytes(), 7, LIMITS).unwrap_err().reason
+    }
+
+    #[test]
+    fn server_frame_ids_read_from_strings_numbers_and_null_in_json_and_messagepack() {
+        let f: ServerFrame =
+            serde_json::from_str(r#"{"type":"SINGLE_CHAT","serverMsgId":"384063290302533632","from":1001,"to":null}"#)
+                .unwrap();
+        assert_eq!((f.server_msg_id, f.from, f.to), (Some(384063290302533632), Some(1001), None));
+        for bad in [r#""12x""#, "-1", "1.5", "true"] {
+            let text = format!(r#"{{"type":"ACK","serverMsgId":{bad}}}"#);
+            assert!(serde_json::from_str::<ServerFrame>(&text).is_err(), "{bad} is no id");
+        }
+        let pushed = ServerFrame {
+            server_msg_id: Some(u64::MAX),
+            from: Some(7),
+            to: Some(8),
+            ..ServerFrame::bare(FrameType::SingleChat)
+        };
+        let back: ServerFrame = rmp_serde::from_slice(&rmp_serde::to_vec_named(&pushed).unwrap()).unwrap();
+        assert_eq!(back, pushed);
     }
 
     #[test]
