@@ -123,7 +123,12 @@ impl Admission {
                         if let Some((refusing, wait)) = self.shards[shard].update(now, added, backlog, self.shed_wait) {
                             let wait_ms = wait.as_millis() as u64;
                             if refusing {
-                                tracing::warn!(shard, backlog, wait_ms, "shard backlog keeps growing: refusing new messages");
+                                tracing::warn!(
+                                    shard,
+                                    backlog,
+                                    wait_ms,
+                                    "shard backlog keeps growing: refusing new messages"
+                                );
                             } else {
                                 tracing::info!(shard, backlog, wait_ms, "shard backlog drains again: admitting");
                             }
