@@ -180,12 +180,19 @@ struct Trend {
 impl ShardLoad {
     /// Takes a refresh. Refusing starts once the backlog grew [`SUSTAINED`] refreshes in a row
     /// (a stall of MySQL for a moment is not overload) and would take longer than `bound` to drain;
-    /// it stops once the backlog drains within half of `bound`, or drains nothing (an outage).
+    /// it stops once the backlog drains within half of `bound`, or nothing drained since the last
+    /// refresh (an outage: absorbed, not refused).
     /// Returns the estimated wait when refusing starts or stops (`Some((refusing, wait))`).
     fn update(&self, now: Instant, added: u64, backlog: u64, bound: Duration) -> Option<(bool, Duration)> {
         let before = self.backlog.swap(backlog, Ordering::Relaxed);
         let mut trend = self.trend.lock().unwrap_or_else(|p| p.into_inner());
         trend.growing = if backlog > before { trend.growing + 1 } else { 0 };
+        // Whether anything drained since the last refresh: if not, the shard is stalled or in an
+        // outage (its owner died, MySQL is away), even while the rate window still holds drain.
+        let stalled = trend
+            .samples
+            .back()
+            .is_some_and(|&(_, added_before, before)| before + added.saturating_sub(added_before) <= backlog);
         trend.samples.push_back((now, added, backlog));
         while trend.samples.len() > 2 && now.duration_since(trend.samples[1].0) >= RATE_SPAN {
             trend.samples.pop_front();
@@ -195,6 +202,7 @@ impl ShardLoad {
         let was = self.refusing.load(Ordering::Relaxed);
         let refusing = match wait {
             None => false,
+            Some(_) if stalled => false,
             Some(wait) if was => wait > bound / 2,
             Some(wait) => wait > bound && trend.growing >= SUSTAINED,
         };
@@ -322,6 +330,20 @@ mod tests {
         assert_eq!(a.check(0), Some(Refusal::Drain), "1,500 still take 0.75 s");
         feed(&a, t0, 12, &draining[4..]);
         assert_eq!(a.check(0), None, "drained");
+    }
+
+    #[test]
+    fn an_outage_that_begins_while_the_rate_window_still_holds_drain_is_not_refused() {
+        let a = admission(250);
+        let t0 = Instant::now();
+        // 2,000/s arrive and drain; then the worker dies (or MySQL goes): nothing drains.
+        let steady: Vec<(u64, u64)> = (0..4).map(|k| (500 * k, 100)).collect();
+        feed(&a, t0, 0, &steady);
+        for k in 4..12u32 {
+            let added = 500 * u64::from(k);
+            feed(&a, t0, k, &[(added, 100 + added - 1_500)]);
+            assert_eq!(a.check(0), None, "refresh {k}: an outage is absorbed, never refused");
+        }
     }
 
     #[test]
