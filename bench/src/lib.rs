@@ -7,9 +7,10 @@
 //! duplicated, reordered, missing rows) with pure functions; [`db`] reads the run's rows back from
 //! MySQL; [`cpu`] reads per-process CPU time; [`redis_nodes`] reads what each Redis Cluster node
 //! served; [`run()`] puts load, row check and [`report`] together;
-//! [`compare`] starts clusters and runs the three-arm comparison and the load sweep; [`drill`] runs
-//! fault drills; [`hold`] holds many idle connections; [`args`] is the command line that `bench` and
-//! `ops` share. Processes are started, watched and stopped through `im_harness`.
+//! [`compare`] starts clusters and runs the three-arm comparison and the load sweep, and [`chart`]
+//! draws them; [`limits`] measures the raw operations the engine is made of against the engine;
+//! [`drill`] runs fault drills; [`hold`] holds many idle connections; [`args`] is the command line
+//! that `bench` and `ops` share. Processes are started, watched and stopped through `im_harness`.
 //!
 //! The numbers this crate prints are how the project proves itself, so the rule throughout is: count
 //! everything, hide nothing. A message is either answered, delivered and saved, or it shows up in one

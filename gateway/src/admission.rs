@@ -186,13 +186,14 @@ impl ShardLoad {
     fn update(&self, now: Instant, added: u64, backlog: u64, bound: Duration) -> Option<(bool, Duration)> {
         let before = self.backlog.swap(backlog, Ordering::Relaxed);
         let mut trend = self.trend.lock().unwrap_or_else(|p| p.into_inner());
-        trend.growing = if backlog > before { trend.growing + 1 } else { 0 };
         // Whether anything drained since the last refresh: if not, the shard is stalled or in an
         // outage (its owner died, MySQL is away), even while the rate window still holds drain.
         let stalled = trend
             .samples
             .back()
             .is_some_and(|&(_, added_before, before)| before + added.saturating_sub(added_before) <= backlog);
+        // Growth counts only while the shard drains: what piled up in an outage is not overload.
+        trend.growing = if backlog > before && !stalled { trend.growing + 1 } else { 0 };
         trend.samples.push_back((now, added, backlog));
         while trend.samples.len() > 2 && now.duration_since(trend.samples[1].0) >= RATE_SPAN {
             trend.samples.pop_front();
@@ -344,6 +345,9 @@ mod tests {
             feed(&a, t0, k, &[(added, 100 + added - 1_500)]);
             assert_eq!(a.check(0), None, "refresh {k}: an outage is absorbed, never refused");
         }
+        // A standby takes over: its first refresh drains a little while more still arrives.
+        feed(&a, t0, 12, &[(6_000, 4_500)]);
+        assert_eq!(a.check(0), None, "the growth of the outage does not count once draining resumes");
     }
 
     #[test]
