@@ -133,8 +133,14 @@ pub fn split(ws: WebSocket<Stream>) -> (WebSocketRead<ReadHalf<Stream>>, Writer)
 /// Most frames gathered into one write.
 const MAX_GATHERED: usize = 256;
 
-/// Runs the write half until a close is sent or the connection fails. Each wake-up writes every
-/// frame queued by then (up to [`MAX_GATHERED`]) and flushes once: one `send()` per burst.
+/// Most bytes gathered into one write. Frames the writer took off the queue are invisible to
+/// whoever paces itself by the queue's room (a sync keeps half of it free for live pushes), so the
+/// writer holds little more than it did frame by frame: many small frames, or a couple of large.
+const MAX_GATHERED_BYTES: usize = 8 * 1024;
+
+/// Runs the write half until a close is sent or the connection fails. Each wake-up writes the
+/// frames queued by then (up to [`MAX_GATHERED`] frames or [`MAX_GATHERED_BYTES`]) and flushes
+/// once: one `send()` per burst.
 pub async fn write_loop(mut ws: Writer, mut ctrl: mpsc::Receiver<Control>, mut out: mpsc::Receiver<Bytes>) {
     loop {
         let result = tokio::select! {
@@ -176,8 +182,13 @@ pub async fn write_loop(mut ws: Writer, mut ctrl: mpsc::Receiver<Control>, mut o
 /// Writes `first` and whatever else is queued now, then flushes.
 async fn write_queued(ws: &mut Writer, first: Bytes, out: &mut mpsc::Receiver<Bytes>) -> Result<(), WebSocketError> {
     ws.write_frame(Frame::text(Payload::Borrowed(&first))).await?;
+    let mut gathered = first.len();
     for _ in 1..MAX_GATHERED {
+        if gathered >= MAX_GATHERED_BYTES {
+            break;
+        }
         let Ok(text) = out.try_recv() else { break };
+        gathered += text.len();
         ws.write_frame(Frame::text(Payload::Borrowed(&text))).await?;
     }
     ws.flush().await
