@@ -108,7 +108,10 @@ impl Admission {
     /// Runs until the process ends.
     pub async fn refresh(&self, mut conn: RedisConn, keys: Keys) {
         loop {
+            // A stream that does not exist yet (no message, no worker) answers XINFO with an
+            // error: it must not void the figures of the others.
             let mut pipe = redis::pipe();
+            pipe.ignore_errors();
             for shard in 0..self.shards.len() as u16 {
                 pipe.cmd("XINFO").arg("STREAM").arg(keys.accepted_stream(shard));
                 pipe.xlen(keys.to_save_stream(shard));
