@@ -123,7 +123,8 @@ pub struct GatewayConfig {
     /// Load shedding (two-phase modes) by wait: while a shard's backlog grows although it drains,
     /// and draining what is queued would take longer than this, new messages for it get
     /// `server_busy`. A shard that drains nothing (outage) or shrinks (recovery) is not refused for
-    /// this. 0 turns it off.
+    /// this. 0 (the default) turns it off: a shard owner's takeover looks the same for a second
+    /// (its backlog grows while the new owner starts draining), and was refused.
     pub shed_wait_ms: u64,
     /// Serve the demo chat page at `/demo` (docs/CLIENTS.md): the reference JS client in a page with
     /// the conversation list, the ticks and the shard backlog. Off by default; `ops up` turns it on.
@@ -243,7 +244,7 @@ impl Default for GatewayConfig {
             offline_page_size: 200,
             cursor_flush_ms: 100,
             shed_append_ms: 50,
-            shed_wait_ms: 250,
+            shed_wait_ms: 0,
             demo_page: false,
             demo_dev_tokens: false,
         }

@@ -4,7 +4,8 @@
 //! Three refusals, each answered `server_busy` at once:
 //! - `backlog`: the shard holds `two_phase.max_backlog` unsaved entries (memory stays bounded
 //!   whatever happens downstream, outages included);
-//! - `drain`: the shard drains, but its backlog keeps growing (for [`SUSTAINED`] refreshes in a row)
+//! - `drain` (when `gateway.shed_wait_ms` is set; off by default, because the first second of a
+//!   shard owner's takeover looks the same): the shard drains, but its backlog keeps growing (for [`SUSTAINED`] refreshes in a row)
 //!   and already takes longer than `gateway.shed_wait_ms` to drain. Admitting more would only make
 //!   every admitted message wait longer. Refusing stops once the backlog drains within half that.
 //!   A shard that drains nothing (its worker or MySQL is away) is not refused for this: absorbing

@@ -30,6 +30,8 @@ const SLOW_CONSUMER_QUEUE: usize = 64;
 const SLOW_CONSUMER_SEND_BUFFER: usize = 65_536;
 /// overload: admission control must bite before memory does.
 const OVERLOAD_MAX_BACKLOG: u64 = 20_000;
+/// overload: `gateway.shed_wait_ms` when the config leaves it off.
+const OVERLOAD_SHED_WAIT_MS: u64 = 250;
 /// slow-consumers and overload: the shortest loaded window.
 const MIN_LOADED_WINDOW: Duration = Duration::from_secs(10);
 /// The drain allowance beyond the fault.
@@ -84,6 +86,10 @@ impl<'a> DrillRun<'a> {
         if spec.drill == Drill::Overload {
             // Admission control must bite before memory does.
             config.two_phase.max_backlog = config.two_phase.max_backlog.min(OVERLOAD_MAX_BACKLOG);
+            // Refusing by drain wait is what keeps admitted messages fast here; it is off by default.
+            if config.gateway.shed_wait_ms == 0 {
+                config.gateway.shed_wait_ms = OVERLOAD_SHED_WAIT_MS;
+            }
         }
         let seed = spec.drill.seeded().then(|| spec.seed.unwrap_or_else(rand::random));
         if let Some(seed) = seed {
