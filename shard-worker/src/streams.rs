@@ -124,27 +124,35 @@ impl StreamReader {
             }
             self.pending_done = true;
         }
-        if let Some(last) = self.drained_at.take() {
-            if !self.wait_beyond(&last, self.block_ms).await? {
-                self.drained_at = Some(last);
-                return Ok(Vec::new());
-            }
-            if self.max_delay_ms > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(self.max_delay_ms)).await;
-            }
+        let last = match self.drained_at.take() {
+            Some(last) => last,
+            None => match self.read(">", self.count).await? {
+                Read::Entries(batch) => return Ok(self.took(batch)),
+                Read::Nothing(last) => last,
+            },
+        };
+        if !self.wait_beyond(&last, self.block_ms).await? {
+            self.drained_at = Some(last);
+            return Ok(Vec::new());
+        }
+        if self.max_delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(self.max_delay_ms)).await;
         }
         match self.read(">", self.count).await? {
-            Read::Entries(batch) => {
-                if batch.len() < self.count {
-                    self.drained_at = batch.last().map(|e| e.id.clone());
-                }
-                Ok(batch)
-            }
+            Read::Entries(batch) => Ok(self.took(batch)),
             Read::Nothing(last) => {
                 self.drained_at = Some(last);
                 Ok(Vec::new())
             }
         }
+    }
+
+    /// Remembers where a partial batch left the stream: drained, so the next read waits.
+    fn took(&mut self, batch: Vec<Entry>) -> Vec<Entry> {
+        if batch.len() < self.count {
+            self.drained_at = batch.last().map(|e| e.id.clone());
+        }
+        batch
     }
 
     /// One fenced, non-blocking group read from `from`.
