@@ -103,7 +103,9 @@ async fn a_held_lease_is_not_given_twice_and_every_new_owner_gets_a_larger_token
 #[tokio::test]
 async fn an_owner_stops_acting_before_its_lease_can_expire_in_redis() {
     let s = Shard::new("lease_timing").await;
-    let ttl = Duration::from_millis(500);
+    // Long enough that the renewal at 0.85 TTL reaches Redis before the key expires on a loaded
+    // 2-core CI machine (with 500 ms the margin was 75 ms, and CI missed it once).
+    let ttl = Duration::from_millis(2000);
     let lease = s.lease("a", ttl).await.expect("free shard");
     // Valid for TTL minus a fifth without renewal, never up to the TTL itself.
     tokio::time::sleep(ttl * 3 / 5).await;
