@@ -303,7 +303,6 @@ fn problems_section(runs: &[FinishedRun]) -> String {
     out
 }
 
-
 /// Cores, CPU model and kernel of this machine, in one line.
 pub fn machine_summary() -> String {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

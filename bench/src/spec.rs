@@ -11,6 +11,7 @@ use std::time::Duration;
 use im_common::config::Mode;
 use im_harness::cluster::ClusterState;
 use im_harness::process;
+use im_harness::servers::PrivateServer;
 
 use crate::cpu::ProcessRef;
 use crate::redis_nodes::RedisClusterNodes;
@@ -304,7 +305,13 @@ impl Target {
             processes.push(ProcessRef { name, pid: w.pid });
         }
         processes.extend(redis_processes(state));
-        processes.extend(server_processes(state, "mariadb", &state.mysql_url, 3306, &["mariadbd", "mysqld"]));
+        processes.extend(server_processes(
+            &state.private_servers,
+            "mariadb",
+            &state.mysql_url,
+            3306,
+            &["mariadbd", "mysqld"],
+        ));
         Ok(Target {
             ws_urls: state.gateways.iter().map(|g| g.ws_url.clone()).collect(),
             front_door: None,
@@ -327,7 +334,7 @@ impl Target {
 /// that server (`redis-server`).
 fn redis_processes(state: &ClusterState) -> Vec<ProcessRef> {
     let Some(redis_cluster) = &state.redis_cluster else {
-        return server_processes(state, "redis", &state.redis_url, 6379, &["redis-server"]);
+        return server_processes(&state.private_servers, "redis", &state.redis_url, 6379, &["redis-server"]);
     };
     let node_name = |port: u16| format!("redis-{port}");
     if !redis_cluster.nodes.is_empty() {
@@ -350,11 +357,17 @@ fn redis_processes(state: &ClusterState) -> Vec<ProcessRef> {
     found
 }
 
-/// The cluster's server of `kind` (`redis`, `mariadb`): its private one by its handle (named after
-/// the first of `names`), else the one listening on `url`'s port, else every process named one of
-/// `names`.
-fn server_processes(state: &ClusterState, kind: &str, url: &str, default_port: u16, names: &[&str]) -> Vec<ProcessRef> {
-    if let Some(private) = state.private_servers.iter().find(|s| s.kind_name == kind) {
+/// The server of `kind` (`redis`, `mariadb`) serving `url`: the private one among `private` by its
+/// handle (named after the first of `names`), else the one listening on `url`'s port, else every
+/// process named one of `names`.
+pub(crate) fn server_processes(
+    private: &[PrivateServer],
+    kind: &str,
+    url: &str,
+    default_port: u16,
+    names: &[&str],
+) -> Vec<ProcessRef> {
+    if let Some(private) = private.iter().find(|s| s.kind_name == kind) {
         let name = names.first().copied().unwrap_or(kind);
         return vec![ProcessRef { name: name.to_owned(), pid: private.pid }];
     }

@@ -8,25 +8,7 @@ use im_harness::servers::{EnsuredServers, PrivateServer};
 
 use super::Scratch;
 use crate::compare::with_database;
-use crate::cpu::ProcessRef;
-
-/// The process serving `url`: the private server of `kind` (`redis`, `mariadb`) by its handle,
-/// else the one listening on the URL's port, else every process named one of `names`.
-fn server_processes(
-    private: &[PrivateServer],
-    kind: &str,
-    url: &str,
-    default_port: u16,
-    names: &[&str],
-) -> Vec<ProcessRef> {
-    if let Some(server) = private.iter().find(|s| s.kind_name == kind) {
-        return vec![ProcessRef { name: names.first().copied().unwrap_or(kind).to_owned(), pid: server.pid }];
-    }
-    match im_harness::process::listener_pid(crate::cpu::url_port(url, default_port)) {
-        Some(pid) => vec![ProcessRef { name: im_harness::process::comm(pid).unwrap_or_default(), pid }],
-        None => crate::cpu::find_by_comm(names),
-    }
-}
+use crate::spec::server_processes;
 
 /// How each server keeps what it is given (`appendfsync`, `innodb_flush_log_at_trx_commit`), with
 /// its URL and whether it is private: the figures depend on it.

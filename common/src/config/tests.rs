@@ -87,8 +87,7 @@ fn urls_and_origins_are_checked() {
     assert_eq!(key_error("[mysql]\nurl = \"mysql://root@127.0.0.1:3306\""), "mysql.url");
     assert_eq!(key_error("[gateway]\nallowed_origins = [\"https://chat.example/\"]"), "gateway.allowed_origins");
     assert_eq!(key_error("[gateway]\nallowed_origins = [\"chat.example\"]"), "gateway.allowed_origins");
-    Config::from_toml("[gateway]\nallowed_origins = [\"https://chat.example\", \"http://localhost:3000\"]")
-        .unwrap();
+    Config::from_toml("[gateway]\nallowed_origins = [\"https://chat.example\", \"http://localhost:3000\"]").unwrap();
 }
 
 #[test]
@@ -145,10 +144,8 @@ fn override_with_a_malformed_name_names_the_variable() {
     let env = [("IM__.".to_owned(), "1".to_owned()), ("IM__.__.Jm_".to_owned(), "2".to_owned())];
     let err = Config::load_with_env(None, env).unwrap_err();
     assert!(matches!(&err, ConfigError::Key { key, .. } if key == "IM__.__.Jm_"), "{err:?}");
-    let env = [
-        ("IM__CLUSTER__SHARDS".to_owned(), "8".to_owned()),
-        ("IM__CLUSTER__SHARDS__MAX".to_owned(), "9".to_owned()),
-    ];
+    let env =
+        [("IM__CLUSTER__SHARDS".to_owned(), "8".to_owned()), ("IM__CLUSTER__SHARDS__MAX".to_owned(), "9".to_owned())];
     let err = Config::load_with_env(None, env).unwrap_err().to_string();
     assert!(err.contains("IM__CLUSTER__SHARDS__MAX") && err.contains("`shards`"), "{err}");
 }
