@@ -123,22 +123,8 @@ impl Admission {
                     let Some((accepted_len, added)) = stream_figures(&pair[0]) else { continue };
                     let to_save_len = redis::from_redis_value_ref::<u64>(&pair[1]).unwrap_or(0);
                     let backlog = accepted_len + to_save_len;
-                    if !self.shed_wait.is_zero() {
-                        if let Some((refusing, wait)) = self.shards[shard].update(now, added, backlog, self.shed_wait) {
-                            let wait_ms = wait.as_millis() as u64;
-                            if refusing {
-                                tracing::warn!(
-                                    shard,
-                                    backlog,
-                                    wait_ms,
-                                    "shard backlog keeps growing: refusing new messages"
-                                );
-                            } else {
-                                tracing::info!(shard, backlog, wait_ms, "shard backlog drains again: admitting");
-                            }
-                        }
-                    } else {
-                        self.shards[shard].backlog.store(backlog, Ordering::Relaxed);
+                    if let Some(change) = self.shards[shard].update(now, added, backlog, self.shed_wait) {
+                        log_change(shard, backlog, change);
                     }
                     metrics::gauge!("im_gateway_shard_backlog", "shard" => shard.to_string()).set(backlog as f64);
                 }
@@ -187,8 +173,12 @@ impl ShardLoad {
     /// it stops once the backlog drains within half of `bound`, or nothing drained since the last
     /// refresh (an outage: absorbed, not refused).
     /// Returns the estimated wait when refusing starts or stops (`Some((refusing, wait))`).
+    /// A zero `bound` (refusing by drain is off) only records the backlog.
     fn update(&self, now: Instant, added: u64, backlog: u64, bound: Duration) -> Option<(bool, Duration)> {
         let before = self.backlog.swap(backlog, Ordering::Relaxed);
+        if bound.is_zero() {
+            return None;
+        }
         let mut trend = self.trend.lock().unwrap_or_else(|p| p.into_inner());
         // Whether anything drained since the last refresh: if not, the shard is stalled or in an
         // outage (its owner died, MySQL is away), even while the rate window still holds drain.
@@ -213,6 +203,16 @@ impl ShardLoad {
         };
         self.refusing.store(refusing, Ordering::Relaxed);
         (refusing != was).then(|| (refusing, wait.unwrap_or_default()))
+    }
+}
+
+/// Logs a shard's refusing by drain starting or stopping.
+fn log_change(shard: usize, backlog: u64, (refusing, wait): (bool, Duration)) {
+    let wait_ms = wait.as_millis() as u64;
+    if refusing {
+        tracing::warn!(shard, backlog, wait_ms, "shard backlog keeps growing: refusing new messages");
+    } else {
+        tracing::info!(shard, backlog, wait_ms, "shard backlog drains again: admitting");
     }
 }
 
