@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fastwebsockets::WebSocket;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 
-use crate::framing::{close_code, write_loop, Control, Message, ReadError, Reader, Stream};
+use crate::frame_reader::{Message, ReadError, Reader};
+use crate::framing::{close_code, write_loop, Control, Stream};
+use crate::outbound::Outbound;
 use crate::rate_limit::RateLimit;
 use crate::sessions::ConnHandle;
-use crate::sync::Syncer;
+use crate::sync::{Syncer, Syncs};
 use crate::Gateway;
 use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame, SyncRequest};
 
@@ -25,27 +27,27 @@ const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// `auto_sync`: run `SYNC {}` once the connection is registered (off with `?sync=manual`).
 pub async fn serve(
     gw: Arc<Gateway>,
-    mut ws: WebSocket<Stream>,
+    ws: WebSocket<Stream>,
     uid: Option<u64>,
     auto_sync: bool,
     _slot: OwnedSemaphorePermit,
 ) {
     let cfg = &gw.cfg.gateway;
-    ws.set_max_message_size(cfg.max_frame_bytes);
-    ws.set_auto_close(true);
-    ws.set_auto_pong(true);
-    let (read, write) = crate::framing::split(ws);
-    let (ctrl_tx, ctrl_rx) = mpsc::channel(16);
-    let (out_tx, out_rx) = mpsc::channel(cfg.outbound_queue);
-    let mut writer = tokio::spawn(write_loop(write, ctrl_rx, out_rx));
-    let mut reader = Reader::new(read, ctrl_tx.clone(), cfg.max_frame_bytes);
-    let conn = gw.sessions.new_handle(out_tx, ctrl_tx);
+    let Some((read, early, write)) = crate::framing::split(ws) else {
+        tracing::warn!("an upgraded connection is not a TCP socket; dropped");
+        return;
+    };
+    let out = Arc::new(Outbound::new(cfg.outbound_queue));
+    let mut writer = tokio::spawn(write_loop(write, out.clone()));
+    let mut reader = Reader::new(read, early, out.clone(), cfg.max_frame_bytes);
+    let conn = gw.sessions.new_handle(out.clone());
 
     let uid = match uid {
         Some(uid) => uid,
-        None => match authenticate_by_frame(&gw, &mut reader, &conn).await {
+        None => match Box::pin(authenticate_by_frame(&gw, &mut reader, &conn)).await {
             Some(uid) => uid,
             None => {
+                out.finish();
                 let _ = tokio::time::timeout(WRITER_GRACE, writer).await;
                 return;
             }
@@ -53,10 +55,10 @@ pub async fn serve(
     };
     metrics::counter!("im_gateway_auth_total", "result" => "ok").increment(1);
     let first_here = gw.sessions.add(uid, conn.clone());
-    let (syncs, syncer) =
-        Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, conn: conn.clone() }.start();
+    let syncs =
+        Syncs::new(Syncer { store: gw.store.clone(), uid, page_size: cfg.offline_page_size, conn: conn.clone() });
     let sync = auto_sync.then(|| syncs.clone());
-    let first_try = gw.routes.connected(uid, first_here).await;
+    let first_try = Box::pin(gw.routes.connected(uid, first_here)).await;
     let registration = tokio::spawn(register(gw.clone(), uid, first_here, first_try, sync));
 
     // A JoinHandle must not be polled again once it has completed (tokio panics), so remember
@@ -71,17 +73,18 @@ pub async fn serve(
         }
     };
     registration.abort();
-    syncer.abort();
+    syncs.stop();
     drop(syncs);
     if gw.sessions.remove(uid, conn.id) {
-        if let Err(e) = gw.routes.unregister(uid).await {
+        if let Err(e) = Box::pin(gw.routes.unregister(uid)).await {
             tracing::debug!(uid, error = %e, "route unregister failed; the entry expires by itself");
         }
     }
     if let Some((code, reason)) = close {
-        let _ = conn.ctrl.try_send(Control::Close(code, reason));
+        out.control(Control::Close(code, reason));
     }
     drop(conn);
+    out.finish();
     // A writer still stuck on a client that does not read after this grace is abandoned: dropping
     // the socket is the disconnect.
     if !writer_ended && tokio::time::timeout(WRITER_GRACE, &mut writer).await.is_err() {
@@ -101,12 +104,12 @@ async fn register(
     uid: u64,
     first_here: bool,
     first_try: redis::RedisResult<()>,
-    sync: Option<mpsc::Sender<SyncRequest>>,
+    sync: Option<Syncs>,
 ) {
     if let Err(e) = first_try {
         tracing::warn!(uid, error = %e, "registering the connection failed; retrying");
         if let Some(sync) = &sync {
-            let _ = sync.send(SyncRequest::Server).await;
+            sync.request(SyncRequest::Server);
         }
         let mut backoff = im_common::backoff::Backoff::default();
         while let Err(e) = gw.routes.connected(uid, first_here).await {
@@ -115,7 +118,7 @@ async fn register(
         }
     }
     if let Some(sync) = &sync {
-        let _ = sync.send(SyncRequest::Server).await;
+        sync.request(SyncRequest::Server);
     }
 }
 
@@ -125,7 +128,7 @@ async fn read_loop(
     uid: u64,
     reader: &mut Reader,
     conn: &ConnHandle,
-    syncs: &mpsc::Sender<SyncRequest>,
+    syncs: &Syncs,
 ) -> Option<(u16, &'static str)> {
     let cfg = &gw.cfg.gateway;
     let limits = FrameLimits { max_body_chars: cfg.max_body_chars };
@@ -165,7 +168,7 @@ async fn read_loop(
             let answer = match &request {
                 Ok(Request::Send(s)) => {
                     let key = gw.idempotency_key(uid, &s.client_msg_id);
-                    gw.idempotency.answer_refused(&key, &s.client_msg_id, Reason::TooManyRequests).await
+                    Box::pin(gw.idempotency.answer_refused(&key, &s.client_msg_id, Reason::TooManyRequests)).await
                 }
                 Err(r) => ServerFrame::error(Reason::TooManyRequests, r.client_msg_id.clone()),
                 _ => ServerFrame::error(Reason::TooManyRequests, None),
@@ -181,14 +184,14 @@ async fn read_loop(
                 gw.positions.advance(uid, ack_type, target)
             }
             Ok(Request::Sync(request)) => {
-                if syncs.try_send(request).is_err() {
+                if !syncs.request(request) {
                     reply(conn, &ServerFrame::error(Reason::TooManyRequests, None));
                 }
             }
             Ok(Request::Ack { .. }) => reply(conn, &ServerFrame::error(Reason::InvalidAck, None)),
             Ok(Request::Send(send)) => {
                 conn.begin_reply(&send.client_msg_id);
-                for frame in gw.send(uid, conn, send).await {
+                for frame in Box::pin(gw.send(uid, conn, send)).await {
                     reply(conn, &frame);
                 }
                 conn.finish_reply();
@@ -213,14 +216,14 @@ async fn authenticate_by_frame(gw: &Gateway, reader: &mut Reader, conn: &ConnHan
     let fail = |frame: ServerFrame, reason: &'static str| {
         metrics::counter!("im_gateway_auth_total", "result" => "fail").increment(1);
         reply(conn, &frame);
-        let _ = conn.ctrl.try_send(Control::Close(close_code::POLICY_VIOLATION, reason));
+        conn.out.control(Control::Close(close_code::POLICY_VIOLATION, reason));
         None
     };
     let text = match tokio::time::timeout(timeout, reader.next()).await {
         Ok(Ok(Message::Text(text))) => text,
         Ok(Ok(Message::Binary)) => return fail(ServerFrame::error(Reason::Unauthorized, None), "unauthorized"),
         Ok(Err(ReadError::TooBig)) => {
-            let _ = conn.ctrl.try_send(Control::Close(close_code::TOO_BIG, "frame_too_large"));
+            conn.out.control(Control::Close(close_code::TOO_BIG, "frame_too_large"));
             return None;
         }
         Ok(_) => return None,

@@ -1,21 +1,21 @@
 //! WebSocket framing for one connection, apart from what the frames mean.
 //!
-//! The read half reassembles fragmented messages under a total size cap (fastwebsockets' own
-//! collector has none, so a stream of small continuation frames could grow without bound) and hands
-//! the protocol layer whole text or binary messages. The write half runs in its own task and drains
-//! two queues: a small control queue (pongs, closes: always first) and the bounded outbound queue of
-//! frames for the client. A client that stops reading fills its outbound queue; whoever pushes to it
-//! then sees `Full` and asks for a close instead of waiting, so one slow consumer slows nobody else.
-//! The write half gathers what is queued and sends it in one write ([`crate::gathering`]).
+//! The read half is [`crate::frame_reader`]. The write half runs in its own task and drains the
+//! connection's [`Outbound`] queue: control frames (pongs, closes) first, then the bounded frames
+//! for the client. A client that stops reading fills its queue; whoever pushes to it then sees
+//! `Full` and asks for a close instead of waiting, so one slow consumer slows nobody else. The write
+//! half gathers what is queued and sends it in one write ([`crate::gathering`]).
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{after_handshake_split, Frame, OpCode, Payload, Role, WebSocket, WebSocketError, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 
 use crate::gathering::Gathering;
+use crate::outbound::{Next, Outbound};
 
 /// The upgraded connection's byte stream.
 pub type Stream = TokioIo<Upgraded>;
@@ -50,84 +50,17 @@ pub enum Control {
     Close(u16, &'static str),
 }
 
-/// A whole message from the client.
-pub enum Message {
-    Text(Vec<u8>),
-    Binary,
-    Close,
-}
-
-/// Why reading stopped.
-#[derive(Debug)]
-pub enum ReadError {
-    TooBig,
-    Protocol,
-    Disconnected,
-}
-
-/// The read half plus fragment reassembly.
-pub struct Reader {
-    ws: WebSocketRead<ReadHalf<Stream>>,
-    ctrl: mpsc::Sender<Control>,
-    max_bytes: usize,
-}
-
-impl Reader {
-    pub fn new(ws: WebSocketRead<ReadHalf<Stream>>, ctrl: mpsc::Sender<Control>, max_bytes: usize) -> Self {
-        Reader { ws, ctrl, max_bytes }
-    }
-
-    /// The next whole message.
-    pub async fn next(&mut self) -> Result<Message, ReadError> {
-        // A fragmented message in progress: (is text, bytes so far).
-        let mut partial: Option<(bool, Vec<u8>)> = None;
-        loop {
-            let ctrl = self.ctrl.clone();
-            let mut obligated = move |frame: Frame<'_>| {
-                // A full control queue means the client floods pings faster than we write: dropping a
-                // pong is allowed (only the latest ping needs one).
-                let _ = ctrl.try_send(Control::Obligated(frame.opcode, frame.payload.to_vec()));
-                std::future::ready(Ok::<(), std::convert::Infallible>(()))
-            };
-            let frame = self.ws.read_frame(&mut obligated).await.map_err(|e| match e {
-                WebSocketError::FrameTooLarge => ReadError::TooBig,
-                WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
-                    ReadError::Disconnected
-                }
-                _ => ReadError::Protocol,
-            })?;
-            let (is_text, mut buf) = match (frame.opcode, partial.take()) {
-                (OpCode::Close, _) => return Ok(Message::Close),
-                (OpCode::Ping | OpCode::Pong, p) => {
-                    partial = p;
-                    continue;
-                }
-                (OpCode::Text | OpCode::Binary, None) => (frame.opcode == OpCode::Text, Vec::new()),
-                (OpCode::Continuation, Some(p)) => p,
-                _ => return Err(ReadError::Protocol),
-            };
-            if buf.len() + frame.payload.len() > self.max_bytes {
-                return Err(ReadError::TooBig);
-            }
-            buf.extend_from_slice(&frame.payload);
-            if !frame.fin {
-                partial = Some((is_text, buf));
-                continue;
-            }
-            return Ok(if is_text { Message::Text(buf) } else { Message::Binary });
-        }
-    }
-}
-
 /// The write half: frames gather in memory and leave on [`WebSocketWrite::flush`].
-pub type Writer = WebSocketWrite<Gathering<WriteHalf<Stream>>>;
+pub type Writer = WebSocketWrite<Gathering<OwnedWriteHalf>>;
 
-/// Splits an upgraded connection into its halves, the write half gathering its frames.
-pub fn split(ws: WebSocket<Stream>) -> (WebSocketRead<ReadHalf<Stream>>, Writer) {
-    ws.split(|stream| {
-        let (read, write) = tokio::io::split(stream);
-        (read, Gathering::new(write))
-    })
+/// Splits an upgraded connection into the socket's read half with the bytes the HTTP layer read
+/// past the handshake (for [`crate::frame_reader::Reader`]) and the write half, which gathers its
+/// frames. `None` if the connection is not the TCP socket the server accepted.
+pub fn split(ws: WebSocket<Stream>) -> Option<(OwnedReadHalf, Vec<u8>, Writer)> {
+    let parts = ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>().ok()?;
+    let (read, write) = parts.io.into_inner().into_split();
+    let (_unused, writer) = after_handshake_split(tokio::io::empty(), Gathering::new(write), Role::Server);
+    Some((read, parts.read_buf.to_vec(), writer))
 }
 
 /// Most frames gathered into one write.
@@ -138,57 +71,42 @@ const MAX_GATHERED: usize = 256;
 /// writer holds little more than it did frame by frame: many small frames, or a couple of large.
 const MAX_GATHERED_BYTES: usize = 8 * 1024;
 
-/// Runs the write half until a close is sent or the connection fails. Each wake-up writes the
-/// frames queued by then (up to [`MAX_GATHERED`] frames or [`MAX_GATHERED_BYTES`]) and flushes
-/// once: one `send()` per burst.
-pub async fn write_loop(mut ws: Writer, mut ctrl: mpsc::Receiver<Control>, mut out: mpsc::Receiver<Bytes>) {
+/// Runs the write half until a close is sent, the connection ended and everything queued went
+/// out, or the socket fails. Each wake-up writes the frames queued by then (up to [`MAX_GATHERED`]
+/// frames or [`MAX_GATHERED_BYTES`]) and flushes once: one `send()` per burst.
+pub async fn write_loop(mut ws: Writer, out: Arc<Outbound>) {
+    let mut batch = Vec::new();
     loop {
-        let result = tokio::select! {
-            biased;
-            c = ctrl.recv() => match c {
-                Some(Control::Obligated(opcode, payload)) => {
-                    let closing = opcode == OpCode::Close;
-                    let r = write_flushed(&mut ws, Frame::new(true, opcode, None, Payload::Owned(payload))).await;
-                    if closing {
-                        return;
-                    }
-                    r
+        let next = out.next(&mut batch, MAX_GATHERED, MAX_GATHERED_BYTES).await;
+        let result = match next {
+            Next::Frames => write_batch(&mut ws, &mut batch).await,
+            Next::Control(Control::Obligated(opcode, payload)) => {
+                let r = write_flushed(&mut ws, Frame::new(true, opcode, None, Payload::Owned(payload))).await;
+                if opcode == OpCode::Close {
+                    break;
                 }
-                Some(Control::Close(code, reason)) => {
-                    // Frames queued before the close was asked for are answers the client is owed
-                    // (an `ERROR unauthorized`, `AUTH_FAIL`, receipts): they go out first. Only what
-                    // is already queued; a slow consumer's queue is bounded, so this ends.
-                    while let Ok(text) = out.try_recv() {
-                        if ws.write_frame(Frame::text(Payload::Borrowed(&text))).await.is_err() {
-                            return;
-                        }
-                    }
+                r
+            }
+            Next::Control(Control::Close(code, reason)) => {
+                // The batch holds the frames queued before the close: answers the client is owed (an
+                // `ERROR unauthorized`, `AUTH_FAIL`, receipts), which go out first.
+                if write_batch(&mut ws, &mut batch).await.is_ok() {
                     let _ = write_flushed(&mut ws, Frame::close(code, reason.as_bytes())).await;
-                    return;
                 }
-                None => return,
-            },
-            frame = out.recv() => match frame {
-                Some(text) => write_queued(&mut ws, text, &mut out).await,
-                None => return,
-            },
+                break;
+            }
+            Next::End => break,
         };
         if result.is_err() {
-            return;
-        }
-    }
-}
-
-/// Writes `first` and whatever else is queued now, then flushes.
-async fn write_queued(ws: &mut Writer, first: Bytes, out: &mut mpsc::Receiver<Bytes>) -> Result<(), WebSocketError> {
-    ws.write_frame(Frame::text(Payload::Borrowed(&first))).await?;
-    let mut gathered = first.len();
-    for _ in 1..MAX_GATHERED {
-        if gathered >= MAX_GATHERED_BYTES {
             break;
         }
-        let Ok(text) = out.try_recv() else { break };
-        gathered += text.len();
+    }
+    out.close();
+}
+
+/// Writes the batch's frames and flushes once; the batch is left empty.
+async fn write_batch(ws: &mut Writer, batch: &mut Vec<Bytes>) -> Result<(), WebSocketError> {
+    for text in batch.drain(..) {
         ws.write_frame(Frame::text(Payload::Borrowed(&text))).await?;
     }
     ws.flush().await

@@ -1,7 +1,8 @@
 //! The gateway: stateless WebSocket front end of the engine.
 //!
 //! A tour, in the order a message meets them: [`server`] accepts HTTP and upgrades `/ws`;
-//! [`connection`] runs one client's frames in order over [`framing`]; [`Gateway::send`] claims the
+//! [`connection`] runs one client's frames in order, read by [`frame_reader`] and written by
+//! [`framing`]; [`Gateway::send`] claims the
 //! message's idempotency key and hands it to [`append`] (two-phase: the shard's stream, then
 //! `ACK(accepted)`) or [`baseline`] (a group-committed INSERT, then `ACK(saved)` and [`fanout`]);
 //! [`outbox`] holds baseline pushes while Redis is away. Pushes and receipts from shard workers and
@@ -19,10 +20,12 @@ pub mod connection;
 pub mod conversations;
 pub mod demo;
 pub mod fanout;
+pub mod frame_reader;
 pub mod framing;
 pub mod gathering;
 pub mod history;
 pub mod node_channel;
+pub mod outbound;
 pub mod outbox;
 pub mod positions;
 pub mod rate_limit;

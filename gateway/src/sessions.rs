@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::framing::{close_code, Control};
+use crate::outbound::{Outbound, Refused};
 use im_common::protocol::{AckType, FrameType, Reason, ServerFrame};
 use im_common::record::Push;
 
@@ -76,8 +77,7 @@ fn final_receipt(frame: &ServerFrame) -> Option<&str> {
 #[derive(Clone)]
 pub struct ConnHandle {
     pub id: u64,
-    pub out: mpsc::Sender<Bytes>,
-    pub ctrl: mpsc::Sender<Control>,
+    pub out: Arc<Outbound>,
     /// Signalled when the outbound queue overflowed. The connection's task then drops the connection
     /// itself: its write task may be blocked on a socket the client no longer reads, and would never
     /// get to the close frame.
@@ -175,12 +175,12 @@ impl ConnHandle {
 
     /// Queues a frame; on a full queue asks the connection to close as a slow consumer and returns false.
     pub fn offer(&self, frame: Bytes) -> bool {
-        match self.out.try_send(frame) {
+        match self.out.push(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Closed) => false,
+            Err(Refused::Full) => {
                 metrics::counter!("im_gateway_slow_consumer_disconnects_total").increment(1);
-                let _ = self.ctrl.try_send(Control::Close(close_code::SLOW_CONSUMER, "slow_consumer"));
+                self.out.control(Control::Close(close_code::SLOW_CONSUMER, "slow_consumer"));
                 self.overflowed.notify_one();
                 false
             }
@@ -200,11 +200,10 @@ pub struct Sessions {
 
 impl Sessions {
     /// A handle for a new connection, with an id unique on this node.
-    pub fn new_handle(&self, out: mpsc::Sender<Bytes>, ctrl: mpsc::Sender<Control>) -> ConnHandle {
+    pub fn new_handle(&self, out: Arc<Outbound>) -> ConnHandle {
         ConnHandle {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed) + 1,
             out,
-            ctrl,
             overflowed: Arc::default(),
             uid: Arc::default(),
             ledger: self.ledger.clone(),
@@ -297,7 +296,7 @@ impl Sessions {
     pub fn close_all(&self, code: u16, reason: &'static str) {
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         for c in users.values().flatten() {
-            let _ = c.ctrl.try_send(Control::Close(code, reason));
+            c.out.control(Control::Close(code, reason));
         }
     }
 }
@@ -308,16 +307,16 @@ mod tests {
 
     const UID: u64 = 42;
 
-    fn conn(sessions: &Sessions) -> (ConnHandle, mpsc::Receiver<Bytes>) {
-        let (out, rx) = mpsc::channel(16);
-        let (ctrl, _) = mpsc::channel(1);
-        let c = sessions.new_handle(out, ctrl);
+    fn conn(sessions: &Sessions) -> (ConnHandle, Arc<Outbound>) {
+        let out = Arc::new(Outbound::new(16));
+        let c = sessions.new_handle(out.clone());
         sessions.add(UID, c.clone());
-        (c, rx)
+        (c, out)
     }
 
-    fn sent(rx: &mut mpsc::Receiver<Bytes>) -> Vec<String> {
-        std::iter::from_fn(|| rx.try_recv().ok())
+    fn sent(out: &Outbound) -> Vec<String> {
+        out.take_all()
+            .into_iter()
             .map(|b| {
                 let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
                 format!(
@@ -336,35 +335,35 @@ mod tests {
     #[test]
     fn a_saved_receipt_that_overtakes_its_accepted_waits_for_it_and_settles_the_message() {
         let sessions = Sessions::default();
-        let (c, mut rx) = conn(&sessions);
+        let (c, rx) = conn(&sessions);
         c.begin_reply("m1");
         push(&c, ServerFrame::ack(AckType::Saved, "m1", 7));
         c.reply(&ServerFrame::ack(AckType::Accepted, "m1", 7));
         c.finish_reply();
         assert!(!sessions.ledger.has_unsaved(UID), "the message stays unsaved for good");
-        assert_eq!(sent(&mut rx), ["ACK accepted", "ACK saved"]);
+        assert_eq!(sent(&rx), ["ACK accepted", "ACK saved"]);
     }
 
     #[test]
     fn receipts_in_order_settle_the_message() {
         let sessions = Sessions::default();
-        let (c, mut rx) = conn(&sessions);
+        let (c, rx) = conn(&sessions);
         c.begin_reply("m1");
         c.reply(&ServerFrame::ack(AckType::Accepted, "m1", 7));
         c.finish_reply();
         assert!(sessions.ledger.has_unsaved(UID));
         push(&c, ServerFrame::ack(AckType::Saved, "m1", 7));
         assert!(!sessions.ledger.has_unsaved(UID));
-        assert_eq!(sent(&mut rx), ["ACK accepted", "ACK saved"]);
+        assert_eq!(sent(&rx), ["ACK accepted", "ACK saved"]);
     }
 
     #[test]
     fn a_receipt_for_another_message_is_not_held_back() {
         let sessions = Sessions::default();
-        let (c, mut rx) = conn(&sessions);
+        let (c, rx) = conn(&sessions);
         c.begin_reply("m2");
         push(&c, ServerFrame::ack(AckType::Saved, "m1", 7));
-        assert_eq!(sent(&mut rx), ["ACK saved"]);
+        assert_eq!(sent(&rx), ["ACK saved"]);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Sync (SPEC §3.11): a device gets, per conversation, every saved message beyond its position, in
 //! seq order, then `SYNC_DONE`.
 //!
-//! Each connection has one sync task that answers its `SYNC` requests one after the other (the
-//! gateway queues a `SYNC {}` itself when the connection opens, unless the client asked for
-//! `?sync=manual`). Positions come from the request or from the server's delivered positions
+//! Each connection answers its `SYNC` requests one after the other, in a task that runs while
+//! requests wait ([`Syncs`]; the gateway queues a `SYNC {}` itself when the connection opens,
+//! unless the client asked for `?sync=manual`). Positions come from the request or from the server's delivered positions
 //! (`conversations.delivered_seq`). Pages of `gateway.offline_page_size` go into the connection's
 //! own queue only while it keeps half its room for live pushes, so a client that reads keeps up and
 //! is never closed as a slow consumer while catching up. Database errors are retried with backoff
@@ -17,15 +17,18 @@
 //! connection existed and saved after it is pushed again by the save stage (it notices the user's
 //! presence epoch moved), and one pushed after the connection registered arrives live.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 
 use im_common::backoff::Backoff;
 use im_common::protocol::{FrameType, ServerFrame, SyncRequest};
 use im_common::store::{Store, StoreError};
 
+use crate::outbound::Outbound;
 use crate::sessions::ConnHandle;
 
 /// SYNC requests a connection may have waiting; more get `ERROR too_many_requests`.
@@ -41,24 +44,84 @@ pub struct Syncer {
     pub conn: ConnHandle,
 }
 
-impl Syncer {
-    /// Starts the connection's sync task; it answers the requests sent to the returned queue, in
-    /// order, until the queue or the connection closes. Requests must come after the connection is
-    /// registered (route, presence epoch): a sync that read MySQL before could miss a message saved
-    /// in between.
-    /// The task ends with the connection: abort it (it holds the connection's queue open).
-    pub fn start(self) -> (mpsc::Sender<SyncRequest>, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel(QUEUED_SYNCS);
-        let task = tokio::spawn(async move {
-            while let Some(request) = rx.recv().await {
-                if !self.sync(request).await {
+/// A connection's sync requests and the task answering them, in order. The task runs only while
+/// requests wait, so a quiet connection holds neither a task nor a queue (a fifth of an idle
+/// connection's memory when it had both for its whole life).
+#[derive(Clone)]
+pub struct Syncs {
+    syncer: Arc<Syncer>,
+    state: Arc<Mutex<Waiting>>,
+}
+
+/// The requests not yet answered, and the task answering them while there are any.
+#[derive(Default)]
+struct Waiting {
+    requests: VecDeque<SyncRequest>,
+    task: Option<AbortHandle>,
+}
+
+impl Syncs {
+    pub fn new(syncer: Syncer) -> Self {
+        Syncs { syncer: Arc::new(syncer), state: Arc::default() }
+    }
+
+    /// Queues a request, starting the task if none runs. A client's request is refused (false)
+    /// while [`QUEUED_SYNCS`] wait; the server's own are always taken. Requests must come after the
+    /// connection is registered (route, presence epoch): a sync that read MySQL before could miss a
+    /// message saved in between.
+    pub fn request(&self, request: SyncRequest) -> bool {
+        let mut waiting = lock(&self.state);
+        if waiting.requests.len() >= QUEUED_SYNCS && !matches!(request, SyncRequest::Server) {
+            return false;
+        }
+        waiting.requests.push_back(request);
+        if waiting.task.is_none() {
+            // Spawned under the lock: the task cannot find the queue empty and clear `task`
+            // before it is set here.
+            let (syncer, state) = (self.syncer.clone(), self.state.clone());
+            waiting.task = Some(tokio::spawn(answer(syncer, state)).abort_handle());
+        }
+        true
+    }
+
+    /// Stops the sync in progress and forgets the waiting requests: the connection ended.
+    pub fn stop(&self) {
+        let mut waiting = lock(&self.state);
+        waiting.requests.clear();
+        if let Some(task) = waiting.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Answers the waiting requests one after the other; ends when none is left or the connection is
+/// gone.
+async fn answer(syncer: Arc<Syncer>, state: Arc<Mutex<Waiting>>) {
+    loop {
+        let request = {
+            let mut waiting = lock(&state);
+            match waiting.requests.pop_front() {
+                Some(request) => request,
+                None => {
+                    waiting.task = None;
                     return;
                 }
             }
-        });
-        (tx, task)
+        };
+        if !syncer.sync(request).await {
+            let mut waiting = lock(&state);
+            waiting.requests.clear();
+            waiting.task = None;
+            return;
+        }
     }
+}
 
+fn lock(state: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Syncer {
     /// Answers one request; false once the connection is gone.
     async fn sync(&self, request: SyncRequest) -> bool {
         let peer_only = match request {
@@ -80,10 +143,10 @@ impl Syncer {
         self.conn.end_sync();
         metrics::counter!("im_gateway_syncs_total").increment(1);
         let done = ServerFrame { peer: peer_only, ..ServerFrame::bare(FrameType::SyncDone) };
-        open && self.out().send(Bytes::from(done.to_json())).await.is_ok()
+        open && self.room_for(1).await && self.conn.offer(Bytes::from(done.to_json()))
     }
 
-    fn out(&self) -> &mpsc::Sender<Bytes> {
+    fn out(&self) -> &Outbound {
         &self.conn.out
     }
 
@@ -109,7 +172,7 @@ impl Syncer {
     /// Sends the peer's messages after `after`, page by page; false once the connection is gone.
     async fn conversation(&self, peer: u64, mut after: u64) -> bool {
         // A page never takes more than half the queue (the other half is for live pushes).
-        let page_size = self.page_size.min((self.out().max_capacity() / 2).max(1) as u32);
+        let page_size = self.page_size.min((self.out().capacity() / 2).max(1) as u32);
         loop {
             let Some(page) = self.retrying(|| self.store.messages_after(peer, self.uid, after, page_size)).await else {
                 return false;
@@ -121,7 +184,7 @@ impl Syncer {
             let live_from = self.conn.first_live_seq(peer).unwrap_or(u64::MAX);
             let missing: Vec<_> = page.iter().take_while(|m| m.seq < live_from).collect();
             for msg in &missing {
-                if self.out().send(Bytes::from(msg.push_frame().to_json())).await.is_err() {
+                if !self.conn.offer(Bytes::from(msg.push_frame().to_json())) {
                     return false;
                 }
             }
@@ -136,8 +199,8 @@ impl Syncer {
     /// Waits until the queue has room for `n` frames and still half of it free for live pushes.
     async fn room_for(&self, n: usize) -> bool {
         let out = self.out();
-        let need = (n + out.max_capacity() / 2).min(out.max_capacity());
-        while out.capacity() < need {
+        let need = (n + out.capacity() / 2).min(out.capacity());
+        while out.room() < need {
             if out.is_closed() {
                 return false;
             }
