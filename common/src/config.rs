@@ -120,11 +120,11 @@ pub struct GatewayConfig {
     /// lowest value over each 100 ms — new messages get `server_busy` instead of being appended, so
     /// the capacity goes to the messages already admitted. 0 turns shedding off.
     pub shed_append_ms: u64,
-    /// Load shedding (two-phase modes) by wait: while a shard's backlog grows although it drains,
-    /// and draining what is queued would take longer than this, new messages for it get
-    /// `server_busy`. A shard that drains nothing (outage) or shrinks (recovery) is not refused for
-    /// this. 0 (the default) turns it off: a shard owner's takeover looks the same for a second
-    /// (its backlog grows while the new owner starts draining), and was refused.
+    /// Load shedding (two-phase modes) by wait: while a shard's oldest unsaved message has waited
+    /// longer than this, the shard drains, and that wait is not falling, new messages for it get
+    /// `server_busy` (until the wait is below half of this). A shard that drains nothing (outage)
+    /// or whose oldest wait falls (catching up after a stall or a takeover) is not refused for
+    /// this. 0 turns it off.
     pub shed_wait_ms: u64,
     /// Serve the demo chat page at `/demo` (docs/CLIENTS.md): the reference JS client in a page with
     /// the conversation list, the ticks and the shard backlog. Off by default; `ops up` turns it on.
@@ -244,7 +244,7 @@ impl Default for GatewayConfig {
             offline_page_size: 200,
             cursor_flush_ms: 100,
             shed_append_ms: 50,
-            shed_wait_ms: 0,
+            shed_wait_ms: 500,
             demo_page: false,
             demo_dev_tokens: false,
         }

@@ -69,14 +69,20 @@ impl IdempotencyWindow {
         Ok(state.as_deref().and_then(decode_state))
     }
 
-    /// The answer to a message refused before it was claimed (shard full, overload, rate limit): if
-    /// an earlier attempt was accepted, saved or failed, its receipt — `reason` promises that nothing
-    /// was accepted, which would be false for it; otherwise the error. One GET, on refusals only.
+    /// The answer to a message refused before it was claimed (shard full, overload, rate limit),
+    /// from one GET: see [`refused_answer`].
     pub async fn answer_refused(&self, key: &str, client_msg_id: &str, reason: Reason) -> ServerFrame {
-        match self.stage(key).await.ok().flatten() {
-            Some((stage, id)) if stage != Stage::Pending => stage.receipt(client_msg_id, id),
-            _ => ServerFrame::error(reason, Some(client_msg_id.to_owned())),
-        }
+        refused_answer(self.stage(key).await.ok().flatten(), client_msg_id, reason)
+    }
+}
+
+/// The answer to a message refused before it was claimed, given how far an earlier attempt under
+/// its key got (`earlier`): if it was accepted, saved or failed, its receipt — `reason` promises that
+/// nothing was accepted, which would be false for it; otherwise the error.
+pub fn refused_answer(earlier: Option<(Stage, u64)>, client_msg_id: &str, reason: Reason) -> ServerFrame {
+    match earlier {
+        Some((stage, id)) if stage != Stage::Pending => stage.receipt(client_msg_id, id),
+        _ => ServerFrame::error(reason, Some(client_msg_id.to_owned())),
     }
 }
 

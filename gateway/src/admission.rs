@@ -4,23 +4,23 @@
 //! Three refusals, each answered `server_busy` at once:
 //! - `backlog`: the shard holds `two_phase.max_backlog` unsaved entries (memory stays bounded
 //!   whatever happens downstream, outages included);
-//! - `drain` (when `gateway.shed_wait_ms` is set; off by default, because the first second of a
-//!   shard owner's takeover looks the same): the shard drains, but its backlog keeps growing (for [`SUSTAINED`] refreshes in a row)
-//!   and already takes longer than `gateway.shed_wait_ms` to drain. Admitting more would only make
-//!   every admitted message wait longer. Refusing stops once the backlog drains within half that.
-//!   A shard that drains nothing (its worker or MySQL is away) is not refused for this: absorbing
-//!   outages is what the stream is for; nor is one that drains a backlog faster than it grows
-//!   (recovery);
+//! - `drain` (`gateway.shed_wait_ms`; 0 turns it off): the shard's oldest unsaved message has waited
+//!   longer than that, the shard drains, and that wait is not falling. Admitting more would only make
+//!   every admitted message wait longer. Refusing stops once the oldest waits less than half the
+//!   bound. A shard that drains nothing (its worker or MySQL is away) is not refused for this:
+//!   absorbing outages is what the stream is for; nor is one whose oldest wait falls (it catches up
+//!   after a stall or a takeover);
 //! - `overload`: the append round trip's standing level is past
 //!   `gateway.shed_append_ms` (Redis or this process cannot keep up).
 //!
-//! A background task refreshes the per-shard figures (one pipelined `XINFO STREAM` + `XLEN` round
-//! per shard every [`REFRESH`]).
+//! A background task refreshes the per-shard figures every [`REFRESH`]: one pipelined round of
+//! `TIME`, then per shard `XINFO STREAM` of the accepted stream, `XLEN` of the to-save stream and
+//! its first entry. Stream entry ids carry Redis's clock, so the oldest wait is measured on one
+//! clock, whatever the gateway's.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use im_common::config::Config;
 use im_common::connections::RedisConn;
@@ -28,13 +28,7 @@ use im_common::keys::Keys;
 use redis::Value;
 
 /// How often the per-shard figures are refreshed.
-const REFRESH: Duration = Duration::from_millis(250);
-
-/// The span over which the drain rate is measured.
-const RATE_SPAN: Duration = Duration::from_secs(1);
-
-/// Refreshes in a row with a growing backlog before the wait can refuse messages.
-const SUSTAINED: u32 = 3;
+const REFRESH: Duration = Duration::from_millis(100);
 
 /// How long one round-trip window lasts.
 const WINDOW_MS: u64 = 100;
@@ -43,7 +37,7 @@ const WINDOW_MS: u64 = 100;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     Backlog,
-    /// The backlog takes too long to drain.
+    /// The shard's oldest unsaved message waits too long.
     Drain,
     /// The append round trip stands too high.
     Overload,
@@ -105,28 +99,41 @@ impl Admission {
     }
 
     /// Keeps the per-shard figures current: unsaved entries = accepted + to_save stream lengths
-    /// (both are trimmed as entries move on); arrivals from the accepted stream's `entries-added`.
-    /// Runs until the process ends.
+    /// (both are trimmed as entries move on); arrivals from the accepted stream's `entries-added`;
+    /// the oldest unsaved message's wait from the first entries of both. Runs until the process
+    /// ends.
     pub async fn refresh(&self, mut conn: RedisConn, keys: Keys) {
         loop {
             // A stream that does not exist yet (no message, no worker) answers XINFO with an
             // error: it must not void the figures of the others.
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
+            pipe.cmd("TIME");
             for shard in 0..self.shards.len() as u16 {
                 pipe.cmd("XINFO").arg("STREAM").arg(keys.accepted_stream(shard));
                 pipe.xlen(keys.to_save_stream(shard));
+                pipe.cmd("XRANGE").arg(keys.to_save_stream(shard)).arg("-").arg("+").arg("COUNT").arg(1);
             }
             if let Ok(replies) = pipe.query_async::<Vec<Value>>(&mut conn).await {
-                let now = Instant::now();
-                for (shard, pair) in replies.chunks(2).enumerate() {
-                    let Some((accepted_len, added)) = stream_figures(&pair[0]) else { continue };
-                    let to_save_len = redis::from_redis_value_ref::<u64>(&pair[1]).unwrap_or(0);
-                    let backlog = accepted_len + to_save_len;
-                    if let Some(change) = self.shards[shard].update(now, added, backlog, self.shed_wait) {
-                        log_change(shard, backlog, change);
+                let now_ms = redis_ms(&replies[0]);
+                for (shard, figures) in replies[1..].chunks(3).enumerate() {
+                    let Some(accepted) = stream_figures(&figures[0]) else { continue };
+                    let to_save_len = redis::from_redis_value_ref::<u64>(&figures[1]).unwrap_or(0);
+                    let backlog = accepted.length + to_save_len;
+                    // An entry moved to the to-save stream gets a new id there: the oldest's wait is
+                    // about the oldest undelivered's age plus the oldest handed-over's.
+                    let age = |first: Option<u64>| match (now_ms, first) {
+                        (Some(now), Some(first)) => Duration::from_millis(now.saturating_sub(first)),
+                        _ => Duration::ZERO,
+                    };
+                    let wait = age(accepted.first_ms) + age(first_entry_ms(&figures[2]));
+                    let sample = Sample { added: accepted.added, backlog, wait };
+                    if let Some(refusing) = self.shards[shard].update(sample, self.shed_wait) {
+                        log_change(shard, &sample, refusing);
                     }
                     metrics::gauge!("im_gateway_shard_backlog", "shard" => shard.to_string()).set(backlog as f64);
+                    metrics::gauge!("im_gateway_shard_oldest_wait_seconds", "shard" => shard.to_string())
+                        .set(wait.as_secs_f64());
                 }
             }
             tokio::time::sleep(REFRESH).await;
@@ -134,97 +141,106 @@ impl Admission {
     }
 }
 
-/// `length` and `entries-added` from an `XINFO STREAM` reply (a map in RESP3, pairs in RESP2).
-fn stream_figures(reply: &Value) -> Option<(u64, u64)> {
+/// What `XINFO STREAM` tells of a stream.
+struct StreamFigures {
+    length: u64,
+    added: u64,
+    /// The first entry's id time, if there is an entry.
+    first_ms: Option<u64>,
+}
+
+/// `length`, `entries-added` and `first-entry` from an `XINFO STREAM` reply (a map in RESP3, pairs
+/// in RESP2).
+fn stream_figures(reply: &Value) -> Option<StreamFigures> {
     let pairs: Vec<(&Value, &Value)> = match reply {
         Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
         Value::Array(items) => items.chunks(2).filter(|p| p.len() == 2).map(|p| (&p[0], &p[1])).collect(),
         _ => return None,
     };
     let field = |name: &str| {
-        pairs.iter().find_map(|(k, v)| {
-            let key = redis::from_redis_value_ref::<String>(k).ok()?;
-            (key == name).then(|| redis::from_redis_value_ref::<u64>(v).ok()).flatten()
-        })
+        pairs.iter().find_map(|(k, v)| (redis::from_redis_value_ref::<String>(k).ok()? == name).then_some(*v))
     };
-    Some((field("length")?, field("entries-added")?))
+    let number = |name: &str| field(name).and_then(|v| redis::from_redis_value_ref::<u64>(v).ok());
+    Some(StreamFigures {
+        length: number("length")?,
+        added: number("entries-added")?,
+        first_ms: field("first-entry").and_then(entry_ms),
+    })
 }
 
-/// One shard's figures: its backlog, and whether it is refused for what it takes to drain.
+/// The time part of an entry's id (`<ms>-<seq>`), from an entry `[id, fields]`.
+fn entry_ms(entry: &Value) -> Option<u64> {
+    let Value::Array(parts) = entry else { return None };
+    let id = redis::from_redis_value_ref::<String>(parts.first()?).ok()?;
+    id.split_once('-')?.0.parse().ok()
+}
+
+/// The first entry's id time from an `XRANGE … COUNT 1` reply.
+fn first_entry_ms(reply: &Value) -> Option<u64> {
+    let Value::Array(entries) = reply else { return None };
+    entry_ms(entries.first()?)
+}
+
+/// Milliseconds from a `TIME` reply (seconds, microseconds).
+fn redis_ms(reply: &Value) -> Option<u64> {
+    let (secs, micros) = redis::from_redis_value_ref::<(u64, u64)>(reply).ok()?;
+    Some(secs * 1000 + micros / 1000)
+}
+
+/// One shard's figures: its backlog, and whether it is refused for what its messages wait.
 #[derive(Default)]
 struct ShardLoad {
     backlog: AtomicU64,
     refusing: AtomicBool,
-    trend: Mutex<Trend>,
+    /// The last refresh, and whether the shard was stalled at it.
+    last: Mutex<Option<(Sample, bool)>>,
 }
 
-/// The recent samples of one shard and the state of its wait-based refusal.
-#[derive(Default)]
-struct Trend {
-    /// (when, entries ever added, backlog) over the last [`RATE_SPAN`].
-    samples: VecDeque<(Instant, u64, u64)>,
-    /// Consecutive refreshes in which the backlog grew.
-    growing: u32,
+/// One refresh of a shard.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// Entries ever added to the accepted stream.
+    added: u64,
+    /// Unsaved entries.
+    backlog: u64,
+    /// How long the oldest unsaved entry has waited.
+    wait: Duration,
 }
 
 impl ShardLoad {
-    /// Takes a refresh. Refusing starts once the backlog grew [`SUSTAINED`] refreshes in a row
-    /// (a stall of MySQL for a moment is not overload) and would take longer than `bound` to drain;
-    /// it stops once the backlog drains within half of `bound`, or nothing drained since the last
-    /// refresh (an outage: absorbed, not refused).
-    /// Returns the estimated wait when refusing starts or stops (`Some((refusing, wait))`).
-    /// A zero `bound` (refusing by drain is off) only records the backlog.
-    fn update(&self, now: Instant, added: u64, backlog: u64, bound: Duration) -> Option<(bool, Duration)> {
-        let before = self.backlog.swap(backlog, Ordering::Relaxed);
+    /// Takes a refresh. Refusing starts once the oldest unsaved message waited longer than `bound`
+    /// while the shard drained over the last two refreshes and that wait did not fall; it stops
+    /// once the wait is below half of `bound`, or nothing drained since the last refresh (an
+    /// outage: absorbed, not refused). The first refresh after a stall never starts it: the catch-up
+    /// has removed entries, not yet the oldest. Returns whether the shard is refused when that
+    /// changes. A zero `bound` (refusing by drain is off) only records the backlog.
+    fn update(&self, now: Sample, bound: Duration) -> Option<bool> {
+        self.backlog.store(now.backlog, Ordering::Relaxed);
         if bound.is_zero() {
             return None;
         }
-        let mut trend = self.trend.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (before, stalled_before) = last.replace((now, true))?;
         // Whether anything drained since the last refresh: if not, the shard is stalled or in an
-        // outage (its owner died, MySQL is away), even while the rate window still holds drain.
-        let stalled = trend
-            .samples
-            .back()
-            .is_some_and(|&(_, added_before, before)| before + added.saturating_sub(added_before) <= backlog);
-        // Growth counts only while the shard drains: what piled up in an outage is not overload.
-        trend.growing = if backlog > before && !stalled { trend.growing + 1 } else { 0 };
-        trend.samples.push_back((now, added, backlog));
-        while trend.samples.len() > 2 && now.duration_since(trend.samples[1].0) >= RATE_SPAN {
-            trend.samples.pop_front();
-        }
-        let (then, added_then, backlog_then) = trend.samples[0];
-        let wait = drain_time(now.duration_since(then), added.saturating_sub(added_then), backlog_then, backlog);
+        // outage (its owner died, MySQL is away).
+        let stalled = before.backlog + now.added.saturating_sub(before.added) <= now.backlog;
+        *last = Some((now, stalled));
         let was = self.refusing.load(Ordering::Relaxed);
-        let refusing = match wait {
-            None => false,
-            Some(_) if stalled => false,
-            Some(wait) if was => wait > bound / 2,
-            Some(wait) => wait > bound && trend.growing >= SUSTAINED,
-        };
+        let refusing = !stalled
+            && if was { now.wait > bound / 2 } else { !stalled_before && now.wait > bound && now.wait >= before.wait };
         self.refusing.store(refusing, Ordering::Relaxed);
-        (refusing != was).then(|| (refusing, wait.unwrap_or_default()))
+        (refusing != was).then_some(refusing)
     }
 }
 
 /// Logs a shard's refusing by drain starting or stopping.
-fn log_change(shard: usize, backlog: u64, (refusing, wait): (bool, Duration)) {
-    let wait_ms = wait.as_millis() as u64;
+fn log_change(shard: usize, sample: &Sample, refusing: bool) {
+    let (backlog, wait_ms) = (sample.backlog, sample.wait.as_millis() as u64);
     if refusing {
-        tracing::warn!(shard, backlog, wait_ms, "shard backlog keeps growing: refusing new messages");
+        tracing::warn!(shard, backlog, wait_ms, "shard's oldest unsaved message waits too long: refusing new messages");
     } else {
-        tracing::info!(shard, backlog, wait_ms, "shard backlog drains again: admitting");
+        tracing::info!(shard, backlog, wait_ms, "shard drains again: admitting");
     }
-}
-
-/// How long `backlog_now` takes to drain at the rate it drained over `span`; `None` when nothing
-/// drained (idle, or an outage).
-fn drain_time(span: Duration, arrived: u64, backlog_then: u64, backlog_now: u64) -> Option<Duration> {
-    let drained = (backlog_then + arrived).saturating_sub(backlog_now);
-    if span.is_zero() || drained == 0 {
-        return None;
-    }
-    let per_sec = drained as f64 / span.as_secs_f64();
-    Some(Duration::from_secs_f64(backlog_now as f64 / per_sec))
 }
 
 /// The append round trip's standing level: the lowest round trip of each [`WINDOW_MS`] window. A
@@ -296,14 +312,6 @@ mod tests {
         assert_eq!(p.standing(), Duration::ZERO);
     }
 
-    #[test]
-    fn the_wait_is_the_backlog_over_the_drain_rate() {
-        // 1 s: 12,000 arrived, the backlog went 1,000 → 3,000, so 10,000 drained: 3,000 take 0.3 s.
-        assert_eq!(drain_time(Duration::from_secs(1), 12_000, 1_000, 3_000), Some(Duration::from_millis(300)));
-        assert_eq!(drain_time(Duration::from_secs(1), 5_000, 1_000, 6_000), None, "nothing drained: an outage");
-        assert_eq!(drain_time(Duration::from_secs(1), 0, 0, 0), None, "idle");
-    }
-
     fn admission(bound_ms: u64) -> Admission {
         let mut cfg = Config::default();
         cfg.cluster.shards = 1;
@@ -312,62 +320,81 @@ mod tests {
         Admission::new(&cfg)
     }
 
-    /// Feeds refreshes 250 ms apart, the first at `t0 + REFRESH × first`: (entries ever added, backlog).
-    fn feed(a: &Admission, t0: Instant, first: u32, samples: &[(u64, u64)]) {
-        for (k, &(added, backlog)) in samples.iter().enumerate() {
-            a.shards[0].update(t0 + REFRESH * (first + k as u32), added, backlog, a.shed_wait);
+    /// Feeds refreshes: (entries ever added, backlog, oldest wait in ms).
+    fn feed(a: &Admission, samples: &[(u64, u64, u64)]) {
+        for &(added, backlog, wait_ms) in samples {
+            let sample = Sample { added, backlog, wait: Duration::from_millis(wait_ms) };
+            a.shards[0].update(sample, a.shed_wait);
         }
     }
 
     #[test]
-    fn a_backlog_that_keeps_growing_past_the_bound_refuses_until_it_drains() {
+    fn an_oldest_wait_that_grows_past_the_bound_while_draining_refuses_until_it_is_below_half() {
         let a = admission(250);
-        let t0 = Instant::now();
-        // 4,000/s arrive, 2,000/s drain: +500 per refresh.
-        let growing: Vec<(u64, u64)> = (0..8).map(|k| (1_000 * k, 500 * k)).collect();
-        feed(&a, t0, 0, &growing[..3]);
-        assert_eq!(a.check(0), None, "1,000 drain in 0.5 s, but it grew only twice");
-        feed(&a, t0, 3, &growing[3..]);
-        assert_eq!(a.check(0), Some(Refusal::Drain), "3,500 take 1.75 s at 2,000/s and it keeps growing");
-        // Refused, arrivals stop and it drains 2,000/s.
-        let draining: Vec<(u64, u64)> = (1..=7).map(|k| (7_000, 3_500 - 500 * k)).collect();
-        feed(&a, t0, 8, &draining[..4]);
-        assert_eq!(a.check(0), Some(Refusal::Drain), "1,500 still take 0.75 s");
-        feed(&a, t0, 12, &draining[4..]);
+        // 1,000 arrive and 800 drain per refresh: the backlog and its oldest wait grow.
+        feed(&a, &[(0, 0, 0), (1_000, 200, 100), (2_000, 400, 200)]);
+        assert_eq!(a.check(0), None, "200 ms is within the bound");
+        feed(&a, &[(3_000, 600, 300)]);
+        assert_eq!(a.check(0), Some(Refusal::Drain), "300 ms and growing");
+        // Refused: nothing arrives, 300 drain per refresh.
+        feed(&a, &[(3_000, 300, 200)]);
+        assert_eq!(a.check(0), Some(Refusal::Drain), "still more than half the bound");
+        feed(&a, &[(3_000, 0, 0)]);
         assert_eq!(a.check(0), None, "drained");
+        assert_eq!(a.backlog(), vec![0]);
     }
 
     #[test]
-    fn an_outage_that_begins_while_the_rate_window_still_holds_drain_is_not_refused() {
+    fn an_outage_is_absorbed_and_the_catch_up_after_it_is_not_refused() {
         let a = admission(250);
-        let t0 = Instant::now();
-        // 2,000/s arrive and drain; then the worker dies (or MySQL goes): nothing drains.
-        let steady: Vec<(u64, u64)> = (0..4).map(|k| (500 * k, 100)).collect();
-        feed(&a, t0, 0, &steady);
-        for k in 4..12u32 {
-            let added = 500 * u64::from(k);
-            feed(&a, t0, k, &[(added, 100 + added - 1_500)]);
-            assert_eq!(a.check(0), None, "refresh {k}: an outage is absorbed, never refused");
-        }
-        // A standby takes over: its first refresh drains a little while more still arrives.
-        feed(&a, t0, 12, &[(6_000, 4_500)]);
-        assert_eq!(a.check(0), None, "the growth of the outage does not count once draining resumes");
-    }
-
-    #[test]
-    fn a_short_stall_an_outage_and_a_recovery_are_not_refused() {
-        let t0 = Instant::now();
-        // A 250 ms stall: 2,000/s arrive, nothing drains once, then it catches up.
-        let a = admission(250);
-        feed(&a, t0, 0, &[(0, 50), (500, 50), (1_000, 550), (1_500, 50)]);
-        assert_eq!(a.check(0), None, "one refresh of growth is a stall");
-        // An outage: nothing drains for seconds.
-        let a = admission(250);
-        feed(&a, t0, 0, &(0..12).map(|k| (500 * k, 500 * k)).collect::<Vec<_>>());
+        // 1,000 arrive per refresh and nothing drains (the owner died, MySQL is away): the oldest
+        // waits longer and longer.
+        feed(&a, &[(0, 0, 0), (1_000, 1_000, 100), (2_000, 2_000, 200), (3_000, 3_000, 300), (4_000, 4_000, 400)]);
         assert_eq!(a.check(0), None, "nothing drains: the stream absorbs it");
-        // Recovery: a big backlog shrinking.
+        // A standby takes over (or MySQL is back): its first commits remove entries, not yet the
+        // oldest, whose wait still grows.
+        feed(&a, &[(4_500, 3_500, 450)]);
+        assert_eq!(a.check(0), None, "the first refresh after a stall is not overload");
+        // It catches up: the oldest wait falls while still past the bound.
+        for (k, wait) in [350, 300, 260].into_iter().enumerate() {
+            let added = 5_000 + 500 * k as u64;
+            feed(&a, &[(added, 3_000 - 500 * k as u64, wait)]);
+            assert_eq!(a.check(0), None, "catching up at {wait} ms is recovery, not overload");
+        }
+    }
+
+    #[test]
+    fn a_refused_shard_that_stops_draining_is_admitted_again() {
         let a = admission(250);
-        feed(&a, t0, 0, &(0..8).map(|k| (500 * k, 20_000 - 1_000 * k)).collect::<Vec<_>>());
-        assert_eq!(a.check(0), None, "it shrinks");
+        feed(&a, &[(0, 0, 0), (1_000, 200, 200), (2_000, 400, 300)]);
+        assert_eq!(a.check(0), Some(Refusal::Drain));
+        feed(&a, &[(2_500, 900, 400)]);
+        assert_eq!(a.check(0), None, "nothing drained: an outage began, absorbed");
+    }
+
+    #[test]
+    fn a_zero_bound_never_refuses_by_drain_but_keeps_the_backlog() {
+        let a = admission(0);
+        feed(&a, &[(0, 0, 0), (1_000, 500, 1_000), (2_000, 1_000, 2_000)]);
+        assert_eq!(a.check(0), None);
+        assert_eq!(a.backlog(), vec![1_000]);
+    }
+
+    #[test]
+    fn stream_figures_read_the_first_entry_of_resp2_and_resp3_replies() {
+        let entry = Value::Array(vec![Value::BulkString(b"1700000000123-4".to_vec()), Value::Array(vec![])]);
+        let pairs = [("length", Value::Int(3)), ("entries-added", Value::Int(10)), ("first-entry", entry.clone())];
+        let resp2 = Value::Array(
+            pairs.iter().flat_map(|(k, v)| [Value::BulkString(k.as_bytes().to_vec()), v.clone()]).collect(),
+        );
+        let resp3 = Value::Map(pairs.iter().map(|(k, v)| (Value::SimpleString((*k).to_owned()), v.clone())).collect());
+        for reply in [resp2, resp3] {
+            let f = stream_figures(&reply).expect("figures");
+            assert_eq!((f.length, f.added, f.first_ms), (3, 10, Some(1_700_000_000_123)));
+        }
+        assert_eq!(first_entry_ms(&Value::Array(vec![entry])), Some(1_700_000_000_123));
+        assert_eq!(first_entry_ms(&Value::Array(vec![])), None, "an empty stream has no oldest entry");
+        let time = Value::Array(vec![Value::BulkString(b"1700000000".to_vec()), Value::BulkString(b"123456".to_vec())]);
+        assert_eq!(redis_ms(&time), Some(1_700_000_000_123));
     }
 }

@@ -17,7 +17,7 @@ use crate::receipt_watch::ReceiptWatch;
 use crate::sessions::SenderLedger;
 use im_common::config::Config;
 use im_common::health::Dependencies;
-use im_common::idempotency::{decode_state, encode_state, IdempotencyWindow, Stage};
+use im_common::idempotency::{decode_state, encode_state, refused_answer, Stage};
 use im_common::keys::Keys;
 use im_common::protocol::{AckType, Reason, ServerFrame};
 use im_common::record::{encode, Accepted, ChatMessage, Origin};
@@ -33,8 +33,6 @@ pub struct Appender {
     /// `im_gateway_appends_total{shard}`, one handle per shard (no label lookup per message).
     appends: Arc<Vec<metrics::Counter>>,
     saver: BaselineSaver,
-    /// For refusals: a retry of a known message gets its receipt, not `server_busy`.
-    window: IdempotencyWindow,
     /// Whether Redis answered the gateway's last probe (see [`Appender::append`] on failures).
     deps: Arc<Dependencies>,
     /// The last append failed (cleared by the next that succeeds).
@@ -49,7 +47,6 @@ impl Appender {
         conn: RedisConn,
         keys: Keys,
         saver: BaselineSaver,
-        window: IdempotencyWindow,
         deps: Arc<Dependencies>,
         receipts: ReceiptWatch,
     ) -> Self {
@@ -65,7 +62,6 @@ impl Appender {
                     .collect(),
             ),
             saver,
-            window,
             deps,
             failing: Arc::default(),
             receipts,
@@ -74,8 +70,11 @@ impl Appender {
 
     /// The answer to `msg` refused with `server_busy`: its earlier attempt's receipt if there was one
     /// (watched until final when only accepted, see [`ReceiptWatch`]).
-    async fn refused(&self, key: &str, msg: &ChatMessage, origin: Origin) -> ServerFrame {
-        let answer = self.window.answer_refused(key, &msg.client_msg_id, Reason::ServerBusy).await;
+    /// The lookup rides in the shard's next append batch: under overload most messages are refused,
+    /// and a round trip each would load Redis with what admission is meant to spare it.
+    async fn refused(&self, shard: u16, key: &str, msg: &ChatMessage, origin: Origin) -> ServerFrame {
+        let earlier = self.batches.append(shard, Append::lookup(key)).await.ok().flatten();
+        let answer = refused_answer(earlier.as_deref().and_then(decode_state), &msg.client_msg_id, Reason::ServerBusy);
         if answer.ack_type == Some(AckType::Accepted) {
             self.receipts.watch(key.to_owned(), msg.from, origin.conn, msg.client_msg_id.clone());
         }
@@ -104,7 +103,7 @@ impl Appender {
         // Refusing at once costs almost nothing and leaves the capacity to the messages admitted.
         if let Some(refusal) = self.admission.check(shard) {
             metrics::counter!("im_gateway_server_busy_total", "cause" => refusal.cause()).increment(1);
-            return vec![self.refused(key, &msg, origin).await];
+            return vec![self.refused(shard, key, &msg, origin).await];
         }
         let payload = encode(&Accepted { msg: msg.clone(), origin, pushed_at_epoch: None });
         // Redis was known to be away before this call: a call that then fails never reached it.

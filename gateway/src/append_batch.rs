@@ -15,8 +15,9 @@ use redis::{RedisResult, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
 /// KEYS: accepted stream, then one idempotency key per message. ARGV: field name, then state to
-/// store and payload per message. For each message: its earlier state when its key exists (nothing
-/// appended), else false (nil in the reply).
+/// store and payload per message; an empty state only looks the key up (a refused message: its
+/// earlier attempt's receipt, if any, is its answer). For each message: its earlier state when its
+/// key exists (nothing appended), else false (nil in the reply).
 ///
 /// A key gets no TTL here: the window of a message must last at least as long as the message is
 /// unsaved (SPEC §3.9), however long MySQL is away. The save stage's commit sets the final state
@@ -27,6 +28,8 @@ for i = 2, #KEYS do
   local prev = redis.call('GET', KEYS[i])
   if prev then
     out[i - 1] = prev
+  elseif ARGV[2 * i - 2] == '' then
+    out[i - 1] = false
   else
     redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2 * i - 1])
     redis.call('SET', KEYS[i], ARGV[2 * i - 2])
@@ -42,10 +45,18 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(APPEND_SCRIPT));
 const MAX_BATCH: usize = 256;
 
 /// One message to append: its idempotency key, the state to claim it with, its stream payload.
+/// An empty state only looks the key up.
 pub struct Append {
     pub key: String,
     pub state: String,
     pub payload: Vec<u8>,
+}
+
+impl Append {
+    /// A lookup of `key` only, riding in the shard's next batch instead of a round trip of its own.
+    pub fn lookup(key: &str) -> Self {
+        Append { key: key.to_owned(), state: String::new(), payload: Vec::new() }
+    }
 }
 
 struct Job {

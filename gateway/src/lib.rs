@@ -151,8 +151,7 @@ pub async fn run(
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
     let deps = im_common::health::Dependencies::watch(redis.clone(), store.clone());
     let receipts = ReceiptWatch { window: idempotency.clone(), sessions: sessions.clone() };
-    let appender =
-        Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), idempotency.clone(), deps.clone(), receipts);
+    let appender = Appender::new(&cfg, redis.clone(), keys.clone(), saver.clone(), deps.clone(), receipts);
     let subscribed = Arc::new(AtomicBool::new(false));
     let readiness: ReadinessCheck = {
         let subscribed = subscribed.clone();

@@ -30,8 +30,11 @@ const SLOW_CONSUMER_QUEUE: usize = 64;
 const SLOW_CONSUMER_SEND_BUFFER: usize = 65_536;
 /// overload: admission control must bite before memory does.
 const OVERLOAD_MAX_BACKLOG: u64 = 20_000;
-/// overload: `gateway.shed_wait_ms` when the config leaves it off.
-const OVERLOAD_SHED_WAIT_MS: u64 = 250;
+/// overload: the most `gateway.shed_wait_ms` may be: what holds the admitted messages' saved p99
+/// under 0.5 s at 2× on the 2-core box, where every process shares the CPU.
+const OVERLOAD_SHED_WAIT_MS: u64 = 50;
+/// overload: the most `gateway.shed_append_ms` may be, for the same reason.
+const OVERLOAD_SHED_APPEND_MS: u64 = 20;
 /// slow-consumers and overload: the shortest loaded window.
 const MIN_LOADED_WINDOW: Duration = Duration::from_secs(10);
 /// The drain allowance beyond the fault.
@@ -86,9 +89,14 @@ impl<'a> DrillRun<'a> {
         if spec.drill == Drill::Overload {
             // Admission control must bite before memory does.
             config.two_phase.max_backlog = config.two_phase.max_backlog.min(OVERLOAD_MAX_BACKLOG);
-            // Refusing by drain wait is what keeps admitted messages fast here; it is off by default.
-            if config.gateway.shed_wait_ms == 0 {
+            // Refusing by the oldest message's wait and by the append round trip is what keeps
+            // admitted messages fast; tighter than the defaults, which leave room for slow disks
+            // and networks (docs/OPERATIONS.md).
+            if config.gateway.shed_wait_ms == 0 || config.gateway.shed_wait_ms > OVERLOAD_SHED_WAIT_MS {
                 config.gateway.shed_wait_ms = OVERLOAD_SHED_WAIT_MS;
+            }
+            if config.gateway.shed_append_ms == 0 || config.gateway.shed_append_ms > OVERLOAD_SHED_APPEND_MS {
+                config.gateway.shed_append_ms = OVERLOAD_SHED_APPEND_MS;
             }
         }
         let seed = spec.drill.seeded().then(|| spec.seed.unwrap_or_else(rand::random));
