@@ -34,7 +34,7 @@ const OVERLOAD_MAX_BACKLOG: u64 = 20_000;
 /// under 0.5 s at 2× on the 2-core box, where every process shares the CPU.
 const OVERLOAD_SHED_WAIT_MS: u64 = 50;
 /// overload: the most `gateway.shed_append_ms` may be, for the same reason.
-const OVERLOAD_SHED_APPEND_MS: u64 = 20;
+const OVERLOAD_SHED_APPEND_MS: u64 = 10;
 /// slow-consumers and overload: the shortest loaded window.
 const MIN_LOADED_WINDOW: Duration = Duration::from_secs(10);
 /// The drain allowance beyond the fault.
