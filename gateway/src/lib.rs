@@ -1,10 +1,10 @@
 //! The gateway: stateless WebSocket front end of the engine.
 //!
 //! A tour, in the order a message meets them: [`server`] accepts HTTP and upgrades `/ws`;
-//! [`connection`] runs one client's frames in order, read by [`frame_reader`] and written by
-//! [`framing`]; [`Gateway::send`] claims the
-//! message's idempotency key and hands it to [`append`] (two-phase: the shard's stream, then
-//! `ACK(accepted)`) or [`baseline`] (a group-committed INSERT, then `ACK(saved)` and [`fanout`]);
+//! [`connection`] runs one client's frames in order, read by [`frame_reader`], queued in [`outbound`]
+//! and written by [`framing`]; [`Gateway::send`] claims the message's idempotency key and hands it
+//! to [`append`] (two-phase: the shard's stream, then `ACK(accepted)`) or [`baseline`] (a
+//! group-committed INSERT, then `ACK(saved)` and [`fanout`]);
 //! [`outbox`] holds baseline pushes while Redis is away. Pushes and receipts from shard workers and
 //! other gateways arrive on this node's [`node_channel`] and reach [`sessions`]; [`routes`] tells the
 //! cluster which users are here; [`sync`] sends a device what it misses, per conversation by seq;

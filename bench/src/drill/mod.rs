@@ -190,7 +190,7 @@ impl DrillSpec {
             kill_every: Duration::from_secs(4),
             signal: StopSignal::Kill,
             appendfsync: None,
-            max_rate: 10_000.0,
+            max_rate: 6_000.0,
             slow_p99_factor: 2.0,
             lead: Duration::from_secs(4),
             tail: Duration::from_secs(8),
