@@ -14,9 +14,8 @@
 //!   `gateway.shed_append_ms` (Redis or this process cannot keep up).
 //!
 //! A background task refreshes the per-shard figures every [`REFRESH`]: one pipelined round of
-//! `TIME`, then per shard `XINFO STREAM` of the accepted stream, `XLEN` of the to-save stream and
-//! its first entry. Stream entry ids carry Redis's clock, so the oldest wait is measured on one
-//! clock, whatever the gateway's.
+//! `XINFO STREAM` of each shard's two streams (one slot per shard on a cluster). Stream ids carry
+//! Redis's clock, so the oldest wait is measured on one clock, whatever the gateway's.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -108,25 +107,24 @@ impl Admission {
             // error: it must not void the figures of the others.
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            pipe.cmd("TIME");
             for shard in 0..self.shards.len() as u16 {
                 pipe.cmd("XINFO").arg("STREAM").arg(keys.accepted_stream(shard));
-                pipe.xlen(keys.to_save_stream(shard));
-                pipe.cmd("XRANGE").arg(keys.to_save_stream(shard)).arg("-").arg("+").arg("COUNT").arg(1);
+                pipe.cmd("XINFO").arg("STREAM").arg(keys.to_save_stream(shard));
             }
             if let Ok(replies) = pipe.query_async::<Vec<Value>>(&mut conn).await {
-                let now_ms = redis_ms(&replies[0]);
-                for (shard, figures) in replies[1..].chunks(3).enumerate() {
+                for (shard, figures) in replies.chunks(2).enumerate() {
                     let Some(accepted) = stream_figures(&figures[0]) else { continue };
-                    let to_save_len = redis::from_redis_value_ref::<u64>(&figures[1]).unwrap_or(0);
-                    let backlog = accepted.length + to_save_len;
-                    // An entry moved to the to-save stream gets a new id there: the oldest's wait is
-                    // about the oldest undelivered's age plus the oldest handed-over's.
-                    let age = |first: Option<u64>| match (now_ms, first) {
-                        (Some(now), Some(first)) => Duration::from_millis(now.saturating_sub(first)),
-                        _ => Duration::ZERO,
+                    let to_save = stream_figures(&figures[1]).unwrap_or_default();
+                    let backlog = accepted.length + to_save.length;
+                    // Now, on Redis's clock: the newest id either stream generated (arrivals go on
+                    // while it matters: a shard nothing arrives at is not refused anyway). An entry
+                    // moved to the to-save stream gets a new id there: the oldest's wait is about
+                    // the oldest undelivered's age plus the oldest handed-over's.
+                    let now_ms = accepted.last_ms.max(to_save.last_ms);
+                    let age = |first: Option<u64>| {
+                        first.map_or(Duration::ZERO, |first| Duration::from_millis(now_ms.saturating_sub(first)))
                     };
-                    let wait = age(accepted.first_ms) + age(first_entry_ms(&figures[2]));
+                    let wait = age(accepted.first_ms) + age(to_save.first_ms);
                     let sample = Sample { added: accepted.added, backlog, wait };
                     if let Some(refusing) = self.shards[shard].update(sample, self.shed_wait) {
                         log_change(shard, &sample, refusing);
@@ -142,15 +140,18 @@ impl Admission {
 }
 
 /// What `XINFO STREAM` tells of a stream.
+#[derive(Default)]
 struct StreamFigures {
     length: u64,
     added: u64,
     /// The first entry's id time, if there is an entry.
     first_ms: Option<u64>,
+    /// The time of the last id the stream generated.
+    last_ms: u64,
 }
 
-/// `length`, `entries-added` and `first-entry` from an `XINFO STREAM` reply (a map in RESP3, pairs
-/// in RESP2).
+/// `length`, `entries-added`, `first-entry` and `last-generated-id` from an `XINFO STREAM` reply
+/// (a map in RESP3, pairs in RESP2).
 fn stream_figures(reply: &Value) -> Option<StreamFigures> {
     let pairs: Vec<(&Value, &Value)> = match reply {
         Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
@@ -165,26 +166,20 @@ fn stream_figures(reply: &Value) -> Option<StreamFigures> {
         length: number("length")?,
         added: number("entries-added")?,
         first_ms: field("first-entry").and_then(entry_ms),
+        last_ms: field("last-generated-id").and_then(id_ms).unwrap_or(0),
     })
 }
 
 /// The time part of an entry's id (`<ms>-<seq>`), from an entry `[id, fields]`.
 fn entry_ms(entry: &Value) -> Option<u64> {
     let Value::Array(parts) = entry else { return None };
-    let id = redis::from_redis_value_ref::<String>(parts.first()?).ok()?;
+    id_ms(parts.first()?)
+}
+
+/// The time part of a stream id (`<ms>-<seq>`).
+fn id_ms(id: &Value) -> Option<u64> {
+    let id = redis::from_redis_value_ref::<String>(id).ok()?;
     id.split_once('-')?.0.parse().ok()
-}
-
-/// The first entry's id time from an `XRANGE … COUNT 1` reply.
-fn first_entry_ms(reply: &Value) -> Option<u64> {
-    let Value::Array(entries) = reply else { return None };
-    entry_ms(entries.first()?)
-}
-
-/// Milliseconds from a `TIME` reply (seconds, microseconds).
-fn redis_ms(reply: &Value) -> Option<u64> {
-    let (secs, micros) = redis::from_redis_value_ref::<(u64, u64)>(reply).ok()?;
-    Some(secs * 1000 + micros / 1000)
 }
 
 /// One shard's figures: its backlog, and whether it is refused for what its messages wait.
@@ -381,20 +376,23 @@ mod tests {
     }
 
     #[test]
-    fn stream_figures_read_the_first_entry_of_resp2_and_resp3_replies() {
+    fn stream_figures_read_the_first_and_last_ids_of_resp2_and_resp3_replies() {
         let entry = Value::Array(vec![Value::BulkString(b"1700000000123-4".to_vec()), Value::Array(vec![])]);
-        let pairs = [("length", Value::Int(3)), ("entries-added", Value::Int(10)), ("first-entry", entry.clone())];
+        let last = Value::BulkString(b"1700000000456-0".to_vec());
+        let pairs = [
+            ("length", Value::Int(3)),
+            ("entries-added", Value::Int(10)),
+            ("first-entry", entry.clone()),
+            ("last-generated-id", last),
+        ];
         let resp2 = Value::Array(
             pairs.iter().flat_map(|(k, v)| [Value::BulkString(k.as_bytes().to_vec()), v.clone()]).collect(),
         );
         let resp3 = Value::Map(pairs.iter().map(|(k, v)| (Value::SimpleString((*k).to_owned()), v.clone())).collect());
         for reply in [resp2, resp3] {
             let f = stream_figures(&reply).expect("figures");
-            assert_eq!((f.length, f.added, f.first_ms), (3, 10, Some(1_700_000_000_123)));
+            assert_eq!((f.length, f.added, f.first_ms, f.last_ms), (3, 10, Some(1_700_000_000_123), 1_700_000_000_456));
         }
-        assert_eq!(first_entry_ms(&Value::Array(vec![entry])), Some(1_700_000_000_123));
-        assert_eq!(first_entry_ms(&Value::Array(vec![])), None, "an empty stream has no oldest entry");
-        let time = Value::Array(vec![Value::BulkString(b"1700000000".to_vec()), Value::BulkString(b"123456".to_vec())]);
-        assert_eq!(redis_ms(&time), Some(1_700_000_000_123));
+        assert!(stream_figures(&Value::Nil).is_none(), "a stream that does not exist has no figures");
     }
 }
