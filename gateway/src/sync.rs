@@ -28,7 +28,7 @@ use im_common::backoff::Backoff;
 use im_common::protocol::{FrameType, ServerFrame, SyncRequest};
 use im_common::store::{Store, StoreError};
 
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, Refused};
 use crate::sessions::ConnHandle;
 
 /// SYNC requests a connection may have waiting; more get `ERROR too_many_requests`.
@@ -143,7 +143,7 @@ impl Syncer {
         self.conn.end_sync();
         metrics::counter!("im_gateway_syncs_total").increment(1);
         let done = ServerFrame { peer: peer_only, ..ServerFrame::bare(FrameType::SyncDone) };
-        open && self.room_for(1).await && self.conn.offer(Bytes::from(done.to_json()))
+        open && self.room_for(1).await && self.queue(Bytes::from(done.to_json())).await
     }
 
     fn out(&self) -> &Outbound {
@@ -184,7 +184,7 @@ impl Syncer {
             let live_from = self.conn.first_live_seq(peer).unwrap_or(u64::MAX);
             let missing: Vec<_> = page.iter().take_while(|m| m.seq < live_from).collect();
             for msg in &missing {
-                if !self.conn.offer(Bytes::from(msg.push_frame().to_json())) {
+                if !self.queue(Bytes::from(msg.push_frame().to_json())).await {
                     return false;
                 }
             }
@@ -192,6 +192,18 @@ impl Syncer {
             match page.last() {
                 Some(last) if page.len() == page_size as usize && missing.len() == page.len() => after = last.seq,
                 _ => return true,
+            }
+        }
+    }
+
+    /// Queues a frame, waiting while the queue is full (live pushes took the room kept for them): a
+    /// sync never closes a reading client as a slow consumer. False once the connection is gone.
+    async fn queue(&self, frame: Bytes) -> bool {
+        loop {
+            match self.out().push(frame.clone()) {
+                Ok(()) => return true,
+                Err(Refused::Closed) => return false,
+                Err(Refused::Full) => tokio::time::sleep(ROOM_POLL).await,
             }
         }
     }
