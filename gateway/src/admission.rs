@@ -215,7 +215,11 @@ impl ShardLoad {
             return None;
         }
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let (before, stalled_before) = last.replace((now, true))?;
+        // The first refresh has nothing to compare with: it counts as a stall.
+        let Some((before, stalled_before)) = *last else {
+            *last = Some((now, true));
+            return None;
+        };
         // Whether anything drained since the last refresh: if not, the shard is stalled or in an
         // outage (its owner died, MySQL is away).
         let stalled = before.backlog + now.added.saturating_sub(before.added) <= now.backlog;
