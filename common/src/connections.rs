@@ -16,7 +16,8 @@
 //! redis-rs itself.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
@@ -24,10 +25,10 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Arg, Cmd, Pipeline, RedisFuture, RedisResult, Value};
-use tokio::sync::OnceCell;
+use redis::{Arg, Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::config::RedisConfig;
+use crate::ids::now_ms;
 
 /// How long connecting may take before the call fails (fail-open needs a quick "no").
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -48,16 +49,74 @@ pub enum RedisConn {
     Cluster(LazyCluster),
 }
 
-/// A cluster connection made on first use (a fail-open gateway starts while the cluster is down).
+/// A cluster connection made on first use (a fail-open gateway starts while the cluster is down),
+/// and made again when it is stuck: redis-rs 1.8's recovery can retry a slot refresh over an empty
+/// connection map for good once every node restarted ("No connections found" on every call, a
+/// busy loop inside the client; seen in the Redis Cluster drill, where a worker never took its
+/// shard back). A connection that answers nothing else for [`STUCK_CLUSTER_REPLACED_AFTER`] is
+/// dropped, and the next call connects afresh from the configured nodes.
 #[derive(Clone)]
 pub struct LazyCluster {
     client: Arc<ClusterClient>,
-    conn: Arc<OnceCell<ClusterConnection>>,
+    conn: Arc<RwLock<Option<ClusterConnection>>>,
+    /// One connect at a time.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+    /// Unix ms of the first "no connections found" of an unbroken run of them; 0: none.
+    stuck_since_ms: Arc<AtomicU64>,
 }
 
+/// How long a cluster connection may answer every call with "no connections found" before it is
+/// replaced (the client's own recovery, when it works, takes well under a second).
+pub const STUCK_CLUSTER_REPLACED_AFTER: Duration = Duration::from_secs(3);
+
 impl LazyCluster {
+    fn new(client: ClusterClient) -> Self {
+        LazyCluster {
+            client: Arc::new(client),
+            conn: Arc::default(),
+            connecting: Arc::default(),
+            stuck_since_ms: Arc::default(),
+        }
+    }
+
+    fn current(&self) -> Option<ClusterConnection> {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     async fn get(&self) -> RedisResult<ClusterConnection> {
-        self.conn.get_or_try_init(|| self.client.get_async_connection()).await.cloned()
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let conn = self.client.get_async_connection().await?;
+        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Notes how a call went; replaces the connection once it has been stuck long enough.
+    fn observe<T>(&self, result: &RedisResult<T>) {
+        let since = self.stuck_since_ms.load(Ordering::Relaxed);
+        match result {
+            Err(e) if e.kind() == ErrorKind::ClusterConnectionNotFound => {
+                let now = now_ms();
+                if since == 0 {
+                    self.stuck_since_ms.store(now, Ordering::Relaxed);
+                } else if now.saturating_sub(since) >= STUCK_CLUSTER_REPLACED_AFTER.as_millis() as u64 {
+                    self.stuck_since_ms.store(0, Ordering::Relaxed);
+                    *self.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    tracing::warn!(
+                        "the Redis Cluster connection found no node connections for {STUCK_CLUSTER_REPLACED_AFTER:?}; \
+                         connecting afresh"
+                    );
+                    metrics::counter!("im_redis_cluster_reconnects_total").increment(1);
+                }
+            }
+            _ if since != 0 => self.stuck_since_ms.store(0, Ordering::Relaxed),
+            _ => {}
+        }
     }
 }
 
@@ -85,7 +144,7 @@ pub async fn connect_for_blocking(cfg: &RedisConfig, block: Duration) -> RedisRe
             ConnectionManager::new_with_config(redis::Client::open(cfg.url.as_str())?, config).await?,
         ));
     }
-    let lazy = LazyCluster { client: Arc::new(cluster_client(cfg, response)?), conn: Arc::default() };
+    let lazy = LazyCluster::new(cluster_client(cfg, response)?);
     lazy.get().await?;
     Ok(RedisConn::Cluster(lazy))
 }
@@ -97,10 +156,7 @@ pub fn connect_lazy(cfg: &RedisConfig) -> RedisResult<RedisConn> {
         let client = redis::Client::open(cfg.url.as_str())?;
         return Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(client, manager_config())?));
     }
-    Ok(RedisConn::Cluster(LazyCluster {
-        client: Arc::new(cluster_client(cfg, RESPONSE_TIMEOUT)?),
-        conn: Arc::default(),
-    }))
+    Ok(RedisConn::Cluster(LazyCluster::new(cluster_client(cfg, RESPONSE_TIMEOUT)?)))
 }
 
 /// A cluster client with the same short timeouts as a single server's connections.
@@ -130,11 +186,13 @@ impl ConnectionLike for RedisConn {
             RedisConn::Single(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(lazy) => Box::pin(async move {
                 let mut conn = lazy.get().await?;
-                match scan_route(cmd) {
+                let result = match scan_route(cmd) {
                     // SCAN goes to the node of the slot its MATCH pattern's hash tag names.
                     Some(route) => conn.route_command(cmd.clone(), single(route)).await,
                     None => conn.req_packed_command(cmd).await,
-                }
+                };
+                lazy.observe(&result);
+                result
             }),
         }
     }
@@ -149,10 +207,13 @@ impl ConnectionLike for RedisConn {
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConn::Cluster(lazy) => Box::pin(async move {
                 let mut conn = lazy.get().await?;
-                if pipeline.is_transaction() {
-                    return conn.req_packed_commands(pipeline, offset, count).await;
-                }
-                per_slot(conn, pipeline).await
+                let result = if pipeline.is_transaction() {
+                    conn.req_packed_commands(pipeline, offset, count).await
+                } else {
+                    per_slot(conn, pipeline).await
+                };
+                lazy.observe(&result);
+                result
             }),
         }
     }

@@ -54,6 +54,11 @@ pub struct Accepted {
     /// connection made in between synced from MySQL before this message was there.
     #[serde(default)]
     pub pushed_at_epoch: Option<u64>,
+    /// Appended while its gateway believed Redis away: had the reply been lost, the gateway would
+    /// have saved the message on the baseline path too (fail-open). The shard owner claims its path
+    /// in MySQL before numbering it (`store::path_claims`). Left out of the encoding when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub path_claim: bool,
 }
 
 /// The gateway node and connection a message came in on.
@@ -111,7 +116,12 @@ mod tests {
             body: "héllo".into(),
             seq: 5,
         };
-        let entry = Accepted { msg: m.clone(), origin: Origin { node: 3, conn: 4 }, pushed_at_epoch: Some(2) };
+        let entry = Accepted {
+            msg: m.clone(),
+            origin: Origin { node: 3, conn: 4 },
+            pushed_at_epoch: Some(2),
+            path_claim: true,
+        };
         assert_eq!(decode::<Accepted>(&encode(&entry)).unwrap(), entry);
         let b = PushBatch {
             pushes: vec![

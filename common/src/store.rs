@@ -16,7 +16,7 @@
 //! Telling inserts from duplicates relies on the affected-row count, so the pool always runs with
 //! `CLIENT_FOUND_ROWS` off, whatever the URL says (with it on, a duplicate counts as affected).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use mysql_async::prelude::*;
 use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Transaction, TxOpts, Value};
@@ -24,6 +24,7 @@ use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, Tr
 use crate::record::ChatMessage;
 
 mod migrate;
+mod path_claims;
 mod recipients;
 pub use migrate::{drop_database, migrate, MIGRATIONS};
 pub use recipients::{Conversation, Position, Receipt};
@@ -136,6 +137,9 @@ pub struct SaveOutcome {
     pub saved: Vec<(usize, u64, u64)>,
     /// Messages the database refused for good, with the reason (by index in the batch).
     pub rejected: Vec<(usize, String)>,
+    /// [`Store::save_fail_open`] only: messages the shard owner claimed first for the stream (by
+    /// index in the batch). Not saved here: the stream saves them.
+    pub streamed: Vec<usize>,
 }
 
 /// What the database holds for one row of an INSERT: the (id, seq) of the stored row with the same
@@ -174,6 +178,17 @@ impl Store {
 
     /// Saves a batch; see the module doc for duplicate and rejection handling.
     pub async fn save_batch(&self, batch: &[ChatMessage]) -> Result<SaveOutcome, StoreError> {
+        self.save(batch, false).await
+    }
+
+    /// Saves a batch of fail-open messages (a gateway's baseline path while it believed Redis away):
+    /// as [`Store::save_batch`], but each row first claims its message for the baseline path (see
+    /// [`path_claims`]), and a message the stream claimed first is left out (`streamed`).
+    pub async fn save_fail_open(&self, batch: &[ChatMessage]) -> Result<SaveOutcome, StoreError> {
+        self.save(batch, true).await
+    }
+
+    async fn save(&self, batch: &[ChatMessage], claim: bool) -> Result<SaveOutcome, StoreError> {
         let mut outcome = SaveOutcome::default();
         // Ranges of the batch still to insert; a permanent error splits its range.
         let mut todo: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
@@ -182,10 +197,11 @@ impl Store {
             if range.is_empty() {
                 continue;
             }
-            match self.insert_rows(&batch[range.clone()]).await {
-                Ok(rows) => {
+            match self.insert_rows(&batch[range.clone()], claim).await {
+                Ok((rows, streamed)) => {
                     for (i, row) in rows.into_iter().enumerate() {
                         match row {
+                            _ if streamed.contains(&i) => outcome.streamed.push(range.start + i),
                             Ok((id, seq)) => outcome.saved.push((range.start + i, id, seq)),
                             Err(reason) => outcome.rejected.push((range.start + i, reason)),
                         }
@@ -202,6 +218,7 @@ impl Store {
         }
         outcome.saved.sort_unstable();
         outcome.rejected.sort_unstable_by_key(|&(i, _)| i);
+        outcome.streamed.sort_unstable();
         Ok(outcome)
     }
 
@@ -213,14 +230,32 @@ impl Store {
     /// none. If the INSERT then meets rows already stored (a retry of a saved message), the
     /// transaction is rolled back and redone without them: a seq is never spent on a row that does
     /// not get it.
-    async fn insert_rows(&self, rows: &[ChatMessage]) -> Result<Vec<StoredRow>, StoreError> {
+    ///
+    /// With `claim`, the rows first claim their messages for the baseline path; those the stream
+    /// claimed first are left out and returned as the second value (by index).
+    async fn insert_rows(
+        &self,
+        rows: &[ChatMessage],
+        claim: bool,
+    ) -> Result<(Vec<StoredRow>, HashSet<usize>), StoreError> {
         let mut conn = self.pool.get_conn().await?;
         // Rows found already stored by an earlier round of this loop, by index.
         let mut known: HashMap<usize, StoredRow> = HashMap::new();
+        // Rows whose message the stream claimed first (a claim is final).
+        let mut streamed: HashSet<usize> = HashSet::new();
         loop {
             let mut tx = conn.start_transaction(TxOpts::default()).await?;
-            let mut fresh: Vec<(usize, ChatMessage)> =
-                rows.iter().enumerate().filter(|(i, _)| !known.contains_key(i)).map(|(i, m)| (i, m.clone())).collect();
+            let mut fresh: Vec<(usize, ChatMessage)> = rows
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !known.contains_key(i) && !streamed.contains(i))
+                .map(|(i, m)| (i, m.clone()))
+                .collect();
+            if claim && !fresh.is_empty() {
+                let ids: Vec<u64> = fresh.iter().map(|(_, m)| m.id).collect();
+                let taken = path_claims::claim_for_baseline(&mut tx, &ids).await?;
+                fresh.retain(|(i, m)| !(taken.contains(&m.id) && streamed.insert(*i)));
+            }
             // Rows numbered here (the baseline path) had their conversations moved by the numbering.
             let numbered: Vec<bool> = fresh.iter().map(|(_, m)| m.seq == 0).collect();
             let numbered_here = numbered.contains(&true);
@@ -255,7 +290,7 @@ impl Store {
             }
             let all: Vec<StoredRow> = (0..rows.len()).map(|i| known.remove(&i).unwrap_or(Err(String::new()))).collect();
             tx.commit().await?;
-            return Ok(all);
+            return Ok((all, streamed));
         }
     }
 

@@ -484,8 +484,14 @@ fn chat_message() -> impl Strategy<Value = ChatMessage> {
 }
 
 fn accepted() -> impl Strategy<Value = Accepted> {
-    (chat_message(), any::<u16>(), any::<u64>(), proptest::option::of(any::<u64>()))
-        .prop_map(|(msg, node, conn, pushed_at_epoch)| Accepted { msg, origin: Origin { node, conn }, pushed_at_epoch })
+    (chat_message(), any::<u16>(), any::<u64>(), proptest::option::of(any::<u64>()), any::<bool>()).prop_map(
+        |(msg, node, conn, pushed_at_epoch, path_claim)| Accepted {
+            msg,
+            origin: Origin { node, conn },
+            pushed_at_epoch,
+            path_claim,
+        },
+    )
 }
 
 fn push_batch() -> impl Strategy<Value = PushBatch> {

@@ -12,10 +12,10 @@ fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
 #[tokio::test]
 async fn migrations_apply_once_and_record_their_versions() {
     let env = TestEnv::new("migrate");
-    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3, 4, 5]);
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), Vec::<u32>::new(), "second run applies nothing");
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 4);
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 5);
     store.close().await;
     env.cleanup().await;
 }
@@ -38,6 +38,37 @@ async fn upgrading_a_version_1_database_keeps_its_rows_and_compares_client_msg_i
     assert_eq!((out.saved, out.rejected), (vec![(0, 72, 3), (1, 71, 2)], vec![]), "a retry spends no seq");
     let rows: Vec<(u64, String)> = store.all_ids().await.unwrap().into_iter().map(|(_, id, c)| (id, c)).collect();
     assert_eq!(rows, vec![(70, "x".into()), (71, "é✓".into()), (72, "x ".into())]);
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// SPEC §3.10, one seq per message: a message that took both paths in a fail-open episode (its
+/// append reached Redis after all, and the gateway saved it on the baseline path too) is numbered
+/// by whichever path claims it first; the other follows: the stream copy takes the row's seq, or
+/// the fail-open save leaves the message to the stream.
+#[tokio::test]
+async fn a_message_on_both_paths_gets_one_seq_whichever_path_claims_it_first() {
+    let env = TestEnv::new("claims");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 2).unwrap();
+
+    // The baseline path first: saved with seq 1; the stream's claim finds the row's seq.
+    let saved = store.save_fail_open(&[msg(20, 1, 2, "a", "fell open")]).await.unwrap();
+    assert_eq!((saved.saved, saved.streamed), (vec![(0, 20, 1)], vec![]));
+    let seqs = store.claim_for_stream(&[21, 20]).await.unwrap();
+    assert_eq!(seqs, [(20, 1)].into_iter().collect(), "20 follows its row; 21 is the stream's to number");
+    assert_eq!(store.claim_for_stream(&[20, 21]).await.unwrap(), seqs, "a retried batch finds its own claims");
+
+    // The stream first (21): the fail-open save leaves it out and saves the rest of its batch.
+    let out =
+        store.save_fail_open(&[msg(21, 1, 2, "b", "in the stream"), msg(22, 1, 2, "c", "fell open")]).await.unwrap();
+    assert_eq!((out.saved, out.rejected, out.streamed), (vec![(1, 22, 2)], vec![], vec![0]));
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages WHERE id = 21").await.unwrap(), 0, "no row for 21");
+
+    // Without claims (the baseline mode's save, the shard owner's save) nothing is claimed.
+    let plain = store.save_batch(&[msg(23, 1, 2, "d", "baseline mode")]).await.unwrap();
+    assert_eq!((plain.saved, plain.streamed), (vec![(0, 23, 3)], vec![]));
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM path_claims").await.unwrap(), 3, "20, 21 and 22 only");
     store.close().await;
     env.cleanup().await;
 }

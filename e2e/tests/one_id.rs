@@ -101,6 +101,7 @@ async fn an_id_already_stored_for_another_message_is_dead_lettered_and_answered_
         },
         origin: probe.origin,
         pushed_at_epoch: None,
+        path_claim: false,
     };
     let _: String = redis::cmd("XADD")
         .arg(&stream)

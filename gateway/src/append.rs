@@ -98,16 +98,24 @@ impl Appender {
             if in_flight {
                 return self.busy_in_flight(msg);
             }
-            return self.saver.claim_and_save(key.to_owned(), msg).await;
+            let (from, conn, cmid) = (msg.from, origin.conn, msg.client_msg_id.clone());
+            let answer = self.saver.claim_and_save(key.to_owned(), msg).await;
+            if answer.first().is_some_and(|f| f.ack_type == Some(AckType::Accepted)) {
+                // In a stream from an earlier attempt: its `ACK saved` goes to that attempt's connection.
+                self.receipts.watch(key.to_owned(), from, conn, cmid);
+            }
+            return answer;
         }
         // Refusing at once costs almost nothing and leaves the capacity to the messages admitted.
         if let Some(refusal) = self.admission.check(shard) {
             metrics::counter!("im_gateway_server_busy_total", "cause" => refusal.cause()).increment(1);
             return vec![self.refused(shard, key, &msg, origin).await];
         }
-        let payload = encode(&Accepted { msg: msg.clone(), origin, pushed_at_epoch: None });
-        // Redis was known to be away before this call: a call that then fails never reached it.
+        // Only a call made while Redis was known to be away may fail open if it fails. It may still
+        // have reached Redis (the gateway's belief can be stale: a reconnect, then a second crash),
+        // so its entry asks the shard owner to claim its path first (`store::path_claims`).
         let known_down = self.failing.load(Ordering::Relaxed) || !self.deps.redis_up();
+        let payload = encode(&Accepted { msg: msg.clone(), origin, pushed_at_epoch: None, path_claim: known_down });
         let started = std::time::Instant::now();
         let result = self
             .batches
@@ -136,25 +144,21 @@ impl Appender {
                 Some((stage, id)) => vec![stage.receipt(&msg.client_msg_id, id)],
                 None => vec![ServerFrame::error(Reason::InternalError, Some(msg.client_msg_id))],
             },
-            // The outcome is unknown: the call timed out (Redis is stalled and runs the append when
-            // it resumes), or the connection broke under a call made while Redis was answering (it
-            // may have run, and been persisted, before the crash). Saving it on the baseline path
-            // too would give one message two seqs (the stream copy gets another when it is
-            // numbered). Its sender waits, like one with messages in the stream, until a receipt
-            // tells what became of it (the client resends it with the same clientMsgId; the window
-            // then answers). Calls made once the outage is known fail open, and so do calls Redis
-            // answered with an error (the script ran, and failed before its XADD).
-            Err(e)
-                if self.fail_open
-                    && (e.is_timeout() || (!known_down && e.is_io_error() && !e.is_connection_refusal())) =>
-            {
+            // Redis was answering when this call was made, so its outcome is unknown whatever the
+            // error: it may have run and been persisted before a crash, and a cluster connection
+            // retries a failed call on its own (its last error says nothing of the first try).
+            // Saved on the baseline path too, the message would get two seqs, and its stream copy
+            // carries no claim. Its sender waits, like one with messages in the stream, until a
+            // receipt tells what became of it (the client resends it with the same clientMsgId; the
+            // window then answers). Calls made once the outage is known fail open below.
+            Err(e) if self.fail_open && !known_down => {
                 tracing::debug!(error = %e, "append outcome unknown; the sender waits for it");
                 ledger.unresolved(msg.from, &msg.client_msg_id);
                 metrics::counter!("im_gateway_server_busy_total", "cause" => "append_unknown").increment(1);
                 vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
             }
             Err(e) if self.fail_open => {
-                tracing::debug!(error = %e, "append failed; fail-open to the baseline path");
+                tracing::debug!(error = %e, "append failed while Redis was known away; fail-open to the baseline path");
                 self.fall_open(key, msg, in_flight).await
             }
             Err(e) => {

@@ -33,6 +33,9 @@ pub enum SaveResult {
     Rejected,
     /// The database was unavailable; the sender may retry.
     Failed,
+    /// Fail-open only: the shard owner numbered this message from the stream first (its append
+    /// did reach Redis); the stream saves it. The id is the message's own.
+    Streamed(u64),
 }
 
 struct Job {
@@ -58,6 +61,9 @@ pub struct AfterCommit {
     pub fanout: Arc<Fanout>,
     pub keys: Keys,
     pub shards: u16,
+    /// Two-phase modes, where every save here is a fail-open one: claim each message's path first
+    /// (`Store::save_fail_open`), since its append may have reached the stream after all.
+    pub claim_paths: bool,
 }
 
 impl BaselineSaver {
@@ -109,8 +115,11 @@ impl BaselineSaver {
             Ok(Some((stage @ (Stage::Saved | Stage::Failed), id))) => {
                 return vec![stage.receipt(&msg.client_msg_id, id)]
             }
-            // An earlier attempt got no further than accepted (in a stream) or pending (a baseline
-            // save that did not confirm): save it under its id. The UNIQUE key dedupes the row.
+            // An earlier attempt is in a stream: the stream numbers and saves it. Saved here too it
+            // would get a second seq.
+            Ok(Some((Stage::Accepted, id))) => return vec![Stage::Accepted.receipt(&msg.client_msg_id, id)],
+            // An earlier attempt was a baseline save that did not confirm: save it under its id. The
+            // UNIQUE key dedupes the row.
             Ok(Some((_, id))) => msg.id = id,
             Err(e) => tracing::debug!(error = %e, "idempotency window unavailable; the unique key dedupes"),
         }
@@ -122,6 +131,8 @@ impl BaselineSaver {
         let cmid = msg.client_msg_id.clone();
         match self.save(msg, idempotency_key).await {
             SaveResult::Saved(id) => vec![Stage::Saved.receipt(&cmid, id)],
+            // Its stream copy gets the final receipt to this connection, like any accepted message.
+            SaveResult::Streamed(id) => vec![Stage::Accepted.receipt(&cmid, id)],
             failed => vec![save_error(failed, &cmid)],
         }
     }
@@ -131,7 +142,8 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
     let msgs: Vec<ChatMessage> = batch.iter().map(|j| j.msg.clone()).collect();
     metrics::histogram!("im_gateway_insert_batch_size").record(msgs.len() as f64);
     let started = std::time::Instant::now();
-    let outcome = match store.save_batch(&msgs).await {
+    let saved = if after.claim_paths { store.save_fail_open(&msgs).await } else { store.save_batch(&msgs).await };
+    let outcome = match saved {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, rows = msgs.len(), "baseline save failed");
@@ -143,6 +155,9 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
     };
     metrics::histogram!("im_gateway_insert_seconds").record(started.elapsed().as_secs_f64());
     let mut results = vec![SaveResult::Rejected; batch.len()];
+    for &i in &outcome.streamed {
+        results[i] = SaveResult::Streamed(msgs[i].id);
+    }
     let mut settled = Vec::new();
     for &(i, _) in &outcome.rejected {
         if let Some(key) = &batch[i].idempotency_key {

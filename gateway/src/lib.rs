@@ -147,6 +147,7 @@ pub async fn run(
         fanout: fanout.clone(),
         keys: keys.clone(),
         shards: cfg.cluster.shards,
+        claim_paths: cfg.mode() != Mode::Baseline,
     };
     let saver = BaselineSaver::start(store.clone(), after, (cfg.mysql.pool_max / 2).max(1), cfg.mysql.insert_batch_max);
     let deps = im_common::health::Dependencies::watch(redis.clone(), store.clone());

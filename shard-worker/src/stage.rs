@@ -48,12 +48,14 @@ impl ShardContext {
 
     /// Numbers the messages of `batch` that have no seq yet from the shard's counters (restoring
     /// lost counters from MySQL first). With `locate`, the recipients' routes and presence epochs
-    /// are read in the same round trip.
+    /// are read in the same round trip. Messages that may also have been saved on the baseline path
+    /// are claimed first ([`ShardContext::claim_paths`]).
     pub(crate) async fn number(
         &self,
         batch: &mut [Accepted],
         locate: bool,
     ) -> Result<(SeqPlan, Routes, Epochs), String> {
+        self.claim_paths(batch).await?;
         loop {
             let msgs: Vec<&ChatMessage> = batch.iter().map(|a| &a.msg).collect();
             let (read, fields) = sequences::read_counters(&self.keys, self.shard, &msgs);
@@ -69,6 +71,36 @@ impl ShardContext {
             tracing::warn!(shard = self.shard, directions = restored, "seq counters were missing; restored from MySQL");
             metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
         }
+    }
+
+    /// Entries appended while their gateway believed Redis away may have been saved on the baseline
+    /// path too (fail-open): claims them for the stream in MySQL, and gives each one the baseline
+    /// path claimed first its row's seq, so it is not numbered again (see `store::path_claims`).
+    /// One query pair per batch that holds any; none otherwise.
+    async fn claim_paths(&self, batch: &mut [Accepted]) -> Result<(), String> {
+        let ids: Vec<u64> = batch.iter().filter(|a| a.path_claim && a.msg.seq == 0).map(|a| a.msg.id).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let saved = self.store.claim_for_stream(&ids).await.map_err(|e| format!("claiming paths in MySQL: {e}"))?;
+        for a in batch.iter_mut() {
+            if let Some(&seq) = saved.get(&a.msg.id) {
+                a.msg.seq = seq;
+            }
+        }
+        if !saved.is_empty() {
+            tracing::info!(
+                shard = self.shard,
+                messages = saved.len(),
+                "stream copies of fail-open saves take their rows' seqs"
+            );
+        }
+        let label = self.label();
+        metrics::counter!("im_worker_path_claims_total", "shard" => label.clone(), "path" => "stream")
+            .increment((ids.len() - saved.len()) as u64);
+        metrics::counter!("im_worker_path_claims_total", "shard" => label, "path" => "baseline")
+            .increment(saved.len() as u64);
+        Ok(())
     }
 
     /// The next non-empty batch, retrying failed reads with backoff; `None` once the lease is gone.

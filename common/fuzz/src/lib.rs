@@ -76,7 +76,7 @@ pub fn check_send(send: &SendRequest, uid: u64, limits: FrameLimits) {
         seq: 1,
     };
     check_server_frame(&msg.push_frame());
-    let entry = Accepted { msg, origin: Origin { node: 1, conn: 2 }, pushed_at_epoch: Some(3) };
+    let entry = Accepted { msg, origin: Origin { node: 1, conn: 2 }, pushed_at_epoch: Some(3), path_claim: false };
     let decoded: Accepted = record::decode(&record::encode(&entry)).expect("encoded Accepted must decode");
     assert_eq!(decoded, entry, "Accepted record did not round-trip");
 }

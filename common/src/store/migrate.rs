@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (2, "client_msg_id_bytes", include_str!("../../../migrations/0002_client_msg_id_bytes.sql")),
     (3, "sequences", include_str!("../../../migrations/0003_sequences.sql")),
     (4, "last_in_seq", include_str!("../../../migrations/0004_last_in_seq.sql")),
+    (5, "path_claims", include_str!("../../../migrations/0005_path_claims.sql")),
 ];
 
 /// Creates the database named in `url` if it is missing, then applies pending migrations in order.

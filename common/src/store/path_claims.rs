@@ -1,0 +1,83 @@
+//! Path claims (the `path_claims` table): which path numbers a message that may have taken both the
+//! stream and a fail-open save (ARCHITECTURE "Fail-open").
+//!
+//! A gateway falls open only when it believed Redis away before the append; such an append still
+//! may have reached Redis (the connection broke after it ran). It marks the entry
+//! (`Accepted::path_claim`), and the one message then has two candidates for its seq: the shard
+//! owner's counter and MySQL's `conversations.last_out_seq`. Both sides claim its serverMsgId here
+//! first, in one store both can reach while Redis is away, and the first claim wins:
+//!
+//! - the fail-open save claims in the transaction that inserts the row, so a claim the owner sees
+//!   always has its row beside it ([`claim_for_baseline`]);
+//! - the owner claims before it numbers the entry, and takes the saved row's seq where the
+//!   baseline path won ([`Store::claim_for_stream`]); the fail-open save of a message the owner
+//!   claimed first answers `ACK(accepted)` instead, and the stream saves it.
+//!
+//! Both claim in ascending id order, so two claims of the same ids wait for each other and never
+//! deadlock. A claim waits for an uncommitted one of the other side (the primary key's lock): it
+//! is a real fence, not a check.
+
+use std::collections::{HashMap, HashSet};
+
+use mysql_async::prelude::*;
+use mysql_async::{Params, Transaction, Value};
+
+use super::{placeholders, Store, StoreError};
+
+/// `path_claims.path` of a message the shard owner numbered from the stream.
+const STREAM: u8 = 1;
+/// `path_claims.path` of a message a fail-open save numbered in MySQL.
+const BASELINE: u8 = 2;
+
+impl Store {
+    /// Claims `ids` for the stream (the shard owner, before it numbers them). Returns the seq of
+    /// each message the baseline path claimed first: its row's seq, which its stream copy must
+    /// carry too. Idempotent: a retry of the same batch finds its own claims.
+    pub async fn claim_for_stream(&self, ids: &[u64]) -> Result<HashMap<u64, u64>, StoreError> {
+        let ids = sorted(ids);
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut conn = self.pool.get_conn().await?;
+        conn.exec_drop(insert_sql(ids.len()), claim_params(&ids, STREAM)).await?;
+        let sql = format!(
+            "SELECT c.id, m.seq FROM path_claims c JOIN messages m ON m.id = c.id WHERE c.path = {BASELINE} AND c.id IN ({})",
+            placeholders(ids.len(), 1)
+        );
+        let found: Vec<(u64, u64)> =
+            conn.exec(sql, Params::Positional(ids.iter().map(|&id| id.into()).collect())).await?;
+        Ok(found.into_iter().collect())
+    }
+}
+
+/// Claims `ids` for the baseline path inside the fail-open save's transaction. Returns the ids the
+/// stream claimed first: those must not be saved here.
+pub(super) async fn claim_for_baseline(tx: &mut Transaction<'_>, ids: &[u64]) -> Result<HashSet<u64>, StoreError> {
+    let ids = sorted(ids);
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    tx.exec_drop(insert_sql(ids.len()), claim_params(&ids, BASELINE)).await?;
+    // A locking read: the latest committed claims, whatever this transaction's snapshot.
+    let sql = format!(
+        "SELECT id FROM path_claims WHERE path = {STREAM} AND id IN ({}) LOCK IN SHARE MODE",
+        placeholders(ids.len(), 1)
+    );
+    let taken: Vec<u64> = tx.exec(sql, Params::Positional(ids.iter().map(|&id| id.into()).collect())).await?;
+    Ok(taken.into_iter().collect())
+}
+
+fn sorted(ids: &[u64]) -> Vec<u64> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn insert_sql(rows: usize) -> String {
+    format!("INSERT INTO path_claims (id, path) VALUES {} ON DUPLICATE KEY UPDATE id = id", placeholders(rows, 2))
+}
+
+fn claim_params(ids: &[u64], path: u8) -> Params {
+    Params::Positional(ids.iter().flat_map(|&id| [Value::from(id), Value::from(path)]).collect())
+}
