@@ -160,3 +160,81 @@ async fn a_message_whose_append_may_have_reached_redis_is_not_saved_a_second_way
     store.close().await;
     drop(c);
 }
+
+/// One seq per message (SPEC §3.10) when a message does take both paths: an append made while the
+/// gateway already believed Redis away fails open, and if Redis runs it after all (here: Redis was
+/// stalled and runs its queue when it resumes), the stream copy must follow the row the baseline path
+/// saved — not be numbered again after the sender's later messages, which would push it under
+/// another seq than its row's and leave a hole (the Redis Cluster drill found this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_saved_by_fail_open_whose_append_ran_after_all_keeps_its_rows_seq() {
+    let env = TestEnv::new("both_paths");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.force_private = true; // this test pauses Redis
+    s.config.two_phase.fail_open = true;
+    let c = e2e::start(&s).await;
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (alice_id, carol_id, bob_id) = (6411, 6413, 6412);
+    let mut alice = Client::connect(&url, &secret, alice_id).await;
+    let mut carol = Client::connect(&url, &secret, carol_id).await;
+    let mut bob = Client::connect(&url, &secret, bob_id).await;
+    for client in [&mut alice, &mut carol, &mut bob] {
+        client.synced().await;
+    }
+    carol.chat(bob_id, "c0", "x").await;
+    carol.ack("saved", "c0").await;
+
+    // The shard owner pauses, so it numbers nothing until the fail-open save's seq floor is in Redis.
+    let worker = c.state.workers[0].pid;
+    process::send(worker, Signal::SIGSTOP).unwrap();
+    let redis = c.state.private_servers[private_server(&c.state, "redis")].pid;
+    process::send(redis, Signal::SIGSTOP).unwrap();
+    // Alice's append times out while Redis was answering: unknown outcome, server_busy. From now on
+    // the gateway believes Redis away.
+    alice.chat(bob_id, "a1", "x").await;
+    let answer = alice.expect("the answer to a1", |v| v["clientMsgId"] == "a1").await;
+    assert_eq!(answer["reason"].as_str(), Some("server_busy"), "{answer}");
+    // Carol's append, made while Redis is known away, times out too and fails open: saved, seq 2.
+    carol.chat(bob_id, "c1", "x").await;
+    let saved = carol.expect("the answer to c1", |v| v["clientMsgId"] == "c1").await;
+    assert_eq!((saved["type"].as_str(), saved["ackType"].as_str()), (Some("ACK"), Some("saved")), "{saved}");
+    // Redis resumes and runs both queued appends: c1 is in the stream as well.
+    process::send(redis, Signal::SIGCONT).unwrap();
+    let cfg = im_common::config::Config::load_with_env(Some(&c.state.config_path), Vec::<(String, String)>::new())
+        .expect("the cluster's config");
+    let keys = im_common::keys::Keys::from_config(&cfg);
+    let mut redis_conn =
+        redis::Client::open(c.state.redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    // The gateway writes the fail-open save's seq floor once it sees Redis again.
+    let floor = im_common::keys::seq_field(carol_id, bob_id);
+    let raised = im_harness::poll::until_true_async(WAIT, || {
+        let (key, field, mut conn) = (keys.seq_counters(0), floor.clone(), redis_conn.clone());
+        async move {
+            let top: Option<u64> = redis::cmd("HGET").arg(key).arg(field).query_async(&mut conn).await.ok().flatten();
+            top >= Some(2)
+        }
+    })
+    .await;
+    assert!(raised, "the gateway never raised carol→bob's counter to the fail-open save's seq");
+    let entries: usize = redis::cmd("XLEN").arg(keys.accepted_stream(0)).query_async(&mut redis_conn).await.unwrap();
+    assert_eq!(entries, 2, "a1 and c1 were appended when Redis resumed");
+    process::send(worker, Signal::SIGCONT).unwrap();
+
+    carol.chat(bob_id, "c2", "x").await;
+    carol.ack("saved", "c2").await;
+    let mut seqs: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for v in bob.drain(std::time::Duration::from_secs(2)).await.iter().filter(|v| v["type"] == "SINGLE_CHAT") {
+        let cmid = v["clientMsgId"].as_str().unwrap_or_default().to_owned();
+        seqs.entry(cmid).or_default().push(v["seq"].as_u64().unwrap_or(0));
+    }
+    assert!(seqs["c1"].iter().all(|&s| s == 2), "c1 pushed under another seq than its row's 2: {seqs:?}");
+    assert!(seqs["c1"].len() >= 2, "the stream copy of c1 was pushed too (with the row's seq): {seqs:?}");
+    assert_eq!(seqs["c2"], [3], "{seqs:?}");
+    let store = im_common::store::Store::connect(&c.state.mysql_url, 1).unwrap();
+    let count =
+        store.query_u64(&format!("SELECT COUNT(*) FROM messages WHERE from_user_id = {carol_id}")).await.unwrap();
+    let top = store.query_u64(&format!("SELECT MAX(seq) FROM messages WHERE from_user_id = {carol_id}")).await.unwrap();
+    assert_eq!((count, top), (3, 3), "carol's rows are c0, c1, c2 with seqs 1..3, no gap");
+    store.close().await;
+    drop(c);
+}
