@@ -11,7 +11,7 @@ use std::sync::Arc;
 use im_common::connections::RedisConn;
 
 use crate::admission::Admission;
-use crate::append_batch::{Append, AppendBatcher};
+use crate::append_batch::{Append, AppendBatcher, Appended};
 use crate::baseline::BaselineSaver;
 use crate::receipt_watch::ReceiptWatch;
 use crate::sessions::SenderLedger;
@@ -73,7 +73,10 @@ impl Appender {
     /// The lookup rides in the shard's next append batch: under overload most messages are refused,
     /// and a round trip each would load Redis with what admission is meant to spare it.
     async fn refused(&self, shard: u16, key: &str, msg: &ChatMessage, origin: Origin) -> ServerFrame {
-        let earlier = self.batches.append(shard, Append::lookup(key)).await.ok().flatten();
+        let earlier = match self.batches.append(shard, Append::lookup(key)).await {
+            Ok(Appended::Earlier(state)) => Some(state),
+            _ => None,
+        };
         let answer = refused_answer(earlier.as_deref().and_then(decode_state), &msg.client_msg_id, Reason::ServerBusy);
         if answer.ack_type == Some(AckType::Accepted) {
             self.receipts.watch(key.to_owned(), msg.from, origin.conn, msg.client_msg_id.clone());
@@ -127,12 +130,23 @@ impl Appender {
         }
         self.failing.store(result.is_err(), Ordering::Relaxed);
         match result {
-            Ok(None) => {
+            Ok(Appended::New) => {
                 self.appends[usize::from(shard)].increment(1);
                 vec![Stage::Accepted.receipt(&msg.client_msg_id, msg.id)]
             }
+            // Redis ran the script and refused this message (its key holds another type, Redis is
+            // out of memory, ...): nothing was appended, so the baseline path is its only one.
+            Ok(Appended::Refused(error)) if self.fail_open => {
+                tracing::debug!(%error, "Redis refused an append; fail-open to the baseline path");
+                self.fall_open(key, msg, in_flight).await
+            }
+            Ok(Appended::Refused(error)) => {
+                tracing::debug!(%error, "Redis refused an append; fail-open is off");
+                metrics::counter!("im_gateway_server_busy_total", "cause" => "redis_unavailable").increment(1);
+                vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
+            }
             // A fail-open attempt claimed it but did not confirm: finish it on the baseline path.
-            Ok(Some(prev)) => match decode_state(&prev) {
+            Ok(Appended::Earlier(prev)) => match decode_state(&prev) {
                 Some((Stage::Pending, id)) => {
                     self.saver.save_and_answer(ChatMessage { id, ..msg }, Some(key.to_owned())).await
                 }
@@ -150,7 +164,8 @@ impl Appender {
             // Saved on the baseline path too, the message would get two seqs, and its stream copy
             // carries no claim. Its sender waits, like one with messages in the stream, until a
             // receipt tells what became of it (the client resends it with the same clientMsgId; the
-            // window then answers). Calls made once the outage is known fail open below.
+            // window then answers). Calls made once the outage is known fail open below, and so do
+            // messages the script itself refused (above).
             Err(e) if self.fail_open && !known_down => {
                 tracing::debug!(error = %e, "append outcome unknown; the sender waits for it");
                 ledger.unresolved(msg.from, &msg.client_msg_id);

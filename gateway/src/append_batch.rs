@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 /// KEYS: accepted stream, then one idempotency key per message. ARGV: field name, then state to
 /// store and payload per message; an empty state only looks the key up (a refused message: its
 /// earlier attempt's receipt, if any, is its answer). For each message: its earlier state when its
-/// key exists (nothing appended), else false (nil in the reply).
+/// key exists (nothing appended), else false (nil in the reply); or `refused:<error>` when Redis
+/// refused its GET or XADD (the key holds another type, Redis is out of memory, ...): nothing was
+/// appended for it, and the other messages of the batch go on.
 ///
 /// A key gets no TTL here: the window of a message must last at least as long as the message is
 /// unsaved (SPEC §3.9), however long MySQL is away. The save stage's commit sets the final state
@@ -25,19 +27,28 @@ use tokio::sync::{mpsc, oneshot};
 const APPEND_SCRIPT: &str = r"
 local out = {}
 for i = 2, #KEYS do
-  local prev = redis.call('GET', KEYS[i])
-  if prev then
+  local prev = redis.pcall('GET', KEYS[i])
+  if type(prev) == 'table' and prev.err then
+    out[i - 1] = 'refused:' .. prev.err
+  elseif prev then
     out[i - 1] = prev
   elseif ARGV[2 * i - 2] == '' then
     out[i - 1] = false
   else
-    redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2 * i - 1])
-    redis.call('SET', KEYS[i], ARGV[2 * i - 2])
-    out[i - 1] = false
+    local added = redis.pcall('XADD', KEYS[1], '*', ARGV[1], ARGV[2 * i - 1])
+    if type(added) == 'table' and added.err then
+      out[i - 1] = 'refused:' .. added.err
+    else
+      redis.call('SET', KEYS[i], ARGV[2 * i - 2])
+      out[i - 1] = false
+    end
   end
 end
 return out
 ";
+
+/// The prefix of a message's answer when Redis refused it inside the script.
+const REFUSED: &str = "refused:";
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(APPEND_SCRIPT));
 
@@ -59,9 +70,32 @@ impl Append {
     }
 }
 
+/// What the append script did with one message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Appended (a lookup: no earlier attempt).
+    New,
+    /// Its key exists: the earlier attempt's state. Nothing appended.
+    Earlier(String),
+    /// Redis ran the script and refused this message's commands, with this error. Nothing appended.
+    Refused(String),
+}
+
+impl Appended {
+    fn from_reply(state: Value) -> RedisResult<Self> {
+        Ok(match redis::from_redis_value::<Option<String>>(state)? {
+            None => Appended::New,
+            Some(s) => match s.strip_prefix(REFUSED) {
+                Some(error) => Appended::Refused(error.to_owned()),
+                None => Appended::Earlier(s),
+            },
+        })
+    }
+}
+
 struct Job {
     append: Append,
-    answer: oneshot::Sender<RedisResult<Option<String>>>,
+    answer: oneshot::Sender<RedisResult<Appended>>,
 }
 
 /// The per-shard append queues.
@@ -83,9 +117,9 @@ impl AppendBatcher {
         AppendBatcher { shards: Arc::new(senders) }
     }
 
-    /// Appends one message to `shard`'s stream unless its key exists: `Ok(None)` when appended,
-    /// `Ok(Some(earlier state))` when not.
-    pub async fn append(&self, shard: u16, append: Append) -> RedisResult<Option<String>> {
+    /// Appends one message to `shard`'s stream unless its key exists. An `Err` is the call's: its
+    /// outcome is unknown (it may have run).
+    pub async fn append(&self, shard: u16, append: Append) -> RedisResult<Appended> {
         let (answer, answered) = oneshot::channel();
         let gone = || redis::RedisError::from((redis::ErrorKind::Io, "append task ended"));
         self.shards[usize::from(shard)].send(Job { append, answer }).map_err(|_| gone())?;
@@ -105,7 +139,7 @@ async fn run(mut conn: RedisConn, stream: String, mut queue: mpsc::UnboundedRece
         match call.invoke_async::<Vec<Value>>(&mut conn).await {
             Ok(states) if states.len() == jobs.len() => {
                 for (job, state) in jobs.drain(..).zip(states) {
-                    let _ = job.answer.send(redis::from_redis_value::<Option<String>>(state).map_err(Into::into));
+                    let _ = job.answer.send(Appended::from_reply(state));
                 }
             }
             Ok(states) => {
