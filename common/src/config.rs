@@ -264,7 +264,7 @@ impl Default for TwoPhaseConfig {
             batch_size: 500,
             block_ms: 500,
             max_batch_delay_ms: 2,
-            save_batch_delay_ms: 10,
+            save_batch_delay_ms: 30,
             max_backlog: 200_000,
             lease_ttl_ms: 5000,
         }
