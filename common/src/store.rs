@@ -62,6 +62,12 @@ impl StoreError {
         }
     }
 
+    /// Whether the server rolled the transaction back to break a deadlock (ERROR 1213): redoing it
+    /// at once is the cure InnoDB documents.
+    pub fn is_deadlock(&self) -> bool {
+        matches!(self, StoreError::Transient(m) if m.starts_with(&format!("ERROR {DEADLOCK} ")))
+    }
+
     /// The server's error code, when the server answered with one.
     pub fn code(&self) -> Option<u16> {
         match self {
@@ -107,6 +113,12 @@ fn is_row_error(code: u16) -> bool {
     )
 }
 
+/// The server chose this transaction as a deadlock's victim and rolled it back.
+const DEADLOCK: u16 = 1213;
+
+/// A save that keeps being a deadlock's victim is redone at once this often before its caller hears.
+const DEADLOCK_REDOS: usize = 3;
+
 /// Server error codes about the server's momentary state: the same statement may succeed on retry
 /// without anyone changing the database. Every other server error that is not about a row is
 /// [`StoreError::Refused`].
@@ -119,7 +131,7 @@ fn is_server_state_error(code: u16) -> bool {
             | 1158
             ..=1161 // network read/write errors and timeouts
             | 1205 // lock wait timeout
-            | 1213 // deadlock
+            | DEADLOCK
             | 1317 // query interrupted
             | 1615 // prepared statement needs to be re-prepared (the table changed under it)
             | 1927 // connection killed (MariaDB)
@@ -190,6 +202,7 @@ impl Store {
 
     async fn save(&self, batch: &[ChatMessage], claim: bool) -> Result<SaveOutcome, StoreError> {
         let mut outcome = SaveOutcome::default();
+        let mut deadlocks = 0;
         // Ranges of the batch still to insert; a permanent error splits its range.
         let mut todo: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
         todo.push(0..batch.len());
@@ -212,6 +225,11 @@ impl Store {
                     let mid = range.start + range.len() / 2;
                     todo.push(mid..range.end);
                     todo.push(range.start..mid);
+                }
+                Err(e) if e.is_deadlock() && deadlocks < DEADLOCK_REDOS => {
+                    deadlocks += 1;
+                    metrics::counter!("im_store_deadlock_redos_total").increment(1);
+                    todo.push(range);
                 }
                 Err(e) => return Err(e),
             }

@@ -42,7 +42,7 @@ impl Store {
         conn.exec_drop(insert_sql(ids.len()), claim_params(&ids, STREAM)).await?;
         let sql = format!(
             "SELECT c.id, m.seq FROM path_claims c JOIN messages m ON m.id = c.id WHERE c.path = {BASELINE} AND c.id IN ({})",
-            placeholders(ids.len(), 1)
+            in_list(ids.len())
         );
         let found: Vec<(u64, u64)> =
             conn.exec(sql, Params::Positional(ids.iter().map(|&id| id.into()).collect())).await?;
@@ -58,11 +58,10 @@ pub(super) async fn claim_for_baseline(tx: &mut Transaction<'_>, ids: &[u64]) ->
         return Ok(HashSet::new());
     }
     tx.exec_drop(insert_sql(ids.len()), claim_params(&ids, BASELINE)).await?;
-    // A locking read: the latest committed claims, whatever this transaction's snapshot.
-    let sql = format!(
-        "SELECT id FROM path_claims WHERE path = {STREAM} AND id IN ({}) LOCK IN SHARE MODE",
-        placeholders(ids.len(), 1)
-    );
+    // A plain read sees every claim committed before it: it is the transaction's first, so its
+    // snapshot starts here, after the INSERT waited out any uncommitted claim of the stream. (A
+    // locking read took shared locks on other transactions' claims too and deadlocked with them.)
+    let sql = format!("SELECT id FROM path_claims WHERE path = {STREAM} AND id IN ({})", in_list(ids.len()));
     let taken: Vec<u64> = tx.exec(sql, Params::Positional(ids.iter().map(|&id| id.into()).collect())).await?;
     Ok(taken.into_iter().collect())
 }
@@ -80,4 +79,9 @@ fn insert_sql(rows: usize) -> String {
 
 fn claim_params(ids: &[u64], path: u8) -> Params {
     Params::Positional(ids.iter().flat_map(|&id| [Value::from(id), Value::from(path)]).collect())
+}
+
+/// `?,?,?` for an `IN` list of `n` values (a point range per value on the primary key).
+fn in_list(n: usize) -> String {
+    vec!["?"; n].join(",")
 }

@@ -58,6 +58,9 @@ impl PrivateServer {
             "--innodb-buffer-pool-size=256M".into(),
             "--innodb-log-file-size=256M".into(),
             "--max-connections=1000".into(),
+            // Every deadlock goes to the server's log (`mariadb/mariadb.log`), so a drill that
+            // meets one shows which statements took part.
+            "--innodb-print-all-deadlocks=ON".into(),
         ];
         if running_as_root() {
             // mariadbd refuses to run as root unless told explicitly.
