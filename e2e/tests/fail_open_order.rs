@@ -2,7 +2,7 @@
 //! stream, none of the sender's later messages may be saved and pushed past it on the baseline path
 //! — not from the same connection, not from a second device, not after a reconnect.
 
-use e2e::{private_server, spec, Client, TestEnv, WAIT};
+use e2e::{private_server, spec, Client, ClusterGuard, TestEnv, WAIT};
 use im_common::backoff::Backoff;
 use im_common::config::Mode;
 use im_harness::process::{self, Signal};
@@ -11,14 +11,21 @@ use im_harness::process::{self, Signal};
 const RESEND_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
 const RESEND_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A full-mode cluster of one gateway and one worker with fail-open on, on private servers (these
+/// tests stop or pause Redis); with the gateway's WebSocket URL and the JWT secret.
+async fn fail_open_cluster(env: &TestEnv) -> (ClusterGuard, String, String) {
+    let mut s = spec(env, Mode::Full, 1, 1);
+    s.force_private = true;
+    s.config.two_phase.fail_open = true;
+    let c = e2e::start(&s).await;
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    (c, url, secret)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_device_of_a_sender_overtakes_its_message_still_in_the_stream() {
     let env = TestEnv::new("fail_open_sender");
-    let mut s = spec(&env, Mode::Full, 1, 1);
-    s.force_private = true; // this test stops Redis
-    s.config.two_phase.fail_open = true;
-    let mut c = e2e::start(&s).await;
-    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (mut c, url, secret) = fail_open_cluster(&env).await;
     let mut phone = Client::connect(&url, &secret, 6301).await;
     let mut laptop = Client::connect(&url, &secret, 6301).await;
     laptop.ping().await;
@@ -57,11 +64,7 @@ async fn no_device_of_a_sender_overtakes_its_message_still_in_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_saved_while_redis_was_down_keeps_its_id_when_resent_after_redis_returns() {
     let env = TestEnv::new("fail_open_resend");
-    let mut s = spec(&env, Mode::Full, 1, 1);
-    s.force_private = true; // this test stops Redis
-    s.config.two_phase.fail_open = true;
-    let mut c = e2e::start(&s).await;
-    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (mut c, url, secret) = fail_open_cluster(&env).await;
     let mut alice = Client::connect(&url, &secret, 6401).await;
     let redis = private_server(&c.state, "redis");
     c.state.private_servers[redis].stop().await.unwrap();
@@ -100,11 +103,7 @@ async fn a_message_saved_while_redis_was_down_keeps_its_id_when_resent_after_red
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_append_may_have_reached_redis_is_not_saved_a_second_way() {
     let env = TestEnv::new("append_unknown");
-    let mut s = spec(&env, Mode::Full, 1, 1);
-    s.force_private = true; // this test pauses Redis
-    s.config.two_phase.fail_open = true;
-    let c = e2e::start(&s).await;
-    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (c, url, secret) = fail_open_cluster(&env).await;
     let (alice_id, bob_id) = (6401, 6402);
     let mut alice = Client::connect(&url, &secret, alice_id).await;
     let mut bob = Client::connect(&url, &secret, bob_id).await;
@@ -169,11 +168,7 @@ async fn a_message_whose_append_may_have_reached_redis_is_not_saved_a_second_way
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_saved_by_fail_open_whose_append_ran_after_all_keeps_its_rows_seq() {
     let env = TestEnv::new("both_paths");
-    let mut s = spec(&env, Mode::Full, 1, 1);
-    s.force_private = true; // this test pauses Redis
-    s.config.two_phase.fail_open = true;
-    let c = e2e::start(&s).await;
-    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (c, url, secret) = fail_open_cluster(&env).await;
     let (alice_id, carol_id, bob_id) = (6411, 6413, 6412);
     let mut alice = Client::connect(&url, &secret, alice_id).await;
     let mut carol = Client::connect(&url, &secret, carol_id).await;
@@ -200,11 +195,8 @@ async fn a_message_saved_by_fail_open_whose_append_ran_after_all_keeps_its_rows_
     assert_eq!((saved["type"].as_str(), saved["ackType"].as_str()), (Some("ACK"), Some("saved")), "{saved}");
     // Redis resumes and runs both queued appends: c1 is in the stream as well.
     process::send(redis, Signal::SIGCONT).unwrap();
-    let cfg = im_common::config::Config::load_with_env(Some(&c.state.config_path), Vec::<(String, String)>::new())
-        .expect("the cluster's config");
-    let keys = im_common::keys::Keys::from_config(&cfg);
-    let mut redis_conn =
-        redis::Client::open(c.state.redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys = env.keys();
+    let mut redis_conn = e2e::redis(&c.state.redis_url).await;
     // The gateway writes the fail-open save's seq floor once it sees Redis again.
     let floor = im_common::keys::seq_field(carol_id, bob_id);
     let raised = im_harness::poll::until_true_async(WAIT, || {

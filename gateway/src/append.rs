@@ -99,7 +99,7 @@ impl Appender {
         if self.fail_open && !self.saver.outbox.is_empty() {
             // Marks or pushes of earlier fail-open saves still wait for Redis: stay behind them.
             if in_flight {
-                return self.busy_in_flight(msg);
+                return self.busy(msg, "in_flight");
             }
             let (from, conn, cmid) = (msg.from, origin.conn, msg.client_msg_id.clone());
             let answer = self.saver.claim_and_save(key.to_owned(), msg).await;
@@ -134,17 +134,6 @@ impl Appender {
                 self.appends[usize::from(shard)].increment(1);
                 vec![Stage::Accepted.receipt(&msg.client_msg_id, msg.id)]
             }
-            // Redis ran the script and refused this message (its key holds another type, Redis is
-            // out of memory, ...): nothing was appended, so the baseline path is its only one.
-            Ok(Appended::Refused(error)) if self.fail_open => {
-                tracing::debug!(%error, "Redis refused an append; fail-open to the baseline path");
-                self.fall_open(key, msg, in_flight).await
-            }
-            Ok(Appended::Refused(error)) => {
-                tracing::debug!(%error, "Redis refused an append; fail-open is off");
-                metrics::counter!("im_gateway_server_busy_total", "cause" => "redis_unavailable").increment(1);
-                vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
-            }
             // A fail-open attempt claimed it but did not confirm: finish it on the baseline path.
             Ok(Appended::Earlier(prev)) => match decode_state(&prev) {
                 Some((Stage::Pending, id)) => {
@@ -164,22 +153,22 @@ impl Appender {
             // Saved on the baseline path too, the message would get two seqs, and its stream copy
             // carries no claim. Its sender waits, like one with messages in the stream, until a
             // receipt tells what became of it (the client resends it with the same clientMsgId; the
-            // window then answers). Calls made once the outage is known fail open below, and so do
-            // messages the script itself refused (above).
+            // window then answers).
             Err(e) if self.fail_open && !known_down => {
                 tracing::debug!(error = %e, "append outcome unknown; the sender waits for it");
                 ledger.unresolved(msg.from, &msg.client_msg_id);
-                metrics::counter!("im_gateway_server_busy_total", "cause" => "append_unknown").increment(1);
-                vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
+                self.busy(msg, "append_unknown")
             }
-            Err(e) if self.fail_open => {
-                tracing::debug!(error = %e, "append failed while Redis was known away; fail-open to the baseline path");
-                self.fall_open(key, msg, in_flight).await
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "append failed; fail-open is off");
-                metrics::counter!("im_gateway_server_busy_total", "cause" => "redis_unavailable").increment(1);
-                vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
+            // Nothing was appended — Redis ran the script and refused this message (its key holds
+            // another type, Redis is out of memory, ...) — or the call was made while Redis was
+            // known away: the baseline path, if fail-open is on.
+            not_taken => {
+                tracing::debug!(outcome = ?not_taken, fail_open = self.fail_open, "append not taken");
+                if self.fail_open {
+                    self.fall_open(key, msg, in_flight).await
+                } else {
+                    self.busy(msg, "redis_unavailable")
+                }
             }
         }
     }
@@ -190,14 +179,15 @@ impl Appender {
     /// `key` is marked saved once Redis takes it (see [`crate::outbox`]).
     async fn fall_open(&self, key: &str, msg: ChatMessage, in_flight: bool) -> Vec<ServerFrame> {
         if in_flight {
-            return self.busy_in_flight(msg);
+            return self.busy(msg, "in_flight");
         }
         metrics::counter!("im_gateway_fail_open_total").increment(1);
         self.saver.save_and_answer(msg, Some(key.to_owned())).await
     }
 
-    fn busy_in_flight(&self, msg: ChatMessage) -> Vec<ServerFrame> {
-        metrics::counter!("im_gateway_server_busy_total", "cause" => "in_flight").increment(1);
+    /// `server_busy` for `msg`, counted under `cause`.
+    fn busy(&self, msg: ChatMessage, cause: &'static str) -> Vec<ServerFrame> {
+        metrics::counter!("im_gateway_server_busy_total", "cause" => cause).increment(1);
         vec![ServerFrame::error(Reason::ServerBusy, Some(msg.client_msg_id))]
     }
 
