@@ -1,4 +1,5 @@
-//! The wire envelope (SPEC §4): one JSON object per WebSocket text frame.
+//! The wire envelope (SPEC §4): one JSON object per WebSocket text frame, or the same envelope in
+//! MessagePack per binary frame ([`Encoding`]).
 //!
 //! Inbound frames ([`ClientFrame`]) are parsed leniently — ids may arrive as numbers or strings — and
 //! then validated into a typed [`Request`] with a named [`Reason`] for every way they can be wrong.
@@ -14,6 +15,7 @@ use serde_json::Value;
 pub enum Reason {
     Unauthorized,
     BadJson,
+    BadMsgpack,
     MissingType,
     NotImplemented,
     MissingMsgId,
@@ -34,9 +36,10 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for docs and metrics pre-registration.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Unauthorized,
         Reason::BadJson,
+        Reason::BadMsgpack,
         Reason::MissingType,
         Reason::NotImplemented,
         Reason::MissingMsgId,
@@ -60,6 +63,7 @@ impl Reason {
         match self {
             Reason::Unauthorized => "unauthorized",
             Reason::BadJson => "bad_json",
+            Reason::BadMsgpack => "bad_msgpack",
             Reason::MissingType => "missing_type",
             Reason::NotImplemented => "not_implemented",
             Reason::MissingMsgId => "missing_msg_id",
@@ -207,9 +211,9 @@ pub struct FrameLimits {
     pub max_body_chars: usize,
 }
 
-/// Parses and validates one text frame from user `uid`.
-pub fn parse_request(text: &[u8], uid: u64, limits: FrameLimits) -> Result<Request, Rejection> {
-    let frame: ClientFrame = serde_json::from_slice(text).map_err(|_| reject(Reason::BadJson, None))?;
+/// Parses and validates one frame from user `uid`, written in `encoding`.
+pub fn parse_request(bytes: &[u8], encoding: Encoding, uid: u64, limits: FrameLimits) -> Result<Request, Rejection> {
+    let frame: ClientFrame = encoding.decode(bytes).ok_or_else(|| reject(encoding.undecodable(), None))?;
     let client_msg_id = match &frame.client_msg_id {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
@@ -409,16 +413,13 @@ impl ServerFrame {
     pub fn error(reason: Reason, client_msg_id: Option<String>) -> Self {
         ServerFrame { reason: Some(reason), client_msg_id, ..Self::bare(FrameType::Error) }
     }
-
-    /// The JSON text of this frame.
-    pub fn to_json(&self) -> String {
-        // Serializing a struct of strings, integers and enums into a String cannot fail.
-        serde_json::to_string(self).unwrap_or_default()
-    }
 }
 
 /// Serde helper: `Option<u64>` written as a decimal string, read from a string or a number.
 mod decimal;
+mod encoding;
+
+pub use encoding::{Encoded, Encoding, JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL};
 
 #[cfg(test)]
 mod tests {
@@ -426,8 +427,12 @@ mod tests {
 
     const LIMITS: FrameLimits = FrameLimits { max_body_chars: 10 };
 
+    fn json_text(frame: &ServerFrame) -> String {
+        String::from_utf8(Encoding::Json.encode(frame).to_vec()).unwrap()
+    }
+
     fn reason_of(text: &str) -> Reason {
-        parse_request(text.as_bytes(), 7, LIMITS).unwrap_err().reason
+        parse_request(text.as_bytes(), Encoding::Json, 7, LIMITS).unwrap_err().reason
     }
 
     #[test]
@@ -482,7 +487,7 @@ mod tests {
 
     #[test]
     fn acks_name_a_message_or_a_position_and_syncs_parse() {
-        let parse = |t: &str| parse_request(t.as_bytes(), 7, LIMITS).unwrap();
+        let parse = |t: &str| parse_request(t.as_bytes(), Encoding::Json, 7, LIMITS).unwrap();
         assert_eq!(
             parse(r#"{"type":"ACK","ackType":"read","serverMsgId":"99"}"#),
             Request::Ack { ack_type: AckType::Read, target: AckTarget::Message(99) }
@@ -500,29 +505,53 @@ mod tests {
             parse(r#"{"type":"SYNC","peer":3,"afterSeq":"4"}"#),
             Request::Sync(SyncRequest::Peer { peer: 3, after_seq: 4 })
         );
-        let receipt = ServerFrame::receipt(AckType::Read, 3, 5, None).to_json();
+        let receipt = json_text(&ServerFrame::receipt(AckType::Read, 3, 5, None));
         assert_eq!(receipt, r#"{"type":"RECEIPT","ackType":"read","seq":5,"peer":"3"}"#);
     }
 
     #[test]
     fn to_accepts_number_or_string_and_body_counts_characters() {
         let ok = r#"{"type":"SINGLE_CHAT","clientMsgId":"c1","to":"42","from":7,"body":"ééééééééé"}"#;
-        let Request::Send(send) = parse_request(ok.as_bytes(), 7, LIMITS).unwrap() else { panic!("not a send") };
+        let Request::Send(send) = parse_request(ok.as_bytes(), Encoding::Json, 7, LIMITS).unwrap() else {
+            panic!("not a send")
+        };
         assert_eq!((send.to, send.msg_type.as_str(), send.client_msg_id.as_str()), (42, "TEXT", "c1"));
         let num = r#"{"type":"SINGLE_CHAT","clientMsgId":5,"to":42,"body":"x"}"#;
-        assert!(matches!(parse_request(num.as_bytes(), 7, LIMITS), Ok(Request::Send(s)) if s.client_msg_id == "5"));
+        assert!(
+            matches!(parse_request(num.as_bytes(), Encoding::Json, 7, LIMITS), Ok(Request::Send(s)) if s.client_msg_id == "5")
+        );
+    }
+
+    #[test]
+    fn a_request_in_messagepack_parses_like_the_same_request_in_json() {
+        let send = serde_json::json!({"type": "SINGLE_CHAT", "clientMsgId": "c1", "to": 42, "body": "hé"});
+        let packed = rmp_serde::to_vec_named(&send).unwrap();
+        let from_json = parse_request(send.to_string().as_bytes(), Encoding::Json, 7, LIMITS);
+        assert_eq!(parse_request(&packed, Encoding::MsgPack, 7, LIMITS), from_json);
+        assert!(matches!(from_json, Ok(Request::Send(s)) if s.to == 42 && s.body == "hé"));
+        let too_long = rmp_serde::to_vec_named(
+            &serde_json::json!({"type": "SINGLE_CHAT", "clientMsgId": "c2", "to": "42", "body": "12345678901"}),
+        )
+        .unwrap();
+        let refused = parse_request(&too_long, Encoding::MsgPack, 7, LIMITS).unwrap_err();
+        assert_eq!((refused.reason, refused.client_msg_id.as_deref()), (Reason::BodyTooLong, Some("c2")));
+        for bad in [&b"\xc1"[..], b"", b"{\"type\":\"PING\"}", &[0x81, 0xa4, b't', b'y']] {
+            let refused = parse_request(bad, Encoding::MsgPack, 7, LIMITS).unwrap_err();
+            assert_eq!(refused.reason, Reason::BadMsgpack, "{bad:?}");
+        }
     }
 
     #[test]
     fn rejection_keeps_the_client_msg_id() {
         let r =
-            parse_request(br#"{"type":"SINGLE_CHAT","clientMsgId":"m9","to":7,"body":"x"}"#, 7, LIMITS).unwrap_err();
+            parse_request(br#"{"type":"SINGLE_CHAT","clientMsgId":"m9","to":7,"body":"x"}"#, Encoding::Json, 7, LIMITS)
+                .unwrap_err();
         assert_eq!(r.client_msg_id.as_deref(), Some("m9"));
     }
 
     #[test]
     fn server_frames_emit_ids_as_strings_and_omit_nulls() {
-        let json = ServerFrame::ack(AckType::Saved, "c1", 1234).to_json();
+        let json = json_text(&ServerFrame::ack(AckType::Saved, "c1", 1234));
         let v: Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["type"], "ACK");
         assert_eq!(v["ackType"], "saved");
@@ -530,7 +559,7 @@ mod tests {
         assert!(v.get("body").is_none());
         let back: ServerFrame = serde_json::from_str(&json).unwrap();
         assert_eq!(back.server_msg_id, Some(1234));
-        let err = ServerFrame::error(Reason::ServerBusy, None).to_json();
+        let err = json_text(&ServerFrame::error(Reason::ServerBusy, None));
         assert_eq!(err, r#"{"type":"ERROR","reason":"server_busy"}"#);
     }
 }

@@ -14,7 +14,8 @@ use std::collections::{BTreeSet, HashSet};
 use im_common::config::Config;
 use im_common::ids::{self, IdGenerator, MAX_NODES};
 use im_common::protocol::{
-    parse_request, AckType, FrameLimits, FrameType, Reason, Request, SendRequest, ServerFrame, MAX_CLIENT_MSG_ID_LEN,
+    parse_request, AckType, Encoding, FrameLimits, FrameType, Reason, Request, SendRequest, ServerFrame,
+    MAX_CLIENT_MSG_ID_LEN,
 };
 use im_common::record::{self, Accepted, ChatMessage, Origin, Push, PushBatch};
 use im_common::shard::{fmix64, fnv1a64, shard_of};
@@ -384,7 +385,7 @@ proptest! {
     #[test]
     fn valid_single_chat_parses_to_exactly_its_fields(send in valid_send(), escape_everything in any::<bool>()) {
         let text = write_object(&send.fields, escape_everything);
-        let parsed = parse_request(text.as_bytes(), send.uid, send.limits);
+        let parsed = parse_request(text.as_bytes(), Encoding::Json, send.uid, send.limits);
         prop_assert_eq!(&parsed, &Ok(Request::Send(send.expected.clone())), "frame: {}", text);
         oracles::check_send(&send.expected, send.uid, send.limits);
     }
@@ -399,7 +400,7 @@ proptest! {
             .map(|(k, v)| if k == "body" { (k.clone(), Value::String(longer.clone())) } else { (k.clone(), v.clone()) })
             .collect();
         let text = write_object(&fields, false);
-        let refused = parse_request(text.as_bytes(), send.uid, limits).expect_err("an overlong body must be refused");
+        let refused = parse_request(text.as_bytes(), Encoding::Json, send.uid, limits).expect_err("an overlong body must be refused");
         prop_assert_eq!(refused.reason, Reason::BodyTooLong);
         prop_assert_eq!(refused.client_msg_id, Some(send.expected.client_msg_id));
     }
@@ -410,14 +411,16 @@ proptest! {
     }
 
     /// Objects with the frame's own keys, each value plausible or of any JSON type, reach every
-    /// branch of validation, accepted sends included.
+    /// branch of validation, accepted sends included — in JSON and in MessagePack.
     #[test]
     fn arbitrary_frame_shaped_objects_never_panic_and_sends_keep_the_limits(
         fields in frame_fields(),
         uid in prop_oneof![3 => Just(oracles::FUZZ_UID), 1 => 1u64..20],
     ) {
-        let text = Value::Object(fields.into_iter().collect()).to_string();
-        oracles::check_frame_with(text.as_bytes(), uid, oracles::FUZZ_LIMITS);
+        let frame = Value::Object(fields.into_iter().collect());
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            oracles::check_frame_with(&encoding.encode(&frame), encoding, uid, oracles::FUZZ_LIMITS);
+        }
     }
 }
 

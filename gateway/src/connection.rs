@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastwebsockets::WebSocket;
+use fastwebsockets::{OpCode, WebSocket};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::frame_reader::{Message, ReadError, Reader};
@@ -23,29 +23,36 @@ use crate::rate_limit::RateLimit;
 use crate::sessions::ConnHandle;
 use crate::sync::{Syncer, Syncs};
 use crate::Gateway;
-use im_common::protocol::{parse_request, AckType, FrameLimits, FrameType, Reason, Request, ServerFrame, SyncRequest};
+use im_common::protocol::{
+    parse_request, AckType, Encoding, FrameLimits, FrameType, Reason, Request, ServerFrame, SyncRequest,
+};
 
 /// How long a connection's writer gets to send its last frames after the connection ended.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves an upgraded WebSocket; `uid` is set when the handshake carried a valid token.
-/// `auto_sync`: run `SYNC {}` once the connection is registered (off with `?sync=manual`).
-pub async fn serve(
-    gw: Arc<Gateway>,
-    ws: WebSocket<Stream>,
-    uid: Option<u64>,
-    auto_sync: bool,
-    _slot: OwnedSemaphorePermit,
-) {
+/// What the handshake settled for a connection.
+pub struct Handshake {
+    /// Set when the handshake carried a valid token; else the first frame must be `AUTH`.
+    pub uid: Option<u64>,
+    /// Run `SYNC {}` once the connection is registered (off with `?sync=manual`).
+    pub auto_sync: bool,
+    /// What the server writes in (the negotiated subprotocol).
+    pub encoding: Encoding,
+}
+
+/// Serves an upgraded WebSocket.
+pub async fn serve(gw: Arc<Gateway>, ws: WebSocket<Stream>, handshake: Handshake, _slot: OwnedSemaphorePermit) {
+    let Handshake { uid, auto_sync, encoding } = handshake;
     let cfg = &gw.cfg.gateway;
     let Some((read, early, write)) = crate::framing::split(ws) else {
         tracing::warn!("an upgraded connection is not a TCP socket; dropped");
         return;
     };
     let out = Arc::new(Outbound::new(cfg.outbound_queue));
-    let mut writer = tokio::spawn(write_loop(write, out.clone()));
+    let opcode = if encoding.is_binary() { OpCode::Binary } else { OpCode::Text };
+    let mut writer = tokio::spawn(write_loop(write, out.clone(), opcode));
     let mut reader = Reader::new(read, early, out.clone(), cfg.max_frame_bytes);
-    let conn = gw.sessions.new_handle(out.clone());
+    let conn = gw.sessions.new_handle(out.clone(), encoding);
 
     let uid = match uid {
         Some(uid) => uid,
@@ -145,7 +152,7 @@ async fn read_loop(
             m = tokio::time::timeout(idle, reader.next()) => m,
             _ = shutdown.wait_for(|&stop| stop) => return Some((close_code::GOING_AWAY, "going_away")),
         };
-        let text = match message {
+        let (encoding, bytes) = match message {
             Err(_) => return Some((close_code::IDLE_TIMEOUT, "idle_timeout")),
             Ok(Err(ReadError::TooBig)) => {
                 metrics::counter!("im_gateway_errors_total", "reason" => "frame_too_large").increment(1);
@@ -153,13 +160,9 @@ async fn read_loop(
             }
             Ok(Err(ReadError::Protocol)) => return Some((close_code::PROTOCOL_ERROR, "protocol_error")),
             Ok(Err(ReadError::Disconnected)) | Ok(Ok(Message::Close)) => return None,
-            Ok(Ok(Message::Binary)) => {
-                reply(conn, &ServerFrame::error(Reason::NotImplemented, None));
-                continue;
-            }
-            Ok(Ok(Message::Text(text))) => text,
+            Ok(Ok(Message::Data { binary, bytes })) => (Encoding::of_frame(binary), bytes),
         };
-        let request = parse_request(&text, uid, limits);
+        let request = parse_request(&bytes, encoding, uid, limits);
         let frame_type = match &request {
             Ok(Request::Send(_)) => "SINGLE_CHAT",
             Ok(Request::Ack { .. }) => "ACK",
@@ -224,9 +227,8 @@ async fn authenticate_by_frame(gw: &Gateway, reader: &mut Reader, conn: &ConnHan
         conn.out.control(Control::Close(close_code::POLICY_VIOLATION, reason));
         None
     };
-    let text = match tokio::time::timeout(timeout, reader.next()).await {
-        Ok(Ok(Message::Text(text))) => text,
-        Ok(Ok(Message::Binary)) => return fail(ServerFrame::error(Reason::Unauthorized, None), "unauthorized"),
+    let (encoding, bytes) = match tokio::time::timeout(timeout, reader.next()).await {
+        Ok(Ok(Message::Data { binary, bytes })) => (Encoding::of_frame(binary), bytes),
         Ok(Err(ReadError::TooBig)) => {
             conn.out.control(Control::Close(close_code::TOO_BIG, "frame_too_large"));
             return None;
@@ -235,7 +237,7 @@ async fn authenticate_by_frame(gw: &Gateway, reader: &mut Reader, conn: &ConnHan
         Err(_) => return fail(ServerFrame::signal(FrameType::AuthFail), "auth_timeout"),
     };
     // Any uid will do for parsing AUTH; 0 is no valid user.
-    match parse_request(&text, 0, limits) {
+    match parse_request(&bytes, encoding, 0, limits) {
         Ok(Request::Auth { token }) => match im_common::auth::verify_token(&gw.cfg.auth.jwt_secret, &token) {
             Ok(uid) => {
                 reply(conn, &ServerFrame::signal(FrameType::AuthOk));

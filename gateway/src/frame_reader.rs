@@ -23,8 +23,11 @@ use crate::outbound::Outbound;
 
 /// A whole message from the client.
 pub enum Message {
-    Text(Vec<u8>),
-    Binary,
+    /// Its bytes, and whether it came in binary frames (MessagePack) rather than text (JSON).
+    Data {
+        binary: bool,
+        bytes: Vec<u8>,
+    },
     Close,
 }
 
@@ -168,11 +171,10 @@ impl Reader {
 
 /// A complete message; text must be UTF-8.
 fn whole(is_text: bool, bytes: Vec<u8>) -> Result<Message, ReadError> {
-    match is_text {
-        true if std::str::from_utf8(&bytes).is_err() => Err(ReadError::Protocol),
-        true => Ok(Message::Text(bytes)),
-        false => Ok(Message::Binary),
+    if is_text && std::str::from_utf8(&bytes).is_err() {
+        return Err(ReadError::Protocol);
     }
+    Ok(Message::Data { binary: !is_text, bytes })
 }
 
 /// The header at the start of `buf`, `None` while it is incomplete.
@@ -244,8 +246,8 @@ mod tests {
 
     fn text(m: Result<Message, ReadError>) -> String {
         match m {
-            Ok(Message::Text(t)) => String::from_utf8(t).unwrap(),
-            Ok(Message::Binary) => panic!("binary"),
+            Ok(Message::Data { binary: false, bytes }) => String::from_utf8(bytes).unwrap(),
+            Ok(Message::Data { binary: true, .. }) => panic!("binary"),
             Ok(Message::Close) => panic!("close"),
             Err(e) => panic!("{e:?}"),
         }
@@ -290,6 +292,18 @@ mod tests {
         match ctrl.take_control() {
             Some(Control::Obligated(OpCode::Pong, p)) => assert_eq!(p, b"are you there"),
             other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_binary_message_is_read_whole_and_need_not_be_utf8() {
+        let (mut reader, mut client, _ctrl) = pair(1 << 20).await;
+        let mut bytes = frame(false, 2, &[0x81, 0xff]);
+        bytes.extend(frame(true, 0, &[0xfe, 0x00]));
+        client.write_all(&bytes).await.unwrap();
+        match reader.next().await {
+            Ok(Message::Data { binary: true, bytes }) => assert_eq!(bytes, [0x81, 0xff, 0xfe, 0x00]),
+            _ => panic!("expected one binary message"),
         }
     }
 

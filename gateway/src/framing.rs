@@ -74,12 +74,13 @@ const MAX_GATHERED_BYTES: usize = 8 * 1024;
 /// Runs the write half until a close is sent, the connection ended and everything queued went
 /// out, or the socket fails. Each wake-up writes the frames queued by then (up to [`MAX_GATHERED`]
 /// frames or [`MAX_GATHERED_BYTES`]) and flushes once: one `send()` per burst.
-pub async fn write_loop(mut ws: Writer, out: Arc<Outbound>) {
+/// `opcode`: what the queued frames are sent as (text for JSON, binary for MessagePack).
+pub async fn write_loop(mut ws: Writer, out: Arc<Outbound>, opcode: OpCode) {
     let mut batch = Vec::new();
     loop {
         let next = out.next(&mut batch, MAX_GATHERED, MAX_GATHERED_BYTES).await;
         let result = match next {
-            Next::Frames => write_batch(&mut ws, &mut batch).await,
+            Next::Frames => write_batch(&mut ws, opcode, &mut batch).await,
             Next::Control(Control::Obligated(opcode, payload)) => {
                 let r = write_flushed(&mut ws, Frame::new(true, opcode, None, Payload::Owned(payload))).await;
                 if opcode == OpCode::Close {
@@ -90,7 +91,7 @@ pub async fn write_loop(mut ws: Writer, out: Arc<Outbound>) {
             Next::Control(Control::Close(code, reason)) => {
                 // The batch holds the frames queued before the close: answers the client is owed (an
                 // `ERROR unauthorized`, `AUTH_FAIL`, receipts), which go out first.
-                if write_batch(&mut ws, &mut batch).await.is_ok() {
+                if write_batch(&mut ws, opcode, &mut batch).await.is_ok() {
                     let _ = write_flushed(&mut ws, Frame::close(code, reason.as_bytes())).await;
                 }
                 break;
@@ -105,9 +106,9 @@ pub async fn write_loop(mut ws: Writer, out: Arc<Outbound>) {
 }
 
 /// Writes the batch's frames and flushes once; the batch is left empty.
-async fn write_batch(ws: &mut Writer, batch: &mut Vec<Bytes>) -> Result<(), WebSocketError> {
-    for text in batch.drain(..) {
-        ws.write_frame(Frame::text(Payload::Borrowed(&text))).await?;
+async fn write_batch(ws: &mut Writer, opcode: OpCode, batch: &mut Vec<Bytes>) -> Result<(), WebSocketError> {
+    for frame in batch.drain(..) {
+        ws.write_frame(Frame::new(true, opcode, None, Payload::Borrowed(&frame))).await?;
     }
     ws.flush().await
 }

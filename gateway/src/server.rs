@@ -12,9 +12,11 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::connection::Handshake;
 use crate::conversations::conversations;
 use crate::history::{history, json_error, query_params};
 use crate::Gateway;
+use im_common::protocol::Encoding;
 use im_common::telemetry::admin_response;
 
 /// Accepts connections until shutdown is signalled.
@@ -113,16 +115,23 @@ fn upgrade(gw: Arc<Gateway>, req: &mut Request<Incoming>, params: &[(String, Str
     let Ok(slot) = gw.connection_slots.clone().try_acquire_owned() else {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections");
     };
+    let offered = req.headers().get(hyper::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
+    let subprotocol = offered.and_then(Encoding::negotiate);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(req) {
         Ok(r) => r,
         Err(_) => return json_error(StatusCode::BAD_REQUEST, "bad_websocket_handshake"),
     };
+    let encoding = subprotocol.map_or(Encoding::Json, |(encoding, _)| encoding);
+    let handshake = Handshake { uid, auto_sync, encoding };
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(ws) => crate::connection::serve(gw, ws, uid, auto_sync, slot).await,
+            Ok(ws) => crate::connection::serve(gw, ws, handshake, slot).await,
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });
-    let (parts, _empty) = response.into_parts();
+    let (mut parts, _empty) = response.into_parts();
+    if let Some((_, name)) = subprotocol {
+        parts.headers.insert(hyper::header::SEC_WEBSOCKET_PROTOCOL, hyper::header::HeaderValue::from_static(name));
+    }
     Response::from_parts(parts, Full::new(Bytes::new()))
 }

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::framing::{close_code, Control};
 use crate::outbound::{Outbound, Refused};
-use im_common::protocol::{AckType, FrameType, Reason, ServerFrame};
+use im_common::protocol::{AckType, Encoded, Encoding, FrameType, Reason, ServerFrame};
 use im_common::record::Push;
 
 /// Most unconfirmed messages remembered per connection.
@@ -78,6 +78,8 @@ fn final_receipt(frame: &ServerFrame) -> Option<&str> {
 pub struct ConnHandle {
     pub id: u64,
     pub out: Arc<Outbound>,
+    /// What the client reads (negotiated at the handshake).
+    pub encoding: Encoding,
     /// Signalled when the outbound queue overflowed. The connection's task then drops the connection
     /// itself: its write task may be blocked on a socket the client no longer reads, and would never
     /// get to the close frame.
@@ -125,7 +127,7 @@ impl ConnHandle {
                 self.ledger.settled(uid, cmid);
             }
         }
-        self.offer(Bytes::from(frame.to_json()))
+        self.offer(self.encoding.encode(frame))
     }
 
     /// Ends [`ConnHandle::begin_reply`]: sends the final receipt held back meanwhile, if any.
@@ -200,10 +202,11 @@ pub struct Sessions {
 
 impl Sessions {
     /// A handle for a new connection, with an id unique on this node.
-    pub fn new_handle(&self, out: Arc<Outbound>) -> ConnHandle {
+    pub fn new_handle(&self, out: Arc<Outbound>, encoding: Encoding) -> ConnHandle {
         ConnHandle {
             id: self.next_conn.fetch_add(1, Ordering::Relaxed) + 1,
             out,
+            encoding,
             overflowed: Arc::default(),
             uid: Arc::default(),
             ledger: self.ledger.clone(),
@@ -266,7 +269,6 @@ impl Sessions {
 
     /// Hands a push to its connections; returns how many connections took it.
     pub fn deliver(&self, push: &Push) -> usize {
-        let text = Bytes::from(push.frame.to_json());
         let targets: Vec<ConnHandle> = {
             let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
             let Some(conns) = users.get(&push.user) else {
@@ -281,7 +283,8 @@ impl Sessions {
                 None => conns.clone(),
             }
         };
-        let taken = targets.iter().filter(|c| c.push(&push.frame, text.clone())).count();
+        let mut encoded = Encoded::new(&push.frame);
+        let taken = targets.iter().filter(|c| c.push(&push.frame, encoded.get(c.encoding))).count();
         metrics::counter!("im_gateway_frames_out_total", "type" => push.frame.kind.as_str()).increment(taken as u64);
         taken
     }
@@ -309,7 +312,7 @@ mod tests {
 
     fn conn(sessions: &Sessions) -> (ConnHandle, Arc<Outbound>) {
         let out = Arc::new(Outbound::new(16));
-        let c = sessions.new_handle(out.clone());
+        let c = sessions.new_handle(out.clone(), Encoding::Json);
         sessions.add(UID, c.clone());
         (c, out)
     }
@@ -329,7 +332,7 @@ mod tests {
     }
 
     fn push(c: &ConnHandle, frame: ServerFrame) {
-        c.push(&frame, Bytes::from(frame.to_json()));
+        c.push(&frame, Encoding::Json.encode(&frame));
     }
 
     #[test]

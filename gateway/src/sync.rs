@@ -143,7 +143,7 @@ impl Syncer {
         self.conn.end_sync();
         metrics::counter!("im_gateway_syncs_total").increment(1);
         let done = ServerFrame { peer: peer_only, ..ServerFrame::bare(FrameType::SyncDone) };
-        open && self.room_for(1).await && self.queue(Bytes::from(done.to_json())).await
+        open && self.room_for(1).await && self.queue(self.conn.encoding.encode(&done)).await
     }
 
     fn out(&self) -> &Outbound {
@@ -184,7 +184,7 @@ impl Syncer {
             let live_from = self.conn.first_live_seq(peer).unwrap_or(u64::MAX);
             let missing: Vec<_> = page.iter().take_while(|m| m.seq < live_from).collect();
             for msg in &missing {
-                if !self.queue(Bytes::from(msg.push_frame().to_json())).await {
+                if !self.queue(self.conn.encoding.encode(&msg.push_frame())).await {
                     return false;
                 }
             }

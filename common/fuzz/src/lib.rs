@@ -8,7 +8,7 @@
 
 use im_common::config::{Config, ConfigError};
 use im_common::protocol::{
-    parse_request, AckTarget, FrameLimits, Rejection, Request, SendRequest, ServerFrame, SyncRequest,
+    parse_request, AckTarget, Encoding, FrameLimits, Rejection, Request, SendRequest, ServerFrame, SyncRequest,
 };
 use im_common::record::{self, Accepted, ChatMessage, Origin, PushBatch};
 
@@ -21,15 +21,18 @@ const MAX_CLIENT_MSG_ID_BYTES: usize = im_common::protocol::MAX_CLIENT_MSG_ID_LE
 /// A longer `msgType` falls back to `TEXT` (the column is `VARCHAR(16)`).
 const MAX_MSG_TYPE_BYTES: usize = 16;
 
-/// Frame decoder: any bytes from user [`FUZZ_UID`] give a request or a rejection; a send that passes
-/// keeps every limit and survives re-encoding as a client frame, a push frame and a stream record.
+/// Frame decoder: any bytes from user [`FUZZ_UID`], read as a JSON text frame and as a MessagePack
+/// binary frame, give a request or a rejection; a send that passes keeps every limit and survives
+/// re-encoding as a client frame, a push frame and a stream record.
 pub fn check_frame(bytes: &[u8]) {
-    check_frame_with(bytes, FUZZ_UID, FUZZ_LIMITS);
+    for encoding in [Encoding::Json, Encoding::MsgPack] {
+        check_frame_with(bytes, encoding, FUZZ_UID, FUZZ_LIMITS);
+    }
 }
 
-/// [`check_frame`] with the uid and limits given.
-pub fn check_frame_with(bytes: &[u8], uid: u64, limits: FrameLimits) {
-    match parse_request(bytes, uid, limits) {
+/// [`check_frame`] with the encoding, uid and limits given.
+pub fn check_frame_with(bytes: &[u8], encoding: Encoding, uid: u64, limits: FrameLimits) {
+    match parse_request(bytes, encoding, uid, limits) {
         Ok(Request::Send(send)) => check_send(&send, uid, limits),
         Ok(Request::Ack { target: AckTarget::Message(id), .. }) => assert!(id > 0, "ACK of serverMsgId 0 accepted"),
         Ok(Request::Ack { target: AckTarget::Seq { peer, seq }, .. }) => {
@@ -62,8 +65,10 @@ pub fn check_send(send: &SendRequest, uid: u64, limits: FrameLimits) {
         "msgType": send.msg_type,
         "body": send.body,
     });
-    let reparsed = parse_request(again.to_string().as_bytes(), uid, limits);
-    assert_eq!(reparsed, Ok(Request::Send(send.clone())), "re-encoded send parsed differently");
+    for encoding in [Encoding::Json, Encoding::MsgPack] {
+        let reparsed = parse_request(&encoding.encode(&again), encoding, uid, limits);
+        assert_eq!(reparsed, Ok(Request::Send(send.clone())), "re-encoded send parsed differently in {encoding:?}");
+    }
 
     // The message as the recipient gets it (push frame) and as the stream stores it (record).
     let msg = ChatMessage {
@@ -86,10 +91,13 @@ fn check_rejection(rejection: &Rejection) {
     check_server_frame(&ServerFrame::error(rejection.reason, rejection.client_msg_id.clone()));
 }
 
-/// A server frame serializes with ids as decimal strings, no nulls, and parses back equal.
+/// A server frame serializes with ids as decimal strings, no nulls, and parses back equal; its
+/// MessagePack form is the same envelope.
 pub fn check_server_frame(frame: &ServerFrame) {
-    let json = frame.to_json();
-    let value: serde_json::Value = serde_json::from_str(&json).expect("to_json must emit JSON");
+    let json = String::from_utf8(Encoding::Json.encode(frame).to_vec()).expect("JSON is UTF-8");
+    let value: serde_json::Value = serde_json::from_str(&json).expect("the JSON encoding must emit JSON");
+    let packed: Option<serde_json::Value> = Encoding::MsgPack.decode(&Encoding::MsgPack.encode(frame));
+    assert_eq!(packed.as_ref(), Some(&value), "the MessagePack envelope differs from {json}");
     let object = value.as_object().expect("a frame is a JSON object");
     assert!(object.values().all(|v| !v.is_null()), "null field in {json}");
     for (key, id) in [("serverMsgId", frame.server_msg_id), ("from", frame.from), ("to", frame.to)] {

@@ -5,6 +5,7 @@
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
+use im_common::protocol::Encoding;
 use serde_json::{json, Value};
 
 use super::{Client, WsError, WsStream};
@@ -33,9 +34,14 @@ impl DerefMut for TestClient {
 impl TestClient {
     /// Connects with `Authorization: Bearer` for `uid`.
     pub async fn connect(ws_url: &str, secret: &str, uid: u64) -> TestClient {
-        match Client::connect(ws_url, secret, uid).await {
+        Self::connect_with(ws_url, secret, uid, Encoding::Json).await
+    }
+
+    /// See [`Client::connect_with`].
+    pub async fn connect_with(ws_url: &str, secret: &str, uid: u64, encoding: Encoding) -> TestClient {
+        match Client::connect_with(ws_url, secret, uid, encoding).await {
             Ok(client) => TestClient(client, false),
-            Err(e) => panic!("uid {uid}: {e}"),
+            Err(e) => panic!("uid {uid} ({encoding:?}): {e}"),
         }
     }
 
