@@ -23,6 +23,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use crate::spec::AuthMode;
+use im_common::protocol::{Encoding, MSGPACK_SUBPROTOCOL};
 
 type Stream = TokioIo<Upgraded>;
 
@@ -37,6 +38,7 @@ pub struct WsReader {
 /// The write half.
 pub struct WsWriter {
     inner: WebSocketWrite<WriteHalf<Stream>>,
+    encoding: Encoding,
 }
 
 /// Why a connection could not be opened. [`ConnectError::is_auth`] separates refused credentials
@@ -176,7 +178,7 @@ fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 pub enum Incoming {
     /// A protocol frame.
     Frame(Box<Received>),
-    /// A text frame that is not a valid envelope.
+    /// A frame that is not a valid envelope.
     Unparsable,
     /// The gateway closed the connection with this code and reason.
     Closed(u16, String),
@@ -224,6 +226,9 @@ pub struct ConnectOptions {
     /// `?sync=manual`: the gateway does not sync the connection by itself; the client sends `SYNC`
     /// (with its own positions) when it is ready.
     pub manual_sync: bool,
+    /// What the connection speaks; MessagePack is asked for by subprotocol, and the connection fails
+    /// unless the gateway selects it.
+    pub encoding: Encoding,
 }
 
 /// [`connect`], with [`ConnectOptions`].
@@ -274,21 +279,29 @@ async fn open(
         .header(hyper::header::CONNECTION, "upgrade")
         .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
         .header("Sec-WebSocket-Version", "13");
+    if options.encoding == Encoding::MsgPack {
+        req = req.header(hyper::header::SEC_WEBSOCKET_PROTOCOL, MSGPACK_SUBPROTOCOL);
+    }
     req = match auth {
         AuthMode::Header => req.uri(path).header(hyper::header::AUTHORIZATION, format!("Bearer {token}")),
         AuthMode::Frame => req.uri(with_query(&path, "auth=frame")),
     };
     let req = req.body(Empty::<Bytes>::new()).map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await.map_err(|e| match e {
-        WebSocketError::InvalidStatusCode(code) => ConnectError::Status(code),
-        other => ConnectError::Handshake(other.to_string()),
-    })?;
+    let (mut ws, response) =
+        fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await.map_err(|e| match e {
+            WebSocketError::InvalidStatusCode(code) => ConnectError::Status(code),
+            other => ConnectError::Handshake(other.to_string()),
+        })?;
+    let selected = response.headers().get(hyper::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
+    if options.encoding == Encoding::MsgPack && selected != Some(MSGPACK_SUBPROTOCOL) {
+        return Err(ConnectError::Handshake(format!("the gateway did not select msgpack (it answered {selected:?})")));
+    }
     ws.set_auto_close(false);
     ws.set_auto_pong(true);
     ws.set_max_message_size(1 << 20);
     let (read, write) = ws.split(tokio::io::split);
     let mut reader = WsReader { inner: FragmentCollectorRead::new(read), early: Default::default() };
-    let mut writer = WsWriter { inner: write };
+    let mut writer = WsWriter { inner: write, encoding: options.encoding };
 
     if auth == AuthMode::Frame {
         writer.send(&ClientFrame::Auth { token }).await.map_err(|_| ConnectError::Closed)?;
@@ -345,25 +358,21 @@ pub enum ClientFrame<'a> {
     },
 }
 
-impl ClientFrame<'_> {
-    /// The frame's JSON text.
-    pub fn to_json(&self) -> Vec<u8> {
-        // Serializing strings and integers into a Vec cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-}
-
 impl WsWriter {
-    /// Writes one text frame of already serialized JSON.
-    pub async fn send_text(&mut self, text: Vec<u8>) -> Result<(), WebSocketError> {
-        self.inner.write_frame(Frame::text(Payload::Owned(text))).await
+    /// `frame` in the connection's encoding, for [`WsWriter::send_encoded`] (to send it often).
+    pub fn encode(&self, frame: &ClientFrame<'_>) -> Vec<u8> {
+        self.encoding.to_vec(frame)
     }
 
-    /// Writes one JSON frame.
+    /// Writes one frame encoded by [`WsWriter::encode`].
+    pub async fn send_encoded(&mut self, bytes: Vec<u8>) -> Result<(), WebSocketError> {
+        let opcode = if self.encoding.is_binary() { OpCode::Binary } else { OpCode::Text };
+        self.inner.write_frame(Frame::new(true, opcode, None, Payload::Owned(bytes))).await
+    }
+
+    /// Writes one frame.
     pub async fn send(&mut self, frame: &ClientFrame<'_>) -> Result<(), WebSocketError> {
-        // Serializing strings and integers into a Vec cannot fail.
-        let text = serde_json::to_vec(frame).unwrap_or_default();
-        self.inner.write_frame(Frame::text(Payload::Owned(text))).await
+        self.send_encoded(self.encode(frame)).await
     }
 
     /// Sends a normal close (the gateway answers and ends the connection).
@@ -384,11 +393,12 @@ impl WsReader {
         loop {
             let frame = self.inner.read_frame(&mut ignore).await?;
             match frame.opcode {
-                OpCode::Text => {
-                    return Ok(match serde_json::from_slice::<Received>(&frame.payload) {
-                        Ok(f) => Incoming::Frame(Box::new(f)),
-                        Err(_) => Incoming::Unparsable,
-                    })
+                OpCode::Text | OpCode::Binary => {
+                    let encoding = Encoding::of_frame(frame.opcode == OpCode::Binary);
+                    return Ok(match encoding.decode::<Received>(&frame.payload) {
+                        Some(f) => Incoming::Frame(Box::new(f)),
+                        None => Incoming::Unparsable,
+                    });
                 }
                 OpCode::Close => {
                     let payload = &frame.payload;

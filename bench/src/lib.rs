@@ -38,7 +38,7 @@ pub mod spec;
 pub use load::{run_load, LoadResult};
 pub use report::RunReport;
 pub use run::{check_db, run};
-pub use spec::{AuthMode, FrontDoor, LoadSpec, Target};
+pub use spec::{AuthMode, FrontDoor, LoadSpec, Target, WireEncoding};
 
 /// Why a bench command could not complete (as opposed to what it measured, which is in the report).
 #[derive(Debug, thiserror::Error)]

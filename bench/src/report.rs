@@ -34,6 +34,9 @@ pub struct LoadSummary {
     pub drain_used_secs: f64,
     /// `header` or `frame`.
     pub auth: String,
+    /// `json` or `msgpack`.
+    #[serde(default)]
+    pub encoding: String,
     /// How receivers confirmed: `seq`, `id` or `none` (and `read` too).
     #[serde(default)]
     pub acks: String,
@@ -181,6 +184,7 @@ impl RunReport {
                 drain_secs: r.spec.drain.as_secs_f64(),
                 drain_used_secs: r.drain_used.as_secs_f64(),
                 auth: r.spec.auth.as_str().to_owned(),
+                encoding: r.spec.encoding.as_str().to_owned(),
                 acks: format!("{:?}", r.spec.receiver_acks()).to_lowercase(),
                 ack_read: r.spec.ack_read,
                 two_devices: r.spec.two_devices,
@@ -279,14 +283,15 @@ impl fmt::Display for RunReport {
         let c = &m.counts;
         writeln!(
             f,
-            "mode {}: {} connections ({} senders) over {} gateways, {} every {:.0} ms, {} B bodies",
+            "mode {}: {} connections ({} senders) over {} gateways, {} every {:.0} ms, {} B bodies{}",
             self.mode,
             l.connections,
             l.senders,
             l.gateways,
             if l.closed_loop { "closed loop," } else { "open loop," },
             l.interval_ms,
-            l.body_bytes
+            l.body_bytes,
+            if l.encoding == "msgpack" { ", MessagePack" } else { "" }
         )?;
         writeln!(
             f,

@@ -13,6 +13,8 @@ use im_harness::cluster::ClusterState;
 use im_harness::process;
 use im_harness::servers::PrivateServer;
 
+use im_common::protocol::Encoding;
+
 use crate::cpu::ProcessRef;
 use crate::redis_nodes::RedisClusterNodes;
 use crate::BenchError;
@@ -32,6 +34,33 @@ impl AuthMode {
         match self {
             AuthMode::Header => "header",
             AuthMode::Frame => "frame",
+        }
+    }
+}
+
+/// What the bench's connections speak (SPEC §4): JSON text frames, or MessagePack binary frames
+/// negotiated by the `msgpack` subprotocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WireEncoding {
+    #[default]
+    Json,
+    Msgpack,
+}
+
+impl WireEncoding {
+    /// `json` or `msgpack`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireEncoding::Json => "json",
+            WireEncoding::Msgpack => "msgpack",
+        }
+    }
+
+    /// The protocol's encoding.
+    pub fn encoding(self) -> Encoding {
+        match self {
+            WireEncoding::Json => Encoding::Json,
+            WireEncoding::Msgpack => Encoding::MsgPack,
         }
     }
 }
@@ -95,6 +124,7 @@ pub struct LoadSpec {
     /// Limit on one connection attempt (TCP, handshake, auth and the first PING round trip).
     pub connect_timeout: Duration,
     pub auth: AuthMode,
+    pub encoding: WireEncoding,
     /// First user id of the run; `None` takes a fresh one from the clock ([`crate::plan::fresh_base_uid`]).
     pub base_uid: Option<u64>,
     /// Progress line to stderr this often; `None` for silence.
@@ -155,6 +185,7 @@ impl Default for LoadSpec {
             connect_concurrency: 256,
             connect_timeout: Duration::from_secs(10),
             auth: AuthMode::Header,
+            encoding: WireEncoding::Json,
             base_uid: None,
             progress: Some(Duration::from_secs(5)),
             label: String::new(),

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use e2e::{exchange, Client, TestEnv};
+use e2e::{exchange, Client, TestEnv, Traffic};
+use im_bench::{run_load, LoadSpec, Target, WireEncoding};
 use im_common::config::Mode;
 use im_common::protocol::Encoding;
 use serde_json::json;
@@ -74,5 +75,20 @@ async fn a_frame_that_is_not_messagepack_gets_bad_msgpack_and_the_connection_goe
     exchange(&mut alice, &mut bob, "after-bad").await;
     assert!(alice.drain(Duration::from_millis(300)).await.iter().all(|v| v["type"] != "ERROR"));
     assert_eq!((alice.foreign_frames, bob.foreign_frames), (0, 0));
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_in_messagepack_sees_every_message_receipted_delivered_and_saved_once() {
+    let env = TestEnv::new("msgpack_bench");
+    let c = e2e::cluster(&env, Mode::Full, 2, 2).await;
+    let traffic =
+        Traffic { pairs: 50, per_sender: 20, pace: Duration::from_millis(5), deadline: Duration::from_secs(30) };
+    let load = LoadSpec { encoding: WireEncoding::Msgpack, ..traffic.load() };
+    let target = Target::from_state(&c.state).expect("a target");
+    let result = run_load(&target, &load).await.expect("the traffic runs");
+    let v = &result.verdict;
+    assert_eq!((v.errored, v.accepted, v.saved, v.delivered), (0, 1000, 1000, 1000), "{v:?}");
+    assert_eq!((v.lost, v.reorders, v.id_mismatches), (0, 0, 0), "{v:?}");
     drop(c);
 }

@@ -13,7 +13,7 @@ use im_common::config::{Config, Mode};
 use im_harness::servers::{REDIS_CLUSTER_MAX_MASTERS, REDIS_CLUSTER_MIN_MASTERS};
 
 use crate::compare::ClusterOptions;
-use crate::spec::{AuthMode, LoadSpec, ReceiverAcks};
+use crate::spec::{AuthMode, LoadSpec, ReceiverAcks, WireEncoding};
 use crate::BenchError;
 
 pub use drill::DrillArgs;
@@ -82,6 +82,10 @@ pub struct LoadArgs {
     /// `header` (Authorization: Bearer) or `frame` (AUTH first frame).
     #[arg(long, value_enum, default_value_t = AuthMode::Header)]
     auth: AuthMode,
+    /// What connections speak: `json` (text frames) or `msgpack` (binary frames, negotiated by the
+    /// `msgpack` subprotocol).
+    #[arg(long, value_enum, default_value_t = WireEncoding::Json)]
+    encoding: WireEncoding,
     /// First user id (default: fresh ids from the clock).
     #[arg(long)]
     base_uid: Option<u64>,
@@ -117,6 +121,7 @@ impl LoadArgs {
             drain: secs(self.drain_secs, "drain-secs")?,
             connect_concurrency: self.connect_concurrency,
             auth: self.auth,
+            encoding: self.encoding,
             base_uid: self.base_uid,
             progress: (!progress.is_zero()).then_some(progress),
             crossed: self.crossed,

@@ -19,11 +19,9 @@ pub(super) async fn send_backlog(
     let mut answered = vec![false; to.len()];
     let mut in_flight = 0usize;
     let mut retry: Vec<(Instant, usize)> = Vec::new();
-    let send =
-        |k: usize, id: &str| ClientFrame::SingleChat { to: to[k], client_msg_id: id, msg_type: "TEXT", body }.to_json();
     loop {
         while in_flight < SENDER_WINDOW && next < to.len() {
-            writer.send_text(send(next, &next.to_string())).await.map_err(|_| "write_failed".to_owned())?;
+            send_chat(&mut writer, to[next], next, body).await?;
             next += 1;
             in_flight += 1;
         }
@@ -31,7 +29,7 @@ pub(super) async fn send_backlog(
         let (due, later): (Vec<_>, Vec<_>) = retry.into_iter().partition(|&(at, _)| at <= now);
         retry = later;
         for (_, k) in due {
-            writer.send_text(send(k, &k.to_string())).await.map_err(|_| "write_failed".to_owned())?;
+            send_chat(&mut writer, to[k], k, body).await?;
         }
         let wake = retry.iter().map(|&(at, _)| at).min().unwrap_or(now + Duration::from_secs(30));
         let incoming = tokio::select! {
@@ -63,4 +61,11 @@ pub(super) async fn send_backlog(
             _ => {}
         }
     }
+}
+
+/// Sends message `k` (its clientMsgId) to `to`.
+async fn send_chat(writer: &mut WsWriter, to: u64, k: usize, body: &str) -> Result<(), String> {
+    let id = k.to_string();
+    let chat = ClientFrame::SingleChat { to, client_msg_id: &id, msg_type: "TEXT", body };
+    writer.send(&chat).await.map_err(|_| "write_failed".to_owned())
 }

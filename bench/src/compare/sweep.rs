@@ -230,6 +230,7 @@ mod tests {
                 drain_secs: 1.0,
                 drain_used_secs: 0.0,
                 auth: "header".into(),
+                encoding: "json".into(),
                 acks: "seq".into(),
                 ack_read: false,
                 two_devices: 0.0,

@@ -24,6 +24,7 @@ use super::window::{current_tid, measure, CpuScope, Workers};
 use super::{LimitsError, PAYLOAD_BYTES};
 use crate::client::{self, ClientFrame, Incoming as ClientIncoming};
 use crate::spec::AuthMode;
+use im_common::protocol::Encoding;
 
 /// Client connections.
 pub const WS_CONNECTIONS: usize = 16;
@@ -148,17 +149,17 @@ pub async fn frames(secs: Duration) -> Result<Measurement, LimitsError> {
 async fn echo_load(server: &EchoServer, secs: Duration) -> Result<Measurement, LimitsError> {
     let url = format!("ws://{}/ws", server.addr);
     let body = "x".repeat(PAYLOAD_BYTES);
-    let text = ClientFrame::SingleChat { to: 2, client_msg_id: "1", msg_type: "TEXT", body: &body }.to_json();
+    let chat = ClientFrame::SingleChat { to: 2, client_msg_id: "1", msg_type: "TEXT", body: &body };
     let mut workers = Workers { done: server.frames.clone(), ..Workers::new() };
     for _ in 0..WS_CONNECTIONS {
         let (mut reader, mut writer) = client::connect(&url, "limits", AuthMode::Header, CONNECT_TIMEOUT)
             .await
             .map_err(|e| LimitsError::Worker(format!("WebSocket connect: {e}")))?;
-        let (stop, text) = (workers.stop.clone(), text.clone());
+        let (stop, text) = (workers.stop.clone(), writer.encode(&chat));
         workers.tasks.spawn(async move {
             let broken = |e: WebSocketError| LimitsError::Worker(format!("WebSocket: {e}"));
             for _ in 0..IN_FLIGHT {
-                writer.send_text(text.clone()).await.map_err(broken)?;
+                writer.send_encoded(text.clone()).await.map_err(broken)?;
             }
             loop {
                 let echoed = tokio::select! {
@@ -168,7 +169,7 @@ async fn echo_load(server: &EchoServer, secs: Duration) -> Result<Measurement, L
                 if let ClientIncoming::Closed(code, reason) = echoed {
                     return Err(LimitsError::Worker(format!("echo server closed: {code} {reason}")));
                 }
-                writer.send_text(text.clone()).await.map_err(broken)?;
+                writer.send_encoded(text.clone()).await.map_err(broken)?;
             }
             writer.close().await;
             Ok(())
@@ -177,7 +178,7 @@ async fn echo_load(server: &EchoServer, secs: Duration) -> Result<Measurement, L
     let how = format!(
         "{WS_CONNECTIONS} connections × {IN_FLIGHT} in flight, {}-byte SINGLE_CHAT frames echoed; \
          CPU: the serving thread",
-        text.len()
+        Encoding::Json.to_vec(&chat).len()
     );
     measure(Op::WsFrame, how, CpuScope::Thread(server.tid), secs, workers).await
 }

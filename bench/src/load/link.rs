@@ -100,6 +100,7 @@ pub(super) fn device_options(spec: &LoadSpec, pair: &Pair, device: u8) -> Connec
     ConnectOptions {
         recv_buffer: (device == 0 && is_slow(spec, pair.index)).then_some(SLOW_RECV_BUFFER),
         manual_sync: plan::own_positions(pair.receiver, device, devices, spec.own_positions),
+        encoding: spec.encoding.encoding(),
     }
 }
 
@@ -132,7 +133,8 @@ pub(super) async fn connect_all(
     let gateways = target.ws_urls.len();
     let mut jobs: Vec<(usize, Option<u8>, u64, usize, ConnectOptions)> = Vec::new();
     for p in pairs {
-        jobs.push((p.index, None, p.sender, p.sender_gateway, ConnectOptions::default()));
+        let sender = ConnectOptions { encoding: spec.encoding.encoding(), ..Default::default() };
+        jobs.push((p.index, None, p.sender, p.sender_gateway, sender));
         for device in 0..plan::devices_of(p.receiver, spec.two_devices) {
             let options = device_options(spec, p, device);
             jobs.push((p.index, Some(device), p.receiver, device_gateway(p, device, gateways), options));

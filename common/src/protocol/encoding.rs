@@ -70,10 +70,15 @@ impl Encoding {
 
     /// Writes a frame (the server's, or a client's in tools and tests).
     pub fn encode<T: Serialize + ?Sized>(self, frame: &T) -> Bytes {
+        self.to_vec(frame).into()
+    }
+
+    /// [`Encoding::encode`] into a `Vec`.
+    pub fn to_vec<T: Serialize + ?Sized>(self, frame: &T) -> Vec<u8> {
         // Serializing frames (strings, integers, enums, maps with string keys) cannot fail.
         match self {
-            Encoding::Json => serde_json::to_vec(frame).unwrap_or_default().into(),
-            Encoding::MsgPack => rmp_serde::to_vec_named(frame).unwrap_or_default().into(),
+            Encoding::Json => serde_json::to_vec(frame).unwrap_or_default(),
+            Encoding::MsgPack => rmp_serde::to_vec_named(frame).unwrap_or_default(),
         }
     }
 }

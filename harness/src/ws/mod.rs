@@ -91,7 +91,7 @@ impl Client {
     pub async fn send_json(&mut self, frame: &Value) -> Result<(), ClientError> {
         match self.encoding {
             Encoding::Json => self.send_text(&frame.to_string()).await,
-            Encoding::MsgPack => self.send_binary(Encoding::MsgPack.encode(frame).to_vec()).await,
+            Encoding::MsgPack => self.send_binary(Encoding::MsgPack.to_vec(frame)).await,
         }
     }
 
