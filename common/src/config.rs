@@ -263,7 +263,7 @@ impl Default for TwoPhaseConfig {
             group: "workers".into(),
             batch_size: 500,
             block_ms: 500,
-            max_batch_delay_ms: 2,
+            max_batch_delay_ms: 5,
             save_batch_delay_ms: 30,
             max_backlog: 200_000,
             lease_ttl_ms: 5000,

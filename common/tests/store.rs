@@ -69,6 +69,10 @@ async fn a_message_on_both_paths_gets_one_seq_whichever_path_claims_it_first() {
     let plain = store.save_batch(&[msg(23, 1, 2, "d", "baseline mode")]).await.unwrap();
     assert_eq!((plain.saved, plain.streamed), (vec![(0, 23, 3)], vec![]));
     assert_eq!(store.query_u64("SELECT COUNT(*) FROM path_claims").await.unwrap(), 3, "20, 21 and 22 only");
+
+    // Pruning deletes the claims of older messages only.
+    assert_eq!(store.prune_path_claims(22).await.unwrap(), 2);
+    assert_eq!(store.query_u64("SELECT MIN(id) FROM path_claims").await.unwrap(), 22, "22 is kept");
     store.close().await;
     env.cleanup().await;
 }

@@ -9,6 +9,7 @@
 pub mod deliver;
 pub mod lease;
 pub mod mover;
+pub mod pruning;
 pub mod save;
 pub mod save_health;
 pub mod sequences;
@@ -255,6 +256,7 @@ async fn own_shard(
     }
     let keeper = tokio::spawn(lease.clone().keep_alive());
     let reporter = tokio::spawn(stats::report(conn.clone(), keys.clone(), tp.group.clone(), shard));
+    let pruner = (shard == 0).then(|| tokio::spawn(pruning::prune_path_claims(store.clone())));
     tokio::select! {
         // A stage ends on its own only when the lease is gone.
         _ = stages.join_next() => {}
@@ -266,6 +268,9 @@ async fn own_shard(
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while stages.join_next().await.is_some() {} }).await;
     keeper.abort();
     reporter.abort();
+    if let Some(pruner) = pruner {
+        pruner.abort();
+    }
     status.stop_stages();
     stages.abort_all();
     Ok(())

@@ -17,6 +17,9 @@
 //   (memory, or a `localStorage`-like storage), sent on every (re)connect (`?sync=manual` +
 //   `SYNC {positions}`), and confirmed to the server with coalesced `ACK delivered` by from+seq,
 //   never past a gap; `read` on demand.
+// - Encoding: JSON text frames, or MessagePack binary frames through a codec the application passes
+//   (`codec: msgpackCodec(await import('@msgpack/msgpack'))`), so the client itself stays free of
+//   dependencies.
 // - Connection: token by `AUTH` frame (default) or `?token=`; reconnect with capped exponential
 //   backoff and full jitter, also after close 1001/1012/4001; a failure is classified (token expired,
 //   token rejected, server unreachable) so an application can say what is wrong.
@@ -106,6 +109,25 @@ export function backoffDelay(attempt, initialMs, maxMs, random = Math.random) {
   return Math.round(random() * cap);
 }
 
+/** The default codec: one JSON object per text frame. */
+const JSON_CODEC = Object.freeze({
+  subprotocol: null,
+  encode: (frame) => JSON.stringify(frame),
+  decode: (data) => JSON.parse(typeof data === 'string' ? data : String(data)),
+});
+
+/**
+ * A codec for MessagePack binary frames (PROTOCOL.md "MessagePack") from a library's `encode` and
+ * `decode`, e.g. `msgpackCodec(await import('@msgpack/msgpack'))`. A text frame (JSON) is still read.
+ */
+export function msgpackCodec({ encode, decode }) {
+  return Object.freeze({
+    subprotocol: 'msgpack',
+    encode: (frame) => encode(frame),
+    decode: (data) => (typeof data === 'string' ? JSON.parse(data) : decode(new Uint8Array(data))),
+  });
+}
+
 function randomHex(bytes) {
   const a = new Uint8Array(bytes);
   globalThis.crypto.getRandomValues(a);
@@ -141,6 +163,7 @@ export class ImClient extends Emitter {
     this.urls = [].concat(o.urls ?? o.url ?? []);
     if (this.urls.length === 0) throw new Error('ImClient: `url` (or `urls`) is required');
     this.WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    this.codec = o.codec ?? JSON_CODEC;
     if (!this.WebSocket) throw new Error('ImClient: no WebSocket implementation (pass `WebSocket`, e.g. from the `ws` package)');
     this.fetch = o.fetch ?? globalThis.fetch?.bind(globalThis);
     this.storage = o.storage ?? new MemoryStorage();
@@ -361,7 +384,10 @@ export class ImClient extends Emitter {
     const id = ++this.connId;
     let ws;
     try {
-      ws = new this.WebSocket(`${url}${url.includes('?') ? '&' : '?'}${q}`);
+      const address = `${url}${url.includes('?') ? '&' : '?'}${q}`;
+      const subprotocol = this.codec.subprotocol;
+      ws = subprotocol ? new this.WebSocket(address, [subprotocol]) : new this.WebSocket(address);
+      if (subprotocol) ws.binaryType = 'arraybuffer';
     } catch (e) {
       return this.#closed(id, 1006, String(e?.message ?? e), false);
     }
@@ -379,7 +405,7 @@ export class ImClient extends Emitter {
       this.#alive();
       let frame;
       try {
-        frame = JSON.parse(typeof ev.data === 'string' ? ev.data : String(ev.data));
+        frame = this.codec.decode(ev.data);
       } catch {
         return;
       }
@@ -526,7 +552,7 @@ export class ImClient extends Emitter {
     const ws = this.ws;
     if (!ws || ws.readyState !== 1) return false;
     try {
-      ws.send(JSON.stringify(frame));
+      ws.send(this.codec.encode(frame));
     } catch {
       return false;
     }

@@ -3,9 +3,10 @@
 
 import assert from 'node:assert/strict';
 import { after, afterEach, before, describe, test } from 'node:test';
+import * as msgpack from '@msgpack/msgpack';
 import WebSocket from 'ws';
 
-import { ImClient, MemoryStorage, STATES, backoffDelay, tokenExpired } from '../src/im-client.js';
+import { ImClient, MemoryStorage, STATES, backoffDelay, msgpackCodec, tokenExpired } from '../src/im-client.js';
 import { Cluster, token, until, userIds } from './cluster.js';
 
 let cluster;
@@ -75,6 +76,36 @@ afterEach(() => {
 
 after(async () => {
   await cluster?.down();
+});
+
+describe('encoding', () => {
+  test('a client on MessagePack and one on JSON chat, each reading its own encoding', async () => {
+    const [a, b] = userIds(2);
+    const codec = msgpackCodec(msgpack);
+    const decoded = { binary: 0, text: 0 };
+    const counting = {
+      ...codec,
+      decode: (data) => {
+        decoded[typeof data === 'string' ? 'text' : 'binary'] += 1;
+        return codec.decode(data);
+      },
+    };
+    const alice = client(a, { codec: counting }).connect();
+    const bob = client(b).connect();
+    await Promise.all([online(alice), online(bob)]);
+    assert.equal(alice.ws.protocol, 'msgpack', 'the gateway selected the subprotocol');
+    const sent = ['packed one', 'packed two'].map((body) => alice.send(b, body));
+    bob.send(a, 'plain reply');
+    await until(() => sent.every((m) => m.state === 'delivered'), 'both delivered');
+    await until(() => alice.received.length === 1, 'alice has the reply');
+    assert.deepEqual(bodies(bob, a), ['packed one', 'packed two']);
+    assert.deepEqual(
+      alice.received.map((m) => [m.body, m.seq, typeof m.serverMsgId]),
+      [['plain reply', 1, 'string']],
+    );
+    assertStates(alice, sent, 'delivered');
+    assert.ok(decoded.binary >= 5 && decoded.text === 0, JSON.stringify(decoded));
+  });
 });
 
 describe('sending', () => {

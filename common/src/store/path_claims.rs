@@ -50,6 +50,31 @@ impl Store {
     }
 }
 
+/// Most claims deleted per statement when pruning (short locks, small undo).
+const PRUNE_CHUNK: usize = 10_000;
+
+impl Store {
+    /// Deletes the claims of messages with an id below `before_id` (older than the time it
+    /// encodes, [`crate::ids::min_id_at`]): a claim matters only until the stream copy of its message
+    /// has been numbered. In chunks along the primary key; returns how many were deleted.
+    pub async fn prune_path_claims(&self, before_id: u64) -> Result<u64, StoreError> {
+        let mut conn = self.pool.get_conn().await?;
+        let mut deleted = 0;
+        loop {
+            conn.exec_drop(
+                format!("DELETE FROM path_claims WHERE id < ? ORDER BY id LIMIT {PRUNE_CHUNK}"),
+                (before_id,),
+            )
+            .await?;
+            let rows = conn.affected_rows();
+            deleted += rows;
+            if rows < PRUNE_CHUNK as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+}
+
 /// Claims `ids` for the baseline path inside the fail-open save's transaction. Returns the ids the
 /// stream claimed first: those must not be saved here.
 pub(super) async fn claim_for_baseline(tx: &mut Transaction<'_>, ids: &[u64]) -> Result<HashSet<u64>, StoreError> {
