@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::{
     ensure_installed, free_port, mysql_reachable, mysql_server_url, redis_cluster_ready, redis_reachable,
-    PrivateRedisCluster, PrivateServer, ServerError, ServerKind, PRIVATE_REDIS_APPENDFSYNC,
+    with_port_retries, PrivateRedisCluster, PrivateServer, ServerError, ServerKind, PRIVATE_REDIS_APPENDFSYNC,
 };
 
 /// Which Redis a cluster or test run needs.
@@ -148,7 +148,9 @@ pub async fn ensure_servers_with(
         let mysql_dir = dir.join("mariadb");
         match PrivateServer::running_in(&mysql_dir) {
             Some(running) => Ok(Some(running)),
-            None => PrivateServer::start_mariadb(&mysql_dir, mysql_port).await.map(Some),
+            None => {
+                with_port_retries(mysql_port, |port| PrivateServer::start_mariadb(&mysql_dir, port)).await.map(Some)
+            }
         }
     };
     match tokio::join!(ensure_redis(redis, redis_shared, dir, redis_port), mysql) {
@@ -192,7 +194,10 @@ async fn ensure_redis(redis: RedisWanted<'_>, shared: bool, dir: &Path, port: u1
             let redis_dir = dir.join("redis");
             let server = match PrivateServer::running_in(&redis_dir) {
                 Some(running) => running,
-                None => PrivateServer::start_redis(&redis_dir, port, PRIVATE_REDIS_APPENDFSYNC).await?,
+                None => {
+                    let start = |port| PrivateServer::start_redis(&redis_dir, port, PRIVATE_REDIS_APPENDFSYNC);
+                    with_port_retries(port, start).await?
+                }
             };
             Ok(RedisFound { url: server.url.clone(), private: Some(server), cluster: None })
         }

@@ -4,8 +4,11 @@
 //! module above). A probe is bounded in time, so a port where nothing listens — or something that
 //! accepts and never answers — costs about a second, not a hang.
 
+use std::future::Future;
 use std::net::TcpListener;
 use std::time::Duration;
+
+use super::ServerError;
 
 use tracing::warn;
 
@@ -69,6 +72,30 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Most ports a private server is tried on (see [`with_port_retries`]).
+const PORT_TRIES: usize = 5;
+
+/// Runs `start` on `port`, and again on a fresh free port when that one was taken meanwhile:
+/// between [`free_port`] finding a port free and a server binding it, anything may take it — an
+/// outgoing connection's ephemeral port, a server of a test running beside. Up to [`PORT_TRIES`]
+/// ports; any other error ends the tries at once.
+pub(super) async fn with_port_retries<T, Fut>(port: u16, mut start: impl FnMut(u16) -> Fut) -> Result<T, ServerError>
+where
+    Fut: Future<Output = Result<T, ServerError>>,
+{
+    let mut port = port;
+    for _ in 1..PORT_TRIES {
+        match start(port).await {
+            Err(ServerError::PortInUse { port: taken, .. }) => {
+                tracing::debug!(port = taken, "the port was taken meanwhile; trying another");
+                port = free_port();
+            }
+            done => return done,
+        }
+    }
+    start(port).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +106,26 @@ mod tests {
         assert_eq!(mysql_server_url("mysql://u:p%2Fw@db.local:3307/im?pool_max=9"), "mysql://u:p%2Fw@db.local:3307/");
         assert_eq!(mysql_server_url("mysql://root@127.0.0.1:3306"), "mysql://root@127.0.0.1:3306/");
         assert_eq!(mysql_server_url("mysql://root@127.0.0.1:3306/"), "mysql://root@127.0.0.1:3306/");
+    }
+
+    #[tokio::test]
+    async fn a_start_on_a_port_taken_meanwhile_is_tried_on_another() {
+        let taken = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let busy = taken.local_addr().unwrap().port();
+        let mut tried = Vec::new();
+        let bound = with_port_retries(busy, |port| {
+            tried.push(port);
+            std::future::ready(
+                TcpListener::bind(("127.0.0.1", port)).map_err(|source| ServerError::PortInUse { port, source }),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!((tried.len(), tried[0]), (2, busy), "{tried:?}");
+        assert_eq!(bound.local_addr().unwrap().port(), tried[1]);
+        let refused: Result<(), _> =
+            with_port_retries(busy, |_| std::future::ready(Err(ServerError::InvalidAppendfsync("x".into())))).await;
+        assert!(matches!(refused, Err(ServerError::InvalidAppendfsync(_))), "other errors are not retried");
     }
 
     #[tokio::test]

@@ -21,7 +21,10 @@ use tracing::{info, warn};
 
 use super::dir_lock::lock_dir;
 use super::install::{require_binary, REDIS_CLI};
-use super::{ensure_installed, free_port, redis_cluster_ready, PrivateServer, RedisOptions, ServerError, ServerKind};
+use super::{
+    ensure_installed, free_port, redis_cluster_ready, with_port_retries, PrivateServer, RedisOptions, ServerError,
+    ServerKind,
+};
 use crate::poll;
 
 /// Where under a cluster's (or test run's) directory its private Redis Cluster lives.
@@ -153,7 +156,12 @@ impl PrivateRedisCluster {
     /// records it. Whatever was started is stopped again when a step fails.
     async fn create(dir: &Path, masters: usize) -> Result<PrivateRedisCluster, ServerError> {
         let ports = distinct_free_ports(2 * masters);
-        let starts = ports.chunks_exact(2).map(|pair| start_node(dir, pair[0], pair[1]));
+        // A node whose port was taken meanwhile moves to a fresh pair (its bus port too).
+        let starts = ports.chunks_exact(2).map(|pair| {
+            with_port_retries(pair[0], |port| {
+                start_node(dir, port, if port == pair[0] { pair[1] } else { free_port() })
+            })
+        });
         let (nodes, errors): (Vec<_>, Vec<_>) = join_all(starts).await.into_iter().partition(Result::is_ok);
         let nodes: Vec<PrivateServer> = nodes.into_iter().filter_map(Result::ok).collect();
         if let Some(Err(error)) = errors.into_iter().next() {
