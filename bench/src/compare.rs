@@ -21,6 +21,7 @@ use im_harness::cluster::{ClusterSpec, ClusterState};
 use im_harness::env::remove_data;
 use im_harness::guard::ClusterGuard;
 
+use crate::args::StepBounds;
 use crate::chart::{self, ArmRun, ChartError, CompareArm, Heading, SweepPoint, SweepSeries};
 use crate::report::{markdown_table, redis_nodes_markdown, RunReport};
 use crate::spec::{LoadSpec, Target};

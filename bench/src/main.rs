@@ -35,7 +35,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use im_bench::args::{ClusterArgs, DrillArgs, LoadArgs, ModeArg, OutputArgs};
+use im_bench::args::{ClusterArgs, DrillArgs, LoadArgs, ModeArg, OutputArgs, StepBounds};
 use im_bench::compare::{self, CompareSpec, SweepSpec};
 use im_bench::hold::{self, HoldSpec};
 use im_bench::{RunReport, Target};
@@ -191,9 +191,8 @@ enum Cmd {
         /// Offered rates to try, in msg/s, ascending.
         #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000,15000,20000,30000,40000")]
         rates: Vec<f64>,
-        /// A step is sustained while saved p99 stays within this many ms.
-        #[arg(long, default_value_t = 250.0)]
-        max_saved_p99_ms: f64,
+        #[command(flatten)]
+        bounds: StepBounds,
         /// Run directory (default bench-runs/<UTC timestamp>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -212,9 +211,8 @@ enum Cmd {
         /// servers; the load flags below shape it.
         #[arg(long, value_delimiter = ',')]
         engine_rates: Vec<f64>,
-        /// A sweep step is sustained while saved p99 stays within this many ms.
-        #[arg(long, default_value_t = 250.0)]
-        max_saved_p99_ms: f64,
+        #[command(flatten)]
+        bounds: StepBounds,
         #[command(flatten)]
         load: LoadArgs,
         #[command(flatten)]
@@ -440,14 +438,14 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
             }
             Ok(exit_code(output.check, &reports))
         }
-        Cmd::Sweep { mode, load, cluster, rates, max_saved_p99_ms, out, output } => {
+        Cmd::Sweep { mode, load, cluster, rates, bounds, out, output } => {
             let mode = Mode::from(mode);
             let spec = SweepSpec {
                 cluster: cluster.options()?,
                 load: load.spec()?,
                 mode,
                 rates,
-                max_saved_p99_ms,
+                bounds,
                 out: default_out(out),
                 command: command_line(),
             };
@@ -472,11 +470,11 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 steps.iter().filter(|s| s.failure.is_none()).map(|s| &s.run.report).collect();
             Ok(exit_code(output.check, &sustained))
         }
-        Cmd::Limits { secs_per_op, engine_rates, max_saved_p99_ms, load, cluster, out, json } => {
+        Cmd::Limits { secs_per_op, engine_rates, bounds, load, cluster, out, json } => {
             let engine = if engine_rates.is_empty() {
                 None
             } else {
-                Some(im_bench::limits::EngineSweep { load: load.spec()?, rates: engine_rates, max_saved_p99_ms })
+                Some(im_bench::limits::EngineSweep { load: load.spec()?, rates: engine_rates, bounds })
             };
             let spec = im_bench::limits::LimitsSpec {
                 cluster: cluster.options()?,

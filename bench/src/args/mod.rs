@@ -317,3 +317,39 @@ mod tests {
         assert!(!out.exists(), "nothing was created");
     }
 }
+
+/// When a sweep step counts as sustained, besides no loss, no errors and the offered load sent
+/// (`bench sweep`, `bench limits`). The goal (saved ≤ 250, accepted ≤ 20, E2E ≤ 50 ms) is
+/// `--max-accepted-p99-ms 20 --max-e2e-p99-ms 50`.
+#[derive(Args, Debug, Clone, Copy, PartialEq)]
+pub struct StepBounds {
+    /// A step is sustained while saved p99 stays within this many ms.
+    #[arg(long = "max-saved-p99-ms", default_value_t = 250.0)]
+    pub saved_p99_ms: f64,
+    /// ... and accepted p99 within this many ms (two-phase modes; no bound when not given).
+    #[arg(long = "max-accepted-p99-ms")]
+    pub accepted_p99_ms: Option<f64>,
+    /// ... and E2E p99 within this many ms (no bound when not given).
+    #[arg(long = "max-e2e-p99-ms")]
+    pub e2e_p99_ms: Option<f64>,
+}
+
+impl std::fmt::Display for StepBounds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "saved p99 ≤ {} ms", self.saved_p99_ms)?;
+        if let Some(ms) = self.accepted_p99_ms {
+            write!(f, ", accepted p99 ≤ {ms} ms")?;
+        }
+        if let Some(ms) = self.e2e_p99_ms {
+            write!(f, ", E2E p99 ≤ {ms} ms")?;
+        }
+        Ok(())
+    }
+}
+
+impl StepBounds {
+    /// Saved p99 within `ms`, nothing else bounded.
+    pub fn saved_within(ms: f64) -> Self {
+        StepBounds { saved_p99_ms: ms, accepted_p99_ms: None, e2e_p99_ms: None }
+    }
+}

@@ -12,8 +12,8 @@ pub struct SweepSpec {
     pub mode: Mode,
     /// Offered rates in msg/s, ascending.
     pub rates: Vec<f64>,
-    /// A step passes while saved p99 stays within this bound.
-    pub max_saved_p99_ms: f64,
+    /// When a step passes.
+    pub bounds: StepBounds,
     pub out: PathBuf,
     pub command: String,
 }
@@ -28,10 +28,18 @@ pub struct SweepStep {
 }
 
 /// Why a step at `offered` msg/s is not sustainable, if it is not.
-pub fn step_failure(report: &RunReport, max_saved_p99_ms: f64) -> Option<String> {
+pub fn step_failure(report: &RunReport, bounds: &StepBounds) -> Option<String> {
     let m = &report.messages.counts;
-    if report.latency_ms.saved.p99 > max_saved_p99_ms {
-        return Some(format!("saved p99 {:.1} ms > {max_saved_p99_ms} ms", report.latency_ms.saved.p99));
+    let l = &report.latency_ms;
+    let latencies = [
+        ("saved", l.saved.p99, Some(bounds.saved_p99_ms)),
+        ("accepted", l.accepted.p99, bounds.accepted_p99_ms),
+        ("e2e", l.e2e.p99, bounds.e2e_p99_ms),
+    ];
+    for (name, p99, bound) in latencies {
+        if let Some(bound) = bound.filter(|&b| p99 > b) {
+            return Some(format!("{name} p99 {p99:.1} ms > {bound} ms"));
+        }
     }
     if m.lost + m.undelivered_receiver_gone > 0 {
         return Some(format!("{} messages lost", m.lost + m.undelivered_receiver_gone));
@@ -81,7 +89,7 @@ pub async fn sweep(spec: &SweepSpec) -> Result<Vec<SweepStep>, BenchError> {
         let report = crate::run(&target, &load).await?;
         let file = spec.out.join(sweep_step_file(spec.mode, rate));
         write_json(&file, &report)?;
-        let failure = step_failure(&report, spec.max_saved_p99_ms);
+        let failure = step_failure(&report, &spec.bounds);
         eprintln!(
             "step {rate:>8.0}/s: sent {:.0}/s saved {:.0}/s; accepted p99 {:.1} ms, saved p99 {:.1} ms, e2e p99 {:.1} ms; \
              cpu {} µs/msg → {}",
@@ -122,17 +130,17 @@ fn parse_sweep_step_file(name: &str) -> Option<(Mode, f64)> {
 /// in the run directory (the title's connection count is this sweep's).
 fn write_sweep_chart(spec: &SweepSpec, steps: &[SweepStep]) {
     let points = steps.iter().map(|s| SweepPoint::of(s.rate, &s.run.report, s.failure.is_some())).collect();
-    let mut series = other_modes_sweeps(&spec.out, spec.mode, spec.max_saved_p99_ms);
+    let mut series = other_modes_sweeps(&spec.out, spec.mode, &spec.bounds);
     series.push(SweepSeries { mode: spec.mode.as_str().to_owned(), points });
     series.sort_by_key(|s| Mode::parse(&s.mode).map(|m| m as u8));
     let heading = chart_heading("bench sweep", &spec.load);
     write_chart(&spec.out.join("sweep.svg"), chart::sweep_svg(&heading, &series));
 }
 
-/// The sweep steps of modes other than `mode` found in `dir`, judged by this sweep's bound. This
+/// The sweep steps of modes other than `mode` found in `dir`, judged by this sweep's bounds. This
 /// mode's files are left out: the sweep just run replaces them, and an earlier sweep of the same
 /// mode may have left steps this one did not reach.
-fn other_modes_sweeps(dir: &Path, mode: Mode, max_saved_p99_ms: f64) -> Vec<SweepSeries> {
+fn other_modes_sweeps(dir: &Path, mode: Mode, bounds: &StepBounds) -> Vec<SweepSeries> {
     let mut by_mode: BTreeMap<&str, Vec<SweepPoint>> = BTreeMap::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
@@ -144,7 +152,7 @@ fn other_modes_sweeps(dir: &Path, mode: Mode, max_saved_p99_ms: f64) -> Vec<Swee
         let read = std::fs::read_to_string(&path).map_err(|e| e.to_string());
         match read.and_then(|json| serde_json::from_str::<RunReport>(&json).map_err(|e| e.to_string())) {
             Ok(report) => {
-                let failed = step_failure(&report, max_saved_p99_ms).is_some();
+                let failed = step_failure(&report, bounds).is_some();
                 by_mode.entry(other.as_str()).or_default().push(SweepPoint::of(rate, &report, failed));
             }
             Err(e) => eprintln!("warning: {} left off the chart: {e}", path.display()),
@@ -167,7 +175,7 @@ pub fn max_sustainable(steps: &[SweepStep]) -> Option<f64> {
 fn sweep_summary(spec: &SweepSpec, steps: &[SweepStep]) -> String {
     let mut out = format!(
         "# bench sweep, {} mode, {}\n\n`{}`\n\n- machine: {}\n- cluster: {} gateways, {} shards; Redis {}\n- {} connections, {} B bodies, \
-         {} s warm-up, {} s measured per step; bound: saved p99 ≤ {} ms, no errors, nothing lost\n\n",
+         {} s warm-up, {} s measured per step; bound: {}, no errors, nothing lost\n\n",
         spec.mode.as_str(),
         human_stamp(im_common::ids::now_ms() / 1000),
         spec.command,
@@ -179,7 +187,7 @@ fn sweep_summary(spec: &SweepSpec, steps: &[SweepStep]) -> String {
         spec.load.body_bytes,
         spec.load.warmup.as_secs(),
         spec.load.duration.as_secs(),
-        spec.max_saved_p99_ms,
+        spec.bounds,
     );
     let rows: Vec<(String, &RunReport)> = steps.iter().map(|s| (format!("{:.0}/s", s.rate), &s.run.report)).collect();
     out.push_str(&markdown_table(&rows));
@@ -266,6 +274,18 @@ mod tests {
     }
 
     #[test]
+    fn a_step_fails_on_the_first_latency_past_its_bound_and_unset_bounds_do_not_count() {
+        let report = step_report(Mode::Full, 1000.0, 100.0); // accepted p99 1 ms, E2E p99 2 ms
+        assert_eq!(step_failure(&report, &StepBounds::saved_within(250.0)), None);
+        assert_eq!(step_failure(&report, &StepBounds::saved_within(50.0)).unwrap(), "saved p99 100.0 ms > 50 ms");
+        let strict = StepBounds { saved_p99_ms: 250.0, accepted_p99_ms: Some(0.5), e2e_p99_ms: Some(1.5) };
+        assert_eq!(step_failure(&report, &strict).unwrap(), "accepted p99 1.0 ms > 0.5 ms");
+        let e2e_only = StepBounds { accepted_p99_ms: Some(5.0), ..strict };
+        assert_eq!(step_failure(&report, &e2e_only).unwrap(), "e2e p99 2.0 ms > 1.5 ms");
+        assert_eq!(e2e_only.to_string(), "saved p99 ≤ 250 ms, accepted p99 ≤ 5 ms, E2E p99 ≤ 1.5 ms");
+    }
+
+    #[test]
     fn the_sweep_chart_gathers_the_other_modes_swept_into_the_directory() {
         let dir = std::env::temp_dir().join(format!("bench-sweep-chart-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -275,7 +295,7 @@ mod tests {
             write_json(&dir.join(sweep_step_file(mode, rate)), &step_report(mode, rate, saved_p99)).unwrap();
         }
         std::fs::write(dir.join(sweep_step_file(Mode::AcceptedOnly, 1000.0)), "not a report").unwrap();
-        let series = other_modes_sweeps(&dir, Mode::Full, 250.0);
+        let series = other_modes_sweeps(&dir, Mode::Full, &StepBounds::saved_within(250.0));
         std::fs::remove_dir_all(&dir).unwrap();
         // The full sweep being drawn brings its own steps; the unreadable file is left off.
         assert_eq!(series.len(), 1);

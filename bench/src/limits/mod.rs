@@ -29,6 +29,7 @@ use im_harness::cluster::ClusterError;
 use im_harness::servers::{ensure_servers, EnsuredServers};
 use serde::{Deserialize, Serialize};
 
+use crate::args::StepBounds;
 use crate::compare::{self, with_database, ClusterOptions, SweepSpec};
 use crate::cpu::ProcessRef;
 use crate::spec::LoadSpec;
@@ -91,8 +92,8 @@ pub struct EngineSweep {
     pub load: LoadSpec,
     /// Offered rates, msg/s ascending.
     pub rates: Vec<f64>,
-    /// A step is sustained while saved p99 stays within this bound.
-    pub max_saved_p99_ms: f64,
+    /// When a step is sustained.
+    pub bounds: StepBounds,
 }
 
 /// Where the raw operations run: the servers, the scratch key prefix and database, and the server
@@ -230,7 +231,7 @@ async fn engine_figures(
         load: sweep.load.clone(),
         mode: Mode::Full,
         rates: sweep.rates.clone(),
-        max_saved_p99_ms: sweep.max_saved_p99_ms,
+        bounds: sweep.bounds,
         out: spec.out.clone(),
         command: spec.command.clone(),
     };
