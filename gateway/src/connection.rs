@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastwebsockets::{OpCode, WebSocket};
+use fastwebsockets::WebSocket;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::frame_reader::{Message, ReadError, Reader};
@@ -49,8 +49,7 @@ pub async fn serve(gw: Arc<Gateway>, ws: WebSocket<Stream>, handshake: Handshake
         return;
     };
     let out = Arc::new(Outbound::new(cfg.outbound_queue));
-    let opcode = if encoding.is_binary() { OpCode::Binary } else { OpCode::Text };
-    let mut writer = tokio::spawn(write_loop(write, out.clone(), opcode));
+    let mut writer = tokio::spawn(write_loop(write, out.clone(), encoding));
     let mut reader = Reader::new(read, early, out.clone(), cfg.max_frame_bytes);
     let conn = gw.sessions.new_handle(out.clone(), encoding);
 

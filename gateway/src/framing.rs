@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::gathering::Gathering;
 use crate::outbound::{Next, Outbound};
+use im_common::protocol::Encoding;
 
 /// The upgraded connection's byte stream.
 pub type Stream = TokioIo<Upgraded>;
@@ -74,8 +75,9 @@ const MAX_GATHERED_BYTES: usize = 8 * 1024;
 /// Runs the write half until a close is sent, the connection ended and everything queued went
 /// out, or the socket fails. Each wake-up writes the frames queued by then (up to [`MAX_GATHERED`]
 /// frames or [`MAX_GATHERED_BYTES`]) and flushes once: one `send()` per burst.
-/// `opcode`: what the queued frames are sent as (text for JSON, binary for MessagePack).
-pub async fn write_loop(mut ws: Writer, out: Arc<Outbound>, opcode: OpCode) {
+/// The queued frames go out as text frames (JSON) or binary ones (MessagePack), by `encoding`.
+pub async fn write_loop(mut ws: Writer, out: Arc<Outbound>, encoding: Encoding) {
+    let opcode = if encoding.is_binary() { OpCode::Binary } else { OpCode::Text };
     let mut batch = Vec::new();
     loop {
         let next = out.next(&mut batch, MAX_GATHERED, MAX_GATHERED_BYTES).await;
