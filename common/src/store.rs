@@ -60,6 +60,9 @@ pub struct Store {
 /// Columns of a message row, in the order [`to_message`] reads them.
 const MESSAGE_COLUMNS: &str = "id, from_user_id, to_user_id, client_msg_id, msg_type, content, seq";
 
+/// How long a pooled connection beyond the first may stay idle before the pool closes it.
+const IDLE_CONNECTION_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Store {
     /// A pool of at most `pool_max` connections to `url` (which names the database).
     pub fn connect(url: &str, pool_max: usize) -> Result<Store, StoreError> {
@@ -69,7 +72,17 @@ impl Store {
             // No COM_RESET_CONNECTION when a connection goes back to the pool: it is a round trip per
             // checkout and it drops the server's prepared statements, so every statement was prepared
             // again. Nothing here keeps session state; a transaction left open is rolled back by the pool.
-            .pool_opts(PoolOpts::default().with_constraints(constraints).with_reset_connection(false))
+            //
+            // Idle connections live for IDLE_CONNECTION_TTL: with mysql_async's default of 0 the pool
+            // keeps only `min` idle and closes every other connection on return, so each moment of
+            // two overlapping queries opened a new one (TCP, authentication, setup queries, and a
+            // reconnect over the Unix socket): about 18 a second at the seed tier.
+            .pool_opts(
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    .with_reset_connection(false)
+                    .with_inactive_connection_ttl(IDLE_CONNECTION_TTL),
+            )
             .stmt_cache_size(128)
             // With found rows counted, a duplicate would look inserted (see the module doc).
             .client_found_rows(false);

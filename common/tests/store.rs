@@ -272,3 +272,26 @@ async fn store_with_padded_client_msg_ids(env: &TestEnv) -> Store {
         .unwrap();
     store
 }
+
+/// The pool keeps the connections it opened: two queries at once, again and again, never use more
+/// server connections than the pool's maximum (a returned connection reaches the idle queue through
+/// the pool's recycler task, so a round may open a second spare, never one per round). (With mysql_async's default `inactive_connection_ttl` of 0 the pool kept
+/// only `min` idle connections and closed every other one on return, so each overlap opened a new
+/// connection — a TCP connect, authentication, two setup queries and a reconnect over the Unix
+/// socket: about 18 a second at the seed tier, most of MariaDB's CPU.)
+#[tokio::test]
+async fn the_pool_reuses_its_connections_instead_of_reopening_them() {
+    let env = TestEnv::new("pool_reuse");
+    migrate(&env.mysql_url).await.unwrap();
+    let store = Store::connect(&env.mysql_url, 4).unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let overlap = "SELECT CONNECTION_ID() + SLEEP(0.02)";
+        let (a, b) = tokio::join!(store.query_u64(overlap), store.query_u64(overlap));
+        ids.insert(a.unwrap());
+        ids.insert(b.unwrap());
+    }
+    assert!(ids.len() <= 4, "20 rounds of 2 overlapping queries used {} server connections: {ids:?}", ids.len());
+    store.close().await;
+    env.cleanup().await;
+}
