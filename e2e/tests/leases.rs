@@ -42,3 +42,74 @@ async fn messages_keep_flowing_in_order_when_the_shard_lease_vanishes_under_load
     store.close().await;
     drop(c);
 }
+
+/// A shard's stream gauges come from its owner only: a worker that loses the lease stops saying how
+/// long the shard's streams are (it zeroes them), so a dashboard or an alert that sums them over the
+/// workers does not count a dead letter twice after a takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shards_stream_gauges_come_from_its_owner_only_after_a_takeover() {
+    let env = TestEnv::new("gauges_owner");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.workers = 2; // one standby
+    s.config.two_phase.lease_ttl_ms = 1500;
+    s.config.two_phase.block_ms = 250;
+    let c = e2e::start(&s).await;
+    let keys = env.keys();
+    let mut redis = e2e::redis(&c.state.redis_url).await;
+    let _: String = redis::cmd("XADD")
+        .arg(keys.dead_letter_stream(0))
+        .arg("*")
+        .arg("m")
+        .arg("not a message")
+        .arg("reason")
+        .arg("test")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let owner_of = |lease: Option<String>| {
+        lease.and_then(|v| c.state.workers.iter().position(|w| v.ends_with(&format!("-{}", w.pid))))
+    };
+    let lease: Option<String> = redis::cmd("GET").arg(keys.lease(0)).query_async(&mut redis).await.unwrap();
+    let first = owner_of(lease).expect("one of the two workers owns shard 0");
+    let dead = |w: usize| {
+        let url = c.state.workers[w].metrics_url.clone();
+        async move { metrics::value(&url, "im_stream_dead_letter_length", &[("shard", "0")]).await.unwrap_or(-1.0) }
+    };
+    let wait = Duration::from_secs(10);
+    let seen = metrics::wait_for(
+        &c.state.workers[first].metrics_url,
+        "im_stream_dead_letter_length",
+        &[("shard", "0")],
+        wait,
+        |n| n == 1.0,
+    )
+    .await;
+    assert_eq!(seen, 1.0, "the owner reports the dead letter");
+
+    // Take the lease away until the other worker holds it (the former owner may win it back).
+    let second = 1 - first;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let lease: Option<String> = redis::cmd("GET").arg(keys.lease(0)).query_async(&mut redis).await.unwrap();
+        if owner_of(lease) == Some(second) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the standby never took shard 0");
+        let _: () = redis::cmd("DEL").arg(keys.lease(0)).query_async(&mut redis).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let seen = metrics::wait_for(
+        &c.state.workers[second].metrics_url,
+        "im_stream_dead_letter_length",
+        &[("shard", "0")],
+        wait,
+        |n| n == 1.0,
+    )
+    .await;
+    assert_eq!(seen, 1.0, "the new owner reports the dead letter");
+    // The former owner's lease holder noticed within a TTL; give it that and its reporter's second.
+    tokio::time::sleep(Duration::from_millis(1500 + 1500)).await;
+    let (former, now) = (dead(first).await, dead(second).await);
+    assert_eq!((former, now), (0.0, 1.0), "dead letters of shard 0 as reported by (former owner, owner)");
+    drop(c);
+}

@@ -268,6 +268,9 @@ async fn own_shard(
     let _ = tokio::time::timeout(Duration::from_secs(10), async { while stages.join_next().await.is_some() {} }).await;
     keeper.abort();
     reporter.abort();
+    // Once it has ended, so no last round of it sets them again.
+    let _ = reporter.await;
+    stats::clear(lease.shard);
     if let Some(pruner) = pruner {
         pruner.abort();
     }

@@ -1,5 +1,7 @@
 //! Per-shard stream gauges for operators: length, pending, lag and oldest-pending age of `accepted`
-//! and `to_save`, refreshed once a second with one pipelined round trip.
+//! and `to_save`, refreshed once a second with one pipelined round trip by the shard's owner, and
+//! zeroed when it lets the shard go ([`clear`]): a former owner that kept its last values would
+//! count the shard's backlog and dead letters twice in every sum over the workers.
 
 use std::time::Duration;
 
@@ -18,10 +20,13 @@ fn stream_id_age(id: &str) -> f64 {
     now_ms().saturating_sub(ms) as f64 / 1000.0
 }
 
+/// The streams the gauges describe, by their `stream` label.
+const STREAMS: [&str; 2] = ["accepted", "to_save"];
+
 /// Publishes the gauges of `shard` until the task is aborted.
 pub async fn report(mut conn: RedisConn, keys: Keys, group: String, shard: u16) {
     let label = shard.to_string();
-    let streams = [("accepted", keys.accepted_stream(shard)), ("to_save", keys.to_save_stream(shard))];
+    let streams = [(STREAMS[0], keys.accepted_stream(shard)), (STREAMS[1], keys.to_save_stream(shard))];
     loop {
         let mut pipe = redis::pipe();
         for (_, key) in &streams {
@@ -32,7 +37,7 @@ pub async fn report(mut conn: RedisConn, keys: Keys, group: String, shard: u16) 
             (u64, StreamPendingReply, StreamInfoGroupsReply, u64, StreamPendingReply, StreamInfoGroupsReply, u64);
         if let Ok((len_a, pend_a, info_a, len_s, pend_s, info_s, dead)) = pipe.query_async::<Row>(&mut conn).await {
             for (stream, len, pending, info) in
-                [("accepted", len_a, pend_a, info_a), ("to_save", len_s, pend_s, info_s)]
+                [(STREAMS[0], len_a, pend_a, info_a), (STREAMS[1], len_s, pend_s, info_s)]
             {
                 let labels = [("shard", label.clone()), ("stream", stream.to_owned())];
                 metrics::gauge!("im_stream_length", &labels).set(len as f64);
@@ -49,4 +54,18 @@ pub async fn report(mut conn: RedisConn, keys: Keys, group: String, shard: u16) 
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Zeroes the gauges of `shard` (its reporter stopped: this process no longer owns it).
+pub fn clear(shard: u16) {
+    let label = shard.to_string();
+    for stream in STREAMS {
+        let labels = [("shard", label.clone()), ("stream", stream.to_owned())];
+        for name in
+            ["im_stream_length", "im_stream_pending", "im_stream_oldest_pending_age_seconds", "im_stream_consumer_lag"]
+        {
+            metrics::gauge!(name, &labels).set(0.0);
+        }
+    }
+    metrics::gauge!("im_stream_dead_letter_length", "shard" => label).set(0.0);
 }
