@@ -207,6 +207,12 @@ enum Cmd {
         /// Measured seconds per operation (after a short warm-up).
         #[arg(long, default_value_t = 3.0)]
         secs_per_op: f64,
+        /// Run the operations paced, one per call, as often as this many messages a second need them
+        /// (rows per INSERT: a save batch at that rate, from two_phase.save_batch_delay_ms and
+        /// --shards): the raw cost of a message at light load such as the seed tier's (833). Not with
+        /// --engine-rates.
+        #[arg(long)]
+        paced_rate: Option<f64>,
         /// Also sweep the engine in full mode over these offered rates (msg/s, ascending), on the same
         /// servers; the load flags below shape it.
         #[arg(long, value_delimiter = ',')]
@@ -470,15 +476,18 @@ async fn execute(command: Cmd) -> anyhow::Result<i32> {
                 steps.iter().filter(|s| s.failure.is_none()).map(|s| &s.run.report).collect();
             Ok(exit_code(output.check, &sustained))
         }
-        Cmd::Limits { secs_per_op, engine_rates, bounds, load, cluster, out, json } => {
+        Cmd::Limits { secs_per_op, paced_rate, engine_rates, bounds, load, cluster, out, json } => {
             let engine = if engine_rates.is_empty() {
                 None
             } else {
                 Some(im_bench::limits::EngineSweep { load: load.spec()?, rates: engine_rates, bounds })
             };
+            let cluster = cluster.options()?;
+            let drive = im_bench::limits::drive(paced_rate, &cluster)?;
             let spec = im_bench::limits::LimitsSpec {
-                cluster: cluster.options()?,
+                cluster,
                 secs_per_op: im_bench::args::secs(secs_per_op, "secs-per-op")?,
+                drive,
                 engine,
                 out: default_out(out),
                 command: command_line(),

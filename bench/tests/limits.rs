@@ -7,14 +7,11 @@ use std::time::Duration;
 
 use im_bench::compare::ClusterOptions;
 use im_bench::limits::model::Op;
-use im_bench::limits::{self, LimitsSpec};
+use im_bench::limits::{self, Drive, LimitsSpec};
 use im_harness::env::TestEnv;
 
-#[tokio::test]
-async fn every_raw_operation_is_measured_and_nothing_stays_behind() {
-    let env = TestEnv::new("limits");
-    let out = std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-")));
-    let spec = LimitsSpec {
+fn spec(env: &TestEnv, out: &std::path::Path, secs_per_op: Duration, drive: Drive) -> LimitsSpec {
+    LimitsSpec {
         cluster: ClusterOptions {
             config: env.config(),
             gateways: 1,
@@ -23,11 +20,19 @@ async fn every_raw_operation_is_measured_and_nothing_stays_behind() {
             redis_cluster: None,
             keep_data: false,
         },
-        secs_per_op: Duration::from_millis(300),
+        secs_per_op,
+        drive,
         engine: None,
-        out: out.clone(),
-        command: "bench limits --secs-per-op 0.3".into(),
-    };
+        out: out.to_path_buf(),
+        command: "bench limits".into(),
+    }
+}
+
+#[tokio::test]
+async fn every_raw_operation_is_measured_and_nothing_stays_behind() {
+    let env = TestEnv::new("limits");
+    let out = std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-")));
+    let spec = spec(&env, &out, Duration::from_millis(300), Drive::FlatOut);
     let report = limits::run(&spec).await.expect("limits measures");
 
     for op in Op::ALL {
@@ -44,6 +49,30 @@ async fn every_raw_operation_is_measured_and_nothing_stays_behind() {
     let left: Vec<String> =
         redis::cmd("KEYS").arg(format!("{}:*", env.key_prefix)).query_async(&mut conn).await.unwrap();
     assert!(left.is_empty(), "scratch keys left behind: {left:?}");
+    std::fs::remove_dir_all(&out).ok();
+    env.cleanup().await;
+}
+
+/// Paced, every operation runs about as often as the messages need it (not flat out), and the
+/// report gives a CPU cost per message.
+#[tokio::test]
+async fn paced_operations_run_at_the_pace_of_the_messages() {
+    let env = TestEnv::new("limits_paced");
+    let out = std::env::temp_dir().join(format!("im-test-{}", env.key_prefix.replace(':', "-")));
+    let drive = Drive::Paced { msgs_per_sec: 400.0, rows_per_insert: 4 };
+    let report = limits::run(&spec(&env, &out, Duration::from_secs(1), drive)).await.expect("limits measures");
+    assert_eq!(report.drive, drive);
+    for op in Op::ALL {
+        let m = report.measurements.iter().find(|m| m.op == op).unwrap_or_else(|| panic!("{op:?} measured"));
+        let pace = 400.0 * f64::from(op.per_message());
+        assert!(
+            m.ops_per_sec > 0.5 * pace && m.ops_per_sec < 1.2 * pace,
+            "{op:?} ran at {:.0}/s, paced for {pace:.0}/s: {m:?}",
+            m.ops_per_sec
+        );
+    }
+    let table = std::fs::read_to_string(out.join("limits.md")).expect("limits.md written");
+    assert!(table.contains("**Paced for 400 msg/s, one operation per call: raw CPU per message"), "{table}");
     std::fs::remove_dir_all(&out).ok();
     env.cleanup().await;
 }

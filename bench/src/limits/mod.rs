@@ -8,6 +8,10 @@
 //! seconds (`window`); [`model`] weighs them by how many of each one message needs in full mode,
 //! and `render` writes the table ([`markdown`]).
 //!
+//! With `--paced-rate` the same operations run paced, one per call, as often as that many messages
+//! a second need them ([`Drive::Paced`]): the raw cost of a message at light load, such as the
+//! seed tier's, where batches hold one or a few messages and each operation is a wake-up of its own.
+//!
 //! The servers are found the way a comparison finds them ([`ensure_servers`]: the configured ones
 //! when they answer, else private ones), and the engine sweep is pointed at exactly those. The raw
 //! operations write under a key prefix and into a database of their own ([`Scratch`]), removed
@@ -20,6 +24,8 @@ mod render;
 mod servers;
 mod window;
 mod ws;
+
+pub use window::Drive;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -79,6 +85,8 @@ pub struct LimitsSpec {
     pub cluster: ClusterOptions,
     /// The measured window of each raw operation.
     pub secs_per_op: Duration,
+    /// Flat out (the limit) or paced (light load).
+    pub drive: Drive,
     /// An engine sweep in full mode on the same servers, or none.
     pub engine: Option<EngineSweep>,
     /// The run directory (`limits.json`, `limits.md`, private servers, the sweep's files).
@@ -128,6 +136,9 @@ pub struct LimitsReport {
     /// The MariaDB server: URL, shared or private, commit durability.
     pub mysql: String,
     pub secs_per_op: f64,
+    /// How the operations were driven (flat out in reports written before pacing existed).
+    #[serde(default)]
+    pub drive: Drive,
     pub measurements: Vec<Measurement>,
     /// The operations of one message summed (`None` unless all were measured).
     pub per_message: Option<MessageCost>,
@@ -148,19 +159,31 @@ pub struct EngineFigures {
     pub cpu_vs_raw: Option<f64>,
 }
 
+/// How `--paced-rate` drives the operations: flat out without it; paced with it, each INSERT holding
+/// what a save batch holds at that rate (`rate × save_batch_delay_ms / shards` rows, at least one).
+pub fn drive(paced_rate: Option<f64>, cluster: &ClusterOptions) -> Result<Drive, BenchError> {
+    let Some(rate) = paced_rate else { return Ok(Drive::FlatOut) };
+    if !(rate.is_finite() && (1.0..=1e6).contains(&rate)) {
+        return Err(BenchError::InvalidSpec(format!("--paced-rate must be 1 to 1000000 msg/s, not {rate}")));
+    }
+    let delay_secs = cluster.config.two_phase.save_batch_delay_ms as f64 / 1000.0;
+    let rows = (rate * delay_secs / f64::from(cluster.shards.max(1))).round().max(1.0) as usize;
+    Ok(Drive::Paced { msgs_per_sec: rate, rows_per_insert: rows })
+}
+
 /// Measures every raw operation on `scratch`, one after the other, for `secs` each.
-pub async fn measure_raw(scratch: &Scratch, secs: Duration) -> Result<Vec<Measurement>, LimitsError> {
+pub async fn measure_raw(scratch: &Scratch, secs: Duration, drive: Drive) -> Result<Vec<Measurement>, LimitsError> {
     let mut measured = Vec::new();
-    eprintln!("[limits] WebSocket frames");
-    measured.push(ws::frames(secs).await?);
+    eprintln!("[limits] WebSocket frames, {}", drive.describe());
+    measured.push(ws::frames(secs, drive).await?);
     eprintln!("[limits] XADD");
-    measured.push(redis_ops::xadd(scratch, secs).await?);
+    measured.push(redis_ops::xadd(scratch, secs, drive).await?);
     eprintln!("[limits] XREADGROUP + XACK");
-    measured.push(redis_ops::read_ack(scratch, secs).await?);
+    measured.push(redis_ops::read_ack(scratch, secs, drive).await?);
     eprintln!("[limits] PUBLISH");
-    measured.push(redis_ops::publish(scratch, secs).await?);
+    measured.push(redis_ops::publish(scratch, secs, drive).await?);
     eprintln!("[limits] INSERT");
-    measured.push(insert::insert_rows(scratch, secs).await?);
+    measured.push(insert::insert_rows(scratch, secs, drive).await?);
     Ok(measured)
 }
 
@@ -173,6 +196,13 @@ pub async fn run(spec: &LimitsSpec) -> Result<LimitsReport, LimitsError> {
             BenchError::InvalidSpec("bench limits measures one Redis server, not a Redis Cluster".into()).into()
         );
     }
+    if spec.engine.is_some() && spec.drive != Drive::FlatOut {
+        return Err(BenchError::InvalidSpec(
+            "--paced-rate measures the raw operations at light load; run `bench compare` at that rate for the engine"
+                .into(),
+        )
+        .into());
+    }
     std::fs::create_dir_all(&spec.out)?;
     let stamp = compare::run_stamp(im_common::ids::now_ms() / 1000);
     let servers = ensure_servers(&config.redis.url, &config.mysql.url, &spec.out.join("servers"), false)
@@ -181,7 +211,7 @@ pub async fn run(spec: &LimitsSpec) -> Result<LimitsReport, LimitsError> {
     let tag = format!("{}_{:04x}", stamp.replace('-', ""), rand::random::<u16>());
     let lease = Lease::new(servers, &config.redis.key_prefix, &tag);
     let (redis, mysql) = server_notes(&lease).await;
-    let measurements = measure_raw(&lease.scratch, spec.secs_per_op).await?;
+    let measurements = measure_raw(&lease.scratch, spec.secs_per_op, spec.drive).await?;
     let per_message = message_cost(&measurements, cores());
     let engine = match &spec.engine {
         Some(sweep) => Some(engine_figures(spec, sweep, &lease.servers, per_message.as_ref()).await?),
@@ -196,6 +226,7 @@ pub async fn run(spec: &LimitsSpec) -> Result<LimitsReport, LimitsError> {
         redis,
         mysql,
         secs_per_op: spec.secs_per_op.as_secs_f64(),
+        drive: spec.drive,
         measurements,
         per_message,
         engine,
@@ -246,4 +277,32 @@ async fn engine_figures(
         rate_vs_limit: ratio(max_sustainable_rate, cost.map(|c| c.limit_rate)),
         cpu_vs_raw: ratio(cpu_us_per_msg, cost.and_then(|c| c.cpu_us)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(shards: u16) -> ClusterOptions {
+        ClusterOptions {
+            config: im_common::config::Config::default(),
+            gateways: 2,
+            shards,
+            workers: None,
+            redis_cluster: None,
+            keep_data: false,
+        }
+    }
+
+    #[test]
+    fn a_paced_insert_holds_what_a_save_batch_holds_at_that_rate() {
+        assert_eq!(drive(None, &cluster(2)).unwrap(), Drive::FlatOut);
+        // 833 msg/s × 30 ms (the default save delay) / 2 shards = 12.5 rows.
+        assert_eq!(drive(Some(833.0), &cluster(2)).unwrap(), Drive::Paced { msgs_per_sec: 833.0, rows_per_insert: 12 });
+        assert_eq!(drive(Some(10.0), &cluster(4)).unwrap(), Drive::Paced { msgs_per_sec: 10.0, rows_per_insert: 1 });
+        for bad in [0.0, -5.0, f64::NAN, f64::INFINITY, 2e6] {
+            let e = drive(Some(bad), &cluster(2)).unwrap_err().to_string();
+            assert!(e.contains("--paced-rate must be 1 to 1000000 msg/s"), "{bad}: {e}");
+        }
+    }
 }

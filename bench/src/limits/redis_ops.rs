@@ -17,7 +17,7 @@ use redis::AsyncConnectionConfig;
 use tokio::sync::Notify;
 
 use super::model::{Measurement, Op};
-use super::window::{measure, CpuScope, Workers};
+use super::window::{measure, pace, CpuScope, Drive, Workers};
 use super::{LimitsError, Scratch, CONNECTIONS, PAYLOAD_BYTES};
 
 /// Commands per pipeline, and entries per XREADGROUP.
@@ -44,52 +44,62 @@ async fn connect(url: &str) -> Result<MultiplexedConnection, LimitsError> {
     Ok(redis::Client::open(url)?.get_multiplexed_async_connection_with_config(&config).await?)
 }
 
-fn how(what: &str) -> String {
-    format!("{CONNECTIONS} connections, pipelines of {PIPELINE}, {PAYLOAD_BYTES} B {what}")
+fn how(drive: Drive, what: &str) -> String {
+    format!(
+        "{CONNECTIONS} connections, {}, pipelines of {}, {PAYLOAD_BYTES} B {what}",
+        drive.describe(),
+        drive.batch(PIPELINE)
+    )
 }
 
 /// Pipelined XADD of a message-sized entry, one stream per connection.
-pub async fn xadd(scratch: &Scratch, secs: Duration) -> Result<Measurement, LimitsError> {
+pub async fn xadd(scratch: &Scratch, secs: Duration, drive: Drive) -> Result<Measurement, LimitsError> {
     let mut workers = Workers::new();
+    let batch = drive.batch(PIPELINE);
     for worker in 0..CONNECTIONS {
         let mut conn = connect(&scratch.redis_url).await?;
         let stream = scratch.key(&format!("xadd:{worker}"));
         let (done, stop) = (workers.done.clone(), workers.stop.clone());
+        let mut ticker = drive.ticker(Op::Xadd, CONNECTIONS, batch);
         workers.tasks.spawn(async move {
             let payload = payload();
             while !stop.is_cancelled() {
+                pace(&mut ticker).await;
                 let mut pipe = redis::pipe();
-                for _ in 0..PIPELINE {
+                for _ in 0..batch {
                     pipe.cmd("XADD").arg(&stream).arg("MAXLEN").arg("~").arg(STREAM_CAP).arg("*");
                     pipe.arg(MSG_FIELD).arg(&payload).ignore();
                 }
                 let () = pipe.query_async(&mut conn).await?;
-                done.fetch_add(PIPELINE as u64, Ordering::Relaxed);
+                done.fetch_add(batch as u64, Ordering::Relaxed);
             }
             Ok(())
         });
     }
     let scope = CpuScope::ServersAndBench(scratch.redis_processes.clone());
-    measure(Op::Xadd, how("entries"), scope, secs, workers).await
+    measure(Op::Xadd, how(drive, "entries"), scope, secs, workers).await
 }
 
-/// XREADGROUP COUNT 64 and XACK of the previous batch in one pipeline, one stream and group per
+/// XREADGROUP COUNT 64 (1 paced) and XACK of the previous batch in one pipeline, one stream and group per
 /// connection (as each shard's worker reads its own). An entry counts once it is acknowledged.
-pub async fn read_ack(scratch: &Scratch, secs: Duration) -> Result<Measurement, LimitsError> {
+pub async fn read_ack(scratch: &Scratch, secs: Duration, drive: Drive) -> Result<Measurement, LimitsError> {
     let mut workers = Workers::new();
+    let batch = drive.batch(PIPELINE);
     for worker in 0..CONNECTIONS {
         let mut conn = connect(&scratch.redis_url).await?;
         let stream = scratch.key(&format!("read:{worker}"));
         fill(&mut conn, &stream).await?;
         let (done, stop) = (workers.done.clone(), workers.stop.clone());
+        let mut ticker = drive.ticker(Op::ReadAck, CONNECTIONS, batch);
         workers.tasks.spawn(async move {
             let mut unacked: Vec<String> = Vec::new();
             while !stop.is_cancelled() {
+                pace(&mut ticker).await;
                 let mut pipe = redis::pipe();
                 if !unacked.is_empty() {
                     pipe.cmd("XACK").arg(&stream).arg(GROUP).arg(&unacked).ignore();
                 }
-                pipe.cmd("XREADGROUP").arg("GROUP").arg(GROUP).arg("bench").arg("COUNT").arg(PIPELINE);
+                pipe.cmd("XREADGROUP").arg("GROUP").arg(GROUP).arg("bench").arg("COUNT").arg(batch);
                 pipe.arg("STREAMS").arg(&stream).arg(">");
                 let (reply,): (Option<StreamReadReply>,) = pipe.query_async(&mut conn).await?;
                 done.fetch_add(unacked.len() as u64, Ordering::Relaxed);
@@ -109,7 +119,7 @@ pub async fn read_ack(scratch: &Scratch, secs: Duration) -> Result<Measurement, 
         });
     }
     let scope = CpuScope::ServersAndBench(scratch.redis_processes.clone());
-    measure(Op::ReadAck, how("entries, XACK of each batch with the next read"), scope, secs, workers).await
+    measure(Op::ReadAck, how(drive, "entries, XACK of each batch with the next read"), scope, secs, workers).await
 }
 
 /// Fills `stream` with [`READ_STREAM_ENTRIES`] entries and creates the consumer group at its start.
@@ -129,7 +139,7 @@ async fn fill(conn: &mut MultiplexedConnection, stream: &str) -> Result<(), Limi
 /// Pipelined PUBLISH of a message-sized payload to one channel with one subscriber. A publication
 /// counts once the subscriber has it; publishers wait while more than [`MAX_UNRECEIVED`] are
 /// still on their way, so the rate is what a subscriber that keeps up receives.
-pub async fn publish(scratch: &Scratch, secs: Duration) -> Result<Measurement, LimitsError> {
+pub async fn publish(scratch: &Scratch, secs: Duration, drive: Drive) -> Result<Measurement, LimitsError> {
     let channel = scratch.key("publish");
     let mut subscriber = redis::Client::open(scratch.redis_url.as_str())?.get_async_pubsub().await?;
     subscriber.subscribe(&channel).await?;
@@ -153,13 +163,16 @@ pub async fn publish(scratch: &Scratch, secs: Duration) -> Result<Measurement, L
             }
         }
     });
+    let batch = drive.batch(PIPELINE);
     for _ in 0..CONNECTIONS {
         let mut conn = connect(&scratch.redis_url).await?;
         let (channel, received, stop) = (channel.clone(), workers.done.clone(), workers.stop.clone());
         let (published, caught_up) = (published.clone(), caught_up.clone());
+        let mut ticker = drive.ticker(Op::Publish, CONNECTIONS, batch);
         workers.tasks.spawn(async move {
             let payload = payload();
             while !stop.is_cancelled() {
+                pace(&mut ticker).await;
                 if published.load(Ordering::Relaxed).saturating_sub(received.load(Ordering::Relaxed)) > MAX_UNRECEIVED {
                     // Woken when the subscriber catches up; the timeout covers a wake-up missed
                     // between the check and the wait.
@@ -167,15 +180,15 @@ pub async fn publish(scratch: &Scratch, secs: Duration) -> Result<Measurement, L
                     continue;
                 }
                 let mut pipe = redis::pipe();
-                for _ in 0..PIPELINE {
+                for _ in 0..batch {
                     pipe.cmd("PUBLISH").arg(&channel).arg(&payload).ignore();
                 }
                 let () = pipe.query_async(&mut conn).await?;
-                published.fetch_add(PIPELINE as u64, Ordering::Relaxed);
+                published.fetch_add(batch as u64, Ordering::Relaxed);
             }
             Ok(())
         });
     }
     let scope = CpuScope::ServersAndBench(scratch.redis_processes.clone());
-    measure(Op::Publish, how("payloads, counted as received"), scope, secs, workers).await
+    measure(Op::Publish, how(drive, "payloads, counted as received"), scope, secs, workers).await
 }

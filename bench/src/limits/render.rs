@@ -2,7 +2,7 @@
 //! and the engine's figures as fractions of it.
 
 use super::model::{Op, NOT_COUNTED};
-use super::LimitsReport;
+use super::{Drive, LimitsReport};
 
 fn or_dash(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "–".into(), |v| format!("{v:.decimals$}"))
@@ -20,7 +20,10 @@ pub fn markdown(report: &LimitsReport) -> String {
     for m in &report.measurements {
         out.push_str(&format!("- {}: {}\n", m.op.label(), m.how));
     }
-    out.push_str(&limit_lines(report));
+    out.push_str(&match report.drive {
+        Drive::FlatOut => limit_lines(report),
+        Drive::Paced { msgs_per_sec, .. } => paced_lines(report, msgs_per_sec),
+    });
     if let Some(engine) = &report.engine {
         out.push_str(&format!(
             "\n## The engine, full mode, same servers\n\n- offered rates {}: maximum sustainable rate **{} msg/s** \
@@ -81,6 +84,18 @@ fn limit_lines(report: &LimitsReport) -> String {
     )
 }
 
+/// Paced, the rates are the pacing's: what counts is the CPU a message's operations cost at that load.
+fn paced_lines(report: &LimitsReport, msgs_per_sec: f64) -> String {
+    let cpu = report.per_message.as_ref().and_then(|c| c.cpu_us);
+    format!(
+        "\n- **Paced for {msgs_per_sec:.0} msg/s, one operation per call: raw CPU per message {} µs** (no limit rate: \
+         the operations ran at the pace, not flat out)\n\
+         - CPU µs/op is the engine's side: the server plus the bench (in the gateway's or worker's place); for \
+         WebSocket frames the serving thread alone (the client plays the device)\n- not counted: {NOT_COUNTED}\n",
+        or_dash(cpu, 2)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::model::{message_cost, tests::all_measured};
@@ -97,6 +112,7 @@ mod tests {
             redis: "redis://r (shared, appendfsync everysec)".into(),
             mysql: "mysql://m (shared)".into(),
             secs_per_op: 3.0,
+            drive: Drive::FlatOut,
             per_message: message_cost(&measurements, 2),
             measurements,
             engine: None,
@@ -135,6 +151,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("115.0 µs → **5.0× the raw operations' CPU**"), "{text}");
+    }
+
+    #[test]
+    fn paced_the_report_gives_the_cpu_per_message_and_no_limit() {
+        let mut r = report();
+        r.drive = Drive::Paced { msgs_per_sec: 833.0, rows_per_insert: 12 };
+        let text = markdown(&r);
+        assert!(
+            text.contains("**Paced for 833 msg/s, one operation per call: raw CPU per message 23.00 µs**"),
+            "{text}"
+        );
+        assert!(!text.contains("**Limit:"), "{text}");
     }
 
     #[test]

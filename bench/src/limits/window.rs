@@ -1,6 +1,6 @@
-//! The measured window every raw operation shares: workers run flat out and count what they
-//! completed; after a warm-up the count and the CPU time of the processes involved are read, once at
-//! each end of the window, then the workers are stopped.
+//! The measured window every raw operation shares: workers run flat out or paced ([`Drive`]) and
+//! count what they completed; after a warm-up the count and the CPU time of the processes involved
+//! are read, once at each end of the window, then the workers are stopped.
 //!
 //! Reading both ends while the load runs keeps start-up and wind-down out of the figures. CPU comes
 //! from `/proc` in clock ticks (10 ms), so a window shorter than a second or so is coarse.
@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
+use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::model::{Measurement, Op};
@@ -20,6 +22,55 @@ use crate::cpu::{self, ProcessRef};
 const MIN_WARMUP: Duration = Duration::from_millis(200);
 /// The longest warm-up before a window.
 const MAX_WARMUP: Duration = Duration::from_secs(1);
+
+/// How the workers of an operation drive it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Drive {
+    /// As fast as the servers take it, in batches (pipelines, multi-row statements, frames in
+    /// flight): the limit.
+    #[default]
+    FlatOut,
+    /// Paced so each operation runs as often as `msgs_per_sec` messages need it, one per call (rows
+    /// `rows_per_insert` per statement, as many as a save batch holds at that rate): light load
+    /// such as the seed tier's, where each operation is a wake-up of its own.
+    Paced { msgs_per_sec: f64, rows_per_insert: usize },
+}
+
+impl Drive {
+    /// Operations per call: `flat` flat out, one paced.
+    pub fn batch(self, flat: usize) -> usize {
+        match self {
+            Drive::FlatOut => flat,
+            Drive::Paced { .. } => 1,
+        }
+    }
+
+    /// The ticker of one of `workers` workers whose calls each complete `per_call` operations of
+    /// `op`; none flat out.
+    pub fn ticker(self, op: Op, workers: usize, per_call: usize) -> Option<Interval> {
+        let Drive::Paced { msgs_per_sec, .. } = self else { return None };
+        let calls_per_sec = msgs_per_sec * f64::from(op.per_message()) / (workers * per_call.max(1)) as f64;
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / calls_per_sec.max(1e-3)));
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Some(ticker)
+    }
+
+    /// How the measurement was paced, for its `how`.
+    pub fn describe(self) -> String {
+        match self {
+            Drive::FlatOut => "flat out".into(),
+            Drive::Paced { msgs_per_sec, .. } => format!("paced for {msgs_per_sec:.0} msg/s"),
+        }
+    }
+}
+
+/// Waits for the next tick when paced.
+pub async fn pace(ticker: &mut Option<Interval>) {
+    if let Some(ticker) = ticker {
+        ticker.tick().await;
+    }
+}
 
 /// Whose CPU an operation costs the engine.
 pub enum CpuScope {
@@ -144,6 +195,19 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_paced_worker_calls_as_often_as_its_share_of_the_messages_needs() {
+        let paced = Drive::Paced { msgs_per_sec: 800.0, rows_per_insert: 12 };
+        assert_eq!((paced.batch(64), Drive::FlatOut.batch(64)), (1, 64));
+        assert!(Drive::FlatOut.ticker(Op::Xadd, 4, 64).is_none());
+        // XADD: 2 per message → 1,600/s over 4 workers, one per call: every 2.5 ms.
+        let ticker = paced.ticker(Op::Xadd, 4, 1).unwrap();
+        assert_eq!(ticker.period(), Duration::from_micros(2500));
+        // Rows: 1 per message → 800/s over 4 workers, 12 per statement: every 60 ms.
+        assert_eq!(paced.ticker(Op::InsertRow, 4, 12).unwrap().period(), Duration::from_millis(60));
+        assert_eq!(paced.describe(), "paced for 800 msg/s");
+    }
 
     #[test]
     fn stat_ticks_are_read_after_the_command_name() {

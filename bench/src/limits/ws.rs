@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use super::model::{Measurement, Op};
-use super::window::{current_tid, measure, CpuScope, Workers};
+use super::window::{current_tid, measure, pace, CpuScope, Drive, Workers};
 use super::{LimitsError, PAYLOAD_BYTES};
 use crate::client::{self, ClientFrame, Incoming as ClientIncoming};
 use crate::spec::AuthMode;
@@ -138,27 +138,32 @@ async fn echo(
 }
 
 /// Echoes of message-sized SINGLE_CHAT frames over [`WS_CONNECTIONS`] connections, [`IN_FLIGHT`]
-/// each. Counts frames in both directions; CPU per frame is the serving thread's.
-pub async fn frames(secs: Duration) -> Result<Measurement, LimitsError> {
+/// each flat out, one at a time paced. Counts frames in both directions; CPU per frame is the
+/// serving thread's.
+pub async fn frames(secs: Duration, drive: Drive) -> Result<Measurement, LimitsError> {
     let server = EchoServer::start()?;
-    let measured = echo_load(&server, secs).await;
+    let measured = echo_load(&server, secs, drive).await;
     server.stop().await;
     measured
 }
 
-async fn echo_load(server: &EchoServer, secs: Duration) -> Result<Measurement, LimitsError> {
+async fn echo_load(server: &EchoServer, secs: Duration, drive: Drive) -> Result<Measurement, LimitsError> {
     let url = format!("ws://{}/ws", server.addr);
     let body = "x".repeat(PAYLOAD_BYTES);
     let chat = ClientFrame::SingleChat { to: 2, client_msg_id: "1", msg_type: "TEXT", body: &body };
     let mut workers = Workers { done: server.frames.clone(), ..Workers::new() };
+    let in_flight = drive.batch(IN_FLIGHT);
     for _ in 0..WS_CONNECTIONS {
         let (mut reader, mut writer) = client::connect(&url, "limits", AuthMode::Header, CONNECT_TIMEOUT)
             .await
             .map_err(|e| LimitsError::Worker(format!("WebSocket connect: {e}")))?;
         let (stop, text) = (workers.stop.clone(), writer.encode(&chat));
+        // An echo is two frames.
+        let mut ticker = drive.ticker(Op::WsFrame, WS_CONNECTIONS, 2);
         workers.tasks.spawn(async move {
             let broken = |e: WebSocketError| LimitsError::Worker(format!("WebSocket: {e}"));
-            for _ in 0..IN_FLIGHT {
+            for _ in 0..in_flight {
+                pace(&mut ticker).await;
                 writer.send_encoded(text.clone()).await.map_err(broken)?;
             }
             loop {
@@ -169,6 +174,7 @@ async fn echo_load(server: &EchoServer, secs: Duration) -> Result<Measurement, L
                 if let ClientIncoming::Closed(code, reason) = echoed {
                     return Err(LimitsError::Worker(format!("echo server closed: {code} {reason}")));
                 }
+                pace(&mut ticker).await;
                 writer.send_encoded(text.clone()).await.map_err(broken)?;
             }
             writer.close().await;
@@ -176,8 +182,9 @@ async fn echo_load(server: &EchoServer, secs: Duration) -> Result<Measurement, L
         });
     }
     let how = format!(
-        "{WS_CONNECTIONS} connections × {IN_FLIGHT} in flight, {}-byte SINGLE_CHAT frames echoed; \
+        "{WS_CONNECTIONS} connections × {in_flight} in flight, {}, {}-byte SINGLE_CHAT frames echoed; \
          CPU: the serving thread",
+        drive.describe(),
         Encoding::Json.to_vec(&chat).len()
     );
     measure(Op::WsFrame, how, CpuScope::Thread(server.tid), secs, workers).await
