@@ -112,7 +112,11 @@ async fn private_servers_start_when_configured_ports_are_unused() {
 #[tokio::test]
 async fn redis_restart_keeps_aof_data() {
     let mut scratch = Scratch::new("redis-restart");
-    let redis = PrivateServer::start_redis(&scratch.dir.join("redis"), servers::free_port(), "always").await.unwrap();
+    let dir = scratch.dir.join("redis");
+    let redis =
+        servers::with_port_retries(servers::free_port(), |port| PrivateServer::start_redis(&dir, port, "always"))
+            .await
+            .unwrap();
     scratch.track(&redis);
 
     let mut conn = redis_connection(&redis.url).await;
@@ -142,7 +146,10 @@ async fn redis_restart_keeps_aof_data() {
 async fn mariadb_restart_after_kill_keeps_rows_and_root_tcp_access() {
     let mut scratch = Scratch::new("mariadb-restart");
     let started = Instant::now();
-    let mariadb = PrivateServer::start_mariadb(&scratch.dir.join("mariadb"), servers::free_port()).await.unwrap();
+    let dir = scratch.dir.join("mariadb");
+    let mariadb = servers::with_port_retries(servers::free_port(), |port| PrivateServer::start_mariadb(&dir, port))
+        .await
+        .unwrap();
     eprintln!("fresh private mariadb (install-db + first start) ready in {:?}", started.elapsed());
     scratch.track(&mariadb);
 
@@ -180,7 +187,10 @@ async fn mariadb_restart_after_kill_keeps_rows_and_root_tcp_access() {
 async fn a_second_start_in_a_running_servers_directory_is_refused() {
     let mut scratch = Scratch::new("twice");
     let dir = scratch.dir.join("redis");
-    let redis = PrivateServer::start_redis(&dir, servers::free_port(), "everysec").await.unwrap();
+    let redis =
+        servers::with_port_retries(servers::free_port(), |port| PrivateServer::start_redis(&dir, port, "everysec"))
+            .await
+            .unwrap();
     scratch.track(&redis);
 
     let second = PrivateServer::start_redis(&dir, servers::free_port(), "everysec").await;

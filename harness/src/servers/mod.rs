@@ -56,8 +56,7 @@ pub use ensure::{
     ensure_redis_cluster, ensure_servers, ensure_servers_with, EnsuredServers, RedisClusterInUse, RedisWanted,
 };
 pub use install::ensure_installed;
-use probe::with_port_retries;
-pub use probe::{free_port, mysql_reachable, mysql_server_url, redis_reachable};
+pub use probe::{free_port, mysql_reachable, mysql_server_url, redis_reachable, with_port_retries};
 pub use redis_cluster::{
     PrivateRedisCluster, MAX_MASTERS as REDIS_CLUSTER_MAX_MASTERS, MIN_MASTERS as REDIS_CLUSTER_MIN_MASTERS,
     PRIVATE_REDIS_CLUSTER_APPENDFSYNC, REDIS_CLUSTER_DIR,

@@ -79,7 +79,7 @@ const PORT_TRIES: usize = 5;
 /// between [`free_port`] finding a port free and a server binding it, anything may take it — an
 /// outgoing connection's ephemeral port, a server of a test running beside. Up to [`PORT_TRIES`]
 /// ports; any other error ends the tries at once.
-pub(super) async fn with_port_retries<T, Fut>(port: u16, mut start: impl FnMut(u16) -> Fut) -> Result<T, ServerError>
+pub async fn with_port_retries<T, Fut>(port: u16, mut start: impl FnMut(u16) -> Fut) -> Result<T, ServerError>
 where
     Fut: Future<Output = Result<T, ServerError>>,
 {
