@@ -99,9 +99,10 @@ pub struct GatewayConfig {
     pub auth_timeout_ms: u64,
     /// Outbound frames queued per connection before it is dropped as a slow consumer (4001).
     pub outbound_queue: usize,
-    /// Kernel send buffer per WebSocket connection (`SO_SNDBUF`), bytes; 0 keeps the OS default,
-    /// which auto-tunes up to `net.ipv4.tcp_wmem` (4 MiB on Linux): a client that stops reading can
-    /// then hide thousands of frames in the kernel before its outbound queue fills.
+    /// Kernel send buffer per WebSocket connection (`SO_SNDBUF`), bytes; default 64 KiB. 0 keeps
+    /// the OS default, which auto-tunes up to `net.ipv4.tcp_wmem` (4 MiB on Linux): a client that
+    /// stops reading can then hide thousands of frames in the kernel before its outbound queue
+    /// fills, and a writer blocked on a full buffer waits for a third of it to drain.
     pub socket_send_buffer: usize,
     /// Route entries expire unless refreshed within this time (refreshed every third of it).
     pub route_ttl_ms: u64,
@@ -236,7 +237,7 @@ impl Default for GatewayConfig {
             idle_timeout_ms: 120_000,
             auth_timeout_ms: 10_000,
             outbound_queue: 1024,
-            socket_send_buffer: 0,
+            socket_send_buffer: 64 * 1024,
             route_ttl_ms: 30_000,
             max_connections: 100_000,
             allowed_origins: Vec::new(),

@@ -807,19 +807,18 @@ async fn pushes_carry_seqs_from_one_per_direction_in_the_order_sent_in_baseline_
 /// consumer: the sync only fills what the queue can spare.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_larger_than_the_queue_is_synced_to_a_slow_reader_without_a_slow_consumer_close() {
-    // 1,200 messages of 4,000 characters: ~4.8 MB, far more than the 64 KiB send buffer the gateway
-    // sets (the value OPERATIONS recommends) and Bob's 4 KiB receive buffer hold, so the sync really
-    // waits on the connection's queue while Bob reads. With the OS default the kernel's buffer
-    // grows to 4 MiB, and a writer blocked on it waits until a third of that drained (a third of
-    // a second at Bob's pace): the live pushes meanwhile overflow a 32-frame queue, although Bob
-    // reads (seen on 2026-11-29 — not the sync's doing; the default queue is 1,024 frames).
+    // 1,200 messages of 4,000 characters: ~4.8 MB, far more than the gateway's 64 KiB send buffer
+    // (the default `gateway.socket_send_buffer`) and Bob's 4 KiB receive buffer hold, so the sync
+    // really waits on the connection's queue while Bob reads. With the OS default (0) the kernel's
+    // buffer grows to 4 MiB, and a writer blocked on it waits until a third of that drained (a
+    // third of a second at Bob's pace): the live pushes meanwhile overflow a 32-frame queue,
+    // although Bob reads (seen on 2026-11-29 — not the sync's doing; the default queue is 1,024).
     const BACKLOG: usize = 1200;
     const BODY_CHARS: usize = 4000;
     const LIVE: usize = 20;
     let env = TestEnv::new("paced_sync");
     let mut s = spec(&env, Mode::Baseline, 1, 1);
     s.config.gateway.outbound_queue = 32;
-    s.config.gateway.socket_send_buffer = 64 * 1024;
     // Alice sends the backlog as fast as she can: not a rate-limit test.
     (s.config.gateway.rate_per_sec, s.config.gateway.rate_burst) = (100_000, 100_000);
     let c = e2e::start(&s).await;

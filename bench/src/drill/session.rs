@@ -26,8 +26,6 @@ const DRILL_RATE_PER_SEC: u32 = 1000;
 const DRILL_RATE_BURST: u32 = 2000;
 /// slow-consumers: a small outbound queue finds a slow reader within seconds, not minutes.
 const SLOW_CONSUMER_QUEUE: usize = 64;
-/// slow-consumers: a bounded kernel send buffer, as an operator with many connections would set.
-const SLOW_CONSUMER_SEND_BUFFER: usize = 65_536;
 /// overload: admission control must bite before memory does.
 const OVERLOAD_MAX_BACKLOG: u64 = 20_000;
 /// overload: the most `gateway.shed_wait_ms` may be: what holds the admitted messages' saved p99
@@ -82,9 +80,6 @@ impl<'a> DrillRun<'a> {
         if spec.drill == Drill::SlowConsumers {
             // A small outbound queue, so a slow reader is found out within seconds, not minutes.
             config.gateway.outbound_queue = config.gateway.outbound_queue.min(SLOW_CONSUMER_QUEUE);
-            // A bounded kernel buffer, as an operator with many connections would set: a stalled
-            // reader is then noticed within the window instead of after megabytes.
-            config.gateway.socket_send_buffer = SLOW_CONSUMER_SEND_BUFFER;
         }
         if spec.drill == Drill::Overload {
             // Admission control must bite before memory does.
