@@ -230,3 +230,60 @@ async fn a_message_saved_by_fail_open_whose_append_ran_after_all_keeps_its_rows_
     store.close().await;
     drop(c);
 }
+
+/// One seq per message (SPEC §3.10) when a sender moves to another gateway right after a fail-open
+/// episode: the first gateway saved the sender's messages on the baseline path (numbered in MySQL)
+/// and has not yet raised the shard's counters in Redis to their seqs — here it is paused, so its
+/// outbox cannot — when the sender's next message reaches the stream through the second gateway.
+/// That message must get the next seq, not one of theirs (found by the chaos drill, seed
+/// 3047488976131772480: ten messages numbered with taken seqs were dead-lettered and answered
+/// `save_failed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_who_moves_gateway_after_fail_open_saves_gets_the_next_seq() {
+    let env = TestEnv::new("fail_open_move");
+    let mut s = spec(&env, Mode::Full, 2, 1);
+    s.force_private = true;
+    s.config.two_phase.fail_open = true;
+    let mut c = e2e::start(&s).await;
+    let (g1, g2) = (c.state.gateways[0].clone(), c.state.gateways[1].clone());
+    let secret = c.state.jwt_secret.clone();
+    let (alice_id, bob_id) = (6501, 6502);
+    let mut alice = Client::connect(&g1.ws_url, &secret, alice_id).await;
+    alice.synced().await;
+    alice.chat(bob_id, "m1", "x").await;
+    alice.ack("saved", "m1").await;
+
+    // Redis goes away; the first gateway saves m2 and m3 on the baseline path (seqs 2 and 3).
+    let redis = private_server(&c.state, "redis");
+    c.state.private_servers[redis].stop().await.unwrap();
+    e2e::until_gateway_sees_redis_down(&g1.metrics_url).await;
+    for cmid in ["m2", "m3"] {
+        alice.chat(bob_id, cmid, "x").await;
+        alice.ack("saved", cmid).await;
+    }
+    // The first gateway stops before it can tell Redis those seqs; Redis returns.
+    process::send(g1.pid, Signal::SIGSTOP).unwrap();
+    c.state.private_servers[redis] = c.state.private_servers[redis].restart().await.unwrap();
+
+    // Alice, reconnected to the second gateway, sends m4 until it is answered for good.
+    let mut alice = Client::connect(&g2.ws_url, &secret, alice_id).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut backoff = Backoff::new(RESEND_FIRST, RESEND_MAX);
+    let answer = loop {
+        alice.chat(bob_id, "m4", "x").await;
+        let v = alice.expect("the answer to m4", |v| v["clientMsgId"] == "m4" && v["ackType"] != "accepted").await;
+        if v["reason"] != "server_busy" || tokio::time::Instant::now() > deadline {
+            break v;
+        }
+        backoff.wait().await;
+    };
+    process::send(g1.pid, Signal::SIGCONT).unwrap();
+    assert_eq!((answer["type"].as_str(), answer["ackType"].as_str()), (Some("ACK"), Some("saved")), "{answer}");
+    let store = im_common::store::Store::connect(&c.state.mysql_url, 1).unwrap();
+    for (k, cmid) in ["m1", "m2", "m3", "m4"].iter().enumerate() {
+        let seq = store.query_u64(&format!("SELECT seq FROM messages WHERE client_msg_id = '{cmid}'")).await.unwrap();
+        assert_eq!(seq, k as u64 + 1, "{cmid}'s row");
+    }
+    store.close().await;
+    drop(c);
+}

@@ -7,6 +7,7 @@
 //! `--shard auto`), run the stages until the lease is lost or shutdown is asked, release, repeat.
 
 pub mod deliver;
+pub mod fail_open_floors;
 pub mod lease;
 pub mod mover;
 pub mod pruning;
@@ -220,6 +221,14 @@ async fn own_shard(
         },
         store: store.clone(),
         progress: Arc::default(),
+        fail_open: Arc::default(),
+    };
+    // Fail-open saves another gateway has not told Redis about yet (see `fail_open_floors`).
+    let floors_watch = if tp.fail_open {
+        ctx.fail_open.refresh(store).await;
+        Some(tokio::spawn(ctx.fail_open.clone().watch(store.clone())))
+    } else {
+        None
     };
     // Counters Redis lost are rebuilt from MySQL now, while it may well be up, not at the first
     // message — full mode must push while MySQL is away.
@@ -271,8 +280,8 @@ async fn own_shard(
     // Once it has ended, so no last round of it sets them again.
     let _ = reporter.await;
     stats::clear(lease.shard);
-    if let Some(pruner) = pruner {
-        pruner.abort();
+    for task in [pruner, floors_watch].into_iter().flatten() {
+        task.abort();
     }
     status.stop_stages();
     stages.abort_all();

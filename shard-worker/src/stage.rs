@@ -16,6 +16,7 @@ use im_common::record::{decode, Accepted, ChatMessage, Push};
 use im_common::router::{Epochs, Router, Routes, Target};
 use im_common::store::Store;
 
+use crate::fail_open_floors::FailOpenFloors;
 use crate::lease::ShardLease;
 use crate::mover::Mover;
 use crate::sequences::{self, SeqPlan};
@@ -35,6 +36,8 @@ pub struct ShardContext {
     pub store: Store,
     /// Unix ms of the last time a stage loop went round (for `/readyz`).
     pub progress: Arc<AtomicU64>,
+    /// Fail-open saves whose seqs the counters may lack (watched with `two_phase.fail_open`).
+    pub fail_open: Arc<FailOpenFloors>,
 }
 
 impl ShardContext {
@@ -47,15 +50,22 @@ impl ShardContext {
     }
 
     /// Numbers the messages of `batch` that have no seq yet from the shard's counters (restoring
-    /// lost counters from MySQL first). With `locate`, the recipients' routes and presence epochs
-    /// are read in the same round trip. Messages that may also have been saved on the baseline path
-    /// are claimed first ([`ShardContext::claim_paths`]).
+    /// lost counters from MySQL first, and raising them to the seqs of fail-open saves Redis may
+    /// not know yet: [`crate::fail_open_floors`]). With `locate`, the recipients' routes and
+    /// presence epochs are read in the same round trip. Messages that may also have been saved on
+    /// the baseline path are claimed first ([`ShardContext::claim_paths`]).
     pub(crate) async fn number(
         &self,
         batch: &mut [Accepted],
         locate: bool,
     ) -> Result<(SeqPlan, Routes, Epochs), String> {
         self.claim_paths(batch).await?;
+        if let Some(newest) = self.fail_open.pending() {
+            let raised = sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;
+            self.fail_open.restored(newest);
+            tracing::info!(shard = self.shard, directions = raised, "seq counters raised to the fail-open saves' seqs");
+            metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
+        }
         loop {
             let msgs: Vec<&ChatMessage> = batch.iter().map(|a| &a.msg).collect();
             let (read, fields) = sequences::read_counters(&self.keys, self.shard, &msgs);

@@ -48,6 +48,13 @@ impl Store {
             conn.exec(sql, Params::Positional(ids.iter().map(|&id| id.into()).collect())).await?;
         Ok(found.into_iter().collect())
     }
+
+    /// The id of the newest message a fail-open save numbered in MySQL (0 if none is claimed): when
+    /// it moves, the shard counters in Redis may lag MySQL until that save's gateway raises them.
+    pub async fn newest_fail_open_save(&self) -> Result<u64, StoreError> {
+        let sql = format!("SELECT COALESCE(MAX(id), 0) FROM path_claims WHERE path = {BASELINE}");
+        Ok(self.pool.get_conn().await?.query_first(sql).await?.unwrap_or(0))
+    }
 }
 
 /// Most claims deleted per statement when pruning (short locks, small undo).
