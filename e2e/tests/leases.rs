@@ -8,16 +8,23 @@ use std::time::Duration;
 use e2e::{check_rows, spec, TestEnv, Traffic};
 use im_common::config::Mode;
 use im_common::store::Store;
+use im_harness::cluster::ClusterSpec;
 use im_harness::metrics;
+
+/// One shard with its owner and a standby worker, and a lease short enough for a takeover within
+/// seconds.
+fn owner_and_standby(env: &TestEnv) -> ClusterSpec {
+    let mut s = spec(env, Mode::Full, 1, 1);
+    s.workers = 2;
+    s.config.two_phase.lease_ttl_ms = 1500;
+    s.config.two_phase.block_ms = 250;
+    s
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_keep_flowing_in_order_when_the_shard_lease_vanishes_under_load() {
     let env = TestEnv::new("lease_gone");
-    let mut s = spec(&env, Mode::Full, 1, 1);
-    s.workers = 2; // one standby
-    s.config.two_phase.lease_ttl_ms = 1500;
-    s.config.two_phase.block_ms = 250;
-    let c = e2e::start(&s).await;
+    let c = e2e::start(&owner_and_standby(&env)).await;
     let keys = env.keys();
     let mut redis = e2e::redis(&c.state.redis_url).await;
     let load =
@@ -49,11 +56,7 @@ async fn messages_keep_flowing_in_order_when_the_shard_lease_vanishes_under_load
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shards_stream_gauges_come_from_its_owner_only_after_a_takeover() {
     let env = TestEnv::new("gauges_owner");
-    let mut s = spec(&env, Mode::Full, 1, 1);
-    s.workers = 2; // one standby
-    s.config.two_phase.lease_ttl_ms = 1500;
-    s.config.two_phase.block_ms = 250;
-    let c = e2e::start(&s).await;
+    let c = e2e::start(&owner_and_standby(&env)).await;
     let keys = env.keys();
     let mut redis = e2e::redis(&c.state.redis_url).await;
     let _: String = redis::cmd("XADD")
