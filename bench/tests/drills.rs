@@ -24,8 +24,11 @@ fn short(drill: Drill, fault: Duration, name: &str) -> DrillSpec {
     spec.shards = 2;
     spec.lead = Duration::from_secs(2);
     spec.tail = Duration::from_secs(3);
-    // Exact verdicts on a shared, busy test machine: no load shedding.
+    // Exact verdicts on a shared, busy test machine: no load shedding, by append time nor by the
+    // oldest wait (CI on 2026-11-29 saw each refuse 15–16 of 1,000–1,200 messages with the six drills
+    // running at once on two cores).
     spec.config.gateway.shed_append_ms = 0;
+    spec.config.gateway.shed_wait_ms = 0;
     spec
 }
 
@@ -45,12 +48,7 @@ async fn no_message_is_lost_duplicated_or_reordered_while_shard_owners_are_kille
     assert!(v.passed, "{}", v.render());
     assert_eq!((v.lost, v.duplicate_rows, v.reorders, v.unanswered), (0, 0, 0, 0));
     assert!(v.checks.iter().any(|c| c.name == "owners_killed" && c.passed));
-    // Every accepted message is saved once the standbys took over. On a loaded box the takeover's
-    // backlog can make admission refuse a few messages with `server_busy` (CI, 2026-11-29: 15 of
-    // 1,200 while the chaos test ran beside it): answers, not losses.
-    assert_eq!(v.saved, v.accepted, "every accepted message saved once the standbys took over");
-    let busy = v.errors_by_reason.get("server_busy").copied().unwrap_or(0);
-    assert_eq!(v.errored, busy, "only server_busy refusals: {:?}", v.errors_by_reason);
+    assert_eq!(v.saved, v.sent, "every message saved once the standbys took over");
     let _ = std::fs::remove_dir_all(&spec.out);
 }
 
