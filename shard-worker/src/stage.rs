@@ -61,10 +61,8 @@ impl ShardContext {
     ) -> Result<(SeqPlan, Routes, Epochs), String> {
         self.claim_paths(batch).await?;
         if let Some(newest) = self.fail_open.pending() {
-            let raised = sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;
+            self.restore_counters("seq counters raised to the fail-open saves' seqs").await?;
             self.fail_open.restored(newest);
-            tracing::info!(shard = self.shard, directions = raised, "seq counters raised to the fail-open saves' seqs");
-            metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
         }
         loop {
             let msgs: Vec<&ChatMessage> = batch.iter().map(|a| &a.msg).collect();
@@ -76,11 +74,16 @@ impl ShardContext {
                 let mut refs: Vec<&mut ChatMessage> = batch.iter_mut().map(|a| &mut a.msg).collect();
                 return Ok((sequences::number(&counters, &mut refs), routes, epochs));
             }
-            let restored =
-                sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;
-            tracing::warn!(shard = self.shard, directions = restored, "seq counters were missing; restored from MySQL");
-            metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
+            self.restore_counters("seq counters were missing; restored from MySQL").await?;
         }
+    }
+
+    /// Raises the shard's counters to MySQL's last saved seqs, logging `why` and counting it.
+    async fn restore_counters(&self, why: &str) -> Result<(), String> {
+        let restored = sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;
+        tracing::warn!(shard = self.shard, directions = restored, "{why}");
+        metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
+        Ok(())
     }
 
     /// Entries appended while their gateway believed Redis away may have been saved on the baseline
