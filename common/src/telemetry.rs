@@ -142,6 +142,8 @@ const HELP: &[(&str, &str)] = &[
     ("im_worker_save_errors_total", "Failed INSERT attempts, by class (unavailable, statement)"),
     ("im_worker_save_failing_seconds", "Seconds the save stage's current batch has been failing (0 when healthy)"),
     ("im_worker_dead_letters_total", "Messages refused by the database for good"),
+    ("im_worker_seq_restores_total", "Times the shard's seq counters were missing and rebuilt from MySQL"),
+    ("im_worker_fail_open_floors_total", "Fail-open saves whose seqs the shard owner raised its counters to"),
     ("im_worker_batch_size", "Entries per batch, by stage"),
     ("im_worker_insert_seconds", "INSERT transaction latency of the save stage"),
     ("im_worker_accepted_to_pushed_seconds", "Time from ACK(accepted) to the push"),

@@ -12,10 +12,10 @@ fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
 #[tokio::test]
 async fn migrations_apply_once_and_record_their_versions() {
     let env = TestEnv::new("migrate");
-    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), Vec::<u32>::new(), "second run applies nothing");
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 5);
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 6);
     store.close().await;
     env.cleanup().await;
 }
@@ -69,6 +69,14 @@ async fn a_message_on_both_paths_gets_one_seq_whichever_path_claims_it_first() {
     let plain = store.save_batch(&[msg(23, 1, 2, "d", "baseline mode")]).await.unwrap();
     assert_eq!((plain.saved, plain.streamed), (vec![(0, 23, 3)], vec![]));
     assert_eq!(store.query_u64("SELECT COUNT(*) FROM path_claims").await.unwrap(), 3, "20, 21 and 22 only");
+
+    // The fail-open saves (20 and 22) wait for the shard owner to raise its counters to their seqs,
+    // each until it is marked raised; the stream's claim (21) never does.
+    let mut unraised = store.unraised_fail_open_saves().await.unwrap();
+    unraised.sort_unstable();
+    assert_eq!(unraised, [(20, 1, 2, 1), (22, 1, 2, 2)], "(claim, from, to, seq)");
+    store.mark_raised(&[22]).await.unwrap();
+    assert_eq!(store.unraised_fail_open_saves().await.unwrap(), [(20, 1, 2, 1)]);
 
     // Pruning deletes the claims of older messages only.
     assert_eq!(store.prune_path_claims(22).await.unwrap(), 2);

@@ -287,3 +287,102 @@ async fn a_sender_who_moves_gateway_after_fail_open_saves_gets_the_next_seq() {
     store.close().await;
     drop(c);
 }
+
+/// One seq per message (SPEC §3.10) whatever order fail-open saves commit in: two gateways' saves
+/// overlap, and the one with the older message id commits last — after the shard owner has already
+/// seen the newer one. Its seqs must still reach the shard's counters before the sender's next
+/// message through the stream is numbered (a high-water mark over claim ids skipped it: the next
+/// message took its seq and was refused as `save_failed`). The older save is written here by hand
+/// in an open transaction, as `Store::save_fail_open` writes it, and its gateway never raises the
+/// counters itself (say it died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_open_save_that_commits_after_a_newer_one_still_reaches_the_seq_counters() {
+    use mysql_async::prelude::Queryable;
+    use std::time::Duration;
+
+    let env = TestEnv::new("fail_open_commit_order");
+    let mut s = spec(&env, Mode::Full, 1, 1);
+    s.config.two_phase.fail_open = true;
+    let c = e2e::start(&s).await;
+    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (alice_id, bob_id, carol_id, dave_id, erin_id) = (6601, 6602, 6603, 6604, 6605);
+    let mut alice = Client::connect(&url, &secret, alice_id).await;
+    let mut erin = Client::connect(&url, &secret, erin_id).await;
+    alice.chat(bob_id, "m1", "x").await;
+    alice.ack("saved", "m1").await;
+
+    // Gateway A's fail-open save of alice's m2 (seq 2, the older id) is in flight: not committed.
+    let older = im_common::ids::min_id_at(im_common::ids::now_ms()) + 1;
+    let mut held = mysql_async::Conn::from_url(c.state.mysql_url.as_str()).await.unwrap();
+    held.query_drop("START TRANSACTION").await.unwrap();
+    held.query_drop(format!("INSERT INTO path_claims (id, path) VALUES ({older}, 2)")).await.unwrap();
+    held.query_drop(format!(
+        "INSERT INTO conversations (owner_id, peer_id, last_out_seq, last_msg_id) VALUES \
+         ({alice_id}, {bob_id}, 1, {older}), ({bob_id}, {alice_id}, 0, {older}) \
+         ON DUPLICATE KEY UPDATE last_out_seq = last_out_seq + VALUES(last_out_seq), \
+         last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id))"
+    ))
+    .await
+    .unwrap();
+    held.query_drop(format!(
+        "INSERT INTO messages (id, from_user_id, to_user_id, seq, client_msg_id, msg_type, content) \
+         VALUES ({older}, {alice_id}, {bob_id}, 2, 'm2', 'TEXT', 'x')"
+    ))
+    .await
+    .unwrap();
+
+    // Gateway B's fail-open save of carol's message (a newer id) commits first.
+    let store = im_common::store::Store::connect(&c.state.mysql_url, 1).unwrap();
+    let newer = im_common::record::ChatMessage {
+        id: older + 1_000_000,
+        from: carol_id,
+        to: dave_id,
+        client_msg_id: "c1".into(),
+        msg_type: "TEXT".into(),
+        body: "x".into(),
+        seq: 0,
+    };
+    let outcome = store.save_fail_open(std::slice::from_ref(&newer)).await.unwrap();
+    assert_eq!(outcome.saved, [(0, newer.id, 1)], "carol's fail-open save");
+
+    // The owner sees the newer save and raises carol→dave's counter (erin's messages keep it numbering).
+    let keys = env.keys();
+    let redis_conn = e2e::redis(&c.state.redis_url).await;
+    let counter = |from: u64, to: u64| {
+        let (key, field, mut conn) = (keys.seq_counters(0), im_common::keys::seq_field(from, to), redis_conn.clone());
+        async move {
+            let top: Option<u64> = redis::cmd("HGET").arg(key).arg(field).query_async(&mut conn).await.ok().flatten();
+            top.unwrap_or(0)
+        }
+    };
+    let mut nudges = 0;
+    let mut until_counter = async |from, to, at_least, erin: &mut Client| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while counter(from, to).await < at_least && tokio::time::Instant::now() < deadline {
+            nudges += 1;
+            let cmid = format!("e{nudges}");
+            erin.chat(bob_id, &cmid, "x").await;
+            erin.ack("saved", &cmid).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        counter(from, to).await
+    };
+    assert_eq!(until_counter(carol_id, dave_id, 1, &mut erin).await, 1, "the owner never saw carol's fail-open save");
+
+    // Now alice's m2 commits, and gateway A is gone before it could raise the counters itself.
+    held.query_drop("COMMIT").await.unwrap();
+    drop(held);
+    assert_eq!(
+        until_counter(alice_id, bob_id, 2, &mut erin).await,
+        2,
+        "the owner never raised alice→bob's counter to the seq of the fail-open save that committed last"
+    );
+
+    alice.chat(bob_id, "m3", "x").await;
+    let answer = alice.expect("the answer to m3", |v| v["clientMsgId"] == "m3" && v["ackType"] != "accepted").await;
+    assert_eq!((answer["type"].as_str(), answer["ackType"].as_str()), (Some("ACK"), Some("saved")), "{answer}");
+    let seq = store.query_u64("SELECT seq FROM messages WHERE client_msg_id = 'm3'").await.unwrap();
+    assert_eq!(seq, 3, "m3 follows the fail-open save's seq 2");
+    store.close().await;
+    drop(c);
+}

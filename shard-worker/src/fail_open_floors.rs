@@ -6,56 +6,81 @@
 //! message reaches the stream through another gateway, numbering from Redis alone would give that
 //! message a seq MySQL already holds: its row is refused and the sender hears `save_failed`.
 //!
-//! So the shard owner watches MySQL for the newest fail-open save (`path_claims`, one query every
-//! [`POLL`], only with `two_phase.fail_open`), and when it has moved, the next numbering first
-//! restores the shard's counters from MySQL (raising, never lowering; [`crate::sequences::restore`]).
-//! What stays open: a fail-open save that commits less than a poll before the numbering of a later
-//! message of the same sender, sent through another gateway.
+//! So the shard owner, with `two_phase.fail_open` on, reads the fail-open saves whose claims are
+//! not marked raised (`path_claims`, one indexed query every [`POLL`]), raises its senders'
+//! counters to their seqs and marks those claims raised. Each save is raised once whatever order
+//! the saves commit in, and only its own direction is touched. The raise races no numbering: the
+//! deliver stage commits its seqs only if the counters still hold what it read, and numbers again
+//! otherwise. What stays open: a fail-open save that commits less than a poll before the numbering
+//! of a later message of the same sender, sent through another gateway.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use im_common::connections::RedisConn;
+use im_common::keys::Keys;
+use im_common::shard::shard_of;
 use im_common::store::Store;
 
-/// How often the owner asks MySQL for the newest fail-open save.
+use crate::sequences;
+
+/// How often the owner asks MySQL for fail-open saves not raised yet.
 pub const POLL: Duration = Duration::from_millis(100);
 
-/// The newest fail-open save seen, and the newest the counters were restored past.
-#[derive(Debug, Default)]
-pub struct FailOpenFloors {
-    newest: AtomicU64,
-    restored: AtomicU64,
+/// The shard an owner raises, and where its counters and MySQL are.
+#[derive(Clone)]
+pub struct Floors {
+    pub conn: RedisConn,
+    pub keys: Keys,
+    pub store: Store,
+    pub shards: u16,
+    pub shard: u16,
 }
 
-impl FailOpenFloors {
-    /// The newest fail-open save seen, when the counters were not restored since it.
-    pub fn pending(&self) -> Option<u64> {
-        let newest = self.newest.load(Ordering::Acquire);
-        (newest > self.restored.load(Ordering::Acquire)).then_some(newest)
-    }
-
-    /// The counters now hold every seq of the fail-open saves up to `newest`.
-    pub fn restored(&self, newest: u64) {
-        self.restored.fetch_max(newest, Ordering::AcqRel);
-    }
-
-    /// Reads the newest fail-open save once.
-    pub async fn refresh(&self, store: &Store) {
-        match store.newest_fail_open_save().await {
-            Ok(id) => {
-                self.newest.fetch_max(id, Ordering::AcqRel);
-            }
-            Err(e) => tracing::debug!(error = %e, "reading the newest fail-open save failed; next poll"),
+impl Floors {
+    /// Raises the shard's counters to the seqs of its senders' fail-open saves not raised yet,
+    /// then marks them raised; returns how many saves that was.
+    pub async fn raise_once(&self) -> Result<usize, String> {
+        let saves = self.store.unraised_fail_open_saves().await.map_err(|e| format!("reading fail-open saves: {e}"))?;
+        let (ids, tops) = floors_of(&saves, self.shards, self.shard);
+        if ids.is_empty() {
+            return Ok(0);
         }
+        sequences::raise(&self.conn, &self.keys, self.shard, &tops).await?;
+        self.store.mark_raised(&ids).await.map_err(|e| format!("marking fail-open saves raised: {e}"))?;
+        tracing::info!(
+            shard = self.shard,
+            saves = ids.len(),
+            directions = tops.len(),
+            "seq counters raised to fail-open saves' seqs"
+        );
+        metrics::counter!("im_worker_fail_open_floors_total", "shard" => self.shard.to_string())
+            .increment(ids.len() as u64);
+        Ok(ids.len())
     }
 
-    /// Refreshes every [`POLL`] until the task is aborted.
-    pub async fn watch(self: std::sync::Arc<Self>, store: Store) {
+    /// Raises every [`POLL`] until the task is aborted.
+    pub async fn watch(self) {
         loop {
             tokio::time::sleep(POLL).await;
-            self.refresh(&store).await;
+            if let Err(e) = self.raise_once().await {
+                tracing::debug!(shard = self.shard, error = %e, "raising fail-open floors failed; next poll");
+            }
         }
     }
+}
+
+/// Of `saves` ((claim id, from, to, seq) each), those of `shard`'s senders: their claim ids, and the
+/// highest seq per direction as (from, to, seq).
+fn floors_of(saves: &[(u64, u64, u64, u64)], shards: u16, shard: u16) -> (Vec<u64>, Vec<(u64, u64, u64)>) {
+    let mut ids = Vec::new();
+    let mut tops: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for &(id, from, to, seq) in saves.iter().filter(|&&(_, from, _, _)| shard_of(from, shards) == shard) {
+        ids.push(id);
+        let top = tops.entry((from, to)).or_default();
+        *top = (*top).max(seq);
+    }
+    (ids, tops.into_iter().map(|((from, to), seq)| (from, to, seq)).collect())
 }
 
 #[cfg(test)]
@@ -63,17 +88,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_newer_fail_open_save_is_pending_until_the_counters_are_restored_past_it() {
-        let floors = FailOpenFloors::default();
-        assert_eq!(floors.pending(), None, "none seen");
-        floors.newest.fetch_max(7, Ordering::AcqRel);
-        assert_eq!(floors.pending(), Some(7));
-        floors.restored(7);
-        assert_eq!(floors.pending(), None);
-        // Pruned claims make the newest id go down: nothing to restore for that.
-        floors.newest.fetch_max(5, Ordering::AcqRel);
-        assert_eq!(floors.pending(), None);
-        floors.newest.fetch_max(9, Ordering::AcqRel);
-        assert_eq!(floors.pending(), Some(9));
+    fn an_owner_raises_each_direction_of_its_senders_to_their_highest_fail_open_seq() {
+        let shards = 4;
+        let mine: Vec<u64> = (1..).filter(|&u| shard_of(u, shards) == 1).take(2).collect();
+        let other = (1..).find(|&u| shard_of(u, shards) != 1).unwrap();
+        let (a, b) = (mine[0], mine[1]);
+        let saves = [(10, a, 9, 4), (11, other, 9, 7), (12, a, 9, 3), (13, b, a, 1), (14, a, 8, 2)];
+        let (ids, tops) = floors_of(&saves, shards, 1);
+        assert_eq!(ids, [10, 12, 13, 14], "another shard's save is left to its owner");
+        let mut want = vec![(a, 9, 4), (b, a, 1), (a, 8, 2)];
+        want.sort_unstable();
+        assert_eq!(tops, want, "one floor per direction, the highest seq");
     }
 }

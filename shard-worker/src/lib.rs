@@ -34,6 +34,7 @@ use im_common::router::Router;
 use im_common::store::Store;
 use im_common::StartError;
 
+use fail_open_floors::Floors;
 use lease::ShardLease;
 use mover::Mover;
 use stage::ShardContext;
@@ -221,12 +222,16 @@ async fn own_shard(
         },
         store: store.clone(),
         progress: Arc::default(),
-        fail_open: Arc::default(),
     };
-    // Fail-open saves another gateway has not told Redis about yet (see `fail_open_floors`).
+    // Fail-open saves their gateways have not told Redis about yet (see `fail_open_floors`): the
+    // first round before anything is numbered.
     let floors_watch = if tp.fail_open {
-        ctx.fail_open.refresh(store).await;
-        Some(tokio::spawn(ctx.fail_open.clone().watch(store.clone())))
+        let floors =
+            Floors { conn: conn.clone(), keys: keys.clone(), store: store.clone(), shards: cfg.cluster.shards, shard };
+        if let Err(e) = floors.raise_once().await {
+            tracing::warn!(shard, error = %e, "raising fail-open floors failed; retrying every poll");
+        }
+        Some(tokio::spawn(floors.watch()))
     } else {
         None
     };

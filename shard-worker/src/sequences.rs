@@ -75,6 +75,20 @@ pub async fn restore(conn: &RedisConn, keys: &Keys, store: &Store, shards: u16, 
         .last_out_seqs(|from| shard_of(from, shards) == shard)
         .await
         .map_err(|e| format!("reading the last seqs from MySQL: {e}"))?;
+    raise(conn, keys, shard, &floors).await?;
+    let key = keys.seq_counters(shard);
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg(SEQ_RESTORED)
+        .arg(1)
+        .query_async::<()>(&mut conn.clone())
+        .await
+        .map_err(|e| format!("marking the counters restored: {e}"))?;
+    Ok(floors.len())
+}
+
+/// Raises `shard`'s counters to `floors` ((from, to, seq) each), never lowering one.
+pub async fn raise(conn: &RedisConn, keys: &Keys, shard: u16, floors: &[(u64, u64, u64)]) -> Result<(), String> {
     let key = keys.seq_counters(shard);
     for chunk in floors.chunks(1000) {
         let mut inv = RAISE.prepare_invoke();
@@ -87,14 +101,7 @@ pub async fn restore(conn: &RedisConn, keys: &Keys, store: &Store, shards: u16, 
         }
         inv.invoke_async::<()>(&mut conn.clone()).await.map_err(|e| format!("raising the counters: {e}"))?;
     }
-    redis::cmd("HSET")
-        .arg(&key)
-        .arg(SEQ_RESTORED)
-        .arg(1)
-        .query_async::<()>(&mut conn.clone())
-        .await
-        .map_err(|e| format!("marking the counters restored: {e}"))?;
-    Ok(floors.len())
+    Ok(())
 }
 
 /// KEYS: counters. ARGV: n fields, then n tops.

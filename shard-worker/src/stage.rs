@@ -16,7 +16,6 @@ use im_common::record::{decode, Accepted, ChatMessage, Push};
 use im_common::router::{Epochs, Router, Routes, Target};
 use im_common::store::Store;
 
-use crate::fail_open_floors::FailOpenFloors;
 use crate::lease::ShardLease;
 use crate::mover::Mover;
 use crate::sequences::{self, SeqPlan};
@@ -36,8 +35,6 @@ pub struct ShardContext {
     pub store: Store,
     /// Unix ms of the last time a stage loop went round (for `/readyz`).
     pub progress: Arc<AtomicU64>,
-    /// Fail-open saves whose seqs the counters may lack (watched with `two_phase.fail_open`).
-    pub fail_open: Arc<FailOpenFloors>,
 }
 
 impl ShardContext {
@@ -50,8 +47,7 @@ impl ShardContext {
     }
 
     /// Numbers the messages of `batch` that have no seq yet from the shard's counters (restoring
-    /// lost counters from MySQL first, and raising them to the seqs of fail-open saves Redis may
-    /// not know yet: [`crate::fail_open_floors`]). With `locate`, the recipients' routes and
+    /// lost counters from MySQL first). With `locate`, the recipients' routes and
     /// presence epochs are read in the same round trip. Messages that may also have been saved on
     /// the baseline path are claimed first ([`ShardContext::claim_paths`]).
     pub(crate) async fn number(
@@ -60,10 +56,6 @@ impl ShardContext {
         locate: bool,
     ) -> Result<(SeqPlan, Routes, Epochs), String> {
         self.claim_paths(batch).await?;
-        if let Some(newest) = self.fail_open.pending() {
-            self.restore_counters("seq counters raised to the fail-open saves' seqs").await?;
-            self.fail_open.restored(newest);
-        }
         loop {
             let msgs: Vec<&ChatMessage> = batch.iter().map(|a| &a.msg).collect();
             let (read, fields) = sequences::read_counters(&self.keys, self.shard, &msgs);
@@ -74,16 +66,11 @@ impl ShardContext {
                 let mut refs: Vec<&mut ChatMessage> = batch.iter_mut().map(|a| &mut a.msg).collect();
                 return Ok((sequences::number(&counters, &mut refs), routes, epochs));
             }
-            self.restore_counters("seq counters were missing; restored from MySQL").await?;
+            let restored =
+                sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;
+            tracing::warn!(shard = self.shard, directions = restored, "seq counters were missing; restored from MySQL");
+            metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
         }
-    }
-
-    /// Raises the shard's counters to MySQL's last saved seqs, logging `why` and counting it.
-    async fn restore_counters(&self, why: &str) -> Result<(), String> {
-        let restored = sequences::restore(&self.mover.conn, &self.keys, &self.store, self.shards, self.shard).await?;
-        tracing::warn!(shard = self.shard, directions = restored, "{why}");
-        metrics::counter!("im_worker_seq_restores_total", "shard" => self.label()).increment(1);
-        Ok(())
     }
 
     /// Entries appended while their gateway believed Redis away may have been saved on the baseline

@@ -49,11 +49,26 @@ impl Store {
         Ok(found.into_iter().collect())
     }
 
-    /// The id of the newest message a fail-open save numbered in MySQL (0 if none is claimed): when
-    /// it moves, the shard counters in Redis may lag MySQL until that save's gateway raises them.
-    pub async fn newest_fail_open_save(&self) -> Result<u64, StoreError> {
-        let sql = format!("SELECT COALESCE(MAX(id), 0) FROM path_claims WHERE path = {BASELINE}");
-        Ok(self.pool.get_conn().await?.query_first(sql).await?.unwrap_or(0))
+    /// The fail-open saves whose seqs the shard counters in Redis may still lack: (claim id, from,
+    /// to, seq) of every message the baseline path numbered whose claim is not yet
+    /// [`Store::mark_raised`]. Each shard owner takes its own senders' (an index lookup that finds
+    /// nothing outside Redis outages).
+    pub async fn unraised_fail_open_saves(&self) -> Result<Vec<(u64, u64, u64, u64)>, StoreError> {
+        let sql = format!(
+            "SELECT c.id, m.from_user_id, m.to_user_id, m.seq FROM path_claims c JOIN messages m ON m.id = c.id \
+             WHERE c.path = {BASELINE} AND c.raised = 0"
+        );
+        Ok(self.pool.get_conn().await?.query(sql).await?)
+    }
+
+    /// Marks the claims `ids` raised: their rows' seqs are in the shard counters.
+    pub async fn mark_raised(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut conn = self.pool.get_conn().await?;
+        for chunk in ids.chunks(1000) {
+            let sql = format!("UPDATE path_claims SET raised = 1 WHERE id IN ({})", in_list(chunk.len()));
+            conn.exec_drop(sql, Params::Positional(chunk.iter().map(|&id| id.into()).collect())).await?;
+        }
+        Ok(())
     }
 }
 
