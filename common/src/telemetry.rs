@@ -20,7 +20,8 @@ pub fn init_tracing() {
 /// every series of this process carries (`process`, `node`). Latency histograms (`*_seconds`) get
 /// buckets from 1 ms to 60 s; batch-size histograms (`*_size`) from 1 to 2000.
 pub fn install_metrics(global_labels: &[(&str, String)]) -> Result<PrometheusHandle, String> {
-    const BUCKETS: [f64; 15] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+    const BUCKETS: [f64; 17] =
+        [0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
     let builder = global_labels.iter().fold(PrometheusBuilder::new(), |b, (k, v)| b.add_global_label(*k, v.clone()));
     builder
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &BUCKETS)
@@ -117,6 +118,7 @@ const HELP: &[(&str, &str)] = &[
     ("im_gateway_errors_total", "ERROR frames sent (and fatal closes), by reason"),
     ("im_gateway_appends_total", "Messages appended to a shard's accepted stream"),
     ("im_gateway_fail_open_total", "Appends that failed over to the baseline path"),
+    ("im_gateway_append_seconds", "Append round trip of each accepted message (its batch's script call)"),
     ("im_gateway_server_busy_total", "server_busy answers, by cause"),
     ("im_gateway_shard_backlog", "Unsaved entries per shard as admission control sees them"),
     ("im_gateway_slow_consumer_disconnects_total", "Connections dropped because their outbound queue was full"),

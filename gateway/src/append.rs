@@ -32,6 +32,8 @@ pub struct Appender {
     admission: Arc<Admission>,
     /// `im_gateway_appends_total{shard}`, one handle per shard (no label lookup per message).
     appends: Arc<Vec<metrics::Counter>>,
+    /// `im_gateway_append_seconds`: each message's append round trip (its batch's script call).
+    append_seconds: metrics::Histogram,
     saver: BaselineSaver,
     /// Whether Redis answered the gateway's last probe (see [`Appender::append`] on failures).
     deps: Arc<Dependencies>,
@@ -61,6 +63,7 @@ impl Appender {
                     .map(|s| metrics::counter!("im_gateway_appends_total", "shard" => s.to_string()))
                     .collect(),
             ),
+            append_seconds: metrics::histogram!("im_gateway_append_seconds"),
             saver,
             deps,
             failing: Arc::default(),
@@ -126,7 +129,9 @@ impl Appender {
             .await;
         if result.is_ok() {
             // Failures say nothing about queueing (and a dead Redis is fail-open's business).
-            self.admission.appended(started.elapsed());
+            let round_trip = started.elapsed();
+            self.admission.appended(round_trip);
+            self.append_seconds.record(round_trip);
         }
         self.failing.store(result.is_err(), Ordering::Relaxed);
         match result {
