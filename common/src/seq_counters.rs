@@ -10,19 +10,26 @@ use crate::keys::{seq_field, Keys};
 use crate::shard::shard_of;
 
 /// Lua: `seqs_match(key, fields, bases)` — whether every counter still holds what a batch was
-/// numbered from; `set_seqs(key, fields, tops)` — sets them (after a match: one HSET per 500
-/// fields); `raise_seqs(key, fields, tops)` — moves each counter up to its top, never down.
+/// numbered from; `set_seqs(key, fields, tops)` — sets them (after a match); `raise_seqs(key,
+/// fields, tops)` — moves each counter up to its highest top, never down (a field may come twice).
+/// Each reads with one `HMGET` and writes with one `HSET` per 500 fields (`SEQ_CHUNK`): a command
+/// called from Lua costs more than the work of a counter.
 pub const SEQ_LUA: &str = r"
+local SEQ_CHUNK = 500
 local function seqs_match(key, fields, bases)
-  for k = 1, #fields do
-    if tonumber(redis.call('HGET', key, fields[k]) or '0') ~= tonumber(bases[k]) then return false end
+  for first = 1, #fields, SEQ_CHUNK do
+    local last = math.min(first + SEQ_CHUNK - 1, #fields)
+    local now = redis.call('HMGET', key, unpack(fields, first, last))
+    for k = first, last do
+      if tonumber(now[k - first + 1] or '0') ~= tonumber(bases[k]) then return false end
+    end
   end
   return true
 end
 local function set_seqs(key, fields, tops)
-  for first = 1, #fields, 500 do
+  for first = 1, #fields, SEQ_CHUNK do
     local args = {}
-    for k = first, math.min(first + 499, #fields) do
+    for k = first, math.min(first + SEQ_CHUNK - 1, #fields) do
       args[#args + 1] = fields[k]
       args[#args + 1] = tops[k]
     end
@@ -30,10 +37,29 @@ local function set_seqs(key, fields, tops)
   end
 end
 local function raise_seqs(key, fields, tops)
+  -- the index of each field's highest top, fields in first-seen order
+  local best, order = {}, {}
   for k = 1, #fields do
-    if tonumber(redis.call('HGET', key, fields[k]) or '0') < tonumber(tops[k]) then
-      redis.call('HSET', key, fields[k], tops[k])
+    local b = best[fields[k]]
+    if b == nil then
+      order[#order + 1] = fields[k]
+      best[fields[k]] = k
+    elseif tonumber(tops[k]) > tonumber(tops[b]) then
+      best[fields[k]] = k
     end
+  end
+  for first = 1, #order, SEQ_CHUNK do
+    local last = math.min(first + SEQ_CHUNK - 1, #order)
+    local now = redis.call('HMGET', key, unpack(order, first, last))
+    local args = {}
+    for k = first, last do
+      local top = tops[best[order[k]]]
+      if tonumber(now[k - first + 1] or '0') < tonumber(top) then
+        args[#args + 1] = order[k]
+        args[#args + 1] = top
+      end
+    end
+    if #args > 0 then redis.call('HSET', key, unpack(args)) end
   end
 end
 ";

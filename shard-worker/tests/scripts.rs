@@ -211,6 +211,31 @@ async fn a_batch_numbered_from_stale_counters_is_refused_and_moves_nothing() {
     assert_eq!(s.counter("5:6").await, Some(3));
 }
 
+/// SPEC §3.10: raising the counters (fail-open floors, restores, the save stage's commit) moves each
+/// up to the highest top given for it, in whatever order and however often a field comes, and never
+/// down.
+#[tokio::test]
+async fn raising_the_counters_takes_each_fields_highest_top_and_never_lowers_one() {
+    let s = Shard::new("seqraise").await;
+    redis::cmd("HSET")
+        .arg(s.keys.seq_counters(0))
+        .arg(&["5:6", "4", "7:8", "9"])
+        .query_async::<()>(&mut s.conn.clone())
+        .await
+        .expect("hset");
+    let floors = [(5, 6, 3), (5, 6, 6), (7, 8, 2), (5, 6, 5), (1, 2, 1)];
+    im_shard_worker::sequences::raise(&s.conn, &s.keys, 0, &floors).await.expect("raise");
+    assert_eq!(
+        (s.counter("5:6").await, s.counter("7:8").await, s.counter("1:2").await),
+        (Some(6), Some(9), Some(1)),
+        "5:6 to its highest top, 7:8 kept, 1:2 created"
+    );
+    // More fields than one HMGET takes.
+    let many: Vec<(u64, u64, u64)> = (0..1200).map(|k| (100 + k, 1, k + 1)).collect();
+    im_shard_worker::sequences::raise(&s.conn, &s.keys, 0, &many).await.expect("raise");
+    assert_eq!((s.counter("100:1").await, s.counter("1299:1").await), (Some(1), Some(1200)));
+}
+
 #[tokio::test]
 async fn a_fenced_out_owner_moves_nothing() {
     let s = Shard::new("fenced").await;
