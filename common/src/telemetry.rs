@@ -18,7 +18,7 @@ pub fn init_tracing() {
 
 /// Installs the process-wide Prometheus recorder (the one global besides logging), with labels that
 /// every series of this process carries (`process`, `node`). Latency histograms (`*_seconds`) get
-/// buckets from 1 ms to 60 s; batch-size histograms (`*_size`) from 1 to 2000.
+/// buckets from 0.25 ms to 60 s; batch-size histograms (`*_size`) from 1 to 2000.
 pub fn install_metrics(global_labels: &[(&str, String)]) -> Result<PrometheusHandle, String> {
     const BUCKETS: [f64; 17] =
         [0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
