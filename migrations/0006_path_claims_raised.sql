@@ -2,7 +2,7 @@
 -- Redis. Each shard owner reads the baseline claims not raised yet, raises its counters to their
 -- rows' seqs and marks them raised (shard-worker `fail_open_floors`): every fail-open save reaches
 -- the counters once, whatever order the saves commit in. The key keeps that read an index lookup
--- that finds nothing outside Redis outages.
+-- that finds nothing outside Redis outages. One statement (no `IF NOT EXISTS`, which MySQL 8 lacks).
 ALTER TABLE path_claims
-  ADD COLUMN IF NOT EXISTS raised TINYINT UNSIGNED NOT NULL DEFAULT 0,
-  ADD KEY IF NOT EXISTS unraised (path, raised);
+  ADD COLUMN raised TINYINT UNSIGNED NOT NULL DEFAULT 0,
+  ADD KEY unraised (path, raised);
