@@ -58,7 +58,8 @@ pub struct LoadArgs {
     #[arg(long, conflicts_with = "interval_ms")]
     rate: Option<f64>,
     /// Closed loop: each sender waits for ACK(saved) before its next message (--interval-ms is then a
-    /// minimum spacing; 0 for none).
+    /// minimum spacing; 0 for none), and after a `server_busy` or `too_many_requests` answer pauses
+    /// 100 ms first, as a client would.
     #[arg(long)]
     closed_loop: bool,
     #[arg(long, default_value_t = 64)]

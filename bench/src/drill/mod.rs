@@ -140,8 +140,9 @@ pub struct DrillSpec {
     pub signal: StopSignal,
     /// `redis-restart`: restart Redis with this `appendfsync` instead of the cluster's.
     pub appendfsync: Option<String>,
-    /// `overload`: the maximum sustainable rate the offered load is twice of.
-    pub max_rate: f64,
+    /// `overload`: the maximum rate the offered load is twice of (`None`: measured first, in closed
+    /// loop, on the drill's cluster).
+    pub max_rate: Option<f64>,
     /// `slow-consumers`: bound on the fast receivers' E2E p99, as a multiple of the control run's.
     pub slow_p99_factor: f64,
     /// Pause between the load's first accepted messages and the fault, so the backlog and rates have
@@ -190,7 +191,7 @@ impl DrillSpec {
             kill_every: Duration::from_secs(4),
             signal: StopSignal::Kill,
             appendfsync: None,
-            max_rate: 6_000.0,
+            max_rate: None,
             slow_p99_factor: 2.0,
             lead: Duration::from_secs(4),
             tail: Duration::from_secs(8),

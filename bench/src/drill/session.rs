@@ -35,6 +35,8 @@ const OVERLOAD_SHED_WAIT_MS: u64 = 50;
 const OVERLOAD_SHED_APPEND_MS: u64 = 10;
 /// slow-consumers and overload: the shortest loaded window.
 const MIN_LOADED_WINDOW: Duration = Duration::from_secs(10);
+/// `overload` without `--max-rate`: how long the closed-loop probe of the maximum rate measures.
+const MAX_RATE_PROBE: Duration = Duration::from_secs(8);
 /// The drain allowance beyond the fault.
 const DRAIN_BEYOND_FAULT: Duration = Duration::from_secs(30);
 /// chaos: a short route TTL, so a paused gateway's routes lapse within seconds (its pauses are
@@ -145,6 +147,27 @@ impl<'a> DrillRun<'a> {
         })
     }
 
+    /// `overload` without a given maximum: what the cluster saves with every sender in closed loop
+    /// (each sends its next message once the last is saved) for [`MAX_RATE_PROBE`] — the most it
+    /// does on this machine, the bench's own CPU included.
+    async fn measure_max_rate(&mut self) -> Result<f64, BenchError> {
+        let mut probe = self.load.clone();
+        probe.closed_loop = true;
+        probe.interval = Duration::ZERO;
+        probe.duration = MAX_RATE_PROBE;
+        probe.label = format!("{}-max-rate", self.load.label);
+        let result = run_load(&Target::from_state(&self.cluster.snapshot())?, &probe).await?;
+        let rate = result.window.saved as f64 / result.window.secs.max(1e-3);
+        if rate < 1.0 {
+            return Err(BenchError::InvalidSpec("the maximum-rate probe saved nothing; see the cluster logs".into()));
+        }
+        self.notes.push(format!(
+            "maximum rate measured first: {rate:.0} msg/s saved in closed loop over {} s; offered twice it",
+            MAX_RATE_PROBE.as_secs()
+        ));
+        Ok(rate)
+    }
+
     /// Runs the load with the fault, then checks.
     pub async fn execute(mut self) -> Result<DrillVerdict, BenchError> {
         let spec = self.spec;
@@ -165,7 +188,11 @@ impl<'a> DrillRun<'a> {
                 });
             }
             Drill::Overload => {
-                self.load.interval = LoadSpec::interval_for_rate(self.load.pairs(), 2.0 * spec.max_rate);
+                let max_rate = match spec.max_rate {
+                    Some(rate) => rate,
+                    None => self.measure_max_rate().await?,
+                };
+                self.load.interval = LoadSpec::interval_for_rate(self.load.pairs(), 2.0 * max_rate);
             }
             _ => {}
         }

@@ -27,6 +27,10 @@ use crate::recorder::{Counters, Latency, Recorder};
 
 /// Closed loop: the longest a sender waits for the previous message's answer before sending anyway.
 const CLOSED_LOOP_WAIT: Duration = Duration::from_secs(30);
+/// Closed loop: how long a sender pauses after a refusal (`server_busy`, `too_many_requests`: "retry
+/// later") before its next message, as a client does; without it a closed loop turns overload into a
+/// flood of sends refused at once.
+const CLOSED_LOOP_REFUSED_PAUSE: Duration = Duration::from_millis(100);
 
 /// What a sender's writer and reader share.
 pub(super) struct SenderState {
@@ -274,6 +278,13 @@ impl SenderSession {
             tokio::select! {
                 _ = self.state.answered.notified() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.shutdown.cancelled() => return false,
+            }
+        }
+        let refused = matches!(self.state.messages()[seq].error.as_deref(), Some("server_busy" | "too_many_requests"));
+        if refused {
+            tokio::select! {
+                _ = tokio::time::sleep(CLOSED_LOOP_REFUSED_PAUSE) => {}
                 _ = self.shutdown.cancelled() => return false,
             }
         }
