@@ -22,6 +22,18 @@ async fn fail_open_cluster(env: &TestEnv) -> (ClusterGuard, String, String) {
     (c, url, secret)
 }
 
+/// Shard 0's seq counter of `from` → `to` (0 when it has none).
+async fn seq_counter(conn: &redis::aio::MultiplexedConnection, env: &TestEnv, from: u64, to: u64) -> u64 {
+    let top: Option<u64> = redis::cmd("HGET")
+        .arg(env.keys().seq_counters(0))
+        .arg(im_common::keys::seq_field(from, to))
+        .query_async(&mut conn.clone())
+        .await
+        .ok()
+        .flatten();
+    top.unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_device_of_a_sender_overtakes_its_message_still_in_the_stream() {
     let env = TestEnv::new("fail_open_sender");
@@ -198,13 +210,8 @@ async fn a_message_saved_by_fail_open_whose_append_ran_after_all_keeps_its_rows_
     let keys = env.keys();
     let mut redis_conn = e2e::redis(&c.state.redis_url).await;
     // The gateway writes the fail-open save's seq floor once it sees Redis again.
-    let floor = im_common::keys::seq_field(carol_id, bob_id);
-    let raised = im_harness::poll::until_true_async(WAIT, || {
-        let (key, field, mut conn) = (keys.seq_counters(0), floor.clone(), redis_conn.clone());
-        async move {
-            let top: Option<u64> = redis::cmd("HGET").arg(key).arg(field).query_async(&mut conn).await.ok().flatten();
-            top >= Some(2)
-        }
+    let raised = im_harness::poll::until_true_async(WAIT, || async {
+        seq_counter(&redis_conn, &env, carol_id, bob_id).await >= 2
     })
     .await;
     assert!(raised, "the gateway never raised carol→bob's counter to the fail-open save's seq");
@@ -301,10 +308,7 @@ async fn a_fail_open_save_that_commits_after_a_newer_one_still_reaches_the_seq_c
     use std::time::Duration;
 
     let env = TestEnv::new("fail_open_commit_order");
-    let mut s = spec(&env, Mode::Full, 1, 1);
-    s.config.two_phase.fail_open = true;
-    let c = e2e::start(&s).await;
-    let (url, secret) = (c.state.gateways[0].ws_url.clone(), c.state.jwt_secret.clone());
+    let (c, url, secret) = fail_open_cluster(&env).await;
     let (alice_id, bob_id, carol_id, dave_id, erin_id) = (6601, 6602, 6603, 6604, 6605);
     let mut alice = Client::connect(&url, &secret, alice_id).await;
     let mut erin = Client::connect(&url, &secret, erin_id).await;
@@ -346,26 +350,18 @@ async fn a_fail_open_save_that_commits_after_a_newer_one_still_reaches_the_seq_c
     assert_eq!(outcome.saved, [(0, newer.id, 1)], "carol's fail-open save");
 
     // The owner sees the newer save and raises carol→dave's counter (erin's messages keep it numbering).
-    let keys = env.keys();
     let redis_conn = e2e::redis(&c.state.redis_url).await;
-    let counter = |from: u64, to: u64| {
-        let (key, field, mut conn) = (keys.seq_counters(0), im_common::keys::seq_field(from, to), redis_conn.clone());
-        async move {
-            let top: Option<u64> = redis::cmd("HGET").arg(key).arg(field).query_async(&mut conn).await.ok().flatten();
-            top.unwrap_or(0)
-        }
-    };
     let mut nudges = 0;
     let mut until_counter = async |from, to, at_least, erin: &mut Client| {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while counter(from, to).await < at_least && tokio::time::Instant::now() < deadline {
+        while seq_counter(&redis_conn, &env, from, to).await < at_least && tokio::time::Instant::now() < deadline {
             nudges += 1;
             let cmid = format!("e{nudges}");
             erin.chat(bob_id, &cmid, "x").await;
             erin.ack("saved", &cmid).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        counter(from, to).await
+        seq_counter(&redis_conn, &env, from, to).await
     };
     assert_eq!(until_counter(carol_id, dave_id, 1, &mut erin).await, 1, "the owner never saw carol's fail-open save");
 

@@ -17,55 +17,40 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use im_common::connections::RedisConn;
-use im_common::keys::Keys;
 use im_common::shard::shard_of;
-use im_common::store::Store;
 
 use crate::sequences;
+use crate::stage::ShardContext;
 
 /// How often the owner asks MySQL for fail-open saves not raised yet.
 pub const POLL: Duration = Duration::from_millis(100);
 
-/// The shard an owner raises, and where its counters and MySQL are.
-#[derive(Clone)]
-pub struct Floors {
-    pub conn: RedisConn,
-    pub keys: Keys,
-    pub store: Store,
-    pub shards: u16,
-    pub shard: u16,
+/// Raises the shard's counters to the seqs of its senders' fail-open saves not raised yet, then
+/// marks them raised; returns how many saves that was.
+pub async fn raise_once(ctx: &ShardContext) -> Result<usize, String> {
+    let saves = ctx.store.unraised_fail_open_saves().await.map_err(|e| format!("reading fail-open saves: {e}"))?;
+    let (ids, tops) = floors_of(&saves, ctx.shards, ctx.shard);
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    sequences::raise(&ctx.mover.conn, &ctx.keys, ctx.shard, &tops).await?;
+    ctx.store.mark_raised(&ids).await.map_err(|e| format!("marking fail-open saves raised: {e}"))?;
+    tracing::info!(
+        shard = ctx.shard,
+        saves = ids.len(),
+        directions = tops.len(),
+        "seq counters raised to fail-open saves' seqs"
+    );
+    metrics::counter!("im_worker_fail_open_floors_total", "shard" => ctx.label()).increment(ids.len() as u64);
+    Ok(ids.len())
 }
 
-impl Floors {
-    /// Raises the shard's counters to the seqs of its senders' fail-open saves not raised yet,
-    /// then marks them raised; returns how many saves that was.
-    pub async fn raise_once(&self) -> Result<usize, String> {
-        let saves = self.store.unraised_fail_open_saves().await.map_err(|e| format!("reading fail-open saves: {e}"))?;
-        let (ids, tops) = floors_of(&saves, self.shards, self.shard);
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        sequences::raise(&self.conn, &self.keys, self.shard, &tops).await?;
-        self.store.mark_raised(&ids).await.map_err(|e| format!("marking fail-open saves raised: {e}"))?;
-        tracing::info!(
-            shard = self.shard,
-            saves = ids.len(),
-            directions = tops.len(),
-            "seq counters raised to fail-open saves' seqs"
-        );
-        metrics::counter!("im_worker_fail_open_floors_total", "shard" => self.shard.to_string())
-            .increment(ids.len() as u64);
-        Ok(ids.len())
-    }
-
-    /// Raises every [`POLL`] until the task is aborted.
-    pub async fn watch(self) {
-        loop {
-            tokio::time::sleep(POLL).await;
-            if let Err(e) = self.raise_once().await {
-                tracing::debug!(shard = self.shard, error = %e, "raising fail-open floors failed; next poll");
-            }
+/// Raises every [`POLL`] until the task is aborted.
+pub async fn watch(ctx: ShardContext) {
+    loop {
+        tokio::time::sleep(POLL).await;
+        if let Err(e) = raise_once(&ctx).await {
+            tracing::debug!(shard = ctx.shard, error = %e, "raising fail-open floors failed; next poll");
         }
     }
 }

@@ -34,7 +34,6 @@ use im_common::router::Router;
 use im_common::store::Store;
 use im_common::StartError;
 
-use fail_open_floors::Floors;
 use lease::ShardLease;
 use mover::Mover;
 use stage::ShardContext;
@@ -226,12 +225,10 @@ async fn own_shard(
     // Fail-open saves their gateways have not told Redis about yet (see `fail_open_floors`): the
     // first round before anything is numbered.
     let floors_watch = if tp.fail_open {
-        let floors =
-            Floors { conn: conn.clone(), keys: keys.clone(), store: store.clone(), shards: cfg.cluster.shards, shard };
-        if let Err(e) = floors.raise_once().await {
+        if let Err(e) = fail_open_floors::raise_once(&ctx).await {
             tracing::warn!(shard, error = %e, "raising fail-open floors failed; retrying every poll");
         }
-        Some(tokio::spawn(floors.watch()))
+        Some(tokio::spawn(fail_open_floors::watch(ctx.clone())))
     } else {
         None
     };

@@ -47,9 +47,9 @@ impl ShardContext {
     }
 
     /// Numbers the messages of `batch` that have no seq yet from the shard's counters (restoring
-    /// lost counters from MySQL first). With `locate`, the recipients' routes and
-    /// presence epochs are read in the same round trip. Messages that may also have been saved on
-    /// the baseline path are claimed first ([`ShardContext::claim_paths`]).
+    /// lost counters from MySQL first). With `locate`, the recipients' routes and presence epochs
+    /// are read in the same round trip. Messages that may also have been saved on the baseline path
+    /// are claimed first ([`ShardContext::claim_paths`]).
     pub(crate) async fn number(
         &self,
         batch: &mut [Accepted],
