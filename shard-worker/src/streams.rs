@@ -14,6 +14,7 @@
 //! nothing into the PEL.
 
 use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use im_common::connections::RedisConn;
 use redis::{Script, Value};
@@ -72,6 +73,8 @@ pub struct StreamReader {
     pending_done: bool,
     /// The last entry id seen when a read found the stream drained: the next read waits for more.
     drained_at: Option<String>,
+    /// When the last call returned a batch: the stage has been busy with it since.
+    read_at: Option<Instant>,
 }
 
 impl StreamReader {
@@ -86,7 +89,18 @@ impl StreamReader {
         block_ms: u64,
         max_delay_ms: u64,
     ) -> Self {
-        StreamReader { conn, fence, key, group, count, block_ms, max_delay_ms, pending_done: false, drained_at: None }
+        StreamReader {
+            conn,
+            fence,
+            key,
+            group,
+            count,
+            block_ms,
+            max_delay_ms,
+            pending_done: false,
+            drained_at: None,
+            read_at: None,
+        }
     }
 
     /// Creates the consumer group (and the stream) if missing.
@@ -114,12 +128,18 @@ impl StreamReader {
     /// The next batch: pending entries while there are any, else new entries. Once a read found the
     /// stream drained (fewer than `count` entries), the next waits — a plain blocking `XREAD`, up to
     /// `block_ms` — for an entry beyond the last one seen, then lets `max_delay_ms` pass before it
-    /// reads, so batches grow under load while a lone message is never held longer than that. Two
-    /// round trips per batch however light the load. Fails with `FENCED` once the lease is no
-    /// longer this reader's.
+    /// reads, so a burst gathers into one batch. The time the stage spent on its previous batch
+    /// counts towards that delay (entries were arriving meanwhile): under load a stage reads again
+    /// as soon as it is done, and no entry waits for batching longer than the delay beyond the
+    /// stage being busy. Two round trips per batch however light the load. Fails with `FENCED`
+    /// once the lease is no longer this reader's.
     pub async fn next_batch(&mut self) -> redis::RedisResult<Vec<Entry>> {
+        // Since the last batch was read, the stage was busy with it (none if the last call found
+        // nothing).
+        let busy = self.read_at.take().map_or(Duration::ZERO, |at| at.elapsed());
         if !self.pending_done {
             if let Read::Entries(pending) = self.read("0", self.count).await? {
+                self.read_at = Some(Instant::now());
                 return Ok(pending);
             }
             self.pending_done = true;
@@ -135,8 +155,9 @@ impl StreamReader {
             self.drained_at = Some(last);
             return Ok(Vec::new());
         }
-        if self.max_delay_ms > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(self.max_delay_ms)).await;
+        let delay = Duration::from_millis(self.max_delay_ms).saturating_sub(busy);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         match self.read(">", self.count).await? {
             Read::Entries(batch) => Ok(self.took(batch)),
@@ -147,8 +168,10 @@ impl StreamReader {
         }
     }
 
-    /// Remembers where a partial batch left the stream: drained, so the next read waits.
+    /// Remembers when a batch was read, and where a partial one left the stream: drained, so the next
+    /// read waits.
     fn took(&mut self, batch: Vec<Entry>) -> Vec<Entry> {
+        self.read_at = Some(Instant::now());
         if batch.len() < self.count {
             self.drained_at = batch.last().map(|e| e.id.clone());
         }
