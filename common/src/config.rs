@@ -158,11 +158,12 @@ pub struct TwoPhaseConfig {
     /// `lease_ttl_ms / 5`: a read in flight must return before the lease can pass to a standby.
     pub block_ms: u64,
     /// How long a batch waits for more once its first entry arrived (the stage that pushes: full
-    /// mode's deliver stage, accepted-only mode's save stage).
+    /// mode's deliver stage, accepted-only mode's save stage). The time the stage spent on its
+    /// previous batch counts towards it, so under load a stage reads again as soon as it is done.
     pub max_batch_delay_ms: u64,
-    /// Full mode's save stage: how long a batch waits for more once the first entry arrived. Saves
-    /// are not on the path of a push, so they can wait longer and commit larger batches (the
-    /// per-batch cost of a commit dominates at light load).
+    /// Full mode's save stage: how long a batch waits for more once the first entry arrived (counted
+    /// the same way). Saves are not on the path of a push, so they can wait longer and commit larger
+    /// batches (the per-batch cost of a commit dominates at light load).
     pub save_batch_delay_ms: u64,
     /// Shard backlog (unsaved entries) past which new messages get `server_busy`.
     pub max_backlog: u64,
