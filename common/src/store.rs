@@ -292,18 +292,15 @@ async fn assign_seqs<'a>(
         "INSERT INTO conversations (owner_id, peer_id, last_out_seq, last_msg_id) VALUES {} \
          ON DUPLICATE KEY UPDATE last_out_seq = last_out_seq + VALUES(last_out_seq), \
          last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), updated_at = CURRENT_TIMESTAMP(3)",
-        placeholders(counts.len(), 4)
+        numbers(counts.iter().map(|(&(f, t), &(n, id))| [f, t, n, id]))
     );
-    let params: Vec<Value> =
-        counts.iter().flat_map(|(&(f, t), &(n, id))| [f.into(), t.into(), n.into(), id.into()]).collect();
-    tx.exec_drop(sql, Params::Positional(params)).await?;
+    tx.query_drop(sql).await?;
     counts.retain(|_, (n, _)| *n > 0);
     let sql = format!(
         "SELECT owner_id, peer_id, last_out_seq FROM conversations WHERE (owner_id, peer_id) IN ({})",
-        vec!["(?,?)"; counts.len()].join(",")
+        numbers(counts.keys().map(|&(f, t)| [f, t]))
     );
-    let params: Vec<Value> = counts.keys().flat_map(|&(f, t)| [f.into(), t.into()]).collect();
-    let tops: Vec<(u64, u64, u64)> = tx.exec(sql, Params::Positional(params)).await?;
+    let tops: Vec<(u64, u64, u64)> = tx.query(sql).await?;
     let mut next: HashMap<(u64, u64), u64> =
         tops.into_iter().map(|(f, t, top)| ((f, t), top + 1 - counts.get(&(f, t)).map_or(0, |&(n, _)| n))).collect();
     for m in rows {
@@ -364,13 +361,9 @@ async fn touch_conversations<'a>(
         "INSERT INTO conversations (owner_id, peer_id, last_msg_id, last_out_seq) VALUES {} \
          ON DUPLICATE KEY UPDATE last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), \
          last_out_seq = GREATEST(last_out_seq, VALUES(last_out_seq)), updated_at = CURRENT_TIMESTAMP(3)",
-        placeholders(latest.len(), 4)
+        numbers(latest.iter().map(|(&(owner, peer), &(id, out))| [owner, peer, id, out]))
     );
-    let params: Vec<Value> = latest
-        .iter()
-        .flat_map(|(&(owner, peer), &(id, out))| [owner.into(), peer.into(), id.into(), out.into()])
-        .collect();
-    tx.exec_drop(sql, Params::Positional(params)).await?;
+    tx.query_drop(sql).await?;
     Ok(())
 }
 
@@ -397,10 +390,9 @@ async fn stored_rows(tx: &mut Transaction<'_>, rows: &[&ChatMessage]) -> Result<
     if !homeless.is_empty() {
         let sql = format!(
             "SELECT id, from_user_id, client_msg_id FROM messages WHERE id IN ({})",
-            vec!["?"; homeless.len()].join(",")
+            numbers(homeless.iter().map(|m| [m.id]))
         );
-        let ids: Vec<Value> = homeless.iter().map(|m| Value::from(m.id)).collect();
-        let found: Vec<(u64, u64, Vec<u8>)> = tx.exec(sql, Params::Positional(ids)).await?;
+        let found: Vec<(u64, u64, Vec<u8>)> = tx.query(sql).await?;
         holders.extend(found.into_iter().map(|(id, from, cmid)| (id, (from, cmid))));
     }
     Ok(rows
@@ -440,6 +432,32 @@ fn to_message((id, from, to, client_msg_id, msg_type, body, seq): MessageRow) ->
         body,
         seq,
     }
+}
+
+/// Rows of integers written out as SQL: `(1,2),(3,4)` (a single column: `1,2,3`). Statements whose
+/// values are all integers go as text, not prepared: a prepared statement per batch size would sit
+/// in every pooled connection's statement cache (and on the server) for each size ever seen.
+fn numbers<const N: usize>(rows: impl Iterator<Item = [u64; N]>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (i, row) in rows.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if N > 1 {
+            out.push('(');
+        }
+        for (j, v) in row.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{v}");
+        }
+        if N > 1 {
+            out.push(')');
+        }
+    }
+    out
 }
 
 /// `(?,?,?),(?,?,?)` for `rows` rows of `cols` columns.

@@ -20,9 +20,9 @@
 use std::collections::{HashMap, HashSet};
 
 use mysql_async::prelude::*;
-use mysql_async::{Params, Transaction, Value};
+use mysql_async::Transaction;
 
-use super::{placeholders, Store, StoreError};
+use super::{numbers, Store, StoreError};
 
 /// `path_claims.path` of a message the shard owner numbered from the stream.
 const STREAM: u8 = 1;
@@ -39,13 +39,12 @@ impl Store {
             return Ok(HashMap::new());
         }
         let mut conn = self.pool.get_conn().await?;
-        conn.exec_drop(insert_sql(ids.len()), claim_params(&ids, STREAM)).await?;
+        conn.query_drop(insert_sql(&ids, STREAM)).await?;
         let sql = format!(
             "SELECT c.id, m.seq FROM path_claims c JOIN messages m ON m.id = c.id WHERE c.path = {BASELINE} AND c.id IN ({})",
-            in_list(ids.len())
+            numbers(ids.iter().map(|&id| [id]))
         );
-        let found: Vec<(u64, u64)> =
-            conn.exec(sql, Params::Positional(ids.iter().map(|&id| id.into()).collect())).await?;
+        let found: Vec<(u64, u64)> = conn.query(sql).await?;
         Ok(found.into_iter().collect())
     }
 
@@ -65,8 +64,9 @@ impl Store {
     pub async fn mark_raised(&self, ids: &[u64]) -> Result<(), StoreError> {
         let mut conn = self.pool.get_conn().await?;
         for chunk in ids.chunks(1000) {
-            let sql = format!("UPDATE path_claims SET raised = 1 WHERE id IN ({})", in_list(chunk.len()));
-            conn.exec_drop(sql, Params::Positional(chunk.iter().map(|&id| id.into()).collect())).await?;
+            let sql =
+                format!("UPDATE path_claims SET raised = 1 WHERE id IN ({})", numbers(chunk.iter().map(|&id| [id])));
+            conn.query_drop(sql).await?;
         }
         Ok(())
     }
@@ -104,12 +104,13 @@ pub(super) async fn claim_for_baseline(tx: &mut Transaction<'_>, ids: &[u64]) ->
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    tx.exec_drop(insert_sql(ids.len()), claim_params(&ids, BASELINE)).await?;
+    tx.query_drop(insert_sql(&ids, BASELINE)).await?;
     // A plain read sees every claim committed before it: it is the transaction's first, so its
     // snapshot starts here, after the INSERT waited out any uncommitted claim of the stream. (A
     // locking read took shared locks on other transactions' claims too and deadlocked with them.)
-    let sql = format!("SELECT id FROM path_claims WHERE path = {STREAM} AND id IN ({})", in_list(ids.len()));
-    let taken: Vec<u64> = tx.exec(sql, Params::Positional(ids.iter().map(|&id| id.into()).collect())).await?;
+    let sql =
+        format!("SELECT id FROM path_claims WHERE path = {STREAM} AND id IN ({})", numbers(ids.iter().map(|&id| [id])));
+    let taken: Vec<u64> = tx.query(sql).await?;
     Ok(taken.into_iter().collect())
 }
 
@@ -120,15 +121,10 @@ fn sorted(ids: &[u64]) -> Vec<u64> {
     ids
 }
 
-fn insert_sql(rows: usize) -> String {
-    format!("INSERT INTO path_claims (id, path) VALUES {} ON DUPLICATE KEY UPDATE id = id", placeholders(rows, 2))
-}
-
-fn claim_params(ids: &[u64], path: u8) -> Params {
-    Params::Positional(ids.iter().flat_map(|&id| [Value::from(id), Value::from(path)]).collect())
-}
-
-/// `?,?,?` for an `IN` list of `n` values (a point range per value on the primary key).
-fn in_list(n: usize) -> String {
-    vec!["?"; n].join(",")
+/// Claims of `ids` for `path` (a claim already there stays as it is).
+fn insert_sql(ids: &[u64], path: u8) -> String {
+    format!(
+        "INSERT INTO path_claims (id, path) VALUES {} ON DUPLICATE KEY UPDATE id = id",
+        numbers(ids.iter().map(|&id| [id, u64::from(path)]))
+    )
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use mysql_async::prelude::*;
 
-use super::{to_message, Store, StoreError, MESSAGE_COLUMNS};
+use super::{numbers, to_message, Store, StoreError, MESSAGE_COLUMNS};
 use crate::record::ChatMessage;
 
 /// One entry of a user's conversation list (`GET /api/conversations`).
@@ -158,30 +158,4 @@ impl Store {
         }
         Ok(out)
     }
-}
-
-/// Rows of integers written out as SQL: `(1,2),(3,4)` (a single column: `1,2,3`). Statements whose
-/// values are all integers go as text, not prepared: a prepared statement per batch size would sit
-/// in every pooled connection's statement cache (and on the server) for each size ever seen.
-fn numbers<const N: usize>(rows: impl Iterator<Item = [u64; N]>) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    for (i, row) in rows.enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        if N > 1 {
-            out.push('(');
-        }
-        for (j, v) in row.iter().enumerate() {
-            if j > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{v}");
-        }
-        if N > 1 {
-            out.push(')');
-        }
-    }
-    out
 }
