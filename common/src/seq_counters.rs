@@ -12,13 +12,14 @@ use crate::shard::shard_of;
 /// Lua: `seqs_match(key, fields, bases)` — whether every counter still holds what a batch was
 /// numbered from; `set_seqs(key, fields, tops)` — sets them (after a match); `raise_seqs(key,
 /// fields, tops)` — moves each counter up to its highest top, never down (a field may come twice).
-/// Each reads with one `HMGET` and writes with one `HSET` per 500 fields (`SEQ_CHUNK`): a command
-/// called from Lua costs more than the work of a counter.
+/// Each reads with one `HMGET` and writes with one `HSET` per 500 fields (`CALL_CHUNK`, also what
+/// the scripts that include these helpers pass to one command): a command called from Lua costs
+/// more than the work of a counter.
 pub const SEQ_LUA: &str = r"
-local SEQ_CHUNK = 500
+local CALL_CHUNK = 500
 local function seqs_match(key, fields, bases)
-  for first = 1, #fields, SEQ_CHUNK do
-    local last = math.min(first + SEQ_CHUNK - 1, #fields)
+  for first = 1, #fields, CALL_CHUNK do
+    local last = math.min(first + CALL_CHUNK - 1, #fields)
     local now = redis.call('HMGET', key, unpack(fields, first, last))
     for k = first, last do
       if tonumber(now[k - first + 1] or '0') ~= tonumber(bases[k]) then return false end
@@ -27,9 +28,9 @@ local function seqs_match(key, fields, bases)
   return true
 end
 local function set_seqs(key, fields, tops)
-  for first = 1, #fields, SEQ_CHUNK do
+  for first = 1, #fields, CALL_CHUNK do
     local args = {}
-    for k = first, math.min(first + SEQ_CHUNK - 1, #fields) do
+    for k = first, math.min(first + CALL_CHUNK - 1, #fields) do
       args[#args + 1] = fields[k]
       args[#args + 1] = tops[k]
     end
@@ -48,8 +49,8 @@ local function raise_seqs(key, fields, tops)
       best[fields[k]] = k
     end
   end
-  for first = 1, #order, SEQ_CHUNK do
-    local last = math.min(first + SEQ_CHUNK - 1, #order)
+  for first = 1, #order, CALL_CHUNK do
+    local last = math.min(first + CALL_CHUNK - 1, #order)
     local now = redis.call('HMGET', key, unpack(order, first, last))
     local args = {}
     for k = first, last do

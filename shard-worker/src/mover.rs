@@ -41,10 +41,11 @@ end
 local function handed(stream, ids)
   return #ids > 0 and #redis.call('XRANGE', stream, ids[1], ids[1]) == 0
 end
--- One XACK and one XDEL per 500 ids (a command called from Lua costs more than its work here).
+-- One XACK and one XDEL per CALL_CHUNK ids (SEQ_LUA's; a command called from Lua costs more than
+-- its work here).
 local function ack(stream, group, ids)
-  for first = 1, #ids, 500 do
-    local last = math.min(first + 499, #ids)
+  for first = 1, #ids, CALL_CHUNK do
+    local last = math.min(first + CALL_CHUNK - 1, #ids)
     redis.call('XACK', stream, group, unpack(ids, first, last))
     redis.call('XDEL', stream, unpack(ids, first, last))
   end
