@@ -216,6 +216,57 @@ async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
     drop(c);
 }
 
+/// The save stage is pipelined: a batch's rows are inserted while the batch before it is still
+/// committing its receipts in Redis, and receipts stay in stream order (SPEC §3.4): the later
+/// batch's `ACK(saved)` waits for the earlier batch's answers. Here the earlier commit cannot
+/// finish: its refused row goes to a dead-letter key of the wrong type until the test removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_while_the_one_before_commits_and_its_receipts_follow_in_order() {
+    let env = TestEnv::new("pipelined_save");
+    let c = e2e::cluster(&env, Mode::Full, 1, 1).await;
+    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
+    store.execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content <> 'POISON')").await.unwrap();
+    let mut redis = e2e::redis(&c.state.redis_url).await;
+    let dead = env.keys().dead_letter_stream(0);
+    let () = redis::cmd("SET").arg(&dead).arg("not a stream").query_async(&mut redis).await.unwrap();
+    let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7101).await;
+
+    alice.chat(7102, "q1", "POISON").await;
+    alice.ack("accepted", "q1").await;
+    // The save stage has read q1's batch (and fails to commit it) before q2 is sent.
+    let to_save = env.keys().to_save_stream(0);
+    let read = poll::until_true_async(SETTLES_WITHIN, || async {
+        let mut redis = redis.clone();
+        // XPENDING's summary: the count, the smallest and largest ids, the consumers.
+        let pending: redis::RedisResult<(u64, redis::Value, redis::Value, redis::Value)> =
+            redis::cmd("XPENDING").arg(&to_save).arg("workers").query_async(&mut redis).await;
+        pending.is_ok_and(|(n, ..)| n == 1)
+    })
+    .await;
+    assert!(read, "the save stage never read q1");
+    alice.chat(7102, "q2", "fine").await;
+    alice.ack("accepted", "q2").await;
+
+    let stored = poll::until_true_async(SETTLES_WITHIN, || async {
+        store.query_u64("SELECT COUNT(*) FROM messages WHERE client_msg_id = 'q2'").await.is_ok_and(|n| n == 1)
+    })
+    .await;
+    assert!(stored, "q2's row is not stored while q1's batch commits");
+    let early = alice.drain(Duration::from_millis(500)).await;
+    assert!(
+        early.iter().all(|v| v["clientMsgId"] != "q1" && v["clientMsgId"] != "q2"),
+        "no answer before q1's batch commits: {early:?}"
+    );
+
+    let () = redis::cmd("DEL").arg(&dead).query_async(&mut redis).await.unwrap();
+    let first = alice.expect("q1's answer", |v| v["clientMsgId"] == "q1" || v["clientMsgId"] == "q2").await;
+    assert_eq!((first["clientMsgId"].as_str(), first["reason"].as_str()), (Some("q1"), Some("save_failed")), "{first}");
+    alice.ack("saved", "q2").await;
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM messages").await.unwrap(), 1);
+    store.close().await;
+    drop(c);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_past_its_bound_answers_server_busy() {
     let env = TestEnv::new("backlog");

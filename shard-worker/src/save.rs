@@ -4,9 +4,18 @@
 //! in the idempotency window, publishes `ACK(saved)` (and `ERROR save_failed`) to the senders' nodes
 //! and the pushes — all of them in accepted-only mode; in full mode again those whose recipient
 //! connected since the deliver stage pushed them (SPEC §3.11) — and XACKs the batch.
+//!
+//! The stage is pipelined by one batch: once a batch's rows are committed, its Redis commit runs as
+//! a task of its own while the stage reads and inserts the next batch. Commits stay in stream order
+//! (each waits for the one before), so receipts and acknowledgements keep the order the rows were
+//! committed in (SPEC §3.4); the INSERTs themselves stay one at a time per shard, so MySQL commits
+//! in stream order too. A batch that is numbered here first waits for the previous commit, which
+//! raises the counters it is numbered from.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+
+use tokio::task::JoinHandle;
 
 use im_common::backoff::Backoff;
 use im_common::idempotency::{encode_state, Stage};
@@ -19,16 +28,25 @@ use im_common::store::SaveOutcome;
 use crate::mover::DeadLetter;
 use crate::save_health::SaveHealth;
 use crate::sequences::SeqPlan;
-use crate::stage::{age_seconds, chat_push, decode_batch, recipients, ShardContext};
+use crate::stage::{age_seconds, chat_push, decode_batch, recipients, Decoded, ShardContext};
 use crate::streams::StreamReader;
 
 /// The save stage: reads `to_save` (full mode) or `accepted` (accepted-only mode, which also pushes
 /// to recipients after the commit). Returns when the lease is lost.
-pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_save: bool) {
-    let dead_stream = ctx.keys.dead_letter_stream(ctx.shard);
-    let shard = ctx.label();
-    let saved_age = metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard.clone());
-    let repushed = metrics::counter!("im_worker_repushed_total", "shard" => shard.clone());
+pub async fn save_stage(ctx: ShardContext, reader: StreamReader, push_after_save: bool) {
+    // The previous batch's commit while it runs (`false` once it gave up: the lease is lost).
+    let mut committing: Option<JoinHandle<bool>> = None;
+    save_batches(&ctx, reader, push_after_save, &mut committing).await;
+    // The last batch's commit ends before the stage does: on shutdown the lease is held until then.
+    committed(committing.take()).await;
+}
+
+async fn save_batches(
+    ctx: &ShardContext,
+    mut reader: StreamReader,
+    push_after_save: bool,
+    committing: &mut Option<JoinHandle<bool>>,
+) {
     let mut backoff = Backoff::default();
     let mut health = SaveHealth::new(ctx.shard);
     while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
@@ -39,6 +57,9 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         // is numbered the same way again from the same counters.
         let mut plan = SeqPlan::default();
         if accepted.iter().any(|a| a.msg.seq == 0) {
+            if !committed(committing.take()).await {
+                return;
+            }
             let number = || async {
                 let mut numbered = accepted.clone();
                 let (plan, _, _) = ctx.number(&mut numbered, false).await?;
@@ -52,12 +73,56 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
         let msgs: Vec<ChatMessage> = accepted.iter().map(|a| a.msg.clone()).collect();
 
         // Save, retrying while the database is away or refuses; the entries stay pending meanwhile.
-        let Some(outcome) = insert_until_saved(&ctx, &mut health, &mut backoff, &msgs).await else { return };
+        let Some(outcome) = insert_until_saved(ctx, &mut health, &mut backoff, &msgs).await else { return };
 
-        let mut frames = Vec::with_capacity(msgs.len() * 2);
-        let mut settled = Vec::with_capacity(msgs.len());
-        // Saved messages as stored, and whether each is pushed after the commit.
-        let mut saved: Vec<(ChatMessage, Option<u64>)> = Vec::with_capacity(outcome.saved.len());
+        let commit = Commit::of(ctx, &decoded, &accepted, &outcome, plan, push_after_save);
+        drop(decoded);
+        let ids = batch.into_iter().map(|e| e.id).collect();
+        if !committed(committing.take()).await {
+            return;
+        }
+        *committing = Some(tokio::spawn(commit.run(ctx.clone(), reader.key.clone(), ids)));
+    }
+}
+
+/// Waits for the previous batch's commit, if one runs; whether it was done (not given up).
+async fn committed(commit: Option<JoinHandle<bool>>) -> bool {
+    match commit {
+        None => true,
+        Some(task) => task.await.unwrap_or(false),
+    }
+}
+
+/// What a batch whose rows are committed still owes, done in one fenced script: the senders'
+/// answers, the pushes again, the idempotency marks, the dead letters and the acknowledgement.
+struct Commit {
+    /// `ACK(saved)` and `ERROR save_failed` to the senders' nodes.
+    frames: Vec<(Target, Push)>,
+    /// Saved messages as stored, and the presence epoch each was pushed at (full mode).
+    saved: Vec<(ChatMessage, Option<u64>)>,
+    /// Idempotency keys and their final states.
+    settled: Vec<(String, String)>,
+    /// Payloads for the dead-letter stream and why.
+    dead: Vec<(Vec<u8>, String)>,
+    plan: SeqPlan,
+    push_after_save: bool,
+    saved_count: usize,
+    /// The batch's message ids (for the accepted → saved histogram).
+    ages: Vec<u64>,
+}
+
+impl Commit {
+    fn of(
+        ctx: &ShardContext,
+        decoded: &Decoded<'_>,
+        accepted: &[Accepted],
+        outcome: &SaveOutcome,
+        plan: SeqPlan,
+        push_after_save: bool,
+    ) -> Commit {
+        let mut frames = Vec::with_capacity(accepted.len() * 2);
+        let mut settled = Vec::with_capacity(accepted.len());
+        let mut saved = Vec::with_capacity(outcome.saved.len());
         for &(i, id, seq) in &outcome.saved {
             let a = &accepted[i];
             let to_sender = Push {
@@ -75,12 +140,12 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
                 encode_state(Stage::Saved, id),
             ));
         }
-        let mut dead: Vec<DeadLetter> =
-            decoded.bad.iter().map(|e| DeadLetter { payload: &e.payload, reason: "undecodable" }).collect();
+        let mut dead: Vec<(Vec<u8>, String)> =
+            decoded.bad.iter().map(|e| (e.payload.clone(), "undecodable".to_owned())).collect();
         for (i, reason) in &outcome.rejected {
             let (entry, a) = &decoded.ok[*i];
             tracing::error!(shard = ctx.shard, id = a.msg.id, from = a.msg.from, %reason, "save: row rejected for good; dead-lettered");
-            dead.push(DeadLetter { payload: &entry.payload, reason });
+            dead.push((entry.payload.clone(), reason.clone()));
             settled.push((
                 ctx.keys.idempotency(ctx.shard, a.msg.from, &a.msg.client_msg_id),
                 encode_state(Stage::Failed, a.msg.id),
@@ -91,41 +156,61 @@ pub async fn save_stage(ctx: ShardContext, mut reader: StreamReader, push_after_
                 Push { user: a.msg.from, conn: Some(a.origin.conn), frame: error },
             ));
         }
-        let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
+        Commit {
+            frames,
+            saved,
+            settled,
+            dead,
+            plan,
+            push_after_save,
+            saved_count: outcome.saved.len(),
+            ages: accepted.iter().map(|a| a.msg.id).collect(),
+        }
+    }
+
+    /// Runs the commit until it is done (`true`) or the lease is lost (`false`: the batch stays
+    /// pending, and the next owner redoes it).
+    async fn run(self, ctx: ShardContext, stream: String, ids: Vec<String>) -> bool {
+        let dead_stream = ctx.keys.dead_letter_stream(ctx.shard);
+        let dead: Vec<DeadLetter> = self.dead.iter().map(|(payload, reason)| DeadLetter { payload, reason }).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let commit = || async {
             // Routes are read after the rows are committed: a connection registered before this
             // read gets the push, one registered after it syncs from MySQL, which has the rows.
             // Full mode pushed before the save, so only recipients whose presence epoch moved since
             // (they connected in between) get the message again: one MGET, and routes for those.
-            let again: Vec<&ChatMessage> = if push_after_save {
-                saved.iter().map(|(m, _)| m).collect()
+            let again: Vec<&ChatMessage> = if self.push_after_save {
+                self.saved.iter().map(|(m, _)| m).collect()
             } else {
-                let msgs: Vec<&ChatMessage> = saved.iter().map(|(m, _)| m).collect();
+                let msgs: Vec<&ChatMessage> = self.saved.iter().map(|(m, _)| m).collect();
                 let epochs = ctx.router.epochs(&recipients(&msgs)).await?;
-                saved
+                self.saved
                     .iter()
                     .filter(|(m, at)| at.is_some_and(|at| epochs.get(&m.to).is_some_and(|&now| now != at)))
                     .map(|(m, _)| m)
                     .collect()
             };
             let routes = ctx.router.resolve(&recipients(&again)).await?;
-            let mut all = frames.clone();
+            let mut all = self.frames.clone();
             all.extend(again.iter().map(|m| chat_push(m)));
             let (pubs, _) = ctx.router.group(&all, &routes, None);
-            ctx.mover.commit(&reader.key, &dead_stream, &ids, &dead, &pubs, &settled, &plan).await?;
-            Ok::<_, redis::RedisError>(if push_after_save { 0 } else { again.len() })
+            ctx.mover.commit(&stream, &dead_stream, &ids, &dead, &pubs, &self.settled, &self.plan).await?;
+            Ok::<_, redis::RedisError>(if self.push_after_save { 0 } else { again.len() })
         };
-        let Some(pushed_again) = ctx.until_done(&mut backoff, "save: receipts/commit", commit).await else {
-            return;
+        let Some(pushed_again) = ctx.until_done(&mut Backoff::default(), "save: receipts/commit", commit).await else {
+            return false;
         };
-        repushed.increment(pushed_again as u64);
-        metrics::counter!("im_worker_saved_total", "shard" => shard.clone()).increment(outcome.saved.len() as u64);
-        metrics::counter!("im_worker_dead_letters_total", "shard" => shard.clone()).increment(dead.len() as u64);
+        let shard = ctx.label();
+        metrics::counter!("im_worker_repushed_total", "shard" => shard.clone()).increment(pushed_again as u64);
+        metrics::counter!("im_worker_saved_total", "shard" => shard.clone()).increment(self.saved_count as u64);
+        metrics::counter!("im_worker_dead_letters_total", "shard" => shard.clone()).increment(self.dead.len() as u64);
         metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "save")
-            .record(batch.len() as f64);
-        for m in &msgs {
-            saved_age.record(age_seconds(m.id));
+            .record(ids.len() as f64);
+        let saved_age = metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard);
+        for &id in &self.ages {
+            saved_age.record(age_seconds(id));
         }
+        true
     }
 }
 
