@@ -197,6 +197,15 @@ impl Traffic {
     }
 }
 
+/// Makes the database refuse, for good, every row whose body is `POISON` (a CHECK constraint): a row
+/// the save stage dead-letters while the rest of its batch is saved.
+pub async fn refuse_poison(store: &Store) {
+    store
+        .execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content <> 'POISON')")
+        .await
+        .expect("adding the no_poison constraint");
+}
+
 /// Every row in the test's `messages` table, checked per sender: (rows, duplicate (sender,
 /// clientMsgId) rows, senders whose rows in id order are not in clientMsgId order). ClientMsgIds of one
 /// sender are numbered with equal width (`g007`) or as plain numbers (`7`), so ordering by (length,

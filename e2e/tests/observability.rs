@@ -375,7 +375,7 @@ async fn generate_traffic<F: std::future::Future<Output = ()>>(
     before_dead_letter().await;
 
     let store = Store::connect(&c.state.mysql_url, 1).expect("store");
-    store.execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content <> 'POISON')").await.expect("alter");
+    e2e::refuse_poison(&store).await;
     store.close().await;
     alice.chat(bob.uid, "poison", "POISON").await;
     let answer = alice.expect("save_failed", |v| v["type"] == "ERROR" && v["clientMsgId"] == "poison").await;

@@ -27,7 +27,7 @@ async fn a_resent_dead_lettered_message_is_answered_save_failed_again() {
     let env = TestEnv::new("dead_resend");
     let c = e2e::cluster(&env, Mode::Full, 1, 1).await;
     let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    store.execute("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (content <> 'POISON')").await.unwrap();
+    e2e::refuse_poison(&store).await;
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7101).await;
     alice.chat(7102, "poison", "POISON").await;
     alice.ack("accepted", "poison").await;
