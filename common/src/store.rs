@@ -269,9 +269,9 @@ impl Store {
 
 /// Gives every row without a seq the next seqs of its direction, in row order, by raising
 /// `conversations.last_out_seq` (locking those rows until the transaction ends). The same upsert
-/// moves both participants' `last_msg_id`, so a batch numbered here needs no
-/// [`touch_conversations`]: its transaction is the counter upsert, one read of the new tops, and the
-/// INSERT (rolled back if the INSERT meets rows already stored).
+/// moves the senders' `last_msg_id` and creates the recipients' rows, so a batch numbered here
+/// needs no [`touch_conversations`]: its transaction is the counter upsert, one read of the new
+/// tops, and the INSERT (rolled back if the INSERT meets rows already stored).
 ///
 /// The upsert locks the reverse rows too, in key order, so two saves of a conversation's two
 /// directions cannot deadlock.
@@ -285,13 +285,12 @@ async fn assign_seqs<'a>(
     for m in &rows {
         let out = counts.entry((m.from, m.to)).or_default();
         *out = (out.0 + 1, out.1.max(m.id));
-        let back = counts.entry((m.to, m.from)).or_default();
-        back.1 = back.1.max(m.id);
+        counts.entry((m.to, m.from)).or_default();
     }
     let sql = format!(
         "INSERT INTO conversations (owner_id, peer_id, last_out_seq, last_msg_id) VALUES {} \
          ON DUPLICATE KEY UPDATE last_out_seq = last_out_seq + VALUES(last_out_seq), \
-         last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), updated_at = CURRENT_TIMESTAMP(3)",
+         last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id))",
         numbers(counts.iter().map(|(&(f, t), &(n, id))| [f, t, n, id]))
     );
     tx.query_drop(sql).await?;
@@ -339,20 +338,21 @@ async fn insert_messages<'a>(
 }
 
 /// Both participants' conversation rows, one per pair per batch, in key order so concurrent
-/// batches lock them in the same order: the last message id either way, and the last seq out (the
-/// peer's row's `last_out_seq` is the owner's last seq in).
+/// batches lock them in the same order. The sender's row gets its last message out and last seq out
+/// (the peer's row's `last_out_seq` is the owner's last seq in, its `last_msg_id` the owner's last
+/// message in); the recipient's row is created if missing and otherwise left as it is (its values
+/// here are 0, which the `GREATEST`s keep), so MariaDB writes nothing for it.
 async fn touch_conversations<'a>(
     tx: &mut Transaction<'_>,
     rows: impl Iterator<Item = (&'a ChatMessage, &'a StoredRow)>,
 ) -> Result<(), StoreError> {
-    // (owner, peer) → (last id, last out seq)
+    // (owner, peer) → (last id out, last seq out)
     let mut latest: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
     for (m, stored) in rows {
         let Ok((id, seq)) = *stored else { continue };
         let out = latest.entry((m.from, m.to)).or_default();
         *out = (out.0.max(id), out.1.max(seq));
-        let back = latest.entry((m.to, m.from)).or_default();
-        back.0 = back.0.max(id);
+        latest.entry((m.to, m.from)).or_default();
     }
     if latest.is_empty() {
         return Ok(());
@@ -360,7 +360,7 @@ async fn touch_conversations<'a>(
     let sql = format!(
         "INSERT INTO conversations (owner_id, peer_id, last_msg_id, last_out_seq) VALUES {} \
          ON DUPLICATE KEY UPDATE last_msg_id = GREATEST(last_msg_id, VALUES(last_msg_id)), \
-         last_out_seq = GREATEST(last_out_seq, VALUES(last_out_seq)), updated_at = CURRENT_TIMESTAMP(3)",
+         last_out_seq = GREATEST(last_out_seq, VALUES(last_out_seq))",
         numbers(latest.iter().map(|(&(owner, peer), &(id, out))| [owner, peer, id, out]))
     );
     tx.query_drop(sql).await?;

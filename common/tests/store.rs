@@ -12,10 +12,10 @@ fn msg(id: u64, from: u64, to: u64, cmid: &str, body: &str) -> ChatMessage {
 #[tokio::test]
 async fn migrations_apply_once_and_record_their_versions() {
     let env = TestEnv::new("migrate");
-    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(migrate(&env.mysql_url).await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(migrate(&env.mysql_url).await.unwrap(), Vec::<u32>::new(), "second run applies nothing");
     let store = Store::connect(&env.mysql_url, 2).unwrap();
-    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 6);
+    assert_eq!(store.query_u64("SELECT COUNT(*) FROM schema_migrations").await.unwrap(), 7);
     store.close().await;
     env.cleanup().await;
 }

@@ -14,6 +14,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (4, "last_in_seq", include_str!("../../../migrations/0004_last_in_seq.sql")),
     (5, "path_claims", include_str!("../../../migrations/0005_path_claims.sql")),
     (6, "path_claims_raised", include_str!("../../../migrations/0006_path_claims_raised.sql")),
+    (7, "conversations_last_out", include_str!("../../../migrations/0007_conversations_last_out.sql")),
 ];
 
 /// Creates the database named in `url` if it is missing, then applies pending migrations in order.

@@ -119,17 +119,21 @@ impl Store {
 
     /// `user`'s conversations with a saved message older than `before`, newest activity first.
     pub async fn conversations(&self, user: u64, before: u64, limit: u32) -> Result<Vec<Conversation>, StoreError> {
-        let sql =
-            "SELECT c.peer_id, COALESCE(theirs.last_out_seq, 0), c.last_out_seq, COALESCE(mine.delivered_seq, 0), \
+        // Each row's `last_msg_id` is its owner's last message out: the last either way is the
+        // greater of the two rows'. The owner's rows are read by primary key and sorted.
+        let sql = "SELECT c.peer_id, c.last_in_seq, c.last_out_seq, COALESCE(mine.delivered_seq, 0), \
                    COALESCE(mine.read_seq, 0), COALESCE(p.delivered_seq, 0), COALESCE(p.read_seq, 0), \
                    m.id, m.from_user_id, m.to_user_id, m.client_msg_id, m.msg_type, LEFT(m.content, 100), m.seq \
-                   FROM conversations c \
-                   LEFT JOIN conversations theirs ON theirs.owner_id = c.peer_id AND theirs.peer_id = c.owner_id \
+                   FROM (SELECT c.owner_id, c.peer_id, c.last_out_seq, COALESCE(theirs.last_out_seq, 0) AS last_in_seq, \
+                                GREATEST(c.last_msg_id, COALESCE(theirs.last_msg_id, 0)) AS last_id \
+                         FROM conversations c \
+                         LEFT JOIN conversations theirs ON theirs.owner_id = c.peer_id AND theirs.peer_id = c.owner_id \
+                         WHERE c.owner_id = ?) c \
                    LEFT JOIN positions mine ON mine.owner_id = c.owner_id AND mine.peer_id = c.peer_id \
                    LEFT JOIN positions p ON p.owner_id = c.peer_id AND p.peer_id = c.owner_id \
-                   LEFT JOIN messages m ON m.id = c.last_msg_id \
-                   WHERE c.owner_id = ? AND c.last_msg_id > 0 AND c.last_msg_id < ? \
-                   ORDER BY c.last_msg_id DESC LIMIT ?";
+                   LEFT JOIN messages m ON m.id = c.last_id \
+                   WHERE c.last_id > 0 AND c.last_id < ? \
+                   ORDER BY c.last_id DESC LIMIT ?";
         let rows: Vec<mysql_async::Row> = self.pool.get_conn().await?.exec(sql, (user, before, limit)).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
