@@ -46,8 +46,7 @@ async fn every_raw_operation_is_measured_and_nothing_stays_behind() {
 
     let mut conn =
         redis::Client::open(env.redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let left: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{}:*", env.key_prefix)).query_async(&mut conn).await.unwrap();
+    let left = im_harness::env::keys_matching(&mut conn, &format!("{}:*", env.key_prefix)).await.unwrap();
     assert!(left.is_empty(), "scratch keys left behind: {left:?}");
     std::fs::remove_dir_all(&out).ok();
     env.cleanup().await;

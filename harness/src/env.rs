@@ -14,6 +14,8 @@ mod shared_cluster;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
+
 use im_common::config::Config;
 use im_common::keys::Keys;
 
@@ -33,6 +35,8 @@ pub const TEST_JWT_SECRET: &str = "test-secret-0123456789-0123456789";
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys deleted per `DEL`.
 const DELETE_BATCH: usize = 500;
+/// Keys each `SCAN` call looks at.
+const SCAN_COUNT: usize = 10_000;
 
 /// Redis and MySQL coordinates private to one test; its data is removed on drop.
 #[derive(Debug)]
@@ -155,11 +159,34 @@ async fn key_holders(redis_url: &str) -> Vec<String> {
     }
 }
 
+/// The keys matching `pattern` on the server behind `conn`, by `SCAN`: never one `KEYS`, which
+/// blocks the server for the whole keyspace (a shared server that holds a day of benchmark keys
+/// took longer than a client's timeout).
+pub async fn keys_matching(conn: &mut MultiplexedConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    let mut found = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(conn)
+            .await?;
+        found.extend(keys);
+        if next == 0 {
+            return Ok(found);
+        }
+        cursor = next;
+    }
+}
+
 /// Deletes the keys matching `pattern` on the one server at `url`. One `DEL` per key, pipelined:
 /// keys of different slots cannot share a `DEL` on a cluster node, even when it holds them all.
 async fn delete_matching(url: &str, pattern: &str) {
     let Ok(mut conn) = node_connection(url).await else { return };
-    let found: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap_or_default();
+    let found = keys_matching(&mut conn, pattern).await.unwrap_or_default();
     for chunk in found.chunks(DELETE_BATCH) {
         let mut pipe = redis::pipe();
         for key in chunk {
