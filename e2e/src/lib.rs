@@ -206,6 +206,15 @@ pub async fn refuse_poison(store: &Store) {
         .expect("adding the no_poison constraint");
 }
 
+/// A full-mode cluster of one gateway and one shard whose database refuses `POISON` rows
+/// ([`refuse_poison`]), and a store on that database.
+pub async fn poisoned_cluster(env: &TestEnv) -> (ClusterGuard, Store) {
+    let c = cluster(env, Mode::Full, 1, 1).await;
+    let store = Store::connect(&c.state.mysql_url, 1).expect("store");
+    refuse_poison(&store).await;
+    (c, store)
+}
+
 /// Every row in the test's `messages` table, checked per sender: (rows, duplicate (sender,
 /// clientMsgId) rows, senders whose rows in id order are not in clientMsgId order). ClientMsgIds of one
 /// sender are numbered with equal width (`g007`) or as plain numbers (`7`), so ordering by (length,

@@ -176,9 +176,7 @@ async fn redis_outage_without_fail_open_answers_server_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
     let env = TestEnv::new("poison");
-    let c = e2e::cluster(&env, Mode::Full, 1, 1).await;
-    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    e2e::refuse_poison(&store).await;
+    let (c, store) = e2e::poisoned_cluster(&env).await;
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7001).await;
     for (cmid, body) in [("p1", "fine"), ("p2", "POISON"), ("p3", "also fine")] {
         alice.chat(7002, cmid, body).await;
@@ -223,9 +221,7 @@ async fn a_row_the_database_refuses_is_dead_lettered_and_the_rest_saved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_stored_while_the_one_before_commits_and_its_receipts_follow_in_order() {
     let env = TestEnv::new("pipelined_save");
-    let c = e2e::cluster(&env, Mode::Full, 1, 1).await;
-    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    e2e::refuse_poison(&store).await;
+    let (c, store) = e2e::poisoned_cluster(&env).await;
     let mut redis = e2e::redis(&c.state.redis_url).await;
     let dead = env.keys().dead_letter_stream(0);
     let () = redis::cmd("SET").arg(&dead).arg("not a stream").query_async(&mut redis).await.unwrap();

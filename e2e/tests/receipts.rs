@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use e2e::{spec, Client, TestEnv, WAIT};
 use im_common::config::Mode;
-use im_common::store::Store;
 
 /// How often a test probes whether the gateway sees the shard full (it refreshes every 250 ms).
 const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -25,9 +24,7 @@ async fn answer(client: &mut Client, cmid: &str) -> (String, Option<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_dead_lettered_message_is_answered_save_failed_again() {
     let env = TestEnv::new("dead_resend");
-    let c = e2e::cluster(&env, Mode::Full, 1, 1).await;
-    let store = Store::connect(&c.state.mysql_url, 1).unwrap();
-    e2e::refuse_poison(&store).await;
+    let (c, store) = e2e::poisoned_cluster(&env).await;
     let mut alice = Client::connect(&c.state.gateways[0].ws_url, &c.state.jwt_secret, 7101).await;
     alice.chat(7102, "poison", "POISON").await;
     alice.ack("accepted", "poison").await;
