@@ -45,3 +45,34 @@ async fn a_message_redis_refuses_is_answered_alone_and_the_rest_of_its_batch_is_
     assert_eq!(kind, "list", "the refused message's key is untouched");
     env.cleanup().await;
 }
+
+/// A message whose XADD Redis refuses (here the stream key holds a string) is answered `Refused`
+/// and leaves no claim behind (the script claims a key only once its XADD succeeded). Its resend,
+/// once the stream can be written, is appended as new — not answered with the state of an attempt
+/// that never reached the stream.
+#[tokio::test]
+async fn a_message_whose_append_fails_leaves_no_claim_and_its_resend_is_appended() {
+    let env = TestEnv::new("append_batch_undo");
+    let cfg = env.config();
+    let keys = env.keys();
+    let conn = connections::connect(&cfg.redis).await.expect("Redis");
+    let mut raw = conn.clone();
+    let key = keys.idempotency(0, 1, "m");
+    let stream = keys.accepted_stream(0);
+    let _: () = redis::cmd("SET").arg(&stream).arg("not a stream").query_async(&mut raw).await.unwrap();
+
+    let batcher = AppendBatcher::start(conn.clone(), &keys, 1);
+    let append = || Append { key: key.clone(), state: encode_state(Stage::Accepted, 5), payload: b"m".to_vec() };
+    let refused = batcher.append(0, append()).await.unwrap();
+    assert!(matches!(&refused, Appended::Refused(e) if e.starts_with("WRONGTYPE")), "{refused:?}");
+    let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(&mut raw).await.unwrap();
+    assert!(!exists, "the refused message's claim was taken back");
+
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut raw).await.unwrap();
+    assert_eq!(batcher.append(0, append()).await.unwrap(), Appended::New);
+    let len: usize = redis::cmd("XLEN").arg(&stream).query_async(&mut raw).await.unwrap();
+    assert_eq!(len, 1);
+    let state: String = redis::cmd("GET").arg(&key).query_async(&mut raw).await.unwrap();
+    assert_eq!(state, encode_state(Stage::Accepted, 5));
+    env.cleanup().await;
+}
