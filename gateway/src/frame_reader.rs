@@ -11,7 +11,6 @@
 //! frames are short and whole; text must be UTF-8. Anything else is a protocol error, which closes
 //! the connection with 1002.
 
-
 use fastwebsockets::{unmask, CloseCode, OpCode};
 use std::sync::Arc;
 
