@@ -52,7 +52,7 @@ async fn a_message_redis_refuses_is_answered_alone_and_the_rest_of_its_batch_is_
 /// that never reached the stream.
 #[tokio::test]
 async fn a_message_whose_append_fails_leaves_no_claim_and_its_resend_is_appended() {
-    let env = TestEnv::new("append_batch_undo");
+    let env = TestEnv::new("append_batch_refused_xadd");
     let cfg = env.config();
     let keys = env.keys();
     let conn = connections::connect(&cfg.redis).await.expect("Redis");
@@ -66,7 +66,7 @@ async fn a_message_whose_append_fails_leaves_no_claim_and_its_resend_is_appended
     let refused = batcher.append(0, append()).await.unwrap();
     assert!(matches!(&refused, Appended::Refused(e) if e.starts_with("WRONGTYPE")), "{refused:?}");
     let exists: bool = redis::cmd("EXISTS").arg(&key).query_async(&mut raw).await.unwrap();
-    assert!(!exists, "the refused message's claim was taken back");
+    assert!(!exists, "the refused message left no claim");
 
     let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut raw).await.unwrap();
     assert_eq!(batcher.append(0, append()).await.unwrap(), Appended::New);
