@@ -1,7 +1,7 @@
 //! The fenced scripts that move a shard's entries from one stage to the next.
 //!
 //! Each script first checks the lease value (fencing), so a paused ex-owner cannot move entries, and
-//! XACKs + XDELs an entry in the same atomic step that hands it to the next stage (the `to_save`
+//! XACKs an entry and trims it off its stream in the same atomic step that hands it to the next stage (the `to_save`
 //! stream, or the saved row's receipts): an entry is acknowledged only once the next stage durably
 //! has it, and streams stay trimmed to what is in flight. Pushes are published (journaled) inside
 //! the same script, so a batch's pushes and its acknowledgement happen together or not at all.
@@ -41,19 +41,24 @@ end
 local function handed(stream, ids)
   return #ids > 0 and #redis.call('XRANGE', stream, ids[1], ids[1]) == 0
 end
--- One XACK and one XDEL per CALL_CHUNK ids (SEQ_LUA's; a command called from Lua costs more than
--- its work here).
+-- One XACK per CALL_CHUNK ids (SEQ_LUA's; a command called from Lua costs more than its work
+-- here), then one XTRIM. A stage takes its stream in id order, a contiguous batch at a time, and
+-- acknowledges batches in that order, so when a batch is acknowledged every entry up to its last
+-- id is done: MINID just past that id drops them all at once (whole stream nodes; 37 entries cost
+-- 3 us against XDEL's 23 by id) and keeps everything after.
 local function ack(stream, group, ids)
   for first = 1, #ids, CALL_CHUNK do
-    local last = math.min(first + CALL_CHUNK - 1, #ids)
-    redis.call('XACK', stream, group, unpack(ids, first, last))
-    redis.call('XDEL', stream, unpack(ids, first, last))
+    redis.call('XACK', stream, group, unpack(ids, first, math.min(first + CALL_CHUNK - 1, #ids)))
+  end
+  if #ids > 0 then
+    local ms, seq = string.match(ids[#ids], '^(%d+)-(%d+)$')
+    redis.call('XTRIM', stream, 'MINID', ms .. '-' .. string.format('%d', tonumber(seq) + 1))
   end
 end
 ";
 
 /// Deliver → save: number the batch (if the counters still hold what it was numbered from), publish
-/// the pushes, append the payloads to `to_save`, XACK + XDEL on `accepted`.
+/// the pushes, append the payloads to `to_save`, XACK the batch on `accepted` and trim it off.
 /// KEYS: lease, accepted, to_save, seq counters, journals (one per publication). ARGV: lease value,
 /// then group, field, n_ack, n_add, n_pub, n_seq, ids.., payloads.., channels.., messages..,
 /// seq fields.., bases.., tops..
@@ -77,8 +82,8 @@ return #ids
 
 /// Save done: raise the seq counters to the seqs the rows were saved with, dead-letter the
 /// rejected, record saved and failed in the idempotency window, publish receipts (and the pushes:
-/// all of them in accepted-only mode, again for recipients who connected since in full mode), XACK +
-/// XDEL the batch.
+/// all of them in accepted-only mode, again for recipients who connected since in full mode), XACK
+/// the batch and trim it off.
 /// KEYS: lease, stream, dead-letter stream, seq counters, journals (one per publication),
 /// idempotency keys.. ARGV: lease value, then group, ttl, dead-letter maxlen, field, n_ack, n_dead,
 /// n_pub, n_seq, ids.., dead payloads.., dead reasons.., channels.., messages.., seq fields..,

@@ -296,6 +296,33 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
     assert_eq!(reason, "check constraint");
 }
 
+/// An acknowledged batch leaves its stream and nothing after it does: the scripts trim up to the
+/// batch's last id (`XTRIM MINID` just past it). The entry right after — here the very next id,
+/// `5-3` after `5-2` — stays, unacknowledged, and is the reader's next batch.
+#[tokio::test]
+async fn acknowledging_a_batch_trims_exactly_its_entries_off_the_stream() {
+    let s = Shard::new("trim").await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let (to_save, dead) = (s.keys.to_save_stream(0), s.keys.dead_letter_stream(0));
+    for (id, payload) in [("5-1", "m1"), ("5-2", "m2"), ("5-3", "m3")] {
+        let _: String = s.conn.clone().xadd(&to_save, id, &[(MSG_FIELD, payload)]).await.expect("xadd");
+    }
+    let conn = im_common::connections::connect(&s.env.config().redis).await.expect("redis");
+    let fence = Fence { lease_key: s.keys.lease(0), lease_value: lease.value.clone() };
+    let mut reader = StreamReader::new(conn, fence, to_save.clone(), GROUP.into(), 2, 10, 0);
+    reader.ensure_group().await.expect("group");
+    let batch = reader.next_batch().await.expect("read");
+    let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["5-1", "5-2"]);
+
+    s.mover(&lease.value).commit(&to_save, &dead, &ids, &[], &[], &[], &SeqPlan::default()).await.expect("commit");
+    let left: redis::streams::StreamRangeReply = s.conn.clone().xrange_all(&to_save).await.expect("xrange");
+    assert_eq!(left.ids.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["5-3"], "the batch, and only it, left");
+    assert_eq!(s.pending(&to_save).await, 0);
+    let next = reader.next_batch().await.expect("read");
+    assert_eq!(next.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m3"]);
+}
+
 #[tokio::test]
 async fn a_former_owner_reads_nothing_into_the_pending_list() {
     let s = Shard::new("fenced_read").await;
