@@ -27,9 +27,9 @@ pub const ROWS_PER_MESSAGE: u32 = 1;
 pub const WS_FRAMES_PER_MESSAGE: u32 = 4;
 
 /// Not counted, so the limit flatters the raw side: the idempotency GET and SET around the append
-/// (and the final SET at commit), XDEL after each XACK, the journal XADD of each publication, the
+/// (and the final SET at commit), the XTRIM after each XACK, the journal XADD of each publication, the
 /// sequence counters, and Lua itself.
-pub const NOT_COUNTED: &str = "idempotency GET/SET, XDEL after XACK, journal XADD per publication, \
+pub const NOT_COUNTED: &str = "idempotency GET/SET, XTRIM after XACK, journal XADD per publication, \
                                sequence counters, Lua";
 
 /// A raw operation the engine is made of.

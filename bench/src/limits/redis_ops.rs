@@ -3,7 +3,7 @@
 //!
 //! Every key lives under the scratch prefix. Streams are capped (`MAXLEN ~`) so a few seconds at
 //! hundreds of thousands of appends per second do not fill the server's memory; the engine keeps its
-//! streams short with XDEL instead.
+//! streams short by trimming what it acknowledged (`XTRIM MINID`) instead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
