@@ -273,12 +273,12 @@ fn hold_spec(ws_urls: Vec<String>, jwt_secret: String, connections: usize, base_
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     im_harness::process::raise_fd_limit();
-    // Ctrl-C drops the running command; a cluster it started is killed on the way out.
+    // Ctrl-C or SIGTERM drops the running command; a cluster it started is killed on the way out.
     let code = tokio::select! {
         code = execute(cli.command) => code?,
-        _ = tokio::signal::ctrl_c() => {
+        code = im_harness::process::stop_requested() => {
             eprintln!("interrupted");
-            130
+            code
         }
     };
     std::process::exit(code);

@@ -331,7 +331,14 @@ async fn main() -> anyhow::Result<()> {
             std::fs::remove_file(observability::targets_path(&state)).ok();
             println!("cluster stopped");
         }
-        Cmd::Drill { drill, .. } => std::process::exit(drill.run(cfg).await?),
+        // Ctrl-C or SIGTERM drops the drill; the cluster it started is killed on the way out.
+        Cmd::Drill { drill, .. } => std::process::exit(tokio::select! {
+            code = drill.run(cfg) => code?,
+            code = im_harness::process::stop_requested() => {
+                eprintln!("interrupted");
+                code
+            }
+        }),
         Cmd::Servers { dir, stop: true, .. } => stop_servers(&dir).await?,
         Cmd::Servers { dir, private, stop: false, redis_cluster } => {
             servers(cfg, &dir, private, redis_cluster.map(usize::from)).await?

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use im_harness::cluster::load_state;
 use im_harness::servers::{free_port, PrivateRedisCluster};
-use im_harness::{http, metrics, process};
+use im_harness::{http, metrics, poll, process};
 
 /// The secret the test's config gives the cluster.
 const SECRET: &str = "cli-test-secret-0123456789-0123456789";
@@ -207,4 +207,62 @@ async fn servers_with_redis_cluster_prints_its_urls_reuses_it_and_stops_it() {
     let cluster = PrivateRedisCluster::recorded_in(&dir).expect("the cluster is recorded in its directory");
     assert_eq!(cluster.urls, urls);
     assert!(cluster.nodes.iter().all(|n| !n.is_running()), "every node stopped");
+}
+
+/// `ops drill` stopped by a signal takes its cluster down with it: SIGTERM (what `timeout`, `kill`
+/// and a CI runner's cancel send) and SIGINT (Ctrl-C) alike. None of the drill's gateways, workers,
+/// dashboard or private servers outlives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
+    for signal in [process::Signal::SIGTERM, process::Signal::SIGINT] {
+        let scratch = Scratch::new("drill-signal");
+        let config = scratch.0.join("im.toml");
+        std::fs::write(&config, format!("[auth]\njwt_secret = \"{SECRET}\"\n")).unwrap();
+        let mut drill = ops_command(&config, &["drill", "worker-kill"])
+            .current_dir(&scratch.0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ops drill starts");
+        let dir = scratch.0.to_string_lossy().into_owned();
+        // Once it reports progress, the drill's cluster is up and under load. Its output is read to
+        // the end, so the drill never blocks on a full pipe.
+        let output = drill.stderr.take().expect("stderr");
+        let (progress, reported) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut progress = Some(progress);
+            for line in std::io::BufReader::new(output).lines().map_while(Result::ok) {
+                if line.contains("measuring") {
+                    progress.take().map(|p| p.send(()));
+                }
+            }
+        });
+        let started = tokio::time::timeout(Duration::from_secs(120), reported).await;
+        assert!(matches!(started, Ok(Ok(()))), "the drill never reported progress: {:?}", processes_in(&dir));
+        process::send(drill.id(), signal).expect("signal");
+        let exited = tokio::task::spawn_blocking(move || drill.wait()).await.unwrap().expect("wait");
+        assert!(!exited.success(), "{signal:?}: a stopped drill reports success");
+        let gone = poll::until_true(Duration::from_secs(15), || processes_in(&dir).is_empty()).await;
+        let left = processes_in(&dir);
+        left.iter().for_each(|(pid, _)| process::kill_now(*pid));
+        assert!(gone, "{signal:?}: the drill's processes outlived it: {left:?}");
+    }
+}
+
+/// Live processes (pid, command line) that run in `dir` or name it: a private server runs with its
+/// directory as working directory, the engine's processes name their config in it.
+fn processes_in(dir: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let path = entry.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let cwd = std::fs::read_link(path.join("cwd")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        if !cmd.is_empty() && (cmd.contains(dir) || cwd.starts_with(dir)) {
+            found.push((pid, cmd));
+        }
+    }
+    found
 }

@@ -5,11 +5,13 @@
 //! MariaDB — goes through [`spawn_detached`]: its own session (so it outlives the caller, its terminal
 //! and its Ctrl-C), stdin closed, output appended to a log file, and a reaper thread so that a child
 //! which exits while we are alive does not linger as a zombie that still looks alive. Signals go
-//! through `signal`, which never addresses a process group or init, and the `/proc` readers
+//! through `signal`, which never addresses a process group or init; `stop_request` is how a command
+//! hears it is asked to stop; and the `/proc` readers
 //! (`inspect`) answer "is it alive", "how much CPU", "how much memory" the same way for everyone.
 
 mod inspect;
 mod signal;
+mod stop_request;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -22,6 +24,7 @@ pub use inspect::{
     rss_kib, running_as_root, stat, ticks_per_second, ProcStat,
 };
 pub use signal::{kill_group_now, kill_now, send, terminate, wait_gone, Signal, SignalError};
+pub use stop_request::stop_requested;
 
 /// The environment variables that override a config file (`IM__SECTION__KEY`).
 const CONFIG_OVERRIDE_PREFIX: &str = "IM__";
