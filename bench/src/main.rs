@@ -274,13 +274,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     im_harness::process::raise_fd_limit();
     // Ctrl-C or SIGTERM drops the running command; a cluster it started is killed on the way out.
-    let code = tokio::select! {
-        code = execute(cli.command) => code?,
-        code = im_harness::process::stop_requested() => {
-            eprintln!("interrupted");
-            code
-        }
-    };
+    let code = im_harness::process::unless_stopped(execute(cli.command)).await?;
     std::process::exit(code);
 }
 

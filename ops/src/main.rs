@@ -332,13 +332,7 @@ async fn main() -> anyhow::Result<()> {
             println!("cluster stopped");
         }
         // Ctrl-C or SIGTERM drops the drill; the cluster it started is killed on the way out.
-        Cmd::Drill { drill, .. } => std::process::exit(tokio::select! {
-            code = drill.run(cfg) => code?,
-            code = im_harness::process::stop_requested() => {
-                eprintln!("interrupted");
-                code
-            }
-        }),
+        Cmd::Drill { drill, .. } => std::process::exit(im_harness::process::unless_stopped(drill.run(cfg)).await?),
         Cmd::Servers { dir, stop: true, .. } => stop_servers(&dir).await?,
         Cmd::Servers { dir, private, stop: false, redis_cluster } => {
             servers(cfg, &dir, private, redis_cluster.map(usize::from)).await?

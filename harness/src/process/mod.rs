@@ -24,7 +24,7 @@ pub use inspect::{
     rss_kib, running_as_root, stat, ticks_per_second, ProcStat,
 };
 pub use signal::{kill_group_now, kill_now, send, terminate, wait_gone, Signal, SignalError};
-pub use stop_request::stop_requested;
+pub use stop_request::unless_stopped;
 
 /// The environment variables that override a config file (`IM__SECTION__KEY`).
 const CONFIG_OVERRIDE_PREFIX: &str = "IM__";
