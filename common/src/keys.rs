@@ -288,7 +288,7 @@ mod tests {
             [Keys::new("im", "accepted", "to_save", "dead"), Keys::new("im", "a", "t", "d").with_cluster_tags(6)]
         {
             for shard in 0..6 {
-                let scripts: [(&str, Vec<String>); 7] = [
+                let scripts: [(&str, Vec<String>); 6] = [
                     (
                         "gateway append (a batch of several senders)",
                         vec![
@@ -298,7 +298,6 @@ mod tests {
                         ],
                     ),
                     ("lease acquire", vec![keys.lease(shard), keys.fence(shard)]),
-                    ("fenced read", vec![keys.lease(shard), keys.accepted_stream(shard), keys.to_save_stream(shard)]),
                     (
                         "hand-over",
                         vec![

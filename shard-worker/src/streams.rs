@@ -1,44 +1,30 @@
-//! Reading a shard stream through its consumer group, fenced by the shard lease.
+//! Reading a shard stream through its consumer group.
 //!
 //! Every stage uses the same consumer name per shard (`owner`), so whoever holds the lease inherits the
 //! previous owner's pending entries (the PEL) and reads them first — from id `0` — before new ones
 //! (`>`). That is crash recovery and per-sender order across a takeover in one rule. Entries leave a
 //! stream only through the fenced scripts of [`crate::mover`].
 //!
-//! Reads are fenced too. A group read moves entries into the shared PEL, so a former owner that
-//! still reads after the lease changed hands (its key evicted or lost in a failover, a blocked read
-//! answered after a takeover) would park entries where the new owner, having read the PEL once,
-//! never looks again: they would stay unsaved while later messages of the same senders go past. So
-//! every group read runs in [`FENCED_READ`], which checks the lease value first, and never blocks;
-//! waiting for new entries is a plain blocking `XREAD` from the stream's last id, which takes
-//! nothing into the PEL.
+//! A former owner that has not yet noticed that its lease is gone (its key evicted or lost in a
+//! failover, a renewal that has not failed yet) may still read, and its group read moves entries
+//! into the PEL the two share, past where the new owner has read it. So a reader keeps a cursor,
+//! the last id it took, and every read is one transaction (`MULTI`) of two plain group reads: the
+//! pending entries after the cursor, then new ones. Together they are every entry after the
+//! cursor, in stream order, whoever moved some of them into the PEL; a former owner's read costs a
+//! repeated delivery, never a skipped entry. (Until 2026-11-29 a Lua script checked the lease before
+//! every read instead; turning a batch of replies into Lua tables and back cost Redis about 1.5 µs
+//! per entry, six times the read itself — BENCHMARKS, ninth pass.) Waiting for new entries is a
+//! plain blocking `XREAD` beyond the cursor, which takes nothing into the PEL.
 
-use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use im_common::connections::RedisConn;
-use redis::{Script, Value};
+use redis::Value;
 
 use im_common::record::MSG_FIELD;
 
 /// The consumer name every owner of a shard uses.
 pub const CONSUMER: &str = "owner";
-
-/// KEYS: lease, stream. ARGV: lease value, group, consumer, count, start id (`0` or `>`).
-/// Returns the entries read, or — when there are none — the stream's last generated id (a string),
-/// from which a blocking `XREAD` waits for the next entry.
-const FENCED_READ: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED shard lease lost') end
-local r = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4], 'STREAMS', KEYS[2], ARGV[5])
-if r and #r[1][2] > 0 then return r[1][2] end
-local info = redis.call('XINFO', 'STREAM', KEYS[2])
-for k = 1, #info, 2 do
-  if info[k] == 'last-generated-id' then return info[k + 1] end
-end
-return '0-0'
-";
-
-static FENCED_READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FENCED_READ));
 
 /// One stream entry: its id and the MessagePack payload.
 #[derive(Debug, Clone)]
@@ -47,57 +33,33 @@ pub struct Entry {
     pub payload: Vec<u8>,
 }
 
-/// What one fenced read found.
-enum Read {
-    Entries(Vec<Entry>),
-    /// Nothing to read; the stream's last generated id.
-    Nothing(String),
-}
-
-/// The lease a reader proves on every read: its key and the value it must hold.
-#[derive(Debug, Clone)]
-pub struct Fence {
-    pub lease_key: String,
-    pub lease_value: String,
-}
-
 /// Reads batches from one stream for the shard owner: first the pending entries, then new ones.
 pub struct StreamReader {
     conn: RedisConn,
-    fence: Fence,
     pub key: String,
     group: String,
     count: usize,
     block_ms: u64,
     max_delay_ms: u64,
-    pending_done: bool,
-    /// The last entry id seen when a read found the stream drained: the next read waits for more.
+    /// The last id taken; the next read takes what follows it. `0`: from the start of the PEL.
+    cursor: String,
+    /// Set when a read found nothing more to take: the id beyond which the next call waits first.
     drained_at: Option<String>,
     /// When the last call returned a batch: the stage has been busy with it since.
     read_at: Option<Instant>,
 }
 
 impl StreamReader {
-    /// A reader on a dedicated connection (blocking reads must not share one), reading only while
-    /// `fence` holds.
-    pub fn new(
-        conn: RedisConn,
-        fence: Fence,
-        key: String,
-        group: String,
-        count: usize,
-        block_ms: u64,
-        max_delay_ms: u64,
-    ) -> Self {
+    /// A reader on a dedicated connection (blocking reads must not share one).
+    pub fn new(conn: RedisConn, key: String, group: String, count: usize, block_ms: u64, max_delay_ms: u64) -> Self {
         StreamReader {
             conn,
-            fence,
             key,
             group,
             count,
             block_ms,
             max_delay_ms,
-            pending_done: false,
+            cursor: "0".into(),
             drained_at: None,
             read_at: None,
         }
@@ -119,53 +81,49 @@ impl StreamReader {
         }
     }
 
-    /// Goes back to reading pending entries first (after an error left a batch unacknowledged).
+    /// Goes back to the start of the pending entries (after an error left a batch unacknowledged).
     pub fn rewind(&mut self) {
-        self.pending_done = false;
+        self.cursor = "0".into();
         self.drained_at = None;
     }
 
-    /// The next batch: pending entries while there are any, else new entries. Once a read found the
-    /// stream drained (fewer than `count` entries), the next waits — a plain blocking `XREAD`, up to
+    /// The next batch: the entries after the last one taken, pending ones first. Once a read found
+    /// nothing more (fewer than `count` entries), the next waits — a plain blocking `XREAD`, up to
     /// `block_ms` — for an entry beyond the last one seen, then lets `max_delay_ms` pass before it
     /// reads, so a burst gathers into one batch. The time the stage spent on its previous batch
     /// counts towards that delay (entries were arriving meanwhile): under load a stage reads again
     /// as soon as it is done, and no entry waits for batching longer than the delay beyond the
-    /// stage being busy. Two round trips per batch however light the load. Fails with `FENCED`
-    /// once the lease is no longer this reader's.
+    /// stage being busy. Two round trips per batch however light the load.
     pub async fn next_batch(&mut self) -> redis::RedisResult<Vec<Entry>> {
         // Since the last batch was read, the stage was busy with it (none if the last call found
         // nothing).
         let busy = self.read_at.take().map_or(Duration::ZERO, |at| at.elapsed());
-        if !self.pending_done {
-            if let Read::Entries(pending) = self.read("0", self.count).await? {
-                self.read_at = Some(Instant::now());
-                return Ok(pending);
+        let after = match self.drained_at.take() {
+            Some(after) => after,
+            None => {
+                let batch = self.read().await?;
+                if !batch.is_empty() {
+                    return Ok(self.took(batch));
+                }
+                self.cursor.clone()
             }
-            self.pending_done = true;
-        }
-        let last = match self.drained_at.take() {
-            Some(last) => last,
-            None => match self.read(">", self.count).await? {
-                Read::Entries(batch) => return Ok(self.took(batch)),
-                Read::Nothing(last) => last,
-            },
         };
-        if !self.wait_beyond(&last, self.block_ms).await? {
-            self.drained_at = Some(last);
+        let Some(seen) = self.wait_beyond(&after, self.block_ms).await? else {
+            self.drained_at = Some(after);
             return Ok(Vec::new());
-        }
+        };
         let delay = Duration::from_millis(self.max_delay_ms).saturating_sub(busy);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        match self.read(">", self.count).await? {
-            Read::Entries(batch) => Ok(self.took(batch)),
-            Read::Nothing(last) => {
-                self.drained_at = Some(last);
-                Ok(Vec::new())
-            }
+        let batch = self.read().await?;
+        if batch.is_empty() {
+            // The entry that woke the wait is nothing to take (not this group's to read): wait
+            // beyond it next time, not wake for it again.
+            self.drained_at = Some(seen);
+            return Ok(Vec::new());
         }
+        Ok(self.took(batch))
     }
 
     /// Remembers when a batch was read, and where a partial one left the stream: drained, so the next
@@ -173,37 +131,41 @@ impl StreamReader {
     fn took(&mut self, batch: Vec<Entry>) -> Vec<Entry> {
         self.read_at = Some(Instant::now());
         if batch.len() < self.count {
-            self.drained_at = batch.last().map(|e| e.id.clone());
+            self.drained_at = Some(self.cursor.clone());
         }
         batch
     }
 
-    /// One fenced, non-blocking group read from `from`.
-    async fn read(&mut self, from: &str, count: usize) -> redis::RedisResult<Read> {
-        let reply: Value = FENCED_READ_SCRIPT
-            .key(&self.fence.lease_key)
-            .key(&self.key)
-            .arg(&self.fence.lease_value)
-            .arg(&self.group)
-            .arg(CONSUMER)
-            .arg(count)
-            .arg(from)
-            .invoke_async(&mut self.conn)
-            .await?;
-        match reply {
-            Value::Array(entries) => Ok(Read::Entries(entries.into_iter().filter_map(entry).collect())),
-            Value::BulkString(last) => Ok(Read::Nothing(String::from_utf8_lossy(&last).into_owned())),
-            Value::SimpleString(last) => Ok(Read::Nothing(last)),
-            other => Err(redis::RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "unexpected fenced read reply",
-                format!("{other:?}"),
-            ))),
+    /// Up to `count` entries after the cursor, in stream order, and the cursor moved past them: in one
+    /// transaction, the pending entries after the cursor (a former owner's read may have moved
+    /// some there), then new ones. Entries the second read took beyond `count` stay pending after
+    /// the new cursor, and the next read returns them first.
+    async fn read(&mut self) -> redis::RedisResult<Vec<Entry>> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for from in [self.cursor.as_str(), ">"] {
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.group)
+                .arg(CONSUMER)
+                .arg("COUNT")
+                .arg(self.count)
+                .arg("STREAMS")
+                .arg(&self.key)
+                .arg(from);
         }
+        let (pending, new): (Value, Value) = pipe.query_async(&mut self.conn).await?;
+        let mut batch = entries(pending)?;
+        batch.extend(entries(new)?);
+        batch.truncate(self.count);
+        if let Some(last) = batch.last() {
+            self.cursor.clone_from(&last.id);
+        }
+        Ok(batch)
     }
 
-    /// Blocks up to `ms` until the stream has an entry after `after`; true if it has.
-    async fn wait_beyond(&mut self, after: &str, ms: u64) -> redis::RedisResult<bool> {
+    /// Blocks up to `ms` until the stream has an entry after `after`; its id if it has.
+    async fn wait_beyond(&mut self, after: &str, ms: u64) -> redis::RedisResult<Option<String>> {
         let reply: Value = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(1)
@@ -214,7 +176,29 @@ impl StreamReader {
             .arg(after)
             .query_async(&mut self.conn)
             .await?;
-        Ok(!matches!(reply, Value::Nil))
+        Ok(entries(reply)?.pop().map(|e| e.id))
+    }
+}
+
+/// The entries of a one-stream `XREAD`/`XREADGROUP` reply: `[[key, [entry, ...]]]` (a map of the
+/// key to its entries in RESP3), or nil when there are none.
+fn entries(reply: Value) -> redis::RedisResult<Vec<Entry>> {
+    let list = match reply {
+        Value::Nil => Some(Value::Array(Vec::new())),
+        Value::Array(streams) => match streams.into_iter().next() {
+            Some(Value::Array(mut key_and_entries)) if key_and_entries.len() == 2 => key_and_entries.pop(),
+            _ => None,
+        },
+        Value::Map(streams) => streams.into_iter().next().map(|(_, list)| list),
+        _ => None,
+    };
+    match list {
+        Some(Value::Array(list)) => Ok(list.into_iter().filter_map(entry).collect()),
+        other => Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected stream read reply",
+            format!("{other:?}"),
+        ))),
     }
 }
 
