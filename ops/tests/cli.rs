@@ -250,6 +250,35 @@ async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
     }
 }
 
+/// The same while the drill's cluster is still starting (its first gateway runs, the rest is not
+/// ready yet): what was started so far is stopped too, not left running because the start never
+/// finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_stopped_while_its_cluster_starts_leaves_nothing_running() {
+    let scratch = Scratch::new("drill-signal-start");
+    let config = scratch.0.join("im.toml");
+    std::fs::write(&config, format!("[auth]\njwt_secret = \"{SECRET}\"\n")).unwrap();
+    let mut drill = ops_command(&config, &["drill", "worker-kill"])
+        .current_dir(&scratch.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ops drill starts");
+    let dir = scratch.0.to_string_lossy().into_owned();
+    let starting = poll::until_true(Duration::from_secs(120), || {
+        processes_in(&dir).iter().any(|(_, cmd)| cmd.contains("gateway"))
+    })
+    .await;
+    assert!(starting, "no gateway of the drill's cluster ever ran: {:?}", processes_in(&dir));
+    process::send(drill.id(), process::Signal::SIGTERM).expect("signal");
+    let exited = tokio::task::spawn_blocking(move || drill.wait()).await.unwrap().expect("wait");
+    assert!(!exited.success(), "a stopped drill reports success");
+    let gone = poll::until_true(Duration::from_secs(15), || processes_in(&dir).is_empty()).await;
+    let left = processes_in(&dir);
+    left.iter().for_each(|(pid, _)| process::kill_now(*pid));
+    assert!(gone, "the processes of a cluster stopped while starting outlived the drill: {left:?}");
+}
+
 /// Live processes (pid, command line) that run in `dir` or name it: a private server runs with its
 /// directory as working directory, the engine's processes name their config in it.
 fn processes_in(dir: &str) -> Vec<(u32, String)> {

@@ -122,11 +122,12 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
     cfg.mysql.url = format!("{}/{db}", servers.mysql_url.trim_end_matches('/'));
     cfg.set_mode(spec.mode);
     cfg.cluster.shards = spec.shards;
-    im_common::store::migrate(&cfg.mysql.url).await?;
 
     let config_path = dir.join(CONFIG_FILE);
-    write_config(&cfg, &config_path)?;
-    let mut state = ClusterState {
+    // From here on, whatever was started is stopped again if the start does not finish: a failure
+    // stops it (private servers included), and so does a start abandoned midway — the future
+    // dropped because the command was asked to stop (`process::unless_stopped`).
+    let mut starting = Starting(Some(ClusterState {
         gateways: Vec::new(),
         workers: Vec::new(),
         redis_url: cfg.redis.url.clone(),
@@ -135,16 +136,21 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         key_prefix: cfg.redis.key_prefix.clone(),
         mode: spec.mode.as_str().into(),
         shards: spec.shards,
-        config_path,
+        config_path: config_path.clone(),
         dir: dir.clone(),
         private_servers: servers.private.clone(),
         dashboard: None,
         redis_cluster: servers.redis_cluster.clone(),
+    }));
+    let state = starting.0.as_mut().expect("a cluster being started");
+    let started = async {
+        im_common::store::migrate(&cfg.mysql.url).await?;
+        write_config(&cfg, &config_path)?;
+        launch(state, spec).await
     };
-    // Whatever was started before a failure is stopped again, private servers included: a
-    // half-started cluster leaks nothing.
-    if let Err(e) = launch(&mut state, spec).await {
-        let _ = stop(&state).await;
+    if let Err(e) = started.await {
+        let _ = stop(state).await;
+        starting.0 = None;
         return Err(e);
     }
     // The page is a convenience: a cluster without it is still a working cluster.
@@ -152,11 +158,24 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         Ok(dashboard) => state.dashboard = Some(dashboard),
         Err(e) => eprintln!("warning: the dashboard did not start ({e}); `ops dashboard` serves it by hand"),
     }
-    if let Err(e) = save_state(&state, &spec.state_file) {
-        let _ = stop(&state).await;
+    if let Err(e) = save_state(state, &spec.state_file) {
+        let _ = stop(state).await;
+        starting.0 = None;
         return Err(e);
     }
-    Ok(state)
+    Ok(starting.0.take().expect("a cluster being started"))
+}
+
+/// A cluster whose start has not finished: killed at once if it is dropped (`None` once the start
+/// has finished, or stopped it by itself).
+struct Starting(Option<ClusterState>);
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(state) = &self.0 {
+            state.kill_now();
+        }
+    }
 }
 
 /// Writes the configuration every process of the cluster reads.

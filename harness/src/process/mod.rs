@@ -59,6 +59,34 @@ pub fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32, SpawnError> {
     Ok(pid)
 }
 
+/// A process just started and not yet recorded by its owner: killed if this is dropped before
+/// [`Unready::ready`] — its start failed, or was abandoned midway (the future dropped by a stop
+/// request, [`unless_stopped`]), so a start that does not finish leaves nothing running.
+pub struct Unready(Option<u32>);
+
+impl Unready {
+    pub fn new(pid: u32) -> Unready {
+        Unready(Some(pid))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.unwrap_or_default()
+    }
+
+    /// The process is ready and its owner records it: it is no longer killed here.
+    pub fn ready(mut self) -> u32 {
+        self.0.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Unready {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            kill_now(pid);
+        }
+    }
+}
+
 /// Removes every `IM__*` variable from `cmd`'s environment, so the child reads its configuration from
 /// the file it is given and nothing else: a launcher that chose servers, ports or a shard count must
 /// not have its choice overridden by variables it inherited.

@@ -374,16 +374,16 @@ struct Launch {
 
 impl Launch {
     /// Starts the server detached ([`process::spawn_detached`]: it outlives the caller), waits until
-    /// it serves, and records its handle in its directory.
+    /// it serves, and records its handle in its directory; killed if it gets no further.
     async fn run(self, appendfsync: Option<String>, ready_timeout: Duration) -> Result<PrivateServer, ServerError> {
         let kind = self.kind.name();
         let mut command = Command::new(&self.binary);
         command.args(&self.args);
-        let pid = process::spawn_detached(command, &log_path(&self.dir, self.kind))?;
+        let started = process::Unready::new(process::spawn_detached(command, &log_path(&self.dir, self.kind))?);
         let server = PrivateServer {
             kind_name: kind.into(),
             port: self.port,
-            pid,
+            pid: started.pid(),
             dir: self.dir,
             url: self.url,
             appendfsync,
@@ -391,6 +391,7 @@ impl Launch {
         };
         server.wait_ready(ready_timeout).await?;
         server.save_state()?;
+        let pid = started.ready();
         info!(pid, port = server.port, dir = %server.dir.display(), appendfsync = ?server.appendfsync, "private {kind} ready");
         Ok(server)
     }
