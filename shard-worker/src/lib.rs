@@ -37,7 +37,7 @@ use im_common::StartError;
 use lease::ShardLease;
 use mover::Mover;
 use stage::ShardContext;
-use streams::StreamReader;
+use streams::{Fence, StreamReader};
 
 /// Which shard to own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +201,8 @@ async fn own_shard(
     let shard = lease.shard;
     let block = Duration::from_millis(tp.block_ms);
     let reader = |key: String, conn, delay_ms| {
-        StreamReader::new(conn, key, tp.group.clone(), tp.batch_size, tp.block_ms, delay_ms)
+        let fence = Fence { lease_key: keys.lease(shard), lease_value: lease.value.clone() };
+        StreamReader::new(conn, fence, key, tp.group.clone(), tp.batch_size, tp.block_ms, delay_ms)
     };
     let ctx = ShardContext {
         shard,

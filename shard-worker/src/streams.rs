@@ -5,16 +5,14 @@
 //! (`>`). That is crash recovery and per-sender order across a takeover in one rule. Entries leave a
 //! stream only through the fenced scripts of [`crate::mover`].
 //!
-//! A former owner that has not yet noticed that its lease is gone (its key evicted or lost in a
-//! failover, a renewal that has not failed yet) may still read, and its group read moves entries
-//! into the PEL the two share, past where the new owner has read it. So a reader keeps a cursor,
-//! the last id it took, and every read is one transaction (`MULTI`) of two plain group reads: the
-//! pending entries after the cursor, then new ones. Together they are every entry after the
-//! cursor, in stream order, whoever moved some of them into the PEL; a former owner's read costs a
-//! repeated delivery, never a skipped entry. (Until 2026-11-29 a Lua script checked the lease before
-//! every read instead; turning a batch of replies into Lua tables and back cost Redis about 1.5 µs
-//! per entry, six times the read itself — BENCHMARKS, ninth pass.) Waiting for new entries is a
-//! plain blocking `XREAD` beyond the cursor, which takes nothing into the PEL.
+//! A reader keeps a cursor, the last id it took, and every read is one transaction (`MULTI`) of the
+//! lease's value and two plain group reads: the pending entries after the cursor, then new ones.
+//! Together they are every entry after the cursor, in stream order, also those a former owner's
+//! late read moved into the shared PEL. A reader whose lease value is no longer in Redis gets
+//! `FENCED` instead of its entries (they stay in the PEL for the owner), so a former owner stops at
+//! its first read after a takeover. Waiting for new entries is a plain blocking `XREAD` beyond the
+//! cursor, which takes nothing into the PEL. Why not a Lua script: docs/ARCHITECTURE.md, "The
+//! pipeline".
 
 use std::time::{Duration, Instant};
 
@@ -33,9 +31,17 @@ pub struct Entry {
     pub payload: Vec<u8>,
 }
 
+/// The lease a reader proves on every read: its key and the value it must hold.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub lease_key: String,
+    pub lease_value: String,
+}
+
 /// Reads batches from one stream for the shard owner: first the pending entries, then new ones.
 pub struct StreamReader {
     conn: RedisConn,
+    fence: Fence,
     pub key: String,
     group: String,
     count: usize,
@@ -50,10 +56,20 @@ pub struct StreamReader {
 }
 
 impl StreamReader {
-    /// A reader on a dedicated connection (blocking reads must not share one).
-    pub fn new(conn: RedisConn, key: String, group: String, count: usize, block_ms: u64, max_delay_ms: u64) -> Self {
+    /// A reader on a dedicated connection (blocking reads must not share one), reading only while
+    /// `fence` holds.
+    pub fn new(
+        conn: RedisConn,
+        fence: Fence,
+        key: String,
+        group: String,
+        count: usize,
+        block_ms: u64,
+        max_delay_ms: u64,
+    ) -> Self {
         StreamReader {
             conn,
+            fence,
             key,
             group,
             count,
@@ -81,9 +97,10 @@ impl StreamReader {
         }
     }
 
-    /// Goes back to the start of the pending entries (after an error left a batch unacknowledged).
+    /// After a failed read: the next one reads at once, on from the last batch taken (what the
+    /// failed read may have moved into the PEL is after it). Never back to a batch already taken:
+    /// the stage may still be acknowledging it.
     pub fn rewind(&mut self) {
-        self.cursor = "0".into();
         self.drained_at = None;
     }
 
@@ -137,12 +154,13 @@ impl StreamReader {
     }
 
     /// Up to `count` entries after the cursor, in stream order, and the cursor moved past them: in one
-    /// transaction, the pending entries after the cursor (a former owner's read may have moved
-    /// some there), then new ones. Entries the second read took beyond `count` stay pending after
-    /// the new cursor, and the next read returns them first.
+    /// transaction, the lease's value, the pending entries after the cursor (a former owner's read
+    /// may have moved some there), then new ones. Entries the second read took beyond `count` stay
+    /// pending after the new cursor, and the next read returns them first. `FENCED` (the cursor
+    /// unmoved) if the lease is no longer this reader's.
     async fn read(&mut self) -> redis::RedisResult<Vec<Entry>> {
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        pipe.atomic().get(&self.fence.lease_key);
         for from in [self.cursor.as_str(), ">"] {
             pipe.cmd("XREADGROUP")
                 .arg("GROUP")
@@ -154,7 +172,10 @@ impl StreamReader {
                 .arg(&self.key)
                 .arg(from);
         }
-        let (pending, new): (Value, Value) = pipe.query_async(&mut self.conn).await?;
+        let (lease, pending, new): (Option<String>, Value, Value) = pipe.query_async(&mut self.conn).await?;
+        if lease.as_deref() != Some(self.fence.lease_value.as_str()) {
+            return Err(redis::RedisError::from((redis::ErrorKind::Client, "FENCED shard lease lost")));
+        }
         let mut batch = entries(pending)?;
         batch.extend(entries(new)?);
         batch.truncate(self.count);

@@ -16,7 +16,7 @@ use im_harness::env::TestEnv;
 use im_shard_worker::lease::ShardLease;
 use im_shard_worker::mover::{DeadLetter, Mover};
 use im_shard_worker::sequences::SeqPlan;
-use im_shard_worker::streams::{StreamReader, CONSUMER};
+use im_shard_worker::streams::{Fence, StreamReader, CONSUMER};
 
 const GROUP: &str = "workers";
 
@@ -51,18 +51,19 @@ impl Shard {
         }
     }
 
-    /// A reader that barely waits.
-    async fn reader(&self, stream: String) -> StreamReader {
-        self.waiting_reader(stream, 10, 0).await
+    /// A reader proving `lease_value` that barely waits.
+    async fn reader(&self, stream: String, lease_value: &str) -> StreamReader {
+        self.waiting_reader(stream, lease_value, 10, 0).await
     }
 
-    /// A reader that blocks up to `block_ms` for new entries and then lets
+    /// A reader proving `lease_value` that blocks up to `block_ms` for new entries and then lets
     /// `delay_ms` pass.
-    async fn waiting_reader(&self, stream: String, block_ms: u64, delay_ms: u64) -> StreamReader {
+    async fn waiting_reader(&self, stream: String, lease_value: &str, block_ms: u64, delay_ms: u64) -> StreamReader {
         let timeout = Duration::from_millis(2 * block_ms + 30);
         let conn =
             im_common::connections::connect_for_blocking(&self.env.config().redis, timeout).await.expect("redis");
-        let mut reader = StreamReader::new(conn, stream, GROUP.into(), 100, block_ms, delay_ms);
+        let fence = Fence { lease_key: self.keys.lease(0), lease_value: lease_value.to_owned() };
+        let mut reader = StreamReader::new(conn, fence, stream, GROUP.into(), 100, block_ms, delay_ms);
         reader.ensure_group().await.expect("group");
         reader
     }
@@ -137,13 +138,14 @@ async fn a_lease_taken_over_cannot_be_renewed_by_its_former_owner() {
 async fn a_reader_returns_pending_entries_before_new_ones() {
     let s = Shard::new("reader_pending").await;
     let stream = s.keys.accepted_stream(0);
-    let mut first = s.reader(stream.clone()).await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut first = s.reader(stream.clone(), &lease.value).await;
     s.append(&stream, &[b"m1", b"m2"]).await;
     let batch = first.next_batch().await.expect("read");
     assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1", b"m2"]);
     // Nothing acknowledged; a new owner (same consumer name) must see them again, before m3.
     s.append(&stream, &[b"m3"]).await;
-    let mut next_owner = s.reader(stream.clone()).await;
+    let mut next_owner = s.reader(stream.clone(), &lease.value).await;
     let batch = next_owner.next_batch().await.expect("read");
     assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m1", b"m2", b"m3"]);
 }
@@ -153,7 +155,7 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     let s = Shard::new("handoff").await;
     let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
     let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
-    let mut reader = s.reader(accepted.clone()).await;
+    let mut reader = s.reader(accepted.clone(), &lease.value).await;
     s.append(&accepted, &[b"m1", b"m2"]).await;
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
@@ -194,7 +196,7 @@ async fn a_batch_numbered_from_stale_counters_is_refused_and_moves_nothing() {
     let s = Shard::new("seqstale").await;
     let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
     let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
-    let mut reader = s.reader(accepted.clone()).await;
+    let mut reader = s.reader(accepted.clone(), &lease.value).await;
     s.append(&accepted, &[b"m1"]).await;
     let batch = reader.next_batch().await.expect("read");
     redis::cmd("HSET")
@@ -244,8 +246,8 @@ async fn raising_the_counters_takes_each_fields_highest_top_and_never_lowers_one
 async fn a_fenced_out_owner_moves_nothing() {
     let s = Shard::new("fenced").await;
     let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
-    let _current = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
-    let mut reader = s.reader(accepted.clone()).await;
+    let current = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
+    let mut reader = s.reader(accepted.clone(), &current.value).await;
     s.append(&accepted, &[b"m1"]).await;
     let batch = reader.next_batch().await.expect("read");
     let stale = s.mover("1:a");
@@ -262,7 +264,7 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
     let s = Shard::new("commit").await;
     let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
     let (to_save, dead) = (s.keys.to_save_stream(0), s.keys.dead_letter_stream(0));
-    let mut reader = s.reader(to_save.clone()).await;
+    let mut reader = s.reader(to_save.clone(), &lease.value).await;
     s.append(&to_save, &[b"good", b"bad"]).await;
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
@@ -306,7 +308,8 @@ async fn acknowledging_a_batch_trims_exactly_its_entries_off_the_stream() {
         let _: String = s.conn.clone().xadd(&to_save, id, &[(MSG_FIELD, payload)]).await.expect("xadd");
     }
     let conn = im_common::connections::connect(&s.env.config().redis).await.expect("redis");
-    let mut reader = StreamReader::new(conn, to_save.clone(), GROUP.into(), 2, 10, 0);
+    let fence = Fence { lease_key: s.keys.lease(0), lease_value: lease.value.clone() };
+    let mut reader = StreamReader::new(conn, fence, to_save.clone(), GROUP.into(), 2, 10, 0);
     reader.ensure_group().await.expect("group");
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
@@ -322,21 +325,23 @@ async fn acknowledging_a_batch_trims_exactly_its_entries_off_the_stream() {
 
 /// A group read by a former owner that has not noticed its lease is gone (its key evicted or lost
 /// in a failover) moves entries into the pending list the owner shares with it (one consumer name
-/// per shard). The owner, which read that list once when it took over, must still take them — in
-/// stream order, before what comes after them — or they stay unsaved while later messages of the
-/// same senders go past (SPEC §3.1, §3.4, §3.10).
+/// per shard). The former owner's read is refused, and the owner, which read that list once when it
+/// took over, must still take them — in stream order, before what comes after them — or they stay
+/// unsaved while later messages of the same senders go past (SPEC §3.1, §3.4, §3.10).
 #[tokio::test]
 async fn entries_a_former_owner_parks_in_the_pending_list_are_read_by_the_owner_in_order() {
     let s = Shard::new("parked").await;
     let stream = s.keys.accepted_stream(0);
-    let _old = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let old = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut former = s.reader(stream.clone(), &old.value).await;
     let _: () = s.conn.clone().del(s.keys.lease(0)).await.expect("del");
-    let _new = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
-    let mut owner = s.reader(stream.clone()).await;
+    let new = s.lease("b", Duration::from_secs(5)).await.expect("free shard");
+    let mut owner = s.reader(stream.clone(), &new.value).await;
     assert!(owner.next_batch().await.expect("read").is_empty());
-    s.append(&stream, &[b"m1", b"m2", b"m3"]).await;
+    s.append(&stream, &[b"m1", b"m2", b"m3", b"m4"]).await;
 
-    // The former owner's read, as a plain group read under the shard's consumer name.
+    // A group read under the shard's consumer name that took m1 and m2 (a former owner's, of any
+    // build), then the former owner's own read, which is refused whatever it moved.
     let parked: redis::streams::StreamReadReply = s
         .conn
         .clone()
@@ -348,7 +353,8 @@ async fn entries_a_former_owner_parks_in_the_pending_list_are_read_by_the_owner_
         .await
         .expect("xreadgroup");
     assert_eq!(parked.keys[0].ids.len(), 2);
-    assert_eq!(s.pending(&stream).await, 2);
+    let err = former.next_batch().await.expect_err("a former owner read from the group");
+    assert!(err.to_string().contains("FENCED"), "{err}");
 
     let mut read = Vec::new();
     loop {
@@ -358,14 +364,37 @@ async fn entries_a_former_owner_parks_in_the_pending_list_are_read_by_the_owner_
         }
         read.extend(batch.into_iter().map(|e| e.payload));
     }
-    assert_eq!(read, [b"m1".to_vec(), b"m2".to_vec(), b"m3".to_vec()], "parked entries lost or out of order");
+    let expected: Vec<Vec<u8>> = ["m1", "m2", "m3", "m4"].iter().map(|m| m.as_bytes().to_vec()).collect();
+    assert_eq!(read, expected, "parked entries lost or out of order");
+}
+
+/// After a failed read the stage reads on from the last batch it took, and never gets that batch
+/// again: the save stage may still be committing it (its commit runs beside the next read), and a
+/// batch that held it again with new entries behind it would be taken for a retry of an
+/// already-handed batch, so the new entries would be saved without receipts and trimmed off while
+/// still pending.
+#[tokio::test]
+async fn a_read_after_a_failed_one_goes_on_from_the_last_batch_and_never_repeats_it() {
+    let s = Shard::new("reread").await;
+    let stream = s.keys.accepted_stream(0);
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut reader = s.reader(stream.clone(), &lease.value).await;
+    s.append(&stream, &[b"m1", b"m2"]).await;
+    let in_flight = reader.next_batch().await.expect("read");
+    assert_eq!(in_flight.len(), 2);
+    // The next read failed (a Redis blip) while the batch is still being committed.
+    reader.rewind();
+    s.append(&stream, &[b"m3"]).await;
+    let batch = reader.next_batch().await.expect("read");
+    assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m3"], "a batch in flight read again");
 }
 
 #[tokio::test]
 async fn a_waiting_reader_wakes_for_a_new_entry_and_takes_the_whole_burst() {
     let s = Shard::new("read_wait").await;
     let stream = s.keys.accepted_stream(0);
-    let mut reader = s.waiting_reader(stream.clone(), 2000, 50).await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let mut reader = s.waiting_reader(stream.clone(), &lease.value, 2000, 50).await;
     let started = std::time::Instant::now();
     let read = tokio::spawn(async move { reader.next_batch().await.map(|b| b.len()) });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -383,8 +412,9 @@ async fn a_waiting_reader_wakes_for_a_new_entry_and_takes_the_whole_burst() {
 async fn a_stage_busy_for_longer_than_the_batch_delay_reads_its_next_batch_without_waiting_again() {
     let s = Shard::new("read_busy").await;
     let stream = s.keys.accepted_stream(0);
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
     let delay = Duration::from_millis(1500);
-    let mut reader = s.waiting_reader(stream.clone(), 3000, delay.as_millis() as u64).await;
+    let mut reader = s.waiting_reader(stream.clone(), &lease.value, 3000, delay.as_millis() as u64).await;
     s.append(&stream, &[b"m1"]).await;
     assert_eq!(reader.next_batch().await.expect("read").len(), 1);
 

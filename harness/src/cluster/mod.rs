@@ -149,8 +149,10 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         launch(state, spec).await
     };
     if let Err(e) = started.await {
-        let _ = stop(state).await;
-        starting.0 = None;
+        // Stopped gracefully if that works; killed by the guard if not.
+        if stop(state).await.is_ok() {
+            starting.0 = None;
+        }
         return Err(e);
     }
     // The page is a convenience: a cluster without it is still a working cluster.
@@ -159,8 +161,9 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
         Err(e) => eprintln!("warning: the dashboard did not start ({e}); `ops dashboard` serves it by hand"),
     }
     if let Err(e) = save_state(state, &spec.state_file) {
-        let _ = stop(state).await;
-        starting.0 = None;
+        if stop(state).await.is_ok() {
+            starting.0 = None;
+        }
         return Err(e);
     }
     Ok(starting.0.take().expect("a cluster being started"))

@@ -58,14 +58,13 @@ pub async fn spawn_gateway(dir: &Path, config: &Path, node: u16) -> Result<Gatew
     let _ = std::fs::remove_file(&ready);
     let mut cmd = command("gateway", &ready)?;
     cmd.arg("--config").arg(config).arg("--node-id").arg(node.to_string());
-    let started = process::Unready::new(process::spawn_detached(cmd, &log)?);
-    let addr = read_ready_addr(&ready, started.pid(), &log).await?;
+    let (addr, pid) = start_until_ready(cmd, &ready, &log).await?;
     Ok(GatewayProc {
         node_id: node,
         ws_url: format!("ws://{addr}/ws"),
         http_url: format!("http://{addr}"),
         metrics_url: format!("http://{addr}/metrics"),
-        pid: started.ready(),
+        pid,
         log,
     })
 }
@@ -84,9 +83,8 @@ pub async fn spawn_worker(
     let mut cmd = command("shard-worker", &ready)?;
     cmd.arg("--config").arg(config);
     cmd.arg("--shard").arg(shard.map_or_else(|| "auto".to_owned(), |s| s.to_string()));
-    let started = process::Unready::new(process::spawn_detached(cmd, &log)?);
-    let addr = read_ready_addr(&ready, started.pid(), &log).await?;
-    Ok(WorkerProc { shard, metrics_url: format!("http://{addr}/metrics"), pid: started.ready(), log })
+    let (addr, pid) = start_until_ready(cmd, &ready, &log).await?;
+    Ok(WorkerProc { shard, metrics_url: format!("http://{addr}/metrics"), pid, log })
 }
 
 /// Starts `ops dashboard` in the background for the cluster described by `state_file` (it re-reads
@@ -99,9 +97,16 @@ pub async fn spawn_dashboard(dir: &Path, state_file: &Path) -> Result<DashboardP
     process::clear_config_overrides(&mut cmd);
     cmd.arg("dashboard").arg("--state").arg(state_file);
     cmd.arg("--listen").arg(LISTEN_ANY_PORT).arg("--ready-file").arg(&ready);
-    let started = process::Unready::new(process::spawn_detached(cmd, &log)?);
-    let addr = read_ready_addr(&ready, started.pid(), &log).await?;
-    Ok(DashboardProc { url: format!("http://{addr}/"), pid: started.ready(), log })
+    let (addr, pid) = start_until_ready(cmd, &ready, &log).await?;
+    Ok(DashboardProc { url: format!("http://{addr}/"), pid, log })
+}
+
+/// Starts `cmd` detached and waits for its ready file: its address and pid. A process that never
+/// gets that far — it exited, timed out, or the wait was abandoned — is killed, not left running.
+async fn start_until_ready(cmd: Command, ready: &Path, log: &Path) -> Result<(String, u32), ClusterError> {
+    let started = process::Unready::new(process::spawn_detached(cmd, log)?);
+    let addr = read_ready_addr(ready, started.pid, log).await?;
+    Ok((addr, started.ready()))
 }
 
 /// Waits until the process `pid` wrote `{"addr": ...}` to `ready`; fails early if it exits.

@@ -62,27 +62,27 @@ pub fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32, SpawnError> {
 /// A process just started and not yet recorded by its owner: killed if this is dropped before
 /// [`Unready::ready`] — its start failed, or was abandoned midway (the future dropped by a stop
 /// request, [`unless_stopped`]), so a start that does not finish leaves nothing running.
-pub struct Unready(Option<u32>);
+pub struct Unready {
+    pub pid: u32,
+    armed: bool,
+}
 
 impl Unready {
     pub fn new(pid: u32) -> Unready {
-        Unready(Some(pid))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.0.unwrap_or_default()
+        Unready { pid, armed: true }
     }
 
     /// The process is ready and its owner records it: it is no longer killed here.
     pub fn ready(mut self) -> u32 {
-        self.0.take().unwrap_or_default()
+        self.armed = false;
+        self.pid
     }
 }
 
 impl Drop for Unready {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            kill_now(pid);
+        if self.armed {
+            kill_now(self.pid);
         }
     }
 }

@@ -383,7 +383,7 @@ impl Launch {
         let server = PrivateServer {
             kind_name: kind.into(),
             port: self.port,
-            pid: started.pid(),
+            pid: started.pid,
             dir: self.dir,
             url: self.url,
             appendfsync,
