@@ -216,14 +216,7 @@ async fn servers_with_redis_cluster_prints_its_urls_reuses_it_and_stops_it() {
 async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
     for signal in [process::Signal::SIGTERM, process::Signal::SIGINT] {
         let scratch = Scratch::new("drill-signal");
-        let config = scratch.0.join("im.toml");
-        std::fs::write(&config, format!("[auth]\njwt_secret = \"{SECRET}\"\n")).unwrap();
-        let mut drill = ops_command(&config, &["drill", "worker-kill"])
-            .current_dir(&scratch.0)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("ops drill starts");
+        let mut drill = start_drill(&scratch, std::process::Stdio::piped());
         let dir = scratch.0.to_string_lossy().into_owned();
         // Once it reports progress, the drill's cluster is up and under load. Its output is read to
         // the end, so the drill never blocks on a full pipe.
@@ -240,13 +233,7 @@ async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
         });
         let started = tokio::time::timeout(Duration::from_secs(120), reported).await;
         assert!(matches!(started, Ok(Ok(()))), "the drill never reported progress: {:?}", processes_in(&dir));
-        process::send(drill.id(), signal).expect("signal");
-        let exited = tokio::task::spawn_blocking(move || drill.wait()).await.unwrap().expect("wait");
-        assert!(!exited.success(), "{signal:?}: a stopped drill reports success");
-        let gone = poll::until_true(Duration::from_secs(15), || processes_in(&dir).is_empty()).await;
-        let left = processes_in(&dir);
-        left.iter().for_each(|(pid, _)| process::kill_now(*pid));
-        assert!(gone, "{signal:?}: the drill's processes outlived it: {left:?}");
+        stop_drill_and_find_nothing_left(drill, signal, &dir).await;
     }
 }
 
@@ -256,27 +243,38 @@ async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_stopped_while_its_cluster_starts_leaves_nothing_running() {
     let scratch = Scratch::new("drill-signal-start");
-    let config = scratch.0.join("im.toml");
-    std::fs::write(&config, format!("[auth]\njwt_secret = \"{SECRET}\"\n")).unwrap();
-    let mut drill = ops_command(&config, &["drill", "worker-kill"])
-        .current_dir(&scratch.0)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("ops drill starts");
+    let drill = start_drill(&scratch, std::process::Stdio::null());
     let dir = scratch.0.to_string_lossy().into_owned();
     let starting = poll::until_true(Duration::from_secs(120), || {
         processes_in(&dir).iter().any(|(_, cmd)| cmd.contains("gateway"))
     })
     .await;
     assert!(starting, "no gateway of the drill's cluster ever ran: {:?}", processes_in(&dir));
-    process::send(drill.id(), process::Signal::SIGTERM).expect("signal");
+    stop_drill_and_find_nothing_left(drill, process::Signal::SIGTERM, &dir).await;
+}
+
+/// `ops drill worker-kill` in `scratch`, its stderr to `stderr`.
+fn start_drill(scratch: &Scratch, stderr: std::process::Stdio) -> std::process::Child {
+    let config = scratch.0.join("im.toml");
+    std::fs::write(&config, format!("[auth]\njwt_secret = \"{SECRET}\"\n")).unwrap();
+    ops_command(&config, &["drill", "worker-kill"])
+        .current_dir(&scratch.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("ops drill starts")
+}
+
+/// Sends `signal` to the drill, which must exit unsuccessfully, and then nothing may run in `dir`
+/// (what does is killed, and the test fails).
+async fn stop_drill_and_find_nothing_left(mut drill: std::process::Child, signal: process::Signal, dir: &str) {
+    process::send(drill.id(), signal).expect("signal");
     let exited = tokio::task::spawn_blocking(move || drill.wait()).await.unwrap().expect("wait");
-    assert!(!exited.success(), "a stopped drill reports success");
-    let gone = poll::until_true(Duration::from_secs(15), || processes_in(&dir).is_empty()).await;
-    let left = processes_in(&dir);
+    assert!(!exited.success(), "{signal:?}: a stopped drill reports success");
+    let gone = poll::until_true(Duration::from_secs(15), || processes_in(dir).is_empty()).await;
+    let left = processes_in(dir);
     left.iter().for_each(|(pid, _)| process::kill_now(*pid));
-    assert!(gone, "the processes of a cluster stopped while starting outlived the drill: {left:?}");
+    assert!(gone, "{signal:?}: the drill's processes outlived it: {left:?}");
 }
 
 /// Live processes (pid, command line) that run in `dir` or name it: a private server runs with its
