@@ -37,9 +37,10 @@ local function publish(channels, messages, first)
   for k = 1, #channels do deliver(channels[k], messages[k], KEYS[first + k - 1]) end
 end
 -- Whether this batch was handed on already (a retry after a reply that got lost): its entries are
--- deleted together when it is, so the first one tells.
+-- trimmed together when it is, so none of its range is left. (Not just its first entry: a pending
+-- entry can outlive its stream entry, and such a batch must still be handed on and acknowledged.)
 local function handed(stream, ids)
-  return #ids > 0 and #redis.call('XRANGE', stream, ids[1], ids[1]) == 0
+  return #ids > 0 and #redis.call('XRANGE', stream, ids[1], ids[#ids], 'COUNT', 1) == 0
 end
 -- One XACK per CALL_CHUNK ids (SEQ_LUA's; a command called from Lua costs more than its work
 -- here), then one XTRIM. A stage takes its stream in id order, a contiguous batch at a time, and

@@ -189,6 +189,30 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     assert_eq!(s.len(journal).await, 1, "publication not journaled");
 }
 
+/// A pending entry can outlive its stream entry (deleted by hand, say): a read returns it with no
+/// fields, as an empty payload. A batch is taken for one handed on already (a retry after a lost
+/// reply) only when none of its entries is left in the stream, not because its first one is gone:
+/// otherwise the rest would stay unacknowledged and the next batch's trim would drop them unsaved.
+#[tokio::test]
+async fn a_batch_whose_first_entry_is_gone_from_the_stream_is_still_handed_on() {
+    let s = Shard::new("handoff_gone").await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
+    let mut reader = s.reader(accepted.clone(), &lease.value).await;
+    s.append(&accepted, &[b"m1", b"m2", b"m3"]).await;
+    let batch = reader.next_batch().await.expect("read");
+    let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
+    let _: usize = s.conn.clone().xdel(&accepted, &[ids[0]]).await.expect("xdel");
+
+    let payloads: Vec<Vec<u8>> = batch.iter().map(|e| e.payload.clone()).collect();
+    s.mover(&lease.value)
+        .handoff(&accepted, &to_save, &ids, &payloads, &[], &SeqPlan::default())
+        .await
+        .expect("handoff");
+    assert_eq!((s.len(&accepted).await, s.pending(&accepted).await), (0, 0), "the batch was not acknowledged");
+    assert_eq!(s.len(&to_save).await, 3, "the batch was not handed on");
+}
+
 /// SPEC §3.10: a batch numbered from counters that moved since (the baseline path raised a floor)
 /// is refused whole — nothing pushed, handed on or acknowledged — and renumbered by the stage.
 #[tokio::test]
