@@ -110,7 +110,8 @@ impl StreamReader {
     /// reads, so a burst gathers into one batch. The time the stage spent on its previous batch
     /// counts towards that delay (entries were arriving meanwhile): under load a stage reads again
     /// as soon as it is done, and no entry waits for batching longer than the delay beyond the
-    /// stage being busy. Two round trips per batch however light the load.
+    /// stage being busy. Two round trips per batch however light the load. Fails with `FENCED`
+    /// once the lease is no longer this reader's.
     pub async fn next_batch(&mut self) -> redis::RedisResult<Vec<Entry>> {
         // Since the last batch was read, the stage was busy with it (none if the last call found
         // nothing).
