@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use im_harness::poll;
 use im_harness::servers::{self, PrivateServer};
+use im_harness::{poll, process};
 use mysql_async::prelude::Queryable;
 
 /// A per-test directory that kills whatever servers the test registered and removes itself on drop,
@@ -107,6 +107,27 @@ async fn private_servers_start_when_configured_ports_are_unused() {
     }
     assert!(!servers::redis_reachable(&ensured.redis_url).await);
     assert!(!servers::mysql_reachable(&ensured.mysql_url).await);
+}
+
+/// A start abandoned midway — its future dropped, as a stop request drops it — while Redis is up
+/// already and MariaDB still starts leaves neither running: the one that was up is not kept just
+/// because it had got as far as recording itself.
+#[tokio::test]
+async fn servers_started_side_by_side_are_stopped_when_their_start_is_abandoned() {
+    let scratch = Scratch::new("abandoned");
+    let redis_url = format!("redis://127.0.0.1:{}", servers::free_port());
+    let mysql_url = format!("mysql://root@127.0.0.1:{}/im_test", servers::free_port());
+    let redis_dir = scratch.dir.join("redis");
+    let start = servers::ensure_servers(&redis_url, &mysql_url, &scratch.dir, false);
+    let redis_up = poll::until_true(Duration::from_secs(60), || PrivateServer::running_in(&redis_dir).is_some());
+    tokio::select! {
+        ensured = start => panic!("MariaDB was up before Redis was seen alone: {ensured:?}"),
+        up = redis_up => assert!(up, "the private Redis never came up"),
+    }
+    let gone = poll::until_true(Duration::from_secs(10), || process::processes_in(&scratch.dir).is_empty()).await;
+    let left = process::processes_in(&scratch.dir);
+    left.iter().for_each(|&(pid, _)| process::kill_now(pid));
+    assert!(gone, "servers of an abandoned start still run: {left:?}");
 }
 
 #[tokio::test]

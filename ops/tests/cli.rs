@@ -217,7 +217,7 @@ async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
     for signal in [process::Signal::SIGTERM, process::Signal::SIGINT] {
         let scratch = Scratch::new("drill-signal");
         let mut drill = start_drill(&scratch, std::process::Stdio::piped());
-        let dir = scratch.0.to_string_lossy().into_owned();
+        let dir = scratch.0.clone();
         // Once it reports progress, the drill's cluster is up and under load. Its output is read to
         // the end, so the drill never blocks on a full pipe.
         let output = drill.stderr.take().expect("stderr");
@@ -232,7 +232,7 @@ async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
             }
         });
         let started = tokio::time::timeout(Duration::from_secs(120), reported).await;
-        assert!(matches!(started, Ok(Ok(()))), "the drill never reported progress: {:?}", processes_in(&dir));
+        assert!(matches!(started, Ok(Ok(()))), "the drill never reported progress: {:?}", process::processes_in(&dir));
         stop_drill_and_find_nothing_left(drill, signal, &dir).await;
     }
 }
@@ -244,12 +244,12 @@ async fn a_drill_stopped_by_a_signal_takes_its_cluster_down_with_it() {
 async fn a_drill_stopped_while_its_cluster_starts_leaves_nothing_running() {
     let scratch = Scratch::new("drill-signal-start");
     let drill = start_drill(&scratch, std::process::Stdio::null());
-    let dir = scratch.0.to_string_lossy().into_owned();
+    let dir = scratch.0.clone();
     let starting = poll::until_true(Duration::from_secs(120), || {
-        processes_in(&dir).iter().any(|(_, cmd)| cmd.contains("gateway"))
+        process::processes_in(&dir).iter().any(|(_, cmd)| cmd.contains("gateway"))
     })
     .await;
-    assert!(starting, "no gateway of the drill's cluster ever ran: {:?}", processes_in(&dir));
+    assert!(starting, "no gateway of the drill's cluster ever ran: {:?}", process::processes_in(&dir));
     stop_drill_and_find_nothing_left(drill, process::Signal::SIGTERM, &dir).await;
 }
 
@@ -267,29 +267,12 @@ fn start_drill(scratch: &Scratch, stderr: std::process::Stdio) -> std::process::
 
 /// Sends `signal` to the drill, which must exit unsuccessfully, and then nothing may run in `dir`
 /// (what does is killed, and the test fails).
-async fn stop_drill_and_find_nothing_left(mut drill: std::process::Child, signal: process::Signal, dir: &str) {
+async fn stop_drill_and_find_nothing_left(mut drill: std::process::Child, signal: process::Signal, dir: &Path) {
     process::send(drill.id(), signal).expect("signal");
     let exited = tokio::task::spawn_blocking(move || drill.wait()).await.unwrap().expect("wait");
     assert!(!exited.success(), "{signal:?}: a stopped drill reports success");
-    let gone = poll::until_true(Duration::from_secs(15), || processes_in(dir).is_empty()).await;
-    let left = processes_in(dir);
+    let gone = poll::until_true(Duration::from_secs(15), || process::processes_in(dir).is_empty()).await;
+    let left = process::processes_in(dir);
     left.iter().for_each(|(pid, _)| process::kill_now(*pid));
     assert!(gone, "{signal:?}: the drill's processes outlived it: {left:?}");
-}
-
-/// Live processes (pid, command line) that run in `dir` or name it: a private server runs with its
-/// directory as working directory, the engine's processes name their config in it.
-fn processes_in(dir: &str) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let path = entry.path();
-        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let cwd = std::fs::read_link(path.join("cwd")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        if !cmd.is_empty() && (cmd.contains(dir) || cwd.starts_with(dir)) {
-            found.push((pid, cmd));
-        }
-    }
-    found
 }

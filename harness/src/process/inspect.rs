@@ -36,6 +36,22 @@ fn process(pid: u32) -> Option<Process> {
     Process::new(i32::try_from(pid).ok()?).ok()
 }
 
+/// Live processes (pid, command line) that run in `dir` or name it on their command line: a
+/// private server runs with its directory as working directory, the engine's processes name their
+/// config in it. What a test checks is gone after a stop.
+pub fn processes_in(dir: &std::path::Path) -> Vec<(u32, String)> {
+    let dir = dir.to_string_lossy();
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.flatten()
+        .filter_map(|p| {
+            let cmd = p.cmdline().ok()?.join(" ");
+            let cwd = p.cwd().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+            let pid = u32::try_from(p.pid).ok()?;
+            (!cmd.is_empty() && (cmd.contains(dir.as_ref()) || cwd.starts_with(dir.as_ref()))).then_some((pid, cmd))
+        })
+        .collect()
+}
+
 /// The stat line of `pid`, or `None` when there is no such process (or it is unreadable).
 pub fn stat(pid: u32) -> Option<ProcStat> {
     let stat = process(pid)?.stat().ok()?;

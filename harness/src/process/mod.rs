@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 pub use inspect::{
-    any_live_thread, comm, cpu_ticks, exists, find_by_comm, is_alive, is_live_state, listener_pid, raise_fd_limit,
-    rss_kib, running_as_root, stat, ticks_per_second, ProcStat,
+    any_live_thread, comm, cpu_ticks, exists, find_by_comm, is_alive, is_live_state, listener_pid, processes_in,
+    raise_fd_limit, rss_kib, running_as_root, stat, ticks_per_second, ProcStat,
 };
 pub use signal::{kill_group_now, kill_now, send, terminate, wait_gone, Signal, SignalError};
 pub use stop_request::unless_stopped;
@@ -59,30 +59,32 @@ pub fn spawn_detached(mut cmd: Command, log: &Path) -> Result<u32, SpawnError> {
     Ok(pid)
 }
 
-/// A process just started and not yet recorded by its owner: killed if this is dropped before
-/// [`Unready::ready`] — its start failed, or was abandoned midway (the future dropped by a stop
-/// request, [`unless_stopped`]), so a start that does not finish leaves nothing running.
+/// Processes just started and not yet recorded by their owner: all killed if this is dropped before
+/// [`Unready::ready`] — the start failed, or was abandoned midway (the future dropped by a stop
+/// request, [`unless_stopped`]), so a start that does not finish leaves nothing running. Servers
+/// started side by side share one: each is up on its own, but the group is not until all are.
+#[derive(Default)]
 pub struct Unready {
-    pub pid: u32,
-    armed: bool,
+    pids: std::sync::Mutex<Vec<u32>>,
+    done: bool,
 }
 
 impl Unready {
-    pub fn new(pid: u32) -> Unready {
-        Unready { pid, armed: true }
+    /// One more process started.
+    pub fn add(&self, pid: u32) {
+        self.pids.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
     }
 
-    /// The process is ready and its owner records it: it is no longer killed here.
-    pub fn ready(mut self) -> u32 {
-        self.armed = false;
-        self.pid
+    /// All are up and their owner records them.
+    pub fn ready(mut self) {
+        self.done = true;
     }
 }
 
 impl Drop for Unready {
     fn drop(&mut self) {
-        if self.armed {
-            kill_now(self.pid);
+        if !self.done {
+            self.pids.lock().unwrap_or_else(|p| p.into_inner()).iter().for_each(|&pid| kill_now(pid));
         }
     }
 }

@@ -7,6 +7,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::process;
+
 use super::{
     ensure_installed, free_port, mysql_reachable, mysql_server_url, redis_cluster_ready, redis_reachable,
     with_port_retries, PrivateRedisCluster, PrivateServer, ServerError, ServerKind, PRIVATE_REDIS_APPENDFSYNC,
@@ -141,6 +143,8 @@ pub async fn ensure_servers_with(
     while mysql_port == redis_port {
         mysql_port = free_port();
     }
+    // Started here and up, while the other may still be starting: killed if the start is abandoned.
+    let started = process::Unready::default();
     let mysql = async {
         if mysql_shared {
             return Ok(None);
@@ -149,17 +153,23 @@ pub async fn ensure_servers_with(
         match PrivateServer::running_in(&mysql_dir) {
             Some(running) => Ok(Some(running)),
             None => {
-                with_port_retries(mysql_port, |port| PrivateServer::start_mariadb(&mysql_dir, port)).await.map(Some)
+                let server =
+                    with_port_retries(mysql_port, |port| PrivateServer::start_mariadb(&mysql_dir, port)).await?;
+                started.add(server.pid);
+                Ok(Some(server))
             }
         }
     };
-    match tokio::join!(ensure_redis(redis, redis_shared, dir, redis_port), mysql) {
-        (Ok(redis), Ok(mysql)) => Ok(EnsuredServers {
-            redis_url: redis.url,
-            mysql_url: mysql.as_ref().map_or_else(|| mysql_server_url(mysql_url), |server| server.url.clone()),
-            private: redis.private.into_iter().chain(mysql).collect(),
-            redis_cluster: redis.cluster,
-        }),
+    match tokio::join!(ensure_redis(redis, redis_shared, dir, redis_port, &started), mysql) {
+        (Ok(redis), Ok(mysql)) => {
+            started.ready();
+            Ok(EnsuredServers {
+                redis_url: redis.url,
+                mysql_url: mysql.as_ref().map_or_else(|| mysql_server_url(mysql_url), |server| server.url.clone()),
+                private: redis.private.into_iter().chain(mysql).collect(),
+                redis_cluster: redis.cluster,
+            })
+        }
         (Err(error), Ok(mysql)) => {
             // One side failed: do not leave the other one running unowned.
             stop_after_failure(mysql.as_ref()).await;
@@ -186,8 +196,14 @@ struct RedisFound {
 }
 
 /// The Redis that answers (`shared`), else a private one in `dir/redis` on `port` (or still running
-/// there), else for a cluster a private one in `dir/redis-cluster`.
-async fn ensure_redis(redis: RedisWanted<'_>, shared: bool, dir: &Path, port: u16) -> Result<RedisFound, ServerError> {
+/// there; one started here joins `started`), else for a cluster a private one in `dir/redis-cluster`.
+async fn ensure_redis(
+    redis: RedisWanted<'_>,
+    shared: bool,
+    dir: &Path,
+    port: u16,
+    started: &process::Unready,
+) -> Result<RedisFound, ServerError> {
     match (redis, shared) {
         (RedisWanted::Single { url }, true) => Ok(RedisFound { url: url.to_owned(), private: None, cluster: None }),
         (RedisWanted::Single { .. }, false) => {
@@ -196,7 +212,9 @@ async fn ensure_redis(redis: RedisWanted<'_>, shared: bool, dir: &Path, port: u1
                 Some(running) => running,
                 None => {
                     let start = |port| PrivateServer::start_redis(&redis_dir, port, PRIVATE_REDIS_APPENDFSYNC);
-                    with_port_retries(port, start).await?
+                    let server = with_port_retries(port, start).await?;
+                    started.add(server.pid);
+                    server
                 }
             };
             Ok(RedisFound { url: server.url.clone(), private: Some(server), cluster: None })

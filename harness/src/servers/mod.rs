@@ -379,11 +379,13 @@ impl Launch {
         let kind = self.kind.name();
         let mut command = Command::new(&self.binary);
         command.args(&self.args);
-        let started = process::Unready::new(process::spawn_detached(command, &log_path(&self.dir, self.kind))?);
+        let started = process::Unready::default();
+        let pid = process::spawn_detached(command, &log_path(&self.dir, self.kind))?;
+        started.add(pid);
         let server = PrivateServer {
             kind_name: kind.into(),
             port: self.port,
-            pid: started.pid,
+            pid,
             dir: self.dir,
             url: self.url,
             appendfsync,
@@ -391,7 +393,7 @@ impl Launch {
         };
         server.wait_ready(ready_timeout).await?;
         server.save_state()?;
-        let pid = started.ready();
+        started.ready();
         info!(pid, port = server.port, dir = %server.dir.display(), appendfsync = ?server.appendfsync, "private {kind} ready");
         Ok(server)
     }

@@ -25,7 +25,7 @@ use super::{
     ensure_installed, free_port, redis_cluster_ready, with_port_retries, PrivateServer, RedisOptions, ServerError,
     ServerKind,
 };
-use crate::poll;
+use crate::{poll, process};
 
 /// Where under a cluster's (or test run's) directory its private Redis Cluster lives.
 pub const REDIS_CLUSTER_DIR: &str = "redis-cluster";
@@ -162,6 +162,15 @@ impl PrivateRedisCluster {
                 start_node(dir, port, if port == pair[0] { pair[1] } else { free_port() })
             })
         });
+        // Nodes up while others still start, or while they are joined: killed if the start is
+        // abandoned (they are recorded only as a cluster, at the end).
+        let started = process::Unready::default();
+        let group = &started;
+        let starts = starts.map(|start| async move {
+            let node = start.await?;
+            group.add(node.pid);
+            Ok::<_, ServerError>(node)
+        });
         let (nodes, errors): (Vec<_>, Vec<_>) = join_all(starts).await.into_iter().partition(Result::is_ok);
         let nodes: Vec<PrivateServer> = nodes.into_iter().filter_map(Result::ok).collect();
         if let Some(Err(error)) = errors.into_iter().next() {
@@ -178,6 +187,7 @@ impl PrivateRedisCluster {
             stop_quietly(&cluster.nodes).await;
             return Err(error);
         }
+        started.ready();
         info!(dir = %dir.display(), urls = %cluster.urls.join(","), "private Redis Cluster ready");
         Ok(cluster)
     }
