@@ -112,7 +112,7 @@ impl ShardContext {
                 Ok(batch) => return Some(batch),
                 Err(e) => {
                     tracing::warn!(shard = self.shard, stream = %reader.key, error = %e, "read failed");
-                    reader.rewind();
+                    reader.resume();
                     backoff.wait().await;
                 }
             }

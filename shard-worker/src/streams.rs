@@ -100,7 +100,7 @@ impl StreamReader {
     /// After a failed read: the next one reads at once, on from the last batch taken (what the
     /// failed read may have moved into the PEL is after it). Never back to a batch already taken:
     /// the stage may still be acknowledging it.
-    pub fn rewind(&mut self) {
+    pub fn resume(&mut self) {
         self.drained_at = None;
     }
 
@@ -206,7 +206,7 @@ impl StreamReader {
 /// key to its entries in RESP3), or nil when there are none.
 fn entries(reply: Value) -> redis::RedisResult<Vec<Entry>> {
     let list = match reply {
-        Value::Nil => Some(Value::Array(Vec::new())),
+        Value::Nil => return Ok(Vec::new()),
         Value::Array(streams) => match streams.into_iter().next() {
             Some(Value::Array(mut key_and_entries)) if key_and_entries.len() == 2 => key_and_entries.pop(),
             _ => None,

@@ -407,7 +407,7 @@ async fn a_read_after_a_failed_one_goes_on_from_the_last_batch_and_never_repeats
     let in_flight = reader.next_batch().await.expect("read");
     assert_eq!(in_flight.len(), 2);
     // The next read failed (a Redis blip) while the batch is still being committed.
-    reader.rewind();
+    reader.resume();
     s.append(&stream, &[b"m3"]).await;
     let batch = reader.next_batch().await.expect("read");
     assert_eq!(batch.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [b"m3"], "a batch in flight read again");

@@ -146,21 +146,16 @@ pub async fn start(spec: &ClusterSpec) -> Result<ClusterState, ClusterError> {
     let started = async {
         im_common::store::migrate(&cfg.mysql.url).await?;
         write_config(&cfg, &config_path)?;
-        launch(state, spec).await
+        launch(state, spec).await?;
+        // The page is a convenience: a cluster without it is still a working cluster.
+        match spawn_dashboard(&dir, &spec.state_file).await {
+            Ok(dashboard) => state.dashboard = Some(dashboard),
+            Err(e) => eprintln!("warning: the dashboard did not start ({e}); `ops dashboard` serves it by hand"),
+        }
+        save_state(state, &spec.state_file)
     };
     if let Err(e) = started.await {
         // Stopped gracefully if that works; killed by the guard if not.
-        if stop(state).await.is_ok() {
-            starting.0 = None;
-        }
-        return Err(e);
-    }
-    // The page is a convenience: a cluster without it is still a working cluster.
-    match spawn_dashboard(&dir, &spec.state_file).await {
-        Ok(dashboard) => state.dashboard = Some(dashboard),
-        Err(e) => eprintln!("warning: the dashboard did not start ({e}); `ops dashboard` serves it by hand"),
-    }
-    if let Err(e) = save_state(state, &spec.state_file) {
         if stop(state).await.is_ok() {
             starting.0 = None;
         }
