@@ -73,8 +73,12 @@ impl BaselineSaver {
         let rx = Arc::new(Mutex::new(rx));
         let (outbox, window) = (after.fanout.outbox.clone(), after.idempotency.clone());
         let after = Arc::new(after);
+        // Batches publish their pushes one at a time, in the order they answered their senders: a
+        // sender's next message is saved only after its previous one was answered, so its push
+        // cannot overtake the previous one's (workers commit side by side; SPEC §3.4).
+        let push_turn = Arc::new(Mutex::new(()));
         for _ in 0..workers.max(1) {
-            let (rx, store, after) = (rx.clone(), store.clone(), after.clone());
+            let (rx, store, after, push_turn) = (rx.clone(), store.clone(), after.clone(), push_turn.clone());
             tokio::spawn(async move {
                 loop {
                     let mut batch = Vec::with_capacity(batch_max);
@@ -91,7 +95,7 @@ impl BaselineSaver {
                             }
                         }
                     }
-                    save_batch(&store, &after, batch).await;
+                    save_batch(&store, &after, &push_turn, batch).await;
                 }
             });
         }
@@ -138,7 +142,7 @@ impl BaselineSaver {
     }
 }
 
-async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
+async fn save_batch(store: &Store, after: &AfterCommit, push_turn: &Mutex<()>, batch: Vec<Job>) {
     let msgs: Vec<ChatMessage> = batch.iter().map(|j| j.msg.clone()).collect();
     metrics::histogram!("im_gateway_insert_batch_size").record(msgs.len() as f64);
     let started = std::time::Instant::now();
@@ -183,6 +187,8 @@ async fn save_batch(store: &Store, after: &AfterCommit, batch: Vec<Job>) {
             after.fanout.outbox.defer_marks(settled, floors);
         }
     }
+    // The turn is taken before anyone is answered and held until the pushes are out.
+    let _turn = push_turn.lock().await;
     for (job, result) in batch.into_iter().zip(results) {
         let _ = job.reply.send(result);
     }
