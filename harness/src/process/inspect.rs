@@ -71,9 +71,10 @@ pub fn is_live_state(state: char) -> bool {
 /// Whether `pid` exists and has not exited. A zombie waiting for its reaper counts as gone: detached
 /// processes are reaped by init, which may take a moment.
 pub fn is_alive(pid: u32) -> bool {
-    // kill(pid, 0) is the authoritative "exists"; /proc only refines a yes, because reading it races
-    // with an exiting process and fails transiently.
-    exists(pid) && stat(pid).is_none_or(|s| is_live_state(s.state))
+    // kill(pid, 0) is the authoritative "exists"; /proc only refines a yes. Reading /proc races with
+    // an exiting process: a failed read is either a transient failure (still there) or a zombie
+    // reaped between the two looks (gone), so it is settled by asking kill(pid, 0) again.
+    exists(pid) && stat(pid).map_or_else(|| exists(pid), |s| is_live_state(s.state))
 }
 
 /// Whether any thread of `pid` is still live (after kill -9 the main thread turns zombie first while
@@ -170,6 +171,23 @@ mod tests {
         assert!(rss_kib(me).is_some_and(|kib| kib > 0));
         assert!(ticks_per_second() > 0 && cpu_ticks(me).is_some());
         assert!(!is_alive(0) && !is_alive(u32::MAX));
+    }
+
+    #[test]
+    fn a_process_that_exited_is_never_alive_while_it_is_being_reaped() {
+        // A zombie reaped between is_alive's kill(pid, 0) and its /proc read must still read as gone.
+        for _ in 0..200 {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let pid = child.id();
+            while stat(pid).is_none_or(|s| s.state != 'Z') {
+                std::thread::yield_now();
+            }
+            let reaper = std::thread::spawn(move || child.wait());
+            while !reaper.is_finished() {
+                assert!(!is_alive(pid), "pid {pid} read as alive while being reaped");
+            }
+            reaper.join().unwrap().unwrap();
+        }
     }
 
     #[test]
