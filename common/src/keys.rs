@@ -93,6 +93,12 @@ impl Keys {
         self.shard_key(shard, &self.to_save)
     }
 
+    /// How many messages the entries of `to_save` hold (each entry is a deliver batch): written
+    /// with the entries, by the shard owner's scripts; what the backlog counts.
+    pub fn to_save_messages(&self, shard: u16) -> String {
+        self.shard_key(shard, &format!("{}:messages", self.to_save))
+    }
+
     /// Stream of messages the database rejected for good.
     pub fn dead_letter_stream(&self, shard: u16) -> String {
         self.shard_key(shard, &self.dead_letter)
@@ -237,6 +243,7 @@ mod tests {
         let k = Keys::new("im", "accepted", "to_save", "dead");
         assert_eq!(k.accepted_stream(3), "im:{s3}:accepted");
         assert_eq!(k.to_save_stream(3), "im:{s3}:to_save");
+        assert_eq!(k.to_save_messages(3), "im:{s3}:to_save:messages");
         assert_eq!(k.dead_letter_stream(3), "im:{s3}:dead");
         assert_eq!(k.idempotency(3, 7, "c:1"), "im:{s3}:idem:7:c:1");
         assert_eq!(k.lease(3), "im:{s3}:lease");
@@ -305,6 +312,7 @@ mod tests {
                             keys.accepted_stream(shard),
                             keys.to_save_stream(shard),
                             keys.seq_counters(shard),
+                            keys.to_save_messages(shard),
                             keys.journal_of_shard(shard, 3),
                             keys.shard_channel(shard, 3),
                         ],
@@ -316,6 +324,7 @@ mod tests {
                             keys.to_save_stream(shard),
                             keys.dead_letter_stream(shard),
                             keys.seq_counters(shard),
+                            keys.to_save_messages(shard),
                             keys.journal_of_shard(shard, 9),
                             keys.shard_channel(shard, 9),
                             keys.idempotency(shard, 7, "x"),

@@ -1,6 +1,8 @@
 //! What travels inside Redis: stream entries and node-channel pushes, encoded with MessagePack.
 //!
-//! A stream entry has a single field [`MSG_FIELD`] holding a [`ChatMessage`]. A node-channel message is
+//! A stream entry has a single field [`MSG_FIELD`]: in `accepted`, one [`Accepted`] message; in
+//! `to_save`, a [`Handed`] batch — everything one round of the deliver stage handed on, so the
+//! stream costs an entry per batch, not per message. A node-channel message is
 //! a [`PushBatch`]: every frame one publisher has for one gateway node in one batch, so a batch of N
 //! messages costs one PUBLISH per node, not N.
 
@@ -59,6 +61,26 @@ pub struct Accepted {
     /// in MySQL before numbering it (`store::path_claims`). Left out of the encoding when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub path_claim: bool,
+}
+
+/// A `to_save` entry: one deliver batch, numbered and pushed, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handed {
+    pub messages: Vec<Accepted>,
+    /// `accepted` entries that did not decode, as they were: the save stage dead-letters them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undecodable: Vec<Vec<u8>>,
+}
+
+impl Handed {
+    /// How many `accepted` entries the batch holds (what the `to_save` message count adds).
+    pub fn len(&self) -> usize {
+        self.messages.len() + self.undecodable.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The gateway node and connection a message came in on.
@@ -130,6 +152,8 @@ mod tests {
             ],
         };
         assert_eq!(decode::<PushBatch>(&encode(&b)).unwrap(), b);
+        let handed = Handed { messages: vec![entry.clone(), entry], undecodable: vec![b"\xc1garbage".to_vec()] };
+        assert_eq!((decode::<Handed>(&encode(&handed)).unwrap(), handed.len()), (handed, 3));
         assert!(decode::<Accepted>(b"\xc1garbage").is_err());
     }
 }

@@ -97,8 +97,9 @@ impl Admission {
         self.shards.iter().map(|s| s.backlog.load(Ordering::Relaxed)).collect()
     }
 
-    /// Keeps the per-shard figures current: unsaved entries = accepted + to_save stream lengths
-    /// (both are trimmed as entries move on); arrivals from the accepted stream's `entries-added`;
+    /// Keeps the per-shard figures current: unsaved messages = the accepted stream's length plus
+    /// the messages in to_save's entries (`Keys::to_save_messages`; both are trimmed as entries move
+    /// on); arrivals from the accepted stream's `entries-added`;
     /// the oldest unsaved message's wait from the first entries of both. Runs until the process
     /// ends.
     pub async fn refresh(&self, mut conn: RedisConn, keys: Keys) {
@@ -110,12 +111,14 @@ impl Admission {
             for shard in 0..self.shards.len() as u16 {
                 pipe.cmd("XINFO").arg("STREAM").arg(keys.accepted_stream(shard));
                 pipe.cmd("XINFO").arg("STREAM").arg(keys.to_save_stream(shard));
+                pipe.get(keys.to_save_messages(shard));
             }
             if let Ok(replies) = pipe.query_async::<Vec<Value>>(&mut conn).await {
-                for (shard, figures) in replies.chunks(2).enumerate() {
+                for (shard, figures) in replies.chunks(3).enumerate() {
                     let Some(accepted) = stream_figures(&figures[0]) else { continue };
                     let to_save = stream_figures(&figures[1]).unwrap_or_default();
-                    let backlog = accepted.length + to_save.length;
+                    let handed: u64 = redis::from_redis_value_ref(&figures[2]).unwrap_or(0);
+                    let backlog = accepted.length + handed;
                     // Now, on Redis's clock: the newest id either stream generated (arrivals go on
                     // while it matters: a shard nothing arrives at is not refused anyway). An entry
                     // moved to the to-save stream gets a new id there: the oldest's wait is about

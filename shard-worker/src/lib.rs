@@ -200,9 +200,9 @@ async fn own_shard(
     let tp = &cfg.two_phase;
     let shard = lease.shard;
     let block = Duration::from_millis(tp.block_ms);
-    let reader = |key: String, conn, delay_ms| {
+    let reader = |key: String, conn, count, delay_ms| {
         let fence = Fence { lease_key: keys.lease(shard), lease_value: lease.value.clone() };
-        StreamReader::new(conn, fence, key, tp.group.clone(), tp.batch_size, tp.block_ms, delay_ms)
+        StreamReader::new(conn, fence, key, tp.group.clone(), count, tp.block_ms, delay_ms)
     };
     let ctx = ShardContext {
         shard,
@@ -245,6 +245,7 @@ async fn own_shard(
     let mut accepted = reader(
         keys.accepted_stream(shard),
         im_common::connections::connect_for_blocking(&cfg.redis, block).await?,
+        tp.batch_size,
         tp.max_batch_delay_ms,
     );
     accepted.ensure_group().await?;
@@ -254,6 +255,7 @@ async fn own_shard(
             let mut to_save = reader(
                 keys.to_save_stream(shard),
                 im_common::connections::connect_for_blocking(&cfg.redis, block).await?,
+                save::handed_per_read(tp.batch_size),
                 tp.save_batch_delay_ms,
             );
             to_save.ensure_group().await?;

@@ -1,5 +1,5 @@
-//! The save stage: read a batch from `to_save` (full mode) or `accepted` (accepted-only mode, which
-//! numbers the batch here) → one multi-row INSERT → after COMMIT, one fenced script
+//! The save stage: read a batch from `to_save` (full mode: a few deliver batches, one entry each) or
+//! `accepted` (accepted-only mode, which numbers the batch here) → one multi-row INSERT → after COMMIT, one fenced script
 //! ([`crate::mover`]) that raises the seq counters, dead-letters rejected rows, marks the saved ones
 //! in the idempotency window, publishes `ACK(saved)` (and `ERROR save_failed`) to the senders' nodes
 //! and the pushes — all of them in accepted-only mode; in full mode again those whose recipient
@@ -21,15 +21,25 @@ use im_common::backoff::Backoff;
 use im_common::idempotency::{encode_state, Stage};
 use im_common::ids::now_ms;
 use im_common::protocol::{AckType, Reason, ServerFrame};
-use im_common::record::{Accepted, ChatMessage, Push};
+use im_common::record::{encode, Accepted, ChatMessage, Push};
 use im_common::router::Target;
 use im_common::store::SaveOutcome;
 
 use crate::mover::DeadLetter;
 use crate::save_health::SaveHealth;
 use crate::sequences::SeqPlan;
-use crate::stage::{age_seconds, chat_push, decode_batch, recipients, Decoded, ShardContext};
+use crate::stage::{age_seconds, chat_push, decode_accepted, decode_handed, recipients, Decoded, ShardContext};
 use crate::streams::StreamReader;
+
+/// Rows a full-mode save batch is made for: it takes as many deliver batches (`to_save` entries,
+/// each up to `batch_size` messages) as make at most this many rows when they are full, and at
+/// least one. Under load they are far from full (a deliver batch holds what arrived in a few ms).
+const ROWS_PER_SAVE: usize = 4_000;
+
+/// How many `to_save` entries one save batch reads.
+pub fn handed_per_read(batch_size: usize) -> usize {
+    (ROWS_PER_SAVE / batch_size.max(1)).max(1)
+}
 
 /// The save stage: reads `to_save` (full mode) or `accepted` (accepted-only mode, which also pushes
 /// to recipients after the commit). Returns when the lease is lost.
@@ -50,8 +60,8 @@ async fn save_batches(
     let mut backoff = Backoff::default();
     let mut health = SaveHealth::new(ctx.shard);
     while let Some(batch) = ctx.next_batch(&mut reader, &mut backoff).await {
-        let decoded = decode_batch(&batch);
-        let mut accepted: Vec<Accepted> = decoded.ok.iter().map(|(_, a)| a.clone()).collect();
+        let decoded = if push_after_save { decode_accepted(&batch) } else { decode_handed(&batch) };
+        let mut accepted: Vec<Accepted> = decoded.ok.clone();
         // Accepted-only mode numbers here (full mode's deliver stage did). The rows are saved with
         // these seqs and the commit raises the counters to them; a batch that never gets that far
         // is numbered the same way again from the same counters.
@@ -76,7 +86,6 @@ async fn save_batches(
         let Some(outcome) = insert_until_saved(ctx, &mut health, &mut backoff, &msgs).await else { return };
 
         let commit = Commit::of(ctx, &decoded, &accepted, &outcome, plan, push_after_save);
-        drop(decoded);
         let ids = batch.into_iter().map(|e| e.id).collect();
         if !committed(committing.take()).await {
             return;
@@ -106,6 +115,8 @@ struct Commit {
     dead: Vec<(Vec<u8>, String)>,
     plan: SeqPlan,
     push_after_save: bool,
+    /// Messages the batch takes out of `to_save` (0 when it was read from `accepted`).
+    leaving: usize,
     saved_count: usize,
     /// The batch's message ids (for the accepted → saved histogram).
     ages: Vec<u64>,
@@ -114,7 +125,7 @@ struct Commit {
 impl Commit {
     fn of(
         ctx: &ShardContext,
-        decoded: &Decoded<'_>,
+        decoded: &Decoded,
         accepted: &[Accepted],
         outcome: &SaveOutcome,
         plan: SeqPlan,
@@ -141,11 +152,12 @@ impl Commit {
             ));
         }
         let mut dead: Vec<(Vec<u8>, String)> =
-            decoded.bad.iter().map(|e| (e.payload.clone(), "undecodable".to_owned())).collect();
+            decoded.bad.iter().map(|payload| (payload.clone(), "undecodable".to_owned())).collect();
         for (i, reason) in &outcome.rejected {
-            let (entry, a) = &decoded.ok[*i];
+            // As it was read (accepted-only mode numbers its copy).
+            let a = &decoded.ok[*i];
             tracing::error!(shard = ctx.shard, id = a.msg.id, from = a.msg.from, %reason, "save: row rejected for good; dead-lettered");
-            dead.push((entry.payload.clone(), reason.clone()));
+            dead.push((encode(a), reason.clone()));
             settled.push((
                 ctx.keys.idempotency(ctx.shard, a.msg.from, &a.msg.client_msg_id),
                 encode_state(Stage::Failed, a.msg.id),
@@ -163,6 +175,7 @@ impl Commit {
             dead,
             plan,
             push_after_save,
+            leaving: if push_after_save { 0 } else { decoded.messages },
             saved_count: outcome.saved.len(),
             ages: accepted.iter().map(|a| a.msg.id).collect(),
         }
@@ -194,7 +207,9 @@ impl Commit {
             let mut all = self.frames.clone();
             all.extend(again.iter().map(|m| chat_push(m)));
             let (pubs, _) = ctx.router.group(&all, &routes, None);
-            ctx.mover.commit(&stream, &dead_stream, &ids, &dead, &pubs, &self.settled, &self.plan).await?;
+            ctx.mover
+                .commit(&stream, &dead_stream, &ids, self.leaving, &dead, &pubs, &self.settled, &self.plan)
+                .await?;
             Ok::<_, redis::RedisError>(if self.push_after_save { 0 } else { again.len() })
         };
         let Some(pushed_again) = ctx.until_done(&mut Backoff::default(), "save: receipts/commit", commit).await else {
@@ -205,7 +220,7 @@ impl Commit {
         metrics::counter!("im_worker_saved_total", "shard" => shard.clone()).increment(self.saved_count as u64);
         metrics::counter!("im_worker_dead_letters_total", "shard" => shard.clone()).increment(self.dead.len() as u64);
         metrics::histogram!("im_worker_batch_size", "shard" => shard.clone(), "stage" => "save")
-            .record(ids.len() as f64);
+            .record(self.ages.len() as f64);
         let saved_age = metrics::histogram!("im_worker_accepted_to_saved_seconds", "shard" => shard);
         for &id in &self.ages {
             saved_age.record(age_seconds(id));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use im_common::ids::{now_ms, timestamp_ms};
 use im_common::keys::Keys;
-use im_common::record::{decode, Accepted, ChatMessage, Push};
+use im_common::record::{decode, Accepted, ChatMessage, Handed, Push};
 use im_common::router::{Epochs, Router, Routes, Target};
 use im_common::store::Store;
 
@@ -147,18 +147,43 @@ impl ShardContext {
     }
 }
 
-/// Entries decoded; those that do not decode are set aside for the dead-letter stream.
-pub(crate) struct Decoded<'a> {
-    pub ok: Vec<(&'a Entry, Accepted)>,
-    pub bad: Vec<&'a Entry>,
+/// The messages of a batch of entries, in stream order; payloads that do not decode are set aside
+/// for the dead-letter stream.
+#[derive(Default)]
+pub(crate) struct Decoded {
+    pub ok: Vec<Accepted>,
+    pub bad: Vec<Vec<u8>>,
+    /// How many `accepted` entries the batch stands for (on `to_save`: what its entries held).
+    pub messages: usize,
 }
 
-pub(crate) fn decode_batch(batch: &[Entry]) -> Decoded<'_> {
-    let mut d = Decoded { ok: Vec::with_capacity(batch.len()), bad: Vec::new() };
+/// A batch read from `accepted`: one message per entry.
+pub(crate) fn decode_accepted(batch: &[Entry]) -> Decoded {
+    let mut d = Decoded { ok: Vec::with_capacity(batch.len()), messages: batch.len(), ..Decoded::default() };
     for e in batch {
         match decode::<Accepted>(&e.payload) {
-            Ok(a) => d.ok.push((e, a)),
-            Err(_) => d.bad.push(e),
+            Ok(a) => d.ok.push(a),
+            Err(_) => d.bad.push(e.payload.clone()),
+        }
+    }
+    d
+}
+
+/// A batch read from `to_save`: one deliver batch per entry. An entry that does not decode counts
+/// as one message (its count is lost with it; the stream's next drain resets the count).
+pub(crate) fn decode_handed(batch: &[Entry]) -> Decoded {
+    let mut d = Decoded::default();
+    for e in batch {
+        match decode::<Handed>(&e.payload) {
+            Ok(handed) => {
+                d.messages += handed.len();
+                d.ok.extend(handed.messages);
+                d.bad.extend(handed.undecodable);
+            }
+            Err(_) => {
+                d.messages += 1;
+                d.bad.push(e.payload.clone());
+            }
         }
     }
     d

@@ -28,16 +28,25 @@ pub async fn report(mut conn: RedisConn, keys: Keys, group: String, shard: u16) 
     let label = shard.to_string();
     let streams = [(STREAMS[0], keys.accepted_stream(shard)), (STREAMS[1], keys.to_save_stream(shard))];
     loop {
+        // The length is in messages: `to_save`'s entries are deliver batches, counted apart.
         let mut pipe = redis::pipe();
-        for (_, key) in &streams {
-            pipe.xlen(key).xpending(key, &group).xinfo_groups(key);
-        }
+        pipe.xlen(&streams[0].1);
+        pipe.xpending(&streams[0].1, &group).xinfo_groups(&streams[0].1);
+        pipe.get(keys.to_save_messages(shard));
+        pipe.xpending(&streams[1].1, &group).xinfo_groups(&streams[1].1);
         pipe.xlen(keys.dead_letter_stream(shard));
-        type Row =
-            (u64, StreamPendingReply, StreamInfoGroupsReply, u64, StreamPendingReply, StreamInfoGroupsReply, u64);
+        type Row = (
+            u64,
+            StreamPendingReply,
+            StreamInfoGroupsReply,
+            Option<u64>,
+            StreamPendingReply,
+            StreamInfoGroupsReply,
+            u64,
+        );
         if let Ok((len_a, pend_a, info_a, len_s, pend_s, info_s, dead)) = pipe.query_async::<Row>(&mut conn).await {
             for (stream, len, pending, info) in
-                [(STREAMS[0], len_a, pend_a, info_a), (STREAMS[1], len_s, pend_s, info_s)]
+                [(STREAMS[0], len_a, pend_a, info_a), (STREAMS[1], len_s.unwrap_or(0), pend_s, info_s)]
             {
                 let labels = [("shard", label.clone()), ("stream", stream.to_owned())];
                 metrics::gauge!("im_stream_length", &labels).set(len as f64);

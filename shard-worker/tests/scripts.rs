@@ -83,6 +83,11 @@ impl Shard {
         self.conn.clone().hget(self.keys.seq_counters(0), field).await.expect("hget")
     }
 
+    /// The count of messages in `to_save`'s entries.
+    async fn handed_messages(&self) -> Option<u64> {
+        self.conn.clone().get(self.keys.to_save_messages(0)).await.expect("get")
+    }
+
     async fn len(&self, stream: &str) -> usize {
         self.conn.clone().xlen(stream).await.expect("xlen")
     }
@@ -151,7 +156,7 @@ async fn a_reader_returns_pending_entries_before_new_ones() {
 }
 
 #[tokio::test]
-async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_one_step() {
+async fn handoff_moves_a_batch_to_to_save_as_one_entry_counts_it_publishes_it_and_acknowledges_it_in_one_step() {
     let s = Shard::new("handoff").await;
     let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
     let (accepted, to_save) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0));
@@ -159,7 +164,7 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     s.append(&accepted, &[b"m1", b"m2"]).await;
     let batch = reader.next_batch().await.expect("read");
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
-    let payloads: Vec<Vec<u8>> = batch.iter().map(|e| e.payload.clone()).collect();
+    let handed = b"m1 and m2, numbered";
     let publication = Publication { node: 7, payload: b"pushes".to_vec() };
     let seqs = SeqPlan { fields: vec!["5:6".into()], bases: vec![0], tops: vec![2] };
 
@@ -168,16 +173,20 @@ async fn handoff_moves_a_batch_to_to_save_publishes_it_and_acknowledges_it_in_on
     sub.subscribe(s.keys.shard_channel(0, 7)).await.expect("subscribe");
 
     let mover = s.mover(&lease.value);
-    mover
-        .handoff(&accepted, &to_save, &ids, &payloads, std::slice::from_ref(&publication), &seqs)
-        .await
-        .expect("handoff");
+    mover.handoff(&accepted, &to_save, &ids, handed, std::slice::from_ref(&publication), &seqs).await.expect("handoff");
     assert_eq!((s.len(&accepted).await, s.pending(&accepted).await), (0, 0), "accepted not trimmed");
-    assert_eq!(s.len(&to_save).await, 2);
+    let entries: redis::streams::StreamRangeReply = s.conn.clone().xrange_all(&to_save).await.expect("xrange");
+    assert_eq!(entries.ids.len(), 1, "one entry per batch");
+    assert_eq!(entries.ids[0].get::<Vec<u8>>(MSG_FIELD).as_deref(), Some(handed.as_slice()));
+    assert_eq!(s.handed_messages().await, Some(2), "the batch's messages were not counted");
     assert_eq!(s.counter("5:6").await, Some(2), "the batch's seqs were not taken");
     // A retry of a batch whose reply got lost does nothing twice (and is not refused as stale).
-    mover.handoff(&accepted, &to_save, &ids, &payloads, &[publication], &seqs).await.expect("retry");
-    assert_eq!((s.len(&to_save).await, s.counter("5:6").await), (2, Some(2)), "the retry handed the batch on again");
+    mover.handoff(&accepted, &to_save, &ids, handed, &[publication], &seqs).await.expect("retry");
+    assert_eq!(
+        (s.len(&to_save).await, s.handed_messages().await, s.counter("5:6").await),
+        (1, Some(2), Some(2)),
+        "the retry handed the batch on again"
+    );
     let msg = tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut sub.on_message()))
         .await
         .expect("published")
@@ -204,13 +213,12 @@ async fn a_batch_whose_first_entry_is_gone_from_the_stream_is_still_handed_on() 
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
     let _: usize = s.conn.clone().xdel(&accepted, &[ids[0]]).await.expect("xdel");
 
-    let payloads: Vec<Vec<u8>> = batch.iter().map(|e| e.payload.clone()).collect();
     s.mover(&lease.value)
-        .handoff(&accepted, &to_save, &ids, &payloads, &[], &SeqPlan::default())
+        .handoff(&accepted, &to_save, &ids, b"batch", &[], &SeqPlan::default())
         .await
         .expect("handoff");
     assert_eq!((s.len(&accepted).await, s.pending(&accepted).await), (0, 0), "the batch was not acknowledged");
-    assert_eq!(s.len(&to_save).await, 3, "the batch was not handed on");
+    assert_eq!((s.len(&to_save).await, s.handed_messages().await), (1, Some(3)), "the batch was not handed on");
 }
 
 /// SPEC §3.10: a batch numbered from counters that moved since (the baseline path raised a floor)
@@ -233,7 +241,7 @@ async fn a_batch_numbered_from_stale_counters_is_refused_and_moves_nothing() {
     let stale = SeqPlan { fields: vec!["5:6".into()], bases: vec![2], tops: vec![3] };
     let err = s
         .mover(&lease.value)
-        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &[batch[0].payload.clone()], &[], &stale)
+        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &batch[0].payload, &[], &stale)
         .await
         .expect_err("a batch numbered from stale counters went through");
     assert!(err.to_string().contains("SEQSTALE"), "{err}");
@@ -276,7 +284,7 @@ async fn a_fenced_out_owner_moves_nothing() {
     let batch = reader.next_batch().await.expect("read");
     let stale = s.mover("1:a");
     let err = stale
-        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &[batch[0].payload.clone()], &[], &SeqPlan::default())
+        .handoff(&accepted, &to_save, &[batch[0].id.as_str()], &batch[0].payload, &[], &SeqPlan::default())
         .await
         .expect_err("a stale owner's handoff went through");
     assert!(err.to_string().contains("FENCED"), "{err}");
@@ -307,7 +315,7 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
         .await
         .expect("hset");
     let seqs = SeqPlan { fields: vec!["1:2".into(), "3:4".into()], bases: vec![0, 0], tops: vec![9, 7] };
-    s.mover(&lease.value).commit(&to_save, &dead, &ids, &rejected, &[], &saved, &seqs).await.expect("commit");
+    s.mover(&lease.value).commit(&to_save, &dead, &ids, 0, &rejected, &[], &saved, &seqs).await.expect("commit");
     assert_eq!((s.counter("1:2").await, s.counter("3:4").await), (Some(9), Some(12)));
     assert_eq!((s.len(&to_save).await, s.pending(&to_save).await), (0, 0), "to_save not trimmed");
     let state: String = s.conn.clone().get(&key).await.expect("state");
@@ -318,6 +326,33 @@ async fn commit_marks_saved_dead_letters_the_rejected_and_acknowledges_the_batch
     assert_eq!(dead_entries.ids.len(), 1);
     let reason: String = dead_entries.ids[0].get("reason").expect("reason");
     assert_eq!(reason, "check constraint");
+}
+
+/// The backlog counts `to_save` in messages: a commit takes its entries' messages off the count,
+/// and the commit that empties the stream removes the count, so one set wrong (by hand, say) does
+/// not outlive the next drain.
+#[tokio::test]
+async fn committed_batches_leave_the_to_save_count_and_an_emptied_stream_resets_it() {
+    let s = Shard::new("count").await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let (to_save, dead) = (s.keys.to_save_stream(0), s.keys.dead_letter_stream(0));
+    s.append(&to_save, &[b"3 messages", b"4 messages"]).await;
+    let _: () = s.conn.clone().set(s.keys.to_save_messages(0), 7).await.expect("set");
+    let conn = im_common::connections::connect(&s.env.config().redis).await.expect("redis");
+    let fence = Fence { lease_key: s.keys.lease(0), lease_value: lease.value.clone() };
+    let mut reader = StreamReader::new(conn, fence, to_save.clone(), GROUP.into(), 1, 10, 0);
+    reader.ensure_group().await.expect("group");
+    let mover = s.mover(&lease.value);
+    let plan = SeqPlan::default();
+
+    let first = reader.next_batch().await.expect("read");
+    mover.commit(&to_save, &dead, &[first[0].id.as_str()], 3, &[], &[], &[], &plan).await.expect("commit");
+    assert_eq!(s.handed_messages().await, Some(4));
+
+    let _: () = s.conn.clone().set(s.keys.to_save_messages(0), 99).await.expect("set");
+    let second = reader.next_batch().await.expect("read");
+    mover.commit(&to_save, &dead, &[second[0].id.as_str()], 4, &[], &[], &[], &plan).await.expect("commit");
+    assert_eq!((s.len(&to_save).await, s.handed_messages().await), (0, None), "the emptied stream kept a count");
 }
 
 /// An acknowledged batch leaves its stream and nothing after it does: the scripts trim up to the
@@ -339,7 +374,7 @@ async fn acknowledging_a_batch_trims_exactly_its_entries_off_the_stream() {
     let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, ["5-1", "5-2"]);
 
-    s.mover(&lease.value).commit(&to_save, &dead, &ids, &[], &[], &[], &SeqPlan::default()).await.expect("commit");
+    s.mover(&lease.value).commit(&to_save, &dead, &ids, 0, &[], &[], &[], &SeqPlan::default()).await.expect("commit");
     let left: redis::streams::StreamRangeReply = s.conn.clone().xrange_all(&to_save).await.expect("xrange");
     assert_eq!(left.ids.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["5-3"], "the batch, and only it, left");
     assert_eq!(s.pending(&to_save).await, 0);

@@ -10,7 +10,7 @@ use im_common::config::{Config, ConfigError};
 use im_common::protocol::{
     parse_request, AckTarget, Encoding, FrameLimits, Rejection, Request, SendRequest, ServerFrame, SyncRequest,
 };
-use im_common::record::{self, Accepted, ChatMessage, Origin, PushBatch};
+use im_common::record::{self, Accepted, ChatMessage, Handed, Origin, PushBatch};
 
 /// The authenticated user every fuzzed frame comes from.
 pub const FUZZ_UID: u64 = 7;
@@ -116,6 +116,10 @@ pub fn check_record(bytes: &[u8]) {
     if let Ok(entry) = record::decode::<Accepted>(bytes) {
         let again: Accepted = record::decode(&record::encode(&entry)).expect("re-encoded Accepted must decode");
         assert_eq!(again, entry, "Accepted did not round-trip");
+    }
+    if let Ok(handed) = record::decode::<Handed>(bytes) {
+        let again: Handed = record::decode(&record::encode(&handed)).expect("re-encoded Handed must decode");
+        assert_eq!(again, handed, "Handed did not round-trip");
     }
     if let Ok(batch) = record::decode::<PushBatch>(bytes) {
         let again: PushBatch = record::decode(&record::encode(&batch)).expect("re-encoded PushBatch must decode");
