@@ -169,24 +169,64 @@ pub(crate) fn decode_accepted(batch: &[Entry]) -> Decoded {
     d
 }
 
-/// A batch read from `to_save`: one deliver batch per entry. An entry that does not decode counts
-/// as one message (its count is lost with it; the stream's next drain resets the count).
+/// A batch read from `to_save`: one deliver batch per entry. An entry of one message, as workers
+/// before the batched hand-over wrote it, is read as a batch of one, so a rolling upgrade saves
+/// what they left. An entry that decodes as neither counts as one message (its count is lost with
+/// it; the stream's next drain resets the count).
 pub(crate) fn decode_handed(batch: &[Entry]) -> Decoded {
     let mut d = Decoded::default();
     for e in batch {
-        match decode::<Handed>(&e.payload) {
-            Ok(handed) => {
-                d.messages += handed.len();
-                d.ok.extend(handed.messages);
-                d.bad.extend(handed.undecodable);
-            }
-            Err(_) => {
-                d.messages += 1;
-                d.bad.push(e.payload.clone());
-            }
+        if let Ok(handed) = decode::<Handed>(&e.payload) {
+            d.messages += handed.len();
+            d.ok.extend(handed.messages);
+            d.bad.extend(handed.undecodable);
+            continue;
+        }
+        d.messages += 1;
+        match decode::<Accepted>(&e.payload) {
+            Ok(one) => d.ok.push(one),
+            Err(_) => d.bad.push(e.payload.clone()),
         }
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_common::record::{encode, Origin};
+
+    fn accepted(id: u64) -> Accepted {
+        let msg = ChatMessage {
+            id,
+            from: 1,
+            to: 2,
+            client_msg_id: format!("c{id}"),
+            msg_type: "TEXT".into(),
+            body: "hi".into(),
+            seq: id,
+        };
+        Accepted { msg, origin: Origin { node: 1, conn: 1 }, pushed_at_epoch: Some(0), path_claim: false }
+    }
+
+    #[test]
+    fn to_save_entries_of_a_batch_of_one_message_or_of_garbage_are_read_in_stream_order() {
+        let entry = |id: &str, payload: Vec<u8>| Entry { id: id.into(), payload };
+        let batch = [
+            entry(
+                "1-0",
+                encode(&Handed { messages: vec![accepted(1), accepted(2)], undecodable: vec![b"x".to_vec()] }),
+            ),
+            // What a worker before the batched hand-over wrote: one message per entry.
+            entry("2-0", encode(&accepted(3))),
+            entry("3-0", b"\xc1".to_vec()),
+            entry("4-0", encode(&Handed { messages: vec![accepted(4)], undecodable: vec![] })),
+        ];
+        let d = decode_handed(&batch);
+        assert_eq!(d.ok.iter().map(|a| a.msg.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(d.bad, [b"x".to_vec(), b"\xc1".to_vec()]);
+        assert_eq!(d.messages, 6);
+    }
 }
 
 /// The push of a message to its recipient, wherever they are connected.
