@@ -191,6 +191,24 @@ pub(crate) fn decode_handed(batch: &[Entry]) -> Decoded {
     d
 }
 
+/// The push of a message to its recipient, wherever they are connected.
+pub(crate) fn chat_push(msg: &ChatMessage) -> (Target, Push) {
+    (Target::Routed, Push { user: msg.to, conn: None, frame: msg.push_frame() })
+}
+
+/// The distinct recipients of `msgs`.
+pub(crate) fn recipients(msgs: &[&ChatMessage]) -> Vec<u64> {
+    let mut users: Vec<u64> = msgs.iter().map(|m| m.to).collect();
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+/// Seconds since the message was accepted (its id carries the time).
+pub(crate) fn age_seconds(id: u64) -> f64 {
+    (now_ms() as i64 - timestamp_ms(id)).max(0) as f64 / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,22 +245,4 @@ mod tests {
         assert_eq!(d.bad, [b"x".to_vec(), b"\xc1".to_vec()]);
         assert_eq!(d.messages, 6);
     }
-}
-
-/// The push of a message to its recipient, wherever they are connected.
-pub(crate) fn chat_push(msg: &ChatMessage) -> (Target, Push) {
-    (Target::Routed, Push { user: msg.to, conn: None, frame: msg.push_frame() })
-}
-
-/// The distinct recipients of `msgs`.
-pub(crate) fn recipients(msgs: &[&ChatMessage]) -> Vec<u64> {
-    let mut users: Vec<u64> = msgs.iter().map(|m| m.to).collect();
-    users.sort_unstable();
-    users.dedup();
-    users
-}
-
-/// Seconds since the message was accepted (its id carries the time).
-pub(crate) fn age_seconds(id: u64) -> f64 {
-    (now_ms() as i64 - timestamp_ms(id)).max(0) as f64 / 1000.0
 }
