@@ -79,7 +79,7 @@ if not seqs_match(KEYS[4], fields, bases) then
 end
 set_seqs(KEYS[4], fields, tops)
 redis.call('XADD', KEYS[3], '*', field, batch)
-redis.call('INCRBY', KEYS[5], #ids)
+redis.pcall('INCRBY', KEYS[5], #ids)
 publish(channels, messages, 6)
 ack(KEYS[2], group, ids)
 return #ids
@@ -89,7 +89,9 @@ return #ids
 /// rejected, record saved and failed in the idempotency window, publish receipts (and the pushes:
 /// all of them in accepted-only mode, again for recipients who connected since in full mode), XACK
 /// the batch and trim it off; on `to_save`, take its messages off the count (which restarts from
-/// nothing whenever the stream is empty, so a count set wrong by hand heals itself).
+/// nothing whenever the stream is empty, so a count set wrong by hand heals itself). The count only
+/// informs (the backlog, admission): the scripts change it under `pcall`, so a count that is not a
+/// number never stops a batch.
 /// KEYS: lease, stream, dead-letter stream, seq counters, to_save message count, journals (one per
 /// publication), idempotency keys.. ARGV: lease value, then group, ttl, dead-letter maxlen, field,
 /// n_ack, n_dead, n_pub, n_seq, messages leaving to_save (0 on accepted), ids.., dead payloads..,
@@ -112,7 +114,7 @@ for k = 1, #states do redis.call('SET', KEYS[5 + n_pub + k], states[k], 'EX', tt
 publish(channels, messages, 6)
 ack(KEYS[2], group, ids)
 if n_left > 0 then
-  if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[5]) else redis.call('DECRBY', KEYS[5], n_left) end
+  if redis.call('XLEN', KEYS[2]) == 0 then redis.call('DEL', KEYS[5]) else redis.pcall('DECRBY', KEYS[5], n_left) end
 end
 return #ids
 ";

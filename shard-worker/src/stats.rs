@@ -39,14 +39,16 @@ pub async fn report(mut conn: RedisConn, keys: Keys, group: String, shard: u16) 
             u64,
             StreamPendingReply,
             StreamInfoGroupsReply,
-            Option<u64>,
+            // Signed: entries of older workers were never counted, and take the count below 0
+            // until the stream drains (a failed parse would void every gauge of the round).
+            Option<i64>,
             StreamPendingReply,
             StreamInfoGroupsReply,
             u64,
         );
         if let Ok((len_a, pend_a, info_a, len_s, pend_s, info_s, dead)) = pipe.query_async::<Row>(&mut conn).await {
             for (stream, len, pending, info) in
-                [(STREAMS[0], len_a, pend_a, info_a), (STREAMS[1], len_s.unwrap_or(0), pend_s, info_s)]
+                [(STREAMS[0], len_a, pend_a, info_a), (STREAMS[1], len_s.unwrap_or(0).max(0) as u64, pend_s, info_s)]
             {
                 let labels = [("shard", label.clone()), ("stream", stream.to_owned())];
                 metrics::gauge!("im_stream_length", &labels).set(len as f64);

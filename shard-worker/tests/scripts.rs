@@ -88,6 +88,11 @@ impl Shard {
         self.conn.clone().get(self.keys.to_save_messages(0)).await.expect("get")
     }
 
+    /// The count as stored, whatever it holds.
+    async fn handed_messages_raw(&self) -> Option<String> {
+        self.conn.clone().get(self.keys.to_save_messages(0)).await.expect("get")
+    }
+
     async fn len(&self, stream: &str) -> usize {
         self.conn.clone().xlen(stream).await.expect("xlen")
     }
@@ -353,6 +358,29 @@ async fn committed_batches_leave_the_to_save_count_and_an_emptied_stream_resets_
     let second = reader.next_batch().await.expect("read");
     mover.commit(&to_save, &dead, &[second[0].id.as_str()], 4, &[], &[], &[], &plan).await.expect("commit");
     assert_eq!((s.len(&to_save).await, s.handed_messages().await), (0, None), "the emptied stream kept a count");
+}
+
+/// The count only informs: one that is not a number (set by hand, say) neither stops a hand-over
+/// nor a commit, and the commit that empties `to_save` removes it.
+#[tokio::test]
+async fn a_to_save_count_that_is_not_a_number_stops_nothing_and_is_reset_by_the_next_drain() {
+    let s = Shard::new("count_garbage").await;
+    let lease = s.lease("a", Duration::from_secs(5)).await.expect("free shard");
+    let (accepted, to_save, dead) = (s.keys.accepted_stream(0), s.keys.to_save_stream(0), s.keys.dead_letter_stream(0));
+    let _: () = s.conn.clone().set(s.keys.to_save_messages(0), "not a number").await.expect("set");
+    let mut reader = s.reader(accepted.clone(), &lease.value).await;
+    s.append(&accepted, &[b"m1", b"m2"]).await;
+    let batch = reader.next_batch().await.expect("read");
+    let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
+    let mover = s.mover(&lease.value);
+    mover.handoff(&accepted, &to_save, &ids, b"batch", &[], &SeqPlan::default()).await.expect("handoff");
+    assert_eq!((s.len(&accepted).await, s.len(&to_save).await), (0, 1), "the batch did not move");
+
+    let mut saver = s.reader(to_save.clone(), &lease.value).await;
+    let handed = saver.next_batch().await.expect("read");
+    let handed_ids: Vec<&str> = handed.iter().map(|e| e.id.as_str()).collect();
+    mover.commit(&to_save, &dead, &handed_ids, 2, &[], &[], &[], &SeqPlan::default()).await.expect("commit");
+    assert_eq!((s.len(&to_save).await, s.handed_messages_raw().await), (0, None));
 }
 
 /// An acknowledged batch leaves its stream and nothing after it does: the scripts trim up to the
