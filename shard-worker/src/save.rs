@@ -175,7 +175,7 @@ impl Commit {
             dead,
             plan,
             push_after_save,
-            leaving: if push_after_save { 0 } else { decoded.messages },
+            leaving: decoded.handed_messages,
             saved_count: outcome.saved.len(),
             ages: accepted.iter().map(|a| a.msg.id).collect(),
         }

@@ -153,13 +153,14 @@ impl ShardContext {
 pub(crate) struct Decoded {
     pub ok: Vec<Accepted>,
     pub bad: Vec<Vec<u8>>,
-    /// How many `accepted` entries the batch stands for (on `to_save`: what its entries held).
-    pub messages: usize,
+    /// How many messages the batch's `to_save` entries held (what its commit takes off the count;
+    /// 0 for a batch read from `accepted`).
+    pub handed_messages: usize,
 }
 
 /// A batch read from `accepted`: one message per entry.
 pub(crate) fn decode_accepted(batch: &[Entry]) -> Decoded {
-    let mut d = Decoded { ok: Vec::with_capacity(batch.len()), messages: batch.len(), ..Decoded::default() };
+    let mut d = Decoded { ok: Vec::with_capacity(batch.len()), ..Decoded::default() };
     for e in batch {
         match decode::<Accepted>(&e.payload) {
             Ok(a) => d.ok.push(a),
@@ -177,12 +178,12 @@ pub(crate) fn decode_handed(batch: &[Entry]) -> Decoded {
     let mut d = Decoded::default();
     for e in batch {
         if let Ok(handed) = decode::<Handed>(&e.payload) {
-            d.messages += handed.len();
+            d.handed_messages += handed.len();
             d.ok.extend(handed.messages);
             d.bad.extend(handed.undecodable);
             continue;
         }
-        d.messages += 1;
+        d.handed_messages += 1;
         match decode::<Accepted>(&e.payload) {
             Ok(one) => d.ok.push(one),
             Err(_) => d.bad.push(e.payload.clone()),
@@ -243,6 +244,6 @@ mod tests {
         let d = decode_handed(&batch);
         assert_eq!(d.ok.iter().map(|a| a.msg.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
         assert_eq!(d.bad, [b"x".to_vec(), b"\xc1".to_vec()]);
-        assert_eq!(d.messages, 6);
+        assert_eq!(d.handed_messages, 6);
     }
 }

@@ -104,9 +104,8 @@ pub async fn spawn_dashboard(dir: &Path, state_file: &Path) -> Result<DashboardP
 /// Starts `cmd` detached and waits for its ready file: its address and pid. A process that never
 /// gets that far — it exited, timed out, or the wait was abandoned — is killed, not left running.
 async fn start_until_ready(cmd: Command, ready: &Path, log: &Path) -> Result<(String, u32), ClusterError> {
-    let started = process::Unready::default();
     let pid = process::spawn_detached(cmd, log)?;
-    started.add(pid);
+    let started = process::Unready::of(pid);
     let addr = read_ready_addr(ready, pid, log).await?;
     started.ready();
     Ok((addr, pid))

@@ -70,6 +70,13 @@ pub struct Unready {
 }
 
 impl Unready {
+    /// One process just started.
+    pub fn of(pid: u32) -> Self {
+        let started = Unready::default();
+        started.add(pid);
+        started
+    }
+
     /// One more process started.
     pub fn add(&self, pid: u32) {
         self.pids.lock().unwrap_or_else(|p| p.into_inner()).push(pid);

@@ -379,9 +379,8 @@ impl Launch {
         let kind = self.kind.name();
         let mut command = Command::new(&self.binary);
         command.args(&self.args);
-        let started = process::Unready::default();
         let pid = process::spawn_detached(command, &log_path(&self.dir, self.kind))?;
-        started.add(pid);
+        let started = process::Unready::of(pid);
         let server = PrivateServer {
             kind_name: kind.into(),
             port: self.port,
