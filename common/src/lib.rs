@@ -13,6 +13,7 @@ pub mod keys;
 pub mod node_lease;
 pub mod protocol;
 pub mod record;
+pub mod route_cache;
 pub mod router;
 pub mod runtime;
 pub mod seq_counters;

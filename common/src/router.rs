@@ -4,7 +4,8 @@
 //! themselves when a user connects, refresh all their users on a heartbeat, and remove themselves when
 //! the user's last local connection closes; a crashed gateway's entries simply expire. Pushes for a
 //! batch resolve all recipients in one pipeline and then send one journaled PUBLISH per node
-//! ([`crate::journal`]) in a second one.
+//! ([`crate::journal`]) in a second one. Shard workers read routes through a [`RouteCache`] that the
+//! recipients' presence epochs validate.
 
 use std::collections::HashMap;
 
@@ -13,6 +14,7 @@ use crate::connections::RedisConn;
 use crate::journal::PUBLISH_SCRIPT;
 use crate::keys::Keys;
 use crate::record::{encode, Push, PushBatch};
+use crate::route_cache::RouteCache;
 
 /// Where a push goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,47 +49,65 @@ impl Router {
 
     /// The gateway nodes holding each user, in one pipelined round trip (users on none are left out).
     pub async fn resolve(&self, users: &[u64]) -> redis::RedisResult<Routes> {
-        Ok(self.locate(users, false, None).await?.0)
+        let read = self.read_routes(users).await?;
+        Ok(read.into_iter().filter(|(_, nodes)| !nodes.is_empty()).collect())
     }
 
-    /// [`Router::resolve`], with the users' presence epochs (`Keys::presence`: raised on every new
-    /// connection; 0 if never) when `epochs` (one MGET), and one more command whose raw reply is
-    /// returned — all in one round trip.
+    /// The users' presence epochs (`Keys::presence`: raised on every new connection; 0 if never) and
+    /// the gateway nodes holding them, through `cache`, with one more command whose raw reply is
+    /// returned — in one round trip, and a second on a cluster for users who connected since their
+    /// routes were cached. Routes are read no earlier than the epochs ([`crate::route_cache`]), so a
+    /// push sent to them reaches every connection that raised the epoch it is recorded with.
     pub async fn locate(
         &self,
         users: &[u64],
-        epochs: bool,
+        cache: &RouteCache,
         extra: Option<redis::Cmd>,
     ) -> redis::RedisResult<(Routes, Epochs, redis::Value)> {
-        let epochs = epochs && !users.is_empty();
         if users.is_empty() && extra.is_none() {
             return Ok((Routes::new(), Epochs::new(), redis::Value::Nil));
         }
-        let now = crate::ids::now_ms();
+        // One server runs a pipeline's commands in order; a cluster sends them to their nodes at once.
+        let ordered = !self.conn.is_cluster();
+        let with_epochs = cache.stale(users, ordered);
         let mut pipe = redis::pipe();
         if let Some(cmd) = &extra {
             pipe.add_command(cmd.clone());
         }
-        if epochs {
+        if !users.is_empty() {
             pipe.add_command(self.epochs_cmd(users));
         }
+        self.route_reads(&mut pipe, &with_epochs);
+        let mut replies = pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?.into_iter();
+        let extra_reply = if extra.is_some() { replies.next().unwrap_or(redis::Value::Nil) } else { redis::Value::Nil };
+        let epochs = match users.is_empty() {
+            true => Epochs::new(),
+            false => read_epochs(users, replies.next().unwrap_or(redis::Value::Nil))?,
+        };
+        let (mut routes, again) = cache.settle(&epochs, parse_routes(&with_epochs, replies)?, ordered);
+        if !again.is_empty() {
+            routes.extend(cache.store(&epochs, self.read_routes(&again).await?));
+        }
+        Ok((routes, epochs, extra_reply))
+    }
+
+    /// Each user's gateway nodes (empty if on none), in one pipelined round trip.
+    async fn read_routes(&self, users: &[u64]) -> redis::RedisResult<Vec<(u64, Vec<u16>)>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        self.route_reads(&mut pipe, users);
+        let replies = pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?;
+        parse_routes(users, replies.into_iter())
+    }
+
+    /// Adds a read of each user's live route entries to `pipe`.
+    fn route_reads(&self, pipe: &mut redis::Pipeline, users: &[u64]) {
+        let now = crate::ids::now_ms();
         for &u in users {
             pipe.zrangebyscore(self.keys.route(u), now, "+inf");
         }
-        let mut replies = pipe.query_async::<Vec<redis::Value>>(&mut self.conn.clone()).await?.into_iter();
-        let extra_reply = if extra.is_some() { replies.next().unwrap_or(redis::Value::Nil) } else { redis::Value::Nil };
-        let mut found_epochs = Epochs::new();
-        if epochs {
-            found_epochs = read_epochs(users, replies.next().unwrap_or(redis::Value::Nil))?;
-        }
-        let mut routes = Routes::with_capacity(users.len());
-        for (&u, nodes) in users.iter().zip(replies) {
-            let nodes: Vec<u16> = redis::from_redis_value(nodes)?;
-            if !nodes.is_empty() {
-                routes.insert(u, nodes);
-            }
-        }
-        Ok((routes, found_epochs, extra_reply))
     }
 
     /// The users' presence epochs (0 if never connected), in one MGET.
@@ -183,6 +203,13 @@ pub type Routes = HashMap<u64, Vec<u16>>;
 /// Each user's presence epoch (`Keys::presence`: raised on every new connection of theirs; 0 if
 /// never). A change between two reads means the user connected in between.
 pub type Epochs = HashMap<u64, u64>;
+
+fn parse_routes(
+    users: &[u64],
+    replies: impl Iterator<Item = redis::Value>,
+) -> redis::RedisResult<Vec<(u64, Vec<u16>)>> {
+    users.iter().zip(replies).map(|(&u, nodes)| Ok((u, redis::from_redis_value(nodes)?))).collect()
+}
 
 fn read_epochs(users: &[u64], reply: redis::Value) -> redis::RedisResult<Epochs> {
     let values: Vec<Option<u64>> = redis::from_redis_value(reply)?;

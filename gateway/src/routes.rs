@@ -44,17 +44,24 @@ impl RouteKeeper {
         pipe.query_async(&mut self.conn.clone()).await
     }
 
-    /// A new connection of `uid`: raises the user's presence epoch (`Keys::presence`; the save stage
-    /// pushes again what was pushed before it) and, for the user's first connection on this node,
-    /// adds the route — one round trip.
+    /// A new connection of `uid`: for the user's first connection on this node adds the route, then
+    /// raises the user's presence epoch (`Keys::presence`; the save stage pushes again what was
+    /// pushed before it). Two round trips, the route first: a publisher that reads the raised epoch
+    /// then finds the route too (it reads routes no earlier than epochs,
+    /// [`im_common::route_cache`]) — on a cluster the two keys live on different nodes, so one
+    /// pipeline would not order them.
     pub async fn connected(&self, uid: u64, first_here: bool) -> redis::RedisResult<()> {
-        let mut pipe = redis::pipe();
-        let presence = self.keys.presence(uid);
-        pipe.incr(&presence, 1).ignore().expire(&presence, PRESENCE_TTL_SECS).ignore();
         if first_here {
-            self.add_route(&mut pipe, uid);
+            self.register(&[uid]).await?;
         }
-        pipe.query_async(&mut self.conn.clone()).await
+        let presence = self.keys.presence(uid);
+        redis::pipe()
+            .incr(&presence, 1)
+            .ignore()
+            .expire(&presence, PRESENCE_TTL_SECS)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
     }
 
     fn add_route(&self, pipe: &mut redis::Pipeline, uid: u64) {

@@ -1,0 +1,111 @@
+//! A connection's route and presence epoch against a reader of both, on a real Redis and a real
+//! Redis Cluster.
+//!
+//! The deliver stage pushes a message to the routes it reads and records the recipient's presence
+//! epoch read with them; the save stage pushes again only if that epoch moved since. So a reader
+//! that sees the epoch a connection raised must also see the route that connection added: else the
+//! push misses the connection, the save stage sees no new connection, and the connection's sync may
+//! have read MySQL before the row was there — the message never reaches it.
+
+use std::time::Duration;
+
+use im_common::connections;
+use im_common::route_cache::RouteCache;
+use im_common::router::Router;
+use im_gateway::routes::RouteKeeper;
+use im_harness::env::TestEnv;
+
+/// Users connected per test, each once, while a reader reads them in a loop.
+const CONNECTIONS: u64 = 400;
+const NODE: u16 = 7;
+
+/// Route caches whose entries are kept (the deliver stage's own) and read again every time (an
+/// unchanged epoch then vouches for routes read in the same round trip).
+const CACHE_AGES: [Duration; 2] = [Duration::from_secs(5), Duration::ZERO];
+
+/// Connects `CONNECTIONS` fresh users (from `first_user` on) one after the other; for each, a reader on a connection of
+/// its own reads the user's epoch and route (as the deliver stage does, through a route cache whose
+/// entries are read again after `max_age`) until it sees the epoch raised. Returns how many times
+/// that read did not hold the route.
+async fn epochs_seen_without_their_route(env: &TestEnv, first_user: u64, max_age: Duration) -> u64 {
+    let cfg = env.config();
+    let keys = env.keys();
+    let keeper = RouteKeeper::new(connections::connect(&cfg.redis).await.expect("Redis"), keys.clone(), NODE, 60_000);
+    let router = Router::new(connections::connect(&cfg.redis).await.expect("Redis"), keys);
+    let cache = RouteCache::new(max_age);
+    let mut misses = 0;
+    for user in first_user..first_user + CONNECTIONS {
+        let reader = async {
+            loop {
+                let (routes, epochs, _) = router.locate(&[user], &cache, None).await.expect("read");
+                if epochs.get(&user).copied().unwrap_or(0) >= 1 {
+                    return routes.get(&user).is_some_and(|nodes| nodes.contains(&NODE));
+                }
+            }
+        };
+        let (with_route, registered) = tokio::join!(reader, keeper.connected(user, true));
+        registered.expect("register");
+        if !with_route {
+            misses += 1;
+        }
+    }
+    misses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_sees_a_new_presence_epoch_sees_its_route_on_one_redis() {
+    let env = TestEnv::new("presence_routes");
+    for (i, max_age) in CACHE_AGES.into_iter().enumerate() {
+        let misses = epochs_seen_without_their_route(&env, 1 + i as u64 * CONNECTIONS, max_age).await;
+        assert_eq!(misses, 0, "{misses} of {CONNECTIONS} connections: epoch read without the route ({max_age:?})");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_sees_a_new_presence_epoch_sees_its_route_on_a_redis_cluster() {
+    let env = TestEnv::on_redis_cluster("presence_routes_rc").await.expect("the tests' Redis Cluster");
+    for (i, max_age) in CACHE_AGES.into_iter().enumerate() {
+        let misses = epochs_seen_without_their_route(&env, 1 + i as u64 * CONNECTIONS, max_age).await;
+        assert_eq!(misses, 0, "{misses} of {CONNECTIONS} connections: epoch read without the route ({max_age:?})");
+    }
+    env.cleanup().await;
+}
+
+/// What the readers' order relies on, seen in the commands Redis runs (`MONITOR`): a connection's
+/// route is added before its presence epoch is raised — on a cluster the two go to different
+/// nodes, so the route's round trip must be over before the epoch's starts.
+#[tokio::test]
+async fn a_new_connection_adds_its_route_before_it_raises_its_presence_epoch() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let env = TestEnv::new("presence_routes_order");
+    let cfg = env.config();
+    let keys = env.keys();
+    let address = env.redis_url.trim_start_matches("redis://").trim_end_matches('/').to_owned();
+    let mut monitor = BufReader::new(tokio::net::TcpStream::connect(&address).await.expect("Redis"));
+    monitor.get_mut().write_all(b"MONITOR\r\n").await.expect("MONITOR");
+    let mut line = String::new();
+    monitor.read_line(&mut line).await.expect("MONITOR answered");
+    assert_eq!(line.trim_end(), "+OK");
+
+    let keeper = RouteKeeper::new(connections::connect(&cfg.redis).await.expect("Redis"), keys.clone(), NODE, 60_000);
+    let user = 42;
+    keeper.connected(user, true).await.expect("register");
+
+    let (route, presence) = (format!("\"{}\"", keys.route(user)), format!("\"{}\"", keys.presence(user)));
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        line.clear();
+        let read = tokio::time::timeout(Duration::from_secs(10), monitor.read_line(&mut line)).await;
+        assert!(matches!(read, Ok(Ok(n)) if n > 0), "MONITOR ended before both commands showed; saw {order:?}");
+        let command = line.to_ascii_uppercase();
+        if command.contains("\"ZADD\"") && line.contains(&route) {
+            order.push("route");
+        } else if command.contains("\"INCR") && line.contains(&presence) {
+            order.push("epoch");
+        }
+    }
+    assert_eq!(order, ["route", "epoch"]);
+    env.cleanup().await;
+}
