@@ -87,7 +87,7 @@ pub async fn serve(gw: Arc<Gateway>, ws: WebSocket<Stream>, handshake: Handshake
     syncs.stop();
     drop(syncs);
     if gw.sessions.remove(uid, conn.id) {
-        if let Err(e) = Box::pin(gw.routes.unregister(uid)).await {
+        if let Err(e) = Box::pin(gw.routes.left(uid, &gw.sessions)).await {
             tracing::debug!(uid, error = %e, "route unregister failed; the entry expires by itself");
         }
     }

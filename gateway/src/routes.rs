@@ -73,9 +73,20 @@ impl RouteKeeper {
         pipe.pexpire(&key, self.ttl_ms as i64).ignore();
     }
 
-    /// Removes this node from `uid`'s route.
-    pub async fn unregister(&self, uid: u64) -> redis::RedisResult<()> {
-        redis::cmd("ZREM").arg(self.keys.route(uid)).arg(self.node).query_async(&mut self.conn.clone()).await
+    /// The user's last connection here closed: removes this node from the user's route. A
+    /// connection of the user that arrived meanwhile may have added the route before this removal
+    /// ran, and lost it to it; without the route it would miss every push, and no epoch would move
+    /// to have them pushed again. So if one is here once the removal is done, it is asked to
+    /// reconnect (1012), which registers it again and resyncs it.
+    pub async fn left(&self, uid: u64, sessions: &Sessions) -> redis::RedisResult<()> {
+        let () =
+            redis::cmd("ZREM").arg(self.keys.route(uid)).arg(self.node).query_async(&mut self.conn.clone()).await?;
+        if sessions.holds(uid) {
+            tracing::info!(uid, "a connection arrived while the route was removed; asking it to reconnect");
+            metrics::counter!("im_gateway_route_removal_races_total").increment(1);
+            sessions.close_user(uid, close_code::SERVICE_RESTART, "reconnect");
+        }
+        Ok(())
     }
 
     /// Refreshes every local user's route until the process ends.

@@ -295,6 +295,14 @@ impl Sessions {
         users.iter().flat_map(|(&uid, conns)| conns.iter().map(move |c| (uid, c.clone()))).collect()
     }
 
+    /// Asks every connection of `uid` here to close with `code`.
+    pub fn close_user(&self, uid: u64, code: u16, reason: &'static str) {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        for c in users.get(&uid).into_iter().flatten() {
+            c.out.control(Control::Close(code, reason));
+        }
+    }
+
     /// Asks every connection to close with `code` (graceful drain).
     pub fn close_all(&self, code: u16, reason: &'static str) {
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());

@@ -7,12 +7,17 @@
 //! push misses the connection, the save stage sees no new connection, and the connection's sync may
 //! have read MySQL before the row was there — the message never reaches it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use im_common::connections;
+use im_common::protocol::Encoding;
 use im_common::route_cache::RouteCache;
 use im_common::router::Router;
+use im_gateway::framing::{close_code, Control};
+use im_gateway::outbound::{Next, Outbound};
 use im_gateway::routes::RouteKeeper;
+use im_gateway::sessions::Sessions;
 use im_harness::env::TestEnv;
 
 /// Users connected per test, each once, while a reader reads them in a loop.
@@ -107,5 +112,46 @@ async fn a_new_connection_adds_its_route_before_it_raises_its_presence_epoch() {
         }
     }
     assert_eq!(order, ["route", "epoch"]);
+    env.cleanup().await;
+}
+
+/// A user's last connection here closes while their next one arrives, and the closing one's route
+/// removal runs after the arriving one added the route: the removal undoes it. Without a route the
+/// live connection misses every push, and no epoch moved to have them pushed again — so once the
+/// removal is done, a connection of the user still here must hold the route or be asked to
+/// reconnect (1012: it registers and syncs afresh).
+#[tokio::test]
+async fn a_connection_whose_route_a_concurrent_removal_undid_is_asked_to_reconnect() {
+    let env = TestEnv::new("presence_routes_removal");
+    let keys = env.keys();
+    let conn = connections::connect(&env.config().redis).await.expect("Redis");
+    let keeper = RouteKeeper::new(conn.clone(), keys.clone(), NODE, 60_000);
+    let sessions = Sessions::default();
+    let user = 9;
+    let first = sessions.new_handle(Arc::new(Outbound::new(8)), Encoding::Json);
+    assert!(sessions.add(user, first.clone()));
+    keeper.connected(user, true).await.expect("register");
+
+    // The first connection closes: it leaves the sessions, its route removal is not sent yet…
+    assert!(sessions.remove(user, first.id), "the user's last connection here");
+    // …when the next one arrives and registers.
+    let next_out = Arc::new(Outbound::new(8));
+    assert!(sessions.add(user, sessions.new_handle(next_out.clone(), Encoding::Json)));
+    keeper.connected(user, true).await.expect("register");
+    // Now the removal runs.
+    keeper.left(user, &sessions).await.expect("route removal");
+
+    let nodes: Vec<u16> =
+        redis::cmd("ZRANGE").arg(keys.route(user)).arg(0).arg(-1).query_async(&mut conn.clone()).await.unwrap();
+    // What the connection's write task would send next, if anything is queued.
+    next_out.finish();
+    let asked_to_reconnect = matches!(
+        next_out.next(&mut Vec::new(), 16, 1 << 20).await,
+        Next::Control(Control::Close(close_code::SERVICE_RESTART, _))
+    );
+    assert!(
+        nodes.contains(&NODE) || asked_to_reconnect,
+        "a live connection with no route ({nodes:?}) and no request to reconnect"
+    );
     env.cleanup().await;
 }
