@@ -1,6 +1,8 @@
 //! A publisher's memory of where its recipients are: each user's routes, with the presence epoch
 //! they were read at, so a batch reads every recipient's epoch (one `MGET`) but routes only for
-//! users who connected since or whose routes were read more than `max_age` ago.
+//! users who connected since or whose routes were read more than `max_age` ago. Every
+//! [`crate::router::Router`] has one: a shard worker's stages share it, and so do a gateway's
+//! pushes (baseline) and receipt relays.
 //!
 //! Why an unchanged epoch vouches for routes: a gateway adds a connection's route before it raises
 //! the user's presence epoch, in two round trips (`RouteKeeper::connected` in the gateway), and
@@ -16,6 +18,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::router::{Epochs, Routes};
+
+/// How long a publisher pushes to a user's cached routes before it reads them again, even with the
+/// epoch unchanged: a node the user left, or a gateway that died, gets their pushes (dropped there)
+/// for at most this long. New connections raise the epoch and are seen at once.
+pub const ROUTES_READ_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 /// Users kept at most; beyond that the cache starts over (it is only a cache).
 const CAPACITY: usize = 200_000;

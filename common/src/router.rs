@@ -4,17 +4,18 @@
 //! themselves when a user connects, refresh all their users on a heartbeat, and remove themselves when
 //! the user's last local connection closes; a crashed gateway's entries simply expire. Pushes for a
 //! batch resolve all recipients in one pipeline and then send one journaled PUBLISH per node
-//! ([`crate::journal`]) in a second one. Shard workers read routes through a [`RouteCache`] that the
-//! recipients' presence epochs validate.
+//! ([`crate::journal`]) in a second one. Routes are read through a [`RouteCache`] that the
+//! recipients' presence epochs vouch for.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::connections::RedisConn;
 
 use crate::journal::PUBLISH_SCRIPT;
 use crate::keys::Keys;
 use crate::record::{encode, Push, PushBatch};
-use crate::route_cache::RouteCache;
+use crate::route_cache::{RouteCache, ROUTES_READ_AGAIN_AFTER};
 
 /// Where a push goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,36 +35,44 @@ pub struct SendStats {
     pub offline: usize,
 }
 
-/// Resolves routes and publishes pushes to node channels.
+/// Resolves routes and publishes pushes to node channels. Clones share the route cache.
 #[derive(Clone)]
 pub struct Router {
     conn: RedisConn,
     keys: Keys,
+    cache: Arc<RouteCache>,
 }
 
 impl Router {
-    /// A router over an existing connection.
+    /// A router over an existing connection, whose cached routes are read again once they are
+    /// [`ROUTES_READ_AGAIN_AFTER`] old.
     pub fn new(conn: RedisConn, keys: Keys) -> Self {
-        Router { conn, keys }
+        Router::with_cache(conn, keys, RouteCache::new(ROUTES_READ_AGAIN_AFTER))
     }
 
-    /// The gateway nodes holding each user, in one pipelined round trip (users on none are left out).
+    /// A router over an existing connection with a route cache of its own making.
+    pub fn with_cache(conn: RedisConn, keys: Keys, cache: RouteCache) -> Self {
+        Router { conn, keys, cache: Arc::new(cache) }
+    }
+
+    /// The gateway nodes holding each user (users on none are left out), as [`Router::locate`]
+    /// reads them.
     pub async fn resolve(&self, users: &[u64]) -> redis::RedisResult<Routes> {
-        let read = self.read_routes(users).await?;
-        Ok(read.into_iter().filter(|(_, nodes)| !nodes.is_empty()).collect())
+        Ok(self.locate(users, None).await?.0)
     }
 
     /// The users' presence epochs (`Keys::presence`: raised on every new connection; 0 if never) and
-    /// the gateway nodes holding them, through `cache`, with one more command whose raw reply is
-    /// returned — in one round trip, and a second on a cluster for users who connected since their
-    /// routes were cached. Routes are read no earlier than the epochs ([`crate::route_cache`]), so a
-    /// push sent to them reaches every connection that raised the epoch it is recorded with.
+    /// the gateway nodes holding them, through the route cache, with one more command whose raw
+    /// reply is returned — in one round trip, and a second on a cluster for users who connected
+    /// since their routes were cached. Routes are read no earlier than the epochs
+    /// ([`crate::route_cache`]), so a push sent to them reaches every connection that raised the
+    /// epoch it is recorded with, and every connection registered before this call.
     pub async fn locate(
         &self,
         users: &[u64],
-        cache: &RouteCache,
         extra: Option<redis::Cmd>,
     ) -> redis::RedisResult<(Routes, Epochs, redis::Value)> {
+        let cache = &self.cache;
         if users.is_empty() && extra.is_none() {
             return Ok((Routes::new(), Epochs::new(), redis::Value::Nil));
         }

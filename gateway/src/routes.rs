@@ -14,8 +14,9 @@ use crate::framing::close_code;
 use crate::sessions::Sessions;
 use im_common::keys::Keys;
 
-/// How long a user's presence epoch outlives their last connection. A message pushed longer ago
-/// than this and saved only now is pushed again if the user is online (the counter restarts).
+/// How long a user's presence epoch outlives their last connection (every route refresh renews it).
+/// A message pushed longer ago than this and saved only now is pushed again if the user is online
+/// (the counter restarts).
 const PRESENCE_TTL_SECS: i64 = 7 * 24 * 3600;
 
 /// Users registered per pipeline when refreshing all of them.
@@ -71,6 +72,9 @@ impl RouteKeeper {
         // Drop other nodes' expired entries and keep the key itself from outliving its entries.
         pipe.zrembyscore(&key, 0, now).ignore();
         pipe.pexpire(&key, self.ttl_ms as i64).ignore();
+        // The epoch lives while a connection does: one that expired under a live connection would
+        // count again from 1, and a read before and after could match across a new connection.
+        pipe.expire(self.keys.presence(uid), PRESENCE_TTL_SECS).ignore();
     }
 
     /// The user's last connection here closed: removes this node from the user's route. A

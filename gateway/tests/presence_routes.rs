@@ -36,13 +36,13 @@ async fn epochs_seen_without_their_route(env: &TestEnv, first_user: u64, max_age
     let cfg = env.config();
     let keys = env.keys();
     let keeper = RouteKeeper::new(connections::connect(&cfg.redis).await.expect("Redis"), keys.clone(), NODE, 60_000);
-    let router = Router::new(connections::connect(&cfg.redis).await.expect("Redis"), keys);
-    let cache = RouteCache::new(max_age);
+    let router =
+        Router::with_cache(connections::connect(&cfg.redis).await.expect("Redis"), keys, RouteCache::new(max_age));
     let mut misses = 0;
     for user in first_user..first_user + CONNECTIONS {
         let reader = async {
             loop {
-                let (routes, epochs, _) = router.locate(&[user], &cache, None).await.expect("read");
+                let (routes, epochs, _) = router.locate(&[user], None).await.expect("read");
                 if epochs.get(&user).copied().unwrap_or(0) >= 1 {
                     return routes.get(&user).is_some_and(|nodes| nodes.contains(&NODE));
                 }
@@ -153,5 +153,28 @@ async fn a_connection_whose_route_a_concurrent_removal_undid_is_asked_to_reconne
         nodes.contains(&NODE) || asked_to_reconnect,
         "a live connection with no route ({nodes:?}) and no request to reconnect"
     );
+    env.cleanup().await;
+}
+
+/// A user's presence epoch expires a week after their last connection, not while one lives: were it
+/// to expire under a live connection, it would count again from 1, and an epoch read before and
+/// one read after could match across a new connection. Every route refresh renews it.
+#[tokio::test]
+async fn a_route_refresh_renews_the_users_presence_epoch() {
+    let env = TestEnv::new("presence_routes_ttl");
+    let keys = env.keys();
+    let conn = connections::connect(&env.config().redis).await.expect("Redis");
+    let keeper = RouteKeeper::new(conn.clone(), keys.clone(), NODE, 60_000);
+    let user = 11;
+    keeper.connected(user, true).await.expect("register");
+    // Most of the week has passed.
+    let _: () = redis::cmd("EXPIRE").arg(keys.presence(user)).arg(60).query_async(&mut conn.clone()).await.unwrap();
+
+    keeper.register(&[user]).await.expect("refresh");
+
+    let ttl: i64 = redis::cmd("TTL").arg(keys.presence(user)).query_async(&mut conn.clone()).await.unwrap();
+    assert!(ttl > 6 * 24 * 3600, "the epoch expires in {ttl} s although the user is connected");
+    let epoch: u64 = redis::cmd("GET").arg(keys.presence(user)).query_async(&mut conn.clone()).await.unwrap();
+    assert_eq!(epoch, 1, "a refresh renews the epoch, it does not raise it");
     env.cleanup().await;
 }

@@ -4,23 +4,14 @@
 //! the whole batch) → hand the batch to `to_save` (as one
 //! entry) and XACK it: numbering, pushes and hand-over in one fenced script ([`crate::mover`]).
 
-use std::time::Duration;
-
 use im_common::backoff::Backoff;
 use im_common::record::{encode, Accepted, Handed};
-use im_common::route_cache::RouteCache;
 
 use crate::stage::{age_seconds, chat_push, decode_accepted, ShardContext};
 use crate::streams::StreamReader;
 
-/// How long the stage pushes to a recipient's cached routes before it reads them again, even with
-/// its presence epoch unchanged: a node the user left, or a gateway that died, gets its pushes
-/// (dropped there) for at most this long. New connections raise the epoch and are seen at once.
-const ROUTES_READ_AGAIN_AFTER: Duration = Duration::from_secs(5);
-
 /// The deliver stage (full mode). Returns when the lease is lost.
 pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
-    let routes = RouteCache::new(ROUTES_READ_AGAIN_AFTER);
     let to_save = ctx.keys.to_save_stream(ctx.shard);
     let shard = ctx.label();
     let pushed_age = metrics::histogram!("im_worker_accepted_to_pushed_seconds", "shard" => shard.clone());
@@ -31,7 +22,7 @@ pub async fn deliver_stage(ctx: ShardContext, mut reader: StreamReader) {
         let handoff = || async {
             // Numbered afresh on every try: a try whose script did not run consumed no seq.
             let mut accepted: Vec<Accepted> = decoded.ok.clone();
-            let (plan, routes, epochs) = ctx.number(&mut accepted, Some(&routes)).await?;
+            let (plan, routes, epochs) = ctx.number(&mut accepted, true).await?;
             for a in &mut accepted {
                 a.pushed_at_epoch = Some(epochs.get(&a.msg.to).copied().unwrap_or(0));
             }

@@ -235,7 +235,7 @@ async fn own_shard(
     // Counters Redis lost are rebuilt from MySQL now, while it may well be up, not at the first
     // message — full mode must push while MySQL is away.
     if ctx
-        .until_done(&mut Backoff::default(), "seq counters", || async { ctx.number(&mut [], None).await })
+        .until_done(&mut Backoff::default(), "seq counters", || async { ctx.number(&mut [], false).await })
         .await
         .is_none()
     {

@@ -72,7 +72,7 @@ async fn save_batches(
             }
             let number = || async {
                 let mut numbered = accepted.clone();
-                let (plan, _, _) = ctx.number(&mut numbered, None).await?;
+                let (plan, _, _) = ctx.number(&mut numbered, false).await?;
                 Ok::<_, String>((plan, numbered))
             };
             let Some((numbered_plan, numbered)) = ctx.until_done(&mut backoff, "save: number", number).await else {

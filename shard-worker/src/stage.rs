@@ -13,7 +13,6 @@ use std::sync::Arc;
 use im_common::ids::{now_ms, timestamp_ms};
 use im_common::keys::Keys;
 use im_common::record::{decode, Accepted, ChatMessage, Handed, Push};
-use im_common::route_cache::RouteCache;
 use im_common::router::{Epochs, Router, Routes, Target};
 use im_common::store::Store;
 
@@ -48,23 +47,20 @@ impl ShardContext {
     }
 
     /// Numbers the messages of `batch` that have no seq yet from the shard's counters (restoring
-    /// lost counters from MySQL first). With `routes`, the recipients' routes (through that cache)
-    /// and presence epochs are read in the same round trip. Messages that may also have been saved
+    /// lost counters from MySQL first). With `locate`, the recipients' routes and presence epochs
+    /// are read in the same round trip (`Router::locate`). Messages that may also have been saved
     /// on the baseline path are claimed first ([`ShardContext::claim_paths`]).
     pub(crate) async fn number(
         &self,
         batch: &mut [Accepted],
-        routes: Option<&RouteCache>,
+        locate: bool,
     ) -> Result<(SeqPlan, Routes, Epochs), String> {
         self.claim_paths(batch).await?;
         loop {
             let msgs: Vec<&ChatMessage> = batch.iter().map(|a| &a.msg).collect();
             let (read, fields) = sequences::read_counters(&self.keys, self.shard, &msgs);
-            let (routes, epochs, reply) = match routes {
-                Some(cache) => self.router.locate(&recipients(&msgs), cache, Some(read)).await,
-                None => read.query_async(&mut self.mover.conn.clone()).await.map(|r| (Routes::new(), Epochs::new(), r)),
-            }
-            .map_err(|e| e.to_string())?;
+            let users = if locate { recipients(&msgs) } else { Vec::new() };
+            let (routes, epochs, reply) = self.router.locate(&users, Some(read)).await.map_err(|e| e.to_string())?;
             if let Some(counters) = sequences::parse_counters(fields, reply).map_err(|e| e.to_string())? {
                 let mut refs: Vec<&mut ChatMessage> = batch.iter_mut().map(|a| &mut a.msg).collect();
                 return Ok((sequences::number(&counters, &mut refs), routes, epochs));
