@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use im_common::connections;
+use im_common::connections::{self, RedisConn};
 use im_common::protocol::Encoding;
 use im_common::route_cache::RouteCache;
 use im_common::router::Router;
@@ -28,16 +28,20 @@ const NODE: u16 = 7;
 /// unchanged epoch then vouches for routes read in the same round trip).
 const CACHE_AGES: [Duration; 2] = [Duration::from_secs(5), Duration::ZERO];
 
-/// Connects `CONNECTIONS` fresh users (from `first_user` on) one after the other; for each, a reader on a connection of
-/// its own reads the user's epoch and route (as the deliver stage does, through a route cache whose
-/// entries are read again after `max_age`) until it sees the epoch raised. Returns how many times
+/// A route keeper for node `NODE` in `env`, on a connection of its own, and that connection.
+async fn route_keeper(env: &TestEnv) -> (RouteKeeper, RedisConn) {
+    let conn = connections::connect(&env.config().redis).await.expect("Redis");
+    (RouteKeeper::new(conn.clone(), env.keys(), NODE, 60_000), conn)
+}
+
+/// Connects `CONNECTIONS` fresh users (from `first_user` on) one after the other; for each, a
+/// reader on a connection of its own reads the user's epoch and route (as publishers do, through a
+/// route cache whose entries are read again after `max_age`) until it sees the epoch raised. Returns how many times
 /// that read did not hold the route.
 async fn epochs_seen_without_their_route(env: &TestEnv, first_user: u64, max_age: Duration) -> u64 {
-    let cfg = env.config();
-    let keys = env.keys();
-    let keeper = RouteKeeper::new(connections::connect(&cfg.redis).await.expect("Redis"), keys.clone(), NODE, 60_000);
-    let router =
-        Router::with_cache(connections::connect(&cfg.redis).await.expect("Redis"), keys, RouteCache::new(max_age));
+    let (keeper, _) = route_keeper(env).await;
+    let conn = connections::connect(&env.config().redis).await.expect("Redis");
+    let router = Router::with_cache(conn, env.keys(), RouteCache::new(max_age));
     let mut misses = 0;
     for user in first_user..first_user + CONNECTIONS {
         let reader = async {
@@ -85,7 +89,6 @@ async fn a_new_connection_adds_its_route_before_it_raises_its_presence_epoch() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
     let env = TestEnv::new("presence_routes_order");
-    let cfg = env.config();
     let keys = env.keys();
     let address = env.redis_url.trim_start_matches("redis://").trim_end_matches('/').to_owned();
     let mut monitor = BufReader::new(tokio::net::TcpStream::connect(&address).await.expect("Redis"));
@@ -94,7 +97,7 @@ async fn a_new_connection_adds_its_route_before_it_raises_its_presence_epoch() {
     monitor.read_line(&mut line).await.expect("MONITOR answered");
     assert_eq!(line.trim_end(), "+OK");
 
-    let keeper = RouteKeeper::new(connections::connect(&cfg.redis).await.expect("Redis"), keys.clone(), NODE, 60_000);
+    let (keeper, _) = route_keeper(&env).await;
     let user = 42;
     keeper.connected(user, true).await.expect("register");
 
@@ -124,8 +127,7 @@ async fn a_new_connection_adds_its_route_before_it_raises_its_presence_epoch() {
 async fn a_connection_whose_route_a_concurrent_removal_undid_is_asked_to_reconnect() {
     let env = TestEnv::new("presence_routes_removal");
     let keys = env.keys();
-    let conn = connections::connect(&env.config().redis).await.expect("Redis");
-    let keeper = RouteKeeper::new(conn.clone(), keys.clone(), NODE, 60_000);
+    let (keeper, conn) = route_keeper(&env).await;
     let sessions = Sessions::default();
     let user = 9;
     let first = sessions.new_handle(Arc::new(Outbound::new(8)), Encoding::Json);
@@ -163,8 +165,7 @@ async fn a_connection_whose_route_a_concurrent_removal_undid_is_asked_to_reconne
 async fn a_route_refresh_renews_the_users_presence_epoch() {
     let env = TestEnv::new("presence_routes_ttl");
     let keys = env.keys();
-    let conn = connections::connect(&env.config().redis).await.expect("Redis");
-    let keeper = RouteKeeper::new(conn.clone(), keys.clone(), NODE, 60_000);
+    let (keeper, conn) = route_keeper(&env).await;
     let user = 11;
     keeper.connected(user, true).await.expect("register");
     // Most of the week has passed.
