@@ -18,11 +18,12 @@ use crate::recorder::Percentiles;
 
 mod render;
 
-/// overload: the bound on the admitted messages' saved p99, ms. Admission by the oldest unsaved
-/// message's wait and the append round trip gave 0.36–1.7 s at 2× on the 2-core box, 0.36–0.65 s
-/// while the box was not slowed from outside (docs/BENCHMARKS.md, overload); issue 14's goal of
-/// 0.5 s is not held in every run, so the bound stays at 1 s (it was 5 s before issue 14).
-const OVERLOAD_SAVED_P99_BOUND_MS: f64 = 1_000.0;
+/// overload: the bound on the admitted messages' saved p99, ms — issue 14's goal (5 s before it,
+/// 1 s while admission was still tuned). Every run since the save stage was pipelined held it,
+/// on fast and slow boxes alike: 233–449 ms in nine runs (docs/RELIABILITY.md, drills of
+/// sessions 11–15); the one miss before (642 ms) was on a box with half the capacity of the
+/// slowest of those.
+const OVERLOAD_SAVED_P99_BOUND_MS: f64 = 500.0;
 /// overload: the bound on any gateway's or worker's resident memory, MiB.
 const OVERLOAD_RSS_BOUND_MIB: f64 = 1024.0;
 /// slow-consumers: the fast receivers' E2E p99 bound without a control run, ms.
