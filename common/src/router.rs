@@ -72,13 +72,12 @@ impl Router {
         users: &[u64],
         extra: Option<redis::Cmd>,
     ) -> redis::RedisResult<(Routes, Epochs, redis::Value)> {
-        let cache = &self.cache;
         if users.is_empty() && extra.is_none() {
             return Ok((Routes::new(), Epochs::new(), redis::Value::Nil));
         }
         // One server runs a pipeline's commands in order; a cluster sends them to their nodes at once.
         let ordered = !self.conn.is_cluster();
-        let with_epochs = cache.stale(users, ordered);
+        let with_epochs = self.cache.stale(users, ordered);
         let mut pipe = redis::pipe();
         if let Some(cmd) = &extra {
             pipe.add_command(cmd.clone());
@@ -93,9 +92,9 @@ impl Router {
             true => Epochs::new(),
             false => read_epochs(users, replies.next().unwrap_or(redis::Value::Nil))?,
         };
-        let (mut routes, again) = cache.settle(&epochs, parse_routes(&with_epochs, replies)?, ordered);
+        let (mut routes, again) = self.cache.settle(&epochs, parse_routes(&with_epochs, replies)?, ordered);
         if !again.is_empty() {
-            routes.extend(cache.store(&epochs, self.read_routes(&again).await?));
+            routes.extend(self.cache.store(&epochs, self.read_routes(&again).await?));
         }
         Ok((routes, epochs, extra_reply))
     }
@@ -117,14 +116,6 @@ impl Router {
         for &u in users {
             pipe.zrangebyscore(self.keys.route(u), now, "+inf");
         }
-    }
-
-    /// The users' presence epochs (0 if never connected), in one MGET.
-    pub async fn epochs(&self, users: &[u64]) -> redis::RedisResult<Epochs> {
-        if users.is_empty() {
-            return Ok(Epochs::new());
-        }
-        read_epochs(users, self.epochs_cmd(users).query_async(&mut self.conn.clone()).await?)
     }
 
     /// `MGET` of the users' presence keys (never `GET`: the reply is always a list).

@@ -130,8 +130,8 @@ impl RouteKeeper {
     /// would go unseen by publishers that cached their absence, and the save stage pushes again
     /// what was pushed into the gap.
     pub async fn reregister(&self, sessions: &Sessions) -> redis::RedisResult<()> {
-        self.refresh(sessions).await?;
         for chunk in sessions.users().chunks(REGISTER_CHUNK) {
+            self.register(chunk).await?;
             let mut pipe = redis::pipe();
             for &uid in chunk {
                 self.raise_epoch(&mut pipe, uid);

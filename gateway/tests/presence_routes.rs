@@ -17,7 +17,7 @@ use im_common::router::Router;
 use im_gateway::framing::{close_code, Control};
 use im_gateway::outbound::{Next, Outbound};
 use im_gateway::routes::RouteKeeper;
-use im_gateway::sessions::Sessions;
+use im_gateway::sessions::{ConnHandle, Sessions};
 use im_harness::env::TestEnv;
 
 /// Users connected per test, each once, while a reader reads them in a loop.
@@ -32,6 +32,12 @@ const CACHE_AGES: [Duration; 2] = [Duration::from_secs(5), Duration::ZERO];
 async fn route_keeper(env: &TestEnv) -> (RouteKeeper, RedisConn) {
     let conn = connections::connect(&env.config().redis).await.expect("Redis");
     (RouteKeeper::new(conn.clone(), env.keys(), NODE, 60_000), conn)
+}
+
+/// A connection of `user` opened in `sessions`: whether it is the user's first here, and its handle.
+fn open(sessions: &Sessions, user: u64) -> (bool, ConnHandle) {
+    let conn = sessions.new_handle(Arc::new(Outbound::new(8)), Encoding::Json);
+    (sessions.add(user, conn.clone()), conn)
 }
 
 /// Connects `CONNECTIONS` fresh users (from `first_user` on) one after the other; for each, a
@@ -130,15 +136,15 @@ async fn a_connection_whose_route_a_concurrent_removal_undid_is_asked_to_reconne
     let (keeper, conn) = route_keeper(&env).await;
     let sessions = Sessions::default();
     let user = 9;
-    let first = sessions.new_handle(Arc::new(Outbound::new(8)), Encoding::Json);
-    assert!(sessions.add(user, first.clone()));
+    let (first_here, first) = open(&sessions, user);
+    assert!(first_here);
     keeper.connected(user, true).await.expect("register");
 
     // The first connection closes: it leaves the sessions, its route removal is not sent yet…
     assert!(sessions.remove(user, first.id), "the user's last connection here");
     // …when the next one arrives and registers.
-    let next_out = Arc::new(Outbound::new(8));
-    assert!(sessions.add(user, sessions.new_handle(next_out.clone(), Encoding::Json)));
+    let (first_here, next) = open(&sessions, user);
+    assert!(first_here);
     keeper.connected(user, true).await.expect("register");
     // Now the removal runs.
     keeper.left(user, &sessions).await.expect("route removal");
@@ -146,9 +152,9 @@ async fn a_connection_whose_route_a_concurrent_removal_undid_is_asked_to_reconne
     let nodes: Vec<u16> =
         redis::cmd("ZRANGE").arg(keys.route(user)).arg(0).arg(-1).query_async(&mut conn.clone()).await.unwrap();
     // What the connection's write task would send next, if anything is queued.
-    next_out.finish();
+    next.out.finish();
     let asked_to_reconnect = matches!(
-        next_out.next(&mut Vec::new(), 16, 1 << 20).await,
+        next.out.next(&mut Vec::new(), 16, 1 << 20).await,
         Next::Control(Control::Close(close_code::SERVICE_RESTART, _))
     );
     assert!(
@@ -192,7 +198,7 @@ async fn routes_a_gateway_registers_again_after_redis_lost_them_are_seen_by_a_pu
     let router = Router::with_cache(conn.clone(), keys.clone(), RouteCache::new(Duration::from_secs(600)));
     let sessions = Sessions::default();
     let user = 13;
-    assert!(sessions.add(user, sessions.new_handle(Arc::new(Outbound::new(8)), Encoding::Json)));
+    assert!(open(&sessions, user).0);
     keeper.connected(user, true).await.expect("register");
     assert_eq!(router.resolve(&[user]).await.unwrap().get(&user), Some(&vec![NODE]));
 

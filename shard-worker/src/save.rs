@@ -188,22 +188,21 @@ impl Commit {
         let dead: Vec<DeadLetter> = self.dead.iter().map(|(payload, reason)| DeadLetter { payload, reason }).collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let commit = || async {
-            // Routes are read after the rows are committed: a connection registered before this
-            // read gets the push, one registered after it syncs from MySQL, which has the rows.
-            // Full mode pushed before the save, so only recipients whose presence epoch moved since
-            // (they connected in between) get the message again: one MGET, and routes for those.
+            // Routes and epochs are read after the rows are committed: a connection registered
+            // before this read gets the push, one registered after it syncs from MySQL, which has
+            // the rows. Full mode pushed before the save, so only recipients whose presence epoch
+            // moved since (they connected in between) get the message again.
+            let msgs: Vec<&ChatMessage> = self.saved.iter().map(|(m, _)| m).collect();
+            let (routes, epochs, _) = ctx.router.locate(&recipients(&msgs), None).await?;
             let again: Vec<&ChatMessage> = if self.push_after_save {
-                self.saved.iter().map(|(m, _)| m).collect()
+                msgs
             } else {
-                let msgs: Vec<&ChatMessage> = self.saved.iter().map(|(m, _)| m).collect();
-                let epochs = ctx.router.epochs(&recipients(&msgs)).await?;
                 self.saved
                     .iter()
                     .filter(|(m, at)| at.is_some_and(|at| epochs.get(&m.to).is_some_and(|&now| now != at)))
                     .map(|(m, _)| m)
                     .collect()
             };
-            let routes = ctx.router.resolve(&recipients(&again)).await?;
             let mut all = self.frames.clone();
             all.extend(again.iter().map(|m| chat_push(m)));
             let (pubs, _) = ctx.router.group(&all, &routes, None);
