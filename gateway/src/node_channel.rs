@@ -82,10 +82,9 @@ pub async fn subscribe(
     }
 }
 
-/// Subscribe, then register the local users anew (`RouteKeeper::reregister`) and replay the
-/// journals from `seen`; live messages wait in the subscription's buffer meanwhile. The first time,
-/// `seen` starts at the journals' ends (read before subscribing, so nothing published in between is
-/// skipped).
+/// Subscribe, then refresh the routes and replay the journals from `seen`; live messages wait in
+/// the subscription's buffer meanwhile. The first time, `seen` starts at the journals' ends (read
+/// before subscribing, so nothing published in between is skipped).
 async fn resume(
     routes: &RouteKeeper,
     redis: &RedisConfig,
@@ -100,7 +99,7 @@ async fn resume(
         seen.extend(journals.iter().cloned().zip(tails));
     }
     let subscription = Subscription::open(redis, channels).await?;
-    routes.reregister(sessions).await?;
+    routes.refresh(sessions).await?;
     let limit = Duration::from_millis(JOURNAL_RETENTION_MS.min(routes.ttl_ms));
     if lost_at.is_some_and(|t| t.elapsed() > limit) {
         tracing::warn!("node channel gap longer than the journal or the routes; asking clients to reconnect");

@@ -55,14 +55,14 @@ impl RouteKeeper {
         if first_here {
             self.register(&[uid]).await?;
         }
-        let mut pipe = redis::pipe();
-        self.raise_epoch(&mut pipe, uid);
-        pipe.query_async(&mut self.conn.clone()).await
-    }
-
-    fn raise_epoch(&self, pipe: &mut redis::Pipeline, uid: u64) {
         let presence = self.keys.presence(uid);
-        pipe.incr(&presence, 1).ignore().expire(&presence, PRESENCE_TTL_SECS).ignore();
+        redis::pipe()
+            .incr(&presence, 1)
+            .ignore()
+            .expire(&presence, PRESENCE_TTL_SECS)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
     }
 
     fn add_route(&self, pipe: &mut redis::Pipeline, uid: u64) {
@@ -122,23 +122,6 @@ impl RouteKeeper {
                 Err(e) => tracing::warn!(error = %e, "route heartbeat failed"),
             }
         }
-    }
-
-    /// Every local user registered anew after the node channel was subscribed (again): routes, then
-    /// presence epochs raised, as for a new connection. Redis may have lost both meanwhile (a restart
-    /// without AOF, the last second with `everysec`); routes that come back without the epoch moving
-    /// would go unseen by publishers that cached their absence, and the save stage pushes again
-    /// what was pushed into the gap.
-    pub async fn reregister(&self, sessions: &Sessions) -> redis::RedisResult<()> {
-        for chunk in sessions.users().chunks(REGISTER_CHUNK) {
-            self.register(chunk).await?;
-            let mut pipe = redis::pipe();
-            for &uid in chunk {
-                self.raise_epoch(&mut pipe, uid);
-            }
-            pipe.query_async::<()>(&mut self.conn.clone()).await?;
-        }
-        Ok(())
     }
 
     /// Refreshes every local user's route.

@@ -185,31 +185,3 @@ async fn a_route_refresh_renews_the_users_presence_epoch() {
     assert_eq!(epoch, 1, "a refresh renews the epoch, it does not raise it");
     env.cleanup().await;
 }
-
-/// Redis restarted and lost what it held (AOF off, or the last second with `everysec`): the epochs
-/// read 0, and routes come back only when the gateway, subscribed again, registers its users anew
-/// — without a new connection. A publisher that cached "no route" at epoch 0 in between must see
-/// the route once the gateway has re-registered, so re-registering raises the epochs too.
-#[tokio::test]
-async fn routes_a_gateway_registers_again_after_redis_lost_them_are_seen_by_a_publisher_at_once() {
-    let env = TestEnv::new("presence_routes_lost");
-    let keys = env.keys();
-    let (keeper, conn) = route_keeper(&env).await;
-    let router = Router::with_cache(conn.clone(), keys.clone(), RouteCache::new(Duration::from_secs(600)));
-    let sessions = Sessions::default();
-    let user = 13;
-    assert!(open(&sessions, user).0);
-    keeper.connected(user, true).await.expect("register");
-    assert_eq!(router.resolve(&[user]).await.unwrap().get(&user), Some(&vec![NODE]));
-
-    // Redis loses the user's keys; a publisher reads the loss before the gateway notices.
-    let _: () =
-        redis::cmd("DEL").arg(keys.route(user)).arg(keys.presence(user)).query_async(&mut conn.clone()).await.unwrap();
-    assert_eq!(router.resolve(&[user]).await.unwrap().get(&user), None);
-
-    // The gateway subscribes again and registers its users anew.
-    keeper.reregister(&sessions).await.expect("re-register");
-
-    assert_eq!(router.resolve(&[user]).await.unwrap().get(&user), Some(&vec![NODE]), "the route is back");
-    env.cleanup().await;
-}
