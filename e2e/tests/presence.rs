@@ -60,3 +60,59 @@ async fn a_gateway_stalled_past_its_route_ttl_asks_its_clients_to_reconnect() {
     );
     drop(c);
 }
+
+/// Redis loses a live connection's route and presence epoch (a failover to a replica that had not
+/// got them, a restart without persistence). Publishers meanwhile read "no route" at epoch 0 and
+/// keep that for a while (`im_common::route_cache`); the gateway's next route refresh adds the route
+/// again — and must raise the epoch after it, as a new connection does, or the cached "no route"
+/// hides the connection from every push until the cache reads it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_redis_lost_under_a_live_connection_reaches_publishers_once_the_gateway_adds_it_again() {
+    let env = TestEnv::new("route_lost");
+    let mut s = spec(&env, Mode::Full, 2, 1);
+    s.config.gateway.route_ttl_ms = 1500; // refreshed every 500 ms
+    let c = e2e::start(&s).await;
+    let secret = c.state.jwt_secret.clone();
+    let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 6302).await;
+    bob.ping().await;
+    let mut alice = Client::connect(&c.state.gateways[1].ws_url, &secret, 6301).await;
+    alice.ping().await;
+    e2e::exchange(&mut alice, &mut bob, "before").await;
+
+    // Redis loses Bob's route and epoch; a message meanwhile finds him offline, and publishers
+    // remember that. (His gateway is paused meanwhile, well within the route TTL, so its refresh
+    // comes only after.)
+    let keys = env.keys();
+    let redis = e2e::redis(&c.state.redis_url).await;
+    let gw0 = c.state.gateways[0].pid;
+    process::send(gw0, Signal::SIGSTOP).unwrap();
+    let _: () =
+        redis::cmd("DEL").arg(keys.route(6302)).arg(keys.presence(6302)).query_async(&mut redis.clone()).await.unwrap();
+    alice.chat(6302, "while-lost", "x").await;
+    alice.ack("saved", "while-lost").await;
+    process::send(gw0, Signal::SIGCONT).unwrap();
+
+    // His gateway's refresh adds the route again…
+    let back = poll::until_true_async(WAIT, || async {
+        let nodes: Vec<u16> =
+            redis::cmd("ZRANGE").arg(keys.route(6302)).arg(0).arg(-1).query_async(&mut redis.clone()).await.unwrap();
+        !nodes.is_empty()
+    })
+    .await;
+    assert!(back, "Bob's gateway never added his route again");
+    // …and from then on pushes reach him at once, not once a publisher happens to read it again.
+    alice.chat(6302, "after", "x").await;
+    alice.ack("saved", "after").await;
+    let pushed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match bob.inner().next().await {
+                Some(Ok(Message::Text(t))) if t.contains("\"after\"") => return,
+                Some(Ok(_)) => continue,
+                other => panic!("Bob's connection ended: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(pushed.is_ok(), "a message saved after Bob's route was back did not reach him within 2 s");
+    drop(c);
+}

@@ -204,6 +204,8 @@ pub async fn run(
         ("im_gateway_replayed_pushes_total", "", vec![]),
         ("im_gateway_pushes_dropped_total", "", vec![]),
         ("im_gateway_route_lapses_total", "", vec![]),
+        ("im_gateway_route_removal_races_total", "", vec![]),
+        ("im_gateway_routes_restored_total", "", vec![]),
     ]);
     metrics::gauge!("im_build_info", "version" => env!("CARGO_PKG_VERSION"), "mode" => gw.mode.as_str(), "process" => "gateway")
         .set(1.0);

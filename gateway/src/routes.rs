@@ -16,8 +16,12 @@ use im_common::keys::Keys;
 
 /// How long a user's presence epoch outlives their last connection (every route refresh renews it).
 /// A message pushed longer ago than this and saved only now is pushed again if the user is online
-/// (the counter restarts).
+/// (the counter starts again, elsewhere).
 const PRESENCE_TTL_SECS: i64 = 7 * 24 * 3600;
+
+/// Where a presence epoch that does not exist starts counting: far from any value counted up from
+/// another start, and far below `INCR`'s limit (2^63).
+const EPOCH_STARTS: std::ops::Range<u64> = 1 << 32..1 << 62;
 
 /// Users registered per pipeline when refreshing all of them.
 const REGISTER_CHUNK: usize = 1000;
@@ -36,13 +40,15 @@ impl RouteKeeper {
         RouteKeeper { conn, keys, node, ttl_ms }
     }
 
-    /// Adds this node to the routes of `users` (one pipeline).
-    pub async fn register(&self, users: &[u64]) -> redis::RedisResult<()> {
+    /// Adds this node to the routes of `users` (one pipeline); returns those whose route did not
+    /// hold this node before — a first connection here, or a route Redis lost.
+    pub async fn register(&self, users: &[u64]) -> redis::RedisResult<Vec<u64>> {
         let mut pipe = redis::pipe();
         for &uid in users {
             self.add_route(&mut pipe, uid);
         }
-        pipe.query_async(&mut self.conn.clone()).await
+        let added: Vec<u32> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(users.iter().zip(added).filter(|&(_, added)| added > 0).map(|(&uid, _)| uid).collect())
     }
 
     /// A new connection of `uid`: for the user's first connection on this node adds the route, then
@@ -55,20 +61,29 @@ impl RouteKeeper {
         if first_here {
             self.register(&[uid]).await?;
         }
-        let presence = self.keys.presence(uid);
-        redis::pipe()
-            .incr(&presence, 1)
-            .ignore()
-            .expire(&presence, PRESENCE_TTL_SECS)
-            .ignore()
-            .query_async(&mut self.conn.clone())
-            .await
+        self.raise_epochs(&[uid]).await
+    }
+
+    /// Raises the presence epochs of `users`, whose routes were just added (one pipeline).
+    ///
+    /// An epoch that does not exist starts at a random value, not at 0: one Redis lost (or that
+    /// expired) and counts again must not come back to a value a publisher still holds with routes
+    /// read before — that value would vouch for routes without this connection.
+    async fn raise_epochs(&self, users: &[u64]) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        for &uid in users {
+            let presence = self.keys.presence(uid);
+            let start = rand::random_range(EPOCH_STARTS);
+            pipe.cmd("SET").arg(&presence).arg(start).arg("NX").ignore();
+            pipe.incr(&presence, 1).ignore().expire(&presence, PRESENCE_TTL_SECS).ignore();
+        }
+        pipe.query_async(&mut self.conn.clone()).await
     }
 
     fn add_route(&self, pipe: &mut redis::Pipeline, uid: u64) {
         let now = im_common::ids::now_ms();
         let key = self.keys.route(uid);
-        pipe.zadd(&key, self.node, now + self.ttl_ms).ignore();
+        pipe.zadd(&key, self.node, now + self.ttl_ms);
         // Drop other nodes' expired entries and keep the key itself from outliving its entries.
         pipe.zrembyscore(&key, 0, now).ignore();
         pipe.pexpire(&key, self.ttl_ms as i64).ignore();
@@ -124,10 +139,20 @@ impl RouteKeeper {
         }
     }
 
-    /// Refreshes every local user's route.
+    /// Refreshes every local user's route. A route that no longer held this node — Redis lost it
+    /// (a restart without persistence, a failover to a replica that had not got it), or a removal
+    /// undid it — is added again and its user's epoch raised after, as for a new connection:
+    /// publishers may have read "no route" meanwhile and would keep it while the epoch stays
+    /// ([`im_common::route_cache`]). Routes that were there leave epochs alone, so a refresh pushes
+    /// nothing again.
     pub(crate) async fn refresh(&self, sessions: &Sessions) -> redis::RedisResult<()> {
         for chunk in sessions.users().chunks(REGISTER_CHUNK) {
-            self.register(chunk).await?;
+            let restored = self.register(chunk).await?;
+            if !restored.is_empty() {
+                tracing::warn!(users = restored.len(), "routes were missing from Redis; added again");
+                metrics::counter!("im_gateway_routes_restored_total").increment(restored.len() as u64);
+                self.raise_epochs(&restored).await?;
+            }
         }
         Ok(())
     }

@@ -174,6 +174,7 @@ async fn a_route_refresh_renews_the_users_presence_epoch() {
     let (keeper, conn) = route_keeper(&env).await;
     let user = 11;
     keeper.connected(user, true).await.expect("register");
+    let before: u64 = redis::cmd("GET").arg(keys.presence(user)).query_async(&mut conn.clone()).await.unwrap();
     // Most of the week has passed.
     let _: () = redis::cmd("EXPIRE").arg(keys.presence(user)).arg(60).query_async(&mut conn.clone()).await.unwrap();
 
@@ -182,6 +183,35 @@ async fn a_route_refresh_renews_the_users_presence_epoch() {
     let ttl: i64 = redis::cmd("TTL").arg(keys.presence(user)).query_async(&mut conn.clone()).await.unwrap();
     assert!(ttl > 6 * 24 * 3600, "the epoch expires in {ttl} s although the user is connected");
     let epoch: u64 = redis::cmd("GET").arg(keys.presence(user)).query_async(&mut conn.clone()).await.unwrap();
-    assert_eq!(epoch, 1, "a refresh renews the epoch, it does not raise it");
+    assert_eq!(epoch, before, "a refresh renews the epoch, it does not raise it");
+    env.cleanup().await;
+}
+
+/// Redis loses a user's route and presence epoch (a restart without persistence, a failover to a
+/// replica that had not got them) while a publisher holds the epoch it read with the user's
+/// routes. The user's next connection, on another node, raises the epoch anew: were it to count
+/// from 0 again it could come back to the held value, which would vouch for the held routes — and
+/// the publisher would miss the new connection.
+#[tokio::test]
+async fn a_presence_epoch_redis_lost_does_not_come_back_to_a_value_a_publisher_holds() {
+    let env = TestEnv::new("presence_routes_lost");
+    let keys = env.keys();
+    let (keeper, conn) = route_keeper(&env).await;
+    let router = Router::with_cache(conn.clone(), env.keys(), RouteCache::new(Duration::from_secs(60)));
+    let user = 13;
+    keeper.connected(user, true).await.expect("register");
+    let (routes, _, _) = router.locate(&[user], None).await.expect("read");
+    assert_eq!(routes.get(&user), Some(&vec![NODE]));
+
+    let _: () =
+        redis::cmd("DEL").arg(keys.route(user)).arg(keys.presence(user)).query_async(&mut conn.clone()).await.unwrap();
+    let other_node = RouteKeeper::new(conn.clone(), keys.clone(), NODE + 1, 60_000);
+    other_node.connected(user, true).await.expect("register");
+
+    let (routes, _, _) = router.locate(&[user], None).await.expect("read");
+    assert!(
+        routes.get(&user).is_some_and(|nodes| nodes.contains(&(NODE + 1))),
+        "the publisher misses the user's new connection: {routes:?}"
+    );
     env.cleanup().await;
 }
