@@ -144,12 +144,16 @@ impl RouteKeeper {
     /// undid it — is added again and its user's epoch raised after, as for a new connection:
     /// publishers may have read "no route" meanwhile and would keep it while the epoch stays
     /// ([`im_common::route_cache`]). Routes that were there leave epochs alone, so a refresh pushes
-    /// nothing again.
+    /// nothing again. (A first connection whose own registration runs just after the refresh is
+    /// counted too; its epoch is raised once more, which at worst pushes a message twice.)
     pub(crate) async fn refresh(&self, sessions: &Sessions) -> redis::RedisResult<()> {
         for chunk in sessions.users().chunks(REGISTER_CHUNK) {
             let restored = self.register(chunk).await?;
             if !restored.is_empty() {
-                tracing::warn!(users = restored.len(), "routes were missing from Redis; added again");
+                tracing::warn!(
+                    users = restored.len(),
+                    "routes were missing from Redis (lost, or a first connection registering); added again"
+                );
                 metrics::counter!("im_gateway_routes_restored_total").increment(restored.len() as u64);
                 self.raise_epochs(&restored).await?;
             }
