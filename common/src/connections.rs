@@ -50,24 +50,60 @@ pub enum RedisConn {
 }
 
 /// A cluster connection made on first use (a fail-open gateway starts while the cluster is down),
-/// and made again when it is stuck: redis-rs 1.8's recovery can retry a slot refresh over an empty
-/// connection map for good once every node restarted ("No connections found" on every call, a
-/// busy loop inside the client; seen in the Redis Cluster drill, where a worker never took its
-/// shard back). A connection that answers nothing else for [`STUCK_CLUSTER_REPLACED_AFTER`] is
-/// dropped, and the next call connects afresh from the configured nodes.
+/// and made again when it is stuck. redis-rs 1.8's recovery, once every node restarted, can leave
+/// a connection broken for good, in ways seen in the Redis Cluster drill: it retries a slot refresh
+/// over an empty connection map ("No connections found" on every call, a busy loop inside the
+/// client; a worker never took its shard back); it keeps connections to some nodes only, so calls
+/// to the others say "No connections found" while the rest go through (a gateway could not
+/// subscribe again for good); or a command fanned out over several slots (`MGET`) comes back with
+/// fewer replies than it sent ("Mismatch in the number of multi-slot results" on every call; a
+/// worker's stages retried one batch for good). Such a connection is dropped — at once for a short
+/// answer, which is never a real one; once "no connections found" has kept coming for
+/// [`STUCK_CLUSTER_REPLACED_AFTER`], whatever went through meanwhile — and the next call connects
+/// afresh from the configured nodes.
 #[derive(Clone)]
 pub struct LazyCluster {
     client: Arc<ClusterClient>,
     conn: Arc<RwLock<Option<ClusterConnection>>>,
     /// One connect at a time.
     connecting: Arc<tokio::sync::Mutex<()>>,
-    /// Unix ms of the first "no connections found" of an unbroken run of them; 0: none.
-    stuck_since_ms: Arc<AtomicU64>,
+    stuck: Arc<StuckRun>,
 }
 
-/// How long a cluster connection may answer every call with "no connections found" before it is
-/// replaced (the client's own recovery, when it works, takes well under a second).
+/// The current run of "no connections found": each one no further than [`STUCK_RUN_GAP`] from the
+/// one before, whatever went through in between.
+#[derive(Default)]
+struct StuckRun {
+    /// Unix ms of the run's first and latest; 0: no run.
+    since_ms: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+impl StuckRun {
+    /// Notes one at `now` (Unix ms); true once the run has lasted [`STUCK_CLUSTER_REPLACED_AFTER`]
+    /// (and a new run starts with the next).
+    fn note(&self, now: u64) -> bool {
+        let last = self.last_ms.swap(now, Ordering::Relaxed);
+        let since = self.since_ms.load(Ordering::Relaxed);
+        if since == 0 || now.saturating_sub(last) > STUCK_RUN_GAP.as_millis() as u64 {
+            self.since_ms.store(now, Ordering::Relaxed);
+            return false;
+        }
+        let done = now.saturating_sub(since) >= STUCK_CLUSTER_REPLACED_AFTER.as_millis() as u64;
+        if done {
+            self.since_ms.store(0, Ordering::Relaxed);
+        }
+        done
+    }
+}
+
+/// How long "no connections found" may keep coming before the connection is replaced (the client's
+/// own recovery, when it works, takes well under a second).
 pub const STUCK_CLUSTER_REPLACED_AFTER: Duration = Duration::from_secs(3);
+
+/// "No connections found" this far apart still belong to one run: longer than any caller's pause
+/// between retries (`Backoff`: at most 5 s).
+const STUCK_RUN_GAP: Duration = Duration::from_secs(10);
 
 impl LazyCluster {
     fn new(client: ClusterClient) -> Self {
@@ -75,7 +111,7 @@ impl LazyCluster {
             client: Arc::new(client),
             conn: Arc::default(),
             connecting: Arc::default(),
-            stuck_since_ms: Arc::default(),
+            stuck: Arc::default(),
         }
     }
 
@@ -96,28 +132,30 @@ impl LazyCluster {
         Ok(conn)
     }
 
-    /// Notes how a call went; replaces the connection once it has been stuck long enough.
+    /// Notes how a call went; replaces the connection once it is stuck ([`LazyCluster`]).
     fn observe<T>(&self, result: &RedisResult<T>) {
-        let since = self.stuck_since_ms.load(Ordering::Relaxed);
         match result {
-            Err(e) if e.kind() == ErrorKind::ClusterConnectionNotFound => {
-                let now = now_ms();
-                if since == 0 {
-                    self.stuck_since_ms.store(now, Ordering::Relaxed);
-                } else if now.saturating_sub(since) >= STUCK_CLUSTER_REPLACED_AFTER.as_millis() as u64 {
-                    self.stuck_since_ms.store(0, Ordering::Relaxed);
-                    *self.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
-                    tracing::warn!(
-                        "the Redis Cluster connection found no node connections for {STUCK_CLUSTER_REPLACED_AFTER:?}; \
-                         connecting afresh"
-                    );
-                    metrics::counter!("im_redis_cluster_reconnects_total").increment(1);
-                }
-            }
-            _ if since != 0 => self.stuck_since_ms.store(0, Ordering::Relaxed),
+            Err(e) if came_back_short(e) => self.replace(e),
+            Err(e) if e.kind() == ErrorKind::ClusterConnectionNotFound && self.stuck.note(now_ms()) => self.replace(e),
+            // Successes do not end a run: with some nodes' connections lost, calls to the others
+            // still go through.
             _ => {}
         }
     }
+
+    /// Drops the connection; the next call connects afresh from the configured nodes.
+    fn replace(&self, error: &redis::RedisError) {
+        self.stuck.since_ms.store(0, Ordering::Relaxed);
+        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::warn!(%error, "the Redis Cluster connection is stuck; connecting afresh");
+        metrics::counter!("im_redis_cluster_reconnects_total").increment(1);
+    }
+}
+
+/// A command fanned out over several slots (`MGET`) answered by fewer of them than it was sent to:
+/// the client lost node connections it does not know it lost ([`LazyCluster`]).
+fn came_back_short(e: &redis::RedisError) -> bool {
+    e.kind() == ErrorKind::Client && e.to_string().contains("multi-slot")
 }
 
 impl RedisConn {
@@ -337,6 +375,38 @@ mod tests {
         assert_eq!(key(redis::cmd("MGET").arg("a").arg("b")), None, "several keys: redis-rs splits it");
         assert_eq!(key(redis::cmd("MGET").arg("a")).as_deref(), Some("a"));
         assert_eq!(key(&redis::cmd("TIME")), None);
+    }
+
+    /// A short answer to a command fanned out over several slots is what redis-rs 1.8 gives, on
+    /// every such call, once its recovery lost node connections; no other error means that.
+    #[test]
+    fn only_a_multi_slot_answer_that_came_back_short_replaces_the_connection_at_once() {
+        let client =
+            |what: &'static str, detail: &str| redis::RedisError::from((ErrorKind::Client, what, detail.into()));
+        let mismatch = "Mismatch in the number of multi-slot results compared to the expected result count.";
+        assert!(came_back_short(&client(mismatch, "Expected: 2, Found: 4")));
+        let shard = "Mismatch in the number of results returned by a shard in a multi-slot command.";
+        assert!(came_back_short(&client(shard, "Expected: 3, Found: 1")));
+        assert!(!came_back_short(&redis::RedisError::from((
+            ErrorKind::ClusterConnectionNotFound,
+            "No connections found"
+        ))));
+        assert!(!came_back_short(&client("Response was of incompatible type", "nil")));
+        assert!(!came_back_short(&redis::RedisError::from((ErrorKind::Io, "Connection refused"))));
+    }
+
+    /// With some nodes' connections lost, calls to the others go through between the "no
+    /// connections found": those must not hide that the connection is stuck.
+    #[test]
+    fn no_connections_found_that_keeps_coming_replaces_the_connection_whatever_went_through_between() {
+        let run = StuckRun::default();
+        assert!(!run.note(1_000), "a first one starts a run");
+        assert!(!run.note(3_000), "2 s into the run");
+        assert!(run.note(4_000), "3 s of them, calls in between or not: replaced");
+        assert!(!run.note(4_500), "a new connection starts a new run");
+        assert!(!run.note(20_000), "more than the gap since the last one: a new run");
+        assert!(!run.note(22_000));
+        assert!(run.note(23_000));
     }
 
     #[test]

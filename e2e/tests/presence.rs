@@ -116,3 +116,78 @@ async fn a_route_redis_lost_under_a_live_connection_reaches_publishers_once_the_
     assert!(pushed.is_ok(), "a message saved after Bob's route was back did not reach him within 2 s");
     drop(c);
 }
+
+/// Redis crashes and comes back empty (no persistence survived: its AOF is gone) while a sender
+/// and a recipient stay connected. The engine must come back by itself — workers take their leases
+/// and consumer groups anew and rebuild the seq counters from MySQL, gateways subscribe again and
+/// add their users' routes again — and from the first message saved after it, pushes must reach the
+/// recipient at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_comes_back_empty_pushes_reach_a_recipient_who_stayed_connected() {
+    let env = TestEnv::new("redis_emptied");
+    let mut s = spec(&env, Mode::Full, 2, 1);
+    s.force_private = true; // this test kills Redis and deletes its data
+    s.config.two_phase.lease_ttl_ms = 1500;
+    s.config.two_phase.block_ms = s.config.two_phase.max_block_ms();
+    let mut c = e2e::start(&s).await;
+    let secret = c.state.jwt_secret.clone();
+    let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 6402).await;
+    bob.ping().await;
+    let mut alice = Client::connect(&c.state.gateways[1].ws_url, &secret, 6401).await;
+    alice.ping().await;
+    e2e::exchange(&mut alice, &mut bob, "before").await;
+
+    let redis = e2e::private_server(&c.state, "redis");
+    let server = c.state.private_servers[redis].clone();
+    server.kill();
+    assert!(
+        poll::until_true(WAIT, || !server.is_running()).await,
+        "Redis (pid {}) still runs after kill -9",
+        server.pid
+    );
+    for entry in std::fs::read_dir(&server.dir).expect("Redis's directory") {
+        let path = entry.expect("an entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if name.starts_with("appendonly") || name.ends_with(".rdb") {
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.unwrap_or_else(|e| panic!("removing {}: {e}", path.display()));
+        }
+    }
+    c.state.private_servers[redis] = server.restart().await.expect("Redis restarts, empty");
+
+    // Alice sends until a message is saved again (the engine answers errors until it is back).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut k = 0;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no message was saved within 30 s of Redis coming back");
+        k += 1;
+        let cmid = format!("while-recovering-{k}");
+        alice.chat(6402, &cmid, "x").await;
+        let answer = alice
+            .expect(&format!("an answer to {cmid}"), |v| {
+                v["clientMsgId"] == cmid.as_str()
+                    && (v["type"] == "ERROR" || (v["type"] == "ACK" && v["ackType"] == "saved"))
+            })
+            .await;
+        if answer["type"] == "ACK" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // From now on a push reaches Bob as soon as the message is saved.
+    alice.chat(6402, "after", "x").await;
+    alice.ack("saved", "after").await;
+    let pushed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match bob.inner().next().await {
+                Some(Ok(Message::Text(t))) if t.contains("\"after\"") => return,
+                Some(Ok(_)) => continue,
+                other => panic!("Bob's connection ended: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(pushed.is_ok(), "a message saved after Redis came back did not reach Bob within 2 s");
+    drop(c);
+}
