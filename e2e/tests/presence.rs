@@ -61,6 +61,25 @@ async fn a_gateway_stalled_past_its_route_ttl_asks_its_clients_to_reconnect() {
     drop(c);
 }
 
+/// `from` sends `cmid` to `to` and waits for its `ACK(saved)`; whether `to` then gets its push
+/// within `limit`.
+async fn saved_then_pushed_within(from: &mut Client, to: &mut Client, cmid: &str, limit: Duration) -> bool {
+    from.chat(to.uid, cmid, "x").await;
+    from.ack("saved", cmid).await;
+    let quoted = format!("\"{cmid}\"");
+    let pushed = tokio::time::timeout(limit, async {
+        loop {
+            match to.inner().next().await {
+                Some(Ok(Message::Text(t))) if t.contains(&quoted) => return,
+                Some(Ok(_)) => continue,
+                other => panic!("uid {}: the connection ended: {other:?}", to.uid),
+            }
+        }
+    })
+    .await;
+    pushed.is_ok()
+}
+
 /// Redis loses a live connection's route and presence epoch (a failover to a replica that had not
 /// got them, a restart without persistence). Publishers meanwhile read "no route" at epoch 0 and
 /// keep that for a while (`im_common::route_cache`); the gateway's next route refresh adds the route
@@ -101,19 +120,10 @@ async fn a_route_redis_lost_under_a_live_connection_reaches_publishers_once_the_
     .await;
     assert!(back, "Bob's gateway never added his route again");
     // …and from then on pushes reach him at once, not once a publisher happens to read it again.
-    alice.chat(6302, "after", "x").await;
-    alice.ack("saved", "after").await;
-    let pushed = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match bob.inner().next().await {
-                Some(Ok(Message::Text(t))) if t.contains("\"after\"") => return,
-                Some(Ok(_)) => continue,
-                other => panic!("Bob's connection ended: {other:?}"),
-            }
-        }
-    })
-    .await;
-    assert!(pushed.is_ok(), "a message saved after Bob's route was back did not reach him within 2 s");
+    assert!(
+        saved_then_pushed_within(&mut alice, &mut bob, "after", Duration::from_secs(2)).await,
+        "a message saved after Bob's route was back did not reach him within 2 s"
+    );
     drop(c);
 }
 
@@ -176,18 +186,9 @@ async fn after_redis_comes_back_empty_pushes_reach_a_recipient_who_stayed_connec
     }
 
     // From now on a push reaches Bob as soon as the message is saved.
-    alice.chat(6402, "after", "x").await;
-    alice.ack("saved", "after").await;
-    let pushed = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match bob.inner().next().await {
-                Some(Ok(Message::Text(t))) if t.contains("\"after\"") => return,
-                Some(Ok(_)) => continue,
-                other => panic!("Bob's connection ended: {other:?}"),
-            }
-        }
-    })
-    .await;
-    assert!(pushed.is_ok(), "a message saved after Redis came back did not reach Bob within 2 s");
+    assert!(
+        saved_then_pushed_within(&mut alice, &mut bob, "after", Duration::from_secs(2)).await,
+        "a message saved after Redis came back did not reach Bob within 2 s"
+    );
     drop(c);
 }
