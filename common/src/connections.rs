@@ -91,9 +91,14 @@ impl StuckRun {
         }
         let done = now.saturating_sub(since) >= STUCK_CLUSTER_REPLACED_AFTER.as_millis() as u64;
         if done {
-            self.since_ms.store(0, Ordering::Relaxed);
+            self.clear();
         }
         done
+    }
+
+    /// Ends the run: the next one starts a new one.
+    fn clear(&self) {
+        self.since_ms.store(0, Ordering::Relaxed);
     }
 }
 
@@ -145,7 +150,7 @@ impl LazyCluster {
 
     /// Drops the connection; the next call connects afresh from the configured nodes.
     fn replace(&self, error: &redis::RedisError) {
-        self.stuck.since_ms.store(0, Ordering::Relaxed);
+        self.stuck.clear();
         *self.conn.write().unwrap_or_else(|p| p.into_inner()) = None;
         tracing::warn!(%error, "the Redis Cluster connection is stuck; connecting afresh");
         metrics::counter!("im_redis_cluster_reconnects_total").increment(1);

@@ -147,8 +147,9 @@ impl Keys {
     }
 
     /// A user's presence epoch: a counter raised on every connection of the user (any device, any
-    /// gateway), starting at a random value. The deliver stage notes it when it pushes; a save that finds it changed pushes again
-    /// (the user connected since, and that connection's sync could not see the unsaved message).
+    /// gateway), starting at a random value. The deliver stage notes it when it pushes; a save that
+    /// finds it changed pushes again (the user connected since, and that connection's sync could
+    /// not see the unsaved message).
     pub fn presence(&self, uid: u64) -> String {
         format!("{}:presence:{uid}", self.prefix)
     }

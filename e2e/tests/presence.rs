@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use e2e::{spec, Client, TestEnv, WAIT};
+use e2e::{spec, Client, ClusterGuard, TestEnv, WAIT};
 use im_common::config::Mode;
 use im_harness::poll;
 use im_harness::process::{self, Signal};
@@ -61,6 +61,18 @@ async fn a_gateway_stalled_past_its_route_ttl_asks_its_clients_to_reconnect() {
     drop(c);
 }
 
+/// Bob connected to the first gateway and Alice to the second, both served, and one message from
+/// Alice pushed to Bob.
+async fn bob_and_alice(c: &ClusterGuard, bob: u64, alice: u64) -> (Client, Client) {
+    let secret = &c.state.jwt_secret;
+    let mut bob = Client::connect(&c.state.gateways[0].ws_url, secret, bob).await;
+    bob.ping().await;
+    let mut alice = Client::connect(&c.state.gateways[1].ws_url, secret, alice).await;
+    alice.ping().await;
+    e2e::exchange(&mut alice, &mut bob, "before").await;
+    (bob, alice)
+}
+
 /// `from` sends `cmid` to `to` and waits for its `ACK(saved)`; whether `to` then gets its push
 /// within `limit`.
 async fn saved_then_pushed_within(from: &mut Client, to: &mut Client, cmid: &str, limit: Duration) -> bool {
@@ -91,12 +103,7 @@ async fn a_route_redis_lost_under_a_live_connection_reaches_publishers_once_the_
     let mut s = spec(&env, Mode::Full, 2, 1);
     s.config.gateway.route_ttl_ms = 1500; // refreshed every 500 ms
     let c = e2e::start(&s).await;
-    let secret = c.state.jwt_secret.clone();
-    let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 6302).await;
-    bob.ping().await;
-    let mut alice = Client::connect(&c.state.gateways[1].ws_url, &secret, 6301).await;
-    alice.ping().await;
-    e2e::exchange(&mut alice, &mut bob, "before").await;
+    let (mut bob, mut alice) = bob_and_alice(&c, 6302, 6301).await;
 
     // Redis loses Bob's route and epoch; a message meanwhile finds him offline, and publishers
     // remember that. (His gateway is paused meanwhile, well within the route TTL, so its refresh
@@ -140,12 +147,7 @@ async fn after_redis_comes_back_empty_pushes_reach_a_recipient_who_stayed_connec
     s.config.two_phase.lease_ttl_ms = 1500;
     s.config.two_phase.block_ms = s.config.two_phase.max_block_ms();
     let mut c = e2e::start(&s).await;
-    let secret = c.state.jwt_secret.clone();
-    let mut bob = Client::connect(&c.state.gateways[0].ws_url, &secret, 6402).await;
-    bob.ping().await;
-    let mut alice = Client::connect(&c.state.gateways[1].ws_url, &secret, 6401).await;
-    alice.ping().await;
-    e2e::exchange(&mut alice, &mut bob, "before").await;
+    let (mut bob, mut alice) = bob_and_alice(&c, 6402, 6401).await;
 
     let redis = e2e::private_server(&c.state, "redis");
     let server = c.state.private_servers[redis].clone();
